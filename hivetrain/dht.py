@@ -1,0 +1,58 @@
+"""Creating hivemind DHT peers the same way in every service."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import hivemind
+
+from hivetrain.logging import get_logger
+from hivetrain.settings import DHTSettings
+
+logger = get_logger(__name__)
+
+
+def make_dht(settings: DHTSettings, initial_peers: list[str] | None = None, client_mode: bool = False, **kwargs) -> hivemind.DHT:
+    """Start a DHT peer (a forked child process plus p2pd) configured from ``settings``.
+
+    Raises ``ValueError`` for settings the daemon would reject, with what to change.
+    """
+    identity = settings.identity_path or None
+    if identity:
+        Path(identity).parent.mkdir(parents=True, exist_ok=True)
+    host_maddrs = list(settings.host_maddrs)
+    if client_mode:
+        host_maddrs = []  # a client dials out only; nothing listens
+    try:
+        return hivemind.DHT(
+            initial_peers=list(initial_peers or []),
+            host_maddrs=host_maddrs,
+            announce_maddrs=list(settings.announce_maddrs) or None,
+            identity_path=identity,
+            client_mode=client_mode,
+            start=True,
+            **kwargs,
+        )
+    except ValueError as error:
+        raise ValueError(f"could not start the DHT ({error}); check HIVE_HOST_MADDRS / HIVE_ANNOUNCE_MADDRS") from error
+
+
+def visible_maddrs(dht: hivemind.DHT) -> list[str]:
+    """Addresses other peers can dial, loopback last so remote peers try real interfaces first."""
+    addrs = [str(addr) for addr in dht.get_visible_maddrs()]
+    return sorted(addrs, key=lambda a: ("/127.0.0.1/" in a or "/::1/" in a, a))
+
+
+def reset_signal_handlers_in_children() -> None:
+    """Forked hivemind children inherit the parent's Python SIGTERM/SIGINT handlers; give them the defaults.
+
+    Call before creating DHTs or optimizers in a process that installs its own handlers.
+    """
+    import signal
+
+    def _child() -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    os.register_at_fork(after_in_child=_child)

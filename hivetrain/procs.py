@@ -1,0 +1,137 @@
+"""Start and stop service processes as process groups, the way hivemind needs it.
+
+A hivemind service forks children (the DHT, two averagers) and runs ``p2pd``. SIGTERM to the
+whole group kills p2pd first and breaks the shutdown, and SIGKILL to the parent alone leaves the
+children orphaned. So: start each service in its own session, SIGTERM the parent only, wait,
+then SIGKILL whatever is left of the group.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hivetrain.logging import get_logger
+
+logger = get_logger(__name__)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (the usual race applies; callers retry on bind errors)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Service:
+    """A process started in its own session (so its pid is its process group id)."""
+
+    name: str
+    popen: subprocess.Popen
+    log_path: Path | None = None
+    _log_file: object = field(default=None, repr=False)
+    _terminated: bool = field(default=False, repr=False)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def group_alive(self) -> bool:
+        """True while any process of the group is left (children outlive a SIGKILLed parent)."""
+        try:
+            os.killpg(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return _group_has_live_members(self.pid)
+
+    def kill(self) -> None:
+        """SIGKILL the parent alone: what a crash looks like to the rest of the swarm."""
+        if self.alive():
+            self.popen.send_signal(signal.SIGKILL)
+            self.popen.wait()
+
+    def terminate(self) -> None:
+        """SIGTERM the parent once (a second SIGTERM may mean 'hurry' to the service)."""
+        if self.alive() and not self._terminated:
+            self.popen.send_signal(signal.SIGTERM)
+            self._terminated = True
+
+    def stop(self, timeout: float = 45.0) -> int | None:
+        """SIGTERM the parent, wait up to ``timeout`` s, then SIGKILL the whole group. Returns the exit code."""
+        if self.alive():
+            self.terminate()
+            try:
+                self.popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                logger.warning(f"{self.name} (pid {self.pid}) ignored SIGTERM for {timeout:.0f}s; killing its group")
+        kill_group(self.pid)
+        self.popen.wait()
+        if self._log_file is not None:
+            self._log_file.close()
+        return self.popen.returncode
+
+
+def _group_has_live_members(pgid: int) -> bool:
+    """Whether /proc lists a non-zombie process in group ``pgid``."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # fields after the ')' that closes the command name: state ppid pgrp ...
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def kill_group(pgid: int, wait_s: float = 5.0) -> None:
+    """SIGKILL every process of group ``pgid`` and wait until none is left (or ``wait_s`` passes)."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        return
+    deadline = time.monotonic() + wait_s
+    while _group_has_live_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def start(name: str, argv: list[str], env: dict[str, str] | None = None, log_path: Path | None = None, cwd: str | Path | None = None) -> Service:
+    """Start ``argv`` in a new session, its stdout and stderr appended to ``log_path`` (or inherited)."""
+    log_file = None
+    if log_path is not None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_file = open(log_path, "ab")
+    popen = subprocess.Popen(
+        argv,
+        env=env,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        stdout=log_file if log_file else None,
+        stderr=subprocess.STDOUT if log_file else None,
+        start_new_session=True,
+    )
+    logger.info(f"started {name} (pid {popen.pid})" + (f", log {log_path}" if log_path else ""))
+    return Service(name=name, popen=popen, log_path=log_path, _log_file=log_file)
+
+
+def stop_all(services: list[Service], timeout: float = 45.0) -> None:
+    """Stop services in reverse start order, SIGTERMing all parents first so they shut down in parallel."""
+    for service in reversed(services):
+        service.terminate()
+    deadline = time.monotonic() + timeout
+    for service in reversed(services):
+        service.stop(timeout=max(0.1, deadline - time.monotonic()))

@@ -1,0 +1,198 @@
+"""One typed settings model per service.
+
+Each field is read from an environment variable ``HIVE_<FIELD>`` (what containers set) and
+from a command-line flag ``--<field-with-dashes>`` (what people type); a flag wins over the
+environment. Values are validated on load, and a bad value exits with a message that names
+both spellings and says what is accepted.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Literal, TypeVar
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_BOOTSTRAP_URL = "http://127.0.0.1:8000"
+Compression = Literal["none", "fp16", "8bit"]
+
+
+class ServiceSettings(BaseSettings):
+    """Settings every service shares."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="HIVE_",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        extra="forbid",
+        validate_default=True,
+    )
+
+    run_id: str = Field("hivetrain", description="swarm name: DHT prefix and Redis namespace; peers only meet peers of the same run")
+    redis_url: str = Field(DEFAULT_REDIS_URL, description="Redis for the peer registry and telemetry (redis://[:password@]host:port/db)")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level of hivetrain loggers")
+
+    @field_validator("run_id")
+    @classmethod
+    def _run_id_is_a_word(cls, value: str) -> str:
+        if not value or not all(c.isalnum() or c in "-_." for c in value):
+            raise ValueError("use letters, digits, '-', '_' or '.' only, e.g. HIVE_RUN_ID=my-swarm")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_scheme(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://, e.g. redis://127.0.0.1:6379/0")
+        return value
+
+
+class DHTSettings(ServiceSettings):
+    """Settings of a service that runs a hivemind DHT peer."""
+
+    host_maddrs: list[str] = Field(
+        default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"],
+        description='multiaddrs to listen on, JSON list in env: \'["/ip4/0.0.0.0/tcp/31337"]\'',
+    )
+    announce_maddrs: list[str] = Field(
+        default_factory=list,
+        description="multiaddrs other peers should dial (containers: the service's DNS name or pod IP); empty = what p2pd sees",
+    )
+    identity_path: str = Field("", description="file with the libp2p private key, so the peer id survives restarts; empty = a new id each start")
+
+    @field_validator("host_maddrs", "announce_maddrs")
+    @classmethod
+    def _are_multiaddrs(cls, value: list[str]) -> list[str]:
+        for addr in value:
+            if not addr.startswith("/"):
+                raise ValueError(f"{addr!r} is not a multiaddr; write e.g. /ip4/0.0.0.0/tcp/31337 or /dns4/miner-0/tcp/31337")
+        return value
+
+
+class BootstrapSettings(DHTSettings):
+    """``python -m hivetrain.bootstrap``: the long-lived DHT peer plus the /initial_peers HTTP API."""
+
+    http_host: str = Field("0.0.0.0", description="address gunicorn binds")
+    http_port: int = Field(8000, ge=1, le=65535, description="port of the HTTP API")
+    http_workers: int = Field(2, ge=1, le=64, description="gunicorn worker processes")
+    max_initial_peers: int = Field(32, ge=1, le=1000, description="cap on the addresses /initial_peers returns")
+    identity_path: str = Field("bootstrap.id", description="file with the DHT private key, so the bootstrap's peer id survives restarts")
+
+
+class MinerSettings(DHTSettings):
+    """``python -m hivetrain.miner``: trains the shared GPT-2 with hivemind.Optimizer."""
+
+    # where the swarm is
+    bootstrap_url: str = Field(DEFAULT_BOOTSTRAP_URL, description="bootstrap HTTP API that hands out initial peers")
+    initial_peers: list[str] = Field(default_factory=list, description="multiaddrs to dial instead of asking the bootstrap")
+    bootstrap_wait_s: float = Field(120.0, gt=0, description="give up with an error when the bootstrap has not answered after this long")
+    # model and data
+    preset: Literal["seed", "tiny"] = Field("seed", description="model preset: seed = the original 32.3M GPT-2, tiny = CPU tests")
+    seed: int = Field(0, ge=0, description="init seed; every miner of a run must use the same one")
+    dataset: str = Field("bundled:sotu", description="bundled:sotu, a local json/jsonl/txt/parquet path, or an HF dataset name")
+    dataset_split: str = Field("train", description="dataset split to train on")
+    text_key: str = Field("text", description="field holding the text (falcon-refinedweb: content)")
+    tokenizer: str = Field("bundled", description="bundled GPT-2 BPE, or an HF name such as openai-community/gpt2")
+    num_shards: int = Field(64, ge=1, description="documents are split into this many shards; each miner reads the one its peer id picks")
+    block_size: int = Field(0, ge=0, description="tokens per sample; 0 = the preset's n_positions")
+    batch_size: int = Field(8, ge=1, description="samples per local step")
+    # optimisation
+    target_batch_size: int = Field(4096, ge=1, description="samples the whole swarm accumulates per global epoch")
+    lr: float = Field(6e-4, gt=0, description="peak learning rate of AdamW")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (not on biases and LayerNorm)")
+    warmup_epochs: int = Field(10, ge=0, description="global epochs of linear warmup")
+    grad_clip: float = Field(1.0, ge=0, description="clip each local gradient to this norm; 0 = off")
+    # hivemind
+    matchmaking_time: float = Field(5.0, gt=0, description="seconds to gather a group before an averaging round")
+    averaging_timeout: float = Field(60.0, gt=0, description="give up on an averaging round after this many seconds")
+    load_state_timeout: float = Field(300.0, gt=0, description="give up loading state from peers after this long")
+    delay_grad_averaging: bool = Field(False, description="average gradients in the background while the next batch computes")
+    delay_optimizer_step: bool = Field(False, description="run the optimizer step in the background")
+    delay_state_averaging: bool = Field(True, description="average parameters in the background")
+    offload_optimizer: bool = Field(False, description="keep optimizer state on the host, off the GPU")
+    average_state_every: int = Field(1, ge=1, description="average parameters every this many epochs")
+    grad_compression: Compression = Field("none", description="wire format of gradients in all-reduce")
+    state_compression: Compression = Field("none", description="wire format of parameters in state averaging and downloads")
+    use_local_updates: bool = Field(False, description="step locally every batch and average parameters instead of gradients")
+    # hardware
+    device: str = Field("auto", description="auto (CUDA when present), cpu, cuda or cuda:N")
+    compile: bool = Field(False, description="torch.compile the model (CUDA)")
+    bf16: bool = Field(True, description="bf16 autocast on CUDA")
+    torch_threads: int = Field(0, ge=0, description="CPU threads for torch; 0 = torch's default")
+    # checkpoints and lifetime
+    checkpoint_dir: str = Field("checkpoints", description="where this miner writes checkpoints (and resumes from)")
+    save_every: int = Field(10, ge=0, description="checkpoint every this many global epochs; 0 = only at shutdown")
+    keep_checkpoints: int = Field(2, ge=1, description="how many checkpoints to keep")
+    max_steps: int = Field(0, ge=0, description="stop after this many local steps; 0 = run until stopped")
+    max_epochs: int = Field(0, ge=0, description="stop after this global epoch; 0 = run until stopped")
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str) -> str:
+        if value not in ("auto", "cpu", "cuda") and not (value.startswith("cuda:") and value[5:].isdigit()):
+            raise ValueError("use auto, cpu, cuda or cuda:N")
+        return value
+
+    @field_validator("bootstrap_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http(s) URL, e.g. http://127.0.0.1:8000")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _delays_need_gradients(self) -> "MinerSettings":
+        if self.use_local_updates and self.delay_grad_averaging:
+            raise ValueError("delay_grad_averaging needs gradient averaging: unset HIVE_USE_LOCAL_UPDATES or HIVE_DELAY_GRAD_AVERAGING")
+        return self
+
+
+class SwarmSettings(ServiceSettings):
+    """``python -m hivetrain.swarm``: Redis, the bootstrap and N miners as local processes."""
+
+    miners: int = Field(4, ge=0, le=64, description="number of miners to start")
+    duration: float = Field(0.0, ge=0, description="stop everything after this many seconds; 0 = until Ctrl-C")
+    workdir: str = Field("swarm-run", description="logs, Redis data, checkpoints and identities go here")
+    preset: Literal["seed", "tiny"] = Field("tiny", description="model preset every miner trains")
+    bootstrap_port: int = Field(8000, ge=0, le=65535, description="HTTP port of the bootstrap; 0 = a free port")
+    redis_port: int = Field(0, ge=0, le=65535, description="port of the embedded Redis; 0 = a free port")
+    external_redis: bool = Field(False, description="use HIVE_REDIS_URL as it is instead of starting an embedded Redis")
+    summary: str = Field("", description="write a JSON summary (rounds, losses, checkpoints) here on exit")
+    stop_timeout: float = Field(45.0, gt=0, description="seconds a process gets to stop after SIGTERM before SIGKILL")
+
+
+S = TypeVar("S", bound=BaseSettings)
+
+#: Every service's settings model, by the name of its image; deployment files are checked against these.
+SERVICE_SETTINGS: dict[str, type[ServiceSettings]] = {
+    "bootstrap": BootstrapSettings,
+    "miner": MinerSettings,
+}
+
+
+def env_names(model: type[BaseSettings]) -> set[str]:
+    """The environment variables a settings model reads."""
+    prefix = model.model_config.get("env_prefix", "")
+    return {f"{prefix}{name}".upper() for name in model.model_fields}
+
+
+def format_errors(model: type[BaseSettings], error: ValidationError) -> str:
+    """One line per bad field, naming the env var and the flag that set it."""
+    prefix = model.model_config.get("env_prefix", "")
+    lines = [f"invalid {model.__name__}:"]
+    for err in error.errors():
+        field = str(err["loc"][0]) if err["loc"] else ""
+        where = f"{prefix}{field}".upper() + f" / --{field.replace('_', '-')}" if field else "settings"
+        got = f" (got {err['input']!r})" if field and "input" in err else ""
+        lines.append(f"  {where}: {err['msg']}{got}")
+    return "\n".join(lines)
+
+
+def load_settings(model: type[S], argv: list[str] | None = None) -> S:
+    """Build ``model`` from the environment and ``argv`` (flags); exit with a fix-it message when invalid."""
+    try:
+        return CliApp.run(model, cli_args=list(sys.argv[1:] if argv is None else argv))
+    except ValidationError as error:
+        raise SystemExit(format_errors(model, error)) from None

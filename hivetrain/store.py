@@ -1,0 +1,202 @@
+"""Redis access for the registry and telemetry, on top of the contracts in ``hivetrain.contracts``.
+
+Training must never wait for Redis: ``TelemetryWriter`` queues records and writes them from a
+background thread, retrying with backoff while Redis is away and dropping the oldest records
+once its bounded queue is full.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from typing import Iterable
+
+import redis
+
+from hivetrain.contracts import (
+    BOOTSTRAP_TTL_S,
+    PEER_TTL_S,
+    ROUNDS_STREAM_MAXLEN,
+    STEPS_STREAM_MAXLEN,
+    BootstrapRecord,
+    Keys,
+    PeerRecord,
+    Record,
+    RoundRecord,
+    StepRecord,
+)
+from hivetrain.logging import get_logger
+
+logger = get_logger(__name__)
+
+
+def connect(url: str, timeout: float = 2.0) -> redis.Redis:
+    """A Redis client that fails fast (``timeout`` seconds) instead of hanging on a dead server."""
+    return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=30)
+
+
+class Registry:
+    """Live peers and bootstrap addresses; every entry expires unless its owner keeps beating."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, ttl_s: float = PEER_TTL_S):
+        self.client, self.keys, self.ttl_s = client, keys, ttl_s
+
+    def register(self, record: PeerRecord) -> None:
+        """Write or refresh a peer's record; call it every heartbeat."""
+        now = time.time()
+        record = record.model_copy(update={"last_seen": now})
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.set(self.keys.peer(record.peer_id), record.to_json(), ex=int(self.ttl_s))
+            pipe.zadd(self.keys.peer_index, {record.peer_id: now})
+            pipe.zremrangebyscore(self.keys.peer_index, "-inf", now - self.ttl_s)
+            pipe.expire(self.keys.peer_index, int(self.ttl_s) * 4)
+            pipe.execute()
+
+    def deregister(self, peer_id: str) -> None:
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.delete(self.keys.peer(peer_id))
+            pipe.zrem(self.keys.peer_index, peer_id)
+            pipe.execute()
+
+    def live_peers(self, limit: int = 100, role: str | None = None) -> list[PeerRecord]:
+        """The freshest live peers first; records that expired or fail validation are skipped."""
+        cutoff = time.time() - self.ttl_s
+        peer_ids = self.client.zrevrangebyscore(self.keys.peer_index, "+inf", cutoff, start=0, num=max(limit * 2, limit + 8))
+        if not peer_ids:
+            return []
+        raws = self.client.mget([self.keys.peer(pid.decode()) for pid in peer_ids])
+        peers = []
+        for raw in raws:
+            record = _parse(PeerRecord, raw)
+            if record is not None and (role is None or record.role == role):
+                peers.append(record)
+            if len(peers) >= limit:
+                break
+        return peers
+
+    def set_bootstrap(self, record: BootstrapRecord, ttl_s: float = BOOTSTRAP_TTL_S) -> None:
+        now = time.time()
+        record = record.model_copy(update={"last_seen": now})
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.set(self.keys.bootstrap(record.peer_id), record.to_json(), ex=int(ttl_s))
+            pipe.zadd(self.keys.bootstrap_index, {record.peer_id: now})
+            pipe.zremrangebyscore(self.keys.bootstrap_index, "-inf", now - ttl_s)
+            pipe.expire(self.keys.bootstrap_index, int(ttl_s) * 4)
+            pipe.execute()
+
+    def remove_bootstrap(self, peer_id: str) -> None:
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.delete(self.keys.bootstrap(peer_id))
+            pipe.zrem(self.keys.bootstrap_index, peer_id)
+            pipe.execute()
+
+    def bootstraps(self, ttl_s: float = BOOTSTRAP_TTL_S) -> list[BootstrapRecord]:
+        """Live bootstrap DHTs, freshest first."""
+        ids = self.client.zrevrangebyscore(self.keys.bootstrap_index, "+inf", time.time() - ttl_s)
+        if not ids:
+            return []
+        raws = self.client.mget([self.keys.bootstrap(pid.decode()) for pid in ids])
+        return [r for r in (_parse(BootstrapRecord, raw) for raw in raws) if r is not None]
+
+
+def _parse(model: type[Record], raw: bytes | None):
+    if raw is None:
+        return None
+    try:
+        return model.from_json(raw)
+    except ValueError:
+        logger.warning(f"dropping a malformed {model.__name__}: {raw[:200]!r}")
+        return None
+
+
+_STREAMS = {StepRecord: ("steps", STEPS_STREAM_MAXLEN), RoundRecord: ("rounds", ROUNDS_STREAM_MAXLEN)}
+
+
+def append(client: redis.Redis, keys: Keys, record: StepRecord | RoundRecord) -> None:
+    """XADD one telemetry record to its capped stream."""
+    attr, maxlen = _STREAMS[type(record)]
+    client.xadd(getattr(keys, attr), {"json": record.to_json()}, maxlen=maxlen, approximate=True)
+
+
+def read_stream(client: redis.Redis, keys: Keys, model: type[StepRecord] | type[RoundRecord], count: int | None = None) -> list:
+    """All (or the last ``count``) records of one telemetry stream, oldest first."""
+    attr, _ = _STREAMS[model]
+    if count is None:
+        entries = client.xrange(getattr(keys, attr))
+    else:
+        entries = list(reversed(client.xrevrange(getattr(keys, attr), count=count)))
+    records = (_parse(model, fields.get(b"json")) for _, fields in entries)
+    return [r for r in records if r is not None]
+
+
+class TelemetryWriter:
+    """Writes telemetry from a background thread so training never blocks on Redis.
+
+    ``put`` only appends to a bounded deque. While Redis is unreachable the thread retries with
+    exponential backoff (up to ``max_backoff_s``); when the deque is full the oldest records go
+    first and are counted in ``dropped``.
+    """
+
+    def __init__(self, client: redis.Redis, keys: Keys, max_queue: int = 10_000, max_backoff_s: float = 5.0):
+        self.client, self.keys, self.max_backoff_s = client, keys, max_backoff_s
+        self._queue: collections.deque = collections.deque(maxlen=max_queue)
+        self._wake = threading.Condition()
+        self._stopping = False
+        self.written = self.dropped = 0
+        self._thread = threading.Thread(target=self._run, name="telemetry-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, record: StepRecord | RoundRecord) -> None:
+        with self._wake:
+            if len(self._queue) == self._queue.maxlen:
+                self.dropped += 1
+            self._queue.append(record)
+            self._wake.notify()
+
+    def put_many(self, records: Iterable[StepRecord | RoundRecord]) -> None:
+        for record in records:
+            self.put(record)
+
+    def _run(self) -> None:
+        backoff = 0.1
+        while True:
+            with self._wake:
+                while not self._queue and not self._stopping:
+                    self._wake.wait()
+                if not self._queue and self._stopping:
+                    return
+                batch = list(self._queue)
+            try:
+                with self.client.pipeline(transaction=False) as pipe:
+                    for record in batch:
+                        attr, maxlen = _STREAMS[type(record)]
+                        pipe.xadd(getattr(self.keys, attr), {"json": record.to_json()}, maxlen=maxlen, approximate=True)
+                    pipe.execute()
+            except redis.RedisError as error:
+                if self._stopping:
+                    return
+                logger.warning(f"telemetry write failed ({error!r}); {len(batch)} records wait, retrying in {backoff:.1f}s")
+                with self._wake:
+                    self._wake.wait(timeout=backoff)
+                backoff = min(backoff * 2, self.max_backoff_s)
+                continue
+            backoff = 0.1
+            sent = {id(record) for record in batch}
+            with self._wake:
+                # records dropped for space while we wrote are already gone from the left
+                while self._queue and id(self._queue[0]) in sent:
+                    self._queue.popleft()
+                self.written += len(batch)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Flush what is queued (for up to ``timeout`` seconds), then stop the thread."""
+        deadline = time.monotonic() + timeout
+        while self._queue and time.monotonic() < deadline and self._thread.is_alive():
+            time.sleep(0.05)
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout=max(0.0, deadline - time.monotonic()) + 1.0)
+        if self._queue:
+            logger.warning(f"telemetry: {len(self._queue)} records not written at shutdown")

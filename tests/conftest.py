@@ -1,0 +1,27 @@
+"""Shared fixtures: a real redis-server on a free port, torn down after the test."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+
+from hivetrain.redis_server import start_redis
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A real redis-server for the whole session; yields its URL."""
+    service, url = start_redis(tmp_path_factory.mktemp("redis"), persist=False)
+    try:
+        yield url
+    finally:
+        service.stop(timeout=5)
+
+
+@pytest.fixture
+def redis_url(redis_server):
+    """The session Redis, emptied before each test."""
+    client = redis.Redis.from_url(redis_server)
+    client.flushall()
+    client.close()
+    return redis_server

@@ -1,0 +1,109 @@
+"""Registry and telemetry against a real redis-server."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis
+
+from hivetrain import procs
+from hivetrain.contracts import BootstrapRecord, Keys, PeerRecord, RoundRecord, StepRecord
+from hivetrain.redis_server import start_redis
+from hivetrain.store import Registry, TelemetryWriter, append, connect, read_stream
+
+
+def _peer(peer_id: str, role: str = "miner") -> PeerRecord:
+    return PeerRecord(peer_id=peer_id, role=role, multiaddrs=[f"/ip4/127.0.0.1/tcp/1/p2p/{peer_id}"], started_at=time.time())
+
+
+def _step(peer_id: str, step: int) -> StepRecord:
+    return StepRecord(peer_id=peer_id, step=step, local_epoch=0, global_epoch=0, loss=1.0, samples=step, samples_per_s=1.0, tokens_per_s=1.0)
+
+
+def test_registry_lists_freshest_first_and_expires(redis_url):
+    registry = Registry(connect(redis_url), Keys("t"), ttl_s=2)
+    for name in ("a", "b", "c"):
+        registry.register(_peer(name))
+        time.sleep(0.01)
+    assert [p.peer_id for p in registry.live_peers()] == ["c", "b", "a"]
+    assert [p.peer_id for p in registry.live_peers(limit=2)] == ["c", "b"]
+    registry.deregister("b")
+    assert [p.peer_id for p in registry.live_peers()] == ["c", "a"]
+    assert registry.client.ttl(registry.keys.peer("a")) > 0
+    time.sleep(2.2)
+    assert registry.live_peers() == []
+
+
+def test_registry_filters_role_and_skips_malformed(redis_url):
+    registry = Registry(connect(redis_url), Keys("t"))
+    registry.register(_peer("m1"))
+    registry.register(_peer("v1", role="validator"))
+    registry.client.set(registry.keys.peer("bad"), b'{"peer_id": 3}')
+    registry.client.zadd(registry.keys.peer_index, {"bad": time.time()})
+    assert [p.peer_id for p in registry.live_peers(role="miner")] == ["m1"]
+    assert {p.peer_id for p in registry.live_peers()} == {"m1", "v1"}
+
+
+def test_bootstrap_records(redis_url):
+    registry = Registry(connect(redis_url), Keys("t"))
+    registry.set_bootstrap(BootstrapRecord(peer_id="boot", multiaddrs=["/ip4/127.0.0.1/tcp/5/p2p/boot"]))
+    assert [b.peer_id for b in registry.bootstraps()] == ["boot"]
+    registry.remove_bootstrap("boot")
+    assert registry.bootstraps() == []
+
+
+def test_runs_do_not_see_each_other(redis_url):
+    client = connect(redis_url)
+    Registry(client, Keys("one")).register(_peer("a"))
+    assert Registry(client, Keys("two")).live_peers() == []
+
+
+def test_streams_are_capped_and_typed(redis_url):
+    client, keys = connect(redis_url), Keys("t")
+    for i in range(5):
+        append(client, keys, _step("a", i))
+    append(client, keys, RoundRecord(peer_id="a", epoch=1, group_size=2, group=["a", "b"], duration_s=0.5, success=True))
+    assert [r.step for r in read_stream(client, keys, StepRecord)] == [0, 1, 2, 3, 4]
+    assert [r.step for r in read_stream(client, keys, StepRecord, count=2)] == [3, 4]
+    assert read_stream(client, keys, RoundRecord)[0].group == ["a", "b"]
+
+
+def test_telemetry_survives_redis_restart(tmp_path):
+    port = procs.free_port()
+    server, url = start_redis(tmp_path / "r1", port=port, persist=False)
+    writer = TelemetryWriter(connect(url, timeout=0.5), Keys("t"), max_backoff_s=0.3)
+    try:
+        writer.put(_step("a", 0))
+        server.stop(timeout=5)
+        started = time.monotonic()
+        for i in range(1, 4):
+            writer.put(_step("a", i))  # must return at once while Redis is down
+        assert time.monotonic() - started < 0.5
+        time.sleep(0.5)
+        server, url = start_redis(tmp_path / "r2", port=port, persist=False)
+        writer.close(timeout=10)
+        steps = [r.step for r in read_stream(connect(url), Keys("t"), StepRecord)]
+        assert steps[-3:] == [1, 2, 3]
+        assert writer.dropped == 0
+    finally:
+        server.stop(timeout=5)
+
+
+def test_telemetry_drops_oldest_when_full(redis_url):
+    client = redis.Redis(host="127.0.0.1", port=procs.free_port(), socket_timeout=0.2, socket_connect_timeout=0.2)
+    writer = TelemetryWriter(client, Keys("t"), max_queue=3, max_backoff_s=0.2)
+    for i in range(10):
+        writer.put(_step("a", i))
+    assert writer.dropped == 7
+    assert [r.step for r in writer._queue] == [7, 8, 9]
+    writer.close(timeout=0.2)
+
+
+def test_record_schemas_are_strict():
+    with pytest.raises(ValueError):
+        StepRecord(peer_id="a", step="1", local_epoch=0, global_epoch=0, loss=1.0, samples=0, samples_per_s=0, tokens_per_s=0)
+    with pytest.raises(ValueError):
+        PeerRecord.from_json('{"peer_id": "a", "role": "miner", "multiaddrs": [], "started_at": 1.0, "extra": 1}')
+    with pytest.raises(ValueError):
+        Keys("has:colon")
