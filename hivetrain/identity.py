@@ -1,0 +1,238 @@
+"""Hotkeys and signed envelopes: what a service writes for others to trust.
+
+The original HiveMiner signed a timestamp but not the payload, so anyone holding an old
+signature could attach it to any loss they liked. Here the signature covers the whole body:
+``sign`` encodes ``{hotkey, nonce, payload, timestamp}`` as sorted-keys compact JSON, prefixes
+a domain tag (so a signature made for another protocol, e.g. bittensor's ``btauth/1`` HTTP
+headers, can never be replayed as an envelope) and signs it with the sr25519 hotkey.
+
+``Verifier.verify`` checks, in this order: shape (``MalformedEnvelope``), signature
+(``InvalidSignature``), freshness (``StaleRecord``: older than the window or too far in the
+future) and replay (``ReplayedNonce``). The signature comes first so a ``StaleRecord`` is
+always authentic (an honest peer with a skewed clock, not an attacker), and the nonce store is
+written only after the signature verifies, so forged traffic cannot burn a real peer's nonces.
+
+Nonce stores follow bittensor's ``http_auth.NonceStore`` protocol (``check_and_store``), so the
+same store can back ``bt.http_auth.verify`` in an HTTP API: ``RedisNonceStore`` (``SET NX EX``,
+shared by every validator process) or ``bt.http_auth.InMemoryNonceStore`` for unit tests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import bittensor as bt
+import redis
+from bittensor.sp_core import CRYPTO_SR25519, get_password_from_environment
+from bittensor.sp_core import verify as _sr25519_verify
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from hivetrain.contracts import Keys
+from hivetrain.logging import get_logger
+
+logger = get_logger(__name__)
+
+#: Prefix of every signed message; bump the version if the canonical encoding ever changes.
+DOMAIN = b"hivetrain-envelope/1\n"
+#: Records older than this (seconds) are stale; nonces are remembered this long plus the skew.
+DEFAULT_WINDOW_S = 120.0
+#: Records stamped further than this in the future are rejected (clock skew allowance).
+DEFAULT_FUTURE_SKEW_S = 5.0
+NONCE_BYTES = 16
+
+
+# --- wallets --------------------------------------------------------------------------------
+
+
+def load_or_create_wallet(wallet_dir: str, name: str, hotkey: str = "default") -> bt.Wallet:
+    """The wallet ``name``/``hotkey`` under ``wallet_dir``, created unencrypted on first start.
+
+    Works offline (key generation is local). A coldkey is created only when the wallet has
+    neither a coldkey nor a coldkeypub, so a wallet whose coldkey is kept elsewhere is left
+    alone. Concurrent first starts are safe: the loser of the race reads the winner's keys.
+    Raises ``ValueError`` if the hotkey is encrypted and its password is not in the environment.
+    """
+    if not name or not hotkey:
+        raise ValueError("wallet name and hotkey name must be non-empty, e.g. name='miner', hotkey='default'")
+    wallet = bt.Wallet(name=name, hotkey=hotkey, path=str(Path(wallet_dir).expanduser()))
+    created = []
+    if not wallet.coldkey_file.exists_on_device() and not wallet.coldkeypub_file.exists_on_device():
+        _create(wallet.create_new_coldkey, "coldkey", created)
+    if not wallet.hotkey_file.exists_on_device():
+        _create(wallet.create_new_hotkey, "hotkey", created)
+    wallet = bt.Wallet(name=name, hotkey=hotkey, path=wallet.path)  # drop cached keys after a lost race
+    if wallet.hotkey_file.is_encrypted() and not get_password_from_environment(wallet.hotkey_file.env_var_name()):
+        raise ValueError(
+            f"hotkey {wallet.hotkey_file.path} is encrypted; services need an unencrypted hotkey "
+            f"(or set {wallet.hotkey_file.env_var_name()} to its password)"
+        )
+    if created:
+        logger.info(f"created {' and '.join(created)} for wallet {name}/{hotkey} in {wallet.path}: hotkey {wallet.hotkey.ss58_address}")
+    return wallet
+
+
+def _create(make, what: str, created: list[str]) -> None:
+    try:
+        make(use_password=False, overwrite=False, suppress=True)
+        created.append(what)
+    except FileExistsError:
+        pass  # another process created it between our check and our write
+
+
+# --- envelopes ------------------------------------------------------------------------------
+
+
+class VerificationError(Exception):
+    """A signed envelope was rejected; subclasses say why."""
+
+
+class MalformedEnvelope(VerificationError):
+    """Not an envelope: wrong fields, types or encodings."""
+
+
+class InvalidSignature(VerificationError):
+    """The signature does not verify against the claimed hotkey for this exact body."""
+
+
+class StaleRecord(VerificationError):
+    """Authentic, but older than the freshness window or too far in the future."""
+
+
+class ReplayedNonce(VerificationError):
+    """Authentic and fresh, but this hotkey already used this nonce inside the window."""
+
+
+class SignedEnvelope(BaseModel):
+    """The wire form: ``{"payload", "hotkey", "timestamp", "nonce", "signature"}``."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    payload: dict[str, Any]
+    hotkey: str = Field(min_length=40, max_length=60, description="ss58 address of the signing sr25519 hotkey")
+    timestamp: float = Field(description="unix time of signing")
+    nonce: str = Field(pattern=r"^[0-9a-f]{16,128}$", description="random hex, unique per hotkey within the window")
+    signature: str = Field(pattern=r"^0x[0-9a-f]{128}$", description="sr25519 signature of signed_message(), 0x-hex")
+
+    @field_validator("timestamp")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("timestamp must be a finite number")
+        return value
+
+    def signed_message(self) -> bytes:
+        return signed_message(self.payload, self.hotkey, self.timestamp, self.nonce)
+
+
+def canonical_json(value: Any) -> bytes:
+    """Sorted keys, no whitespace, UTF-8, no NaN/Infinity: one byte string per JSON value."""
+    try:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"payload must be JSON (str keys; str/int/float/bool/None/list/dict values, finite floats): {error}") from None
+
+
+def signed_message(payload: dict, hotkey: str, timestamp: float, nonce: str) -> bytes:
+    """The exact bytes an envelope's signature covers: the whole body, not just the timestamp."""
+    return DOMAIN + canonical_json({"hotkey": hotkey, "nonce": nonce, "payload": payload, "timestamp": float(timestamp)})
+
+
+def sign(keypair: Any, payload: dict, timestamp: float | None = None, nonce: str | None = None) -> dict:
+    """Sign ``payload`` with a hotkey; returns the envelope as a JSON-ready dict.
+
+    ``keypair`` is anything ``bt.resolve_signer`` accepts for the hotkey role: a ``bt.Wallet``
+    (its hotkey signs) or a keypair. ``timestamp`` and ``nonce`` are injectable for tests only.
+    """
+    signer = bt.resolve_signer(keypair, role="hotkey")
+    if signer.crypto_type != CRYPTO_SR25519:
+        raise ValueError("envelopes are signed with sr25519 hotkeys; create the hotkey with the default crypto type")
+    if not isinstance(payload, dict):
+        raise ValueError(f"payload must be a dict, got {type(payload).__name__}")
+    payload = json.loads(canonical_json(payload))  # what the reader will see after a JSON round trip
+    timestamp = time.time() if timestamp is None else float(timestamp)
+    nonce = secrets.token_hex(NONCE_BYTES) if nonce is None else nonce
+    hotkey = signer.ss58_address
+    signature = bytes(signer.sign(signed_message(payload, hotkey, timestamp, nonce)))
+    envelope = SignedEnvelope(payload=payload, hotkey=hotkey, timestamp=timestamp, nonce=nonce, signature="0x" + signature.hex())
+    return envelope.model_dump()
+
+
+class NonceStore(Protocol):
+    """bittensor's ``http_auth.NonceStore``: True (and remember) if unseen, False if seen."""
+
+    def check_and_store(self, hotkey_ss58: str, nonce: Any) -> bool: ...
+
+
+class RedisNonceStore:
+    """Seen nonces in Redis (``SET key 1 NX EX retention``), shared by every verifier process."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, retention_s: float = DEFAULT_WINDOW_S + DEFAULT_FUTURE_SKEW_S):
+        if retention_s <= 0:
+            raise ValueError(f"retention_s must be positive, got {retention_s}")
+        self.client, self.keys = client, keys
+        self.retention = float(retention_s)
+
+    def key(self, hotkey_ss58: str, nonce: Any) -> str:
+        return f"{self.keys.prefix}:nonce:{hotkey_ss58}:{nonce}"
+
+    def check_and_store(self, hotkey_ss58: str, nonce: Any) -> bool:
+        return bool(self.client.set(self.key(hotkey_ss58, nonce), 1, nx=True, ex=math.ceil(self.retention)))
+
+
+class Verifier:
+    """Checks envelopes: signature over the whole body, freshness window, one use per nonce."""
+
+    def __init__(self, nonces: NonceStore, window_s: float = DEFAULT_WINDOW_S, future_skew_s: float = DEFAULT_FUTURE_SKEW_S):
+        if window_s <= 0 or future_skew_s < 0:
+            raise ValueError(f"need window_s > 0 and future_skew_s >= 0, got {window_s} and {future_skew_s}")
+        retention = getattr(nonces, "retention", None)
+        if retention is not None and retention < window_s + future_skew_s:
+            raise ValueError(
+                f"the nonce store forgets after {retention:g}s but records stay fresh for {window_s + future_skew_s:g}s; "
+                "replays in the gap would pass: give the store retention >= window_s + future_skew_s"
+            )
+        self.nonces, self.window_s, self.future_skew_s = nonces, float(window_s), float(future_skew_s)
+
+    @classmethod
+    def in_memory(cls, window_s: float = DEFAULT_WINDOW_S, future_skew_s: float = DEFAULT_FUTURE_SKEW_S) -> "Verifier":
+        """A verifier whose nonce memory is this process only (tests, single-process tools)."""
+        return cls(bt.http_auth.InMemoryNonceStore(retention=window_s + future_skew_s), window_s, future_skew_s)
+
+    @classmethod
+    def with_redis(cls, client: redis.Redis, keys: Keys, window_s: float = DEFAULT_WINDOW_S, future_skew_s: float = DEFAULT_FUTURE_SKEW_S) -> "Verifier":
+        """A verifier whose nonce memory is shared through Redis by every process of the run."""
+        return cls(RedisNonceStore(client, keys, window_s + future_skew_s), window_s, future_skew_s)
+
+    def verify(self, envelope: SignedEnvelope | dict | str | bytes, now: float | None = None) -> dict:
+        """The payload of an authentic, fresh, first-seen envelope; ``VerificationError`` otherwise."""
+        env = _parse(envelope)
+        try:
+            valid = _sr25519_verify(env.signed_message(), bytes.fromhex(env.signature[2:]), env.hotkey, CRYPTO_SR25519)
+        except ValueError as error:  # undecodable ss58 address
+            raise MalformedEnvelope(f"bad hotkey address: {error}") from None
+        if not valid:
+            raise InvalidSignature(f"signature does not match the body for hotkey {env.hotkey}")
+        now = time.time() if now is None else now
+        if now - env.timestamp > self.window_s:
+            raise StaleRecord(f"record from {env.hotkey} is {now - env.timestamp:.1f}s old (window {self.window_s:g}s)")
+        if env.timestamp - now > self.future_skew_s:
+            raise StaleRecord(f"record from {env.hotkey} is {env.timestamp - now:.1f}s in the future (skew {self.future_skew_s:g}s)")
+        if not self.nonces.check_and_store(env.hotkey, env.nonce):
+            raise ReplayedNonce(f"nonce {env.nonce} of {env.hotkey} was already used")
+        return env.payload
+
+
+def _parse(envelope: SignedEnvelope | dict | str | bytes) -> SignedEnvelope:
+    if isinstance(envelope, SignedEnvelope):
+        return envelope
+    try:
+        if isinstance(envelope, (str, bytes)):
+            return SignedEnvelope.model_validate_json(envelope)
+        return SignedEnvelope.model_validate(envelope)
+    except ValidationError as error:
+        raise MalformedEnvelope(f"not a signed envelope: {error.error_count()} problem(s): {error.errors()[0]['msg']}") from None
