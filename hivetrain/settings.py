@@ -103,7 +103,7 @@ class MinerSettings(DHTSettings):
     lr: float = Field(6e-4, gt=0, description="peak learning rate of AdamW")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (not on biases and LayerNorm)")
     warmup_epochs: int = Field(10, ge=0, description="global epochs of linear warmup")
-    grad_clip: float = Field(1.0, ge=0, description="clip each local gradient to this norm; 0 = off")
+    grad_clip: float = Field(1.0, ge=0, description="clip the gradient each optimizer step applies (the swarm average in gradient mode) to this norm; 0 = off")
     # hivemind
     matchmaking_time: float = Field(5.0, gt=0, description="seconds to gather a group before an averaging round")
     averaging_timeout: float = Field(60.0, gt=0, description="give up on an averaging round after this many seconds")
@@ -143,9 +143,14 @@ class MinerSettings(DHTSettings):
         return value.rstrip("/")
 
     @model_validator(mode="after")
-    def _delays_need_gradients(self) -> "MinerSettings":
+    def _hivemind_combinations(self) -> "MinerSettings":
+        # hivemind asserts these deep inside Optimizer; say it here, with the fix
         if self.use_local_updates and self.delay_grad_averaging:
             raise ValueError("delay_grad_averaging needs gradient averaging: unset HIVE_USE_LOCAL_UPDATES or HIVE_DELAY_GRAD_AVERAGING")
+        if self.delay_grad_averaging and not self.delay_optimizer_step:
+            raise ValueError("delay_grad_averaging needs delay_optimizer_step: set HIVE_DELAY_OPTIMIZER_STEP=true too")
+        if self.delay_optimizer_step and not (self.offload_optimizer and self.delay_state_averaging):
+            raise ValueError("delay_optimizer_step needs offload_optimizer and delay_state_averaging: set HIVE_OFFLOAD_OPTIMIZER=true and HIVE_DELAY_STATE_AVERAGING=true")
         return self
 
 

@@ -1,0 +1,154 @@
+"""hivemind.Optimizer as the miner uses it: AdamW with decay groups, warmup, clipping, round tracking."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import hivemind
+import torch
+from hivemind.compression import CompressionBase, Float16Compression, NoCompression, Uniform8BitQuantization
+
+from hivetrain.settings import MinerSettings
+
+COMPRESSIONS: dict[str, Callable[[], CompressionBase]] = {
+    "none": NoCompression,
+    "fp16": Float16Compression,
+    "8bit": Uniform8BitQuantization,
+}
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: matrices decay; biases, LayerNorm weights (all 1-d tensors) do not.
+
+    Tied weights (GPT-2's wte and lm_head) appear once, as ``model.parameters()`` lists them.
+    """
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class ClippedAdamW(torch.optim.AdamW):
+    """AdamW that clips the gradient it is about to apply: the swarm-averaged one in gradient mode."""
+
+    def __init__(self, params, max_grad_norm: float = 0.0, **kwargs):
+        super().__init__(params, **kwargs)
+        self.max_grad_norm = max_grad_norm
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self.max_grad_norm > 0:
+            params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        return super().step(closure)
+
+
+def warmup_schedule(warmup_epochs: int) -> Callable[[int], float]:
+    """LR multiplier per global epoch: linear from 1/(warmup+1) to 1, then constant."""
+    def multiplier(epoch: int) -> float:
+        return min(1.0, (epoch + 1) / (warmup_epochs + 1))
+
+    return multiplier
+
+
+@dataclass(frozen=True)
+class RoundInfo:
+    """An averaging round as this peer saw it."""
+
+    epoch: int
+    kind: str
+    group: tuple[str, ...]
+    group_size: int
+    duration_s: float
+    success: bool
+    time: float = field(default_factory=time.time)
+
+
+class TrackedOptimizer(hivemind.Optimizer):
+    """hivemind.Optimizer that reports every gradient-averaging round (epoch, group, duration) to ``on_round``."""
+
+    def __init__(self, *args, on_round: Callable[[RoundInfo], None] | None = None, **kwargs):
+        self._on_round = on_round or (lambda info: None)
+        self._round_epoch = 0
+        self._round_started = time.perf_counter()
+        super().__init__(*args, **kwargs)
+
+    def _update_global_epoch(self, grad_scaler) -> None:
+        # remembered here because with delay_grad_averaging the round ends after the epoch has moved on
+        self._round_epoch, self._round_started = self.local_epoch, time.perf_counter()
+        super()._update_global_epoch(grad_scaler)
+
+    def _average_gradients_and_load_into_optimizer(self, maybe_step_control) -> None:
+        super()._average_gradients_and_load_into_optimizer(maybe_step_control)
+        group: tuple[str, ...] = ()
+        success = False
+        if maybe_step_control is not None and maybe_step_control.done() and not maybe_step_control.cancelled():
+            if maybe_step_control.exception() is None:
+                group = tuple(sorted(peer.to_base58() for peer in maybe_step_control.result()))
+                success = True
+        self._on_round(RoundInfo(
+            epoch=self._round_epoch, kind="gradients", group=group, group_size=len(group),
+            duration_s=time.perf_counter() - self._round_started, success=success,
+        ))
+
+
+class StateRoundLogHandler(logging.Handler):
+    """Parameter-averaging rounds happen inside hivemind's background executor, which only logs them.
+
+    In local-updates mode those are the swarm's rounds; this turns hivemind's log lines into RoundInfo
+    (group size only: hivemind does not expose the group's peer ids there).
+    """
+
+    _AVERAGED = re.compile(r"Averaged parameters with (\d+) peers")
+    _FAILED = re.compile(r"Averaging failed with")
+
+    def __init__(self, epoch: Callable[[], int], on_round: Callable[[RoundInfo], None]):
+        super().__init__(level=logging.DEBUG)
+        self._epoch, self._on_round = epoch, on_round
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if match := self._AVERAGED.search(message):
+            size = int(match.group(1))
+            self._on_round(RoundInfo(epoch=self._epoch(), kind="state", group=(), group_size=size, duration_s=0.0, success=True))
+        elif self._FAILED.search(message):
+            self._on_round(RoundInfo(epoch=self._epoch(), kind="state", group=(), group_size=0, duration_s=0.0, success=False))
+
+
+def make_optimizer(model: torch.nn.Module, dht: hivemind.DHT, settings: MinerSettings,
+                   on_round: Callable[[RoundInfo], None] | None = None) -> TrackedOptimizer:
+    """hivemind.Optimizer over ``model`` configured from ``settings``; averagers fork here."""
+    compression = COMPRESSIONS[settings.grad_compression]
+    state_compression = COMPRESSIONS[settings.state_compression]
+    clip, lr, betas = settings.grad_clip, settings.lr, (0.9, 0.95)
+    return TrackedOptimizer(
+        dht=dht,
+        run_id=settings.run_id,
+        params=param_groups(model, settings.weight_decay),
+        optimizer=lambda params: ClippedAdamW(params, max_grad_norm=clip, lr=lr, betas=betas),
+        scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, warmup_schedule(settings.warmup_epochs)),
+        target_batch_size=settings.target_batch_size,
+        batch_size_per_step=settings.batch_size,
+        matchmaking_time=settings.matchmaking_time,
+        averaging_timeout=settings.averaging_timeout,
+        load_state_timeout=settings.load_state_timeout,
+        delay_grad_averaging=settings.delay_grad_averaging,
+        delay_optimizer_step=settings.delay_optimizer_step,
+        delay_state_averaging=settings.delay_state_averaging,
+        offload_optimizer=settings.offload_optimizer,
+        average_state_every=settings.average_state_every,
+        use_local_updates=settings.use_local_updates,
+        grad_compression=compression(),
+        state_averaging_compression=state_compression(),
+        load_state_compression=state_compression(),
+        # request_timeout below min_matchmaking_time avoids hivemind's deadlock warning (and the deadlock)
+        averager_opts=dict(request_timeout=min(3.0, settings.matchmaking_time / 2)),
+        tracker_opts=dict(min_refresh_period=0.5, max_refresh_period=5.0),
+        verbose=True,
+        on_round=on_round,
+    )

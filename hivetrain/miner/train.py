@@ -1,0 +1,257 @@
+"""The miner's training loop: a plain PyTorch loop around hivemind.Optimizer.
+
+Order of start-up matters: the DHT and the optimizer's averagers are forked processes, so they
+are created before anything touches CUDA's runtime in this process beyond moving the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import threading
+import time
+from pathlib import Path
+
+import hivemind
+import torch
+
+from hivetrain.contracts import HEARTBEAT_INTERVAL_S, Keys, PeerRecord, RoundRecord, StepRecord
+from hivetrain.data import BlockStream, shard_for_peer
+from hivetrain.dht import make_dht, visible_maddrs
+from hivetrain.logging import get_logger
+from hivetrain.miner.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
+from hivetrain.miner.optim import RoundInfo, StateRoundLogHandler, TrackedOptimizer, make_optimizer
+from hivetrain.miner.peers import fetch_initial_peers
+from hivetrain.models import build_model, model_config, num_parameters
+from hivetrain.settings import MinerSettings
+from hivetrain.store import Registry, TelemetryWriter, connect
+from hivetrain.tokenizer import load_tokenizer
+
+logger = get_logger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; an explicit CUDA device without CUDA is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"HIVE_DEVICE={name} but CUDA is not available here; use HIVE_DEVICE=auto or cpu")
+    return device
+
+
+class Heartbeat:
+    """Registers the peer in Redis every HEARTBEAT_INTERVAL_S from a thread; Redis outages are logged, not fatal."""
+
+    def __init__(self, registry: Registry, record: PeerRecord, interval_s: float = HEARTBEAT_INTERVAL_S):
+        self.registry, self.record, self.interval_s = registry, record, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def start(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                self.registry.register(self.record)
+                failures = 0
+            except Exception:  # Redis boundary: keep training, keep trying
+                failures += 1
+                if failures == 1 or failures % 10 == 0:
+                    logger.warning("heartbeat to Redis failed (%d in a row)", failures, exc_info=True)
+            self._stop.wait(self.interval_s if failures == 0 else min(self.interval_s, 2.0 * failures))
+
+    def stop(self, deregister: bool = True) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        if deregister:
+            try:
+                self.registry.deregister(self.record.peer_id)
+            except Exception:
+                logger.warning("could not deregister from Redis", exc_info=True)
+
+
+class Miner:
+    """One miner: build everything in ``setup``, train in ``train``, always ``shutdown``."""
+
+    def __init__(self, settings: MinerSettings, stop: threading.Event | None = None):
+        self.settings = settings
+        self.stop = stop or threading.Event()
+        self.dht: hivemind.DHT | None = None
+        self.opt: TrackedOptimizer | None = None
+        self.heartbeat: Heartbeat | None = None
+        self.telemetry: TelemetryWriter | None = None
+        self._state_log_handler: StateRoundLogHandler | None = None
+        self.step = self.samples = self.next_block = 0
+        self.last_saved_epoch = -1
+
+    # --- set-up ---------------------------------------------------------------------------
+    def setup(self) -> None:
+        s = self.settings
+        if s.torch_threads:
+            torch.set_num_threads(s.torch_threads)
+        self.started_at = time.time()
+        self.config = model_config(s.preset)
+        self.block_size = s.block_size or self.config.n_positions
+        if self.block_size > self.config.n_positions:
+            raise ValueError(f"HIVE_BLOCK_SIZE={self.block_size} exceeds the {s.preset} preset's n_positions "
+                             f"({self.config.n_positions}); use 0 for the default")
+        self.checkpoint_dir = Path(s.checkpoint_dir)
+        self._make_dht()
+        self.device = resolve_device(s.device)
+        self._make_model()
+        self._make_data()
+        self._make_reporting()
+        self._make_optimizer()
+        self._resume_or_sync()
+
+    def _make_dht(self) -> None:
+        s = self.settings
+        if not s.identity_path:
+            # a restarted miner keeps its peer id, hence its data shard and its checkpoint folder
+            s = self.settings = s.model_copy(update={"identity_path": str(self.checkpoint_dir / "identity.key")})
+        initial_peers = list(s.initial_peers) or fetch_initial_peers(s.bootstrap_url, s.bootstrap_wait_s, stop=self.stop)
+        self.dht = make_dht(s, initial_peers=initial_peers)
+        self.peer_id = self.dht.peer_id.to_base58()
+        self.maddrs = visible_maddrs(self.dht)
+        logger.info(f"DHT up: peer {self.peer_id}, {len(initial_peers)} initial peers, visible at {self.maddrs}")
+
+    def _make_model(self) -> None:
+        self.model = build_model(self.settings.preset, seed=self.settings.seed)  # same init on every miner
+        self.resume_from = latest_checkpoint(self.checkpoint_dir)
+        self.resume_opt_state = None
+        if self.resume_from is not None:
+            self.resume_opt_state, state = load_checkpoint(self.resume_from, self.model)
+            self.step, self.samples, self.next_block = state.step, state.samples, state.next_block
+            logger.info(f"resuming from {self.resume_from} (epoch {state.epoch}, step {state.step})")
+        self.model.to(self.device)
+        self.train_model = self.model
+        if self.settings.compile and self.device.type == "cuda":
+            self.train_model = torch.compile(self.model)
+        logger.info(f"model {self.settings.preset}: {num_parameters(self.model) / 1e6:.1f}M parameters on {self.device}")
+
+    def _make_data(self) -> None:
+        s = self.settings
+        self.shard = shard_for_peer(self.peer_id, s.num_shards)
+        self.tokenizer = load_tokenizer(s.tokenizer)
+        if len(self.tokenizer) > self.config.vocab_size:
+            raise ValueError(f"tokenizer {s.tokenizer!r} has {len(self.tokenizer)} tokens, more than the model's "
+                             f"vocabulary ({self.config.vocab_size}); use a GPT-2 tokenizer")
+        self.stream = BlockStream(s.dataset, s.dataset_split, s.text_key, self.tokenizer, self.block_size,
+                                  num_shards=s.num_shards, shard=self.shard, seed=s.seed)
+        self.batches = self.stream.batches(s.batch_size, start_index=self.next_block)
+        logger.info(f"data: {self.stream!r}, starting at block {self.next_block}")
+
+    def _make_reporting(self) -> None:
+        s = self.settings
+        keys = Keys(s.run_id)
+        client = connect(s.redis_url)
+        self.telemetry = TelemetryWriter(client, keys)
+        record = PeerRecord(peer_id=self.peer_id, role="miner", multiaddrs=self.maddrs, device=str(self.device),
+                            preset=s.preset, started_at=self.started_at)
+        self.heartbeat = Heartbeat(Registry(client, keys), record).start()
+
+    def _make_optimizer(self) -> None:
+        self.opt = make_optimizer(self.model, self.dht, self.settings, on_round=self._record_round)
+        if self.settings.use_local_updates:
+            self._state_log_handler = StateRoundLogHandler(lambda: self.opt.local_epoch, self._record_round)
+            hivemind.get_logger("hivemind.optim.state_averager").addHandler(self._state_log_handler)
+
+    def _resume_or_sync(self) -> None:
+        """Own checkpoint first; then, if the swarm is ahead, its state from peers before the first step."""
+        if self.resume_opt_state is not None:
+            self.opt.load_state_dict(self.resume_opt_state)
+            self.resume_opt_state = None
+        tracker = self.opt.tracker
+        tracker.fetched_global_progress_this_epoch.wait(timeout=min(30.0, self.settings.load_state_timeout))
+        if tracker.global_epoch > self.opt.local_epoch:
+            logger.info(f"swarm is at epoch {tracker.global_epoch}, we are at {self.opt.local_epoch}: loading state from peers")
+            started = time.perf_counter()
+            self.opt.load_state_from_peers()
+            logger.info(f"loaded state from peers in {time.perf_counter() - started:.1f}s: now at epoch {self.opt.local_epoch}")
+        self.last_saved_epoch = self.opt.local_epoch
+
+    # --- training -------------------------------------------------------------------------
+    def train(self) -> None:
+        s = self.settings
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" and s.bf16
+                    else contextlib.nullcontext())
+        speed = None  # EMA of samples/s
+        self.model.train()
+        while not self.stop.is_set():
+            first_block, batch = next(self.batches)
+            batch = batch.to(self.device, non_blocking=True)  # (B, T)
+            started = time.perf_counter()
+            with autocast:
+                loss = self.train_model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            self.opt.step()
+            self.opt.zero_grad()
+            loss_value = loss.item()
+            elapsed = time.perf_counter() - started
+            self.step += 1
+            self.samples += batch.shape[0]
+            self.next_block = first_block + batch.shape[0]
+            rate = batch.shape[0] / max(elapsed, 1e-9)
+            speed = rate if speed is None else 0.9 * speed + 0.1 * rate
+            if not math.isfinite(loss_value):
+                logger.warning(f"step {self.step}: loss is {loss_value}")
+            self.telemetry.put(StepRecord(
+                peer_id=self.peer_id, step=self.step, local_epoch=self.opt.local_epoch,
+                global_epoch=self.opt.tracker.global_epoch, loss=loss_value if math.isfinite(loss_value) else 1e9,
+                samples=self.samples, samples_per_s=speed, tokens_per_s=speed * self.block_size,
+            ))
+            if self.step % 50 == 0 or self.step == 1:
+                logger.info(f"step {self.step} epoch {self.opt.local_epoch} loss {loss_value:.4f} "
+                            f"{speed * self.block_size:,.0f} tokens/s")
+            self._maybe_checkpoint()
+            if (s.max_steps and self.step >= s.max_steps) or (s.max_epochs and self.opt.local_epoch >= s.max_epochs):
+                logger.info(f"reached the configured limit at step {self.step}, epoch {self.opt.local_epoch}")
+                break
+
+    def _maybe_checkpoint(self) -> None:
+        every = self.settings.save_every
+        epoch = self.opt.local_epoch
+        if every and epoch != self.last_saved_epoch and epoch % every == 0 and epoch > 0:
+            self.save()
+
+    def save(self) -> Path:
+        self.last_saved_epoch = self.opt.local_epoch
+        state = TrainerState(peer_id=self.peer_id, preset=self.settings.preset, epoch=self.opt.local_epoch,
+                             step=self.step, samples=self.samples, next_block=self.next_block)
+        return save_checkpoint(self.checkpoint_dir, self.model, self.opt, state, keep=self.settings.keep_checkpoints)
+
+    def _record_round(self, info: RoundInfo) -> None:
+        if info.success:
+            logger.info(f"averaging round for epoch {info.epoch} ({info.kind}): {info.group_size} peers, "
+                        f"{info.duration_s:.2f}s")
+        else:
+            logger.info(f"averaging round for epoch {info.epoch} ({info.kind}) failed or ran alone")
+        if self.telemetry is not None:
+            self.telemetry.put(RoundRecord(peer_id=self.peer_id, epoch=info.epoch, kind=info.kind,
+                                           group_size=info.group_size, group=list(info.group),
+                                           duration_s=info.duration_s, success=info.success, time=info.time))
+
+    # --- shutdown -------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Checkpoint, deregister, stop hivemind; each part runs even if an earlier one failed."""
+        if self.opt is not None and self.step > 0:
+            try:
+                self.save()
+            except Exception:
+                logger.exception("final checkpoint failed")
+        if self.heartbeat is not None:
+            self.heartbeat.stop(deregister=True)
+        if self._state_log_handler is not None:
+            hivemind.get_logger("hivemind.optim.state_averager").removeHandler(self._state_log_handler)
+        if self.opt is not None:
+            self.opt.shutdown()
+        if self.telemetry is not None:
+            self.telemetry.close(timeout=5)
+        if self.dht is not None:
+            self.dht.shutdown()
+        logger.info(f"miner {getattr(self, 'peer_id', '?')} stopped after {self.step} steps (pid {os.getpid()})")
