@@ -14,7 +14,6 @@ logger = get_logger(__name__)
 BUNDLED = "bundled"
 
 
-@functools.lru_cache(maxsize=8)
 def load_tokenizer(name: str = BUNDLED) -> PreTrainedTokenizerFast:
     """Load a fast tokenizer by name; ``bundled`` is GPT-2 BPE shipped in ``hivetrain/assets``.
 
@@ -22,6 +21,11 @@ def load_tokenizer(name: str = BUNDLED) -> PreTrainedTokenizerFast:
     ``openai-community/gpt2`` or a local folder). The result is cached per name, so
     callers share one instance and must not mutate it.
     """
+    return _load_cached(name)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_cached(name: str) -> PreTrainedTokenizerFast:
     source = str(TOKENIZER_DIR) if name == BUNDLED else name
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=name == BUNDLED)
