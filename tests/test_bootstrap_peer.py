@@ -1,0 +1,56 @@
+"""The bootstrap DHT peer's publisher: survives Redis outages, stops when the DHT dies."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from hivetrain import procs
+from hivetrain.bootstrap.peer import publish_until_stopped
+from hivetrain.contracts import Keys
+from hivetrain.redis_server import start_redis
+from hivetrain.store import Registry, connect
+
+ADDR = "/ip4/127.0.0.1/tcp/31337/p2p/QmFake"
+
+
+class FakeDHT:
+    def __init__(self, alive: bool = True):
+        self.alive, self.exitcode = alive, None if alive else -9
+
+    def is_alive(self) -> bool:
+        return self.alive
+
+    def get_visible_maddrs(self) -> list[str]:
+        return [ADDR]
+
+
+def test_publisher_rides_out_a_redis_outage(tmp_path):
+    port = procs.free_port()
+    registry = Registry(connect(f"redis://127.0.0.1:{port}/0", timeout=0.5), Keys("pt"))
+    stop = threading.Event()
+    thread = threading.Thread(target=publish_until_stopped, args=(FakeDHT(), registry, "QmFake", stop, 0.3), daemon=True)
+    thread.start()
+    redis_service = None
+    try:
+        time.sleep(0.6)  # a few failed attempts while nothing listens
+        assert thread.is_alive()
+        redis_service, _ = start_redis(tmp_path, port=port, persist=False)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not registry.bootstraps():
+            time.sleep(0.05)
+        assert [b.multiaddrs for b in registry.bootstraps()] == [[ADDR]]
+    finally:
+        stop.set()
+        thread.join(5)
+        if redis_service is not None:
+            redis_service.stop(timeout=5)
+    assert not thread.is_alive()
+
+
+def test_publisher_raises_when_the_dht_dies(redis_url):
+    registry = Registry(connect(redis_url), Keys("pt"))
+    with pytest.raises(RuntimeError, match="DHT process died"):
+        publish_until_stopped(FakeDHT(alive=False), registry, "QmFake", threading.Event(), 0.1)
