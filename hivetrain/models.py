@@ -56,6 +56,7 @@ def build_model(preset: str, seed: int = 0) -> GPT2LMHeadModel:
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         model = GPT2LMHeadModel(config)
+    model.loss_type = "ForCausalLM"  # named, or transformers warns that it guessed
     return model
 
 

@@ -6,6 +6,8 @@ import logging
 import signal
 import threading
 
+import transformers
+
 from hivetrain.dht import reset_signal_handlers_in_children
 from hivetrain.logging import get_logger
 from hivetrain.miner.peers import BootstrapUnavailable
@@ -31,6 +33,7 @@ def install_stop_handlers(stop: threading.Event) -> None:
 def main(argv: list[str] | None = None) -> int:
     settings = load_settings(MinerSettings, argv)
     logging.getLogger("hivetrain").setLevel(settings.log_level)
+    transformers.utils.logging.disable_progress_bar()  # no tqdm bars in service logs
     stop = threading.Event()
     install_stop_handlers(stop)
     reset_signal_handlers_in_children()

@@ -11,6 +11,7 @@ from typing import Callable
 import hivemind
 import torch
 from hivemind.compression import CompressionBase, Float16Compression, NoCompression, Uniform8BitQuantization
+from hivemind.optim.state_averager import TrainingStateAverager
 
 from hivetrain.settings import MinerSettings
 
@@ -69,6 +70,23 @@ class RoundInfo:
     time: float = field(default_factory=time.time)
 
 
+class CopyingStateAverager(TrainingStateAverager):
+    """TrainingStateAverager that hands peers copies of its CPU tensors, not the live ones.
+
+    hivemind sends the state a peer downloads through a multiprocessing pipe, and pickling a CPU
+    tensor moves its storage into shared memory in place, freeing the old buffer. On CPU,
+    ``param.cpu()`` is the parameter itself, so a peer downloading our state while we train freed
+    memory under our own forward pass: the miner segfaulted in libtorch_cpu (seen with 4 CPU miners,
+    a late joiner loading state). On GPU, ``.cpu()`` already copies, so this costs nothing there.
+    """
+
+    def get_current_state(self):
+        with self.lock_optimizer:  # no background optimizer step halfway through the copy
+            metadata, tensors, infos = super().get_current_state()
+            tensors = [t.clone() if t.device.type == "cpu" else t for t in tensors]
+        return metadata, tensors, infos
+
+
 class TrackedOptimizer(hivemind.Optimizer):
     """hivemind.Optimizer that reports every gradient-averaging round (epoch, group, duration) to ``on_round``."""
 
@@ -77,6 +95,24 @@ class TrackedOptimizer(hivemind.Optimizer):
         self._round_epoch = 0
         self._round_started = time.perf_counter()
         super().__init__(*args, **kwargs)
+
+    def _make_state_averager(self, **kwargs) -> TrainingStateAverager:
+        # hivemind.Optimizer._make_state_averager, with the copying averager (see CopyingStateAverager)
+        return CopyingStateAverager(
+            dht=self.dht,
+            prefix=f"{self.run_id}_state_averager",
+            min_matchmaking_time=self.matchmaking_time,
+            allreduce_timeout=self.allreduce_timeout,
+            shutdown_timeout=self.shutdown_timeout,
+            offload_optimizer=self.offload_optimizer,
+            custom_gradients=self.offload_optimizer,
+            status_loglevel=self.status_loglevel,
+            next_chunk_timeout=self.next_chunk_timeout,
+            client_mode=self.client_mode,
+            auxiliary=self.auxiliary,
+            start=True,
+            **kwargs,
+        )
 
     def _update_global_epoch(self, grad_scaler) -> None:
         # remembered here because with delay_grad_averaging the round ends after the epoch has moved on

@@ -1,0 +1,1 @@
+"""The local swarm launcher: ``python -m hivetrain.swarm``."""

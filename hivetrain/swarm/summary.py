@@ -1,0 +1,77 @@
+"""What a swarm run did, read back from Redis telemetry: rounds with their peers, losses, checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import redis
+
+from hivetrain.contracts import Keys, RoundRecord, StepRecord
+from hivetrain.miner.checkpoint import latest_checkpoint
+from hivetrain.store import read_stream
+
+
+def rounds_from_records(records: list[RoundRecord]) -> list[dict]:
+    """Successful rounds, one entry per (kind, epoch, group), however many members reported it.
+
+    Gradient rounds name their peers; state rounds (local-updates mode) only know their size.
+    """
+    rounds: dict[tuple, dict] = {}
+    for record in records:
+        if not record.success or record.group_size < 2:
+            continue
+        group = tuple(sorted(record.group))
+        key = (record.kind, record.epoch, group) if group else (record.kind, record.epoch, record.group_size)
+        entry = rounds.setdefault(key, {"kind": record.kind, "epoch": record.epoch, "group_size": record.group_size,
+                                        "peers": list(group), "reported_by": [], "duration_s": 0.0, "time": record.time})
+        entry["reported_by"].append(record.peer_id)
+        entry["duration_s"] = max(entry["duration_s"], record.duration_s)
+        entry["time"] = min(entry["time"], record.time)
+    for entry in rounds.values():
+        entry["reported_by"].sort()
+    return sorted(rounds.values(), key=lambda r: (r["time"], r["epoch"]))
+
+
+def miners_from_steps(steps: list[StepRecord]) -> dict[str, dict]:
+    """Per miner: first and last loss, steps, samples and epochs seen."""
+    miners: dict[str, dict] = {}
+    for step in steps:
+        entry = miners.setdefault(step.peer_id, {
+            "first_loss": step.loss, "first_epoch": step.local_epoch, "first_time": step.time,
+            "last_loss": None, "last_epoch": None, "steps": 0, "samples": 0, "tokens_per_s": 0.0})
+        entry.update(last_loss=step.loss, last_epoch=step.local_epoch, samples=step.samples,
+                     tokens_per_s=step.tokens_per_s, last_time=step.time)
+        entry["steps"] += 1
+    return miners
+
+
+def collect(client: redis.Redis, keys: Keys, since: float = 0.0, checkpoint_dirs: list[Path] | None = None) -> dict:
+    """The run summary: rounds (with peers), per-miner losses and epochs, latest checkpoints."""
+    steps = [s for s in read_stream(client, keys, StepRecord) if s.time >= since]
+    records = [r for r in read_stream(client, keys, RoundRecord) if r.time >= since]
+    checkpoints = {}
+    for folder in checkpoint_dirs or []:
+        latest = latest_checkpoint(folder)
+        if latest is not None:
+            state = json.loads((latest / "trainer.json").read_text())
+            checkpoints[state["peer_id"]] = {"path": str(latest), "epoch": state["epoch"], "name": Path(folder).name}
+    miners = miners_from_steps(steps)
+    for peer_id, checkpoint in checkpoints.items():
+        miners.setdefault(peer_id, {})["checkpoint"] = checkpoint["path"]
+        miners[peer_id]["name"] = checkpoint["name"]
+    rounds = rounds_from_records(records)
+    return {
+        "run_id": keys.run_id,
+        "rounds": rounds,
+        "rounds_by_size": _count_by_size(rounds),
+        "miners": miners,
+        "checkpoints": [c["path"] for c in checkpoints.values()],
+    }
+
+
+def _count_by_size(rounds: list[dict]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for entry in rounds:
+        counts[str(entry["group_size"])] = counts.get(str(entry["group_size"]), 0) + 1
+    return dict(sorted(counts.items()))
