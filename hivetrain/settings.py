@@ -81,8 +81,17 @@ class BootstrapSettings(DHTSettings):
     identity_path: str = Field("bootstrap.id", description="file with the DHT private key, so the bootstrap's peer id survives restarts")
 
 
-class MinerSettings(DHTSettings):
-    """``python -m hivetrain.miner``: trains the shared GPT-2 with hivemind.Optimizer."""
+class IdentitySettings(BaseSettings):
+    """The sr25519 hotkey a service signs with (a bittensor wallet, created on first start)."""
+
+    wallet_dir: str = Field("wallets", description="folder of bittensor wallets; created unencrypted on first start")
+    wallet_name: str = Field("default", description="wallet (coldkey) name")
+    wallet_hotkey: str = Field("default", description="hotkey name inside the wallet")
+    record_window_s: float = Field(120.0, gt=0, description="signed records older than this are stale and dropped")
+
+
+class PeerSettings(DHTSettings, IdentitySettings):
+    """What every swarm member (miner, validator) must agree on: where the swarm is, the model and the data."""
 
     # where the swarm is
     bootstrap_url: str = Field(DEFAULT_BOOTSTRAP_URL, description="bootstrap HTTP API that hands out initial peers")
@@ -97,7 +106,35 @@ class MinerSettings(DHTSettings):
     tokenizer: str = Field("bundled", description="bundled GPT-2 BPE, or an HF name such as openai-community/gpt2")
     num_shards: int = Field(64, ge=1, description="documents are split into this many shards; each miner reads the one its peer id picks")
     block_size: int = Field(0, ge=0, description="tokens per sample; 0 = the preset's n_positions")
+    device: str = Field("auto", description="auto (CUDA when present), cpu, cuda or cuda:N")
+    torch_threads: int = Field(0, ge=0, description="CPU threads for torch; 0 = torch's default")
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str) -> str:
+        if value not in ("auto", "cpu", "cuda") and not (value.startswith("cuda:") and value[5:].isdigit()):
+            raise ValueError("use auto, cpu, cuda or cuda:N")
+        return value
+
+    @field_validator("bootstrap_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http(s) URL, e.g. http://127.0.0.1:8000")
+        return value.rstrip("/")
+
+
+class MinerSettings(PeerSettings):
+    """``python -m hivetrain.miner``: trains the shared GPT-2 with hivemind.Optimizer."""
+
+    wallet_name: str = Field("miner", description="wallet (coldkey) name")
     batch_size: int = Field(8, ge=1, description="samples per local step")
+    # challenges from validators
+    challenge_host: str = Field("0.0.0.0", description="address the spot-check endpoint binds")
+    challenge_port: int = Field(0, ge=0, le=65535, description="port of the spot-check endpoint; 0 = a free port")
+    challenge_url: str = Field("", description="URL validators use to reach the spot-check endpoint; empty = http://<challenge_host or 127.0.0.1>:<port>")
+    challenge_rate: float = Field(2.0, gt=0, description="spot checks per second one validator hotkey may ask (token bucket)")
+    challenge_burst: int = Field(4, ge=1, description="spot checks one validator hotkey may ask at once")
     # optimisation
     target_batch_size: int = Field(4096, ge=1, description="samples the whole swarm accumulates per global epoch")
     lr: float = Field(6e-4, gt=0, description="peak learning rate of AdamW")
@@ -117,30 +154,14 @@ class MinerSettings(DHTSettings):
     state_compression: Compression = Field("none", description="wire format of parameters in state averaging and downloads")
     use_local_updates: bool = Field(False, description="step locally every batch and average parameters instead of gradients")
     # hardware
-    device: str = Field("auto", description="auto (CUDA when present), cpu, cuda or cuda:N")
     compile: bool = Field(False, description="torch.compile the model (CUDA)")
     bf16: bool = Field(True, description="bf16 autocast on CUDA")
-    torch_threads: int = Field(0, ge=0, description="CPU threads for torch; 0 = torch's default")
     # checkpoints and lifetime
     checkpoint_dir: str = Field("checkpoints", description="where this miner writes checkpoints (and resumes from)")
     save_every: int = Field(10, ge=0, description="checkpoint every this many global epochs; 0 = only at shutdown")
     keep_checkpoints: int = Field(2, ge=1, description="how many checkpoints to keep")
     max_steps: int = Field(0, ge=0, description="stop after this many local steps; 0 = run until stopped")
     max_epochs: int = Field(0, ge=0, description="stop after this global epoch; 0 = run until stopped")
-
-    @field_validator("device")
-    @classmethod
-    def _device_name(cls, value: str) -> str:
-        if value not in ("auto", "cpu", "cuda") and not (value.startswith("cuda:") and value[5:].isdigit()):
-            raise ValueError("use auto, cpu, cuda or cuda:N")
-        return value
-
-    @field_validator("bootstrap_url")
-    @classmethod
-    def _http_url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("must be an http(s) URL, e.g. http://127.0.0.1:8000")
-        return value.rstrip("/")
 
     @model_validator(mode="after")
     def _hivemind_combinations(self) -> "MinerSettings":
@@ -152,6 +173,29 @@ class MinerSettings(DHTSettings):
         if self.delay_optimizer_step and not (self.offload_optimizer and self.delay_state_averaging):
             raise ValueError("delay_optimizer_step needs offload_optimizer and delay_state_averaging: set HIVE_OFFLOAD_OPTIMIZER=true and HIVE_DELAY_STATE_AVERAGING=true")
         return self
+
+
+class ValidatorSettings(PeerSettings):
+    """``python -m hivetrain.validator``: evaluates the shared model, checks miners' claims, scores them, sets weights."""
+
+    wallet_name: str = Field("validator", description="wallet (coldkey) name")
+    chain: Literal["local", "bittensor"] = Field("local", description="where weights go: local (Redis metagraph) or bittensor")
+    netuid: int = Field(0, ge=0, description="subnet uid (bittensor chain)")
+    subtensor_network: str = Field("finney", description="bittensor network name or ws:// endpoint (bittensor chain)")
+    api_host: str = Field("0.0.0.0", description="address the validator API binds")
+    api_port: int = Field(8100, ge=1, le=65535, description="port of the validator API")
+    api_workers: int = Field(2, ge=1, le=64, description="gunicorn worker processes of the API")
+    sync_every_s: float = Field(30.0, gt=0, description="load the swarm's state from peers this often")
+    eval_blocks: int = Field(16, ge=1, description="fixed validation blocks each evaluation uses")
+    eval_batch_size: int = Field(8, ge=1, description="blocks per forward pass during evaluation")
+    check_every_s: float = Field(20.0, gt=0, description="check every live miner's claims and send it a spot check this often")
+    weights_every_s: float = Field(60.0, gt=0, description="set weights through the chain this often")
+    spot_check_dim: int = Field(64, ge=8, description="size of the projected gradient a miner returns")
+    spot_check_batch: int = Field(2, ge=1, description="blocks in a spot-check batch")
+    spot_check_timeout_s: float = Field(30.0, gt=0, description="a miner that has not answered a spot check by then fails it")
+    max_samples_per_s: float = Field(10_000.0, gt=0, description="no miner is credited for more samples per second than this")
+    claim_tolerance: float = Field(0.1, ge=0, description="claims may exceed hivemind's progress records by this fraction")
+    score_ema_alpha: float = Field(0.3, gt=0, le=1, description="weight of the newest round in a miner's score EMA")
 
 
 class SwarmSettings(ServiceSettings):
@@ -174,6 +218,7 @@ S = TypeVar("S", bound=BaseSettings)
 SERVICE_SETTINGS: dict[str, type[ServiceSettings]] = {
     "bootstrap": BootstrapSettings,
     "miner": MinerSettings,
+    "validator": ValidatorSettings,
 }
 
 
