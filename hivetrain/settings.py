@@ -210,6 +210,7 @@ class SwarmSettings(ServiceSettings):
     external_redis: bool = Field(False, description="use HIVE_REDIS_URL as it is instead of starting an embedded Redis")
     summary: str = Field("", description="write a JSON summary (rounds, losses, checkpoints) here on exit")
     stop_timeout: float = Field(45.0, gt=0, description="seconds a process gets to stop after SIGTERM before SIGKILL")
+    engine: Literal["local", "docker"] = Field("local", description="local: processes on this machine; docker: containers built from services/ (needs a Docker engine)")
 
 
 S = TypeVar("S", bound=BaseSettings)

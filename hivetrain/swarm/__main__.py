@@ -26,6 +26,10 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, _handle)
     signal.signal(signal.SIGTERM, _handle)
+    if settings.engine == "docker":  # the same services as containers; see docker_engine.py
+        from hivetrain.swarm.docker_engine import run_docker
+
+        return run_docker(settings, stop)
     swarm = Swarm(settings)
     code = 0
     try:
