@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -355,7 +356,7 @@ def _engine_or_skip():
         pytest.skip(str(error))
 
 
-def test_swarm_cli_engine_docker_says_why_without_an_engine(caplog):
+def test_swarm_cli_engine_docker_says_why_without_an_engine():
     try:
         docker_engine.connect().close()
         pytest.skip("a Docker engine is reachable; test_docker_engine_end_to_end covers it")
@@ -363,7 +364,12 @@ def test_swarm_cli_engine_docker_says_why_without_an_engine(caplog):
         pass
     from hivetrain.swarm.__main__ import main
 
-    assert main(["--engine", "docker", "--miners", "1"]) == 1
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        assert main(["--engine", "docker", "--miners", "1"]) == 1
+    finally:  # main() installs its own handlers; give pytest its Ctrl-C back
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 @pytest.mark.integration
