@@ -25,6 +25,9 @@ BOOTSTRAP_TTL_S = 30
 # --- telemetry streams (approximate MAXLEN, trimmed by Redis on every XADD) -----------------
 STEPS_STREAM_MAXLEN = 100_000
 ROUNDS_STREAM_MAXLEN = 20_000
+EVALS_STREAM_MAXLEN = 10_000
+#: The validator's own heartbeat (its /readyz says not ready once this lapses).
+VALIDATOR_TTL_S = 120
 
 PeerRole = Literal["miner", "validator", "bootstrap"]
 
@@ -66,6 +69,19 @@ class Keys:
         """Stream of RoundRecord, one per averaging round seen by every miner."""
         return f"{self.prefix}:telemetry:rounds"
 
+    @property
+    def evals(self) -> str:
+        """Stream of EvalRecord, one per evaluation of the shared model by a validator."""
+        return f"{self.prefix}:evals"
+
+    def scores(self, validator_hotkey: str) -> str:
+        """One validator's latest ScoreBoard (JSON), with the evidence behind every score."""
+        return f"{self.prefix}:scores:{validator_hotkey}"
+
+    def validator_alive(self, validator_hotkey: str) -> str:
+        """Set with a TTL by a running validator's loop; its API is ready while this exists."""
+        return f"{self.prefix}:validator:{validator_hotkey}:alive"
+
 
 class Record(BaseModel):
     """Base of every record: strict types, unknown fields rejected, immutable."""
@@ -86,6 +102,8 @@ class PeerRecord(Record):
     schema_version: int = SCHEMA_VERSION
     peer_id: str = Field(min_length=1)
     role: PeerRole
+    hotkey: str = Field(default="", description="ss58 hotkey that signs this peer's records")
+    challenge_url: str = Field(default="", description="where validators send spot checks (miners)")
     multiaddrs: list[str] = Field(description="addresses other peers can dial (announce addrs when set)")
     device: str = Field(default="cpu", description="cpu, cuda, cuda:0, ...")
     preset: str = Field(default="", description="model preset the peer trains")
@@ -129,3 +147,41 @@ class RoundRecord(Record):
     duration_s: float = Field(ge=0)
     success: bool
     time: float = Field(default_factory=time.time)
+
+
+class EvalRecord(Record):
+    """One evaluation of the shared model on the fixed validation blocks."""
+
+    schema_version: int = SCHEMA_VERSION
+    validator: str = Field(min_length=1, description="hotkey of the validator")
+    epoch: int = Field(ge=0, description="global epoch of the evaluated parameters")
+    loss: float
+    perplexity: float
+    blocks: int = Field(ge=1, description="validation blocks evaluated")
+    tokens: int = Field(ge=1)
+    duration_s: float = Field(ge=0)
+    time: float = Field(default_factory=time.time)
+
+
+class MinerScore(Record):
+    """One miner on a validator's score board: the score, the weight it set, and why."""
+
+    hotkey: str = Field(min_length=1)
+    uid: int | None = Field(description="uid in the chain's metagraph; None if not registered")
+    peer_id: str = Field(default="", description="hivemind peer id of its registration")
+    score: float = Field(ge=0, description="EMA of round scores")
+    weight: float = Field(ge=0, le=1, description="normalized weight last set through the chain")
+    evidence: list[dict] = Field(default_factory=list, description="ScoreEvidence of the latest rounds, newest last")
+
+
+class ScoreBoard(Record):
+    """A validator's latest scores and weights (written each time it sets weights)."""
+
+    schema_version: int = SCHEMA_VERSION
+    validator: str = Field(min_length=1, description="hotkey of the validator")
+    uid: int | None = None
+    epoch: int = Field(ge=0, description="global epoch of the model the validator held")
+    rounds: int = Field(ge=0, description="scoring rounds so far")
+    weights_set_at: float = Field(description="unix time the weights were set")
+    miners: list[MinerScore] = Field(default_factory=list)
+    rejected: dict[str, int] = Field(default_factory=dict, description="telemetry records dropped, by reason")

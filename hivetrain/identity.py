@@ -210,6 +210,17 @@ class Verifier:
 
     def verify(self, envelope: SignedEnvelope | dict | str | bytes, now: float | None = None) -> dict:
         """The payload of an authentic, fresh, first-seen envelope; ``VerificationError`` otherwise."""
+        env = self.authenticate(envelope, now=now)
+        if not self.nonces.check_and_store(env.hotkey, env.nonce):
+            raise ReplayedNonce(f"nonce {env.nonce} of {env.hotkey} was already used")
+        return env.payload
+
+    def authenticate(self, envelope: SignedEnvelope | dict | str | bytes, now: float | None = None, fresh: bool = True) -> SignedEnvelope:
+        """The envelope if its signature verifies (and, with ``fresh``, it is inside the window); no nonce is used up.
+
+        For records that are read again and again (a registration refreshed by heartbeats, a
+        telemetry history), where a second read is not a replay.
+        """
         env = _parse(envelope)
         try:
             valid = _sr25519_verify(env.signed_message(), bytes.fromhex(env.signature[2:]), env.hotkey, CRYPTO_SR25519)
@@ -217,14 +228,14 @@ class Verifier:
             raise MalformedEnvelope(f"bad hotkey address: {error}") from None
         if not valid:
             raise InvalidSignature(f"signature does not match the body for hotkey {env.hotkey}")
+        if not fresh:
+            return env
         now = time.time() if now is None else now
         if now - env.timestamp > self.window_s:
             raise StaleRecord(f"record from {env.hotkey} is {now - env.timestamp:.1f}s old (window {self.window_s:g}s)")
         if env.timestamp - now > self.future_skew_s:
             raise StaleRecord(f"record from {env.hotkey} is {env.timestamp - now:.1f}s in the future (skew {self.future_skew_s:g}s)")
-        if not self.nonces.check_and_store(env.hotkey, env.nonce):
-            raise ReplayedNonce(f"nonce {env.nonce} of {env.hotkey} was already used")
-        return env.payload
+        return env
 
 
 def _parse(envelope: SignedEnvelope | dict | str | bytes) -> SignedEnvelope:

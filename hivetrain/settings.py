@@ -81,7 +81,7 @@ class BootstrapSettings(DHTSettings):
     identity_path: str = Field("bootstrap.id", description="file with the DHT private key, so the bootstrap's peer id survives restarts")
 
 
-class IdentitySettings(BaseSettings):
+class IdentitySettings(ServiceSettings):
     """The sr25519 hotkey a service signs with (a bittensor wallet, created on first start)."""
 
     wallet_dir: str = Field("wallets", description="folder of bittensor wallets; created unencrypted on first start")

@@ -1,5 +1,9 @@
 """Redis access for the registry and telemetry, on top of the contracts in ``hivetrain.contracts``.
 
+Peer registrations and telemetry are stored as signed envelopes (``hivetrain.identity``): the
+writer's hotkey signs the whole record. Readers verify and drop what fails: a forged or altered
+record, a registration whose heartbeat stopped, a record whose payload names another hotkey.
+
 Training must never wait for Redis: ``TelemetryWriter`` queues records and writes them from a
 background thread, retrying with backoff while Redis is away and dropping the oldest records
 once its bounded queue is full.
@@ -17,15 +21,18 @@ import redis
 from hivetrain.contracts import (
     BOOTSTRAP_TTL_S,
     PEER_TTL_S,
+    EVALS_STREAM_MAXLEN,
     ROUNDS_STREAM_MAXLEN,
     STEPS_STREAM_MAXLEN,
     BootstrapRecord,
+    EvalRecord,
     Keys,
     PeerRecord,
     Record,
     RoundRecord,
     StepRecord,
 )
+from hivetrain.identity import SignedEnvelope, Verifier, VerificationError, sign
 from hivetrain.logging import get_logger
 
 logger = get_logger(__name__)
@@ -41,13 +48,16 @@ class Registry:
 
     def __init__(self, client: redis.Redis, keys: Keys, ttl_s: float = PEER_TTL_S):
         self.client, self.keys, self.ttl_s = client, keys, ttl_s
+        # registrations are re-read on every request: check signature and age, use up no nonce
+        self.verifier = Verifier.in_memory(window_s=ttl_s)
 
-    def register(self, record: PeerRecord) -> None:
-        """Write or refresh a peer's record; call it every heartbeat."""
+    def register(self, record: PeerRecord, signer) -> None:
+        """Write or refresh a peer's record, signed by ``signer`` (its wallet); call it every heartbeat."""
         now = time.time()
-        record = record.model_copy(update={"last_seen": now})
+        record = record.model_copy(update={"last_seen": now, "hotkey": signer.hotkey.ss58_address})
+        envelope = sign(signer, record.model_dump(mode="json"), timestamp=now)
         with self.client.pipeline(transaction=True) as pipe:
-            pipe.set(self.keys.peer(record.peer_id), record.to_json(), ex=int(self.ttl_s))
+            pipe.set(self.keys.peer(record.peer_id), SignedEnvelope.model_validate(envelope).model_dump_json(), ex=int(self.ttl_s))
             pipe.zadd(self.keys.peer_index, {record.peer_id: now})
             pipe.zremrangebyscore(self.keys.peer_index, "-inf", now - self.ttl_s)
             pipe.expire(self.keys.peer_index, int(self.ttl_s) * 4)
@@ -67,13 +77,28 @@ class Registry:
             return []
         raws = self.client.mget([self.keys.peer(pid.decode()) for pid in peer_ids])
         peers = []
-        for raw in raws:
-            record = _parse(PeerRecord, raw)
+        for pid, raw in zip(peer_ids, raws):
+            record = self._authentic_peer(pid.decode(), raw)
             if record is not None and (role is None or record.role == role):
                 peers.append(record)
             if len(peers) >= limit:
                 break
         return peers
+
+    def _authentic_peer(self, peer_id: str, raw: bytes | None) -> PeerRecord | None:
+        """The record if its hotkey signed it, it is fresh, and it is stored under its own peer id."""
+        if raw is None:
+            return None
+        try:
+            envelope = self.verifier.authenticate(raw)
+            record = PeerRecord.model_validate(envelope.payload)
+        except (VerificationError, ValueError) as error:
+            logger.warning(f"dropping registration of {peer_id}: {error}")
+            return None
+        if record.hotkey != envelope.hotkey or record.peer_id != peer_id:
+            logger.warning(f"dropping registration of {peer_id}: signed by {envelope.hotkey} for {record.hotkey}/{record.peer_id}")
+            return None
+        return record
 
     def set_bootstrap(self, record: BootstrapRecord, ttl_s: float = BOOTSTRAP_TTL_S) -> None:
         now = time.time()
@@ -110,24 +135,65 @@ def _parse(model: type[Record], raw: bytes | None):
         return None
 
 
-_STREAMS = {StepRecord: ("steps", STEPS_STREAM_MAXLEN), RoundRecord: ("rounds", ROUNDS_STREAM_MAXLEN)}
+_STREAMS = {
+    StepRecord: ("steps", STEPS_STREAM_MAXLEN, True),
+    RoundRecord: ("rounds", ROUNDS_STREAM_MAXLEN, True),
+    EvalRecord: ("evals", EVALS_STREAM_MAXLEN, False),  # written by the validator for its own API
+}
+_HISTORY = Verifier.in_memory(window_s=1.0)  # signature checks of past records: freshness is not asked
 
 
-def append(client: redis.Redis, keys: Keys, record: StepRecord | RoundRecord) -> None:
-    """XADD one telemetry record to its capped stream."""
-    attr, maxlen = _STREAMS[type(record)]
-    client.xadd(getattr(keys, attr), {"json": record.to_json()}, maxlen=maxlen, approximate=True)
+def _stream_fields(record: Record, signer=None) -> dict:
+    attr, _, signed = _STREAMS[type(record)]
+    if signed:
+        if signer is None:
+            raise ValueError(f"{type(record).__name__} telemetry must be signed: pass the writer's wallet")
+        envelope = sign(signer, record.model_dump(mode="json"), timestamp=record.time)
+        return {"env": SignedEnvelope.model_validate(envelope).model_dump_json()}
+    return {"json": record.to_json()}
 
 
-def read_stream(client: redis.Redis, keys: Keys, model: type[StepRecord] | type[RoundRecord], count: int | None = None) -> list:
-    """All (or the last ``count``) records of one telemetry stream, oldest first."""
-    attr, _ = _STREAMS[model]
+def append(client: redis.Redis, keys: Keys, record: Record, signer=None) -> None:
+    """XADD one record to its capped stream (signed by ``signer`` where the contract asks for it)."""
+    attr, maxlen, _ = _STREAMS[type(record)]
+    client.xadd(getattr(keys, attr), _stream_fields(record, signer), maxlen=maxlen, approximate=True)
+
+
+def decode_entry(model: type[Record], fields: dict, verifier: Verifier | None = None) -> tuple[Record, str] | None:
+    """(record, signer hotkey) of one stream entry, or None when it is malformed or not authentic.
+
+    Signed entries are checked with ``verifier.verify`` (signature, freshness, nonce: for a
+    consumer that reads each entry once), or, without a verifier, by signature alone (history).
+    """
+    _, _, signed = _STREAMS[model]
+    if not signed:
+        record = _parse(model, fields.get(b"json"))
+        return None if record is None else (record, "")
+    raw = fields.get(b"env")
+    if raw is None:
+        return None
+    try:
+        if verifier is None:
+            envelope = _HISTORY.authenticate(raw, fresh=False)
+            payload, hotkey = envelope.payload, envelope.hotkey
+        else:
+            payload = verifier.verify(raw)
+            hotkey = SignedEnvelope.model_validate_json(raw).hotkey
+        return model.model_validate(payload), hotkey
+    except (VerificationError, ValueError) as error:
+        logger.debug(f"dropping a {model.__name__}: {error}")
+        return None
+
+
+def read_stream(client: redis.Redis, keys: Keys, model: type[Record], count: int | None = None) -> list:
+    """All (or the last ``count``) authentic records of one stream, oldest first."""
+    attr, _, _ = _STREAMS[model]
     if count is None:
         entries = client.xrange(getattr(keys, attr))
     else:
         entries = list(reversed(client.xrevrange(getattr(keys, attr), count=count)))
-    records = (_parse(model, fields.get(b"json")) for _, fields in entries)
-    return [r for r in records if r is not None]
+    decoded = (decode_entry(model, fields) for _, fields in entries)
+    return [d[0] for d in decoded if d is not None]
 
 
 class TelemetryWriter:
@@ -138,8 +204,8 @@ class TelemetryWriter:
     first and are counted in ``dropped``.
     """
 
-    def __init__(self, client: redis.Redis, keys: Keys, max_queue: int = 10_000, max_backoff_s: float = 5.0):
-        self.client, self.keys, self.max_backoff_s = client, keys, max_backoff_s
+    def __init__(self, client: redis.Redis, keys: Keys, signer, max_queue: int = 10_000, max_backoff_s: float = 5.0):
+        self.client, self.keys, self.signer, self.max_backoff_s = client, keys, signer, max_backoff_s
         self._queue: collections.deque = collections.deque(maxlen=max_queue)
         self._wake = threading.Condition()
         self._stopping = False
@@ -170,8 +236,8 @@ class TelemetryWriter:
             try:
                 with self.client.pipeline(transaction=False) as pipe:
                     for record in batch:
-                        attr, maxlen = _STREAMS[type(record)]
-                        pipe.xadd(getattr(self.keys, attr), {"json": record.to_json()}, maxlen=maxlen, approximate=True)
+                        attr, maxlen, _ = _STREAMS[type(record)]
+                        pipe.xadd(getattr(self.keys, attr), _stream_fields(record, self.signer), maxlen=maxlen, approximate=True)
                     pipe.execute()
             except redis.RedisError as error:
                 if self._stopping:

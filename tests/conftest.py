@@ -25,3 +25,19 @@ def redis_url(redis_server):
     client.flushall()
     client.close()
     return redis_server
+
+
+@pytest.fixture(scope="session")
+def wallet(tmp_path_factory):
+    """An unencrypted bittensor wallet (sr25519 hotkey) made offline for the session."""
+    from hivetrain.identity import load_or_create_wallet
+
+    return load_or_create_wallet(str(tmp_path_factory.mktemp("wallets")), "test")
+
+
+@pytest.fixture(scope="session")
+def other_wallet(tmp_path_factory):
+    """A second wallet: another peer, or an impostor."""
+    from hivetrain.identity import load_or_create_wallet
+
+    return load_or_create_wallet(str(tmp_path_factory.mktemp("wallets2")), "other")

@@ -30,9 +30,20 @@ def _client(redis_url: str, **overrides):
     return create_app(settings).test_client()
 
 
+class SigningRegistry(Registry):
+    """The registry as miners use it, every record signed by the test wallet."""
+
+    def __init__(self, client, keys, wallet):
+        super().__init__(client, keys)
+        self.wallet = wallet
+
+    def register(self, record: PeerRecord, signer=None) -> None:
+        super().register(record, signer or self.wallet)
+
+
 @pytest.fixture
-def registry(redis_url):
-    return Registry(connect(redis_url), Keys(RUN))
+def registry(redis_url, wallet):
+    return SigningRegistry(connect(redis_url), Keys(RUN), wallet)
 
 
 def _register_in_order(registry: Registry, peers: list[PeerRecord]) -> None:

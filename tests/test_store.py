@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -21,10 +22,10 @@ def _step(peer_id: str, step: int) -> StepRecord:
     return StepRecord(peer_id=peer_id, step=step, local_epoch=0, global_epoch=0, loss=1.0, samples=step, samples_per_s=1.0, tokens_per_s=1.0)
 
 
-def test_registry_lists_freshest_first_and_expires(redis_url):
+def test_registry_lists_freshest_first_and_expires(redis_url, wallet):
     registry = Registry(connect(redis_url), Keys("t"), ttl_s=2)
     for name in ("a", "b", "c"):
-        registry.register(_peer(name))
+        registry.register(_peer(name), wallet)
         time.sleep(0.01)
     assert [p.peer_id for p in registry.live_peers()] == ["c", "b", "a"]
     assert [p.peer_id for p in registry.live_peers(limit=2)] == ["c", "b"]
@@ -35,10 +36,10 @@ def test_registry_lists_freshest_first_and_expires(redis_url):
     assert registry.live_peers() == []
 
 
-def test_registry_filters_role_and_skips_malformed(redis_url):
+def test_registry_filters_role_and_skips_malformed(redis_url, wallet):
     registry = Registry(connect(redis_url), Keys("t"))
-    registry.register(_peer("m1"))
-    registry.register(_peer("v1", role="validator"))
+    registry.register(_peer("m1"), wallet)
+    registry.register(_peer("v1", role="validator"), wallet)
     registry.client.set(registry.keys.peer("bad"), b'{"peer_id": 3}')
     registry.client.zadd(registry.keys.peer_index, {"bad": time.time()})
     assert [p.peer_id for p in registry.live_peers(role="miner")] == ["m1"]
@@ -53,26 +54,28 @@ def test_bootstrap_records(redis_url):
     assert registry.bootstraps() == []
 
 
-def test_runs_do_not_see_each_other(redis_url):
+def test_runs_do_not_see_each_other(redis_url, wallet):
     client = connect(redis_url)
-    Registry(client, Keys("one")).register(_peer("a"))
+    Registry(client, Keys("one")).register(_peer("a"), wallet)
     assert Registry(client, Keys("two")).live_peers() == []
 
 
-def test_streams_are_capped_and_typed(redis_url):
+def test_streams_are_signed_and_typed(redis_url, wallet):
     client, keys = connect(redis_url), Keys("t")
     for i in range(5):
-        append(client, keys, _step("a", i))
-    append(client, keys, RoundRecord(peer_id="a", epoch=1, group_size=2, group=["a", "b"], duration_s=0.5, success=True))
+        append(client, keys, _step("a", i), wallet)
+    append(client, keys, RoundRecord(peer_id="a", epoch=1, group_size=2, group=["a", "b"], duration_s=0.5, success=True), wallet)
+    with pytest.raises(ValueError, match="signed"):
+        append(client, keys, _step("a", 9))
     assert [r.step for r in read_stream(client, keys, StepRecord)] == [0, 1, 2, 3, 4]
     assert [r.step for r in read_stream(client, keys, StepRecord, count=2)] == [3, 4]
     assert read_stream(client, keys, RoundRecord)[0].group == ["a", "b"]
 
 
-def test_telemetry_survives_redis_restart(tmp_path):
+def test_telemetry_survives_redis_restart(tmp_path, wallet):
     port = procs.free_port()
     server, url = start_redis(tmp_path / "r1", port=port, persist=False)
-    writer = TelemetryWriter(connect(url, timeout=0.5), Keys("t"), max_backoff_s=0.3)
+    writer = TelemetryWriter(connect(url, timeout=0.5), Keys("t"), signer=wallet, max_backoff_s=0.3)
     try:
         writer.put(_step("a", 0))
         server.stop(timeout=5)
@@ -90,9 +93,9 @@ def test_telemetry_survives_redis_restart(tmp_path):
         server.stop(timeout=5)
 
 
-def test_telemetry_drops_oldest_when_full(redis_url):
+def test_telemetry_drops_oldest_when_full(redis_url, wallet):
     client = redis.Redis(host="127.0.0.1", port=procs.free_port(), socket_timeout=0.2, socket_connect_timeout=0.2)
-    writer = TelemetryWriter(client, Keys("t"), max_queue=3, max_backoff_s=0.2)
+    writer = TelemetryWriter(client, Keys("t"), wallet, max_queue=3, max_backoff_s=0.2)
     for i in range(10):
         writer.put(_step("a", i))
     assert writer.dropped == 7
@@ -107,3 +110,41 @@ def test_record_schemas_are_strict():
         PeerRecord.from_json('{"peer_id": "a", "role": "miner", "multiaddrs": [], "started_at": 1.0, "extra": 1}')
     with pytest.raises(ValueError):
         Keys("has:colon")
+
+
+def _tamper(client, key: str, **changes) -> None:
+    envelope = json.loads(client.get(key))
+    envelope["payload"].update(changes)
+    client.set(key, json.dumps(envelope))
+
+
+def test_registry_drops_forged_and_misfiled_records(redis_url, wallet, other_wallet):
+    registry = Registry(connect(redis_url), Keys("t"))
+    registry.register(_peer("honest"), wallet)
+    registry.register(_peer("victim"), other_wallet)
+    # someone with Redis access edits a record: the signature no longer covers it
+    _tamper(registry.client, registry.keys.peer("victim"), multiaddrs=["/ip4/6.6.6.6/tcp/1/p2p/evil"])
+    # a valid record copied under another peer's key
+    registry.client.set(registry.keys.peer("copy"), registry.client.get(registry.keys.peer("honest")))
+    registry.client.zadd(registry.keys.peer_index, {"copy": time.time()})
+    assert [p.peer_id for p in registry.live_peers()] == ["honest"]
+    assert registry.live_peers()[0].hotkey == wallet.hotkey.ss58_address
+
+
+def test_registry_drops_records_whose_heartbeat_stopped(redis_url, wallet):
+    registry = Registry(connect(redis_url), Keys("t"), ttl_s=60)
+    registry.register(_peer("a"), wallet)
+    registry.verifier.window_s = 0.2  # the key lives on, but the signed timestamp is old
+    time.sleep(0.3)
+    assert registry.live_peers() == []
+
+
+def test_stream_history_drops_tampered_records(redis_url, wallet):
+    client, keys = connect(redis_url), Keys("t")
+    append(client, keys, _step("a", 0), wallet)
+    append(client, keys, _step("a", 1), wallet)
+    entry_id, fields = client.xrange(keys.steps)[0]
+    envelope = json.loads(fields[b"env"])
+    envelope["payload"]["samples"] = 10**9  # an inflated claim under someone else's signature
+    client.xadd(keys.steps, {"env": json.dumps(envelope)})
+    assert [r.step for r in read_stream(client, keys, StepRecord)] == [0, 1]

@@ -19,7 +19,9 @@ import torch
 from hivetrain.contracts import HEARTBEAT_INTERVAL_S, Keys, PeerRecord, RoundRecord, StepRecord
 from hivetrain.data import BlockStream, shard_for_peer
 from hivetrain.dht import make_dht, visible_maddrs
+from hivetrain.identity import load_or_create_wallet
 from hivetrain.logging import get_logger
+from hivetrain.miner.challenge import Challenge, ChallengeServer
 from hivetrain.miner.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
 from hivetrain.miner.optim import RoundInfo, StateRoundLogHandler, TrackedOptimizer, make_optimizer
 from hivetrain.miner.peers import fetch_initial_peers
@@ -27,6 +29,7 @@ from hivetrain.models import build_model, model_config, num_parameters
 from hivetrain.settings import MinerSettings
 from hivetrain.store import Registry, TelemetryWriter, connect
 from hivetrain.tokenizer import load_tokenizer
+from hivetrain.validator.checks import projected_gradient
 
 logger = get_logger(__name__)
 
@@ -44,8 +47,8 @@ def resolve_device(name: str) -> torch.device:
 class Heartbeat:
     """Registers the peer in Redis every HEARTBEAT_INTERVAL_S from a thread; Redis outages are logged, not fatal."""
 
-    def __init__(self, registry: Registry, record: PeerRecord, interval_s: float = HEARTBEAT_INTERVAL_S):
-        self.registry, self.record, self.interval_s = registry, record, interval_s
+    def __init__(self, registry: Registry, record: PeerRecord, wallet, interval_s: float = HEARTBEAT_INTERVAL_S):
+        self.registry, self.record, self.wallet, self.interval_s = registry, record, wallet, interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
@@ -57,7 +60,7 @@ class Heartbeat:
         failures = 0
         while not self._stop.is_set():
             try:
-                self.registry.register(self.record)
+                self.registry.register(self.record, self.wallet)
                 failures = 0
             except Exception:  # Redis boundary: keep training, keep trying
                 failures += 1
@@ -85,6 +88,7 @@ class Miner:
         self.opt: TrackedOptimizer | None = None
         self.heartbeat: Heartbeat | None = None
         self.telemetry: TelemetryWriter | None = None
+        self.challenges: ChallengeServer | None = None
         self._state_log_handler: StateRoundLogHandler | None = None
         self.step = self.samples = self.next_block = 0
         self.last_saved_epoch = -1
@@ -101,6 +105,7 @@ class Miner:
             raise ValueError(f"HIVE_BLOCK_SIZE={self.block_size} exceeds the {s.preset} preset's n_positions "
                              f"({self.config.n_positions}); use 0 for the default")
         self.checkpoint_dir = Path(s.checkpoint_dir)
+        self.wallet = load_or_create_wallet(s.wallet_dir, s.wallet_name, s.wallet_hotkey)
         self._make_dht()
         self.device = resolve_device(s.device)
         self._make_model()
@@ -150,10 +155,16 @@ class Miner:
         s = self.settings
         keys = Keys(s.run_id)
         client = connect(s.redis_url)
-        self.telemetry = TelemetryWriter(client, keys)
-        record = PeerRecord(peer_id=self.peer_id, role="miner", multiaddrs=self.maddrs, device=str(self.device),
+        self.telemetry = TelemetryWriter(client, keys, self.wallet)
+        self.challenges = ChallengeServer(self.wallet, s.challenge_host, s.challenge_port, s.challenge_rate,
+                                          s.challenge_burst, s.record_window_s).start()
+        host = "127.0.0.1" if s.challenge_host in ("0.0.0.0", "::", "") else s.challenge_host
+        challenge_url = s.challenge_url or f"http://{host}:{self.challenges.port}"
+        record = PeerRecord(peer_id=self.peer_id, role="miner", hotkey=self.wallet.hotkey.ss58_address,
+                            challenge_url=challenge_url, multiaddrs=self.maddrs, device=str(self.device),
                             preset=s.preset, started_at=self.started_at)
-        self.heartbeat = Heartbeat(Registry(client, keys), record).start()
+        self.heartbeat = Heartbeat(Registry(client, keys), record, self.wallet).start()
+        logger.info(f"hotkey {self.wallet.hotkey.ss58_address}, spot checks at {challenge_url}")
 
     def _make_optimizer(self) -> None:
         self.opt = make_optimizer(self.model, self.dht, self.settings, on_round=self._record_round)
@@ -208,10 +219,18 @@ class Miner:
             if self.step % 50 == 0 or self.step == 1:
                 logger.info(f"step {self.step} epoch {self.opt.local_epoch} loss {loss_value:.4f} "
                             f"{speed * self.block_size:,.0f} tokens/s")
+            self.challenges.answer_pending(self._answer_challenge)
             self._maybe_checkpoint()
             if (s.max_steps and self.step >= s.max_steps) or (s.max_epochs and self.opt.local_epoch >= s.max_epochs):
                 logger.info(f"reached the configured limit at step {self.step}, epoch {self.opt.local_epoch}")
                 break
+
+    def _answer_challenge(self, challenge: Challenge) -> tuple[int, list[float]]:
+        """A validator's spot check, computed between two steps at the parameters we train with."""
+        batch = self.stream.get_batch(challenge.block_index, challenge.batch_size)  # (B, T) of our own shard
+        dtype = torch.bfloat16 if self.device.type == "cuda" and self.settings.bf16 else None
+        projection = projected_gradient(self.model, batch, challenge.seed, challenge.dim, autocast_dtype=dtype)
+        return self.opt.local_epoch, projection.tolist()
 
     def _maybe_checkpoint(self) -> None:
         every = self.settings.save_every
@@ -246,6 +265,8 @@ class Miner:
                 logger.exception("final checkpoint failed")
         if self.heartbeat is not None:
             self.heartbeat.stop(deregister=True)
+        if self.challenges is not None:
+            self.challenges.stop()
         if self._state_log_handler is not None:
             hivemind.get_logger("hivemind.optim.state_averager").removeHandler(self._state_log_handler)
         if self.opt is not None:

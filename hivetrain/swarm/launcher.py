@@ -121,7 +121,9 @@ class Swarm:
         if "HIVE_TORCH_THREADS" not in env:  # miners sharing one CPU should not oversubscribe it
             env["HIVE_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, self.settings.miners)))
         env.update({"HIVE_PRESET": self.settings.preset, "HIVE_BOOTSTRAP_URL": self.bootstrap_url,
-                    "HIVE_CHECKPOINT_DIR": str(self.workdir / f"miner-{index}")})
+                    "HIVE_CHECKPOINT_DIR": str(self.workdir / f"miner-{index}"),
+                    "HIVE_WALLET_DIR": str(self.workdir / f"miner-{index}" / "wallets"),
+                    "HIVE_CHALLENGE_HOST": "127.0.0.1"})
         return env
 
     def add_miner(self, env: dict[str, str] | None = None) -> procs.Service:
@@ -144,7 +146,7 @@ class Swarm:
 
         try:
             live = self.registry().live_peers(role="miner")
-            summary = collect(connect(self.redis_url), Keys(self.settings.run_id), since=self.started_at)
+            summary = collect(connect(self.redis_url), Keys(self.settings.run_id), since=self.started_at, last=2000)
         except Exception as error:  # Redis boundary: the status line is best effort
             return f"status unavailable ({error!r})"
         epochs = [m["last_epoch"] for m in summary["miners"].values() if m["last_epoch"] is not None]

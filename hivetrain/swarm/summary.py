@@ -46,10 +46,14 @@ def miners_from_steps(steps: list[StepRecord]) -> dict[str, dict]:
     return miners
 
 
-def collect(client: redis.Redis, keys: Keys, since: float = 0.0, checkpoint_dirs: list[Path] | None = None) -> dict:
-    """The run summary: rounds (with peers), per-miner losses and epochs, latest checkpoints."""
-    steps = [s for s in read_stream(client, keys, StepRecord) if s.time >= since]
-    records = [r for r in read_stream(client, keys, RoundRecord) if r.time >= since]
+def collect(client: redis.Redis, keys: Keys, since: float = 0.0, checkpoint_dirs: list[Path] | None = None,
+            last: int | None = None) -> dict:
+    """The run summary: rounds (with peers), per-miner losses and epochs, latest checkpoints.
+
+    ``last`` reads only that many of the newest records of each stream (for a cheap status line).
+    """
+    steps = [s for s in read_stream(client, keys, StepRecord, count=last) if s.time >= since]
+    records = [r for r in read_stream(client, keys, RoundRecord, count=last) if r.time >= since]
     checkpoints = {}
     for folder in checkpoint_dirs or []:
         latest = latest_checkpoint(folder)
