@@ -193,8 +193,9 @@ class ValidatorSettings(PeerSettings):
     spot_check_dim: int = Field(64, ge=8, description="size of the projected gradient a miner returns")
     spot_check_batch: int = Field(2, ge=1, description="blocks in a spot-check batch")
     spot_check_timeout_s: float = Field(30.0, gt=0, description="a miner that has not answered a spot check by then fails it")
+    spot_check_threshold: float = Field(0.95, gt=-1, le=1, description="cosine an answer needs against the validator's own projection (bench/spot_check_threshold.py)")
     max_samples_per_s: float = Field(10_000.0, gt=0, description="no miner is credited for more samples per second than this")
-    claim_tolerance: float = Field(0.1, ge=0, description="claims may exceed hivemind's progress records by this fraction")
+    claim_tolerance: float = Field(1.0, ge=0, description="claims may exceed what hivemind's progress records showed by this fraction (polls miss each epoch's last samples)")
     score_ema_alpha: float = Field(0.3, gt=0, le=1, description="weight of the newest round in a miner's score EMA")
 
 
@@ -206,6 +207,8 @@ class SwarmSettings(ServiceSettings):
     workdir: str = Field("swarm-run", description="logs, Redis data, checkpoints and identities go here")
     preset: Literal["seed", "tiny"] = Field("tiny", description="model preset every miner trains")
     bootstrap_port: int = Field(8000, ge=0, le=65535, description="HTTP port of the bootstrap; 0 = a free port")
+    validator: bool = Field(True, description="start a validator (its API on --validator-port)")
+    validator_port: int = Field(8100, ge=0, le=65535, description="HTTP port of the validator API; 0 = a free port")
     redis_port: int = Field(0, ge=0, le=65535, description="port of the embedded Redis; 0 = a free port")
     external_redis: bool = Field(False, description="use HIVE_REDIS_URL as it is instead of starting an embedded Redis")
     summary: str = Field("", description="write a JSON summary (rounds, losses, checkpoints) here on exit")

@@ -67,8 +67,10 @@ def _print_where_to_look(swarm: Swarm) -> None:
     logger.info("swarm is up:")
     logger.info(f"  initial peers: {swarm.bootstrap_url}/initial_peers")
     logger.info(f"  metrics:       {swarm.bootstrap_url}/metrics")
+    if swarm.validator_url:
+        logger.info(f"  validator:     {swarm.validator_url}/api/scores  /api/swarm  /api/evals")
     logger.info(f"  redis:         {swarm.redis_url}")
-    logger.info(f"  logs:          {swarm.logs}/ (bootstrap.log, miner-N.log)")
+    logger.info(f"  logs:          {swarm.logs}/ (bootstrap.log, miner-N.log, validator.log)")
     logger.info(f"  checkpoints:   {swarm.workdir}/miner-N/")
     logger.info("Ctrl-C stops everything cleanly" + (f"; stopping by itself after {swarm.settings.duration:.0f}s" if swarm.settings.duration else ""))
 

@@ -56,8 +56,9 @@ class Swarm:
         self.redis: procs.Service | None = None
         self.bootstrap: procs.Service | None = None
         self.miners: list[procs.Service] = []
+        self.validator: procs.Service | None = None
         self.redis_url = settings.redis_url
-        self.bootstrap_url = ""
+        self.bootstrap_url = self.validator_url = ""
         self.started_at = time.time()
 
     # --- start ------------------------------------------------------------------------------
@@ -69,6 +70,8 @@ class Swarm:
             self._start_bootstrap()
             for _ in range(self.settings.miners):
                 self.add_miner()
+            if self.settings.validator:
+                self._start_validator()
         except BaseException:
             self.stop()
             raise
@@ -114,24 +117,39 @@ class Swarm:
             time.sleep(0.5)
         raise SwarmError(f"{service.name} not ready at {url} after {timeout:.0f}s; see {service.log_path}")
 
-    def miner_env(self, index: int) -> dict[str, str]:
+    def _peer_env(self, name: str) -> dict[str, str]:
+        """Environment of a swarm member: the preset's local defaults under whatever the user set."""
         env = self._base_env()
         for key, value in PRESET_MINER_DEFAULTS[self.settings.preset].items():
             env.setdefault(key, value)
-        if "HIVE_TORCH_THREADS" not in env:  # miners sharing one CPU should not oversubscribe it
-            env["HIVE_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, self.settings.miners)))
         env.update({"HIVE_PRESET": self.settings.preset, "HIVE_BOOTSTRAP_URL": self.bootstrap_url,
-                    "HIVE_CHECKPOINT_DIR": str(self.workdir / f"miner-{index}"),
-                    "HIVE_WALLET_DIR": str(self.workdir / f"miner-{index}" / "wallets"),
-                    "HIVE_CHALLENGE_HOST": "127.0.0.1"})
+                    "HIVE_WALLET_DIR": str(self.workdir / name / "wallets")})
         return env
 
-    def add_miner(self, env: dict[str, str] | None = None) -> procs.Service:
-        """Start one more miner (a late joiner when the swarm already runs)."""
+    def _start_validator(self) -> None:
+        port = self.settings.validator_port or procs.free_port()
+        env = self._peer_env("validator")
+        env.update({"HIVE_API_HOST": "127.0.0.1", "HIVE_API_PORT": str(port)})
+        env.setdefault("HIVE_TORCH_THREADS", "1")
+        self.validator = procs.start("validator", [sys.executable, "-m", "hivetrain.validator"], env=env,
+                                     log_path=self.logs / "validator.log", cwd=self.workdir)
+        self.validator_url = f"http://127.0.0.1:{port}"
+        self._wait_ready(self.validator, f"{self.validator_url}/healthz", timeout=120)
+        logger.info(f"validator API up: {self.validator_url}/api/scores")
+
+    def miner_env(self, index: int) -> dict[str, str]:
+        env = self._peer_env(f"miner-{index}")
+        if "HIVE_TORCH_THREADS" not in env:  # miners sharing one CPU should not oversubscribe it
+            env["HIVE_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, self.settings.miners)))
+        env.update({"HIVE_CHECKPOINT_DIR": str(self.workdir / f"miner-{index}"), "HIVE_CHALLENGE_HOST": "127.0.0.1"})
+        return env
+
+    def add_miner(self, env: dict[str, str] | None = None, argv: list[str] | None = None) -> procs.Service:
+        """Start one more miner (a late joiner when the swarm already runs); ``argv`` replaces the command."""
         index = len(self.miners)
         miner_env = self.miner_env(index)
         miner_env.update(env or {})
-        service = procs.start(f"miner-{index}", [sys.executable, "-m", "hivetrain.miner"], env=miner_env,
+        service = procs.start(f"miner-{index}", argv or [sys.executable, "-m", "hivetrain.miner"], env=miner_env,
                               log_path=self.logs / f"miner-{index}.log", cwd=self.workdir)
         self.miners.append(service)
         return service
@@ -156,7 +174,7 @@ class Swarm:
                 f"{len(summary['rounds'])} averaging rounds{loss}")
 
     def failed_services(self) -> list[procs.Service]:
-        return [s for s in [self.redis, self.bootstrap] if s is not None and not s.alive()]
+        return [s for s in [self.redis, self.bootstrap, self.validator] if s is not None and not s.alive()]
 
     # --- stop -------------------------------------------------------------------------------
     def stop(self, summary_path: str | Path | None = None) -> dict | None:
@@ -165,7 +183,7 @@ class Swarm:
         With ``summary_path``, the summary is written once training has stopped and before Redis goes.
         """
         timeout = self.settings.stop_timeout
-        procs.stop_all(self.miners, timeout=timeout)
+        procs.stop_all([s for s in [self.validator, *self.miners] if s is not None], timeout=timeout)
         if self.bootstrap is not None:
             self.bootstrap.stop(timeout=timeout)
         summary = None

@@ -89,7 +89,7 @@ def full_rounds(summary: dict, peers: set[str], since: float = 0.0) -> list[dict
 def swarm(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("swarm")
     settings = SwarmSettings(miners=MINERS, workdir=str(workdir), preset="tiny", bootstrap_port=0,
-                             run_id="itest", stop_timeout=45)
+                             run_id="itest", stop_timeout=45, validator=False)
     swarm = Swarm(settings, extra_env=TEST_ENV)
     try:
         swarm.start()

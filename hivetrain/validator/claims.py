@@ -1,0 +1,133 @@
+"""What miners claim, read once from the signed telemetry stream, and what the DHT shows they did.
+
+Every step record is verified once (signature over the whole record, freshness, nonce): a record
+copied from another miner and posted again is a replay, one edited to claim more samples no
+longer matches its signature. Records are credited to the hotkey that signed them, and only when
+that hotkey's live registration names the same hivemind peer id.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from dataclasses import dataclass
+
+import redis
+from pydantic import ValidationError
+
+from hivetrain.contracts import Keys, PeerRecord, StepRecord
+from hivetrain.identity import SignedEnvelope, VerificationError, Verifier
+from hivetrain.logging import get_logger
+from hivetrain.validator.checks import ProgressLedger, fetch_progress
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class MinerClaims:
+    """One miner's verified step records inside the current scoring window."""
+
+    peer_id: str
+    first_samples: int | None = None  # cumulative samples at the window's first record
+    last_samples: int = 0
+    last_epoch: int = 0
+    records: int = 0
+
+    @property
+    def claimed(self) -> int:
+        return 0 if self.first_samples is None else max(0, self.last_samples - self.first_samples)
+
+
+class ClaimReader:
+    """Consumes the steps stream from where it last stopped; keeps per-miner claims and rejection counts."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, verifier: Verifier, batch: int = 1000):
+        self.client, self.keys, self.verifier, self.batch = client, keys, verifier, batch
+        self.last_id = "$"  # records written before the validator started are not this window's
+        self.claims: dict[str, MinerClaims] = {}
+        self.rejected: Counter[str] = Counter()
+        self._baseline: dict[str, int] = {}  # hotkey -> last cumulative samples of the previous window
+
+    def start(self) -> None:
+        """Remember the stream's end: only records written from now on count."""
+        info = self.client.xrevrange(self.keys.steps, count=1)
+        self.last_id = info[0][0].decode() if info else "0-0"
+
+    def poll(self, registrations: dict[str, PeerRecord]) -> int:
+        """Read new records; ``registrations`` maps hotkey -> its live, verified registration. Returns records read."""
+        entries = self.client.xrange(self.keys.steps, min=f"({self.last_id}", count=self.batch)
+        for entry_id, fields in entries:
+            self.last_id = entry_id.decode()
+            self._consume(fields, registrations)
+        return len(entries)
+
+    def _consume(self, fields: dict, registrations: dict[str, PeerRecord]) -> None:
+        raw = fields.get(b"env")
+        if raw is None:
+            self.rejected["unsigned"] += 1
+            return
+        try:
+            payload = self.verifier.verify(raw)
+            hotkey = SignedEnvelope.model_validate_json(raw).hotkey
+            record = StepRecord.model_validate(payload)
+        except VerificationError as error:
+            self.rejected[type(error).__name__] += 1
+            return
+        except ValidationError:
+            self.rejected["malformed"] += 1
+            return
+        registration = registrations.get(hotkey)
+        if registration is None or registration.peer_id != record.peer_id:
+            self.rejected["unregistered"] += 1
+            return
+        claims = self.claims.get(hotkey)
+        if claims is None or claims.peer_id != record.peer_id:
+            claims = self.claims[hotkey] = MinerClaims(peer_id=record.peer_id)
+        if claims.first_samples is None:
+            # a window starts where the previous one ended, so no work falls between two windows;
+            # a miner's first record only sets the baseline (the batch it reports is not credited)
+            claims.first_samples = self._baseline.get(hotkey, record.samples)
+        claims.last_samples = max(claims.last_samples, record.samples)
+        claims.last_epoch = record.local_epoch
+        claims.records += 1
+
+    def close_window(self) -> dict[str, MinerClaims]:
+        """The window's claims; the next window starts from each miner's last cumulative count."""
+        closed, self.claims = self.claims, {}
+        for hotkey, claims in closed.items():
+            self._baseline[hotkey] = claims.last_samples
+        return closed
+
+
+class ProgressPoller:
+    """Reads hivemind's progress records from the DHT every ``interval_s`` into the current window's ledger."""
+
+    def __init__(self, dht, run_id: str, interval_s: float = 1.0):
+        self.dht, self.run_id, self.interval_s = dht, run_id, interval_s
+        self.ledger = ProgressLedger()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="progress-poller", daemon=True)
+
+    def start(self) -> "ProgressPoller":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                progress = fetch_progress(self.dht, self.run_id)
+            except Exception:  # DHT boundary: a missed poll only undercounts, the claim check has tolerance
+                logger.debug("progress poll failed", exc_info=True)
+                continue
+            with self._lock:
+                self.ledger.observe(progress)
+
+    def close_window(self) -> ProgressLedger:
+        with self._lock:
+            closed, self.ledger = self.ledger, ProgressLedger()
+        return closed
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

@@ -1,0 +1,115 @@
+"""Gradient spot checks, validator side: ask a miner, recompute, compare.
+
+The validator picks a batch of the miner's own shard (the shard follows from its peer id, so
+the validator rebuilds the same blocks) and a projection seed, signs the challenge for that
+miner's hotkey, and compares the signed answer with its own projection of the same batch at the
+shared parameters it synced. An answer at an older epoch than the validator's by more than one
+fails as lagging; an answer at a newer epoch makes the validator sync again before it judges.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import requests
+import torch
+
+from hivetrain.contracts import PeerRecord
+from hivetrain.data import BlockStream, shard_for_peer
+from hivetrain.identity import Verifier, VerificationError, sign
+from hivetrain.logging import get_logger
+from hivetrain.settings import ValidatorSettings
+from hivetrain.validator.checks import SpotCheckResult, judge_spot_check, projected_gradient
+from hivetrain.validator.sync import ModelSync
+
+logger = get_logger(__name__)
+
+#: An answer this many epochs behind the validator's model fails without a comparison.
+MAX_LAG_EPOCHS = 1
+
+
+@dataclass
+class SpotCheck:
+    """One spot check with what a person needs to judge it again."""
+
+    miner: str
+    result: SpotCheckResult
+    block_index: int
+    seed: int
+    validator_epoch: int
+    answer_epoch: int | None
+    answer: torch.Tensor | None = None
+
+    def explain(self) -> str:
+        lag = "" if self.answer_epoch is None else f", answer at epoch {self.answer_epoch} vs ours {self.validator_epoch}"
+        return f"blocks {self.block_index}+ seed {self.seed}{lag}: {self.result.reason}"
+
+
+class SpotChecker:
+    """Sends signed challenges and judges the answers against the validator's own computation."""
+
+    def __init__(self, wallet, sync: ModelSync, settings: ValidatorSettings, tokenizer, block_size: int):
+        self.wallet, self.sync, self.settings = wallet, sync, settings
+        self.tokenizer, self.block_size = tokenizer, block_size
+        self.hotkey = wallet.hotkey.ss58_address
+        self.answers = Verifier.in_memory(window_s=settings.record_window_s)
+        self.http = requests.Session()
+        self._streams: dict[int, BlockStream] = {}
+        self._rng = random.Random()
+
+    def stream_for(self, peer_id: str) -> BlockStream:
+        """The miner's shard, built the way the miner builds it (cached per shard)."""
+        s = self.settings
+        shard = shard_for_peer(peer_id, s.num_shards)
+        if shard not in self._streams:
+            self._streams[shard] = BlockStream(s.dataset, s.dataset_split, s.text_key, self.tokenizer, self.block_size,
+                                               num_shards=s.num_shards, shard=shard, seed=s.seed)
+        return self._streams[shard]
+
+    def expected(self, batch: torch.Tensor, seed: int) -> torch.Tensor:
+        return projected_gradient(self.sync.model, batch, seed, self.settings.spot_check_dim)
+
+    def check(self, miner: PeerRecord, seed: int, others: dict[str, torch.Tensor]) -> SpotCheck:
+        """Challenge ``miner`` once; ``others`` are this round's answers of other miners (copy detection)."""
+        s = self.settings
+        stream = self.stream_for(miner.peer_id)
+        block_index = self._rng.randrange(0, max(1, (stream.blocks_per_pass or 1) * 4))
+        epoch = self.sync.epoch
+
+        def verdict(ok: bool, reason: str, answer_epoch=None, answer=None, cosine=None) -> SpotCheck:
+            result = SpotCheckResult("pass" if ok else "fail", reason, cosine)
+            return SpotCheck(miner.hotkey, result, block_index, seed, epoch, answer_epoch, answer)
+
+        challenge = sign(self.wallet, {"miner_hotkey": miner.hotkey, "block_index": block_index,
+                                       "batch_size": s.spot_check_batch, "seed": seed, "dim": s.spot_check_dim,
+                                       "epoch": epoch})
+        try:
+            response = self.http.post(f"{miner.challenge_url}/challenge", json=challenge, timeout=s.spot_check_timeout_s)
+        except requests.RequestException as error:
+            return verdict(False, f"no answer: {type(error).__name__}")
+        if response.status_code != 200:
+            return verdict(False, f"answered HTTP {response.status_code}: {response.text[:120]}")
+        try:
+            envelope = response.json()
+            payload = self.answers.verify(envelope)
+        except (ValueError, VerificationError) as error:
+            return verdict(False, f"answer not authentic: {error}")
+        if envelope.get("hotkey") != miner.hotkey or payload.get("challenge_nonce") != challenge["nonce"] \
+                or payload.get("validator") != self.hotkey:
+            return verdict(False, "answer signed by another hotkey or for another challenge")
+        answer_epoch = payload.get("epoch")
+        try:
+            answer = torch.tensor(payload.get("projection"), dtype=torch.float32)
+        except (TypeError, ValueError):
+            return verdict(False, "projection is not a list of numbers", answer_epoch)
+        if not isinstance(answer_epoch, int):
+            return verdict(False, "answer has no epoch", None, answer)
+        if answer_epoch > epoch:
+            self.sync.sync()  # the swarm moved on while we asked: judge at the miner's epoch if we can
+            epoch = self.sync.epoch
+        if answer_epoch < epoch - MAX_LAG_EPOCHS:
+            return verdict(False, f"lags: answered at epoch {answer_epoch}, the swarm is at {epoch}", answer_epoch, answer)
+        batch = stream.get_batch(block_index, s.spot_check_batch)  # (B, T), the blocks the miner should have used
+        result = judge_spot_check(self.expected(batch, seed), answer, s.spot_check_threshold, others)
+        return SpotCheck(miner.hotkey, result, block_index, seed, epoch, answer_epoch, answer)

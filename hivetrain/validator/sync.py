@@ -1,0 +1,57 @@
+"""The validator's copy of the shared model, kept current by downloading state from peers."""
+
+from __future__ import annotations
+
+import time
+
+import hivemind
+import torch
+from hivemind.optim.state_averager import TrainingStateAverager
+
+from hivetrain.logging import get_logger
+from hivetrain.miner.optim import ClippedAdamW, param_groups
+from hivetrain.models import build_model
+
+logger = get_logger(__name__)
+
+
+class ModelSync:
+    """A client-mode state averager over the same parameters and optimizer as the miners'.
+
+    It never averages and never trains: ``sync()`` downloads the newest parameters (and optimizer
+    statistics, which keep the tensor layout identical to the miners') from whichever peer shares them.
+    """
+
+    def __init__(self, dht: hivemind.DHT, run_id: str, preset: str, seed: int = 0, timeout_s: float = 60.0):
+        self.model = build_model(preset, seed=seed)
+        self.model.eval()
+        self.timeout_s = timeout_s
+        self.averager = TrainingStateAverager(
+            dht=dht,
+            prefix=f"{run_id}_state_averager",  # where hivemind.Optimizer(run_id=...) shares its state
+            optimizer=lambda params: ClippedAdamW(params, lr=1e-3),
+            params=param_groups(self.model, 0.0),
+            client_mode=True,
+            start=True,
+        )
+        self.synced_at = 0.0
+
+    @property
+    def epoch(self) -> int:
+        return self.averager.local_epoch
+
+    def sync(self) -> bool:
+        """Load the swarm's newest state; True when parameters at an epoch >= ours arrived."""
+        before = time.time()
+        try:
+            self.averager.load_state_from_peers(timeout=self.timeout_s)
+        except Exception:  # DHT/network boundary: keep the model we have
+            logger.warning("loading state from peers failed", exc_info=True)
+            return False
+        # load_state_from_peers returns None either way; a download refreshes the averaged tensors' use time
+        self.synced_at = time.time()
+        logger.info(f"synced the shared model: epoch {self.epoch} in {self.synced_at - before:.1f}s")
+        return True
+
+    def shutdown(self) -> None:
+        self.averager.shutdown()

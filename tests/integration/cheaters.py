@@ -1,0 +1,101 @@
+"""Dishonest miners for the validator's integration test: real processes, real keys, real lies.
+
+``python tests/integration/cheaters.py KIND`` with the usual ``HIVE_*`` miner environment:
+
+* ``inflate``: trains honestly but reports ten times the samples it trained on;
+* ``lazy``: trains, but answers spot checks with noise instead of computing them;
+* ``replay``: trains nothing; registers its own hotkey and re-posts other miners' signed step
+  records, as they are (a replay) and rewritten to name itself (a forgery).
+
+They live in the tests, not in the package: the miner ships no switch to cheat.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+import torch
+
+from hivetrain.contracts import Keys, PeerRecord, StepRecord
+from hivetrain.dht import reset_signal_handlers_in_children
+from hivetrain.identity import load_or_create_wallet
+from hivetrain.miner.__main__ import install_stop_handlers
+from hivetrain.miner.challenge import Challenge
+from hivetrain.miner.train import Miner
+from hivetrain.settings import MinerSettings, load_settings
+from hivetrain.store import Registry, connect
+
+
+class InflatingMiner(Miner):
+    def _make_reporting(self) -> None:
+        super()._make_reporting()
+        put = self.telemetry.put
+
+        def inflated(record):
+            if isinstance(record, StepRecord):
+                record = record.model_copy(update={"samples": record.samples * 10,
+                                                   "samples_per_s": record.samples_per_s * 10})
+            put(record)
+
+        self.telemetry.put = inflated
+
+
+class LazyMiner(Miner):
+    def _answer_challenge(self, challenge: Challenge) -> tuple[int, list[float]]:
+        return self.opt.local_epoch, torch.randn(challenge.dim).tolist()
+
+
+def replay(settings: MinerSettings, stop: threading.Event) -> None:
+    """Register, then copy every new step record of other miners back into the stream."""
+    wallet = load_or_create_wallet(settings.wallet_dir, settings.wallet_name, settings.wallet_hotkey)
+    client, keys = connect(settings.redis_url), Keys(settings.run_id)
+    registry = Registry(client, keys)
+    me = PeerRecord(peer_id=f"replay-{wallet.hotkey.ss58_address[:8]}", role="miner", multiaddrs=[],
+                    started_at=time.time())
+    last_id, last_beat = "$", 0.0
+    info = client.xrevrange(keys.steps, count=1)
+    last_id = info[0][0].decode() if info else "0-0"
+    while not stop.wait(0.5):
+        if time.time() - last_beat > 5:
+            registry.register(me, wallet)
+            last_beat = time.time()
+        for entry_id, fields in client.xrange(keys.steps, min=f"({last_id}", count=200):
+            last_id = entry_id.decode()
+            raw = fields.get(b"env")
+            if raw is None or b'"replay-' in raw:
+                continue
+            client.xadd(keys.steps, {"env": raw})  # replayed as it is
+            client.xadd(keys.steps, {"env": _claim_as(raw, me.peer_id)})  # rewritten to credit us
+    registry.deregister(me.peer_id)
+
+
+def _claim_as(raw: bytes, peer_id: str) -> bytes:
+    import json
+
+    envelope = json.loads(raw)
+    envelope["payload"]["peer_id"] = peer_id
+    return json.dumps(envelope).encode()
+
+
+def main() -> int:
+    kind = sys.argv[1]
+    settings = load_settings(MinerSettings, sys.argv[2:])
+    stop = threading.Event()
+    install_stop_handlers(stop)
+    reset_signal_handlers_in_children()
+    if kind == "replay":
+        replay(settings, stop)
+        return 0
+    miner = {"inflate": InflatingMiner, "lazy": LazyMiner}[kind](settings, stop)
+    try:
+        miner.setup()
+        miner.train()
+    finally:
+        miner.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

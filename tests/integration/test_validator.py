@@ -1,0 +1,117 @@
+"""The validator against a real swarm: 3 honest miners and 3 cheaters, scored over real HTTP.
+
+Cheaters (tests/integration/cheaters.py): one reports inflated samples, one answers spot checks
+without computing, one replays other miners' signed records. The bound we hold them to: weight 0.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from hivetrain import procs
+from hivetrain.identity import load_or_create_wallet
+from hivetrain.settings import SwarmSettings
+from hivetrain.swarm.launcher import Swarm
+
+pytestmark = pytest.mark.integration
+
+HONEST = 3
+CHEATERS = ("inflate", "lazy", "replay")
+CHEATERS_PY = str(Path(__file__).with_name("cheaters.py"))
+TEST_ENV = {
+    "HIVE_TORCH_THREADS": "1",
+    "HIVE_LR": "0.001",
+    "HIVE_SYNC_EVERY_S": "10",
+    "HIVE_CHECK_EVERY_S": "8",
+    "HIVE_WEIGHTS_EVERY_S": "25",
+    "HIVE_SPOT_CHECK_TIMEOUT_S": "20",
+    "HIVE_EVAL_BLOCKS": "8",
+}
+ROUNDS = 3
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 3.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def hotkey_of(swarm: Swarm, index: int) -> str:
+    """The hotkey of miner ``index``: the wallet the launcher gave it (created on its first start)."""
+    return load_or_create_wallet(str(swarm.workdir / f"miner-{index}" / "wallets"), "miner").hotkey.ss58_address
+
+
+def get(swarm: Swarm, path: str):
+    try:
+        response = requests.get(f"{swarm.validator_url}{path}", timeout=10)
+    except requests.RequestException:
+        return None
+    return response.json() if response.status_code == 200 else None
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("vswarm")
+    settings = SwarmSettings(miners=HONEST, workdir=str(workdir), preset="tiny", bootstrap_port=0, validator_port=0,
+                             run_id="vtest", stop_timeout=45)
+    swarm = Swarm(settings, extra_env=TEST_ENV)
+    try:
+        swarm.start()
+        for kind in CHEATERS:
+            swarm.add_miner(argv=[sys.executable, CHEATERS_PY, kind])
+        yield swarm
+    finally:
+        services = [s for s in [swarm.redis, swarm.bootstrap, swarm.validator, *swarm.miners] if s is not None]
+        swarm.stop(summary_path=workdir / "summary.json")
+        leftovers = [s.name for s in services if s.group_alive()]
+        for service in services:
+            procs.kill_group(service.pid)
+        assert not leftovers, f"processes left running after stop: {leftovers}"
+
+
+def test_honest_miners_earn_weight_and_cheaters_none(swarm):
+    honest = {hotkey_of(swarm, i) for i in range(HONEST)}
+    cheaters = {kind: hotkey_of(swarm, HONEST + i) for i, kind in enumerate(CHEATERS)}
+
+    def scored():
+        board = get(swarm, "/api/scores")
+        if not board or board["rounds"] < ROUNDS:
+            return None
+        miners = {m["hotkey"]: m for m in board["miners"]}
+        return board if honest <= set(miners) else None
+
+    board = wait_until(scored, timeout=420, what=f"{ROUNDS} scoring rounds that include every honest miner")
+    miners = {m["hotkey"]: m for m in board["miners"]}
+    for hotkey in honest:
+        assert miners[hotkey]["weight"] > 0, miners[hotkey]["evidence"][-1]
+    for kind, hotkey in cheaters.items():
+        weight = miners[hotkey]["weight"] if hotkey in miners else 0.0
+        assert weight == 0.0, (kind, miners.get(hotkey))
+    assert abs(sum(m["weight"] for m in board["miners"]) - 1.0) < 1e-6
+
+    # every score is explained by the evidence behind it
+    inflated = [r for e in miners[cheaters["inflate"]]["evidence"] for r in e["reasons"]]
+    assert any("DHT progress records show" in r for r in inflated), inflated
+    lazy = [r for e in miners[cheaters["lazy"]]["evidence"] for r in e["reasons"]]
+    assert any("spot check fail" in r for r in lazy) and not any("spot check pass" in r for r in lazy), lazy
+    assert board["rejected"].get("ReplayedNonce", 0) > 0 and board["rejected"].get("InvalidSignature", 0) > 0
+    assert all(miners[h]["evidence"][-1]["passes"] >= 1 for h in honest if miners[h]["evidence"][-1]["fails"] == 0)
+
+
+def test_evaluation_loss_falls_and_api_answers(swarm):
+    evals = wait_until(lambda: (e := get(swarm, "/api/evals")) and len(e["evals"]) >= 3 and e, timeout=120,
+                       what="3 evaluations")["evals"]
+    assert evals[-1]["epoch"] > evals[0]["epoch"]
+    assert evals[-1]["loss"] < evals[0]["loss"] - 0.05
+    status = get(swarm, "/api/swarm")
+    assert status is not None and len([p for p in status["peers"] if p["role"] == "miner"]) >= HONEST
+    assert requests.get(f"{swarm.validator_url}/readyz", timeout=10).status_code == 200
