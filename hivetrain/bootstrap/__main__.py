@@ -9,22 +9,19 @@ its own, the rest is stopped the same way and the exit code is 1, so an orchestr
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import signal
 import subprocess
-import sys
 import threading
 
 from hivetrain.dht import reset_signal_handlers_in_children
+from hivetrain.gunicorn import start_gunicorn, stop_gunicorn
 from hivetrain.logging import get_logger
 from hivetrain.settings import BootstrapSettings, load_settings
 
 logger = get_logger("hivetrain.bootstrap")  # __name__ is "__main__" under -m
 
 APP_SPEC = "hivetrain.bootstrap.app:create_app()"
-GUNICORN_STOP_TIMEOUT_S = 10.0
 PEER_STOP_TIMEOUT_S = 20.0
 
 
@@ -39,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     reset_signal_handlers_in_children()  # the forked DHT must not inherit our handlers
     gunicorn, peer, failed = None, None, True
     try:
-        gunicorn = start_gunicorn(settings)
+        gunicorn = start_gunicorn(APP_SPEC, settings, settings.http_host, settings.http_port, settings.http_workers)
         peer = start_peer_thread(settings, peer_stop)
         failed = _supervise(stop, gunicorn, peer)
     finally:
@@ -75,47 +72,6 @@ def _supervise(stop: threading.Event, gunicorn: subprocess.Popen, peer) -> bool:
             logger.error(f"the DHT peer stopped ({peer.error!r}); stopping the bootstrap")
             return True
     return False
-
-
-def gunicorn_argv(settings: BootstrapSettings) -> list[str]:
-    """The command line that serves the app."""
-    host = f"[{settings.http_host}]" if ":" in settings.http_host else settings.http_host
-    argv = [sys.executable, "-m", "gunicorn", "--bind", f"{host}:{settings.http_port}",
-            "--workers", str(settings.http_workers), "--worker-class", "gthread", "--threads", "4",
-            "--graceful-timeout", "5", "--timeout", "30", "--no-control-socket", "--log-level", settings.log_level.lower()]
-    if os.path.isdir("/dev/shm"):  # worker heartbeats off disk-backed /tmp (containers)
-        argv += ["--worker-tmp-dir", "/dev/shm"]
-    return argv + [APP_SPEC]
-
-
-def settings_env(settings: BootstrapSettings) -> dict[str, str]:
-    """``settings`` as the ``HIVE_*`` variables create_app() reads, so flags reach the workers too."""
-    prefix = BootstrapSettings.model_config["env_prefix"]
-    env = {key: value for key, value in os.environ.items() if not key.startswith(prefix)}
-    for name, value in settings.model_dump(mode="json").items():
-        env[f"{prefix}{name}".upper()] = value if isinstance(value, str) else json.dumps(value)
-    return env
-
-
-def start_gunicorn(settings: BootstrapSettings) -> subprocess.Popen:
-    """Start gunicorn in our process group, so stopping the group stops it too."""
-    argv = gunicorn_argv(settings)
-    popen = subprocess.Popen(argv, env=settings_env(settings), stdin=subprocess.DEVNULL)
-    logger.info(f"serving http://{argv[4]}/initial_peers with gunicorn (pid {popen.pid}, {settings.http_workers} workers)")
-    return popen
-
-
-def stop_gunicorn(popen: subprocess.Popen | None) -> None:
-    """SIGTERM (graceful: workers finish their requests), then SIGKILL after GUNICORN_STOP_TIMEOUT_S."""
-    if popen is None or popen.poll() is not None:
-        return
-    popen.terminate()
-    try:
-        popen.wait(GUNICORN_STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        logger.warning(f"gunicorn ignored SIGTERM for {GUNICORN_STOP_TIMEOUT_S:.0f}s; killing it")
-        popen.kill()
-        popen.wait()
 
 
 if __name__ == "__main__":
