@@ -1,0 +1,258 @@
+"""The validator's HTTP API: a stateless Flask app that answers from Redis alone.
+
+The validator service process writes everything this app reads (its score board, evaluations,
+its alive key); miners write registrations and telemetry. Served by
+``gunicorn 'hivetrain.validator.app:create_app()'`` (``hivetrain.validator.api.start_api``) with
+settings from ``HIVE_*`` environment variables, so workers share nothing but Redis.
+
+Telemetry is attributed with care: a miner's latest step counts only if it was signed by the
+hotkey the miner registered with, so a record signed by anyone else cannot speak for it.
+Prometheus counters are per worker (as in the bootstrap); the gauges are read from Redis on
+every scrape and so agree across workers.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+
+import redis
+from flask import Flask, Response, g, jsonify, request
+from flask.json.provider import DefaultJSONProvider
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import ValidationError
+from werkzeug.exceptions import BadRequest, HTTPException, NotFound
+
+from hivetrain.contracts import EVALS_STREAM_MAXLEN, EvalRecord, Keys, PeerRecord, RoundRecord, ScoreBoard, StepRecord
+from hivetrain.identity import load_or_create_wallet
+from hivetrain.logging import get_logger
+from hivetrain.settings import ValidatorSettings, format_errors
+from hivetrain.store import Registry, connect, decode_entry, read_stream
+
+logger = get_logger(__name__)
+
+#: Newest step and round records each /api/swarm request reads (the streams hold up to 100k).
+RECORDS_READ = 2000
+#: Averaging rounds /api/swarm lists, newest last.
+ROUNDS_SHOWN = 20
+#: Live peers listed at most.
+MAX_PEERS = 1000
+DEFAULT_EVALS = 100
+MAX_EVALS = EVALS_STREAM_MAXLEN
+STEP_FIELDS = ("step", "local_epoch", "global_epoch", "loss", "samples", "tokens_per_s", "time")
+PEER_FIELDS = ("peer_id", "role", "hotkey", "device", "preset", "multiaddrs", "last_seen")
+_HOTKEY = re.compile(r"[A-Za-z0-9]{40,60}")
+_INT = re.compile(r"[0-9]{1,6}")
+
+
+class Metrics:
+    """This app's Prometheus metrics, in a registry of their own so tests can build many apps."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("hive_validator_http_requests", "HTTP requests answered, by route and status",
+                                ["route", "status"], registry=self.registry)
+        self.latency = Histogram("hive_validator_http_request_duration_seconds", "time to answer an HTTP request",
+                                 ["route"], registry=self.registry,
+                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
+        self.redis_errors = Counter("hive_validator_redis_errors", "requests that failed because Redis did not answer",
+                                    registry=self.registry)
+        self.eval_loss = Gauge("hive_validator_latest_eval_loss", "loss of the newest evaluation in the evals stream (NaN before the first)",
+                               registry=self.registry)
+        self.eval_loss.set(math.nan)
+        self.scored_miners = Gauge("hive_validator_scored_miners", "miners on this validator's score board",
+                                   registry=self.registry)
+        self.live_miners = Gauge("hive_validator_live_miners", "miners whose signed registration has not expired",
+                                 registry=self.registry)
+
+
+class _FiniteJSON(DefaultJSONProvider):
+    """Non-finite floats (a diverged loss, an overflowed perplexity) become null: NaN is not JSON."""
+
+    def dumps(self, obj, **kwargs) -> str:
+        return super().dumps(_finite(obj), **kwargs)
+
+
+def _finite(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
+def create_app(settings: ValidatorSettings | None = None) -> Flask:
+    """Build the app; with no ``settings`` they come from the ``HIVE_*`` environment (exits with a fix-it message if invalid)."""
+    if settings is None:
+        try:
+            settings = ValidatorSettings()
+        except ValidationError as error:
+            raise SystemExit(format_errors(ValidatorSettings, error)) from None
+    hotkey = load_or_create_wallet(settings.wallet_dir, settings.wallet_name, settings.wallet_hotkey).hotkey.ss58_address
+    app = Flask(__name__)
+    app.json = _FiniteJSON(app)
+    registry = Registry(connect(settings.redis_url), Keys(settings.run_id))
+    metrics = Metrics()
+    app.extensions["hivetrain.validator"] = {"settings": settings, "hotkey": hotkey, "registry": registry, "metrics": metrics}
+    _register_metrics_hooks(app, metrics)
+    _register_error_handlers(app, metrics)
+    _register_api_routes(app, registry, hotkey)
+    _register_ops_routes(app, registry, hotkey, metrics)
+    return app
+
+
+# --- what the routes answer -----------------------------------------------------------------
+
+
+def signed_steps(client: redis.Redis, keys: Keys, count: int) -> list[tuple[StepRecord, str]]:
+    """The last ``count`` authentic steps with the hotkey that signed each, oldest first."""
+    entries = reversed(client.xrevrange(keys.steps, count=count))
+    decoded = (decode_entry(StepRecord, fields) for _, fields in entries)
+    return [d for d in decoded if d is not None]
+
+
+def swarm_view(registry: Registry, records_read: int = RECORDS_READ, rounds_shown: int = ROUNDS_SHOWN) -> dict:
+    """Live peers, each miner's latest step, the swarm's epoch and throughput, the latest averaging rounds."""
+    from hivetrain.swarm.summary import rounds_from_records  # pulls in torch: only workers that are asked pay
+
+    client, keys = registry.client, registry.keys
+    peers = registry.live_peers(limit=MAX_PEERS)
+    registered = {peer.peer_id: peer.hotkey for peer in peers if peer.role == "miner"}
+    latest: dict[str, StepRecord] = {}
+    for step, signer in signed_steps(client, keys, records_read):  # oldest first: the newest wins
+        if registered.get(step.peer_id) == signer:
+            latest[step.peer_id] = step
+    rounds = rounds_from_records(read_stream(client, keys, RoundRecord, count=records_read))
+    return {
+        "run_id": keys.run_id,
+        "validator_time": time.time(),
+        "peers": [_peer_view(peer, latest.get(peer.peer_id)) for peer in peers],
+        "global_epoch": max((step.global_epoch for step in latest.values()), default=None),
+        "throughput_tokens_per_s": sum(step.tokens_per_s for step in latest.values()),
+        "rounds": rounds[-rounds_shown:],
+    }
+
+
+def _peer_view(peer: PeerRecord, step: StepRecord | None) -> dict:
+    view = peer.model_dump(mode="json", include=set(PEER_FIELDS))
+    view["latest_step"] = None if step is None else step.model_dump(mode="json", include=set(STEP_FIELDS))
+    return view
+
+
+def read_board(client: redis.Redis, keys: Keys, validator: str) -> ScoreBoard | None:
+    """``validator``'s score board, or None before it first set weights."""
+    raw = client.get(keys.scores(validator))
+    return None if raw is None else ScoreBoard.from_json(raw)
+
+
+def _register_api_routes(app: Flask, registry: Registry, hotkey: str) -> None:
+    client, keys = registry.client, registry.keys
+
+    @app.get("/api/swarm")
+    def swarm():
+        return jsonify(swarm_view(registry))
+
+    @app.get("/api/scores")
+    def scores():
+        validator = request.args.get("validator", hotkey)
+        if not _HOTKEY.fullmatch(validator):
+            raise BadRequest(f"validator must be an ss58 hotkey (40 to 60 letters and digits), got {validator[:80]!r}")
+        try:
+            board = read_board(client, keys, validator)
+        except ValueError as error:  # a writer bug, not the caller's: say so without a 500
+            logger.error(f"score board of {validator} in Redis does not match ScoreBoard: {error}")
+            return jsonify(error="score board unreadable", message="the stored score board is malformed; it is rewritten when weights are next set"), 503
+        if board is None:
+            raise NotFound(f"validator {validator} has not scored yet in run {keys.run_id}: "
+                           "its score board appears once it first sets weights")
+        return jsonify(board.model_dump(mode="json"))
+
+    @app.get("/api/evals")
+    def evals():
+        limit = _parse_int("limit", DEFAULT_EVALS, 1, MAX_EVALS)
+        records = [record.model_dump(mode="json") for record in read_stream(client, keys, EvalRecord, count=limit)]
+        return jsonify(evals=records, latest=records[-1] if records else None, count=len(records))
+
+
+def _parse_int(name: str, default: int, low: int, high: int) -> int:
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    if not _INT.fullmatch(raw) or not low <= int(raw) <= high:
+        raise BadRequest(f"{name} must be an integer from {low} to {high}, got {raw[:40]!r}")
+    return int(raw)
+
+
+def _register_ops_routes(app: Flask, registry: Registry, hotkey: str, metrics: Metrics) -> None:
+    client, keys = registry.client, registry.keys
+
+    @app.get("/healthz")
+    def healthz():
+        return jsonify(status="ok")
+
+    @app.get("/readyz")
+    def readyz():
+        try:
+            client.ping()
+            alive = client.exists(keys.validator_alive(hotkey))
+        except redis.RedisError as error:
+            metrics.redis_errors.inc()
+            return jsonify(status="unavailable", reason=f"redis did not answer: {error}"), 503
+        if not alive:
+            return jsonify(status="unavailable", reason=f"validator {hotkey} is not running: its alive key has expired or was never set"), 503
+        return jsonify(status="ok", validator=hotkey)
+
+    @app.get("/metrics")
+    def prometheus_metrics():
+        try:
+            latest = read_stream(client, keys, EvalRecord, count=1)
+            metrics.eval_loss.set(latest[-1].loss if latest else math.nan)
+            board = read_board(client, keys, hotkey)
+            metrics.scored_miners.set(0 if board is None else len(board.miners))
+            metrics.live_miners.set(len(registry.live_peers(limit=MAX_PEERS, role="miner")))
+        except redis.RedisError:  # the gauges keep their last values; the counters still matter
+            metrics.redis_errors.inc()
+        except ValueError as error:
+            logger.error(f"score board of {hotkey} in Redis does not match ScoreBoard: {error}")
+        return Response(generate_latest(metrics.registry), mimetype=CONTENT_TYPE_LATEST)
+
+
+def _register_error_handlers(app: Flask, metrics: Metrics) -> None:
+    @app.errorhandler(HTTPException)
+    def http_error(error: HTTPException):
+        response = error.get_response()  # keeps headers such as Allow on a 405
+        response.set_data(app.json.dumps({"error": error.name, "message": error.description}))
+        response.content_type = "application/json"
+        return response
+
+    @app.errorhandler(redis.RedisError)
+    def redis_down(error: redis.RedisError):
+        metrics.redis_errors.inc()
+        logger.warning(f"{request.path}: redis did not answer ({error!r})")
+        return jsonify(error="redis unavailable", message="the validator's store is unreachable; retry shortly"), 503
+
+    @app.errorhandler(Exception)
+    def unexpected(error: Exception):
+        logger.exception(f"{request.method} {request.path} failed")
+        return jsonify(error="internal error", message="unexpected server error; see the validator's log"), 500
+
+
+def _register_metrics_hooks(app: Flask, metrics: Metrics) -> None:
+    @app.before_request
+    def _start_timer():
+        g.hive_started = time.perf_counter()
+
+    @app.after_request
+    def _count(response):
+        # the matched rule, not the raw path, so unknown paths cannot blow up label cardinality
+        route = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
+        metrics.requests.labels(route=route, status=str(response.status_code)).inc()
+        started = g.get("hive_started")
+        if started is not None:
+            metrics.latency.labels(route=route).observe(time.perf_counter() - started)
+        if request.path.startswith("/api/"):
+            response.headers["Cache-Control"] = "no-store"
+        return response
