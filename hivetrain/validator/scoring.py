@@ -1,0 +1,110 @@
+"""From checked claims to scores and weights, keeping the evidence behind every number.
+
+A miner's round score is ``share x pass_rate``: its share of the samples the validator could
+verify this round (``check_claimed_samples``) times the fraction of its gradient spot checks that
+passed. Scores are smoothed with an EMA, ``new = alpha * round + (1 - alpha) * previous``, so one
+lucky or unlucky round moves a miner only part of the way. A miner with no verified samples or
+with every spot check failed gets 0 for the round, whatever its history.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from hivetrain.validator.checks import ClaimCheckResult, SpotCheckResult
+
+#: Weight of the newest round in the EMA.
+DEFAULT_ALPHA = 0.3
+
+
+class ScoreEvidence(BaseModel):
+    """Everything that produced one miner's score for one round."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    miner: str = Field(min_length=1, description="hotkey (or peer id) of the miner")
+    verified_samples: int = Field(ge=0, description="samples credited after the claimed-samples check")
+    claimed_samples: int = Field(ge=0, description="samples the miner claimed this round")
+    share: float = Field(ge=0, le=1, description="verified_samples / all miners' verified samples")
+    passes: int = Field(ge=0, description="gradient spot checks passed this round")
+    fails: int = Field(ge=0, description="gradient spot checks failed this round")
+    pass_rate: float = Field(ge=0, le=1, description="passes / (passes + fails); 1 when not checked this round")
+    round_score: float = Field(ge=0, le=1, description="share x pass_rate, 0 when nothing verified or every check failed")
+    alpha: float = Field(gt=0, le=1)
+    previous_ema: float = Field(ge=0)
+    new_ema: float = Field(ge=0)
+    reasons: list[str] = Field(default_factory=list, description="why each check passed or failed")
+
+
+def pass_rate(passes: int, fails: int) -> float:
+    """Fraction of spot checks passed; 1.0 for a miner not challenged this round (no evidence against it)."""
+    total = passes + fails
+    return 1.0 if total == 0 else passes / total
+
+
+def score_round(
+    claims: Mapping[str, ClaimCheckResult],
+    spot_checks: Mapping[str, list[SpotCheckResult]],
+    previous: Mapping[str, float],
+    alpha: float = DEFAULT_ALPHA,
+) -> dict[str, ScoreEvidence]:
+    """Score every miner that has a claim check, a spot check or a previous score.
+
+    ``claims`` holds each miner's claimed-samples verdict, ``spot_checks`` its gradient spot-check
+    verdicts this round and ``previous`` its EMA so far.
+    A miner absent from this round decays towards 0 (its round score is 0).
+    """
+    if not 0 < alpha <= 1:
+        raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+    verified = {miner: (c.verified_samples if c.passed else 0) for miner, c in claims.items()}
+    total = sum(verified.values())
+    evidence = {}
+    for miner in sorted(set(claims) | set(spot_checks) | set(previous)):
+        checks = spot_checks.get(miner, [])
+        passes = sum(1 for c in checks if c.passed)
+        fails = len(checks) - passes
+        samples = verified.get(miner, 0)
+        share = samples / total if total else 0.0
+        rate = pass_rate(passes, fails)
+        round_score = 0.0 if samples == 0 or (checks and passes == 0) else share * rate
+        before = float(previous.get(miner, 0.0))
+        reasons = ([f"claim: {claims[miner].reason}"] if miner in claims else ["claim: none this round"]) + [
+            f"spot check {c.verdict}: {c.reason}" for c in checks
+        ]
+        evidence[miner] = ScoreEvidence(
+            miner=miner,
+            verified_samples=samples,
+            claimed_samples=claims[miner].claimed_samples if miner in claims else 0,
+            share=share,
+            passes=passes,
+            fails=fails,
+            pass_rate=rate,
+            round_score=round_score,
+            alpha=alpha,
+            previous_ema=before,
+            new_ema=ema(before, round_score, alpha),
+            reasons=reasons,
+        )
+    return evidence
+
+
+def ema(previous: float, value: float, alpha: float) -> float:
+    """``alpha * value + (1 - alpha) * previous``."""
+    return alpha * value + (1 - alpha) * previous
+
+
+def normalize_weights(scores: Mapping[str, float]) -> dict[str, float]:
+    """Scores scaled to sum 1; zeros stay zero; all zero (or empty) gives all zero.
+
+    Raises ``ValueError`` on negative or non-finite scores.
+    """
+    for miner, score in scores.items():
+        if not math.isfinite(score) or score < 0:
+            raise ValueError(f"score of {miner} must be finite and >= 0, got {score!r}")
+    total = math.fsum(scores.values())
+    if total == 0:
+        return {miner: 0.0 for miner in scores}
+    return {miner: score / total for miner, score in scores.items()}
