@@ -27,11 +27,20 @@ from hivetrain.validator.checks import (
 )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on a shared, oversubscribed CPU, OpenMP threads waiting on each other cost 50x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def batches():
-    """(4, 64) batches of real text: 0 the challenge, 1 another miner's, 2-5 training data, 6-7 the baseline's."""
-    blocks = iter_blocks(load_texts(), load_tokenizer(), 64)
-    return [torch.stack(list(itertools.islice(blocks, 4))) for _ in range(8)]  # (B, T) each
+    """(2, 32) batches of real text: 0 the challenge, 1 another miner's, 2-5 training data, 6-7 the baseline's."""
+    blocks = iter_blocks(load_texts(), load_tokenizer(), 32)
+    return [torch.stack(list(itertools.islice(blocks, 2))) for _ in range(8)]  # (B, T) each
 
 
 @pytest.fixture(scope="module")
@@ -77,12 +86,11 @@ def test_projection_is_linear_and_preserves_geometry():
 
 def test_honest_recompute_passes(models, batches):
     expected = projected_gradient(models[6], batches[0], seed=1)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(2)  # a miner with another thread count sums in another order
     try:
         answer = projected_gradient(copy.deepcopy(models[6]), batches[0].clone(), seed=1)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(1)
     result = judge_spot_check(expected, answer)
     assert result.passed and result.cosine > 0.999, result
     bf16 = projected_gradient(models[6], batches[0], seed=1, autocast_dtype=torch.bfloat16)
@@ -103,7 +111,7 @@ def test_baseline_separates_the_right_batch_from_any_batch(models, batches):
     expected = projected_gradient(model, batches[0], seed=5)
     wrong_batch = projected_gradient(model, batches[1], seed=5)
     centered = judge_spot_check(expected, wrong_batch, baseline=baseline)
-    assert not centered.passed and centered.cosine < judge_spot_check(expected, wrong_batch).cosine, centered
+    assert not centered.passed and "below threshold" in centered.reason, centered
     honest = projected_gradient(model, batches[0], seed=5, autocast_dtype=torch.bfloat16)
     assert judge_spot_check(expected, honest, baseline=baseline).passed
     with pytest.raises(ValueError):
