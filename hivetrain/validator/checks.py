@@ -101,6 +101,8 @@ def projected_gradient(
     if dim < 1 or dim % 8:
         raise ValueError(f"dim must be a positive multiple of 8, got {dim}")
     params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters; unfreeze them (requires_grad=True) before a spot check")
     device = params[0].device
     was_training = model.training
     model.eval()
