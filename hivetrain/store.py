@@ -237,7 +237,13 @@ class TelemetryWriter:
                 with self.client.pipeline(transaction=False) as pipe:
                     for record in batch:
                         attr, maxlen, _ = _STREAMS[type(record)]
-                        pipe.xadd(getattr(self.keys, attr), _stream_fields(record, self.signer), maxlen=maxlen, approximate=True)
+                        try:
+                            fields = _stream_fields(record, self.signer)
+                        except ValueError:  # not JSON-able (a NaN): drop it, keep the writer alive
+                            logger.warning(f"dropping an unserialisable {type(record).__name__}", exc_info=True)
+                            self.dropped += 1
+                            continue
+                        pipe.xadd(getattr(self.keys, attr), fields, maxlen=maxlen, approximate=True)
                     pipe.execute()
             except redis.RedisError as error:
                 if self._stopping:

@@ -80,6 +80,11 @@ class CopyingStateAverager(TrainingStateAverager):
     a late joiner loading state). On GPU, ``.cpu()`` already copies, so this costs nothing there.
     """
 
+    @classmethod
+    def _get_handle_name(cls, namespace, method_name: str) -> str:
+        # RPC names carry the class name: keep hivemind's, so plain hivemind peers (and our validator) can download from us
+        return TrainingStateAverager._get_handle_name(namespace, method_name)
+
     def get_current_state(self):
         with self.lock_optimizer:  # no background optimizer step halfway through the copy
             metadata, tensors, infos = super().get_current_state()

@@ -8,7 +8,6 @@ from pathlib import Path
 import redis
 
 from hivetrain.contracts import Keys, RoundRecord, StepRecord
-from hivetrain.miner.checkpoint import latest_checkpoint
 from hivetrain.store import read_stream
 
 
@@ -54,6 +53,8 @@ def collect(client: redis.Redis, keys: Keys, since: float = 0.0, checkpoint_dirs
     """
     steps = [s for s in read_stream(client, keys, StepRecord, count=last) if s.time >= since]
     records = [r for r in read_stream(client, keys, RoundRecord, count=last) if r.time >= since]
+    from hivetrain.miner.checkpoint import latest_checkpoint  # imports torch: only when checkpoints are asked for
+
     checkpoints = {}
     for folder in checkpoint_dirs or []:
         latest = latest_checkpoint(folder)

@@ -9,6 +9,7 @@ that hotkey's live registration names the same hivemind peer id.
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass
 
@@ -25,17 +26,24 @@ logger = get_logger(__name__)
 
 @dataclass
 class MinerClaims:
-    """One miner's verified step records inside the current scoring window."""
+    """One miner's verified step records inside the current scoring window, and since first seen."""
 
     peer_id: str
     first_samples: int | None = None  # cumulative samples at the window's first record
     last_samples: int = 0
     last_epoch: int = 0
     records: int = 0
+    seen_since: float = 0.0  # when this validator first saw the miner
+    seen_samples: int = 0  # its cumulative samples then
 
     @property
     def claimed(self) -> int:
+        """Samples claimed in this window."""
         return 0 if self.first_samples is None else max(0, self.last_samples - self.first_samples)
+
+    @property
+    def claimed_since_seen(self) -> int:
+        return max(0, self.last_samples - self.seen_samples)
 
 
 class ClaimReader:
@@ -47,6 +55,7 @@ class ClaimReader:
         self.claims: dict[str, MinerClaims] = {}
         self.rejected: Counter[str] = Counter()
         self._baseline: dict[str, int] = {}  # hotkey -> last cumulative samples of the previous window
+        self._seen: dict[tuple[str, str], tuple[float, int]] = {}  # (hotkey, peer id) -> first (time, samples)
 
     def start(self) -> None:
         """Remember the stream's end: only records written from now on count."""
@@ -82,7 +91,8 @@ class ClaimReader:
             return
         claims = self.claims.get(hotkey)
         if claims is None or claims.peer_id != record.peer_id:
-            claims = self.claims[hotkey] = MinerClaims(peer_id=record.peer_id)
+            seen = self._seen.setdefault((hotkey, record.peer_id), (time.time(), record.samples))
+            claims = self.claims[hotkey] = MinerClaims(peer_id=record.peer_id, seen_since=seen[0], seen_samples=seen[1])
         if claims.first_samples is None:
             # a window starts where the previous one ended, so no work falls between two windows;
             # a miner's first record only sets the baseline (the batch it reports is not credited)
@@ -100,11 +110,18 @@ class ClaimReader:
 
 
 class ProgressPoller:
-    """Reads hivemind's progress records from the DHT every ``interval_s`` into the current window's ledger."""
+    """Reads hivemind's progress records from the DHT every ``interval_s``.
+
+    The ledger is cumulative (largest samples seen per peer and epoch, summed over epochs); a
+    window's count for a peer is how much that sum grew since the previous window closed, so an
+    epoch that straddles two windows is split between them instead of counted twice.
+    """
 
     def __init__(self, dht, run_id: str, interval_s: float = 1.0):
         self.dht, self.run_id, self.interval_s = dht, run_id, interval_s
         self.ledger = ProgressLedger()
+        self._closed_at: dict[str, int] = {}
+        self._first: dict[str, int] = {}  # a peer's ledger total when first seen
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="progress-poller", daemon=True)
@@ -117,16 +134,25 @@ class ProgressPoller:
         while not self._stop.wait(self.interval_s):
             try:
                 progress = fetch_progress(self.dht, self.run_id)
-            except Exception:  # DHT boundary: a missed poll only undercounts, the claim check has tolerance
+            except Exception:  # DHT boundary: a missed poll only delays what we see
                 logger.debug("progress poll failed", exc_info=True)
                 continue
             with self._lock:
                 self.ledger.observe(progress)
+                for peer in progress:
+                    if peer not in self._first:  # its work before we first saw it is not ours to judge
+                        self._first[peer] = self.ledger.samples(peer) or 0
 
-    def close_window(self) -> ProgressLedger:
+    def close_window(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Per peer: how much its DHT records grew in this window, and since the poller first saw it."""
         with self._lock:
-            closed, self.ledger = self.ledger, ProgressLedger()
-        return closed
+            peers = {peer for peer, _ in self.ledger._best}
+            totals = {peer: self.ledger.samples(peer) or 0 for peer in peers}
+            first = dict(self._first)
+        window = {peer: total - self._closed_at.get(peer, first.get(peer, 0)) for peer, total in totals.items()}
+        since_seen = {peer: total - first.get(peer, 0) for peer, total in totals.items()}
+        self._closed_at = totals
+        return window, since_seen
 
     def stop(self) -> None:
         self._stop.set()

@@ -18,7 +18,7 @@ import torch
 from hivetrain.chain import make_chain
 from hivetrain.contracts import VALIDATOR_TTL_S, EvalRecord, Keys, MinerScore, PeerRecord, ScoreBoard
 from hivetrain.data import validation_blocks
-from hivetrain.dht import make_dht, visible_maddrs
+from hivetrain.dht import make_dht
 from hivetrain.identity import RedisNonceStore, Verifier, load_or_create_wallet
 from hivetrain.logging import get_logger
 from hivetrain.miner.peers import fetch_initial_peers
@@ -26,7 +26,7 @@ from hivetrain.models import model_config
 from hivetrain.settings import ValidatorSettings
 from hivetrain.store import Registry, append, connect
 from hivetrain.tokenizer import load_tokenizer
-from hivetrain.validator.checks import SpotCheckResult, check_claimed_samples
+from hivetrain.validator.checks import ClaimCheckResult, SpotCheckResult, check_claimed_samples
 from hivetrain.validator.claims import ClaimReader, ProgressPoller
 from hivetrain.validator.evaluate import evaluate
 from hivetrain.validator.scoring import normalize_weights, score_round
@@ -75,8 +75,8 @@ class Validator:
         self.claims = ClaimReader(self.client, self.keys, Verifier(nonces, s.record_window_s))
         self.claims.start()
         self.poller = ProgressPoller(self.dht, s.run_id).start()
-        self.checker = SpotChecker(self.wallet, self.sync, s, tokenizer, self.block_size)
-        logger.info(f"validator {self.hotkey} (uid {self.uid}) joined as a DHT client via {visible_maddrs(self.dht) or initial_peers[:1]}")
+        self.checker = SpotChecker(self.wallet, self.sync, s, tokenizer, self.block_size, self.eval_blocks)
+        logger.info(f"validator {self.hotkey} (uid {self.uid}) joined the DHT as a client via {len(initial_peers)} initial peers")
 
     def _bittensor_args(self) -> dict:
         s = self.settings
@@ -145,6 +145,8 @@ class Validator:
             if not peer.challenge_url:
                 continue
             check = self.checker.check(peer, seed, {k: v for k, v in answers.items() if k != hotkey})
+            if check is None:
+                continue
             if check.answer is not None and check.answer.numel() == self.settings.spot_check_dim:
                 answers[hotkey] = check.answer
             self.spot_checks.setdefault(hotkey, []).append(check)
@@ -155,11 +157,9 @@ class Validator:
         s = self.settings
         miners = self.live_miners()
         self.claims.poll(miners)
-        claims, ledger = self.claims.close_window(), self.poller.close_window()
-        elapsed = max(1e-3, time.time() - self.window_started)
+        claims, (progress, progress_since_seen) = self.claims.close_window(), self.poller.close_window()
         self.window_started = time.time()
-        verdicts = {hotkey: check_claimed_samples(c.claimed, ledger.samples(c.peer_id), elapsed,
-                                                  s.max_samples_per_s, s.claim_tolerance)
+        verdicts = {hotkey: self._claim_verdict(c, progress.get(c.peer_id), progress_since_seen.get(c.peer_id))
                     for hotkey, c in claims.items()}
         checks, self.spot_checks = self.spot_checks, {}
         results: dict[str, list[SpotCheckResult]] = {
@@ -178,6 +178,19 @@ class Validator:
             logger.exception("setting weights failed")
         self.rounds += 1
         self._publish(weights, uids, miners)
+
+    def _claim_verdict(self, claims, dht_window: int | None, dht_since_seen: int | None) -> ClaimCheckResult:
+        """Judge what a miner claimed since we first saw it (polling lag stays a constant, not a per-window
+        error); credit this window's claim, at most what its DHT records grew by (with the tolerance)."""
+        s = self.settings
+        elapsed = max(1e-3, time.time() - claims.seen_since)
+        total = check_claimed_samples(claims.claimed_since_seen, dht_since_seen, elapsed, s.max_samples_per_s, s.claim_tolerance)
+        window = (f"this window: claims {claims.claimed}, DHT shows {dht_window if dht_window is not None else 'nothing'}; "
+                  f"since first seen {elapsed:.0f}s ago: ")
+        if not total.passed:
+            return ClaimCheckResult("fail", window + total.reason, claimed_samples=claims.claimed)
+        credit = min(claims.claimed, int((dht_window or 0) * (1 + s.claim_tolerance)))
+        return ClaimCheckResult("pass", window + total.reason, verified_samples=credit, claimed_samples=claims.claimed)
 
     def _publish(self, weights: dict[str, float], uids: dict[str, int | None], miners: dict[str, PeerRecord]) -> None:
         board = ScoreBoard(

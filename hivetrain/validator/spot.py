@@ -20,7 +20,7 @@ from hivetrain.data import BlockStream, shard_for_peer
 from hivetrain.identity import Verifier, VerificationError, sign
 from hivetrain.logging import get_logger
 from hivetrain.settings import ValidatorSettings
-from hivetrain.validator.checks import SpotCheckResult, judge_spot_check, projected_gradient
+from hivetrain.validator.checks import SpotCheckResult, baseline_projection, judge_spot_check, projected_gradient
 from hivetrain.validator.sync import ModelSync
 
 logger = get_logger(__name__)
@@ -49,8 +49,14 @@ class SpotCheck:
 class SpotChecker:
     """Sends signed challenges and judges the answers against the validator's own computation."""
 
-    def __init__(self, wallet, sync: ModelSync, settings: ValidatorSettings, tokenizer, block_size: int):
+    def __init__(self, wallet, sync: ModelSync, settings: ValidatorSettings, tokenizer, block_size: int,
+                 reference_blocks: torch.Tensor):
         self.wallet, self.sync, self.settings = wallet, sync, settings
+        # the direction every batch's gradient shares, measured on blocks only the validator picks;
+        # cosines are taken after removing it (an answer for some other batch is then far off)
+        self.reference = [reference_blocks[i : i + settings.spot_check_batch]
+                          for i in range(0, min(len(reference_blocks), 4 * settings.spot_check_batch), settings.spot_check_batch)]
+        self._baseline: tuple[tuple[int, int], torch.Tensor] | None = None
         self.tokenizer, self.block_size = tokenizer, block_size
         self.hotkey = wallet.hotkey.ss58_address
         self.answers = Verifier.in_memory(window_s=settings.record_window_s)
@@ -70,8 +76,18 @@ class SpotChecker:
     def expected(self, batch: torch.Tensor, seed: int) -> torch.Tensor:
         return projected_gradient(self.sync.model, batch, seed, self.settings.spot_check_dim)
 
-    def check(self, miner: PeerRecord, seed: int, others: dict[str, torch.Tensor]) -> SpotCheck:
-        """Challenge ``miner`` once; ``others`` are this round's answers of other miners (copy detection)."""
+    def baseline(self, seed: int) -> torch.Tensor:
+        """Mean projection of the reference batches at the current parameters (cached per seed and epoch)."""
+        key = (seed, self.sync.epoch)
+        if self._baseline is None or self._baseline[0] != key:
+            self._baseline = (key, baseline_projection(self.sync.model, self.reference, seed, self.settings.spot_check_dim))
+        return self._baseline[1]
+
+    def check(self, miner: PeerRecord, seed: int, others: dict[str, torch.Tensor]) -> SpotCheck | None:
+        """Challenge ``miner`` once; ``others`` are this round's answers of other miners (copy detection).
+
+        None when the validator itself could not reach the miner's epoch (no evidence either way).
+        """
         s = self.settings
         stream = self.stream_for(miner.peer_id)
         block_index = self._rng.randrange(0, max(1, (stream.blocks_per_pass or 1) * 4))
@@ -108,8 +124,12 @@ class SpotChecker:
         if answer_epoch > epoch:
             self.sync.sync()  # the swarm moved on while we asked: judge at the miner's epoch if we can
             epoch = self.sync.epoch
+        if answer_epoch > epoch + MAX_LAG_EPOCHS:
+            logger.warning(f"cannot judge {miner.hotkey[:10]}: it answered at epoch {answer_epoch}, we hold {epoch}")
+            return None  # we are the one behind: no evidence either way
         if answer_epoch < epoch - MAX_LAG_EPOCHS:
             return verdict(False, f"lags: answered at epoch {answer_epoch}, the swarm is at {epoch}", answer_epoch, answer)
         batch = stream.get_batch(block_index, s.spot_check_batch)  # (B, T), the blocks the miner should have used
-        result = judge_spot_check(self.expected(batch, seed), answer, s.spot_check_threshold, others)
+        result = judge_spot_check(self.expected(batch, seed), answer, s.spot_check_threshold, others,
+                                  baseline=self.baseline(seed))
         return SpotCheck(miner.hotkey, result, block_index, seed, epoch, answer_epoch, answer)

@@ -57,6 +57,7 @@ def replay(settings: MinerSettings, stop: threading.Event) -> None:
     last_id, last_beat = "$", 0.0
     info = client.xrevrange(keys.steps, count=1)
     last_id = info[0][0].decode() if info else "0-0"
+    copied: set[bytes] = set()  # each original once: copying our own copies would flood the stream
     while not stop.wait(0.5):
         if time.time() - last_beat > 5:
             registry.register(me, wallet)
@@ -64,8 +65,9 @@ def replay(settings: MinerSettings, stop: threading.Event) -> None:
         for entry_id, fields in client.xrange(keys.steps, min=f"({last_id}", count=200):
             last_id = entry_id.decode()
             raw = fields.get(b"env")
-            if raw is None or b'"replay-' in raw:
+            if raw is None or raw in copied or b'"replay-' in raw:
                 continue
+            copied.add(raw)
             client.xadd(keys.steps, {"env": raw})  # replayed as it is
             client.xadd(keys.steps, {"env": _claim_as(raw, me.peer_id)})  # rewritten to credit us
     registry.deregister(me.peer_id)

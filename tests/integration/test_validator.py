@@ -6,6 +6,7 @@ without computing, one replays other miners' signed records. The bound we hold t
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -90,9 +91,10 @@ def test_honest_miners_earn_weight_and_cheaters_none(swarm):
         return board if honest <= set(miners) else None
 
     board = wait_until(scored, timeout=420, what=f"{ROUNDS} scoring rounds that include every honest miner")
+    (swarm.workdir / "board.json").write_text(json.dumps(board, indent=1))  # for a person reading a failure
     miners = {m["hotkey"]: m for m in board["miners"]}
     for hotkey in honest:
-        assert miners[hotkey]["weight"] > 0, miners[hotkey]["evidence"][-1]
+        assert miners[hotkey]["weight"] > 0, [e["reasons"] for e in miners[hotkey]["evidence"]]
     for kind, hotkey in cheaters.items():
         weight = miners[hotkey]["weight"] if hotkey in miners else 0.0
         assert weight == 0.0, (kind, miners.get(hotkey))
