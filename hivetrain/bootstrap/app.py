@@ -14,15 +14,15 @@ import re
 import time
 
 import redis
-from flask import Flask, Response, g, jsonify, request
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import ValidationError
-from werkzeug.exceptions import BadRequest, HTTPException
+from flask import Flask, Response, jsonify, request
+from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
+from werkzeug.exceptions import BadRequest
 
 from hivetrain.contracts import Keys
 from hivetrain.logging import get_logger
-from hivetrain.settings import BootstrapSettings, format_errors
+from hivetrain.settings import BootstrapSettings
 from hivetrain.store import Registry, connect
+from hivetrain.webapp import HttpMetrics, install, settings_or_exit
 
 logger = get_logger(__name__)
 
@@ -31,18 +31,11 @@ SERVED_ROLES = ("miner", "validator")
 _LIMIT = re.compile(r"[0-9]{1,6}")
 
 
-class Metrics:
-    """This app's Prometheus metrics, in a registry of their own so tests can build many apps."""
+class Metrics(HttpMetrics):
+    """The bootstrap's Prometheus metrics: requests, plus the registry's size read at scrape time."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.requests = Counter("hive_bootstrap_http_requests", "HTTP requests answered, by route and status",
-                                ["route", "status"], registry=self.registry)
-        self.latency = Histogram("hive_bootstrap_http_request_duration_seconds", "time to answer an HTTP request",
-                                 ["route"], registry=self.registry,
-                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
-        self.redis_errors = Counter("hive_bootstrap_redis_errors", "requests that failed because Redis did not answer",
-                                    registry=self.registry)
+        super().__init__("hive_bootstrap")
         self.live_peers = Gauge("hive_bootstrap_live_peers", "peers whose registration has not expired",
                                 registry=self.registry)
         self.live_bootstraps = Gauge("hive_bootstrap_live_bootstraps", "bootstrap DHTs whose record has not expired",
@@ -62,17 +55,12 @@ def gather_initial_peers(registry: Registry, limit: int) -> list[str]:
 
 def create_app(settings: BootstrapSettings | None = None) -> Flask:
     """Build the app; with no ``settings`` they come from the ``HIVE_*`` environment (exits with a fix-it message if invalid)."""
-    if settings is None:
-        try:
-            settings = BootstrapSettings()
-        except ValidationError as error:
-            raise SystemExit(format_errors(BootstrapSettings, error)) from None
+    settings = settings_or_exit(BootstrapSettings, settings)
     app = Flask(__name__)
     registry = Registry(connect(settings.redis_url), Keys(settings.run_id))
     metrics = Metrics()
     app.extensions["hivetrain.bootstrap"] = {"settings": settings, "registry": registry, "metrics": metrics}
-    _register_metrics_hooks(app, metrics)
-    _register_error_handlers(app, metrics)
+    install(app, metrics, "bootstrap")
     _register_routes(app, settings, registry, metrics)
     return app
 
@@ -120,39 +108,3 @@ def _parse_limit(raw: str | None, maximum: int) -> int:
     if not _LIMIT.fullmatch(raw) or not 1 <= int(raw) <= maximum:
         raise BadRequest(f"limit must be an integer from 1 to {maximum}, got {raw[:40]!r}")
     return int(raw)
-
-
-def _register_error_handlers(app: Flask, metrics: Metrics) -> None:
-    @app.errorhandler(HTTPException)
-    def http_error(error: HTTPException):
-        response = error.get_response()  # keeps headers such as Allow on a 405
-        response.set_data(app.json.dumps({"error": error.name, "message": error.description}))
-        response.content_type = "application/json"
-        return response
-
-    @app.errorhandler(redis.RedisError)
-    def redis_down(error: redis.RedisError):
-        metrics.redis_errors.inc()
-        logger.warning(f"{request.path}: redis did not answer ({error!r})")
-        return jsonify(error="redis unavailable", message="the peer registry is unreachable; retry shortly"), 503
-
-    @app.errorhandler(Exception)
-    def unexpected(error: Exception):
-        logger.exception(f"{request.method} {request.path} failed")
-        return jsonify(error="internal error", message="unexpected server error; see the bootstrap's log"), 500
-
-
-def _register_metrics_hooks(app: Flask, metrics: Metrics) -> None:
-    @app.before_request
-    def _start_timer():
-        g.hive_started = time.perf_counter()
-
-    @app.after_request
-    def _count(response):
-        # the matched rule, not the raw path, so unknown paths cannot blow up label cardinality
-        route = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
-        metrics.requests.labels(route=route, status=str(response.status_code)).inc()
-        started = g.get("hive_started")
-        if started is not None:
-            metrics.latency.labels(route=route).observe(time.perf_counter() - started)
-        return response

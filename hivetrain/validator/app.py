@@ -18,17 +18,17 @@ import re
 import time
 
 import redis
-from flask import Flask, Response, g, jsonify, request
+from flask import Flask, Response, jsonify, request
 from flask.json.provider import DefaultJSONProvider
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import ValidationError
-from werkzeug.exceptions import BadRequest, HTTPException, NotFound
+from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
+from werkzeug.exceptions import BadRequest, NotFound
 
 from hivetrain.contracts import EVALS_STREAM_MAXLEN, EvalRecord, Keys, PeerRecord, RoundRecord, ScoreBoard, StepRecord
 from hivetrain.identity import load_or_create_wallet
 from hivetrain.logging import get_logger
-from hivetrain.settings import ValidatorSettings, format_errors
+from hivetrain.settings import ValidatorSettings
 from hivetrain.store import Registry, connect, decode_entry, read_stream
+from hivetrain.webapp import HttpMetrics, install, settings_or_exit
 
 logger = get_logger(__name__)
 
@@ -46,18 +46,11 @@ _HOTKEY = re.compile(r"[A-Za-z0-9]{40,60}")
 _INT = re.compile(r"[0-9]{1,6}")
 
 
-class Metrics:
-    """This app's Prometheus metrics, in a registry of their own so tests can build many apps."""
+class Metrics(HttpMetrics):
+    """The validator API's Prometheus metrics: requests, plus gauges read from Redis at scrape time."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.requests = Counter("hive_validator_http_requests", "HTTP requests answered, by route and status",
-                                ["route", "status"], registry=self.registry)
-        self.latency = Histogram("hive_validator_http_request_duration_seconds", "time to answer an HTTP request",
-                                 ["route"], registry=self.registry,
-                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
-        self.redis_errors = Counter("hive_validator_redis_errors", "requests that failed because Redis did not answer",
-                                    registry=self.registry)
+        super().__init__("hive_validator")
         self.eval_loss = Gauge("hive_validator_latest_eval_loss", "loss of the newest evaluation in the evals stream (NaN before the first)",
                                registry=self.registry)
         self.eval_loss.set(math.nan)
@@ -86,19 +79,15 @@ def _finite(value):
 
 def create_app(settings: ValidatorSettings | None = None) -> Flask:
     """Build the app; with no ``settings`` they come from the ``HIVE_*`` environment (exits with a fix-it message if invalid)."""
-    if settings is None:
-        try:
-            settings = ValidatorSettings()
-        except ValidationError as error:
-            raise SystemExit(format_errors(ValidatorSettings, error)) from None
+    settings = settings_or_exit(ValidatorSettings, settings)
     hotkey = load_or_create_wallet(settings.wallet_dir, settings.wallet_name, settings.wallet_hotkey).hotkey.ss58_address
     app = Flask(__name__)
     app.json = _FiniteJSON(app)
     registry = Registry(connect(settings.redis_url), Keys(settings.run_id))
     metrics = Metrics()
     app.extensions["hivetrain.validator"] = {"settings": settings, "hotkey": hotkey, "registry": registry, "metrics": metrics}
-    _register_metrics_hooks(app, metrics)
-    _register_error_handlers(app, metrics)
+    install(app, metrics, "validator")
+    app.after_request(_no_store)
     _register_api_routes(app, registry, hotkey)
     _register_ops_routes(app, registry, hotkey, metrics)
     return app
@@ -220,39 +209,8 @@ def _register_ops_routes(app: Flask, registry: Registry, hotkey: str, metrics: M
         return Response(generate_latest(metrics.registry), mimetype=CONTENT_TYPE_LATEST)
 
 
-def _register_error_handlers(app: Flask, metrics: Metrics) -> None:
-    @app.errorhandler(HTTPException)
-    def http_error(error: HTTPException):
-        response = error.get_response()  # keeps headers such as Allow on a 405
-        response.set_data(app.json.dumps({"error": error.name, "message": error.description}))
-        response.content_type = "application/json"
-        return response
-
-    @app.errorhandler(redis.RedisError)
-    def redis_down(error: redis.RedisError):
-        metrics.redis_errors.inc()
-        logger.warning(f"{request.path}: redis did not answer ({error!r})")
-        return jsonify(error="redis unavailable", message="the validator's store is unreachable; retry shortly"), 503
-
-    @app.errorhandler(Exception)
-    def unexpected(error: Exception):
-        logger.exception(f"{request.method} {request.path} failed")
-        return jsonify(error="internal error", message="unexpected server error; see the validator's log"), 500
-
-
-def _register_metrics_hooks(app: Flask, metrics: Metrics) -> None:
-    @app.before_request
-    def _start_timer():
-        g.hive_started = time.perf_counter()
-
-    @app.after_request
-    def _count(response):
-        # the matched rule, not the raw path, so unknown paths cannot blow up label cardinality
-        route = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
-        metrics.requests.labels(route=route, status=str(response.status_code)).inc()
-        started = g.get("hive_started")
-        if started is not None:
-            metrics.latency.labels(route=route).observe(time.perf_counter() - started)
-        if request.path.startswith("/api/"):
-            response.headers["Cache-Control"] = "no-store"
-        return response
+def _no_store(response):
+    """API answers are live state: no cache may keep them."""
+    if request.path.startswith("/api/"):
+        response.headers["Cache-Control"] = "no-store"
+    return response

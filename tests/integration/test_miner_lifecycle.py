@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 
 import pytest
 
@@ -12,23 +11,9 @@ from hivetrain import procs
 from hivetrain.miner.checkpoint import latest_checkpoint
 from hivetrain.settings import SwarmSettings
 from hivetrain.swarm.launcher import Swarm
+from swarm_helpers import peer_id_in, wait_until
 
 pytestmark = pytest.mark.integration
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-def peer_id_in(log: str) -> str:
-    match = re.search(r"DHT up: peer (\w+)", log)
-    return match.group(1) if match else ""
 
 
 def test_sigterm_checkpoints_deregisters_and_restart_resumes(tmp_path):

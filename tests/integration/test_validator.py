@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import requests
 
-from hivetrain import procs
 from hivetrain.identity import load_or_create_wallet
 from hivetrain.settings import SwarmSettings
 from hivetrain.swarm.launcher import Swarm
+from swarm_helpers import stop_and_check, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -34,16 +33,6 @@ TEST_ENV = {
     "HIVE_EVAL_BLOCKS": "8",
 }
 ROUNDS = 3
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 3.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def hotkey_of(swarm: Swarm, index: int) -> str:
@@ -71,12 +60,7 @@ def swarm(tmp_path_factory):
             swarm.add_miner(argv=[sys.executable, CHEATERS_PY, kind])
         yield swarm
     finally:
-        services = [s for s in [swarm.redis, swarm.bootstrap, swarm.validator, *swarm.miners] if s is not None]
-        swarm.stop(summary_path=workdir / "summary.json")
-        leftovers = [s.name for s in services if s.group_alive()]
-        for service in services:
-            procs.kill_group(service.pid)
-        assert not leftovers, f"processes left running after stop: {leftovers}"
+        stop_and_check(swarm, workdir / "summary.json")
 
 
 def test_honest_miners_earn_weight_and_cheaters_none(swarm):

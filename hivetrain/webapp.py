@@ -1,0 +1,80 @@
+"""What every HiveMiner Flask app shares: JSON errors, per-route request metrics, settings from the env."""
+
+from __future__ import annotations
+
+import time
+from typing import TypeVar
+
+import redis
+from flask import Flask, g, jsonify, request
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from pydantic import ValidationError
+from werkzeug.exceptions import HTTPException
+
+from hivetrain.logging import get_logger
+from hivetrain.settings import ServiceSettings, format_errors
+
+logger = get_logger(__name__)
+S = TypeVar("S", bound=ServiceSettings)
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class HttpMetrics:
+    """Requests by route and status, latency, and Redis failures, in a registry of the app's own
+    (so tests can build many apps; each gunicorn worker counts its own requests)."""
+
+    def __init__(self, prefix: str) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(f"{prefix}_http_requests", "HTTP requests answered, by route and status",
+                                ["route", "status"], registry=self.registry)
+        self.latency = Histogram(f"{prefix}_http_request_duration_seconds", "time to answer an HTTP request",
+                                 ["route"], registry=self.registry, buckets=LATENCY_BUCKETS)
+        self.redis_errors = Counter(f"{prefix}_redis_errors", "requests that failed because Redis did not answer",
+                                    registry=self.registry)
+
+
+def settings_or_exit(model: type[S], settings: S | None) -> S:
+    """``settings`` as given, or read from the ``HIVE_*`` environment (exits with a fix-it message if invalid)."""
+    if settings is not None:
+        return settings
+    try:
+        return model()
+    except ValidationError as error:
+        raise SystemExit(format_errors(model, error)) from None
+
+
+def install(app: Flask, metrics: HttpMetrics, service: str) -> None:
+    """JSON for every error (4xx as the request deserves, 503 while Redis is away) and request metrics."""
+
+    @app.errorhandler(HTTPException)
+    def http_error(error: HTTPException):
+        response = error.get_response()  # keeps headers such as Allow on a 405
+        response.set_data(app.json.dumps({"error": error.name, "message": error.description}))
+        response.content_type = "application/json"
+        return response
+
+    @app.errorhandler(redis.RedisError)
+    def redis_down(error: redis.RedisError):
+        metrics.redis_errors.inc()
+        logger.warning(f"{request.path}: redis did not answer ({error!r})")
+        return jsonify(error="redis unavailable", message=f"the {service}'s Redis is unreachable; retry shortly"), 503
+
+    @app.errorhandler(Exception)
+    def unexpected(error: Exception):
+        logger.exception(f"{request.method} {request.path} failed")
+        return jsonify(error="internal error", message=f"unexpected server error; see the {service}'s log"), 500
+
+    @app.before_request
+    def _start_timer():
+        g.hive_started = time.perf_counter()
+
+    @app.after_request
+    def _count(response):
+        # the matched rule, not the raw path, so unknown paths cannot blow up label cardinality
+        route = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
+        metrics.requests.labels(route=route, status=str(response.status_code)).inc()
+        started = g.get("hive_started")
+        if started is not None:
+            metrics.latency.labels(route=route).observe(time.perf_counter() - started)
+        return response

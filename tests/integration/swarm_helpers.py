@@ -1,0 +1,41 @@
+"""Helpers the integration tests share: bounded waiting and reading a miner's identity from its log."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+
+from hivetrain import procs
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 2.0):
+    """Poll ``predicate`` until it returns a truthy value (returned); fail naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def peer_id_in(log: str) -> str:
+    """The peer id a miner logs once its DHT is up ('' before that)."""
+    match = re.search(r"DHT up: peer (\w+)", log)
+    return match.group(1) if match else ""
+
+
+def peer_id_of(service: procs.Service) -> str:
+    return peer_id_in(service.log_path.read_text(errors="replace"))
+
+
+def stop_and_check(swarm, summary_path=None) -> None:
+    """Stop the swarm, then fail if any process group it started is still alive (and kill it)."""
+    services = [s for s in [swarm.redis, swarm.bootstrap, swarm.validator, *swarm.miners] if s is not None]
+    swarm.stop(summary_path=summary_path)
+    leftovers = [s.name for s in services if s.group_alive()]
+    for service in services:
+        procs.kill_group(service.pid)
+    assert not leftovers, f"processes left running after stop: {leftovers}"
