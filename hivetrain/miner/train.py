@@ -7,6 +7,7 @@ are created before anything touches CUDA's runtime in this process beyond moving
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import threading
@@ -32,6 +33,8 @@ from hivetrain.tokenizer import load_tokenizer
 from hivetrain.validator.checks import projected_gradient
 
 logger = get_logger(__name__)
+#: hivemind logs its parameter-averaging rounds here (the only place they are visible)
+STATE_AVERAGER_LOGGER = "hivemind.optim.state_averager"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -170,7 +173,7 @@ class Miner:
         self.opt = make_optimizer(self.model, self.dht, self.settings, on_round=self._record_round)
         if self.settings.use_local_updates:
             self._state_log_handler = StateRoundLogHandler(lambda: self.opt.local_epoch, self._record_round)
-            hivemind.get_logger("hivemind.optim.state_averager").addHandler(self._state_log_handler)
+            logging.getLogger(STATE_AVERAGER_LOGGER).addHandler(self._state_log_handler)
 
     def _resume_or_sync(self) -> None:
         """Own checkpoint first; then, if the swarm is ahead, its state from peers before the first step."""
@@ -268,7 +271,7 @@ class Miner:
         if self.challenges is not None:
             self.challenges.stop()
         if self._state_log_handler is not None:
-            hivemind.get_logger("hivemind.optim.state_averager").removeHandler(self._state_log_handler)
+            logging.getLogger(STATE_AVERAGER_LOGGER).removeHandler(self._state_log_handler)
         if self.opt is not None:
             self.opt.shutdown()
         if self.telemetry is not None:

@@ -9,7 +9,7 @@ import torch
 from hivemind.optim.state_averager import TrainingStateAverager
 
 from hivetrain.logging import get_logger
-from hivetrain.miner.optim import ClippedAdamW, param_groups
+from hivetrain.miner.optim import ClippedAdamW, install_codecs, param_groups
 from hivetrain.models import build_model
 
 logger = get_logger(__name__)
@@ -23,6 +23,7 @@ class ModelSync:
     """
 
     def __init__(self, dht: hivemind.DHT, run_id: str, preset: str, seed: int = 0, timeout_s: float = 60.0):
+        install_codecs()  # state may arrive 8-bit compressed
         self.model = build_model(preset, seed=seed)
         self.model.eval()
         self.timeout_s = timeout_s
