@@ -29,14 +29,17 @@ import time
 import hivemind
 import torch
 from hivemind.averaging.control import AveragingStage
-from hivemind.compression import Float16Compression, NoCompression, Uniform8BitQuantization
+from hivemind.compression import Float16Compression, NoCompression
+
+from hivetrain.miner.optim import Uniform8Bit, install_codecs
 
 from bench.common import exit_on_sigterm, spread, table, write_result
 from hivetrain.logging import get_logger
 
 logger = get_logger("bench.allreduce")
 SEED_NUMEL = 32_299_520  # num_parameters(build_model("seed")): the seed GPT-2, tied embeddings counted once
-COMPRESSIONS = {"none": (NoCompression, 4.0), "fp16": (Float16Compression, 2.0), "8bit": (Uniform8BitQuantization, 1.0)}
+# the miner's codecs: its 8-bit one decodes under NumPy 2 (hivemind's stock one does not)
+COMPRESSIONS = {"none": (NoCompression, 4.0), "fp16": (Float16Compression, 2.0), "8bit": (Uniform8Bit, 1.0)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -134,6 +137,7 @@ def timed_round(averagers: list, timeout: float = 120.0) -> float:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     exit_on_sigterm()
+    install_codecs()  # before the averagers fork: they decode what peers send
     bandwidths = [loopback_bandwidth(args.bandwidth_mib << 20) for _ in range(3)]
     dhts = [hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])]
     results = []

@@ -198,7 +198,8 @@ def make_optimizer(model: torch.nn.Module, dht: hivemind.DHT, settings: MinerSet
         dht=dht,
         run_id=settings.run_id,
         params=param_groups(model, settings.weight_decay),
-        optimizer=lambda params: ClippedAdamW(params, max_grad_norm=clip, lr=lr, betas=betas),
+        # fused: one kernel for all tensors; torch's default CPU AdamW loops tensor by tensor (9x slower, BENCHMARKS.md)
+        optimizer=lambda params: ClippedAdamW(params, max_grad_norm=clip, lr=lr, betas=betas, fused=True),
         scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, warmup_schedule(settings.warmup_epochs)),
         target_batch_size=settings.target_batch_size,
         batch_size_per_step=settings.batch_size,
