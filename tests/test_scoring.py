@@ -46,8 +46,10 @@ def test_ema_smooths_and_absent_miners_decay():
     assert ema(1.0, 0.0, 0.5) == 0.5
     history = 0.0
     for _ in range(30):
-        history = score_round({"a": claim(10)}, {}, {"a": history}, alpha=0.3)["a"].new_ema
-    assert history == pytest.approx(1.0, abs=1e-3)  # unchallenged and sole contributor converges to 1
+        history = score_round({"a": claim(10)}, {"a": [PASS]}, {"a": history}, alpha=0.3)["a"].new_ema
+    assert history == pytest.approx(1.0, abs=1e-3)  # a verified sole contributor converges to 1
+    unchecked = score_round({"new": claim(500)}, {}, {}, alpha=1.0)["new"]
+    assert unchecked.pass_rate == 0.0 and unchecked.round_score == 0.0  # not spot-checked yet: nothing verified
     with pytest.raises(ValueError):
         score_round({}, {}, {}, alpha=0.0)
 
@@ -85,5 +87,5 @@ def test_normalize_weights():
             normalize_weights(bad)
 
 
-def test_pass_rate_without_checks_is_neutral():
-    assert pass_rate(0, 0) == 1.0 and pass_rate(3, 1) == 0.75 and pass_rate(0, 2) == 0.0
+def test_pass_rate_without_checks_verifies_nothing():
+    assert pass_rate(0, 0) == 0.0 and pass_rate(3, 1) == 0.75 and pass_rate(0, 2) == 0.0

@@ -3,8 +3,10 @@
 A miner's round score is ``share x pass_rate``: its share of the samples the validator could
 verify this round (``check_claimed_samples``) times the fraction of its gradient spot checks that
 passed. Scores are smoothed with an EMA, ``new = alpha * round + (1 - alpha) * previous``, so one
-lucky or unlucky round moves a miner only part of the way. A miner with no verified samples or
-with every spot check failed gets 0 for the round, whatever its history.
+lucky or unlucky round moves a miner only part of the way. A miner with no verified samples,
+with every spot check failed, or not spot-checked yet gets 0 for the round, whatever its history.
+The spot checks passed in are the miner's recent history (the validator keeps the last few), so
+a window in which a miner happened not to be challenged does not wipe out its record.
 """
 
 from __future__ import annotations
@@ -29,9 +31,9 @@ class ScoreEvidence(BaseModel):
     verified_samples: int = Field(ge=0, description="samples credited after the claimed-samples check")
     claimed_samples: int = Field(ge=0, description="samples the miner claimed this round")
     share: float = Field(ge=0, le=1, description="verified_samples / all miners' verified samples")
-    passes: int = Field(ge=0, description="gradient spot checks passed this round")
-    fails: int = Field(ge=0, description="gradient spot checks failed this round")
-    pass_rate: float = Field(ge=0, le=1, description="passes / (passes + fails); 1 when not checked this round")
+    passes: int = Field(ge=0, description="recent gradient spot checks passed")
+    fails: int = Field(ge=0, description="recent gradient spot checks failed")
+    pass_rate: float = Field(ge=0, le=1, description="passes / (passes + fails) over recent spot checks; 0 when never checked")
     round_score: float = Field(ge=0, le=1, description="share x pass_rate, 0 when nothing verified or every check failed")
     alpha: float = Field(gt=0, le=1)
     previous_ema: float = Field(ge=0)
@@ -40,9 +42,9 @@ class ScoreEvidence(BaseModel):
 
 
 def pass_rate(passes: int, fails: int) -> float:
-    """Fraction of spot checks passed; 1.0 for a miner not challenged this round (no evidence against it)."""
+    """Fraction of spot checks passed; 0.0 for a miner never challenged: its work is not verified yet."""
     total = passes + fails
-    return 1.0 if total == 0 else passes / total
+    return 0.0 if total == 0 else passes / total
 
 
 def score_round(

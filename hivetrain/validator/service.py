@@ -8,6 +8,7 @@ blocks; ``check_every_s`` reads new signed telemetry and sends each live miner a
 
 from __future__ import annotations
 
+import collections
 import random
 import threading
 import time
@@ -36,6 +37,7 @@ from hivetrain.validator.sync import ModelSync
 logger = get_logger(__name__)
 
 EVIDENCE_KEPT = 10  # rounds of evidence kept per miner on the score board
+CHECKS_KEPT = 10  # recent spot checks a miner's pass rate is taken over
 
 
 class Validator:
@@ -48,6 +50,7 @@ class Validator:
         self.scores: dict[str, float] = {}
         self.evidence: dict[str, list[dict]] = {}
         self.spot_checks: dict[str, list[SpotCheck]] = {}
+        self.check_history: dict[str, collections.deque] = {}
         self.rounds = 0
         self.window_started = time.time()
 
@@ -161,11 +164,13 @@ class Validator:
         self.window_started = time.time()
         verdicts = {hotkey: self._claim_verdict(c, progress.get(c.peer_id), progress_since_seen.get(c.peer_id))
                     for hotkey, c in claims.items()}
-        checks, self.spot_checks = self.spot_checks, {}
-        results: dict[str, list[SpotCheckResult]] = {
-            hotkey: [SpotCheckResult(c.result.verdict, c.explain(), c.result.cosine) for c in found]
-            for hotkey, found in checks.items()
-        }
+        # each miner's recent checks, not just this window's: an unlucky window without a check
+        # neither erases a cheater's failures nor, for a miner never checked, verifies anything
+        for hotkey, found in self.spot_checks.items():
+            history = self.check_history.setdefault(hotkey, collections.deque(maxlen=CHECKS_KEPT))
+            history.extend(SpotCheckResult(c.result.verdict, c.explain(), c.result.cosine) for c in found)
+        self.spot_checks = {}
+        results = {hotkey: list(history) for hotkey, history in self.check_history.items() if hotkey in miners or hotkey in claims}
         evidence = score_round(verdicts, results, {k: v for k, v in self.scores.items() if k in miners or k in claims}, s.score_ema_alpha)
         self.scores = {hotkey: e.new_ema for hotkey, e in evidence.items()}
         for hotkey, item in evidence.items():
