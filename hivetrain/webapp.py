@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from typing import TypeVar
 
@@ -9,7 +10,7 @@ import redis
 from flask import Flask, g, jsonify, request
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from pydantic import ValidationError
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import BadRequest, HTTPException
 
 from hivetrain.logging import get_logger
 from hivetrain.settings import ServiceSettings, format_errors
@@ -18,6 +19,17 @@ logger = get_logger(__name__)
 S = TypeVar("S", bound=ServiceSettings)
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_INT = re.compile(r"[0-9]{1,6}")  # plain ASCII digits: int() would also take " 2" and "1_0"
+
+
+def int_arg(name: str, default: int, low: int, high: int) -> int:
+    """Query parameter ``name`` as an integer in [low, high]; a JSON 400 that says so otherwise."""
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    if not _INT.fullmatch(raw) or not low <= int(raw) <= high:
+        raise BadRequest(f"{name} must be an integer from {low} to {high}, got {raw[:40]!r}")
+    return int(raw)
 
 
 class HttpMetrics:

@@ -10,25 +10,22 @@ agree across workers.
 
 from __future__ import annotations
 
-import re
 import time
 
 import redis
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, jsonify
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
-from werkzeug.exceptions import BadRequest
 
 from hivetrain.contracts import Keys
 from hivetrain.logging import get_logger
 from hivetrain.settings import BootstrapSettings
 from hivetrain.store import Registry, connect
-from hivetrain.webapp import HttpMetrics, install, settings_or_exit
+from hivetrain.webapp import HttpMetrics, install, int_arg, settings_or_exit
 
 logger = get_logger(__name__)
 
 #: Roles whose addresses /initial_peers hands out; bootstraps come from their own records.
 SERVED_ROLES = ("miner", "validator")
-_LIMIT = re.compile(r"[0-9]{1,6}")
 
 
 class Metrics(HttpMetrics):
@@ -67,7 +64,7 @@ def create_app(settings: BootstrapSettings | None = None) -> Flask:
 
 def _register_routes(app: Flask, settings: BootstrapSettings, registry: Registry, metrics: Metrics) -> None:
     def initial_peers():
-        limit = _parse_limit(request.args.get("limit"), settings.max_initial_peers)
+        limit = int_arg("limit", settings.max_initial_peers, 1, settings.max_initial_peers)
         response = jsonify(initial_peers=gather_initial_peers(registry, limit))
         response.headers["Cache-Control"] = "no-store"
         return response
@@ -100,11 +97,3 @@ def _register_routes(app: Flask, settings: BootstrapSettings, registry: Registry
         except redis.RedisError:  # the gauges keep their last values; the counters still matter
             metrics.redis_errors.inc()
         return Response(generate_latest(metrics.registry), mimetype=CONTENT_TYPE_LATEST)
-
-
-def _parse_limit(raw: str | None, maximum: int) -> int:
-    if raw is None:
-        return maximum
-    if not _LIMIT.fullmatch(raw) or not 1 <= int(raw) <= maximum:
-        raise BadRequest(f"limit must be an integer from 1 to {maximum}, got {raw[:40]!r}")
-    return int(raw)

@@ -28,7 +28,7 @@ from hivetrain.identity import load_or_create_wallet
 from hivetrain.logging import get_logger
 from hivetrain.settings import ValidatorSettings
 from hivetrain.store import Registry, connect, decode_entry, read_stream
-from hivetrain.webapp import HttpMetrics, install, settings_or_exit
+from hivetrain.webapp import HttpMetrics, install, int_arg, settings_or_exit
 
 logger = get_logger(__name__)
 
@@ -43,7 +43,6 @@ MAX_EVALS = EVALS_STREAM_MAXLEN
 STEP_FIELDS = ("step", "local_epoch", "global_epoch", "loss", "samples", "tokens_per_s", "time")
 PEER_FIELDS = ("peer_id", "role", "hotkey", "device", "preset", "multiaddrs", "last_seen")
 _HOTKEY = re.compile(r"[A-Za-z0-9]{40,60}")
-_INT = re.compile(r"[0-9]{1,6}")
 
 
 class Metrics(HttpMetrics):
@@ -161,18 +160,9 @@ def _register_api_routes(app: Flask, registry: Registry, hotkey: str) -> None:
 
     @app.get("/api/evals")
     def evals():
-        limit = _parse_int("limit", DEFAULT_EVALS, 1, MAX_EVALS)
+        limit = int_arg("limit", DEFAULT_EVALS, 1, MAX_EVALS)
         records = [record.model_dump(mode="json") for record in read_stream(client, keys, EvalRecord, count=limit)]
         return jsonify(evals=records, latest=records[-1] if records else None, count=len(records))
-
-
-def _parse_int(name: str, default: int, low: int, high: int) -> int:
-    raw = request.args.get(name)
-    if raw is None:
-        return default
-    if not _INT.fullmatch(raw) or not low <= int(raw) <= high:
-        raise BadRequest(f"{name} must be an integer from {low} to {high}, got {raw[:40]!r}")
-    return int(raw)
 
 
 def _register_ops_routes(app: Flask, registry: Registry, hotkey: str, metrics: Metrics) -> None:
