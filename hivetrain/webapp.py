@@ -57,7 +57,7 @@ def settings_or_exit(model: type[S], settings: S | None) -> S:
 
 
 def install(app: Flask, metrics: HttpMetrics, service: str) -> None:
-    """JSON for every error (4xx as the request deserves, 503 while Redis is away) and request metrics."""
+    """``/healthz``, JSON for every error (4xx as the request deserves, 503 while Redis is away), request metrics."""
 
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException):
@@ -76,6 +76,10 @@ def install(app: Flask, metrics: HttpMetrics, service: str) -> None:
     def unexpected(error: Exception):
         logger.exception(f"{request.method} {request.path} failed")
         return jsonify(error="internal error", message=f"unexpected server error; see the {service}'s log"), 500
+
+    @app.get("/healthz")
+    def healthz():
+        return jsonify(status="ok")  # the process answers; /readyz says whether it can serve
 
     @app.before_request
     def _start_timer():

@@ -73,10 +73,6 @@ def _register_routes(app: Flask, settings: BootstrapSettings, registry: Registry
     app.add_url_rule("/initial_peers", "initial_peers", initial_peers, methods=["GET"])
     app.add_url_rule("/return_dht_address", "return_dht_address", initial_peers, methods=["GET"])
 
-    @app.get("/healthz")
-    def healthz():
-        return jsonify(status="ok")
-
     @app.get("/readyz")
     def readyz():
         try:

@@ -168,10 +168,6 @@ def _register_api_routes(app: Flask, registry: Registry, hotkey: str) -> None:
 def _register_ops_routes(app: Flask, registry: Registry, hotkey: str, metrics: Metrics) -> None:
     client, keys = registry.client, registry.keys
 
-    @app.get("/healthz")
-    def healthz():
-        return jsonify(status="ok")
-
     @app.get("/readyz")
     def readyz():
         try:
