@@ -42,8 +42,8 @@ def test_local_updates_average_parameters(tmp_path):
     swarm = _swarm(tmp_path, "local", {"HIVE_USE_LOCAL_UPDATES": "true"})
     try:
         swarm.start()
-        wait_until(lambda: len([r for r in swarm.summary()["rounds"] if r["kind"] == "state" and r["group_size"] == 2]) >= 2,
-                   timeout=240, what="2 parameter-averaging rounds of both miners")
+        wait_until(lambda: len([r for r in swarm.summary()["rounds"] if r["kind"] == "state" and r["group_size"] == 2]) >= 4,
+                   timeout=240, what="4 parameter-averaging rounds of both miners")
     finally:
         stop_and_check(swarm)
     diff, moved = _disagreement(tmp_path)
