@@ -31,10 +31,10 @@ import torch
 from hivemind.averaging.control import AveragingStage
 from hivemind.compression import Float16Compression, NoCompression
 
-from hivetrain.miner.optim import Uniform8Bit, install_codecs
+from hivetrain.hivemind_compat import Uniform8Bit, install_codecs
 
 from bench.common import exit_on_sigterm, spread, table, write_result
-from hivetrain.logging import get_logger
+from hivetrain.log import get_logger
 
 logger = get_logger("bench.allreduce")
 SEED_NUMEL = 32_299_520  # num_parameters(build_model("seed")): the seed GPT-2, tied embeddings counted once

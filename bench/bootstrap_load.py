@@ -30,10 +30,10 @@ from bittensor import sp_core
 
 from bench.common import exit_on_sigterm, percentile, table, write_result
 from hivetrain import procs
-from hivetrain.contracts import HEARTBEAT_INTERVAL_S, Keys, PeerRecord
-from hivetrain.logging import get_logger
+from hivetrain.protocol.records import HEARTBEAT_INTERVAL_S, Keys, PeerRecord
+from hivetrain.log import get_logger
 from hivetrain.redis_server import start_redis
-from hivetrain.store import Registry, connect
+from hivetrain.store import Registry, connect_redis
 
 logger = get_logger("bench.bootstrap_load")
 RUN_ID = "bench-bootstrap"
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         redis_service, redis_url = start_redis(workdir / "redis", persist=False)
         bootstrap, port = start_bootstrap(workdir, redis_url, args.workers)
-        registry = Registry(connect(redis_url), Keys(RUN_ID))
+        registry = Registry(connect_redis(redis_url), Keys(RUN_ID))
         peers = Peers(registry, args.peers)
         register_s = peers.register_all()
         peers.start()

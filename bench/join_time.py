@@ -27,10 +27,10 @@ from datetime import datetime
 from pathlib import Path
 
 from bench.common import exit_on_sigterm, table, write_result
-from hivetrain.contracts import Keys, StepRecord
-from hivetrain.logging import get_logger
+from hivetrain.protocol.records import Keys, StepRecord
+from hivetrain.log import get_logger
 from hivetrain.settings import SwarmSettings
-from hivetrain.store import connect, read_stream
+from hivetrain.store import connect_redis, read_stream
 from hivetrain.swarm.launcher import Swarm
 
 logger = get_logger("bench.join_time")
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         swarm.start()
         keys = Keys(settings.run_id)
-        client = connect(swarm.redis_url)
+        client = connect_redis(swarm.redis_url)
 
         def swarm_epoch():
             epochs = [s.local_epoch for s in read_stream(client, keys, StepRecord, count=50)]

@@ -20,9 +20,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from hivetrain.contracts import EvalRecord, Keys, StepRecord  # noqa: E402
+from hivetrain.protocol.records import EvalRecord, Keys, StepRecord  # noqa: E402
 from hivetrain.settings import SwarmSettings  # noqa: E402
-from hivetrain.store import connect, read_stream  # noqa: E402
+from hivetrain.store import connect_redis, read_stream  # noqa: E402
 from hivetrain.swarm.launcher import Swarm  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -47,7 +47,7 @@ def record(miners: int, duration: float) -> dict:
         deadline = time.monotonic() + duration
         while time.monotonic() < deadline and not swarm.failed_services():
             time.sleep(2)
-        client, keys = connect(swarm.redis_url), Keys(settings.run_id)
+        client, keys = connect_redis(swarm.redis_url), Keys(settings.run_id)
         steps = read_stream(client, keys, StepRecord)
         evals = read_stream(client, keys, EvalRecord)
     finally:

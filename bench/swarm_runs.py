@@ -26,9 +26,9 @@ from pathlib import Path
 
 import psutil
 
-from hivetrain.contracts import Keys, RoundRecord, StepRecord
+from hivetrain.protocol.records import Keys, RoundRecord, StepRecord
 from hivetrain.settings import SwarmSettings
-from hivetrain.store import connect, read_stream
+from hivetrain.store import connect_redis, read_stream
 from hivetrain.swarm.launcher import PRESET_MINER_DEFAULTS, Swarm
 
 CONFIGS = {
@@ -72,7 +72,7 @@ def run(name: str, env: dict[str, str], miners: int = 2, duration: float = 45.0,
     swarm = Swarm(settings, extra_env=env)
     try:
         swarm.start()
-        client, keys = connect(swarm.redis_url), Keys(run_id)
+        client, keys = connect_redis(swarm.redis_url), Keys(run_id)
         deadline = time.monotonic() + timeout
         while len({s.peer_id for s in read_stream(client, keys, StepRecord, count=200)}) < miners:
             if time.monotonic() > deadline:

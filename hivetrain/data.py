@@ -18,7 +18,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from hivetrain.assets import sotu_file
-from hivetrain.logging import get_logger
+from hivetrain.log import get_logger
 
 logger = get_logger(__name__)
 

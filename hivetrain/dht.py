@@ -7,7 +7,7 @@ from pathlib import Path
 
 import hivemind
 
-from hivetrain.logging import get_logger
+from hivetrain.log import get_logger
 from hivetrain.settings import DHTSettings
 
 logger = get_logger(__name__)

@@ -15,7 +15,7 @@ import sys
 
 from pydantic_settings import BaseSettings
 
-from hivetrain.logging import get_logger
+from hivetrain.log import get_logger
 
 logger = get_logger(__name__)
 

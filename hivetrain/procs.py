@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hivetrain.logging import get_logger
+from hivetrain.log import get_logger
 
 logger = get_logger(__name__)
 

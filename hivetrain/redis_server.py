@@ -13,7 +13,7 @@ from pathlib import Path
 import redis
 
 from hivetrain import procs
-from hivetrain.logging import get_logger
+from hivetrain.log import get_logger
 
 logger = get_logger(__name__)
 

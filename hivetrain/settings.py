@@ -14,6 +14,8 @@ from typing import Literal, TypeVar
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
+from hivetrain.protocol.spotcheck import MAX_BATCH, MAX_DIM, SPOT_CHECK_THRESHOLD
+
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_BOOTSTRAP_URL = "http://127.0.0.1:8000"
 Compression = Literal["none", "fp16", "8bit"]
@@ -190,10 +192,10 @@ class ValidatorSettings(PeerSettings):
     eval_batch_size: int = Field(8, ge=1, description="blocks per forward pass during evaluation")
     check_every_s: float = Field(20.0, gt=0, description="check every live miner's claims and send it a spot check this often")
     weights_every_s: float = Field(60.0, gt=0, description="set weights through the chain this often")
-    spot_check_dim: int = Field(64, ge=8, description="size of the projected gradient a miner returns")
-    spot_check_batch: int = Field(2, ge=1, description="blocks in a spot-check batch")
+    spot_check_dim: int = Field(64, ge=8, le=MAX_DIM, multiple_of=8, description="size of the projected gradient a miner returns")
+    spot_check_batch: int = Field(2, ge=1, le=MAX_BATCH, description="blocks in a spot-check batch")
     spot_check_timeout_s: float = Field(30.0, gt=0, description="a miner that has not answered a spot check by then fails it")
-    spot_check_threshold: float = Field(0.95, gt=-1, le=1, description="cosine an answer needs against the validator's own projection (bench/spot_check_threshold.py)")
+    spot_check_threshold: float = Field(SPOT_CHECK_THRESHOLD, gt=-1, le=1, description="cosine an answer needs against the validator's own projection (bench/spot_check_threshold.py)")
     max_samples_per_s: float = Field(10_000.0, gt=0, description="no miner is credited for more samples per second than this")
     claim_tolerance: float = Field(1.0, ge=0, description="claims may exceed what hivemind's progress records showed by this fraction (polls miss each epoch's last samples)")
     score_ema_alpha: float = Field(0.3, gt=0, le=1, description="weight of the newest round in a miner's score EMA")

@@ -1,4 +1,4 @@
-"""Redis access for the registry and telemetry, on top of the contracts in ``hivetrain.contracts``.
+"""Redis access for the registry and telemetry, on top of the contracts in ``hivetrain.protocol.records``.
 
 Peer registrations and telemetry are stored as signed envelopes (``hivetrain.identity``): the
 writer's hotkey signs the whole record. Readers verify and drop what fails: a forged or altered
@@ -18,7 +18,7 @@ from typing import Iterable
 
 import redis
 
-from hivetrain.contracts import (
+from hivetrain.protocol.records import (
     BOOTSTRAP_TTL_S,
     PEER_TTL_S,
     EVALS_STREAM_MAXLEN,
@@ -33,12 +33,12 @@ from hivetrain.contracts import (
     StepRecord,
 )
 from hivetrain.identity import SignedEnvelope, Verifier, VerificationError, sign
-from hivetrain.logging import get_logger
+from hivetrain.log import get_logger
 
 logger = get_logger(__name__)
 
 
-def connect(url: str, timeout: float = 2.0) -> redis.Redis:
+def connect_redis(url: str, timeout: float = 2.0) -> redis.Redis:
     """A Redis client that fails fast (``timeout`` seconds) instead of hanging on a dead server."""
     return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=30)
 

@@ -7,7 +7,7 @@ import functools
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from hivetrain.assets import TOKENIZER_DIR
-from hivetrain.logging import get_logger
+from hivetrain.log import get_logger
 
 logger = get_logger(__name__)
 

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from pydantic import ValidationError
 from werkzeug.exceptions import BadRequest, HTTPException
 
-from hivetrain.logging import get_logger
+from hivetrain.log import get_logger
 from hivetrain.settings import ServiceSettings, format_errors
 
 logger = get_logger(__name__)

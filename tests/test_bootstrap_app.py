@@ -9,9 +9,9 @@ import redis
 
 from hivetrain import procs
 from hivetrain.bootstrap.app import create_app
-from hivetrain.contracts import BootstrapRecord, Keys, PeerRecord
+from hivetrain.protocol.records import BootstrapRecord, Keys, PeerRecord
 from hivetrain.settings import BootstrapSettings
-from hivetrain.store import Registry, connect
+from hivetrain.store import Registry, connect_redis
 
 RUN = "bt"
 BOOT = ["/ip4/10.0.0.1/tcp/31337/p2p/QmBoot", "/ip4/127.0.0.1/tcp/31337/p2p/QmBoot"]
@@ -43,7 +43,7 @@ class SigningRegistry(Registry):
 
 @pytest.fixture
 def registry(redis_url, wallet):
-    return SigningRegistry(connect(redis_url), Keys(RUN), wallet)
+    return SigningRegistry(connect_redis(redis_url), Keys(RUN), wallet)
 
 
 def _register_in_order(registry: Registry, peers: list[PeerRecord]) -> None:

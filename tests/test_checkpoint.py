@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM
 
-from hivetrain.miner.checkpoint import TrainerState, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
-from hivetrain.miner.optim import ClippedAdamW, param_groups
+from hivetrain.miner.checkpoint import load_checkpoint, save_checkpoint
+from hivetrain.protocol.checkpoints import TrainerState, latest_checkpoint, list_checkpoints
+from hivetrain.protocol.training import ClippedAdamW, param_groups
 from hivetrain.models import build_model
 
 

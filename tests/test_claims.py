@@ -7,10 +7,10 @@ import time
 
 import torch
 
-from hivetrain.contracts import Keys, PeerRecord, StepRecord
+from hivetrain.protocol.records import Keys, PeerRecord, StepRecord
 from hivetrain.identity import Verifier
 from hivetrain.models import build_model
-from hivetrain.store import append, connect
+from hivetrain.store import append, connect_redis
 from hivetrain.validator.claims import ClaimReader
 from hivetrain.validator.evaluate import evaluate
 
@@ -25,7 +25,7 @@ def _registration(peer_id: str, wallet) -> PeerRecord:
 
 
 def test_claims_are_windows_of_verified_records(redis_url, wallet, other_wallet):
-    client, keys = connect(redis_url), Keys("c")
+    client, keys = connect_redis(redis_url), Keys("c")
     reader = ClaimReader(client, keys, Verifier.in_memory())
     append(client, keys, _step("QmA", 4), wallet)  # written before the validator started: not counted
     reader.start()
@@ -42,7 +42,7 @@ def test_claims_are_windows_of_verified_records(redis_url, wallet, other_wallet)
 
 
 def test_replays_forgeries_and_strangers_earn_nothing(redis_url, wallet, other_wallet):
-    client, keys = connect(redis_url), Keys("c")
+    client, keys = connect_redis(redis_url), Keys("c")
     reader = ClaimReader(client, keys, Verifier.in_memory())
     reader.start()
     registrations = {wallet.hotkey.ss58_address: _registration("QmA", wallet)}

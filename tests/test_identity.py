@@ -10,7 +10,7 @@ import pytest
 import redis
 from bittensor.keyfiles import Keypair
 
-from hivetrain.contracts import Keys
+from hivetrain.protocol.records import Keys
 from hivetrain.identity import (
     InvalidSignature,
     MalformedEnvelope,

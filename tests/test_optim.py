@@ -7,7 +7,8 @@ import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.proto import runtime_pb2
 
-from hivetrain.miner.optim import COMPRESSIONS, ClippedAdamW, install_codecs, param_groups, warmup_schedule
+from hivetrain.miner.optim import warmup_schedule
+from hivetrain.protocol.training import COMPRESSIONS, ClippedAdamW, install_codecs, param_groups
 from hivetrain.models import build_model
 
 

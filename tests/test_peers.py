@@ -9,7 +9,7 @@ from flask import Flask, jsonify
 from werkzeug.serving import make_server
 
 from hivetrain import procs
-from hivetrain.miner.peers import BootstrapUnavailable, fetch_initial_peers
+from hivetrain.protocol.discovery import BootstrapUnavailable, fetch_initial_peers
 
 
 @pytest.fixture

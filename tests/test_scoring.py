@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from hivetrain.validator.checks import ClaimCheckResult, SpotCheckResult
+from hivetrain.validator.verdicts import ClaimCheckResult, SpotCheckResult
 from hivetrain.validator.scoring import ScoreEvidence, ema, normalize_weights, pass_rate, score_round
 
 PASS = SpotCheckResult("pass", "cosine 0.99 >= 0.95", 0.99)

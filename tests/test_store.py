@@ -9,9 +9,9 @@ import pytest
 import redis
 
 from hivetrain import procs
-from hivetrain.contracts import BootstrapRecord, Keys, PeerRecord, RoundRecord, StepRecord
+from hivetrain.protocol.records import BootstrapRecord, Keys, PeerRecord, RoundRecord, StepRecord
 from hivetrain.redis_server import start_redis
-from hivetrain.store import Registry, TelemetryWriter, append, connect, read_stream
+from hivetrain.store import Registry, TelemetryWriter, append, connect_redis, read_stream
 
 
 def _peer(peer_id: str, role: str = "miner") -> PeerRecord:
@@ -23,7 +23,7 @@ def _step(peer_id: str, step: int) -> StepRecord:
 
 
 def test_registry_lists_freshest_first_and_expires(redis_url, wallet):
-    registry = Registry(connect(redis_url), Keys("t"), ttl_s=2)
+    registry = Registry(connect_redis(redis_url), Keys("t"), ttl_s=2)
     for name in ("a", "b", "c"):
         registry.register(_peer(name), wallet)
         time.sleep(0.01)
@@ -37,7 +37,7 @@ def test_registry_lists_freshest_first_and_expires(redis_url, wallet):
 
 
 def test_registry_filters_role_and_skips_malformed(redis_url, wallet):
-    registry = Registry(connect(redis_url), Keys("t"))
+    registry = Registry(connect_redis(redis_url), Keys("t"))
     registry.register(_peer("m1"), wallet)
     registry.register(_peer("v1", role="validator"), wallet)
     registry.client.set(registry.keys.peer("bad"), b'{"peer_id": 3}')
@@ -47,7 +47,7 @@ def test_registry_filters_role_and_skips_malformed(redis_url, wallet):
 
 
 def test_bootstrap_records(redis_url):
-    registry = Registry(connect(redis_url), Keys("t"))
+    registry = Registry(connect_redis(redis_url), Keys("t"))
     registry.set_bootstrap(BootstrapRecord(peer_id="boot", multiaddrs=["/ip4/127.0.0.1/tcp/5/p2p/boot"]))
     assert [b.peer_id for b in registry.bootstraps()] == ["boot"]
     registry.remove_bootstrap("boot")
@@ -55,13 +55,13 @@ def test_bootstrap_records(redis_url):
 
 
 def test_runs_do_not_see_each_other(redis_url, wallet):
-    client = connect(redis_url)
+    client = connect_redis(redis_url)
     Registry(client, Keys("one")).register(_peer("a"), wallet)
     assert Registry(client, Keys("two")).live_peers() == []
 
 
 def test_streams_are_signed_and_typed(redis_url, wallet):
-    client, keys = connect(redis_url), Keys("t")
+    client, keys = connect_redis(redis_url), Keys("t")
     for i in range(5):
         append(client, keys, _step("a", i), wallet)
     append(client, keys, RoundRecord(peer_id="a", epoch=1, group_size=2, group=["a", "b"], duration_s=0.5, success=True), wallet)
@@ -75,7 +75,7 @@ def test_streams_are_signed_and_typed(redis_url, wallet):
 def test_telemetry_survives_redis_restart(tmp_path, wallet):
     port = procs.free_port()
     server, url = start_redis(tmp_path / "r1", port=port, persist=False)
-    writer = TelemetryWriter(connect(url, timeout=0.5), Keys("t"), signer=wallet, max_backoff_s=0.3)
+    writer = TelemetryWriter(connect_redis(url, timeout=0.5), Keys("t"), signer=wallet, max_backoff_s=0.3)
     try:
         writer.put(_step("a", 0))
         server.stop(timeout=5)
@@ -86,7 +86,7 @@ def test_telemetry_survives_redis_restart(tmp_path, wallet):
         time.sleep(0.5)
         server, url = start_redis(tmp_path / "r2", port=port, persist=False)
         writer.close(timeout=10)
-        steps = [r.step for r in read_stream(connect(url), Keys("t"), StepRecord)]
+        steps = [r.step for r in read_stream(connect_redis(url), Keys("t"), StepRecord)]
         assert steps[-3:] == [1, 2, 3]
         assert writer.dropped == 0
     finally:
@@ -119,7 +119,7 @@ def _tamper(client, key: str, **changes) -> None:
 
 
 def test_registry_drops_forged_and_misfiled_records(redis_url, wallet, other_wallet):
-    registry = Registry(connect(redis_url), Keys("t"))
+    registry = Registry(connect_redis(redis_url), Keys("t"))
     registry.register(_peer("honest"), wallet)
     registry.register(_peer("victim"), other_wallet)
     # someone with Redis access edits a record: the signature no longer covers it
@@ -132,7 +132,7 @@ def test_registry_drops_forged_and_misfiled_records(redis_url, wallet, other_wal
 
 
 def test_registry_drops_records_whose_heartbeat_stopped(redis_url, wallet):
-    registry = Registry(connect(redis_url), Keys("t"), ttl_s=60)
+    registry = Registry(connect_redis(redis_url), Keys("t"), ttl_s=60)
     registry.register(_peer("a"), wallet)
     registry.verifier.window_s = 0.2  # the key lives on, but the signed timestamp is old
     time.sleep(0.3)
@@ -140,7 +140,7 @@ def test_registry_drops_records_whose_heartbeat_stopped(redis_url, wallet):
 
 
 def test_stream_history_drops_tampered_records(redis_url, wallet):
-    client, keys = connect(redis_url), Keys("t")
+    client, keys = connect_redis(redis_url), Keys("t")
     append(client, keys, _step("a", 0), wallet)
     append(client, keys, _step("a", 1), wallet)
     entry_id, fields = client.xrange(keys.steps)[0]

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from hivetrain import procs
-from hivetrain.contracts import VALIDATOR_TTL_S, EvalRecord, Keys, MinerScore, PeerRecord, RoundRecord, ScoreBoard, StepRecord
+from hivetrain.protocol.records import VALIDATOR_TTL_S, EvalRecord, Keys, MinerScore, PeerRecord, RoundRecord, ScoreBoard, StepRecord
 from hivetrain.gunicorn import settings_env
 from hivetrain.identity import load_or_create_wallet
 from hivetrain.settings import ValidatorSettings
-from hivetrain.store import Registry, append, connect
+from hivetrain.store import Registry, append, connect_redis
 from hivetrain.validator.api import APP_SPEC, gunicorn_argv, start_api, stop_api
 from hivetrain.validator.app import ROUNDS_SHOWN, create_app
 
@@ -45,7 +45,7 @@ def client(redis_url, wallet_dir):
 
 @pytest.fixture
 def db(redis_url):
-    return connect(redis_url)
+    return connect_redis(redis_url)
 
 
 def _peer(name: str, role: str = "miner") -> PeerRecord:

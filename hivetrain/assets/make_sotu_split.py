@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from hivetrain.assets import SOTU_DIR, TOKENIZER_DIR
-from hivetrain.logging import get_logger
+from hivetrain.log import get_logger
 
 logger = get_logger("hivetrain.assets.make_sotu_split")
 

@@ -16,7 +16,7 @@ import threading
 
 from hivetrain.dht import reset_signal_handlers_in_children
 from hivetrain.gunicorn import start_gunicorn, stop_gunicorn
-from hivetrain.logging import get_logger
+from hivetrain.log import get_logger
 from hivetrain.settings import BootstrapSettings, load_settings
 
 logger = get_logger("hivetrain.bootstrap")  # __name__ is "__main__" under -m

@@ -16,10 +16,10 @@ import redis
 from flask import Flask, Response, jsonify
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 
-from hivetrain.contracts import Keys
-from hivetrain.logging import get_logger
+from hivetrain.protocol.records import Keys
+from hivetrain.log import get_logger
 from hivetrain.settings import BootstrapSettings
-from hivetrain.store import Registry, connect
+from hivetrain.store import Registry, connect_redis
 from hivetrain.webapp import HttpMetrics, install, int_arg, settings_or_exit
 
 logger = get_logger(__name__)
@@ -54,7 +54,7 @@ def create_app(settings: BootstrapSettings | None = None) -> Flask:
     """Build the app; with no ``settings`` they come from the ``HIVE_*`` environment (exits with a fix-it message if invalid)."""
     settings = settings_or_exit(BootstrapSettings, settings)
     app = Flask(__name__)
-    registry = Registry(connect(settings.redis_url), Keys(settings.run_id))
+    registry = Registry(connect_redis(settings.redis_url), Keys(settings.run_id))
     metrics = Metrics()
     app.extensions["hivetrain.bootstrap"] = {"settings": settings, "registry": registry, "metrics": metrics}
     install(app, metrics, "bootstrap")

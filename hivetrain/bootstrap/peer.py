@@ -10,11 +10,11 @@ from __future__ import annotations
 import threading
 from typing import Protocol
 
-from hivetrain.contracts import BOOTSTRAP_TTL_S, BootstrapRecord, Keys
+from hivetrain.protocol.records import BOOTSTRAP_TTL_S, BootstrapRecord, Keys
 from hivetrain.dht import make_dht, visible_maddrs
-from hivetrain.logging import get_logger
+from hivetrain.log import get_logger
 from hivetrain.settings import BootstrapSettings
-from hivetrain.store import Registry, connect
+from hivetrain.store import Registry, connect_redis
 
 logger = get_logger(__name__)
 
@@ -38,7 +38,7 @@ def run_dht_peer(settings: BootstrapSettings, stop_event: StopEvent, interval_s:
     Call it in a process that has not initialised CUDA: hivemind forks the DHT from it.
     """
     dht = make_dht(settings)
-    registry = Registry(connect(settings.redis_url), Keys(settings.run_id))
+    registry = Registry(connect_redis(settings.redis_url), Keys(settings.run_id))
     peer_id = str(dht.peer_id)
     try:
         logger.info(f"DHT peer {peer_id} is up; multiaddrs: {' '.join(visible_maddrs(dht)) or '(none)'}")

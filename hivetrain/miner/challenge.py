@@ -16,30 +16,15 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from flask import Flask, jsonify, request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 from werkzeug.serving import make_server
 
 from hivetrain.identity import Verifier, VerificationError, sign
-from hivetrain.logging import get_logger
+from hivetrain.log import get_logger
+from hivetrain.protocol.spotcheck import Challenge, SpotCheckAnswer
 
 logger = get_logger(__name__)
-
-MAX_BATCH = 16
-MAX_DIM = 1024
-
-
-class Challenge(BaseModel):
-    """What a validator asks (the signed payload of POST /challenge)."""
-
-    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
-
-    miner_hotkey: str = Field(description="the miner this challenge is for; another miner must refuse it")
-    block_index: int = Field(ge=0, description="first block of the batch in the miner's shard")
-    batch_size: int = Field(ge=1, le=MAX_BATCH)
-    seed: int = Field(ge=0, lt=2**63, description="projection seed")
-    dim: int = Field(ge=8, le=MAX_DIM)
-    epoch: int = Field(ge=0, description="the global epoch the validator holds")
 
 
 class TokenBucket:
@@ -147,10 +132,9 @@ class ChallengeServer:
                 continue
             try:
                 epoch, projection = compute(item.challenge)
-                item.future.set_result(sign(self.wallet, {
-                    "challenge_nonce": item.nonce, "validator": item.validator, "epoch": epoch,
-                    "block_index": item.challenge.block_index, "projection": projection,
-                }))
+                answer = SpotCheckAnswer(challenge_nonce=item.nonce, validator=item.validator, epoch=epoch,
+                                         block_index=item.challenge.block_index, projection=projection)
+                item.future.set_result(sign(self.wallet, answer.model_dump(mode="json")))
             except Exception as error:  # a bad challenge must not stop training
                 logger.exception("spot check failed")
                 item.future.set_exception(error)

@@ -1,8 +1,8 @@
 """Atomic checkpoints a miner resumes from and ``transformers`` loads.
 
 A checkpoint is a folder ``epoch-<N>`` holding ``save_pretrained`` output (safetensors + config),
-``optimizer.pt`` (hivemind.Optimizer state, its local epoch included) and ``trainer.json``. It is
-written to a hidden temporary folder and renamed into place, so a crash mid-write leaves the
+``optimizer.pt`` (hivemind.Optimizer state, its local epoch included) and ``trainer.json`` (the
+layout others read is ``hivetrain.protocol.checkpoints``). It is written to a hidden temporary folder and renamed into place, so a crash mid-write leaves the
 previous checkpoint intact and never a half-written one under a real name.
 """
 
@@ -11,51 +11,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from hivetrain.logging import get_logger
+from hivetrain.log import get_logger
+from hivetrain.protocol.checkpoints import PREFIX, TRAINER_FILE, TrainerState, list_checkpoints, read_trainer_state
 
 logger = get_logger(__name__)
-
-PREFIX = "epoch-"
-
-
-@dataclass
-class TrainerState:
-    """What the loop needs besides weights and optimizer state to resume where it stopped."""
-
-    peer_id: str
-    preset: str
-    epoch: int
-    step: int
-    samples: int
-    next_block: int
-
-
-def _epoch_of(path: Path) -> int | None:
-    if not path.name.startswith(PREFIX) or not path.is_dir():
-        return None
-    try:
-        return int(path.name[len(PREFIX):])
-    except ValueError:
-        return None
-
-
-def list_checkpoints(root: str | Path) -> list[Path]:
-    """Complete checkpoints under ``root``, oldest first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = [(epoch, p) for p in root.iterdir() if (epoch := _epoch_of(p)) is not None and (p / "trainer.json").exists()]
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(root: str | Path) -> Path | None:
-    checkpoints = list_checkpoints(root)
-    return checkpoints[-1] if checkpoints else None
 
 
 def save_checkpoint(root: str | Path, model, optimizer, state: TrainerState, keep: int = 2) -> Path:
@@ -67,7 +31,7 @@ def save_checkpoint(root: str | Path, model, optimizer, state: TrainerState, kee
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    (tmp / "trainer.json").write_text(json.dumps(asdict(state), indent=1))
+    (tmp / TRAINER_FILE).write_text(json.dumps(asdict(state), indent=1))
     _fsync_tree(tmp)
     if final.exists():  # same epoch saved twice (e.g. at an epoch boundary, then at shutdown)
         old = root / f".old-{final.name}-{os.getpid()}"
@@ -96,7 +60,7 @@ def load_checkpoint(path: str | Path, model, map_location: str = "cpu") -> tuple
         raise ValueError(f"checkpoint {path} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}; "
                          "was it written with another preset? Move it away or pick the matching HIVE_PRESET")
     optimizer_state = torch.load(path / "optimizer.pt", map_location=map_location, weights_only=False)
-    state = TrainerState(**json.loads((path / "trainer.json").read_text()))
+    state = read_trainer_state(path)
     return optimizer_state, state
 
 

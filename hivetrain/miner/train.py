@@ -7,7 +7,6 @@ are created before anything touches CUDA's runtime in this process beyond moving
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import os
 import threading
@@ -17,24 +16,25 @@ from pathlib import Path
 import hivemind
 import torch
 
-from hivetrain.contracts import HEARTBEAT_INTERVAL_S, Keys, PeerRecord, RoundRecord, StepRecord
+from hivetrain.protocol.records import HEARTBEAT_INTERVAL_S, Keys, PeerRecord, RoundRecord, StepRecord
 from hivetrain.data import BlockStream, shard_for_peer
 from hivetrain.dht import make_dht, visible_maddrs
 from hivetrain.identity import load_or_create_wallet
-from hivetrain.logging import get_logger
-from hivetrain.miner.challenge import Challenge, ChallengeServer
-from hivetrain.miner.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
-from hivetrain.miner.optim import RoundInfo, StateRoundLogHandler, TrackedOptimizer, make_optimizer
-from hivetrain.miner.peers import fetch_initial_peers
+from hivetrain.log import get_logger
+from hivetrain.miner.challenge import ChallengeServer
+from hivetrain.miner.checkpoint import load_checkpoint, save_checkpoint
+from hivetrain.hivemind_compat import RoundInfo, StateRoundLogHandler, TrackedOptimizer
+from hivetrain.miner.optim import make_optimizer
+from hivetrain.protocol.checkpoints import TrainerState, latest_checkpoint
+from hivetrain.protocol.discovery import fetch_initial_peers
+from hivetrain.protocol.projection import projected_gradient
+from hivetrain.protocol.spotcheck import Challenge
 from hivetrain.models import build_model, model_config, num_parameters
 from hivetrain.settings import MinerSettings
-from hivetrain.store import Registry, TelemetryWriter, connect
+from hivetrain.store import Registry, TelemetryWriter, connect_redis
 from hivetrain.tokenizer import load_tokenizer
-from hivetrain.validator.checks import projected_gradient
 
 logger = get_logger(__name__)
-#: hivemind logs its parameter-averaging rounds here (the only place they are visible)
-STATE_AVERAGER_LOGGER = "hivemind.optim.state_averager"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -157,7 +157,7 @@ class Miner:
     def _make_reporting(self) -> None:
         s = self.settings
         keys = Keys(s.run_id)
-        client = connect(s.redis_url)
+        client = connect_redis(s.redis_url)
         self.telemetry = TelemetryWriter(client, keys, self.wallet)
         self.challenges = ChallengeServer(self.wallet, s.challenge_host, s.challenge_port, s.challenge_rate,
                                           s.challenge_burst, s.record_window_s).start()
@@ -172,8 +172,7 @@ class Miner:
     def _make_optimizer(self) -> None:
         self.opt = make_optimizer(self.model, self.dht, self.settings, on_round=self._record_round)
         if self.settings.use_local_updates:
-            self._state_log_handler = StateRoundLogHandler(lambda: self.opt.local_epoch, self._record_round)
-            logging.getLogger(STATE_AVERAGER_LOGGER).addHandler(self._state_log_handler)
+            self._state_log_handler = StateRoundLogHandler(lambda: self.opt.local_epoch, self._record_round).attach()
 
     def _resume_or_sync(self) -> None:
         """Own checkpoint first; then, if the swarm is ahead, its state from peers before the first step."""
@@ -271,7 +270,7 @@ class Miner:
         if self.challenges is not None:
             self.challenges.stop()
         if self._state_log_handler is not None:
-            logging.getLogger(STATE_AVERAGER_LOGGER).removeHandler(self._state_log_handler)
+            self._state_log_handler.detach()
         if self.opt is not None:
             self.opt.shutdown()
         if self.telemetry is not None:

@@ -7,7 +7,7 @@ import signal
 import threading
 import time
 
-from hivetrain.logging import get_logger
+from hivetrain.log import get_logger
 from hivetrain.settings import SwarmSettings, load_settings
 from hivetrain.swarm.launcher import Swarm, SwarmError
 

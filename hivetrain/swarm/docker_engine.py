@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Mapping
 
 from hivetrain import __version__
-from hivetrain.logging import get_logger
+from hivetrain.log import get_logger
 from hivetrain.settings import SERVICE_SETTINGS, SwarmSettings, env_names
 from hivetrain.swarm.launcher import PRESET_MINER_DEFAULTS
 

@@ -16,11 +16,11 @@ from pathlib import Path
 import requests
 
 from hivetrain import procs
-from hivetrain.contracts import Keys
-from hivetrain.logging import get_logger
+from hivetrain.protocol.records import Keys
+from hivetrain.log import get_logger
 from hivetrain.redis_server import start_redis
 from hivetrain.settings import SwarmSettings
-from hivetrain.store import Registry, connect
+from hivetrain.store import Registry, connect_redis
 
 logger = get_logger(__name__)
 
@@ -156,7 +156,7 @@ class Swarm:
 
     # --- watch ------------------------------------------------------------------------------
     def registry(self) -> Registry:
-        return Registry(connect(self.redis_url), Keys(self.settings.run_id))
+        return Registry(connect_redis(self.redis_url), Keys(self.settings.run_id))
 
     def status_line(self) -> str:
         """One line for the console: live miners, epochs, rounds so far."""
@@ -164,7 +164,7 @@ class Swarm:
 
         try:
             live = self.registry().live_peers(role="miner")
-            summary = collect(connect(self.redis_url), Keys(self.settings.run_id), since=self.started_at, last=2000)
+            summary = collect(connect_redis(self.redis_url), Keys(self.settings.run_id), since=self.started_at, last=2000)
         except Exception as error:  # Redis boundary: the status line is best effort
             return f"status unavailable ({error!r})"
         epochs = [m["last_epoch"] for m in summary["miners"].values() if m["last_epoch"] is not None]
@@ -201,7 +201,7 @@ class Swarm:
         """Rounds, losses and checkpoints of this swarm so far (Redis must be up)."""
         from hivetrain.swarm.summary import collect
 
-        return collect(connect(self.redis_url), Keys(self.settings.run_id), since=self.started_at,
+        return collect(connect_redis(self.redis_url), Keys(self.settings.run_id), since=self.started_at,
                        checkpoint_dirs=[self.workdir / f"miner-{i}" for i in range(len(self.miners))])
 
     def write_summary(self, path: str | Path) -> dict:

@@ -2,34 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import redis
 
-from hivetrain.contracts import Keys, RoundRecord, StepRecord
+from hivetrain.protocol.records import Keys, RoundRecord, StepRecord
+from hivetrain.protocol.checkpoints import latest_checkpoint, read_trainer_state
+from hivetrain.protocol.rounds import rounds_from_records
 from hivetrain.store import read_stream
-
-
-def rounds_from_records(records: list[RoundRecord]) -> list[dict]:
-    """Successful rounds, one entry per (kind, epoch, group), however many members reported it.
-
-    Gradient rounds name their peers; state rounds (local-updates mode) only know their size.
-    """
-    rounds: dict[tuple, dict] = {}
-    for record in records:
-        if not record.success or record.group_size < 2:
-            continue
-        group = tuple(sorted(record.group))
-        key = (record.kind, record.epoch, group) if group else (record.kind, record.epoch, record.group_size)
-        entry = rounds.setdefault(key, {"kind": record.kind, "epoch": record.epoch, "group_size": record.group_size,
-                                        "peers": list(group), "reported_by": [], "duration_s": 0.0, "time": record.time})
-        entry["reported_by"].append(record.peer_id)
-        entry["duration_s"] = max(entry["duration_s"], record.duration_s)
-        entry["time"] = min(entry["time"], record.time)
-    for entry in rounds.values():
-        entry["reported_by"].sort()
-    return sorted(rounds.values(), key=lambda r: (r["time"], r["epoch"]))
 
 
 def miners_from_steps(steps: list[StepRecord]) -> dict[str, dict]:
@@ -53,14 +33,12 @@ def collect(client: redis.Redis, keys: Keys, since: float = 0.0, checkpoint_dirs
     """
     steps = [s for s in read_stream(client, keys, StepRecord, count=last) if s.time >= since]
     records = [r for r in read_stream(client, keys, RoundRecord, count=last) if r.time >= since]
-    from hivetrain.miner.checkpoint import latest_checkpoint  # imports torch: only when checkpoints are asked for
-
     checkpoints = {}
     for folder in checkpoint_dirs or []:
         latest = latest_checkpoint(folder)
         if latest is not None:
-            state = json.loads((latest / "trainer.json").read_text())
-            checkpoints[state["peer_id"]] = {"path": str(latest), "epoch": state["epoch"], "name": Path(folder).name}
+            state = read_trainer_state(latest)
+            checkpoints[state.peer_id] = {"path": str(latest), "epoch": state.epoch, "name": Path(folder).name}
     miners = miners_from_steps(steps)
     for peer_id, checkpoint in checkpoints.items():
         miners.setdefault(peer_id, {})["checkpoint"] = checkpoint["path"]

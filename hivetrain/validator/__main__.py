@@ -9,8 +9,8 @@ import threading
 import transformers
 
 from hivetrain.dht import reset_signal_handlers_in_children
-from hivetrain.logging import get_logger
-from hivetrain.miner.peers import BootstrapUnavailable
+from hivetrain.log import get_logger
+from hivetrain.protocol.discovery import BootstrapUnavailable
 from hivetrain.settings import ValidatorSettings, load_settings
 
 logger = get_logger("hivetrain.validator")

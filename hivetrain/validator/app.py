@@ -23,11 +23,12 @@ from flask.json.provider import DefaultJSONProvider
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 from werkzeug.exceptions import BadRequest, NotFound
 
-from hivetrain.contracts import EVALS_STREAM_MAXLEN, EvalRecord, Keys, PeerRecord, RoundRecord, ScoreBoard, StepRecord
+from hivetrain.protocol.rounds import rounds_from_records
+from hivetrain.protocol.records import EVALS_STREAM_MAXLEN, EvalRecord, Keys, PeerRecord, RoundRecord, ScoreBoard, StepRecord
 from hivetrain.identity import load_or_create_wallet
-from hivetrain.logging import get_logger
+from hivetrain.log import get_logger
 from hivetrain.settings import ValidatorSettings
-from hivetrain.store import Registry, connect, decode_entry, read_stream
+from hivetrain.store import Registry, connect_redis, decode_entry, read_stream
 from hivetrain.webapp import HttpMetrics, install, int_arg, settings_or_exit
 
 logger = get_logger(__name__)
@@ -82,7 +83,7 @@ def create_app(settings: ValidatorSettings | None = None) -> Flask:
     hotkey = load_or_create_wallet(settings.wallet_dir, settings.wallet_name, settings.wallet_hotkey).hotkey.ss58_address
     app = Flask(__name__)
     app.json = _FiniteJSON(app)
-    registry = Registry(connect(settings.redis_url), Keys(settings.run_id))
+    registry = Registry(connect_redis(settings.redis_url), Keys(settings.run_id))
     metrics = Metrics()
     app.extensions["hivetrain.validator"] = {"settings": settings, "hotkey": hotkey, "registry": registry, "metrics": metrics}
     install(app, metrics, "validator")
@@ -104,8 +105,6 @@ def signed_steps(client: redis.Redis, keys: Keys, count: int) -> list[tuple[Step
 
 def swarm_view(registry: Registry, records_read: int = RECORDS_READ, rounds_shown: int = ROUNDS_SHOWN) -> dict:
     """Live peers, each miner's latest step, the swarm's epoch and throughput, the latest averaging rounds."""
-    from hivetrain.swarm.summary import rounds_from_records  # pulls in torch: only workers that are asked pay
-
     client, keys = registry.client, registry.keys
     peers = registry.live_peers(limit=MAX_PEERS)
     registered = {peer.peer_id: peer.hotkey for peer in peers if peer.role == "miner"}

@@ -1,4 +1,4 @@
-"""What miners claim, read once from the signed telemetry stream, and what the DHT shows they did.
+"""What miners claim, read once from the signed telemetry stream (``ProgressPoller`` reads what the DHT shows).
 
 Every step record is verified once (signature over the whole record, freshness, nonce): a record
 copied from another miner and posted again is a replay, one edited to claim more samples no
@@ -8,7 +8,6 @@ that hotkey's live registration names the same hivemind peer id.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -16,12 +15,8 @@ from dataclasses import dataclass
 import redis
 from pydantic import ValidationError
 
-from hivetrain.contracts import Keys, PeerRecord, StepRecord
+from hivetrain.protocol.records import Keys, PeerRecord, StepRecord
 from hivetrain.identity import SignedEnvelope, VerificationError, Verifier
-from hivetrain.logging import get_logger
-from hivetrain.validator.checks import ProgressLedger, fetch_progress
-
-logger = get_logger(__name__)
 
 
 @dataclass
@@ -107,53 +102,3 @@ class ClaimReader:
         for hotkey, claims in closed.items():
             self._baseline[hotkey] = claims.last_samples
         return closed
-
-
-class ProgressPoller:
-    """Reads hivemind's progress records from the DHT every ``interval_s``.
-
-    The ledger is cumulative (largest samples seen per peer and epoch, summed over epochs); a
-    window's count for a peer is how much that sum grew since the previous window closed, so an
-    epoch that straddles two windows is split between them instead of counted twice.
-    """
-
-    def __init__(self, dht, run_id: str, interval_s: float = 1.0):
-        self.dht, self.run_id, self.interval_s = dht, run_id, interval_s
-        self.ledger = ProgressLedger()
-        self._closed_at: dict[str, int] = {}
-        self._first: dict[str, int] = {}  # a peer's ledger total when first seen
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="progress-poller", daemon=True)
-
-    def start(self) -> "ProgressPoller":
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                progress = fetch_progress(self.dht, self.run_id)
-            except Exception:  # DHT boundary: a missed poll only delays what we see
-                logger.debug("progress poll failed", exc_info=True)
-                continue
-            with self._lock:
-                self.ledger.observe(progress)
-                for peer in progress:
-                    if peer not in self._first:  # its work before we first saw it is not ours to judge
-                        self._first[peer] = self.ledger.samples(peer) or 0
-
-    def close_window(self) -> tuple[dict[str, int], dict[str, int]]:
-        """Per peer: how much its DHT records grew in this window, and since the poller first saw it."""
-        with self._lock:
-            peers = {peer for peer, _ in self.ledger._best}
-            totals = {peer: self.ledger.samples(peer) or 0 for peer in peers}
-            first = dict(self._first)
-        window = {peer: total - self._closed_at.get(peer, first.get(peer, 0)) for peer, total in totals.items()}
-        since_seen = {peer: total - first.get(peer, 0) for peer, total in totals.items()}
-        self._closed_at = totals
-        return window, since_seen
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)

@@ -16,7 +16,7 @@ from typing import Mapping
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from hivetrain.validator.checks import ClaimCheckResult, SpotCheckResult
+from hivetrain.validator.verdicts import ClaimCheckResult, SpotCheckResult
 
 #: Weight of the newest round in the EMA.
 DEFAULT_ALPHA = 0.3

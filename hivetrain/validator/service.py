@@ -17,22 +17,23 @@ from collections import Counter
 import torch
 
 from hivetrain.chain import make_chain
-from hivetrain.contracts import VALIDATOR_TTL_S, EvalRecord, Keys, MinerScore, PeerRecord, ScoreBoard
+from hivetrain.protocol.records import VALIDATOR_TTL_S, EvalRecord, Keys, MinerScore, PeerRecord, ScoreBoard
 from hivetrain.data import validation_blocks
 from hivetrain.dht import make_dht
 from hivetrain.identity import RedisNonceStore, Verifier, load_or_create_wallet
-from hivetrain.logging import get_logger
-from hivetrain.miner.peers import fetch_initial_peers
+from hivetrain.log import get_logger
+from hivetrain.protocol.discovery import fetch_initial_peers
 from hivetrain.models import model_config
 from hivetrain.settings import ValidatorSettings
-from hivetrain.store import Registry, append, connect
+from hivetrain.store import Registry, append, connect_redis
 from hivetrain.tokenizer import load_tokenizer
-from hivetrain.validator.checks import ClaimCheckResult, SpotCheckResult, check_claimed_samples
-from hivetrain.validator.claims import ClaimReader, ProgressPoller
+from hivetrain.validator.claims import ClaimReader
 from hivetrain.validator.evaluate import evaluate
+from hivetrain.validator.progress import ProgressPoller
 from hivetrain.validator.scoring import normalize_weights, score_round
 from hivetrain.validator.spot import SpotCheck, SpotChecker
 from hivetrain.validator.sync import ModelSync
+from hivetrain.validator.verdicts import ClaimCheckResult, SpotCheckResult, check_claimed_samples
 
 logger = get_logger(__name__)
 
@@ -61,7 +62,7 @@ class Validator:
             torch.set_num_threads(s.torch_threads)
         self.wallet = load_or_create_wallet(s.wallet_dir, s.wallet_name, s.wallet_hotkey)
         self.hotkey = self.wallet.hotkey.ss58_address
-        self.client = connect(s.redis_url)
+        self.client = connect_redis(s.redis_url)
         self.keys = Keys(s.run_id)
         self.registry = Registry(self.client, self.keys)
         self.chain = make_chain(s.chain, redis_client=self.client, run_id=s.run_id, **self._bittensor_args())

@@ -14,19 +14,19 @@ from dataclasses import dataclass
 
 import requests
 import torch
+from pydantic import ValidationError
 
-from hivetrain.contracts import PeerRecord
+from hivetrain.protocol.records import PeerRecord
 from hivetrain.data import BlockStream, shard_for_peer
 from hivetrain.identity import Verifier, VerificationError, sign
-from hivetrain.logging import get_logger
+from hivetrain.log import get_logger
 from hivetrain.settings import ValidatorSettings
-from hivetrain.validator.checks import SpotCheckResult, baseline_projection, judge_spot_check, projected_gradient
+from hivetrain.protocol.projection import baseline_projection, projected_gradient
+from hivetrain.protocol.spotcheck import MAX_LAG_EPOCHS, Challenge, SpotCheckAnswer
 from hivetrain.validator.sync import ModelSync
+from hivetrain.validator.verdicts import SpotCheckResult, judge_spot_check
 
 logger = get_logger(__name__)
-
-#: An answer this many epochs behind the validator's model fails without a comparison.
-MAX_LAG_EPOCHS = 1
 
 
 @dataclass
@@ -97,9 +97,9 @@ class SpotChecker:
             result = SpotCheckResult("pass" if ok else "fail", reason, cosine)
             return SpotCheck(miner.hotkey, result, block_index, seed, epoch, answer_epoch, answer)
 
-        challenge = sign(self.wallet, {"miner_hotkey": miner.hotkey, "block_index": block_index,
-                                       "batch_size": s.spot_check_batch, "seed": seed, "dim": s.spot_check_dim,
-                                       "epoch": epoch})
+        asked = Challenge(miner_hotkey=miner.hotkey, block_index=block_index, batch_size=s.spot_check_batch,
+                          seed=seed, dim=s.spot_check_dim, epoch=epoch)
+        challenge = sign(self.wallet, asked.model_dump(mode="json"))
         try:
             response = self.http.post(f"{miner.challenge_url}/challenge", json=challenge, timeout=s.spot_check_timeout_s)
         except requests.RequestException as error:
@@ -111,16 +111,16 @@ class SpotChecker:
             payload = self.answers.verify(envelope)
         except (ValueError, VerificationError) as error:
             return verdict(False, f"answer not authentic: {error}")
-        if envelope.get("hotkey") != miner.hotkey or payload.get("challenge_nonce") != challenge["nonce"] \
-                or payload.get("validator") != self.hotkey:
-            return verdict(False, "answer signed by another hotkey or for another challenge")
-        answer_epoch = payload.get("epoch")
         try:
-            answer = torch.tensor(payload.get("projection"), dtype=torch.float32)
-        except (TypeError, ValueError):
-            return verdict(False, "projection is not a list of numbers", answer_epoch)
-        if not isinstance(answer_epoch, int):
-            return verdict(False, "answer has no epoch", None, answer)
+            answered = SpotCheckAnswer.model_validate(payload)
+        except ValidationError as error:
+            problem = error.errors()[0]
+            return verdict(False, f"malformed answer: {'.'.join(map(str, problem['loc'])) or 'body'}: {problem['msg']}")
+        if envelope.get("hotkey") != miner.hotkey or answered.challenge_nonce != challenge["nonce"] \
+                or answered.validator != self.hotkey:
+            return verdict(False, "answer signed by another hotkey or for another challenge")
+        answer_epoch = answered.epoch
+        answer = torch.tensor(answered.projection, dtype=torch.float32)
         if answer_epoch > epoch:
             self.sync.sync()  # the swarm moved on while we asked: judge at the miner's epoch if we can
             epoch = self.sync.epoch

@@ -8,8 +8,8 @@ import hivemind
 import torch
 from hivemind.optim.state_averager import TrainingStateAverager
 
-from hivetrain.logging import get_logger
-from hivetrain.miner.optim import ClippedAdamW, install_codecs, param_groups
+from hivetrain.log import get_logger
+from hivetrain.protocol.training import ClippedAdamW, install_codecs, param_groups
 from hivetrain.models import build_model
 
 logger = get_logger(__name__)

@@ -18,14 +18,14 @@ import time
 
 import torch
 
-from hivetrain.contracts import Keys, PeerRecord, StepRecord
+from hivetrain.protocol.records import Keys, PeerRecord, StepRecord
 from hivetrain.dht import reset_signal_handlers_in_children
 from hivetrain.identity import load_or_create_wallet
 from hivetrain.miner.__main__ import install_stop_handlers
-from hivetrain.miner.challenge import Challenge
+from hivetrain.protocol.spotcheck import Challenge
 from hivetrain.miner.train import Miner
 from hivetrain.settings import MinerSettings, load_settings
-from hivetrain.store import Registry, connect
+from hivetrain.store import Registry, connect_redis
 
 
 class InflatingMiner(Miner):
@@ -50,7 +50,7 @@ class LazyMiner(Miner):
 def replay(settings: MinerSettings, stop: threading.Event) -> None:
     """Register, then copy every new step record of other miners back into the stream."""
     wallet = load_or_create_wallet(settings.wallet_dir, settings.wallet_name, settings.wallet_hotkey)
-    client, keys = connect(settings.redis_url), Keys(settings.run_id)
+    client, keys = connect_redis(settings.redis_url), Keys(settings.run_id)
     registry = Registry(client, keys)
     me = PeerRecord(peer_id=f"replay-{wallet.hotkey.ss58_address[:8]}", role="miner", multiaddrs=[],
                     started_at=time.time())

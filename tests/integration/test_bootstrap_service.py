@@ -15,8 +15,8 @@ from hivemind.utils import get_dht_time
 import pytest
 
 from hivetrain import procs
-from hivetrain.contracts import Keys
-from hivetrain.store import Registry, connect
+from hivetrain.protocol.records import Keys
+from hivetrain.store import Registry, connect_redis
 
 pytestmark = pytest.mark.integration
 
@@ -99,7 +99,7 @@ def test_bootstrap_serves_a_usable_dht_and_keeps_its_identity(tmp_path, redis_ur
         dhts.clear()
 
         _stop_and_check(service)
-        assert Registry(connect(redis_url), Keys("it")).bootstraps() == []  # withdrawn on stop
+        assert Registry(connect_redis(redis_url), Keys("it")).bootstraps() == []  # withdrawn on stop
 
         service = _start(tmp_path, redis_url, http_port, dht_port)
         _wait_ready(service, base)

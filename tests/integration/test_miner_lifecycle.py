@@ -8,7 +8,7 @@ import re
 import pytest
 
 from hivetrain import procs
-from hivetrain.miner.checkpoint import latest_checkpoint
+from hivetrain.protocol.checkpoints import latest_checkpoint
 from hivetrain.settings import SwarmSettings
 from hivetrain.swarm.launcher import Swarm
 from swarm_helpers import peer_id_in, wait_until

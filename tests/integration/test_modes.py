@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hivetrain.miner.checkpoint import list_checkpoints
+from hivetrain.protocol.checkpoints import list_checkpoints
 from hivetrain.models import build_model
 from hivetrain.settings import SwarmSettings
 from hivetrain.swarm.launcher import Swarm

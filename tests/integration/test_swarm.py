@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from hivetrain import procs
-from hivetrain.miner.checkpoint import list_checkpoints
+from hivetrain.protocol.checkpoints import list_checkpoints
 from hivetrain.models import build_model
 from hivetrain.settings import SwarmSettings
 from hivetrain.swarm.launcher import Swarm

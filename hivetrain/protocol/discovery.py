@@ -7,7 +7,7 @@ from threading import Event
 
 import requests
 
-from hivetrain.logging import get_logger
+from hivetrain.log import get_logger
 
 logger = get_logger(__name__)
 

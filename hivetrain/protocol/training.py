@@ -1,0 +1,53 @@
+"""The training state miners share and validators download: its layout must match on both sides.
+
+hivemind's state averager sends parameters and optimizer statistics tensor by tensor in the
+order of the optimizer's parameter groups, so a validator that downloads state must build the
+same groups and the same optimizer class as the miners that serve it. Wire formats of tensors
+(``COMPRESSIONS``) are agreed here too.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from hivemind.compression import CompressionBase, Float16Compression, NoCompression
+
+from hivetrain.hivemind_compat import Uniform8Bit, install_codecs
+
+__all__ = ["COMPRESSIONS", "ClippedAdamW", "install_codecs", "param_groups"]
+
+#: Tensor wire formats by their setting name (``HIVE_GRAD_COMPRESSION``, ``HIVE_STATE_COMPRESSION``).
+COMPRESSIONS: dict[str, Callable[[], CompressionBase]] = {
+    "none": NoCompression,
+    "fp16": Float16Compression,
+    "8bit": Uniform8Bit,
+}
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: matrices decay; biases, LayerNorm weights (all 1-d tensors) do not.
+
+    Tied weights (GPT-2's wte and lm_head) appear once, as ``model.parameters()`` lists them.
+    """
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class ClippedAdamW(torch.optim.AdamW):
+    """AdamW that clips the gradient it is about to apply: the swarm-averaged one in gradient mode."""
+
+    def __init__(self, params, max_grad_norm: float = 0.0, **kwargs):
+        super().__init__(params, **kwargs)
+        self.max_grad_norm = max_grad_norm
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self.max_grad_norm > 0:
+            params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        return super().step(closure)
+

@@ -1,0 +1,168 @@
+"""What hivemind's progress records in the DHT show each peer did, polled while the validator runs.
+
+hivemind.Optimizer's ``ProgressTracker`` publishes every peer's ``LocalTrainingProgress`` under
+``f"{run_id}_progress"``; the swarm schedules its epochs from these records, so inflating them
+breaks the miner's own collaboration and shows. ``ProgressPoller`` reads them every second into a
+``ProgressLedger``; the claim check (``hivetrain.validator.verdicts.check_claimed_samples``)
+compares what a miner claims with what the ledger saw.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from pydantic import Field
+
+from hivetrain.log import get_logger
+from hivetrain.protocol.records import Record
+
+logger = get_logger(__name__)
+
+
+class PeerProgress(Record):
+    """One peer's ``LocalTrainingProgress`` as hivemind's ProgressTracker stores it in the DHT."""
+
+    peer_id: str = Field(min_length=1, description="base58 peer id from the record (not authenticated by hivemind)")
+    epoch: int = Field(ge=0)
+    samples_accumulated: int = Field(ge=0, description="samples towards the peer's current epoch")
+    samples_per_second: float = Field(ge=0)
+    time: float = Field(description="DHT time of the report")
+    client_mode: bool
+
+
+def progress_key(run_id: str) -> str:
+    """The DHT key hivemind.Optimizer's ProgressTracker (prefix = run_id) writes under."""
+    return f"{run_id}_progress"
+
+
+_validated: "weakref.WeakKeyDictionary[object, set[str]]" = weakref.WeakKeyDictionary()
+
+
+def install_progress_validators(dht, run_id: str) -> None:
+    """Give ``dht`` the record validators ProgressTracker uses, once per run.
+
+    The RSA validator strips the signature ProgressTracker's values carry; the schema validator
+    drops records that do not match ``TrainingProgressSchema``.
+    """
+    from hivemind.dht.crypto import RSASignatureValidator
+    from hivemind.dht.schema import SchemaValidator
+    from hivemind.optim.progress_tracker import TrainingProgressSchema
+
+    runs = _validated.setdefault(dht, set())
+    if run_id not in runs:
+        dht.add_validators([SchemaValidator(TrainingProgressSchema, prefix=run_id), RSASignatureValidator()])
+        runs.add(run_id)
+
+
+def fetch_progress(dht, run_id: str) -> dict[str, PeerProgress]:
+    """Every live peer's latest training progress for ``run_id``, by peer id.
+
+    ProgressTracker stores ``LocalTrainingProgress.dict()`` under ``f"{run_id}_progress"`` with
+    the subkey = the writer's RSA public key (not its peer id). Several records naming one peer id
+    keep the most advanced (epoch, samples), so a stranger cannot erase a peer's progress.
+    """
+    from hivemind.optim.progress_tracker import LocalTrainingProgress
+    from hivemind.p2p import PeerID
+
+    install_progress_validators(dht, run_id)
+    found = dht.get(progress_key(run_id), latest=True)
+    entries = found.value if found is not None and isinstance(found.value, dict) else {}
+    progress: dict[str, PeerProgress] = {}
+    for subkey, entry in entries.items():
+        if getattr(entry, "value", None) is None:
+            continue  # a tracker that shut down stores None
+        try:
+            raw = LocalTrainingProgress.parse_obj(entry.value)
+            record = PeerProgress(
+                peer_id=PeerID(raw.peer_id).to_base58(),
+                epoch=raw.epoch,
+                samples_accumulated=raw.samples_accumulated,
+                samples_per_second=float(raw.samples_per_second),
+                time=float(raw.time),
+                client_mode=raw.client_mode,
+            )
+        except Exception as error:  # a stranger's record: anything malformed is skipped
+            logger.warning(f"skipping a malformed progress record under {subkey!r}: {error!r}")
+            continue
+        held = progress.get(record.peer_id)
+        if held is None or (record.epoch, record.samples_accumulated) > (held.epoch, held.samples_accumulated):
+            progress[record.peer_id] = record
+    return progress
+
+
+@dataclass
+class ProgressLedger:
+    """Samples each peer's progress records showed over a scoring window.
+
+    ``samples_accumulated`` restarts at every epoch, so the ledger keeps the largest value seen
+    per (peer, epoch) and sums over epochs. Polls miss what a peer adds between the last poll and
+    its epoch change, so this undercounts by up to one poll interval of work per epoch; the
+    claim check's ``tolerance`` absorbs that.
+    """
+
+    started: float = field(default_factory=time.time)
+    _best: dict[tuple[str, int], int] = field(default_factory=dict)
+
+    def observe(self, progress: Mapping[str, PeerProgress]) -> None:
+        for peer_id, record in progress.items():
+            key = (peer_id, record.epoch)
+            self._best[key] = max(self._best.get(key, 0), record.samples_accumulated)
+
+    def samples(self, peer_id: str) -> int | None:
+        """Samples seen for the peer, None if it never appeared."""
+        seen = [count for (peer, _), count in self._best.items() if peer == peer_id]
+        return sum(seen) if seen else None
+
+
+class ProgressPoller:
+    """Reads hivemind's progress records from the DHT every ``interval_s``.
+
+    The ledger is cumulative (largest samples seen per peer and epoch, summed over epochs); a
+    window's count for a peer is how much that sum grew since the previous window closed, so an
+    epoch that straddles two windows is split between them instead of counted twice.
+    """
+
+    def __init__(self, dht, run_id: str, interval_s: float = 1.0):
+        self.dht, self.run_id, self.interval_s = dht, run_id, interval_s
+        self.ledger = ProgressLedger()
+        self._closed_at: dict[str, int] = {}
+        self._first: dict[str, int] = {}  # a peer's ledger total when first seen
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="progress-poller", daemon=True)
+
+    def start(self) -> "ProgressPoller":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                progress = fetch_progress(self.dht, self.run_id)
+            except Exception:  # DHT boundary: a missed poll only delays what we see
+                logger.debug("progress poll failed", exc_info=True)
+                continue
+            with self._lock:
+                self.ledger.observe(progress)
+                for peer in progress:
+                    if peer not in self._first:  # its work before we first saw it is not ours to judge
+                        self._first[peer] = self.ledger.samples(peer) or 0
+
+    def close_window(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Per peer: how much its DHT records grew in this window, and since the poller first saw it."""
+        with self._lock:
+            peers = {peer for peer, _ in self.ledger._best}
+            totals = {peer: self.ledger.samples(peer) or 0 for peer in peers}
+            first = dict(self._first)
+        window = {peer: total - self._closed_at.get(peer, first.get(peer, 0)) for peer, total in totals.items()}
+        since_seen = {peer: total - first.get(peer, 0) for peer, total in totals.items()}
+        self._closed_at = totals
+        return window, since_seen
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

@@ -1,0 +1,56 @@
+"""hivemind progress records, read from a real DHT, and the ledger that sums them per epoch."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from hivetrain.validator.progress import PeerProgress, ProgressLedger, fetch_progress, progress_key
+
+
+def test_progress_ledger_sums_the_best_of_each_epoch():
+    def record(epoch: int, samples: int) -> PeerProgress:
+        return PeerProgress(peer_id="QmA", epoch=epoch, samples_accumulated=samples, samples_per_second=1.0, time=0.0, client_mode=False)
+
+    ledger = ProgressLedger()
+    for epoch, samples in [(0, 32), (0, 96), (1, 16), (0, 64), (1, 48)]:
+        ledger.observe({"QmA": record(epoch, samples)})
+    assert ledger.samples("QmA") == 96 + 48 and ledger.samples("QmB") is None
+
+
+def test_fetch_progress_reads_a_real_progress_tracker():
+    hivemind = pytest.importorskip("hivemind")
+    from hivemind.optim.progress_tracker import ProgressTracker
+
+    run_id = "checks_test"
+    miner_dht = validator_dht = tracker = None
+    try:
+        miner_dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+        validator_dht = hivemind.DHT(start=True, client_mode=True, initial_peers=[str(a) for a in miner_dht.get_visible_maddrs()])
+        assert progress_key(run_id) == "checks_test_progress"
+        assert fetch_progress(validator_dht, run_id) == {}
+        tracker = ProgressTracker(miner_dht, prefix=run_id, target_batch_size=10_000, min_refresh_period=0.1, start=True)
+        tracker.report_local_progress(local_epoch=0, samples_accumulated=96)
+        progress = _wait_for(lambda: fetch_progress(validator_dht, run_id), lambda p: p and next(iter(p.values())).samples_accumulated == 96)
+        (peer_id, record), = progress.items()
+        assert peer_id == record.peer_id == miner_dht.peer_id.to_base58()
+        assert (record.epoch, record.client_mode) == (0, False) and record.time > 0
+        tracker.report_local_progress(local_epoch=0, samples_accumulated=160)
+        _wait_for(lambda: fetch_progress(validator_dht, run_id), lambda p: p and p[peer_id].samples_accumulated == 160)
+    finally:
+        if tracker is not None:
+            tracker.shutdown(timeout=5)
+        for dht in (validator_dht, miner_dht):
+            if dht is not None:
+                dht.shutdown()
+
+
+def _wait_for(fetch, ready, timeout: float = 20.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fetch()
+        if ready(value) or time.monotonic() > deadline:
+            assert ready(value), f"timed out; last value {value}"
+            return value
+        time.sleep(0.2)
