@@ -31,9 +31,8 @@ import torch
 from hivemind.averaging.control import AveragingStage
 from hivemind.compression import Float16Compression, NoCompression
 
-from hivetrain.hivemind_compat import Uniform8Bit, install_codecs
-
 from bench.common import exit_on_sigterm, spread, table, write_result
+from hivetrain.hivemind_compat import Uniform8Bit, install_codecs
 from hivetrain.log import get_logger
 
 logger = get_logger("bench.allreduce")

@@ -30,8 +30,8 @@ from bittensor import sp_core
 
 from bench.common import exit_on_sigterm, percentile, table, write_result
 from hivetrain import procs
-from hivetrain.protocol.records import HEARTBEAT_INTERVAL_S, Keys, PeerRecord
 from hivetrain.log import get_logger
+from hivetrain.protocol.records import HEARTBEAT_INTERVAL_S, Keys, PeerRecord
 from hivetrain.redis_server import start_redis
 from hivetrain.store import Registry, connect_redis
 

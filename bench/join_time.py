@@ -27,8 +27,8 @@ from datetime import datetime
 from pathlib import Path
 
 from bench.common import exit_on_sigterm, table, write_result
-from hivetrain.protocol.records import Keys, StepRecord
 from hivetrain.log import get_logger
+from hivetrain.protocol.records import Keys, StepRecord
 from hivetrain.settings import SwarmSettings
 from hivetrain.store import connect_redis, read_stream
 from hivetrain.swarm.launcher import Swarm

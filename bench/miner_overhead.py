@@ -28,10 +28,10 @@ import hivemind
 import torch
 
 from bench.common import exit_on_sigterm, spread, table, write_result
-from hivetrain.miner.optim import make_optimizer
-from hivetrain.protocol.training import param_groups
-from hivetrain.models import build_model
 from hivetrain.log import get_logger
+from hivetrain.miner.optim import make_optimizer
+from hivetrain.models import build_model
+from hivetrain.protocol.training import param_groups
 from hivetrain.settings import MinerSettings
 
 logger = get_logger("bench.miner_overhead")

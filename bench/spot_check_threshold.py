@@ -31,9 +31,9 @@ import torch
 
 from hivetrain.data import iter_blocks, load_texts
 from hivetrain.models import build_model
-from hivetrain.tokenizer import load_tokenizer
 from hivetrain.protocol.projection import baseline_projection, cosine, projected_gradient
 from hivetrain.protocol.spotcheck import SPOT_CHECK_THRESHOLD
+from hivetrain.tokenizer import load_tokenizer
 
 LAGS = (1, 3, 10)
 

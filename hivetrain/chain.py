@@ -26,8 +26,8 @@ import redis
 from bittensor.settings import BLOCKTIME
 from pydantic import Field
 
-from hivetrain.protocol.records import Keys, Record
 from hivetrain.log import get_logger
+from hivetrain.protocol.records import Keys, Record
 
 logger = get_logger(__name__)
 

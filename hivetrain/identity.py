@@ -32,8 +32,8 @@ from bittensor.sp_core import CRYPTO_SR25519, get_password_from_environment
 from bittensor.sp_core import verify as _sr25519_verify
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from hivetrain.protocol.records import Keys
 from hivetrain.log import get_logger
+from hivetrain.protocol.records import Keys
 
 logger = get_logger(__name__)
 

@@ -18,10 +18,12 @@ from typing import Iterable
 
 import redis
 
+from hivetrain.identity import SignedEnvelope, VerificationError, Verifier, sign
+from hivetrain.log import get_logger
 from hivetrain.protocol.records import (
     BOOTSTRAP_TTL_S,
-    PEER_TTL_S,
     EVALS_STREAM_MAXLEN,
+    PEER_TTL_S,
     ROUNDS_STREAM_MAXLEN,
     STEPS_STREAM_MAXLEN,
     BootstrapRecord,
@@ -32,8 +34,6 @@ from hivetrain.protocol.records import (
     RoundRecord,
     StepRecord,
 )
-from hivetrain.identity import SignedEnvelope, Verifier, VerificationError, sign
-from hivetrain.log import get_logger
 
 logger = get_logger(__name__)
 

@@ -6,9 +6,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from hivetrain.miner.checkpoint import load_checkpoint, save_checkpoint
+from hivetrain.models import build_model
 from hivetrain.protocol.checkpoints import TrainerState, latest_checkpoint, list_checkpoints
 from hivetrain.protocol.training import ClippedAdamW, param_groups
-from hivetrain.models import build_model
 
 
 def _trained(seed: int = 0):

@@ -7,9 +7,9 @@ import time
 
 import torch
 
-from hivetrain.protocol.records import Keys, PeerRecord, StepRecord
 from hivetrain.identity import Verifier
 from hivetrain.models import build_model
+from hivetrain.protocol.records import Keys, PeerRecord, StepRecord
 from hivetrain.store import append, connect_redis
 from hivetrain.validator.claims import ClaimReader
 from hivetrain.validator.evaluate import evaluate

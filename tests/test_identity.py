@@ -10,7 +10,6 @@ import pytest
 import redis
 from bittensor.keyfiles import Keypair
 
-from hivetrain.protocol.records import Keys
 from hivetrain.identity import (
     InvalidSignature,
     MalformedEnvelope,
@@ -23,6 +22,7 @@ from hivetrain.identity import (
     sign,
     signed_message,
 )
+from hivetrain.protocol.records import Keys
 
 ALICE = Keypair.create_from_uri("//Alice")
 BOB = Keypair.create_from_uri("//Bob")

@@ -8,8 +8,8 @@ from hivemind.compression import deserialize_torch_tensor, serialize_torch_tenso
 from hivemind.proto import runtime_pb2
 
 from hivetrain.miner.optim import warmup_schedule
-from hivetrain.protocol.training import COMPRESSIONS, ClippedAdamW, install_codecs, param_groups
 from hivetrain.models import build_model
+from hivetrain.protocol.training import COMPRESSIONS, ClippedAdamW, install_codecs, param_groups
 
 
 def test_weight_decay_skips_biases_and_layernorm():

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from hivetrain.validator.verdicts import ClaimCheckResult, SpotCheckResult
 from hivetrain.validator.scoring import ScoreEvidence, ema, normalize_weights, pass_rate, score_round
+from hivetrain.validator.verdicts import ClaimCheckResult, SpotCheckResult
 
 PASS = SpotCheckResult("pass", "cosine 0.99 >= 0.95", 0.99)
 FAIL = SpotCheckResult("fail", "cosine 0.10 below threshold 0.95", 0.10)

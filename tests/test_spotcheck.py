@@ -131,3 +131,13 @@ def test_malformed_answers_fail():
         assert result.verdict == "fail" and result.reason, answer
     assert judge_spot_check(expected, torch.ones(64) * 3).passed
     assert 0.9 < SPOT_CHECK_THRESHOLD < 1.0
+
+
+def test_validator_settings_never_ask_what_a_miner_must_refuse():
+    from hivetrain.protocol.spotcheck import MAX_BATCH, MAX_DIM
+    from hivetrain.settings import ValidatorSettings
+
+    assert ValidatorSettings().spot_check_threshold == SPOT_CHECK_THRESHOLD
+    for bad in ({"spot_check_batch": MAX_BATCH + 1}, {"spot_check_dim": MAX_DIM + 8}, {"spot_check_dim": 60}):
+        with pytest.raises(ValidationError):
+            ValidatorSettings(**bad)

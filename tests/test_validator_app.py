@@ -11,9 +11,18 @@ from pathlib import Path
 import pytest
 
 from hivetrain import procs
-from hivetrain.protocol.records import VALIDATOR_TTL_S, EvalRecord, Keys, MinerScore, PeerRecord, RoundRecord, ScoreBoard, StepRecord
 from hivetrain.gunicorn import settings_env
 from hivetrain.identity import load_or_create_wallet
+from hivetrain.protocol.records import (
+    VALIDATOR_TTL_S,
+    EvalRecord,
+    Keys,
+    MinerScore,
+    PeerRecord,
+    RoundRecord,
+    ScoreBoard,
+    StepRecord,
+)
 from hivetrain.settings import ValidatorSettings
 from hivetrain.store import Registry, append, connect_redis
 from hivetrain.validator.api import APP_SPEC, gunicorn_argv, start_api, stop_api

@@ -16,8 +16,8 @@ import redis
 from flask import Flask, Response, jsonify
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 
-from hivetrain.protocol.records import Keys
 from hivetrain.log import get_logger
+from hivetrain.protocol.records import Keys
 from hivetrain.settings import BootstrapSettings
 from hivetrain.store import Registry, connect_redis
 from hivetrain.webapp import HttpMetrics, install, int_arg, settings_or_exit

@@ -10,9 +10,9 @@ from __future__ import annotations
 import threading
 from typing import Protocol
 
-from hivetrain.protocol.records import BOOTSTRAP_TTL_S, BootstrapRecord, Keys
 from hivetrain.dht import make_dht, visible_maddrs
 from hivetrain.log import get_logger
+from hivetrain.protocol.records import BOOTSTRAP_TTL_S, BootstrapRecord, Keys
 from hivetrain.settings import BootstrapSettings
 from hivetrain.store import Registry, connect_redis
 

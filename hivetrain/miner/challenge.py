@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 from werkzeug.serving import make_server
 
-from hivetrain.identity import Verifier, VerificationError, sign
+from hivetrain.identity import VerificationError, Verifier, sign
 from hivetrain.log import get_logger
 from hivetrain.protocol.spotcheck import Challenge, SpotCheckAnswer
 

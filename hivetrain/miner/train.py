@@ -16,20 +16,20 @@ from pathlib import Path
 import hivemind
 import torch
 
-from hivetrain.protocol.records import HEARTBEAT_INTERVAL_S, Keys, PeerRecord, RoundRecord, StepRecord
 from hivetrain.data import BlockStream, shard_for_peer
 from hivetrain.dht import make_dht, visible_maddrs
+from hivetrain.hivemind_compat import RoundInfo, StateRoundLogHandler, TrackedOptimizer
 from hivetrain.identity import load_or_create_wallet
 from hivetrain.log import get_logger
 from hivetrain.miner.challenge import ChallengeServer
 from hivetrain.miner.checkpoint import load_checkpoint, save_checkpoint
-from hivetrain.hivemind_compat import RoundInfo, StateRoundLogHandler, TrackedOptimizer
 from hivetrain.miner.optim import make_optimizer
+from hivetrain.models import build_model, model_config, num_parameters
 from hivetrain.protocol.checkpoints import TrainerState, latest_checkpoint
 from hivetrain.protocol.discovery import fetch_initial_peers
 from hivetrain.protocol.projection import projected_gradient
+from hivetrain.protocol.records import HEARTBEAT_INTERVAL_S, Keys, PeerRecord, RoundRecord, StepRecord
 from hivetrain.protocol.spotcheck import Challenge
-from hivetrain.models import build_model, model_config, num_parameters
 from hivetrain.settings import MinerSettings
 from hivetrain.store import Registry, TelemetryWriter, connect_redis
 from hivetrain.tokenizer import load_tokenizer

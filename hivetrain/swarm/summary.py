@@ -6,8 +6,8 @@ from pathlib import Path
 
 import redis
 
-from hivetrain.protocol.records import Keys, RoundRecord, StepRecord
 from hivetrain.protocol.checkpoints import latest_checkpoint, read_trainer_state
+from hivetrain.protocol.records import Keys, RoundRecord, StepRecord
 from hivetrain.protocol.rounds import rounds_from_records
 from hivetrain.store import read_stream
 

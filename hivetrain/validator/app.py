@@ -23,10 +23,10 @@ from flask.json.provider import DefaultJSONProvider
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 from werkzeug.exceptions import BadRequest, NotFound
 
-from hivetrain.protocol.rounds import rounds_from_records
-from hivetrain.protocol.records import EVALS_STREAM_MAXLEN, EvalRecord, Keys, PeerRecord, RoundRecord, ScoreBoard, StepRecord
 from hivetrain.identity import load_or_create_wallet
 from hivetrain.log import get_logger
+from hivetrain.protocol.records import EVALS_STREAM_MAXLEN, EvalRecord, Keys, PeerRecord, RoundRecord, ScoreBoard, StepRecord
+from hivetrain.protocol.rounds import rounds_from_records
 from hivetrain.settings import ValidatorSettings
 from hivetrain.store import Registry, connect_redis, decode_entry, read_stream
 from hivetrain.webapp import HttpMetrics, install, int_arg, settings_or_exit

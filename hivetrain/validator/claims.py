@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import redis
 from pydantic import ValidationError
 
-from hivetrain.protocol.records import Keys, PeerRecord, StepRecord
 from hivetrain.identity import SignedEnvelope, VerificationError, Verifier
+from hivetrain.protocol.records import Keys, PeerRecord, StepRecord
 
 
 @dataclass

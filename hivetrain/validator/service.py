@@ -17,13 +17,13 @@ from collections import Counter
 import torch
 
 from hivetrain.chain import make_chain
-from hivetrain.protocol.records import VALIDATOR_TTL_S, EvalRecord, Keys, MinerScore, PeerRecord, ScoreBoard
 from hivetrain.data import validation_blocks
 from hivetrain.dht import make_dht
 from hivetrain.identity import RedisNonceStore, Verifier, load_or_create_wallet
 from hivetrain.log import get_logger
-from hivetrain.protocol.discovery import fetch_initial_peers
 from hivetrain.models import model_config
+from hivetrain.protocol.discovery import fetch_initial_peers
+from hivetrain.protocol.records import VALIDATOR_TTL_S, EvalRecord, Keys, MinerScore, PeerRecord, ScoreBoard
 from hivetrain.settings import ValidatorSettings
 from hivetrain.store import Registry, append, connect_redis
 from hivetrain.tokenizer import load_tokenizer

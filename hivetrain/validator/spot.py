@@ -16,13 +16,13 @@ import requests
 import torch
 from pydantic import ValidationError
 
-from hivetrain.protocol.records import PeerRecord
 from hivetrain.data import BlockStream, shard_for_peer
-from hivetrain.identity import Verifier, VerificationError, sign
+from hivetrain.identity import VerificationError, Verifier, sign
 from hivetrain.log import get_logger
-from hivetrain.settings import ValidatorSettings
 from hivetrain.protocol.projection import baseline_projection, projected_gradient
+from hivetrain.protocol.records import PeerRecord
 from hivetrain.protocol.spotcheck import MAX_LAG_EPOCHS, Challenge, SpotCheckAnswer
+from hivetrain.settings import ValidatorSettings
 from hivetrain.validator.sync import ModelSync
 from hivetrain.validator.verdicts import SpotCheckResult, judge_spot_check
 
@@ -44,6 +44,37 @@ class SpotCheck:
     def explain(self) -> str:
         lag = "" if self.answer_epoch is None else f", answer at epoch {self.answer_epoch} vs ours {self.validator_epoch}"
         return f"blocks {self.block_index}+ seed {self.seed}{lag}: {self.result.reason}"
+
+
+class AnswerRejected(Exception):
+    """A miner's answer that is no answer: unreachable, not authentic, not for this challenge, malformed."""
+
+
+def ask_miner(http: requests.Session, wallet, verifier: Verifier, miner: PeerRecord, asked: Challenge,
+              timeout_s: float) -> SpotCheckAnswer:
+    """POST the signed ``asked`` to the miner; its authentic answer to exactly this challenge, else ``AnswerRejected``."""
+    challenge = sign(wallet, asked.model_dump(mode="json"))
+    try:
+        response = http.post(f"{miner.challenge_url}/challenge", json=challenge, timeout=timeout_s)
+    except requests.RequestException as error:
+        raise AnswerRejected(f"no answer: {type(error).__name__}") from None
+    if response.status_code != 200:
+        raise AnswerRejected(f"answered HTTP {response.status_code}: {response.text[:120]}")
+    try:
+        envelope = response.json()
+        payload = verifier.verify(envelope)
+    except (ValueError, VerificationError) as error:
+        raise AnswerRejected(f"answer not authentic: {error}") from None
+    try:
+        answered = SpotCheckAnswer.model_validate(payload)
+    except ValidationError as error:
+        problem = error.errors()[0]
+        where = ".".join(map(str, problem["loc"])) or "answer"
+        raise AnswerRejected(f"malformed answer: {where}: {problem['msg']}") from None
+    if envelope.get("hotkey") != miner.hotkey or answered.challenge_nonce != challenge["nonce"] \
+            or answered.validator != wallet.hotkey.ss58_address:
+        raise AnswerRejected("answer signed by another hotkey or for another challenge")
+    return answered
 
 
 class SpotChecker:
@@ -99,28 +130,12 @@ class SpotChecker:
 
         asked = Challenge(miner_hotkey=miner.hotkey, block_index=block_index, batch_size=s.spot_check_batch,
                           seed=seed, dim=s.spot_check_dim, epoch=epoch)
-        challenge = sign(self.wallet, asked.model_dump(mode="json"))
         try:
-            response = self.http.post(f"{miner.challenge_url}/challenge", json=challenge, timeout=s.spot_check_timeout_s)
-        except requests.RequestException as error:
-            return verdict(False, f"no answer: {type(error).__name__}")
-        if response.status_code != 200:
-            return verdict(False, f"answered HTTP {response.status_code}: {response.text[:120]}")
-        try:
-            envelope = response.json()
-            payload = self.answers.verify(envelope)
-        except (ValueError, VerificationError) as error:
-            return verdict(False, f"answer not authentic: {error}")
-        try:
-            answered = SpotCheckAnswer.model_validate(payload)
-        except ValidationError as error:
-            problem = error.errors()[0]
-            return verdict(False, f"malformed answer: {'.'.join(map(str, problem['loc'])) or 'body'}: {problem['msg']}")
-        if envelope.get("hotkey") != miner.hotkey or answered.challenge_nonce != challenge["nonce"] \
-                or answered.validator != self.hotkey:
-            return verdict(False, "answer signed by another hotkey or for another challenge")
+            answered = ask_miner(self.http, self.wallet, self.answers, miner, asked, s.spot_check_timeout_s)
+        except AnswerRejected as rejected:
+            return verdict(False, str(rejected))
         answer_epoch = answered.epoch
-        answer = torch.tensor(answered.projection, dtype=torch.float32)
+        answer = torch.tensor(answered.projection, dtype=torch.float32)  # (dim,)
         if answer_epoch > epoch:
             self.sync.sync()  # the swarm moved on while we asked: judge at the miner's epoch if we can
             epoch = self.sync.epoch

@@ -5,12 +5,11 @@ from __future__ import annotations
 import time
 
 import hivemind
-import torch
 from hivemind.optim.state_averager import TrainingStateAverager
 
 from hivetrain.log import get_logger
-from hivetrain.protocol.training import ClippedAdamW, install_codecs, param_groups
 from hivetrain.models import build_model
+from hivetrain.protocol.training import ClippedAdamW, install_codecs, param_groups
 
 logger = get_logger(__name__)
 

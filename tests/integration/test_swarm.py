@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from swarm_helpers import peer_id_of, stop_and_check, wait_until
 
 from hivetrain import procs
-from hivetrain.protocol.checkpoints import list_checkpoints
 from hivetrain.models import build_model
+from hivetrain.protocol.checkpoints import list_checkpoints
 from hivetrain.settings import SwarmSettings
 from hivetrain.swarm.launcher import Swarm
-from swarm_helpers import peer_id_of, stop_and_check, wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -1,0 +1,127 @@
+"""The validator asking a miner over real HTTP: the typed answer is accepted, every bad one is refused and named.
+
+The miner here is hostile: a real HTTP server signing whatever payload the test gives it, or
+the miner's own endpoint (``hivetrain.miner.challenge``) with an honest training loop.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import requests
+from flask import Flask, jsonify, request
+from werkzeug.serving import make_server
+
+from hivetrain.identity import Verifier, sign
+from hivetrain.miner.challenge import ChallengeServer
+from hivetrain.protocol.records import PeerRecord
+from hivetrain.protocol.spotcheck import MAX_DIM, Challenge, SpotCheckAnswer
+from hivetrain.validator.spot import AnswerRejected, ask_miner
+
+
+class HostileMiner:
+    """A real HTTP endpoint that answers ``POST /challenge`` with ``respond(challenge envelope)``."""
+
+    def __init__(self):
+        self.respond = lambda envelope: {}
+        app = Flask("hostile-miner")
+        app.post("/challenge")(lambda: jsonify(self.respond(request.get_json())))
+        self._server = make_server("127.0.0.1", 0, app, threaded=True)
+        self.url = f"http://127.0.0.1:{self._server.server_port}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._thread.join(timeout=5)
+
+
+@pytest.fixture
+def hostile():
+    miner = HostileMiner()
+    yield miner
+    miner.stop()
+
+
+def _peer(hotkey: str, url: str) -> PeerRecord:
+    return PeerRecord(peer_id="QmMiner", role="miner", hotkey=hotkey, challenge_url=url, multiaddrs=[], started_at=0.0)
+
+
+def _ask(validator_wallet, miner_wallet, url: str, dim: int = 8) -> SpotCheckAnswer:
+    asked = Challenge(miner_hotkey=miner_wallet.hotkey.ss58_address, block_index=3, batch_size=1, seed=5, dim=dim, epoch=2)
+    with requests.Session() as http:
+        return ask_miner(http, validator_wallet, Verifier.in_memory(), _peer(miner_wallet.hotkey.ss58_address, url), asked, 5.0)
+
+
+def _answer(envelope: dict, **overrides) -> dict:
+    payload = {"challenge_nonce": envelope["nonce"], "validator": envelope["hotkey"], "epoch": 2,
+               "block_index": 3, "projection": [0.25] * 8}
+    return {**payload, **overrides}
+
+
+def test_the_miners_own_endpoint_answers_with_the_typed_answer(wallet, other_wallet):
+    server = ChallengeServer(wallet, "127.0.0.1", 0, rate=10.0, burst=4, window_s=60.0).start()
+    stop = threading.Event()
+
+    def training_loop():  # Miner.train answers between steps; here: an epoch-2 model whose projection is all 0.5
+        while not stop.wait(0.02):
+            server.answer_pending(lambda challenge: (2, [0.5] * challenge.dim))
+
+    loop = threading.Thread(target=training_loop, daemon=True)
+    loop.start()
+    try:
+        answer = _ask(other_wallet, wallet, f"http://127.0.0.1:{server.port}", dim=16)
+    finally:
+        stop.set()
+        loop.join(timeout=5)
+        server.stop()
+    assert (answer.epoch, answer.block_index, answer.projection) == (2, 3, [0.5] * 16)
+    assert answer.validator == other_wallet.hotkey.ss58_address
+
+
+def test_a_well_formed_answer_from_the_right_miner_is_accepted(hostile, wallet, other_wallet):
+    hostile.respond = lambda envelope: sign(wallet, _answer(envelope))
+    answer = _ask(other_wallet, wallet, hostile.url)
+    assert answer.projection == [0.25] * 8 and answer.epoch == 2
+
+
+@pytest.mark.parametrize("overrides, named", [
+    ({"projection": "0.5, 0.5"}, "malformed answer: projection"),
+    ({"projection": [0.5] * (MAX_DIM + 1)}, "malformed answer: projection"),
+    ({"projection": [True] * 8}, "malformed answer: projection.0"),
+    ({"epoch": -1}, "malformed answer: epoch"),
+    ({"epoch": "10"}, "malformed answer: epoch"),
+    ({"weight": 1e30}, "malformed answer: weight"),
+    ({"challenge_nonce": "0" * 32}, "for another challenge"),
+    ({"validator": "5Fsomeoneelse"}, "for another challenge"),
+])
+def test_a_bad_answer_is_refused_and_named(hostile, wallet, other_wallet, overrides, named):
+    hostile.respond = lambda envelope: sign(wallet, _answer(envelope, **overrides))
+    with pytest.raises(AnswerRejected, match=named):
+        _ask(other_wallet, wallet, hostile.url)
+
+
+def test_an_answer_missing_a_field_is_refused(hostile, wallet, other_wallet):
+    def respond(envelope):
+        payload = _answer(envelope)
+        del payload["epoch"]
+        return sign(wallet, payload)
+
+    hostile.respond = respond
+    with pytest.raises(AnswerRejected, match="malformed answer: epoch: Field required"):
+        _ask(other_wallet, wallet, hostile.url)
+
+
+def test_an_answer_signed_by_another_hotkey_or_unsigned_is_refused(hostile, wallet, other_wallet):
+    hostile.respond = lambda envelope: sign(other_wallet, _answer(envelope))  # not the challenged miner's hotkey
+    with pytest.raises(AnswerRejected, match="another hotkey"):
+        _ask(other_wallet, wallet, hostile.url)
+    hostile.respond = lambda envelope: _answer(envelope)  # no envelope at all
+    with pytest.raises(AnswerRejected, match="not authentic"):
+        _ask(other_wallet, wallet, hostile.url)
+
+
+def test_an_unreachable_miner_is_named(wallet, other_wallet):
+    with pytest.raises(AnswerRejected, match="no answer: ConnectionError"):
+        _ask(other_wallet, wallet, "http://127.0.0.1:9")
