@@ -22,10 +22,10 @@ from hivetrain.hivemind_compat import RoundInfo, StateRoundLogHandler, TrackedOp
 from hivetrain.identity import load_or_create_wallet
 from hivetrain.log import get_logger
 from hivetrain.miner.challenge import ChallengeServer
-from hivetrain.miner.checkpoint import load_checkpoint, save_checkpoint
+from hivetrain.miner.checkpoint import CheckpointError, resume_checkpoint, save_checkpoint
 from hivetrain.miner.optim import make_optimizer
 from hivetrain.models import build_model, model_config, num_parameters
-from hivetrain.protocol.checkpoints import TrainerState, latest_checkpoint
+from hivetrain.protocol.checkpoints import TrainerState
 from hivetrain.protocol.discovery import fetch_initial_peers
 from hivetrain.protocol.projection import projected_gradient
 from hivetrain.protocol.records import HEARTBEAT_INTERVAL_S, Keys, PeerRecord, RoundRecord, StepRecord
@@ -130,10 +130,10 @@ class Miner:
 
     def _make_model(self) -> None:
         self.model = build_model(self.settings.preset, seed=self.settings.seed)  # same init on every miner
-        self.resume_from = latest_checkpoint(self.checkpoint_dir)
-        self.resume_opt_state = None
-        if self.resume_from is not None:
-            self.resume_opt_state, state = load_checkpoint(self.resume_from, self.model)
+        self.resume_from, self.resume_opt_state = None, None
+        resumed = resume_checkpoint(self.checkpoint_dir, self.model, self.settings.preset)
+        if resumed is not None:
+            self.resume_from, self.resume_opt_state, state = resumed
             self.step, self.samples, self.next_block = state.step, state.samples, state.next_block
             logger.info(f"resuming from {self.resume_from} (epoch {state.epoch}, step {state.step})")
         self.model.to(self.device)
@@ -238,7 +238,10 @@ class Miner:
         every = self.settings.save_every
         epoch = self.opt.local_epoch
         if every and epoch != self.last_saved_epoch and epoch % every == 0 and epoch > 0:
-            self.save()
+            try:
+                self.save()
+            except CheckpointError as error:  # a full disk must not stop training; the next save tries again
+                logger.error(f"checkpoint at epoch {epoch} failed, training on: {error}")
 
     def save(self) -> Path:
         self.last_saved_epoch = self.opt.local_epoch
