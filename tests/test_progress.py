@@ -54,3 +54,11 @@ def _wait_for(fetch, ready, timeout: float = 20.0):
             assert ready(value), f"timed out; last value {value}"
             return value
         time.sleep(0.2)
+
+
+def test_the_plausible_epoch_ignores_a_minority_that_inflates_its_records():
+    from hivetrain.validator.progress import MAX_EPOCH_LEAD, lower_median
+
+    assert lower_median([4, 3, 10**9]) == 4
+    assert lower_median([5, 10**9], MAX_EPOCH_LEAD) == 5 + MAX_EPOCH_LEAD  # one honest peer, one liar
+    assert lower_median([], MAX_EPOCH_LEAD) is None

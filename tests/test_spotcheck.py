@@ -141,3 +141,11 @@ def test_validator_settings_never_ask_what_a_miner_must_refuse():
     for bad in ({"spot_check_batch": MAX_BATCH + 1}, {"spot_check_dim": MAX_DIM + 8}, {"spot_check_dim": 60}):
         with pytest.raises(ValidationError):
             ValidatorSettings(**bad)
+
+
+def test_a_nan_cosine_is_a_failed_check_never_a_pass():
+    # a validator whose model went NaN computes a NaN projection: NaN < threshold is False in Python
+    expected = torch.full((64,), float("nan"))
+    result = judge_spot_check(expected, torch.ones(64))
+    assert not result.passed and "not finite" in result.reason
+    assert not judge_spot_check(torch.ones(64), torch.ones(64), baseline=torch.full((64,), float("inf"))).passed

@@ -22,6 +22,9 @@ from hivetrain.protocol.records import Record
 
 logger = get_logger(__name__)
 
+#: How many epochs a downloaded state may be ahead of the peers' median progress record.
+MAX_EPOCH_LEAD = 2
+
 
 class PeerProgress(Record):
     """One peer's ``LocalTrainingProgress`` as hivemind's ProgressTracker stores it in the DHT."""
@@ -118,6 +121,13 @@ class ProgressLedger:
         return sum(seen) if seen else None
 
 
+def lower_median(values: list[int], lead: int = 0) -> int | None:
+    """The lower median of ``values`` plus ``lead``; None for no values."""
+    if not values:
+        return None
+    return sorted(values)[(len(values) - 1) // 2] + lead
+
+
 class ProgressPoller:
     """Reads hivemind's progress records from the DHT every ``interval_s``.
 
@@ -131,6 +141,7 @@ class ProgressPoller:
         self.ledger = ProgressLedger()
         self._closed_at: dict[str, int] = {}
         self._first: dict[str, int] = {}  # a peer's ledger total when first seen
+        self.latest: dict[str, PeerProgress] = {}  # the last poll
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="progress-poller", daemon=True)
@@ -147,10 +158,28 @@ class ProgressPoller:
                 logger.debug("progress poll failed", exc_info=True)
                 continue
             with self._lock:
+                self.latest = progress
                 self.ledger.observe(progress)
                 for peer in progress:
                     if peer not in self._first:  # its work before we first saw it is not ours to judge
                         self._first[peer] = self.ledger.samples(peer) or 0
+
+    def plausible_epoch(self) -> int | None:
+        """The highest epoch a state downloaded from a peer may claim; None before any progress record.
+
+        The lower median of the peers' latest epochs, plus ``MAX_EPOCH_LEAD``: one peer (or a
+        minority) publishing a huge epoch cannot move it, while an honest state, at most about one
+        epoch ahead of the records (they refresh every few seconds), passes.
+        """
+        with self._lock:
+            progress = self.latest
+        if not progress:  # not polled yet (a sync right at start-up): read the records now
+            try:
+                progress = fetch_progress(self.dht, self.run_id)
+            except Exception:  # DHT boundary: no bound is known yet
+                logger.warning("could not read progress records to bound the state's epoch", exc_info=True)
+                return None
+        return lower_median([record.epoch for record in progress.values()], MAX_EPOCH_LEAD)
 
     def close_window(self) -> tuple[dict[str, int], dict[str, int]]:
         """Per peer: how much its DHT records grew in this window, and since the poller first saw it."""

@@ -69,7 +69,8 @@ class Validator:
         self.uid = self.chain.register(self.hotkey, f"http://{s.api_host}:{s.api_port}", "validator")
         initial_peers = list(s.initial_peers) or fetch_initial_peers(s.bootstrap_url, s.bootstrap_wait_s, stop=self.stop)
         self.dht = make_dht(s, initial_peers=initial_peers, client_mode=True)
-        self.sync = ModelSync(self.dht, s.run_id, s.preset, seed=s.seed)
+        self.poller = ProgressPoller(self.dht, s.run_id).start()
+        self.sync = ModelSync(self.dht, s.run_id, s.preset, seed=s.seed, max_epoch=self.poller.plausible_epoch)
         config = model_config(s.preset)
         self.block_size = s.block_size or config.n_positions
         tokenizer = load_tokenizer(s.tokenizer)
@@ -78,7 +79,6 @@ class Validator:
         nonces = RedisNonceStore(self.client, Keys(f"{s.run_id}.{self.hotkey}"), s.record_window_s + 5.0)
         self.claims = ClaimReader(self.client, self.keys, Verifier(nonces, s.record_window_s))
         self.claims.start()
-        self.poller = ProgressPoller(self.dht, s.run_id).start()
         self.checker = SpotChecker(self.wallet, self.sync, s, tokenizer, self.block_size, self.eval_blocks)
         logger.info(f"validator {self.hotkey} (uid {self.uid}) joined the DHT as a client via {len(initial_peers)} initial peers")
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import hivemind
-from hivemind.optim.state_averager import TrainingStateAverager
 
+from hivetrain.hivemind_compat import SafeStateAverager
 from hivetrain.log import get_logger
 from hivetrain.models import build_model
 from hivetrain.protocol.training import ClippedAdamW, install_codecs, param_groups
@@ -21,18 +22,20 @@ class ModelSync:
     statistics, which keep the tensor layout identical to the miners') from whichever peer shares them.
     """
 
-    def __init__(self, dht: hivemind.DHT, run_id: str, preset: str, seed: int = 0, timeout_s: float = 60.0):
+    def __init__(self, dht: hivemind.DHT, run_id: str, preset: str, seed: int = 0, timeout_s: float = 60.0,
+                 max_epoch: Callable[[], int | None] | None = None):
         install_codecs()  # state may arrive 8-bit compressed
         self.model = build_model(preset, seed=seed)
         self.model.eval()
         self.timeout_s = timeout_s
-        self.averager = TrainingStateAverager(
+        self.averager = SafeStateAverager(
             dht=dht,
             prefix=f"{run_id}_state_averager",  # where hivemind.Optimizer(run_id=...) shares its state
             optimizer=lambda params: ClippedAdamW(params, lr=1e-3),
             params=param_groups(self.model, 0.0),
             client_mode=True,
             start=True,
+            max_epoch=max_epoch,  # a state claiming more than the swarm's progress supports is refused
         )
         self.synced_at = 0.0
 
@@ -41,12 +44,17 @@ class ModelSync:
         return self.averager.local_epoch
 
     def sync(self) -> bool:
-        """Load the swarm's newest state; True when parameters at an epoch >= ours arrived."""
-        before = time.time()
+        """Load the swarm's newest state; True when parameters at an epoch >= ours arrived and were adopted.
+
+        A state that fails verification (``SafeStateAverager``) is refused: the model stays as it was.
+        """
+        before, rejected = time.time(), self.averager.rejected_states
         try:
             self.averager.load_state_from_peers(timeout=self.timeout_s)
         except Exception:  # DHT/network boundary: keep the model we have
             logger.warning("loading state from peers failed", exc_info=True)
+            return False
+        if self.averager.rejected_states > rejected:
             return False
         # load_state_from_peers returns None either way; a download refreshes the averaged tensors' use time
         self.synced_at = time.time()

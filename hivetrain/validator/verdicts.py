@@ -9,6 +9,7 @@ records are still self-reported: they bound claims, they do not prove work.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterable, Literal, Mapping
 
@@ -70,6 +71,8 @@ def judge_spot_check(
             copied = cosine(other - center, answer - center)
             if copied >= copy_threshold and copied > similarity:
                 return SpotCheckResult("fail", f"answer copies {who}'s answer for another batch (cosine {copied:.4f})", similarity)
+    if not math.isfinite(similarity):  # NaN < threshold is False: without this a NaN model would pass every answer
+        return SpotCheckResult("fail", "cosine is not finite (the validator's own projection is not finite)")
     if similarity < threshold:
         return SpotCheckResult("fail", f"cosine {similarity:.4f} below threshold {threshold}", similarity)
     return SpotCheckResult("pass", f"cosine {similarity:.4f} >= {threshold}", similarity)
