@@ -36,6 +36,19 @@ def test_clipping_bounds_the_applied_gradient():
     assert torch.isclose(weight.grad.norm(), torch.tensor(1.0))
 
 
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_a_non_finite_gradient_is_skipped_not_applied(poison):
+    weight = torch.nn.Parameter(torch.ones(4))
+    opt = ClippedAdamW([weight], max_grad_norm=1.0, lr=0.1)
+    weight.grad = torch.tensor([1.0, poison, 1.0, 1.0])  # one bad element of an averaged gradient
+    opt.step()
+    assert torch.equal(weight.detach(), torch.ones(4)) and opt.skipped_steps == 1
+    assert not opt.state.get(weight), "no statistics taken from the bad gradient"
+    weight.grad = torch.full((4,), 0.5)
+    opt.step()
+    assert torch.isfinite(weight).all() and not torch.equal(weight.detach(), torch.ones(4))
+
+
 @pytest.mark.parametrize("name, tolerance", [("none", 0.0), ("fp16", 1e-3), ("8bit", 0.1)])
 def test_codecs_round_trip_through_hivemind(name, tolerance):
     install_codecs()

@@ -14,8 +14,11 @@ import torch
 from hivemind.compression import CompressionBase, Float16Compression, NoCompression
 
 from hivetrain.hivemind_compat import Uniform8Bit, install_codecs
+from hivetrain.log import get_logger
 
 __all__ = ["COMPRESSIONS", "ClippedAdamW", "install_codecs", "param_groups"]
+
+logger = get_logger(__name__)
 
 #: Tensor wire formats by their setting name (``HIVE_GRAD_COMPRESSION``, ``HIVE_STATE_COMPRESSION``).
 COMPRESSIONS: dict[str, Callable[[], CompressionBase]] = {
@@ -38,16 +41,28 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 class ClippedAdamW(torch.optim.AdamW):
-    """AdamW that clips the gradient it is about to apply: the swarm-averaged one in gradient mode."""
+    """AdamW that clips the gradient it is about to apply (the swarm-averaged one in gradient mode)
+    and skips a step whose gradient is not finite.
+
+    Clipping does not stop NaN: one NaN in an averaged gradient would make every parameter NaN.
+    A skipped step leaves parameters and statistics as they were; ``skipped_steps`` counts them.
+    """
 
     def __init__(self, params, max_grad_norm: float = 0.0, **kwargs):
         super().__init__(params, **kwargs)
         self.max_grad_norm = max_grad_norm
+        self.skipped_steps = 0
 
     @torch.no_grad()
     def step(self, closure=None):
-        if self.max_grad_norm > 0:
-            params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
-            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if params:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            if not torch.isfinite(norm):
+                self.skipped_steps += 1
+                logger.warning(f"skipping an optimizer step: the gradient norm is {float(norm)} "
+                               f"({self.skipped_steps} skipped so far)")
+                return None
+            if self.max_grad_norm > 0:
+                torch.nn.utils.clip_grads_with_norm_(params, self.max_grad_norm, norm)
         return super().step(closure)
-
