@@ -68,7 +68,7 @@ def exit_on_sigterm() -> None:
     import signal
     import sys
 
-    from hivetrain.dht import reset_signal_handlers_in_children
+    from hivetrain.runtime import reset_signal_handlers_in_children
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     reset_signal_handlers_in_children()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import hivemind
@@ -43,16 +42,3 @@ def visible_maddrs(dht: hivemind.DHT) -> list[str]:
     addrs = [str(addr) for addr in dht.get_visible_maddrs()]
     return sorted(addrs, key=lambda a: ("/127.0.0.1/" in a or "/::1/" in a, a))
 
-
-def reset_signal_handlers_in_children() -> None:
-    """Forked hivemind children inherit the parent's Python SIGTERM/SIGINT handlers; give them the defaults.
-
-    Call before creating DHTs or optimizers in a process that installs its own handlers.
-    """
-    import signal
-
-    def _child() -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-    os.register_at_fork(after_in_child=_child)

@@ -3,7 +3,8 @@
 The service process keeps its own work (a DHT peer, a validation loop) and starts
 ``python -m gunicorn ... '<module>:create_app()'`` next to it. Settings reach the workers as
 ``HIVE_*`` environment variables, so a value given as a command-line flag to the service is
-seen by ``create_app()`` in every worker too.
+seen by ``create_app()`` in every worker too. Services do not call these directly:
+``hivetrain.runtime.Runtime.serve`` starts gunicorn, restarts it if it dies, and stops it first at shutdown.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from hivetrain import procs
-from hivetrain.gunicorn import settings_env
+from hivetrain.gunicorn import gunicorn_argv, settings_env, start_gunicorn, stop_gunicorn
 from hivetrain.identity import load_or_create_wallet
 from hivetrain.protocol.records import (
     VALIDATOR_TTL_S,
@@ -25,7 +25,7 @@ from hivetrain.protocol.records import (
 )
 from hivetrain.settings import ValidatorSettings
 from hivetrain.store import Registry, append, connect_redis
-from hivetrain.validator.api import APP_SPEC, gunicorn_argv, start_api, stop_api
+from hivetrain.validator.__main__ import APP_SPEC
 from hivetrain.validator.app import ROUNDS_SHOWN, create_app
 
 RUN = "vt"
@@ -247,7 +247,7 @@ def test_settings_from_env(redis_url, wallet_dir, hotkey, monkeypatch):
 def test_gunicorn_argv_and_env(redis_url, wallet_dir, monkeypatch):
     monkeypatch.setenv("HIVE_STRAY", "x")
     settings = _settings(redis_url, wallet_dir, api_host="127.0.0.1", api_port=8123, api_workers=3)
-    argv = gunicorn_argv(settings)
+    argv = gunicorn_argv(APP_SPEC, settings.api_host, settings.api_port, settings.api_workers, settings.log_level)
     assert argv[-1] == APP_SPEC == "hivetrain.validator.app:create_app()"
     assert "--no-control-socket" in argv and argv[argv.index("--bind") + 1] == "127.0.0.1:8123"
     assert argv[argv.index("--workers") + 1] == "3" and argv[argv.index("--worker-class") + 1] == "gthread"
@@ -283,7 +283,8 @@ def _running(pid: int) -> bool:
 @pytest.mark.integration
 def test_served_by_gunicorn(redis_url, wallet_dir):
     port = procs.free_port()
-    popen = start_api(_settings(redis_url, wallet_dir, api_host="127.0.0.1", api_port=port, api_workers=1))
+    settings = _settings(redis_url, wallet_dir, api_host="127.0.0.1", api_port=port, api_workers=1)
+    popen = start_gunicorn(APP_SPEC, settings, settings.api_host, settings.api_port, settings.api_workers)
     try:
         deadline, answer = time.monotonic() + 60, None
         while answer is None and time.monotonic() < deadline:
@@ -297,7 +298,7 @@ def test_served_by_gunicorn(redis_url, wallet_dir):
         workers = _children(popen.pid)
         assert workers
     finally:
-        stop_api(popen)
+        stop_gunicorn(popen)
     assert popen.returncode is not None
     deadline = time.monotonic() + 10
     while any(_running(pid) for pid in workers) and time.monotonic() < deadline:

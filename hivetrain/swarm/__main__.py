@@ -1,14 +1,16 @@
-"""``python -m hivetrain.swarm``: Redis, the bootstrap and N miners on this machine until Ctrl-C or --duration."""
+"""``python -m hivetrain.swarm``: Redis, the bootstrap and N miners on this machine until Ctrl-C or --duration.
+
+Once stopping, further Ctrl-Cs are ignored: the miners checkpoint and deregister before their
+processes go, and a second Ctrl-C must not cut that short.
+"""
 
 from __future__ import annotations
 
-import logging
-import signal
-import threading
 import time
 
 from hivetrain.log import get_logger
-from hivetrain.settings import SwarmSettings, load_settings
+from hivetrain.runtime import Runtime, run_service
+from hivetrain.settings import SwarmSettings
 from hivetrain.swarm.launcher import Swarm, SwarmError
 
 logger = get_logger("hivetrain.swarm")
@@ -16,51 +18,49 @@ STATUS_EVERY_S = 15.0
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = load_settings(SwarmSettings, argv)
-    logging.getLogger("hivetrain").setLevel(settings.log_level)
-    stop = threading.Event()
+    """Run the swarm until Ctrl-C, SIGTERM or --duration; return the exit code (1 if a service failed)."""
+    return run_service(SwarmSettings, _run, argv, name="swarm", repeat_sigint="ignore")
 
-    def _handle(signum, _frame):
-        logger.info(f"{signal.Signals(signum).name}: stopping the swarm (miners checkpoint first)")
-        stop.set()
 
-    signal.signal(signal.SIGINT, _handle)
-    signal.signal(signal.SIGTERM, _handle)
+def _run(runtime: Runtime[SwarmSettings]) -> int | None:
+    settings = runtime.settings
     if settings.engine == "docker":  # the same services as containers; see docker_engine.py
         from hivetrain.swarm.docker_engine import run_docker
 
-        return run_docker(settings, stop)
+        return run_docker(settings, runtime.stop)
     swarm = Swarm(settings)
-    code = 0
+    runtime.on_cleanup(lambda: _stop(swarm))
     try:
         swarm.start()
-        _print_where_to_look(swarm)
-        code = _watch(swarm, stop)
     except SwarmError as error:
-        logger.error(str(error))
-        code = 1
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean stop short
-        swarm.stop(summary_path=settings.summary or None)
-        logger.info(f"swarm stopped; logs in {swarm.logs}")
-    return code
+        runtime.fail(str(error))
+        return None
+    _print_where_to_look(swarm)
+    _watch(swarm, runtime)
+    return None
 
 
-def _watch(swarm: Swarm, stop: threading.Event) -> int:
+def _stop(swarm: Swarm) -> None:
+    swarm.stop(summary_path=swarm.settings.summary or None)
+    logger.info(f"swarm stopped; logs in {swarm.logs}")
+
+
+def _watch(swarm: Swarm, runtime: Runtime) -> None:
+    """Log a status line every STATUS_EVERY_S until stopped or --duration; fail the run if a service died."""
     deadline = time.monotonic() + swarm.settings.duration if swarm.settings.duration else None
-    while not stop.wait(STATUS_EVERY_S if deadline is None else max(0.0, min(STATUS_EVERY_S, deadline - time.monotonic()))):
+    while not runtime.stop.wait(STATUS_EVERY_S if deadline is None else max(0.0, min(STATUS_EVERY_S, deadline - time.monotonic()))):
         if deadline is not None and time.monotonic() >= deadline:
             logger.info(f"--duration {swarm.settings.duration:.0f}s reached")
-            return 0
+            return
         failed = swarm.failed_services()
         if failed:
             for service in failed:
                 logger.error(f"{service.name} exited with code {service.popen.returncode}; see {service.log_path}")
-            return 1
+            runtime.fail(f"{', '.join(s.name for s in failed)} exited")
+            return
         dead = [m.name for m in swarm.miners if not m.alive()]
         suffix = f"; exited: {', '.join(dead)}" if dead else ""
         logger.info(swarm.status_line() + suffix)
-    return 0
 
 
 def _print_where_to_look(swarm: Swarm) -> None:

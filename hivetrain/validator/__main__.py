@@ -1,52 +1,35 @@
-"""``python -m hivetrain.validator``: the validator loop in this process, its API in a gunicorn child."""
+"""``python -m hivetrain.validator``: the validator loop in this process, its API in a gunicorn child.
+
+The API (``hivetrain.validator.app:create_app()``) starts once the validator is set up (its wallet
+exists) and is supervised by ``hivetrain.runtime``: restarted if it dies, and the validator exits 1
+if it keeps dying. On shutdown the API stops first, then the validator.
+"""
 
 from __future__ import annotations
 
-import logging
-import signal
-import threading
-
 import transformers
 
-from hivetrain.dht import reset_signal_handlers_in_children
-from hivetrain.log import get_logger
-from hivetrain.protocol.discovery import BootstrapUnavailable
-from hivetrain.settings import ValidatorSettings, load_settings
+from hivetrain.runtime import Runtime, run_service
+from hivetrain.settings import ValidatorSettings
 
-logger = get_logger("hivetrain.validator")
+APP_SPEC = "hivetrain.validator.app:create_app()"
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hivetrain.validator.api import start_api, stop_api
-    from hivetrain.validator.service import Validator
+    """Validate until stopped; return the exit code (``hivetrain.runtime`` says which)."""
+    return run_service(ValidatorSettings, _run, argv, name="validator", repeat_sigint="ignore")
 
-    settings = load_settings(ValidatorSettings, argv)
-    logging.getLogger("hivetrain").setLevel(settings.log_level)
+
+def _run(runtime: Runtime[ValidatorSettings]) -> None:
+    from hivetrain.validator.service import Validator  # imports hivemind and torch: only when we run
+
+    settings = runtime.settings
     transformers.utils.logging.disable_progress_bar()
-    stop = threading.Event()
-
-    def _handle(signum, _frame):
-        logger.info(f"{signal.Signals(signum).name} received; stopping")
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _handle)
-    signal.signal(signal.SIGINT, _handle)
-    reset_signal_handlers_in_children()
-    validator, api = Validator(settings, stop), None
-    try:
-        validator.setup()
-        api = start_api(settings)
-        validator.run()
-    except BootstrapUnavailable as error:
-        logger.error(str(error))
-        return 2
-    except ValueError as error:
-        logger.error(f"configuration error: {error}")
-        return 2
-    finally:
-        stop_api(api)
-        validator.shutdown()
-    return 0
+    validator = Validator(settings, runtime.stop)
+    runtime.on_cleanup(validator.shutdown)
+    validator.setup()
+    runtime.serve(APP_SPEC, settings.api_host, settings.api_port, settings.api_workers)
+    validator.run()
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 The validator service process writes everything this app reads (its score board, evaluations,
 its alive key); miners write registrations and telemetry. Served by
-``gunicorn 'hivetrain.validator.app:create_app()'`` (``hivetrain.validator.api.start_api``) with
+``gunicorn 'hivetrain.validator.app:create_app()'`` (a child the validator supervises: ``Runtime.serve``) with
 settings from ``HIVE_*`` environment variables, so workers share nothing but Redis.
 
 Telemetry is attributed with care: a miner's latest step counts only if it was signed by the

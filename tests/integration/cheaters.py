@@ -19,11 +19,10 @@ import time
 import torch
 
 from hivetrain.protocol.records import Keys, PeerRecord, StepRecord
-from hivetrain.dht import reset_signal_handlers_in_children
 from hivetrain.identity import load_or_create_wallet
-from hivetrain.miner.__main__ import install_stop_handlers
 from hivetrain.protocol.spotcheck import Challenge
 from hivetrain.miner.train import Miner
+from hivetrain.runtime import install_stop_handlers, reset_signal_handlers_in_children
 from hivetrain.settings import MinerSettings, load_settings
 from hivetrain.store import Registry, connect_redis
 

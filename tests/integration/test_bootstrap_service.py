@@ -1,9 +1,12 @@
-"""``python -m hivetrain.bootstrap`` as a real process: readiness, a DHT that peers can use, restarts, clean stops."""
+"""``python -m hivetrain.bootstrap`` as a real process: readiness, a DHT that peers can use, restarts, clean stops,
+exit 1 when its API cannot come up (the runtime's gunicorn restarts run out)."""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
 import sys
 import time
 import urllib.error
@@ -16,11 +19,14 @@ import pytest
 
 from hivetrain import procs
 from hivetrain.protocol.records import Keys
+from hivetrain.runtime import RESTART_LIMIT
 from hivetrain.store import Registry, connect_redis
 
 pytestmark = pytest.mark.integration
 
 READY_TIMEOUT_S = 90.0
+#: gunicorn tries to bind for ~5 s before it exits; RESTART_LIMIT + 1 of those, plus the DHT's start and stop
+GIVE_UP_TIMEOUT_S = 180.0
 
 
 def _get(url: str) -> tuple[int, dict]:
@@ -109,3 +115,24 @@ def test_bootstrap_serves_a_usable_dht_and_keeps_its_identity(tmp_path, redis_ur
         for dht in dhts:
             dht.shutdown()
         service.stop(timeout=10)
+
+
+def test_bootstrap_exits_1_when_its_api_cannot_come_up(tmp_path, redis_url):
+    # another program holds the HTTP port: every gunicorn gives up binding, the restarts run out
+    http_port, dht_port = procs.free_port(), procs.free_port()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as squatter:
+        squatter.bind(("127.0.0.1", http_port))
+        squatter.listen()
+        service = _start(tmp_path, redis_url, http_port, dht_port)
+        try:
+            code = service.popen.wait(timeout=GIVE_UP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"bootstrap still running after {GIVE_UP_TIMEOUT_S:.0f}s:\n{service.log_path.read_text()[-3000:]}")
+        finally:
+            service.stop(timeout=10)
+    log = service.log_path.read_text()
+    assert code == 1, log[-3000:]
+    assert f"after {RESTART_LIMIT} restarts" in log and "giving up" in log
+    assert "DHT peer" in log and "shut down" in log  # the DHT was still stopped cleanly
+    assert not service.group_alive()
+    assert Registry(connect_redis(redis_url), Keys("it")).bootstraps() == []
