@@ -1,0 +1,51 @@
+"""Every place hivetrain reaches into hivemind's internals, in one package.
+
+hivemind 1.1.12 is pinned. What is here overrides private methods (``Optimizer._make_state_averager``,
+``_update_global_epoch``, ``_average_gradients_and_load_into_optimizer``), patches a codec table and
+reads log lines, so a new hivemind release can break it silently. Importing this package checks the
+version and the hooks it relies on, and fails at start with what to do instead of mid-training.
+The README's "hivemind behaviours we work around" explains each piece:
+
+* ``codecs``     the 8-bit codec under NumPy 2;
+* ``state``      copies of our state for peers, verification of the state we download;
+* ``optimizer``  averaging rounds reported (their groups and durations).
+"""
+
+from __future__ import annotations
+
+import hivemind
+from hivemind.averaging import DecentralizedAverager
+from hivemind.optim.state_averager import TrainingStateAverager
+
+#: The hivemind release these workarounds were written for and tested with.
+HIVEMIND_VERSION = "1.1.12"
+
+_HOOKS = {
+    hivemind.Optimizer: ("_make_state_averager", "_update_global_epoch", "_average_gradients_and_load_into_optimizer"),
+    TrainingStateAverager: ("_get_handle_name", "get_current_state", "load_state_from_peers"),
+    DecentralizedAverager: ("load_state_from_peers",),
+}
+
+
+def check_hivemind(version: str = hivemind.__version__) -> None:
+    """Raise ``ImportError`` when hivemind is not the release these workarounds were written for."""
+    if version != HIVEMIND_VERSION:
+        raise ImportError(f"hivetrain's hivemind workarounds (hivetrain/hivemind_compat/) were written for hivemind "
+                          f"{HIVEMIND_VERSION}, found {version}: install hivemind=={HIVEMIND_VERSION} "
+                          "(requirements.txt), or re-check each override in that package against the new release")
+    missing = [f"{cls.__name__}.{name}" for cls, names in _HOOKS.items() for name in names if not hasattr(cls, name)]
+    if missing:
+        raise ImportError(f"hivemind {version} lacks {', '.join(missing)}, which hivetrain/hivemind_compat/ overrides")
+
+
+check_hivemind()
+
+# after the check: the modules below subclass hivemind's internals
+from hivetrain.hivemind_compat.codecs import Uniform8Bit, install_codecs  # noqa: E402
+from hivetrain.hivemind_compat.optimizer import STATE_AVERAGER_LOGGER, RoundInfo, StateRoundLogHandler, TrackedOptimizer  # noqa: E402
+from hivetrain.hivemind_compat.state import SafeStateAverager, StateRejected, check_downloaded_state  # noqa: E402
+
+__all__ = [
+    "HIVEMIND_VERSION", "STATE_AVERAGER_LOGGER", "RoundInfo", "SafeStateAverager", "StateRejected", "StateRoundLogHandler",
+    "TrackedOptimizer", "Uniform8Bit", "check_downloaded_state", "check_hivemind", "install_codecs",
+]
