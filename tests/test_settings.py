@@ -12,6 +12,7 @@ from hivetrain.settings import (
     ValidatorSettings,
     env_names,
     load_settings,
+    service_env,
 )
 
 
@@ -80,3 +81,43 @@ def test_env_names_cover_shared_fields():
     names = env_names(MinerSettings)
     assert {"HIVE_REDIS_URL", "HIVE_RUN_ID", "HIVE_BOOTSTRAP_URL", "HIVE_WALLET_DIR", "HIVE_TARGET_BATCH_SIZE"} <= names
     assert "HIVE_HTTP_PORT" not in names
+
+
+def test_service_env_writes_what_the_settings_read_back(monkeypatch):
+    env = service_env(MinerSettings, batch_size=4, lr=0.003, delay_state_averaging=False, preset="tiny",
+                      host_maddrs=["/ip4/127.0.0.1/tcp/0"], bootstrap_url="http://boot:8000/")
+    assert env == {"HIVE_BATCH_SIZE": "4", "HIVE_LR": "0.003", "HIVE_DELAY_STATE_AVERAGING": "false",
+                   "HIVE_PRESET": "tiny", "HIVE_HOST_MADDRS": '["/ip4/127.0.0.1/tcp/0"]',
+                   "HIVE_BOOTSTRAP_URL": "http://boot:8000"}  # validated: the field validator strips the slash
+    for key in list(env_names(MinerSettings)):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    settings = load_settings(MinerSettings, [])
+    assert (settings.batch_size, settings.lr, settings.delay_state_averaging) == (4, 0.003, False)
+    assert settings.host_maddrs == ["/ip4/127.0.0.1/tcp/0"] and settings.preset == "tiny"
+
+
+def test_service_env_rejects_a_misspelt_setting():
+    with pytest.raises(ValueError, match=r"MinerSettings has no setting 'batchsize'.*did you mean 'batch_size'"):
+        service_env(MinerSettings, batchsize=4)
+    with pytest.raises(ValueError, match="BootstrapSettings has no setting 'batch_size'"):
+        service_env(BootstrapSettings, batch_size=4)  # a miner setting is not the bootstrap's
+
+
+@pytest.mark.parametrize("model, values, message", [
+    (MinerSettings, {"batch_size": 0}, r"MinerSettings.batch_size \(HIVE_BATCH_SIZE\): Input should be greater than or equal to 1"),
+    (MinerSettings, {"target_batch_size": "many"}, "HIVE_TARGET_BATCH_SIZE.*valid integer"),
+    (MinerSettings, {"device": "tpu"}, "HIVE_DEVICE.*use auto, cpu, cuda or cuda:N"),  # a field validator
+    (MinerSettings, {"host_maddrs": ["0.0.0.0:31337"]}, "is not a multiaddr"),
+    (ValidatorSettings, {"spot_check_dim": 12}, "multiple of 8"),
+    (SwarmSettings, {"preset": "huge"}, "HIVE_PRESET.*'seed' or 'tiny'"),
+])
+def test_service_env_rejects_an_invalid_value(model, values, message):
+    with pytest.raises(ValueError, match=message):
+        service_env(model, **values)
+
+
+def test_service_env_leaves_combinations_to_the_model():
+    # model validators relate several settings that may come from elsewhere; one value alone passes
+    assert service_env(MinerSettings, delay_grad_averaging=True) == {"HIVE_DELAY_GRAD_AVERAGING": "true"}

