@@ -23,12 +23,14 @@ from hivetrain.log import get_logger
 from hivetrain.protocol.records import (
     BOOTSTRAP_TTL_S,
     EVALS_STREAM_MAXLEN,
+    OFFENCES_STREAM_MAXLEN,
     PEER_TTL_S,
     ROUNDS_STREAM_MAXLEN,
     STEPS_STREAM_MAXLEN,
     BootstrapRecord,
     EvalRecord,
     Keys,
+    OffenceRecord,
     PeerRecord,
     Record,
     RoundRecord,
@@ -138,6 +140,7 @@ def _parse(model: type[Record], raw: bytes | None):
 _STREAMS = {
     StepRecord: ("steps", STEPS_STREAM_MAXLEN, True),
     RoundRecord: ("rounds", ROUNDS_STREAM_MAXLEN, True),
+    OffenceRecord: ("offences", OFFENCES_STREAM_MAXLEN, True),
     EvalRecord: ("evals", EVALS_STREAM_MAXLEN, False),  # written by the validator for its own API
 }
 _HISTORY = Verifier.in_memory(window_s=1.0)  # signature checks of past records: freshness is not asked
@@ -213,14 +216,14 @@ class TelemetryWriter:
         self._thread = threading.Thread(target=self._run, name="telemetry-writer", daemon=True)
         self._thread.start()
 
-    def put(self, record: StepRecord | RoundRecord) -> None:
+    def put(self, record: StepRecord | RoundRecord | OffenceRecord) -> None:
         with self._wake:
             if len(self._queue) == self._queue.maxlen:
                 self.dropped += 1
             self._queue.append(record)
             self._wake.notify()
 
-    def put_many(self, records: Iterable[StepRecord | RoundRecord]) -> None:
+    def put_many(self, records: Iterable[StepRecord | RoundRecord | OffenceRecord]) -> None:
         for record in records:
             self.put(record)
 

@@ -7,7 +7,9 @@ from typing import Callable
 import hivemind
 import torch
 
+from hivetrain.aggregation import AggregationRule
 from hivetrain.hivemind_compat import RoundInfo, TrackedOptimizer
+from hivetrain.hivemind_compat.allreduce import install_robust_aggregation, uninstall_robust_aggregation
 from hivetrain.protocol.training import COMPRESSIONS, ClippedAdamW, install_codecs, param_groups
 from hivetrain.settings import MinerSettings
 
@@ -24,6 +26,10 @@ def make_optimizer(model: torch.nn.Module, dht: hivemind.DHT, settings: MinerSet
                    on_round: Callable[[RoundInfo], None] | None = None) -> TrackedOptimizer:
     """hivemind.Optimizer over ``model`` configured from ``settings``; averagers fork here."""
     install_codecs()
+    if settings.robust_aggregation:  # before the averagers fork: their all-reduce runs in the children
+        install_robust_aggregation(AggregationRule(clip_factor=settings.clip_factor), settings.ban_s)
+    else:
+        uninstall_robust_aggregation()
     compression = COMPRESSIONS[settings.grad_compression]
     state_compression = COMPRESSIONS[settings.state_compression]
     clip, lr, betas = settings.grad_clip, settings.lr, (0.9, 0.95)

@@ -19,6 +19,7 @@ import torch
 from hivetrain.data import BlockStream, shard_for_peer
 from hivetrain.dht import make_dht, visible_maddrs
 from hivetrain.hivemind_compat import RoundInfo, StateRoundLogHandler, TrackedOptimizer
+from hivetrain.hivemind_compat.allreduce import drain_offences
 from hivetrain.identity import load_or_create_wallet
 from hivetrain.log import get_logger
 from hivetrain.miner.challenge import ChallengeServer
@@ -28,7 +29,7 @@ from hivetrain.models import build_model, model_config, num_parameters
 from hivetrain.protocol.checkpoints import TrainerState
 from hivetrain.protocol.discovery import fetch_initial_peers
 from hivetrain.protocol.projection import projected_gradient
-from hivetrain.protocol.records import HEARTBEAT_INTERVAL_S, Keys, PeerRecord, RoundRecord, StepRecord
+from hivetrain.protocol.records import HEARTBEAT_INTERVAL_S, Keys, OffenceRecord, PeerRecord, RoundRecord, StepRecord
 from hivetrain.protocol.spotcheck import Challenge
 from hivetrain.settings import MinerSettings
 from hivetrain.store import Registry, TelemetryWriter, connect_redis
@@ -221,6 +222,7 @@ class Miner:
             if self.step % 50 == 0 or self.step == 1:
                 logger.info(f"step {self.step} epoch {self.opt.local_epoch} loss {loss_value:.4f} "
                             f"{speed * self.block_size:,.0f} tokens/s")
+            self._report_offences()
             self.challenges.answer_pending(self._answer_challenge)
             self._maybe_checkpoint()
             if (s.max_steps and self.step >= s.max_steps) or (s.max_epochs and self.opt.local_epoch >= s.max_epochs):
@@ -248,6 +250,13 @@ class Miner:
         state = TrainerState(peer_id=self.peer_id, preset=self.settings.preset, epoch=self.opt.local_epoch,
                              step=self.step, samples=self.samples, next_block=self.next_block)
         return save_checkpoint(self.checkpoint_dir, self.model, self.opt, state, keep=self.settings.keep_checkpoints)
+
+    def _report_offences(self) -> None:
+        """Peers our averagers caught (they run in forked children and only queue what they saw)."""
+        for offence in drain_offences():
+            self.telemetry.put(OffenceRecord(peer_id=self.peer_id, offender=offence.peer_id, averager=offence.prefix,
+                                             role=offence.role, reason=offence.reason[:500],
+                                             banned_s=self.settings.ban_s, time=offence.time))
 
     def _record_round(self, info: RoundInfo) -> None:
         if info.success:

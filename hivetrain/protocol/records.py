@@ -26,6 +26,7 @@ BOOTSTRAP_TTL_S = 30
 STEPS_STREAM_MAXLEN = 100_000
 ROUNDS_STREAM_MAXLEN = 20_000
 EVALS_STREAM_MAXLEN = 10_000
+OFFENCES_STREAM_MAXLEN = 20_000
 #: The validator's own heartbeat (its /readyz says not ready once this lapses).
 VALIDATOR_TTL_S = 120
 
@@ -68,6 +69,11 @@ class Keys:
     def rounds(self) -> str:
         """Stream of RoundRecord, one per averaging round seen by every miner."""
         return f"{self.prefix}:telemetry:rounds"
+
+    @property
+    def offences(self) -> str:
+        """Stream of OffenceRecord: peers a miner caught sending or returning bad tensors in the all-reduce."""
+        return f"{self.prefix}:telemetry:offences"
 
     @property
     def evals(self) -> str:
@@ -146,6 +152,19 @@ class RoundRecord(Record):
     group: list[str] = Field(default_factory=list, description="peer ids in the group")
     duration_s: float = Field(ge=0)
     success: bool
+    time: float = Field(default_factory=time.time)
+
+
+class OffenceRecord(Record):
+    """A peer one miner caught in an averaging round, and banned from its aggregation for a while."""
+
+    schema_version: int = SCHEMA_VERSION
+    peer_id: str = Field(min_length=1, description="the miner that caught it (signs this record)")
+    offender: str = Field(min_length=1, description="peer id of the offender")
+    averager: str = Field(min_length=1, description="the DHT prefix of the averager: gradients or parameters")
+    role: Literal["sender", "reducer"] = Field(description="sender: its part was bad; reducer: its answer was")
+    reason: str = Field(min_length=1, max_length=500)
+    banned_s: float = Field(ge=0, description="how long this miner ignores the offender")
     time: float = Field(default_factory=time.time)
 
 

@@ -1,0 +1,195 @@
+"""Robust aggregation inside hivemind's butterfly all-reduce, with offenders named and banned.
+
+hivemind 1.1.12 builds an ``AllReduceRunner`` per round, and its ``TensorPartReducer`` sums the
+parts every sender streams in, weighted as the sender declares. ``install_robust_aggregation``
+(called before the averagers fork) makes every averager of this process use:
+
+* ``RobustPartReducer``: keeps each sender's part and aggregates with
+  ``hivetrain.aggregation.robust_aggregate`` (non-finite parts dropped, weights capped, CenteredClip);
+* ``RobustAllReduceRunner``: checks each reducer's answer before it is applied
+  (``check_received``); a bad answer is replaced by our own part for that partition, as hivemind
+  does for a reducer that failed.
+
+A sender or reducer caught is named in an ``Offence`` (sent to the parent process through a queue:
+the averagers are forked children, the miner writes telemetry) and banned in that averager for
+``ban_s`` seconds: its parts no longer count and its answers are not applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import multiprocessing as mp
+import queue
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from hivemind.averaging import averager as hivemind_averager
+from hivemind.averaging.allreduce import AllReduceRunner
+from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
+
+from hivetrain.aggregation import AggregationRule, Refusal, check_received, robust_aggregate
+from hivetrain.log import get_logger
+
+logger = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Offence:
+    """One peer caught in one round: who, in which averager (its DHT prefix), as sender or reducer, and why."""
+
+    peer_id: str
+    prefix: str
+    role: str  # "sender" (its part) or "reducer" (its answer)
+    reason: str
+    time: float
+
+
+@dataclass
+class _Installed:
+    rule: AggregationRule
+    ban_s: float
+    offences: "mp.Queue[Offence]"
+
+
+_installed: _Installed | None = None
+_banned: dict[str, float] = {}  # peer id -> time.monotonic() its ban ends; per process (each averager its own)
+
+
+def install_robust_aggregation(rule: AggregationRule, ban_s: float) -> None:
+    """Make every hivemind averager of this process aggregate robustly; call before the averagers fork."""
+    global _installed
+    if ban_s < 0:
+        raise ValueError(f"ban_s must be >= 0, got {ban_s}")
+    if _installed is None:
+        _installed = _Installed(rule, ban_s, mp.get_context("fork").Queue(maxsize=10_000))
+    else:
+        _installed.rule, _installed.ban_s = rule, ban_s
+    hivemind_averager.AllReduceRunner = RobustAllReduceRunner  # the name _run_allreduce_inplace_ builds
+
+
+def uninstall_robust_aggregation() -> None:
+    """Averagers created (forked) from now on run hivemind's own all-reduce again (tests, benchmarks)."""
+    hivemind_averager.AllReduceRunner = AllReduceRunner
+    _banned.clear()
+
+
+def drain_offences(limit: int = 1000) -> list[Offence]:
+    """Offences the averagers (forked children) reported since the last call."""
+    found: list[Offence] = []
+    while _installed is not None and len(found) < limit:
+        try:
+            found.append(_installed.offences.get_nowait())
+        except queue.Empty:
+            break
+    return found
+
+
+def is_banned(peer_id: str, now: float | None = None) -> bool:
+    until = _banned.get(peer_id)
+    return until is not None and (time.monotonic() if now is None else now) < until
+
+
+def _report(peer_id: str, prefix: str, role: str, reason: str) -> None:
+    logger.warning(f"{prefix}: {role} {peer_id} {reason}; banned for {_installed.ban_s:.0f}s")
+    _banned[peer_id] = time.monotonic() + _installed.ban_s
+    _installed.offences.cancel_join_thread()  # an averager that exits must not wait on a parent that stopped reading
+    try:
+        _installed.offences.put_nowait(Offence(peer_id, prefix, role, reason, time.time()))
+    except queue.Full:  # nobody drains: the ban still holds, the record is lost
+        pass
+
+
+class RobustPartReducer(TensorPartReducer):
+    """TensorPartReducer that keeps every sender's part and aggregates robustly (see the module docstring)."""
+
+    def __init__(self, part_shapes: Sequence[torch.Size], num_senders: int, sender_ids: Sequence[str], own_id: str,
+                 prefix: str):
+        self._parts: dict[int, tuple[torch.Tensor, float]] = {}
+        self.sender_ids, self.own_id, self.prefix = list(sender_ids), own_id, prefix
+        super().__init__(part_shapes, num_senders)
+
+    def reset_accumulators(self):
+        self._parts = {}
+        super().reset_accumulators()
+
+    async def accumulate_part(self, sender_index: int, part_index: int, tensor_part: torch.Tensor,
+                              weight: float = 1.0) -> torch.Tensor:
+        # TensorPartReducer.accumulate_part (hivemind 1.1.12), keeping the part instead of adding it
+        assert 0 <= sender_index < self.num_senders, "invalid sender index"
+        assert 0 <= part_index < self.num_parts, "invalid part index"
+        self.num_parts_received[sender_index] += 1
+        while part_index > self.current_part_index:
+            await asyncio_wait_any(self.current_part_future, self.finished)
+            if self.finished.is_set():
+                raise AllreduceException(f"attempted to aggregate part in a finalized {self.__class__.__name__}")
+        if self.sender_failed_after[sender_index] != float("inf"):
+            raise BannedException(f"sender {sender_index} was banned in background")
+        assert part_index == self.current_part_index
+        current_part_future = self.current_part_future
+        if part_index < self.sender_failed_after[sender_index]:
+            self._parts[sender_index] = (tensor_part, float(weight))
+            self.current_part_accumulated_from += 1
+            self.check_current_part_finished()
+        return await current_part_future
+
+    def check_current_part_finished(self):
+        assert self.current_part_accumulated_from <= self.num_current_senders
+        if self.current_part_accumulated_from == self.num_current_senders:
+            self.current_part_future.set_result(self._aggregate())
+            self.reset_accumulators()
+
+    def _aggregate(self) -> torch.Tensor:
+        senders = [i for i in sorted(self._parts) if not is_banned(self.sender_ids[i])]
+        if not senders:  # only banned senders in this round (we only reduce): aggregate them all the same
+            senders = sorted(self._parts)
+        if not senders:
+            return torch.zeros(self.part_shapes[self.current_part_index])
+        result = robust_aggregate([self._parts[i][0] for i in senders], [self._parts[i][1] for i in senders],
+                                  _installed.rule)
+        for row, reason in result.offences.items():
+            if self.sender_ids[senders[row]] != self.own_id:  # outvoted is not guilty: we never ban ourselves
+                _report(self.sender_ids[senders[row]], self.prefix, "sender", reason)
+        return result.value
+
+
+async def asyncio_wait_any(future, event) -> None:
+    """Wait until ``future`` is done or ``event`` is set (hivemind's loop in accumulate_part)."""
+    waiter = asyncio.create_task(event.wait())
+    try:
+        await asyncio.wait({future, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+
+
+class RobustAllReduceRunner(AllReduceRunner):
+    """AllReduceRunner with ``RobustPartReducer`` and each reducer's answer checked before it is applied."""
+
+    def __init__(self, *args, tensors: Sequence[torch.Tensor], **kwargs):
+        super().__init__(*args, tensors=tensors, **kwargs)
+        prefix = str(self._prefix)
+        self.tensor_part_reducer.finalize()  # the plain reducer hivemind built is replaced before any part arrives
+        self.tensor_part_reducer = RobustPartReducer(
+            tuple(part.shape for part in self.parts_for_local_averaging), len(self.sender_peer_ids),
+            [peer.to_base58() for peer in self.sender_peer_ids], self.peer_id.to_base58(), prefix)
+        total = sum(t.numel() for t in tensors)
+        own_rms = math.sqrt(sum(float(t.detach().float().pow(2).sum()) for t in tensors) / max(1, total))
+        container = self.tensor_part_container
+        register = container.register_processed_part
+
+        def register_checked(peer_index: int, part_index: int, delta: torch.Tensor) -> None:
+            reducer = self.ordered_peer_ids[peer_index].to_base58()
+            if self.ordered_peer_ids[peer_index] != self.peer_id:
+                own = container._input_parts_by_peer[peer_index][part_index][0]
+                refusal = Refusal("is banned", offence=False) if is_banned(reducer) else check_received(delta, own, own_rms)
+                if refusal is not None:
+                    if refusal.offence:
+                        _report(reducer, prefix, "reducer", refusal.reason)
+                    elif refusal.reason != "is banned":
+                        logger.info(f"{prefix}: not applying reducer {reducer}'s answer: {refusal.reason}")
+                    delta = torch.zeros_like(own)  # our own part for this partition, as for a failed reducer
+            register(peer_index, part_index, delta)
+
+        container.register_processed_part = register_checked

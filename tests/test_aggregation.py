@@ -1,0 +1,76 @@
+"""Robust aggregation of one partition: bad parts are dropped or clipped and named, honest parts averaged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hivetrain.aggregation import AggregationRule, centered_clip, check_received, robust_aggregate
+
+RULE = AggregationRule()
+
+
+@pytest.fixture
+def honest():
+    generator = torch.Generator().manual_seed(0)
+    signal = torch.randn(50_000, generator=generator)
+    return [signal + 0.3 * torch.randn(50_000, generator=generator) for _ in range(3)]
+
+
+def _error(value, honest) -> float:
+    mean = torch.stack(honest).mean(dim=0)
+    return float((value - mean).norm() / mean.norm())
+
+
+def test_honest_parts_average_to_their_mean(honest):
+    result = robust_aggregate(honest, [8.0, 8.0, 8.0], RULE)
+    assert _error(result.value, honest) < 0.02 and result.offences == {}
+
+
+@pytest.mark.parametrize("attack, named", [
+    (lambda h: torch.full_like(h[0], float("nan")), "NaN or infinite"),
+    (lambda h: torch.full_like(h[0], float("inf")), "NaN or infinite"),
+    (lambda h: h[0] * 1e30, "clipping radius"),
+    (lambda h: -3 * torch.stack(h).mean(dim=0), "clipping radius"),
+])
+def test_a_bad_part_is_named_and_barely_moves_the_result(honest, attack, named):
+    result = robust_aggregate([*honest, attack(honest)], [8.0] * 4, RULE)
+    assert torch.isfinite(result.value).all()
+    assert _error(result.value, honest) < 0.15, _error(result.value, honest)
+    assert list(result.offences) == [3] and named in result.offences[3]
+
+
+def test_a_declared_weight_is_capped_not_obeyed(honest):
+    mean = torch.stack(honest).mean(dim=0)
+    attacker = -mean  # what the attacker wants the swarm to apply
+    plain = (sum(8.0 * h for h in honest) + 1e30 * attacker) / (24.0 + 1e30)  # hivemind's weighted mean
+    assert _error(plain, honest) > 1.9
+    result = robust_aggregate([*honest, attacker], [8.0, 8.0, 8.0, 1e30], RULE)
+    assert _error(result.value, honest) < 0.3  # weighted 2x the median, and clipped: a pull, not a takeover
+    for weight in (float("nan"), -1.0, 0.0):
+        assert "declared the weight" in robust_aggregate([*honest, attacker], [8.0, 8.0, 8.0, weight], RULE).offences[3]
+
+
+def test_centered_clip_bounds_one_far_point():
+    parts = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1e9, 1e9]])
+    value = centered_clip(parts, torch.ones(4), tau=1.0, iterations=20)
+    assert value.norm() < 2.0
+
+
+def test_a_received_answer_is_checked_against_our_own_part():
+    own = torch.ones(100)
+    assert check_received(torch.full((100,), 0.5), own, own_rms=1.0) is None  # an honest pull towards the others
+    assert check_received(-own, own, own_rms=1.0) is None  # a plausible wrong answer still lands (see the docstring)
+    taken_over = check_received(-2.1 * own, own, own_rms=1.0)  # e.g. the reducer obeyed its own huge weight
+    assert taken_over is not None and not taken_over.offence and "scale away" in taken_over.reason
+    assert check_received(torch.tensor([float("nan")] * 100), own, own_rms=1.0).offence
+    assert check_received(own * 1e6, own, own_rms=1.0).offence
+    # a part that is near zero for us: the scale is our tensors' RMS, not this part's norm
+    assert check_received(torch.full((100,), 0.5), torch.zeros(100), own_rms=1.0) is None
+
+
+def test_a_rule_that_would_not_clip_is_refused():
+    with pytest.raises(ValueError):
+        AggregationRule(clip_factor=0)
+    with pytest.raises(ValueError):
+        AggregationRule(ban_ratio=1.0)
