@@ -1,20 +1,23 @@
 """Every place hivetrain reaches into hivemind's internals, in one package.
 
 hivemind 1.1.12 is pinned. What is here overrides private methods (``Optimizer._make_state_averager``,
-``_update_global_epoch``, ``_average_gradients_and_load_into_optimizer``), patches a codec table and
-reads log lines, so a new hivemind release can break it silently. Importing this package checks the
+``_update_global_epoch``, ``_average_gradients_and_load_into_optimizer``, the part reducer of the
+all-reduce), patches a codec table and the all-reduce runner, and reads log lines, so a new hivemind release can break it silently. Importing this package checks the
 version and the hooks it relies on, and fails at start with what to do instead of mid-training.
 The README's "hivemind behaviours we work around" explains each piece:
 
 * ``codecs``     the 8-bit codec under NumPy 2;
 * ``state``      copies of our state for peers, verification of the state we download;
-* ``optimizer``  averaging rounds reported (their groups and durations).
+* ``optimizer``  averaging rounds reported (their groups and durations);
+* ``allreduce``  robust aggregation in the butterfly all-reduce, offenders named and banned.
 """
 
 from __future__ import annotations
 
 import hivemind
 from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging import averager as hivemind_averager
+from hivemind.averaging.partition import TensorPartContainer, TensorPartReducer
 from hivemind.optim.state_averager import TrainingStateAverager
 
 #: The hivemind release these workarounds were written for and tested with.
@@ -23,7 +26,10 @@ HIVEMIND_VERSION = "1.1.12"
 _HOOKS = {
     hivemind.Optimizer: ("_make_state_averager", "_update_global_epoch", "_average_gradients_and_load_into_optimizer"),
     TrainingStateAverager: ("_get_handle_name", "get_current_state", "load_state_from_peers"),
-    DecentralizedAverager: ("load_state_from_peers",),
+    DecentralizedAverager: ("load_state_from_peers", "_run_allreduce_inplace_"),
+    TensorPartReducer: ("accumulate_part", "check_current_part_finished", "reset_accumulators", "on_sender_failed"),
+    TensorPartContainer: ("register_processed_part", "get_raw_input_parts"),
+    hivemind_averager: ("AllReduceRunner",),
 }
 
 
@@ -33,7 +39,8 @@ def check_hivemind(version: str = hivemind.__version__) -> None:
         raise ImportError(f"hivetrain's hivemind workarounds (hivetrain/hivemind_compat/) were written for hivemind "
                           f"{HIVEMIND_VERSION}, found {version}: install hivemind=={HIVEMIND_VERSION} "
                           "(requirements.txt), or re-check each override in that package against the new release")
-    missing = [f"{cls.__name__}.{name}" for cls, names in _HOOKS.items() for name in names if not hasattr(cls, name)]
+    missing = [f"{getattr(owner, '__name__', owner)}.{name}" for owner, names in _HOOKS.items() for name in names
+               if not hasattr(owner, name)]
     if missing:
         raise ImportError(f"hivemind {version} lacks {', '.join(missing)}, which hivetrain/hivemind_compat/ overrides")
 
