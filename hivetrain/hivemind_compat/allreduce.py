@@ -6,9 +6,9 @@ parts every sender streams in, weighted as the sender declares. ``install_robust
 
 * ``RobustPartReducer``: keeps each sender's part and aggregates with
   ``hivetrain.aggregation.robust_aggregate`` (non-finite parts dropped, weights capped, CenteredClip);
-* ``RobustAllReduceRunner``: checks each reducer's answer before it is applied
+* ``RobustAllReduceRunner``: checks each reducer's answer, our own included, before it is applied
   (``check_received``); a bad answer is replaced by our own part for that partition, as hivemind
-  does for a reducer that failed.
+  does for a reducer that failed (our own aggregate can be bad when a group of two holds an attacker).
 
 A sender or reducer caught is named in an ``Offence`` (sent to the parent process through a queue:
 the averagers are forked children, the miner writes telemetry) and banned in that averager for
@@ -18,6 +18,7 @@ the averagers are forked children, the miner writes telemetry) and banned in tha
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import multiprocessing as mp
 import queue
@@ -164,6 +165,12 @@ async def asyncio_wait_any(future, event) -> None:
         waiter.cancel()
 
 
+def _rms(tensors: Sequence[torch.Tensor]) -> float:
+    total = sum(t.numel() for t in tensors)
+    squares = sum(float(torch.linalg.vector_norm(t.detach(), dtype=torch.float64)) ** 2 for t in tensors)
+    return math.sqrt(squares / max(1, total))
+
+
 class RobustAllReduceRunner(AllReduceRunner):
     """AllReduceRunner with ``RobustPartReducer`` and each reducer's answer checked before it is applied."""
 
@@ -174,22 +181,23 @@ class RobustAllReduceRunner(AllReduceRunner):
         self.tensor_part_reducer = RobustPartReducer(
             tuple(part.shape for part in self.parts_for_local_averaging), len(self.sender_peer_ids),
             [peer.to_base58() for peer in self.sender_peer_ids], self.peer_id.to_base58(), prefix)
-        total = sum(t.numel() for t in tensors)
-        own_rms = math.sqrt(sum(float(t.detach().float().pow(2).sum()) for t in tensors) / max(1, total))
+        own_rms = functools.cache(lambda: _rms(tensors))  # only for answers that look far off
         container = self.tensor_part_container
         register = container.register_processed_part
 
         def register_checked(peer_index: int, part_index: int, delta: torch.Tensor) -> None:
             reducer = self.ordered_peer_ids[peer_index].to_base58()
-            if self.ordered_peer_ids[peer_index] != self.peer_id:
-                own = container._input_parts_by_peer[peer_index][part_index][0]
-                refusal = Refusal("is banned", offence=False) if is_banned(reducer) else check_received(delta, own, own_rms)
-                if refusal is not None:
-                    if refusal.offence:
-                        _report(reducer, prefix, "reducer", refusal.reason)
-                    elif refusal.reason != "is banned":
-                        logger.info(f"{prefix}: not applying reducer {reducer}'s answer: {refusal.reason}")
-                    delta = torch.zeros_like(own)  # our own part for this partition, as for a failed reducer
+            ourselves = self.ordered_peer_ids[peer_index] == self.peer_id
+            own = container._input_parts_by_peer[peer_index][part_index][0]
+            banned = not ourselves and is_banned(reducer)
+            refusal = Refusal("is banned", offence=False) if banned else check_received(delta, own, own_rms)
+            if refusal is not None:
+                if refusal.offence and not ourselves:
+                    _report(reducer, prefix, "reducer", refusal.reason)
+                elif not banned:  # ourselves: two peers, one of them bad, and no majority to tell which
+                    whose = "our own" if ourselves else f"reducer {reducer}'s"
+                    logger.info(f"{prefix}: not applying {whose} aggregate: {refusal.reason}")
+                delta = torch.zeros_like(own)  # our own part for this partition, as for a failed reducer
             register(peer_index, part_index, delta)
 
         container.register_processed_part = register_checked

@@ -18,10 +18,10 @@ import time
 
 import torch
 
-from hivetrain.protocol.records import Keys, PeerRecord, StepRecord
 from hivetrain.identity import load_or_create_wallet
-from hivetrain.protocol.spotcheck import Challenge
 from hivetrain.miner.train import Miner
+from hivetrain.protocol.records import Keys, PeerRecord, StepRecord
+from hivetrain.protocol.spotcheck import Challenge
 from hivetrain.runtime import install_stop_handlers, reset_signal_handlers_in_children
 from hivetrain.settings import MinerSettings, load_settings
 from hivetrain.store import Registry, connect_redis

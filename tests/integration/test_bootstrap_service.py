@@ -14,8 +14,8 @@ import urllib.request
 from pathlib import Path
 
 import hivemind
-from hivemind.utils import get_dht_time
 import pytest
+from hivemind.utils import get_dht_time
 
 from hivetrain import procs
 from hivetrain.protocol.records import Keys

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import requests
+from swarm_helpers import stop_and_check, wait_until
 
 from hivetrain import procs
 from hivetrain.settings import SwarmSettings
 from hivetrain.swarm.launcher import Swarm
-from swarm_helpers import stop_and_check, wait_until
 
 pytestmark = pytest.mark.integration
 
