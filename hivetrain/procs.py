@@ -82,20 +82,33 @@ class Service:
         return self.popen.returncode
 
 
+def stat_fields(pid: int) -> list[str]:
+    """/proc/<pid>/stat after the command name: state, ppid, pgrp, ... ([] once the process is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return []
+    return stat[stat.rindex(")") + 2 :].split()  # after the ')' that closes the command name
+
+
+def _pids() -> list[int]:
+    return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+
+
+def is_running(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie."""
+    fields = stat_fields(pid)
+    return bool(fields) and fields[0] != "Z"
+
+
+def children(pid: int) -> list[int]:
+    """The running processes whose parent is ``pid``."""
+    return [child for child in _pids() if stat_fields(child)[1:2] == [str(pid)] and is_running(child)]
+
+
 def _group_has_live_members(pgid: int) -> bool:
     """Whether /proc lists a non-zombie process in group ``pgid``."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # fields after the ')' that closes the command name: state ppid pgrp ...
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
+    return any((fields := stat_fields(pid))[2:3] == [str(pgid)] and fields[0] != "Z" for pid in _pids())
 
 
 def kill_group(pgid: int, wait_s: float = 5.0) -> None:

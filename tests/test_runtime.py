@@ -211,24 +211,8 @@ def _healthz(port: int) -> int | None:
         return None
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if entry.name.isdigit() and int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
-            found.append(int(entry.name))
-    return found
 
 
-def _running(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
 
 
 def _wait(predicate, what: str, timeout: float = WAIT_S):
@@ -257,11 +241,11 @@ def test_a_killed_gunicorn_is_restarted_and_answers_again(runtime):
     child = runtime.serve(APP_SPEC, "127.0.0.1", port, 1)
     _wait(lambda: _healthz(port) == 200, "the first gunicorn to answer /healthz")
     first = child.popen
-    workers = _wait(lambda: _children(first.pid), "the first gunicorn's worker")
+    workers = _wait(lambda: procs.children(first.pid), "the first gunicorn's worker")
     os.kill(first.pid, signal.SIGKILL)
     _wait(lambda: child.popen is not first, "a new gunicorn")
     # the orphaned worker still holds the socket until it sees its parent gone; after that, only the new one answers
-    _wait(lambda: not any(_running(pid) for pid in workers), "the dead master's worker to exit")
+    _wait(lambda: not any(procs.is_running(pid) for pid in workers), "the dead master's worker to exit")
     _wait(lambda: _healthz(port) == 200, "the new gunicorn to answer /healthz")
     assert first.returncode == -signal.SIGKILL and child.popen.poll() is None
     assert child.restarts == 1 and not runtime.failed and not runtime.stop.is_set()

@@ -6,7 +6,6 @@ import json
 import math
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
@@ -260,24 +259,8 @@ def test_gunicorn_argv_and_env(redis_url, wallet_dir, monkeypatch):
     assert ValidatorSettings() == settings  # what the workers rebuild is what the service holds
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if entry.name.isdigit() and int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
-            found.append(int(entry.name))
-    return found
 
 
-def _running(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
 
 
 @pytest.mark.integration
@@ -295,12 +278,12 @@ def test_served_by_gunicorn(redis_url, wallet_dir):
             except OSError:  # not listening yet
                 time.sleep(0.2)
         assert answer == (200, {"status": "ok"})
-        workers = _children(popen.pid)
+        workers = procs.children(popen.pid)
         assert workers
     finally:
         stop_gunicorn(popen)
     assert popen.returncode is not None
     deadline = time.monotonic() + 10
-    while any(_running(pid) for pid in workers) and time.monotonic() < deadline:
+    while any(procs.is_running(pid) for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not any(_running(pid) for pid in workers)
+    assert not any(procs.is_running(pid) for pid in workers)

@@ -1,11 +1,15 @@
-"""Dishonest miners for the validator's integration test: real processes, real keys, real lies.
+"""Dishonest miners for the integration tests: real processes, real keys, real lies.
 
 ``python tests/integration/cheaters.py KIND`` with the usual ``HIVE_*`` miner environment:
 
 * ``inflate``: trains honestly but reports ten times the samples it trained on;
 * ``lazy``: trains, but answers spot checks with noise instead of computing them;
 * ``replay``: trains nothing; registers its own hotkey and re-posts other miners' signed step
-  records, as they are (a replay) and rewritten to name itself (a forgery).
+  records, as they are (a replay) and rewritten to name itself (a forgery);
+* ``nan`` / ``scaled``: attack the averaging itself: every gradient it contributes to the all-reduce
+  is NaN / multiplied by 1e30 (tests/integration/test_attacks.py runs it with
+  ``HIVE_ROBUST_AGGREGATION=false``: an attacker runs hivemind's own all-reduce, so it also reduces
+  its partitions the plain way).
 
 They live in the tests, not in the package: the miner ships no switch to cheat.
 """
@@ -44,6 +48,26 @@ class InflatingMiner(Miner):
 class LazyMiner(Miner):
     def _answer_challenge(self, challenge: Challenge) -> tuple[int, list[float]]:
         return self.opt.local_epoch, torch.randn(challenge.dim).tolist()
+
+
+class PoisoningMiner(Miner):
+    """Trains as usual, but poisons its gradients right before hivemind accumulates and sends them."""
+
+    POISON = {"nan": lambda grad: grad.fill_(float("nan")), "scaled": lambda grad: grad.mul_(1e30)}
+    kind = "nan"
+
+    def _make_optimizer(self) -> None:
+        super()._make_optimizer()
+        step, poison = self.opt.step, self.POISON[self.kind]
+
+        def poisoned_step(*args, **kwargs):
+            with torch.no_grad():
+                for param in self.model.parameters():
+                    if param.grad is not None:
+                        poison(param.grad)
+            return step(*args, **kwargs)
+
+        self.opt.step = poisoned_step
 
 
 def replay(settings: MinerSettings, stop: threading.Event) -> None:
@@ -89,7 +113,9 @@ def main() -> int:
     if kind == "replay":
         replay(settings, stop)
         return 0
-    miner = {"inflate": InflatingMiner, "lazy": LazyMiner}[kind](settings, stop)
+    miner = {"inflate": InflatingMiner, "lazy": LazyMiner}.get(kind, PoisoningMiner)(settings, stop)
+    if isinstance(miner, PoisoningMiner):
+        miner.kind = kind
     try:
         miner.setup()
         miner.train()

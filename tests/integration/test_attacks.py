@@ -1,6 +1,6 @@
 """A real swarm with an attacker in the all-reduce: 3 honest miners, the validator, and 1 poisoning miner.
 
-The attacker (tests/integration/attackers.py) runs plain hivemind and sends NaN gradients. The
+The attacker (``nan`` in tests/integration/cheaters.py) runs plain hivemind and sends NaN gradients. The
 honest miners aggregate robustly (the default): they must keep finite parameters, keep learning,
 and name the attacker in signed telemetry; the validator's model must stay finite and its
 held-out loss must fall.
@@ -27,7 +27,7 @@ from hivetrain.swarm.launcher import Swarm
 pytestmark = pytest.mark.integration
 
 HONEST = 3
-ATTACKERS_PY = str(Path(__file__).with_name("attackers.py"))
+CHEATERS_PY = str(Path(__file__).with_name("cheaters.py"))
 TEST_ENV = {
     "HIVE_TORCH_THREADS": "1",
     "HIVE_SAVE_EVERY": "2",
@@ -46,7 +46,7 @@ def swarm(tmp_path_factory):
     swarm = Swarm(settings, extra_env=TEST_ENV)
     try:
         swarm.start()
-        swarm.add_miner(env={"HIVE_ROBUST_AGGREGATION": "false"}, argv=[sys.executable, ATTACKERS_PY, "nan"])
+        swarm.add_miner(env={"HIVE_ROBUST_AGGREGATION": "false"}, argv=[sys.executable, CHEATERS_PY, "nan"])
         yield swarm
     finally:
         stop_and_check(swarm, workdir / "summary.json")

@@ -25,28 +25,15 @@ TEST_ENV = {"HIVE_TORCH_THREADS": "1", "HIVE_API_WORKERS": "1", "HIVE_HTTP_WORKE
 RESTART_TIMEOUT_S = 60.0
 
 
-def _stat_fields(pid: int) -> list[str]:
-    """/proc/<pid>/stat after the command name: state, ppid, pgrp, ... ([] once it is gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return []
-    return stat[stat.rindex(")") + 2 :].split()
 
 
-def _running(pid: int) -> bool:
-    fields = _stat_fields(pid)
-    return bool(fields) and fields[0] != "Z"
 
 
-def _children(pid: int) -> list[int]:
-    return [int(e.name) for e in Path("/proc").iterdir()
-            if e.name.isdigit() and _stat_fields(int(e.name))[1:2] == [str(pid)] and _running(int(e.name))]
 
 
 def _gunicorn_child(service: procs.Service) -> int | None:
     """The pid of the gunicorn master that ``service`` started (None while it has none)."""
-    for pid in _children(service.pid):
+    for pid in procs.children(service.pid):
         try:
             if b"gunicorn" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 return pid
@@ -80,13 +67,13 @@ def swarm(tmp_path_factory):
 
 def _kill_api_and_wait_for_a_new_one(service: procs.Service, url: str) -> None:
     old = wait_until(lambda: _gunicorn_child(service), timeout=RESTART_TIMEOUT_S, what=f"{service.name}'s gunicorn", interval=0.2)
-    workers = _children(old)
+    workers = procs.children(old)
     assert workers, f"{service.name}'s gunicorn (pid {old}) should have a worker"
     os.kill(old, signal.SIGKILL)
     new = wait_until(lambda: (pid := _gunicorn_child(service)) not in (None, old) and pid,
                      timeout=RESTART_TIMEOUT_S, what=f"a new gunicorn under {service.name}", interval=0.2)
     # the dead master's orphaned workers hold the socket until they notice; once they are gone, only the new one answers
-    wait_until(lambda: not any(_running(pid) for pid in workers), timeout=RESTART_TIMEOUT_S,
+    wait_until(lambda: not any(procs.is_running(pid) for pid in workers), timeout=RESTART_TIMEOUT_S,
                what=f"the workers of the killed gunicorn {old} to exit", interval=0.2)
     wait_until(lambda: _healthz(url), timeout=RESTART_TIMEOUT_S, what=f"{url}/healthz from gunicorn {new}", interval=0.2)
     assert _gunicorn_child(service) == new and service.alive()
