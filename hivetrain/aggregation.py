@@ -14,7 +14,8 @@ CenteredClip, Gorbunov et al. 2022), per partition:
    training. When no part lies farther than ``tau`` from the weighted mean, the mean is the fixed
    point and is returned at once (the usual case without an attacker: in high dimension honest parts
    sit at nearly equal distances from their mean, so no iterations). A sender farther than
-   ``ban_ratio`` x the typical spread from the result is named.
+   ``ban_ratio`` x the typical spread from the result, and farther from it than the result's own
+   size, is named (an honest peer that missed a round can be far from a tight cluster, but not that).
 
 With a minority of bad parts, each one moves the result by at most ``tau / n`` per iteration,
 however large it is. With two senders nothing can tell the honest one from the other (the median
@@ -130,10 +131,14 @@ def robust_aggregate(parts: Sequence[torch.Tensor], weights: Sequence[float], ru
         distances = _norms(stacked - value)
     else:  # no part is farther than tau from the mean: the mean is CenteredClip's fixed point
         value = mean
+    size = float(_norms(value.reshape(1, -1))[0])
     if spread > 0:
         for row, index in enumerate(kept):
             ratio = float(distances[row]) / spread
-            if ratio > rule.ban_ratio:
+            # far from the others *and* farther from the aggregate than the aggregate is from zero: a part
+            # that opposes or dwarfs it. Far from a tight cluster alone is how an honest peer that missed a
+            # round looks (its parameters drifted a little, the others' did not at all): clipped, not named.
+            if ratio > rule.ban_ratio and float(distances[row]) > size:
                 how_far = f"{ratio:.3g}x" if math.isfinite(ratio) else "immeasurably far,"
                 offences[index] = f"sent a part {how_far} the typical spread of parts away from the aggregate"
     return Aggregate(value.reshape(parts[0].shape).to(parts[0].dtype), offences)

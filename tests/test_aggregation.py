@@ -74,3 +74,13 @@ def test_a_rule_that_would_not_clip_is_refused():
         AggregationRule(clip_factor=0)
     with pytest.raises(ValueError):
         AggregationRule(ban_ratio=1.0)
+
+
+def test_an_honest_peer_that_missed_a_round_is_clipped_but_not_named():
+    # parameters: two peers averaged together last round (identical), a third drifted a little on its own
+    generator = torch.Generator().manual_seed(3)
+    params = torch.randn(50_000, generator=generator)
+    drifted = params + 1e-3 * torch.randn(50_000, generator=generator)
+    result = robust_aggregate([params, params.clone(), drifted], [1.0, 1.0, 1.0], RULE)
+    assert result.offences == {}
+    assert float((result.value - params).norm() / params.norm()) < 1e-3

@@ -41,3 +41,48 @@ def test_a_downloaded_state_is_checked_before_it_replaces_ours():
     for metadata, tensors, why in bad:
         with pytest.raises(StateRejected, match=why):
             check_downloaded_state(metadata, tensors, local, max_epoch=7)
+
+
+def _tracker(cls, dht, **kwargs):
+    from hivemind.utils.crypto import RSAPrivateKey
+
+    # a key of its own, as each peer's process has (trackers in one process share one by default)
+    return cls(dht, prefix="plausible", target_batch_size=10_000, min_refresh_period=0.1, max_refresh_period=0.5,
+               private_key=RSAPrivateKey(), start=True, **kwargs)
+
+
+def test_a_progress_record_from_the_future_is_left_out_and_named():
+    import time
+
+    from hivemind import DHT
+    from hivemind.optim.progress_tracker import ProgressTracker
+
+    from hivetrain.hivemind_compat.optimizer import PlausibleProgressTracker
+
+    first = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    peers = [str(a) for a in first.get_visible_maddrs()]
+    dhts = [first] + [DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=peers) for _ in range(3)]
+    named: list[tuple[str, str]] = []
+    trackers = []
+    try:
+        honest = _tracker(ProgressTracker, dhts[0])
+        attacker = _tracker(ProgressTracker, dhts[1])
+        ours = _tracker(PlausibleProgressTracker, dhts[2], on_implausible=lambda peer, why: named.append((peer, why)))
+        plain = _tracker(ProgressTracker, dhts[3])
+        trackers = [honest, attacker, ours, plain]
+        honest.report_local_progress(local_epoch=3, samples_accumulated=10)
+        attacker.report_local_progress(local_epoch=10**9, samples_accumulated=10)
+        ours.report_local_progress(local_epoch=3, samples_accumulated=10)
+        plain.report_local_progress(local_epoch=3, samples_accumulated=10)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (named and plain.global_epoch == 10**9):
+            time.sleep(0.2)
+        assert plain.global_epoch == 10**9, "the attack did not reach plain hivemind (test set-up)"
+        assert ours.global_epoch == 3
+        assert [peer for peer, _ in named] == [dhts[1].peer_id.to_base58()]
+        assert "claims epoch 1000000000, beyond the 5" in named[0][1]
+    finally:
+        for tracker in trackers:
+            tracker.shutdown(timeout=5)
+        for dht in dhts:
+            dht.shutdown()

@@ -57,8 +57,16 @@ def _wait_for(fetch, ready, timeout: float = 20.0):
 
 
 def test_the_plausible_epoch_ignores_a_minority_that_inflates_its_records():
-    from hivetrain.validator.progress import MAX_EPOCH_LEAD, lower_median
+    from hivetrain.protocol.progress import MAX_EPOCH_LEAD, lower_median
+    from hivetrain.validator.progress import plausible
 
     assert lower_median([4, 3, 10**9]) == 4
     assert lower_median([5, 10**9], MAX_EPOCH_LEAD) == 5 + MAX_EPOCH_LEAD  # one honest peer, one liar
     assert lower_median([], MAX_EPOCH_LEAD) is None
+
+    def record(peer: str, epoch: int, speed: float = 10.0) -> PeerProgress:
+        return PeerProgress(peer_id=peer, epoch=epoch, samples_accumulated=8, samples_per_second=speed, time=0.0,
+                            client_mode=False)
+
+    progress = {"a": record("a", 5), "b": record("b", 6), "liar": record("liar", 10**9), "fast": record("fast", 5, 1e12)}
+    assert sorted(plausible(progress, max_samples_per_s=1e4)) == ["a", "b"]

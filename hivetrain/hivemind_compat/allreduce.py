@@ -18,6 +18,7 @@ the averagers are forked children, the miner writes telemetry) and banned in tha
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import math
 import multiprocessing as mp
@@ -43,7 +44,7 @@ class Offence:
 
     peer_id: str
     prefix: str
-    role: str  # "sender" (its part) or "reducer" (its answer)
+    role: str  # "sender" (its part), "reducer" (its answer) or "progress" (its progress record)
     reason: str
     time: float
 
@@ -57,6 +58,7 @@ class _Installed:
 
 _installed: _Installed | None = None
 _banned: dict[str, float] = {}  # peer id -> time.monotonic() its ban ends; per process (each averager its own)
+_local_offences: collections.deque[Offence] = collections.deque(maxlen=10_000)
 
 
 def install_robust_aggregation(rule: AggregationRule, ban_s: float) -> None:
@@ -78,14 +80,22 @@ def uninstall_robust_aggregation() -> None:
 
 
 def drain_offences(limit: int = 1000) -> list[Offence]:
-    """Offences the averagers (forked children) reported since the last call."""
+    """Offences reported since the last call: by the averagers (forked children) and by this process."""
     found: list[Offence] = []
+    while _local_offences and len(found) < limit:
+        found.append(_local_offences.popleft())
     while _installed is not None and len(found) < limit:
         try:
             found.append(_installed.offences.get_nowait())
         except queue.Empty:
             break
     return found
+
+
+def report_offence(peer_id: str, prefix: str, role: str, reason: str) -> None:
+    """Name an offender caught in this process (not in an averager child), e.g. by the progress tracker."""
+    logger.warning(f"{prefix}: {role} {peer_id} {reason}")
+    _local_offences.append(Offence(peer_id, prefix, role, reason, time.time()))
 
 
 def is_banned(peer_id: str, now: float | None = None) -> bool:

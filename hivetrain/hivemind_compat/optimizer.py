@@ -9,9 +9,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import hivemind
+from hivemind.optim.progress_tracker import LocalTrainingProgress, ProgressTracker
 from hivemind.optim.state_averager import TrainingStateAverager
+from hivemind.p2p import PeerID
 
 from hivetrain.hivemind_compat.state import SafeStateAverager
+from hivetrain.protocol.progress import MAX_EPOCH_LEAD, implausible, lower_median
 
 #: hivemind logs its parameter-averaging rounds here (the only place they are visible).
 STATE_AVERAGER_LOGGER = "hivemind.optim.state_averager"
@@ -30,6 +33,48 @@ class RoundInfo:
     time: float = field(default_factory=time.time)
 
 
+class PlausibleProgressTracker(ProgressTracker):
+    """ProgressTracker that leaves implausible peer records out of the swarm's epoch and ETA.
+
+    hivemind takes the swarm's epoch as the largest any peer claims; records beyond what the other
+    peers' progress supports (``hivetrain.protocol.progress``) are dropped here first, and their
+    peer is named through ``on_implausible`` (at most once per ``RENAME_AFTER_S``).
+    """
+
+    RENAME_AFTER_S = 600.0
+
+    def __init__(self, *args, on_implausible: Callable[[str, str], None] | None = None, **kwargs):
+        self._on_implausible = on_implausible or (lambda peer_id, reason: None)
+        self._named: dict[str, float] = {}
+        super().__init__(*args, **kwargs)
+
+    def _parse_swarm_progress_data(self, metadata):
+        if isinstance(metadata, dict) and metadata:
+            metadata = self._plausible(metadata)
+        return super()._parse_swarm_progress_data(metadata)
+
+    def _plausible(self, metadata: dict) -> dict:
+        own = self.local_progress.peer_id
+        records = {key: LocalTrainingProgress.parse_obj(entry.value) for key, entry in metadata.items()
+                   if entry.value is not None}
+        # our own epoch is left out: a late joiner at epoch 0 must still believe the swarm ahead of it
+        bound = lower_median([r.epoch for r in records.values() if not r.client_mode and r.peer_id != own],
+                             MAX_EPOCH_LEAD)
+        kept = {}
+        for key, entry in metadata.items():
+            record = records.get(key)
+            reason = None if record is None or record.peer_id == own else \
+                implausible(record.epoch, record.samples_per_second, bound)
+            if reason is None:
+                kept[key] = entry
+                continue
+            peer = PeerID(record.peer_id).to_base58()
+            if time.monotonic() - self._named.get(peer, -self.RENAME_AFTER_S) >= self.RENAME_AFTER_S:
+                self._named[peer] = time.monotonic()
+                self._on_implausible(peer, reason)
+        return kept
+
+
 class TrackedOptimizer(hivemind.Optimizer):
     """hivemind.Optimizer that reports every gradient-averaging round (epoch, group, duration) to ``on_round``.
 
@@ -37,8 +82,10 @@ class TrackedOptimizer(hivemind.Optimizer):
     ``SafeStateAverager``.
     """
 
-    def __init__(self, *args, on_round: Callable[[RoundInfo], None] | None = None, **kwargs):
+    def __init__(self, *args, on_round: Callable[[RoundInfo], None] | None = None,
+                 on_implausible: Callable[[str, str], None] | None = None, **kwargs):
         self._on_round = on_round or (lambda info: None)
+        self._on_implausible = on_implausible
         self._round_epoch = 0
         self._round_started = time.perf_counter()
         super().__init__(*args, **kwargs)
@@ -58,8 +105,20 @@ class TrackedOptimizer(hivemind.Optimizer):
             client_mode=self.client_mode,
             auxiliary=self.auxiliary,
             start=True,
+            max_epoch=self._plausible_epoch,
             **kwargs,
         )
+
+    def _plausible_epoch(self) -> int | None:
+        """The highest epoch a state downloaded from peers may claim: the swarm's (plausible) epoch plus the lead."""
+        tracker = getattr(self, "tracker", None)  # hivemind builds the state averager before the tracker
+        return None if tracker is None else max(tracker.global_epoch, self.local_epoch) + MAX_EPOCH_LEAD
+
+    def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> ProgressTracker:
+        # hivemind.Optimizer._make_progress_tracker, with implausible peer records left out
+        return PlausibleProgressTracker(
+            dht=self.dht, prefix=self.run_id, target_batch_size=target_batch_size, client_mode=self.client_mode,
+            status_loglevel=self.status_loglevel, start=True, on_implausible=self._on_implausible, **kwargs)
 
     def _update_global_epoch(self, grad_scaler) -> None:
         # remembered here because with delay_grad_averaging the round ends after the epoch has moved on

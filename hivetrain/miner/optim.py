@@ -9,7 +9,7 @@ import torch
 
 from hivetrain.aggregation import AggregationRule
 from hivetrain.hivemind_compat import RoundInfo, TrackedOptimizer
-from hivetrain.hivemind_compat.allreduce import install_robust_aggregation, uninstall_robust_aggregation
+from hivetrain.hivemind_compat.allreduce import install_robust_aggregation, report_offence, uninstall_robust_aggregation
 from hivetrain.protocol.training import COMPRESSIONS, ClippedAdamW, install_codecs, param_groups
 from hivetrain.settings import MinerSettings
 
@@ -59,4 +59,5 @@ def make_optimizer(model: torch.nn.Module, dht: hivemind.DHT, settings: MinerSet
         tracker_opts=dict(min_refresh_period=0.5, max_refresh_period=5.0),
         verbose=True,
         on_round=on_round,
+        on_implausible=lambda peer, reason: report_offence(peer, f"{settings.run_id}_progress", "progress", reason),
     )

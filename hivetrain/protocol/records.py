@@ -156,13 +156,15 @@ class RoundRecord(Record):
 
 
 class OffenceRecord(Record):
-    """A peer one miner caught in an averaging round, and banned from its aggregation for a while."""
+    """A peer one miner caught: in an averaging round (then left out of its aggregation for a while),
+    or publishing implausible progress (then left out of its view of the swarm's epoch)."""
 
     schema_version: int = SCHEMA_VERSION
     peer_id: str = Field(min_length=1, description="the miner that caught it (signs this record)")
     offender: str = Field(min_length=1, description="peer id of the offender")
-    averager: str = Field(min_length=1, description="the DHT prefix of the averager: gradients or parameters")
-    role: Literal["sender", "reducer"] = Field(description="sender: its part was bad; reducer: its answer was")
+    averager: str = Field(min_length=1, description="the DHT prefix of the averager or progress key that saw it")
+    role: Literal["sender", "reducer", "progress"] = Field(
+        description="sender: its all-reduce part was bad; reducer: its answer was; progress: its DHT progress record")
     reason: str = Field(min_length=1, max_length=500)
     banned_s: float = Field(ge=0, description="how long this miner ignores the offender")
     time: float = Field(default_factory=time.time)

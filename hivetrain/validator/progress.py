@@ -18,12 +18,10 @@ from typing import Mapping
 from pydantic import Field
 
 from hivetrain.log import get_logger
+from hivetrain.protocol.progress import MAX_EPOCH_LEAD, MAX_SAMPLES_PER_S, implausible, lower_median
 from hivetrain.protocol.records import Record
 
 logger = get_logger(__name__)
-
-#: How many epochs a downloaded state may be ahead of the peers' median progress record.
-MAX_EPOCH_LEAD = 2
 
 
 class PeerProgress(Record):
@@ -121,11 +119,17 @@ class ProgressLedger:
         return sum(seen) if seen else None
 
 
-def lower_median(values: list[int], lead: int = 0) -> int | None:
-    """The lower median of ``values`` plus ``lead``; None for no values."""
-    if not values:
-        return None
-    return sorted(values)[(len(values) - 1) // 2] + lead
+def plausible(progress: Mapping[str, PeerProgress], max_samples_per_s: float = MAX_SAMPLES_PER_S) -> dict[str, PeerProgress]:
+    """``progress`` without the records no honest peer could publish (``hivetrain.protocol.progress``), each logged."""
+    bound = lower_median([record.epoch for record in progress.values() if not record.client_mode], MAX_EPOCH_LEAD)
+    kept = {}
+    for peer_id, record in progress.items():
+        reason = implausible(record.epoch, record.samples_per_second, bound, max_samples_per_s)
+        if reason is None:
+            kept[peer_id] = record
+        else:
+            logger.warning(f"ignoring the progress record of {peer_id}: it {reason}")
+    return kept
 
 
 class ProgressPoller:
@@ -136,8 +140,9 @@ class ProgressPoller:
     epoch that straddles two windows is split between them instead of counted twice.
     """
 
-    def __init__(self, dht, run_id: str, interval_s: float = 1.0):
+    def __init__(self, dht, run_id: str, interval_s: float = 1.0, max_samples_per_s: float = MAX_SAMPLES_PER_S):
         self.dht, self.run_id, self.interval_s = dht, run_id, interval_s
+        self.max_samples_per_s = max_samples_per_s
         self.ledger = ProgressLedger()
         self._closed_at: dict[str, int] = {}
         self._first: dict[str, int] = {}  # a peer's ledger total when first seen
@@ -153,7 +158,7 @@ class ProgressPoller:
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             try:
-                progress = fetch_progress(self.dht, self.run_id)
+                progress = plausible(fetch_progress(self.dht, self.run_id), self.max_samples_per_s)
             except Exception:  # DHT boundary: a missed poll only delays what we see
                 logger.debug("progress poll failed", exc_info=True)
                 continue

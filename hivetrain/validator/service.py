@@ -69,7 +69,7 @@ class Validator:
         self.uid = self.chain.register(self.hotkey, f"http://{s.api_host}:{s.api_port}", "validator")
         initial_peers = list(s.initial_peers) or fetch_initial_peers(s.bootstrap_url, s.bootstrap_wait_s, stop=self.stop)
         self.dht = make_dht(s, initial_peers=initial_peers, client_mode=True)
-        self.poller = ProgressPoller(self.dht, s.run_id).start()
+        self.poller = ProgressPoller(self.dht, s.run_id, max_samples_per_s=s.max_samples_per_s).start()
         self.sync = ModelSync(self.dht, s.run_id, s.preset, seed=s.seed, max_epoch=self.poller.plausible_epoch)
         config = model_config(s.preset)
         self.block_size = s.block_size or config.n_positions

@@ -1,9 +1,9 @@
 """A real swarm with an attacker in the all-reduce: 3 honest miners, the validator, and 1 poisoning miner.
 
-The attacker (``nan`` in tests/integration/cheaters.py) runs plain hivemind and sends NaN gradients. The
-honest miners aggregate robustly (the default): they must keep finite parameters, keep learning,
-and name the attacker in signed telemetry; the validator's model must stay finite and its
-held-out loss must fall.
+The attacker (``nan`` in tests/integration/cheaters.py) runs plain hivemind and sends NaN gradients.
+The honest miners aggregate robustly (the default): they must keep finite parameters, keep
+learning, name the attacker in signed telemetry and no honest peer; the validator's model must
+stay finite and its held-out loss must fall.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from hivetrain.swarm.launcher import Swarm
 pytestmark = pytest.mark.integration
 
 HONEST = 3
+ATTACKERS = ("nan",)
 CHEATERS_PY = str(Path(__file__).with_name("cheaters.py"))
 TEST_ENV = {
     "HIVE_TORCH_THREADS": "1",
@@ -46,7 +47,8 @@ def swarm(tmp_path_factory):
     swarm = Swarm(settings, extra_env=TEST_ENV)
     try:
         swarm.start()
-        swarm.add_miner(env={"HIVE_ROBUST_AGGREGATION": "false"}, argv=[sys.executable, CHEATERS_PY, "nan"])
+        for kind in ATTACKERS:
+            swarm.add_miner(env={"HIVE_ROBUST_AGGREGATION": "false"}, argv=[sys.executable, CHEATERS_PY, kind])
         yield swarm
     finally:
         stop_and_check(swarm, workdir / "summary.json")
@@ -63,6 +65,8 @@ def test_a_nan_attacker_is_named_and_the_honest_miners_keep_learning(swarm):
     caught = wait_until(lambda: [o for o in offences(swarm) if o.offender == attacker], timeout=300,
                         what="an honest miner to name the attacker")
     assert {o.peer_id for o in caught} <= honest and all("NaN" in o.reason for o in caught), caught
+    wrongly = [o for o in offences(swarm) if o.offender in honest]
+    assert not wrongly, f"honest miners were named: {wrongly}"
 
     def learned():
         miners = swarm.summary()["miners"]

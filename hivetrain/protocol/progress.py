@@ -1,0 +1,36 @@
+"""What training progress a peer may claim in the DHT, for miners and validators alike.
+
+hivemind.Optimizer's ``ProgressTracker`` publishes every peer's ``LocalTrainingProgress`` (epoch,
+samples towards it, samples per second) and takes the swarm's epoch as the *largest* epoch any
+peer claims, so one record at epoch 10^9 makes every peer think it is behind (and loops the
+learning-rate scheduler up to that epoch). Here a record is plausible when its epoch is at most
+``MAX_EPOCH_LEAD`` above the lower median of all epochs seen (the reader's own included), so a
+minority cannot move it, and its throughput is below a ceiling no device reaches.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+#: How many epochs a peer (or a downloaded state) may be ahead of the peers' median progress:
+#: records refresh every few seconds, so an honest peer is at most about one epoch ahead of them.
+MAX_EPOCH_LEAD = 2
+#: No device trains the tiny or seed GPT-2 faster than this many samples per second.
+MAX_SAMPLES_PER_S = 1e6
+
+
+def lower_median(values: Sequence[int], lead: int = 0) -> int | None:
+    """The lower median of ``values`` plus ``lead``; None for no values."""
+    if not values:
+        return None
+    return sorted(values)[(len(values) - 1) // 2] + lead
+
+
+def implausible(epoch: int, samples_per_second: float, epoch_bound: int | None,
+                max_samples_per_s: float = MAX_SAMPLES_PER_S) -> str | None:
+    """Why a progress record cannot be believed, or None. ``epoch_bound`` from ``lower_median(..., MAX_EPOCH_LEAD)``."""
+    if epoch_bound is not None and epoch > epoch_bound:
+        return f"claims epoch {epoch}, beyond the {epoch_bound} the other peers' progress supports"
+    if not 0 <= samples_per_second <= max_samples_per_s:
+        return f"claims {samples_per_second:.3g} samples/s, outside [0, {max_samples_per_s:.3g}]"
+    return None
