@@ -172,7 +172,8 @@ class MinerSettings(PeerSettings):
     # robust averaging (hivetrain/aggregation.py)
     robust_aggregation: bool = Field(True, description="aggregate each all-reduce partition robustly (non-finite parts dropped, declared weights capped, CenteredClip) and refuse bad answers from reducers; off = hivemind's weighted mean")
     clip_factor: float = Field(1.0, gt=0, description="CenteredClip radius as a multiple of the parts' median distance from their median; larger = closer to the mean, more influence per attacker")
-    ban_s: float = Field(600.0, ge=0, description="seconds a peer caught sending or returning bad tensors is left out of this miner's aggregation")
+    ban_s: float = Field(600.0, ge=0, description="seconds a peer caught sending or returning bad tensors, or serving "
+                                                  "a bad state, is left out of this miner's averaging and state downloads")
     # hardware
     compile: bool = Field(False, description="torch.compile the model (CUDA)")
     bf16: bool = Field(True, description="bf16 autocast on CUDA")

@@ -16,7 +16,8 @@ import torch
 from hivemind.averaging import DecentralizedAverager
 
 from hivetrain.aggregation import AggregationRule
-from hivetrain.hivemind_compat.allreduce import drain_offences, install_robust_aggregation, uninstall_robust_aggregation
+from hivetrain.hivemind_compat.allreduce import install_robust_aggregation, uninstall_robust_aggregation
+from hivetrain.hivemind_compat.bans import drain_offences
 
 pytestmark = pytest.mark.integration
 

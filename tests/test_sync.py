@@ -2,7 +2,8 @@
 
 The attacker is plain hivemind, as an attacker would run it: a TrainingStateAverager under the
 swarm's prefix that declares a huge state-sharing priority (hivemind downloads from the highest)
-and serves NaN parameters or an epoch far beyond the swarm's.
+and serves NaN parameters or an epoch far beyond the swarm's. It must be named (an offence with
+role "state") and, when an honest peer with a lower priority also serves, that peer's state adopted.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import hivemind
 import pytest
 import torch
 from hivemind.optim.state_averager import TrainingStateAverager
+from hivemind.p2p import PeerID
 
+from hivetrain.hivemind_compat.bans import drain_offences
 from hivetrain.models import build_model
 from hivetrain.protocol.training import ClippedAdamW, param_groups
 from hivetrain.validator.sync import ModelSync
@@ -26,13 +29,15 @@ RUN = "synctest"
 @pytest.fixture(scope="module")
 def dhts():
     serving = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-    client = hivemind.DHT(start=True, client_mode=True, initial_peers=[str(a) for a in serving.get_visible_maddrs()])
-    yield serving, client
-    client.shutdown()
-    serving.shutdown()
+    initial_peers = [str(a) for a in serving.get_visible_maddrs()]
+    second = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=initial_peers)
+    client = hivemind.DHT(start=True, client_mode=True, initial_peers=initial_peers)
+    yield serving, client, second
+    for dht in (client, second, serving):
+        dht.shutdown()
 
 
-def _serve(dht, epoch: int, poison: bool) -> TrainingStateAverager:
+def _serve(dht, epoch: int, poison: bool, priority: float = 1e9) -> TrainingStateAverager:
     model = build_model("tiny", seed=3)
     if poison:
         with torch.no_grad():
@@ -41,7 +46,7 @@ def _serve(dht, epoch: int, poison: bool) -> TrainingStateAverager:
     averager = TrainingStateAverager(dht=dht, prefix=f"{RUN}_state_averager", optimizer=lambda p: ClippedAdamW(p, lr=1e-3),
                                      params=param_groups(model, 0.0), start=True)
     averager.local_epoch = epoch
-    averager.state_sharing_priority = 1e9
+    averager.state_sharing_priority = priority
     return averager
 
 
@@ -56,6 +61,17 @@ def _sync_until(sync: ModelSync, done, timeout: float = 60.0) -> bool:
     pytest.fail(f"no verdict on the served state after {timeout:.0f}s")
 
 
+def _wait_declared(dht, peers: set[str], timeout: float = 60.0) -> None:
+    """Until every peer in ``peers`` has declared its state-sharing priority where a download looks."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found, _ = dht.get(f"{RUN}_state_averager.all_averagers", latest=True) or ({}, None)
+        if isinstance(found, dict) and peers <= {PeerID(key).to_base58() for key in found}:
+            return
+        time.sleep(0.5)
+    pytest.fail(f"the serving peers did not declare themselves within {timeout:.0f}s")
+
+
 def _params(model) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
@@ -64,13 +80,16 @@ def _params(model) -> list[torch.Tensor]:
     (10**9, True, "NaN parameters at epoch 10^9"),
     (10**9, False, "an epoch the swarm's progress does not support"),
 ])
-def test_a_poisoned_state_is_refused_and_the_model_kept(dhts, epoch, poison, why):
-    serving, client = dhts
+def test_a_poisoned_state_is_refused_the_model_kept_and_its_server_named(dhts, epoch, poison, why):
+    serving, client, _ = dhts
+    drain_offences()
     sync = ModelSync(client, RUN, "tiny", seed=0, timeout_s=20, max_epoch=lambda: 7)
     attacker = _serve(serving, epoch, poison)
+    named = []
     try:
         before = _params(sync.model)
-        assert not _sync_until(sync, lambda result: sync.averager.rejected_states > 0 or result), why
+        assert not _sync_until(sync, lambda result: named.extend(drain_offences()) or named or result), why
+        assert [(o.peer_id, o.role) for o in named] == [(serving.peer_id.to_base58(), "state")], named
         assert sync.epoch == 0, why
         assert all(torch.equal(a, b) for a, b in zip(before, _params(sync.model))), why
         assert all(torch.isfinite(p).all() for p in sync.model.parameters())
@@ -80,7 +99,7 @@ def test_a_poisoned_state_is_refused_and_the_model_kept(dhts, epoch, poison, why
 
 
 def test_an_honest_state_within_the_bound_is_adopted(dhts):
-    serving, client = dhts
+    serving, client, _ = dhts
     sync = ModelSync(client, RUN, "tiny", seed=0, timeout_s=20, max_epoch=lambda: 7)
     honest = _serve(serving, 5, poison=False)
     try:
@@ -88,5 +107,25 @@ def test_an_honest_state_within_the_bound_is_adopted(dhts):
         assert sync.epoch == 5 and sync.averager.rejected_states == 0
         assert torch.equal(next(sync.model.parameters()), next(build_model("tiny", seed=3).parameters()))
     finally:
+        honest.shutdown()
+        sync.shutdown()
+
+
+def test_the_next_peer_is_asked_when_the_highest_priority_state_is_poisoned(dhts):
+    serving, client, second = dhts
+    drain_offences()
+    sync = ModelSync(client, RUN, "tiny", seed=0, timeout_s=20, max_epoch=lambda: 7)
+    attacker = _serve(serving, 6, poison=True, priority=1e9)
+    honest = _serve(second, 5, poison=False, priority=5)
+    try:
+        _wait_declared(client, {serving.peer_id.to_base58(), second.peer_id.to_base58()})
+        assert _sync_until(sync, lambda result: result)
+        assert sync.epoch == 5
+        assert all(torch.isfinite(p).all() for p in sync.model.parameters())
+        named = drain_offences()
+        assert {(o.peer_id, o.role) for o in named} == {(serving.peer_id.to_base58(), "state")}, named
+        assert "not a finite tensor" in named[0].reason
+    finally:
+        attacker.shutdown()
         honest.shutdown()
         sync.shutdown()

@@ -7,9 +7,10 @@ version and the hooks it relies on, and fails at start with what to do instead o
 The README's "hivemind behaviours we work around" explains each piece:
 
 * ``codecs``     the 8-bit codec under NumPy 2;
-* ``state``      copies of our state for peers, verification of the state we download;
+* ``state``      copies of our state for peers, verification of every state we download;
 * ``optimizer``  averaging rounds reported (their groups and durations);
-* ``allreduce``  robust aggregation in the butterfly all-reduce, offenders named and banned.
+* ``allreduce``  robust aggregation in the butterfly all-reduce;
+* ``bans``       offenders (in the all-reduce, in state downloads) named and banned.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ HIVEMIND_VERSION = "1.1.12"
 _HOOKS = {
     hivemind.Optimizer: ("_make_state_averager", "_update_global_epoch", "_average_gradients_and_load_into_optimizer"),
     TrainingStateAverager: ("_get_handle_name", "get_current_state", "load_state_from_peers"),
-    DecentralizedAverager: ("load_state_from_peers", "_run_allreduce_inplace_"),
+    DecentralizedAverager: ("load_state_from_peers", "_load_state_from_peers", "get_stub", "_run_allreduce_inplace_"),
     TensorPartReducer: ("accumulate_part", "check_current_part_finished", "reset_accumulators", "on_sender_failed"),
     TensorPartContainer: ("register_processed_part", "get_raw_input_parts"),
     hivemind_averager: ("AllReduceRunner",),

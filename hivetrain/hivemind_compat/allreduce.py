@@ -10,21 +10,15 @@ parts every sender streams in, weighted as the sender declares. ``install_robust
   (``check_received``); a bad answer is replaced by our own part for that partition, as hivemind
   does for a reducer that failed (our own aggregate can be bad when a group of two holds an attacker).
 
-A sender or reducer caught is named in an ``Offence`` (sent to the parent process through a queue:
-the averagers are forked children, the miner writes telemetry) and banned in that averager for
-``ban_s`` seconds: its parts no longer count and its answers are not applied.
+A sender or reducer caught is named and banned in that averager for ``ban_s`` seconds
+(``hivetrain.hivemind_compat.bans``): its parts no longer count and its answers are not applied.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import functools
 import math
-import multiprocessing as mp
-import queue
-import time
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -33,84 +27,27 @@ from hivemind.averaging.allreduce import AllReduceRunner
 from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
 
 from hivetrain.aggregation import AggregationRule, Refusal, check_received, robust_aggregate
+from hivetrain.hivemind_compat.bans import ban, clear_bans, is_banned, prepare
 from hivetrain.log import get_logger
 
 logger = get_logger(__name__)
 
 
-@dataclass(frozen=True)
-class Offence:
-    """One peer caught in one round: who, in which averager (its DHT prefix), as sender or reducer, and why."""
-
-    peer_id: str
-    prefix: str
-    role: str  # "sender" (its part), "reducer" (its answer) or "progress" (its progress record)
-    reason: str
-    time: float
-
-
-@dataclass
-class _Installed:
-    rule: AggregationRule
-    ban_s: float
-    offences: "mp.Queue[Offence]"
-
-
-_installed: _Installed | None = None
-_banned: dict[str, float] = {}  # peer id -> time.monotonic() its ban ends; per process (each averager its own)
-_local_offences: collections.deque[Offence] = collections.deque(maxlen=10_000)
+_rule: AggregationRule | None = None  # set by install_robust_aggregation, read by the forked averagers
 
 
 def install_robust_aggregation(rule: AggregationRule, ban_s: float) -> None:
     """Make every hivemind averager of this process aggregate robustly; call before the averagers fork."""
-    global _installed
-    if ban_s < 0:
-        raise ValueError(f"ban_s must be >= 0, got {ban_s}")
-    if _installed is None:
-        _installed = _Installed(rule, ban_s, mp.get_context("fork").Queue(maxsize=10_000))
-    else:
-        _installed.rule, _installed.ban_s = rule, ban_s
+    global _rule
+    prepare(ban_s)
+    _rule = rule
     hivemind_averager.AllReduceRunner = RobustAllReduceRunner  # the name _run_allreduce_inplace_ builds
 
 
 def uninstall_robust_aggregation() -> None:
     """Averagers created (forked) from now on run hivemind's own all-reduce again (tests, benchmarks)."""
     hivemind_averager.AllReduceRunner = AllReduceRunner
-    _banned.clear()
-
-
-def drain_offences(limit: int = 1000) -> list[Offence]:
-    """Offences reported since the last call: by the averagers (forked children) and by this process."""
-    found: list[Offence] = []
-    while _local_offences and len(found) < limit:
-        found.append(_local_offences.popleft())
-    while _installed is not None and len(found) < limit:
-        try:
-            found.append(_installed.offences.get_nowait())
-        except queue.Empty:
-            break
-    return found
-
-
-def report_offence(peer_id: str, prefix: str, role: str, reason: str) -> None:
-    """Name an offender caught in this process (not in an averager child), e.g. by the progress tracker."""
-    logger.warning(f"{prefix}: {role} {peer_id} {reason}")
-    _local_offences.append(Offence(peer_id, prefix, role, reason, time.time()))
-
-
-def is_banned(peer_id: str, now: float | None = None) -> bool:
-    until = _banned.get(peer_id)
-    return until is not None and (time.monotonic() if now is None else now) < until
-
-
-def _report(peer_id: str, prefix: str, role: str, reason: str) -> None:
-    logger.warning(f"{prefix}: {role} {peer_id} {reason}; banned for {_installed.ban_s:.0f}s")
-    _banned[peer_id] = time.monotonic() + _installed.ban_s
-    _installed.offences.cancel_join_thread()  # an averager that exits must not wait on a parent that stopped reading
-    try:
-        _installed.offences.put_nowait(Offence(peer_id, prefix, role, reason, time.time()))
-    except queue.Full:  # nobody drains: the ban still holds, the record is lost
-        pass
+    clear_bans()
 
 
 class RobustPartReducer(TensorPartReducer):
@@ -159,10 +96,10 @@ class RobustPartReducer(TensorPartReducer):
         if not senders:
             return torch.zeros(self.part_shapes[self.current_part_index])
         result = robust_aggregate([self._parts[i][0] for i in senders], [self._parts[i][1] for i in senders],
-                                  _installed.rule)
+                                  _rule)
         for row, reason in result.offences.items():
             if self.sender_ids[senders[row]] != self.own_id:  # outvoted is not guilty: we never ban ourselves
-                _report(self.sender_ids[senders[row]], self.prefix, "sender", reason)
+                ban(self.sender_ids[senders[row]], self.prefix, "sender", reason)
         return result.value
 
 
@@ -203,7 +140,7 @@ class RobustAllReduceRunner(AllReduceRunner):
             refusal = Refusal("is banned", offence=False) if banned else check_received(delta, own, own_rms)
             if refusal is not None:
                 if refusal.offence and not ourselves:
-                    _report(reducer, prefix, "reducer", refusal.reason)
+                    ban(reducer, prefix, "reducer", refusal.reason)
                 elif not banned:  # ourselves: two peers, one of them bad, and no majority to tell which
                     whose = "our own" if ourselves else f"reducer {reducer}'s"
                     logger.info(f"{prefix}: not applying {whose} aggregate: {refusal.reason}")

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import random
+import time
 from typing import Callable
 
 import torch
 from hivemind.averaging import DecentralizedAverager
+from hivemind.compression import deserialize_torch_tensor
 from hivemind.optim.state_averager import TrainingStateAverager
+from hivemind.p2p import PeerID
+from hivemind.proto import averaging_pb2
+from hivemind.utils import MPFuture, ValueWithExpiration
+from hivemind.utils.asyncio import aiter_with_timeout
+from hivemind.utils.streaming import combine_from_streaming
 
+from hivetrain.hivemind_compat.bans import ban, is_banned, prepare
 from hivetrain.log import get_logger
 
 logger = get_logger(__name__)
@@ -41,26 +50,109 @@ def check_downloaded_state(metadata, tensors, local: list[torch.Tensor], max_epo
             raise StateRejected(f"tensor {index} is not a finite tensor")
 
 
+def _state_bytes_bound(local: list[torch.Tensor]) -> int:
+    """The most bytes a peer may stream as its state: parameters, two AdamW statistics each, and slack."""
+    return 4 * sum(t.numel() * t.element_size() for t in local) + 2**20
+
+
 class _VerifiedDownload(DecentralizedAverager):
-    """Sits between TrainingStateAverager and DecentralizedAverager in the MRO: a download that fails
-    ``check_downloaded_state`` is reported as no download, so TrainingStateAverager applies nothing."""
+    """Sits between TrainingStateAverager and DecentralizedAverager in the MRO and replaces hivemind's download.
+
+    hivemind asks the peer with the highest self-declared priority and adopts whatever it sends. Here
+    (in the averager's child process) each candidate, in the same order, is checked with
+    ``check_downloaded_state`` (and must not stream more than ``_state_bytes_bound``); a candidate
+    that fails is named and banned (``bans.ban``, role "state") and the next one is asked. Banned
+    peers are skipped. Only a state that passes comes back to the parent, which checks it once more.
+    """
 
     max_epoch: Callable[[], int | None] = staticmethod(lambda: None)
-    rejected_states = 0
+    rejected_states = 0  # downloads the parent refused (the child found them fine: the bound moved meanwhile)
+    last_download: str = "none"  # of the last wait=True call: "none" (nobody sent an acceptable state) or "verified"
 
     def load_state_from_peers(self, wait: bool = True, timeout: float | None = None):
-        loaded = super().load_state_from_peers(wait=wait, timeout=timeout)
-        if loaded is None or not wait:
-            return loaded
+        future = MPFuture()
+        self._outer_pipe.send(("_load_state_from_peers", [], dict(timeout=timeout, future=future,
+                                                                   max_epoch=self.max_epoch())))
+        if not wait:
+            return future
+        self.last_download = "none"
+        loaded = future.result(timeout=timeout)
+        if loaded is None:
+            return None
         metadata, tensors = loaded
-        local = [p for group in self.optimizer.param_groups for p in group["params"]]
         try:
-            check_downloaded_state(metadata, tensors, local, self.max_epoch())
+            check_downloaded_state(metadata, tensors, self._local_parameters(), self.max_epoch())
         except StateRejected as rejected:
             self.rejected_states += 1
             logger.warning(f"refusing the state downloaded from peers: {rejected}")
             return None
+        self.last_download = "verified"
         return loaded
+
+    def _local_parameters(self) -> list[torch.Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    async def _load_state_from_peers(self, future: MPFuture, timeout: float | None = None, max_epoch: int | None = None):
+        # DecentralizedAverager._load_state_from_peers (hivemind 1.1.12), each candidate verified before it is returned
+        if timeout is not None:
+            timeout = self.next_chunk_timeout if self.next_chunk_timeout is not None else self.request_timeout
+        try:
+            local = self._local_parameters()
+            priorities, _ = self.dht.get(f"{self._matchmaking.group_key_manager.prefix}.all_averagers", latest=True) or ({}, None)
+            if not isinstance(priorities, dict):
+                priorities = {}
+            candidates = {}
+            for peer_id, info in priorities.items():
+                try:
+                    peer = PeerID(peer_id)
+                except Exception:  # a DHT subkey is whatever the writer chose
+                    continue
+                if isinstance(info, ValueWithExpiration) and isinstance(info.value, (float, int)) and peer != self.peer_id:
+                    candidates[peer] = (float(info.value), random.random())  # random: the tie breaker
+            for peer in sorted(candidates, key=candidates.get, reverse=True):
+                if is_banned(peer.to_base58()):
+                    continue
+                try:
+                    loaded = await self._download_from(peer, timeout, _state_bytes_bound(local))
+                    if loaded is None:
+                        continue
+                    check_downloaded_state(*loaded, local, max_epoch)
+                except StateRejected as rejected:
+                    ban(peer.to_base58(), self.prefix, "state", f"served a state we refused: {rejected}")
+                    continue
+                except Exception as error:  # this peer failed to send; the next one may not
+                    logger.info(f"failed to download state from {peer}: {error!r}")
+                    continue
+                future.set_result(loaded)
+                return
+            logger.info(f"no peer of {len(candidates)} sent a state we could adopt")
+        finally:
+            if not future.done():
+                future.set_result(None)
+
+    async def _download_from(self, peer: PeerID, timeout: float | None, max_bytes: int):
+        """(metadata, tensors) as ``peer`` streams them, or None when it sent no state; StateRejected past ``max_bytes``."""
+        started = time.monotonic()
+        stub = self.get_stub(self._p2p, peer, namespace=self.prefix)
+        stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
+        metadata, parts, tensors, received = None, [], [], 0
+        async for message in aiter_with_timeout(stream, timeout=timeout):
+            received += len(message.metadata) + len(message.tensor_part.buffer)
+            if received > max_bytes:
+                raise StateRejected(f"it streamed more than {max_bytes:,} bytes, more than our whole state could take")
+            if message.metadata:
+                metadata = self.serializer.loads(message.metadata)
+            if message.tensor_part.dtype and parts:  # a dtype starts the next tensor
+                tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+                parts = []
+            parts.append(message.tensor_part)
+        if parts:
+            tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+        if not metadata:
+            logger.debug(f"peer {peer} did not send its state")
+            return None
+        logger.info(f"downloaded state from {peer} in {time.monotonic() - started:.3f}s")
+        return metadata, tensors
 
 
 class SafeStateAverager(TrainingStateAverager, _VerifiedDownload):
@@ -78,6 +170,7 @@ class SafeStateAverager(TrainingStateAverager, _VerifiedDownload):
     def __init__(self, *args, max_epoch: Callable[[], int | None] | None = None, **kwargs):
         if max_epoch is not None:
             self.max_epoch = max_epoch
+        prepare()  # the queue a forked averager names the peers it caught through
         super().__init__(*args, **kwargs)
 
     @classmethod

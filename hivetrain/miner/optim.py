@@ -9,7 +9,8 @@ import torch
 
 from hivetrain.aggregation import AggregationRule
 from hivetrain.hivemind_compat import RoundInfo, TrackedOptimizer
-from hivetrain.hivemind_compat.allreduce import install_robust_aggregation, report_offence, uninstall_robust_aggregation
+from hivetrain.hivemind_compat.allreduce import install_robust_aggregation, uninstall_robust_aggregation
+from hivetrain.hivemind_compat.bans import prepare, report_offence
 from hivetrain.protocol.training import COMPRESSIONS, ClippedAdamW, install_codecs, param_groups
 from hivetrain.settings import MinerSettings
 
@@ -26,6 +27,7 @@ def make_optimizer(model: torch.nn.Module, dht: hivemind.DHT, settings: MinerSet
                    on_round: Callable[[RoundInfo], None] | None = None) -> TrackedOptimizer:
     """hivemind.Optimizer over ``model`` configured from ``settings``; averagers fork here."""
     install_codecs()
+    prepare(settings.ban_s)  # bans of peers that serve a bad state hold whether or not aggregation is robust
     if settings.robust_aggregation:  # before the averagers fork: their all-reduce runs in the children
         install_robust_aggregation(AggregationRule(clip_factor=settings.clip_factor), settings.ban_s)
     else:

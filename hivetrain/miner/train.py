@@ -19,7 +19,7 @@ import torch
 from hivetrain.data import BlockStream, shard_for_peer
 from hivetrain.dht import make_dht, visible_maddrs
 from hivetrain.hivemind_compat import RoundInfo, StateRoundLogHandler, TrackedOptimizer
-from hivetrain.hivemind_compat.allreduce import drain_offences
+from hivetrain.hivemind_compat.bans import drain_offences
 from hivetrain.identity import load_or_create_wallet
 from hivetrain.log import get_logger
 from hivetrain.miner.challenge import ChallengeServer

@@ -156,15 +156,17 @@ class RoundRecord(Record):
 
 
 class OffenceRecord(Record):
-    """A peer one miner caught: in an averaging round (then left out of its aggregation for a while),
-    or publishing implausible progress (then left out of its view of the swarm's epoch)."""
+    """A peer one miner (or validator) caught: in an averaging round (then left out of its aggregation
+    for a while), serving a state that failed verification (then not asked again for a while), or
+    publishing implausible progress (then left out of its view of the swarm's epoch)."""
 
     schema_version: int = SCHEMA_VERSION
-    peer_id: str = Field(min_length=1, description="the miner that caught it (signs this record)")
+    peer_id: str = Field(min_length=1, description="the miner or validator that caught it (signs this record)")
     offender: str = Field(min_length=1, description="peer id of the offender")
     averager: str = Field(min_length=1, description="the DHT prefix of the averager or progress key that saw it")
-    role: Literal["sender", "reducer", "progress"] = Field(
-        description="sender: its all-reduce part was bad; reducer: its answer was; progress: its DHT progress record")
+    role: Literal["sender", "reducer", "state", "progress"] = Field(
+        description="sender: its all-reduce part was bad; reducer: its answer was; state: the training state it "
+                    "served; progress: its DHT progress record")
     reason: str = Field(min_length=1, max_length=500)
     banned_s: float = Field(ge=0, description="how long this miner ignores the offender")
     time: float = Field(default_factory=time.time)

@@ -46,17 +46,17 @@ class ModelSync:
     def sync(self) -> bool:
         """Load the swarm's newest state; True when parameters at an epoch >= ours arrived and were adopted.
 
-        A state that fails verification (``SafeStateAverager``) is refused: the model stays as it was.
+        A state that fails verification (``SafeStateAverager``) is refused, its server named
+        (``bans.drain_offences``) and the next peer asked; when none passes, the model stays as it was.
         """
-        before, rejected = time.time(), self.averager.rejected_states
+        before = time.time()
         try:
             self.averager.load_state_from_peers(timeout=self.timeout_s)
         except Exception:  # DHT/network boundary: keep the model we have
             logger.warning("loading state from peers failed", exc_info=True)
             return False
-        if self.averager.rejected_states > rejected:
+        if self.averager.last_download != "verified":  # nobody sent a state we could adopt: the model is as it was
             return False
-        # load_state_from_peers returns None either way; a download refreshes the averaged tensors' use time
         self.synced_at = time.time()
         logger.info(f"synced the shared model: epoch {self.epoch} in {self.synced_at - before:.1f}s")
         return True
