@@ -4,18 +4,22 @@ hivemind's reducer sums every sender's part with the weight the sender declares,
 poisons the partition and one huge weight or huge part decides it. Here (after BTARD's
 CenteredClip, Gorbunov et al. 2022), per partition:
 
-1. parts with NaN or infinite values, and declared weights that are not finite and positive, are
-   dropped and their senders named;
+1. parts with NaN or infinite values, and declared weights that are negative, not finite, or above
+   ``max_weight`` (more samples than a round can hold), are dropped and their senders named; a
+   weight of 0 is hivemind's "tag along" (a peer that only wants the result): left out, not named;
 2. declared weights are capped at ``max_weight_ratio`` x their median (a peer may have accumulated
    more samples than others, not arbitrarily more);
 3. the aggregate is CenteredClip: start at the coordinate-wise median and move towards every part,
    each part's pull clipped to radius ``tau``. ``tau`` is ``clip_factor`` x the median distance of the
    parts from that median (their typical spread), so it follows the scale of honest parts through
    training. When no part lies farther than ``tau`` from the weighted mean, the mean is the fixed
-   point and is returned at once (the usual case without an attacker: in high dimension honest parts
-   sit at nearly equal distances from their mean, so no iterations). A sender farther than
+   point and is returned at once (no iterations). A sender farther than
    ``ban_ratio`` x the typical spread from the result, and farther from it than the result's own
    size, is named (an honest peer that missed a round can be far from a tight cluster, but not that).
+
+Before all that, the fast path (``_mean_if_no_outlier``): in the usual round without an attacker
+every part is finite, every weight plausible, and the weighted mean is already CenteredClip's fixed
+point; that is checked from the parts' dot products, and the mean returned.
 
 With a minority of bad parts, each one moves the result by at most ``tau / n`` per iteration,
 however large it is. With two senders nothing can tell the honest one from the other (the median
@@ -40,10 +44,13 @@ class AggregationRule:
     iterations: int = 10
     max_weight_ratio: float = 2.0
     ban_ratio: float = 10.0
+    max_weight: float = math.inf  # a declared weight is samples accumulated since the last round: the miner bounds it
 
     def __post_init__(self):
-        if not (self.clip_factor > 0 and self.iterations >= 1 and self.max_weight_ratio >= 1 and self.ban_ratio > 1):
-            raise ValueError(f"need clip_factor > 0, iterations >= 1, max_weight_ratio >= 1 and ban_ratio > 1, got {self}")
+        if not (self.clip_factor > 0 and self.iterations >= 1 and self.max_weight_ratio >= 1 and self.ban_ratio > 1
+                and self.max_weight > 0):
+            raise ValueError("need clip_factor > 0, iterations >= 1, max_weight_ratio >= 1, ban_ratio > 1 and "
+                             f"max_weight > 0, got {self}")
 
 
 @dataclass
@@ -105,15 +112,67 @@ def _finite(part: torch.Tensor) -> bool:
     return bool(torch.isfinite(part.sum())) or bool(torch.isfinite(part).all())
 
 
+def _lower_median(values: Sequence[float]) -> float:
+    return sorted(values)[(len(values) - 1) // 2]
+
+
+def _mean_if_no_outlier(parts: Sequence[torch.Tensor], weights: Sequence[float], rule: AggregationRule):
+    """The capped-weight mean of ``parts`` when it is CenteredClip's fixed point, else None (go the full way).
+
+    The mean is the fixed point when no part lies farther than ``tau`` from it. Here ``tau`` is
+    ``clip_factor`` x a spread taken from the pairwise distances (each part's lower-median distance
+    to the others; the lower median of those; over sqrt 2, the distance to the centre that implies),
+    which a minority of outliers cannot move, as they cannot move the median the full way starts from.
+    Everything comes from the parts' Gram matrix (dot products, no copies) and one pass for the mean,
+    instead of the dozen passes and copies of the median and the norms. Anything unusual (a weight to
+    question, a non-finite value, parts so alike that float32 sums cannot measure their distances,
+    e.g. parameters averaged between nearly equal replicas, an outlier) returns None.
+    """
+    n = len(parts)
+    if n < 3 or not all(math.isfinite(w) and 0 < w <= rule.max_weight for w in weights):
+        return None
+    flat = [part.reshape(-1) for part in parts]
+    if any(part.dtype != torch.float32 for part in flat):
+        return None
+    # the Gram matrix by dot products: no copies; float32 sums, so distances far below the norms are not measurable
+    gram = torch.empty(n, n, dtype=torch.float64)
+    for i in range(n):
+        for j in range(i, n):
+            gram[i, j] = gram[j, i] = float(torch.dot(flat[i], flat[j]))
+    if not torch.isfinite(gram).all():  # a non-finite part (or one too large to square)
+        return None
+    squares = gram.diagonal()  # (n,)
+    pairwise = (squares[:, None] + squares[None, :] - 2 * gram).clamp_min(0).tolist()  # squared distances
+    spread2 = _lower_median([_lower_median(row[:i] + row[i + 1:]) for i, row in enumerate(pairwise)]) / 2
+    if not spread2 > 1e-3 * float(squares.max()):  # parts too alike for float32 sums: measure the slow way
+        return None
+    cap = _lower_median(weights) * rule.max_weight_ratio
+    capped = [min(float(w), cap) for w in weights]
+    w = torch.tensor(capped, dtype=torch.float64) / sum(capped)  # (n,)
+    to_mean = squares - 2 * (gram @ w) + w @ gram @ w  # (n,) squared distances from the weighted mean
+    if float(to_mean.max()) > rule.clip_factor ** 2 * spread2:
+        return None
+    mean = parts[0].reshape(-1).float() * float(w[0])  # (d,)
+    for part, weight in zip(parts[1:], w[1:].tolist()):
+        mean.add_(part.reshape(-1).float(), alpha=weight)
+    return mean.reshape(parts[0].shape).to(parts[0].dtype)
+
+
 def robust_aggregate(parts: Sequence[torch.Tensor], weights: Sequence[float], rule: AggregationRule) -> Aggregate:
     """Aggregate one partition from every sender's part (index = sender index); see the module docstring."""
+    fast = _mean_if_no_outlier(parts, weights, rule)
+    if fast is not None:
+        return Aggregate(fast)
     offences: dict[int, str] = {}
     kept: list[int] = []
     for index, (part, weight) in enumerate(zip(parts, weights)):
         if not _finite(part):
             offences[index] = "sent NaN or infinite values"
-        elif not (math.isfinite(weight) and weight > 0):
-            offences[index] = f"declared the weight {weight!r}"
+        elif weight == 0:
+            continue  # tagging along: it takes the result and gives nothing
+        elif not (math.isfinite(weight) and 0 < weight <= rule.max_weight):
+            offences[index] = f"declared the weight {weight!r}" + (
+                f", more than the {rule.max_weight:g} samples a round can hold" if weight > rule.max_weight else "")
         else:
             kept.append(index)
     if not kept:
@@ -164,20 +223,27 @@ class Refusal:
 def check_received(delta: torch.Tensor, own: torch.Tensor, own_rms: Callable[[], float]) -> Refusal | None:
     """Whether a reducer's answer (``delta`` = its aggregate minus our ``own`` part) may be applied.
 
-    The scale is our part's norm, or, if the answer is farther than that allows, the larger of it
-    and ``own_rms()`` (the RMS of all our tensors, computed only then) over the part's size, so a
-    part that happens to be near zero for us does not make every answer look far. Non-finite
-    answers, and answers ``OFFENCE_BOUND`` scales away, are offences; answers ``FALLBACK_BOUND``
-    scales away are only not applied (an honest peer whose own part is much less noisy than the
-    others' can see that). A plausible wrong answer within the bound still lands on the reducer's
-    share of the vector: only recomputation would catch it.
+    The scale is the larger of our part's norm and ``own_rms()`` (the RMS of all our tensors,
+    computed once per round by the caller) over the part's size, so a part that happens to be near
+    zero for us does not make every answer look far; our part's norm is only computed for answers
+    beyond the second. Non-finite answers, and answers ``OFFENCE_BOUND`` scales away, are offences;
+    answers ``FALLBACK_BOUND`` scales away are only not applied (an honest peer whose own part is
+    much less noisy than the others' can see that). A plausible wrong answer within the bound still
+    lands on the reducer's share of the vector: only recomputation would catch it.
     """
-    if not _finite(delta):
-        return Refusal("returned NaN or infinite values", offence=True)
-    size = float(_norms(delta.reshape(1, -1))[0])
-    scale = float(_norms(own.reshape(1, -1).float())[0])
+    size = float(torch.linalg.vector_norm(delta))  # one pass; NaN or infinite when a value is, or on overflow
+    if not math.isfinite(size):
+        if not _finite(delta):
+            return Refusal("returned NaN or infinite values", offence=True)
+        size = float(_norms(delta.reshape(1, -1))[0])  # finite values too large for a float32 norm
+    scale = own_rms() * math.sqrt(own.numel())
     if size <= FALLBACK_BOUND * scale:
         return None
+    scale = max(scale, float(_norms(own.reshape(1, -1).float())[0]))
+    if scale > 0 and size > FALLBACK_BOUND * scale:
+        ratio = size / scale
+        return Refusal(f"returned an aggregate {ratio:.3g}x our part's scale away from it", offence=ratio > OFFENCE_BOUND)
+    return None
     scale = max(scale, own_rms() * math.sqrt(own.numel()))
     if scale > 0 and size > FALLBACK_BOUND * scale:
         ratio = size / scale

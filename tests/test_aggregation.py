@@ -47,8 +47,18 @@ def test_a_declared_weight_is_capped_not_obeyed(honest):
     assert _error(plain, honest) > 1.9
     result = robust_aggregate([*honest, attacker], [8.0, 8.0, 8.0, 1e30], RULE)
     assert _error(result.value, honest) < 0.3  # weighted 2x the median, and clipped: a pull, not a takeover
-    for weight in (float("nan"), -1.0, 0.0):
+    for weight in (float("nan"), -1.0, float("inf")):
         assert "declared the weight" in robust_aggregate([*honest, attacker], [8.0, 8.0, 8.0, weight], RULE).offences[3]
+
+
+def test_a_weight_beyond_what_a_round_holds_is_named_and_zero_weight_tags_along(honest):
+    bounded = AggregationRule(max_weight=64.0)
+    result = robust_aggregate([*honest, honest[0] * 1.01], [8.0, 8.0, 8.0, 1e30], bounded)
+    assert list(result.offences) == [3] and "more than the 64 samples" in result.offences[3]
+    assert _error(result.value, honest) < 0.02  # left out entirely
+    # hivemind's tag-along: an honest peer that only takes the result sends its part with weight 0
+    along = robust_aggregate([*honest, -10 * honest[0]], [8.0, 8.0, 8.0, 0.0], bounded)
+    assert along.offences == {} and _error(along.value, honest) < 0.02
 
 
 def test_centered_clip_bounds_one_far_point():

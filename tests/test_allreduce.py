@@ -8,6 +8,7 @@ it must point where the honest peers' mean points, and the attacker must be name
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import hivemind
@@ -111,3 +112,41 @@ def test_plain_hivemind_is_poisoned_by_the_same_attacker(dhts):
     # the baseline the robust runner is measured against: one NaN sender turns everything NaN
     results, _ = _round(dhts, ATTACKS["nan"][0], 8.0, "plain-nan", robust=False)
     assert all(not torch.isfinite(result).all() for result in results)
+
+
+def test_a_banned_peer_is_left_out_of_later_groups(dhts):
+    """Once named, the attacker may keep asking: the honest peers average among themselves."""
+    drain_offences()
+    attacker_id = dhts[0].peer_id.to_base58()
+    generator = torch.Generator().manual_seed(2)
+    signal = torch.randn(SIZE, generator=generator)
+    honest = [signal + 0.3 * torch.randn(SIZE, generator=generator) for _ in range(3)]
+    uninstall_robust_aggregation()
+    attacker = DecentralizedAverager([torch.full((SIZE,), float("nan"))], dht=dhts[0], prefix="banned", target_group_size=4,
+                                     min_group_size=3, min_matchmaking_time=3.0, request_timeout=1.0,
+                                     part_size_bytes=2**14, start=True)
+    install_robust_aggregation(AggregationRule(), ban_s=600.0)
+    peers = [DecentralizedAverager([tensor.clone()], dht=dht, prefix="banned", target_group_size=4, min_group_size=3,
+                                   min_matchmaking_time=3.0, request_timeout=1.0, part_size_bytes=2**14, start=True)
+             for dht, tensor in zip(dhts[1:], honest)]
+    honest_ids = {dht.peer_id.to_base58() for dht in dhts[1:]}
+    try:
+        rounds: list[list[set[str]]] = []  # per round, the group each honest peer averaged in
+        for _ in range(4):  # bounded: rounds until one after the attacker was caught
+            controls = [attacker.step(wait=False, timeout=30)] + [p.step(wait=False, timeout=30) for p in peers]
+            rounds.append([{peer.to_base58() for peer in control.result(timeout=60) or ()} for control in controls[1:]])
+            with contextlib.suppress(Exception):  # the banned attacker may find nobody to average with
+                controls[0].result(timeout=60)
+            if len(rounds) == 1:
+                assert attacker_id in _peers_named(until=attacker_id), "the attacker averaged with us and was not named"
+            elif not any(attacker_id in group for group in rounds[-1]):
+                break
+        assert any(attacker_id in group for group in rounds[0]), f"the attacker was not in the first round: {rounds}"
+        assert all(group == honest_ids for group in rounds[-1]), f"the attacker was still in a group after {len(rounds)} rounds"
+        for peer in peers:
+            with peer.get_tensors() as tensors:
+                assert torch.isfinite(tensors[0]).all()
+    finally:
+        for averager in [attacker, *peers]:
+            averager.shutdown()
+        uninstall_robust_aggregation()

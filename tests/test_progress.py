@@ -69,4 +69,7 @@ def test_the_plausible_epoch_ignores_a_minority_that_inflates_its_records():
                             client_mode=False)
 
     progress = {"a": record("a", 5), "b": record("b", 6), "liar": record("liar", 10**9), "fast": record("fast", 5, 1e12)}
-    assert sorted(plausible(progress, max_samples_per_s=1e4)) == ["a", "b"]
+    named = {}
+    assert sorted(plausible(progress, max_samples_per_s=1e4, on_implausible=named.__setitem__)) == ["a", "b"]
+    assert sorted(named) == ["fast", "liar"]
+    assert "epoch 1000000000" in named["liar"] and "samples/s" in named["fast"]

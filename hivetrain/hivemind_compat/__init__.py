@@ -2,8 +2,10 @@
 
 hivemind 1.1.12 is pinned. What is here overrides private methods (``Optimizer._make_state_averager``,
 ``_update_global_epoch``, ``_average_gradients_and_load_into_optimizer``, the part reducer of the
-all-reduce), patches a codec table and the all-reduce runner, and reads log lines, so a new hivemind release can break it silently. Importing this package checks the
-version and the hooks it relies on, and fails at start with what to do instead of mid-training.
+all-reduce, matchmaking's admission checks, the state download), patches a codec table, the
+all-reduce runner and the matchmaking class, and reads log lines, so a new hivemind release can
+break it silently. Importing this package checks the version and the hooks it relies on, and fails
+at start with what to do instead of mid-training.
 The README's "hivemind behaviours we work around" explains each piece:
 
 * ``codecs``     the 8-bit codec under NumPy 2;
@@ -18,6 +20,7 @@ from __future__ import annotations
 import hivemind
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging import averager as hivemind_averager
+from hivemind.averaging.matchmaking import Matchmaking
 from hivemind.averaging.partition import TensorPartContainer, TensorPartReducer
 from hivemind.optim.state_averager import TrainingStateAverager
 
@@ -30,7 +33,8 @@ _HOOKS = {
     DecentralizedAverager: ("load_state_from_peers", "_load_state_from_peers", "get_stub", "_run_allreduce_inplace_"),
     TensorPartReducer: ("accumulate_part", "check_current_part_finished", "reset_accumulators", "on_sender_failed"),
     TensorPartContainer: ("register_processed_part", "get_raw_input_parts"),
-    hivemind_averager: ("AllReduceRunner",),
+    Matchmaking: ("_check_reasons_to_reject", "_request_join_group"),
+    hivemind_averager: ("AllReduceRunner", "Matchmaking"),
 }
 
 

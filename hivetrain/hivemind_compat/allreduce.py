@@ -11,7 +11,8 @@ parts every sender streams in, weighted as the sender declares. ``install_robust
   does for a reducer that failed (our own aggregate can be bad when a group of two holds an attacker).
 
 A sender or reducer caught is named and banned in that averager for ``ban_s`` seconds
-(``hivetrain.hivemind_compat.bans``): its parts no longer count and its answers are not applied.
+(``hivetrain.hivemind_compat.bans``): its parts no longer count, its answers are not applied, and
+``BanAwareMatchmaking`` keeps it out of the groups we lead or join.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from typing import Sequence
 import torch
 from hivemind.averaging import averager as hivemind_averager
 from hivemind.averaging.allreduce import AllReduceRunner
+from hivemind.averaging.matchmaking import Matchmaking
 from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
+from hivemind.proto import averaging_pb2
 
 from hivetrain.aggregation import AggregationRule, Refusal, check_received, robust_aggregate
 from hivetrain.hivemind_compat.bans import ban, clear_bans, is_banned, prepare
@@ -42,12 +45,30 @@ def install_robust_aggregation(rule: AggregationRule, ban_s: float) -> None:
     prepare(ban_s)
     _rule = rule
     hivemind_averager.AllReduceRunner = RobustAllReduceRunner  # the name _run_allreduce_inplace_ builds
+    hivemind_averager.Matchmaking = BanAwareMatchmaking  # the name the averager's child builds its matchmaking from
 
 
 def uninstall_robust_aggregation() -> None:
     """Averagers created (forked) from now on run hivemind's own all-reduce again (tests, benchmarks)."""
     hivemind_averager.AllReduceRunner = AllReduceRunner
+    hivemind_averager.Matchmaking = Matchmaking
     clear_bans()
+
+
+class BanAwareMatchmaking(Matchmaking):
+    """Matchmaking that keeps banned peers out of our groups: as leader we refuse their requests to
+    join, as follower we do not ask them to lead. (A group another leader assembled may still hold
+    one: its parts are left out and its answers not applied, see below.)"""
+
+    def _check_reasons_to_reject(self, request, context):
+        if is_banned(context.remote_id.to_base58()):
+            return averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
+        return super()._check_reasons_to_reject(request, context)
+
+    async def _request_join_group(self, leader):
+        if is_banned(leader.to_base58()):
+            return None  # the caller asks the next potential leader
+        return await super()._request_join_group(leader)
 
 
 class RobustPartReducer(TensorPartReducer):
@@ -128,7 +149,7 @@ class RobustAllReduceRunner(AllReduceRunner):
         self.tensor_part_reducer = RobustPartReducer(
             tuple(part.shape for part in self.parts_for_local_averaging), len(self.sender_peer_ids),
             [peer.to_base58() for peer in self.sender_peer_ids], self.peer_id.to_base58(), prefix)
-        own_rms = functools.cache(lambda: _rms(tensors))  # only for answers that look far off
+        own_rms = functools.cache(lambda: _rms(tensors))  # once per round, at the first answer
         container = self.tensor_part_container
         register = container.register_processed_part
 

@@ -29,7 +29,11 @@ def make_optimizer(model: torch.nn.Module, dht: hivemind.DHT, settings: MinerSet
     install_codecs()
     prepare(settings.ban_s)  # bans of peers that serve a bad state hold whether or not aggregation is robust
     if settings.robust_aggregation:  # before the averagers fork: their all-reduce runs in the children
-        install_robust_aggregation(AggregationRule(clip_factor=settings.clip_factor), settings.ban_s)
+        # a peer declares the samples it accumulated since the last round: never more than the whole
+        # swarm's target (plus its last batch); 4x leaves room for a peer configured with a larger target
+        rule = AggregationRule(clip_factor=settings.clip_factor,
+                               max_weight=4.0 * (settings.target_batch_size + settings.batch_size))
+        install_robust_aggregation(rule, settings.ban_s)
     else:
         uninstall_robust_aggregation()
     compression = COMPRESSIONS[settings.grad_compression]

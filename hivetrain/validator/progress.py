@@ -13,10 +13,11 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Callable, Mapping
 
 from pydantic import Field
 
+from hivetrain.hivemind_compat.bans import report_offence
 from hivetrain.log import get_logger
 from hivetrain.protocol.progress import MAX_EPOCH_LEAD, MAX_SAMPLES_PER_S, implausible, lower_median
 from hivetrain.protocol.records import Record
@@ -119,8 +120,15 @@ class ProgressLedger:
         return sum(seen) if seen else None
 
 
-def plausible(progress: Mapping[str, PeerProgress], max_samples_per_s: float = MAX_SAMPLES_PER_S) -> dict[str, PeerProgress]:
-    """``progress`` without the records no honest peer could publish (``hivetrain.protocol.progress``), each logged."""
+def plausible(progress: Mapping[str, PeerProgress], max_samples_per_s: float = MAX_SAMPLES_PER_S,
+              on_implausible: Callable[[str, str], None] | None = None) -> dict[str, PeerProgress]:
+    """``progress`` without the records no honest peer could publish (``hivetrain.protocol.progress``).
+
+    Each one left out is passed to ``on_implausible(peer_id, reason)`` (default: logged).
+    """
+    if on_implausible is None:
+        def on_implausible(peer_id: str, reason: str) -> None:
+            logger.warning(f"ignoring the progress record of {peer_id}: it {reason}")
     bound = lower_median([record.epoch for record in progress.values() if not record.client_mode], MAX_EPOCH_LEAD)
     kept = {}
     for peer_id, record in progress.items():
@@ -128,7 +136,7 @@ def plausible(progress: Mapping[str, PeerProgress], max_samples_per_s: float = M
         if reason is None:
             kept[peer_id] = record
         else:
-            logger.warning(f"ignoring the progress record of {peer_id}: it {reason}")
+            on_implausible(peer_id, reason)
     return kept
 
 
@@ -137,13 +145,17 @@ class ProgressPoller:
 
     The ledger is cumulative (largest samples seen per peer and epoch, summed over epochs); a
     window's count for a peer is how much that sum grew since the previous window closed, so an
-    epoch that straddles two windows is split between them instead of counted twice.
+    epoch that straddles two windows is split between them instead of counted twice. Records that
+    fail ``plausible`` are left out, and their peer named (``bans.report_offence``).
     """
+
+    RENAME_AFTER_S = 600.0
 
     def __init__(self, dht, run_id: str, interval_s: float = 1.0, max_samples_per_s: float = MAX_SAMPLES_PER_S):
         self.dht, self.run_id, self.interval_s = dht, run_id, interval_s
         self.max_samples_per_s = max_samples_per_s
         self.ledger = ProgressLedger()
+        self._named: dict[str, float] = {}  # peer id -> when we last named it
         self._closed_at: dict[str, int] = {}
         self._first: dict[str, int] = {}  # a peer's ledger total when first seen
         self.latest: dict[str, PeerProgress] = {}  # the last poll
@@ -155,10 +167,16 @@ class ProgressPoller:
         self._thread.start()
         return self
 
+    def _name(self, peer_id: str, reason: str) -> None:
+        """Name a peer whose record is left out (an offence, for the validator's telemetry), once per ``RENAME_AFTER_S``."""
+        if time.monotonic() - self._named.get(peer_id, -self.RENAME_AFTER_S) >= self.RENAME_AFTER_S:
+            self._named[peer_id] = time.monotonic()
+            report_offence(peer_id, f"{self.run_id}_progress", "progress", f"its progress record {reason}")
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             try:
-                progress = plausible(fetch_progress(self.dht, self.run_id), self.max_samples_per_s)
+                progress = plausible(fetch_progress(self.dht, self.run_id), self.max_samples_per_s, self._name)
             except Exception:  # DHT boundary: a missed poll only delays what we see
                 logger.debug("progress poll failed", exc_info=True)
                 continue

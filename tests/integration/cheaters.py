@@ -6,10 +6,14 @@
 * ``lazy``: trains, but answers spot checks with noise instead of computing them;
 * ``replay``: trains nothing; registers its own hotkey and re-posts other miners' signed step
   records, as they are (a replay) and rewritten to name itself (a forgery);
-* ``nan`` / ``scaled``: attack the averaging itself: every gradient it contributes to the all-reduce
-  is NaN / multiplied by 1e30 (tests/integration/test_attacks.py runs it with
-  ``HIVE_ROBUST_AGGREGATION=false``: an attacker runs hivemind's own all-reduce, so it also reduces
-  its partitions the plain way).
+* ``nan`` / ``scaled`` / ``flip``: attack the averaging itself: every gradient it contributes to the
+  all-reduce is NaN / multiplied by 1e30 / multiplied by -3 (tests/integration/test_attacks.py runs
+  them with ``HIVE_ROBUST_AGGREGATION=false``: an attacker runs hivemind's own all-reduce, so it
+  also reduces its partitions the plain way);
+* ``weight``: flips its gradient and declares the weight 1e30 for it (hivemind's reducer obeys);
+* ``state``: trains, but serves NaN parameters (at its true epoch) to whoever downloads its state,
+  and declares a state-sharing priority of 1e9 so that hivemind asks it first;
+* ``progress``: no training; a DHT peer that publishes a signed progress record at epoch 10^9.
 
 They live in the tests, not in the package: the miner ships no switch to cheat.
 """
@@ -21,7 +25,9 @@ import threading
 import time
 
 import torch
+from hivemind.averaging import DecentralizedAverager
 
+from hivetrain.hivemind_compat import SafeStateAverager
 from hivetrain.identity import load_or_create_wallet
 from hivetrain.miner.train import Miner
 from hivetrain.protocol.records import Keys, PeerRecord, StepRecord
@@ -53,12 +59,16 @@ class LazyMiner(Miner):
 class PoisoningMiner(Miner):
     """Trains as usual, but poisons its gradients right before hivemind accumulates and sends them."""
 
-    POISON = {"nan": lambda grad: grad.fill_(float("nan")), "scaled": lambda grad: grad.mul_(1e30)}
+    POISON = {"nan": lambda grad: grad.fill_(float("nan")), "scaled": lambda grad: grad.mul_(1e30),
+              "flip": lambda grad: grad.mul_(-3.0), "weight": lambda grad: grad.mul_(-1.0)}
     kind = "nan"
 
     def _make_optimizer(self) -> None:
         super()._make_optimizer()
         step, poison = self.opt.step, self.POISON[self.kind]
+        if self.kind == "weight":
+            averager_step = self.opt.grad_averager.step
+            self.opt.grad_averager.step = lambda *args, **kwargs: averager_step(*args, **{**kwargs, "weight": 1e30})
 
         def poisoned_step(*args, **kwargs):
             with torch.no_grad():
@@ -68,6 +78,47 @@ class PoisoningMiner(Miner):
             return step(*args, **kwargs)
 
         self.opt.step = poisoned_step
+
+
+class PoisonedStateMiner(Miner):
+    """Trains as usual; whoever downloads its state gets NaN parameters, and it asks to be downloaded first."""
+
+    def _make_optimizer(self) -> None:
+        # patched on the class, in this process only, before the state averager exists: hivemind hands its
+        # serving thread the bound method at construction, and sorts candidates by this property's value
+        honest_state = SafeStateAverager.get_current_state
+
+        def poisoned_state(averager):
+            metadata, tensors, infos = honest_state(averager)
+            return metadata, [torch.full_like(t, float("nan")) for t in tensors], infos
+
+        SafeStateAverager.get_current_state = poisoned_state
+        SafeStateAverager.state_sharing_priority = property(
+            lambda averager: 1e9, lambda averager, value: DecentralizedAverager.state_sharing_priority.fset(averager, 1e9))
+        super()._make_optimizer()
+        self.opt.state_averager.state_sharing_priority = 0  # declares 1e9
+
+
+def publish_progress(settings: MinerSettings, stop: threading.Event) -> None:
+    """A DHT peer of the swarm that claims, in a validly signed progress record, to be at epoch 10^9."""
+    from hivemind.optim.progress_tracker import LocalTrainingProgress, ProgressTracker
+    from hivemind.utils import get_dht_time
+
+    from hivetrain.dht import make_dht
+    from hivetrain.protocol.discovery import fetch_initial_peers
+
+    dht = make_dht(settings, initial_peers=fetch_initial_peers(settings.bootstrap_url, stop=stop))
+    print(f"DHT up: peer {dht.peer_id.to_base58()}", flush=True)  # how the tests learn a peer id
+    # an unstarted tracker registers the record schema and our signing key with the DHT
+    tracker = ProgressTracker(dht, settings.run_id, settings.target_batch_size, start=False)
+    try:
+        while not stop.wait(2.0):
+            record = LocalTrainingProgress(peer_id=dht.peer_id.to_bytes(), epoch=10**9, samples_accumulated=1,
+                                           samples_per_second=10.0, time=get_dht_time(), client_mode=False)
+            dht.store(tracker.training_progress_key, subkey=tracker._local_public_key, value=record.dict(),
+                      expiration_time=get_dht_time() + 30)
+    finally:
+        dht.shutdown()
 
 
 def replay(settings: MinerSettings, stop: threading.Event) -> None:
@@ -110,10 +161,10 @@ def main() -> int:
     stop = threading.Event()
     install_stop_handlers(stop)
     reset_signal_handlers_in_children()
-    if kind == "replay":
-        replay(settings, stop)
+    if kind in ("replay", "progress"):
+        {"replay": replay, "progress": publish_progress}[kind](settings, stop)
         return 0
-    miner = {"inflate": InflatingMiner, "lazy": LazyMiner}.get(kind, PoisoningMiner)(settings, stop)
+    miner = {"inflate": InflatingMiner, "lazy": LazyMiner, "state": PoisonedStateMiner}.get(kind, PoisoningMiner)(settings, stop)
     if isinstance(miner, PoisoningMiner):
         miner.kind = kind
     try:
