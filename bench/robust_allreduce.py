@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--peers", type=int, default=4)
     parser.add_argument("--numel", type=int, default=TINY_NUMEL, help="float32 elements each peer averages")
-    parser.add_argument("--rounds", type=int, default=6, help="timed rounds of each kind")
+    parser.add_argument("--rounds", type=int, default=12, help="timed rounds of each kind")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/robust_allreduce.json)")
     return parser.parse_args(argv)
 

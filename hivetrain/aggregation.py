@@ -17,9 +17,9 @@ CenteredClip, Gorbunov et al. 2022), per partition:
    ``ban_ratio`` x the typical spread from the result, and farther from it than the result's own
    size, is named (an honest peer that missed a round can be far from a tight cluster, but not that).
 
-Before all that, the fast path (``_mean_if_no_outlier``): in the usual round without an attacker
-every part is finite, every weight plausible, and the weighted mean is already CenteredClip's fixed
-point; that is checked from the parts' dot products, and the mean returned.
+Before all that, the fast path (``PartStream``): in the usual round without an attacker every part
+is finite, every weight plausible, and the weighted mean is already CenteredClip's fixed point;
+that is checked from the parts' dot products, taken as the parts arrive, and the mean returned.
 
 With a minority of bad parts, each one moves the result by at most ``tau / n`` per iteration,
 however large it is. With two senders nothing can tell the honest one from the other (the median
@@ -116,53 +116,85 @@ def _lower_median(values: Sequence[float]) -> float:
     return sorted(values)[(len(values) - 1) // 2]
 
 
-def _mean_if_no_outlier(parts: Sequence[torch.Tensor], weights: Sequence[float], rule: AggregationRule):
-    """The capped-weight mean of ``parts`` when it is CenteredClip's fixed point, else None (go the full way).
+class PartStream:
+    """One partition's parts as they arrive from the senders, with the fast path's work done on arrival.
 
-    The mean is the fixed point when no part lies farther than ``tau`` from it. Here ``tau`` is
-    ``clip_factor`` x a spread taken from the pairwise distances (each part's lower-median distance
-    to the others; the lower median of those; over sqrt 2, the distance to the centre that implies),
-    which a minority of outliers cannot move, as they cannot move the median the full way starts from.
-    Everything comes from the parts' Gram matrix (dot products, no copies) and one pass for the mean,
-    instead of the dozen passes and copies of the median and the norms. Anything unusual (a weight to
-    question, a non-finite value, parts so alike that float32 sums cannot measure their distances,
-    e.g. parameters averaged between nearly equal replicas, an outlier) returns None.
+    hivemind's reducer adds each part to a sum as it streams in, so when the last one arrives only a
+    division is left. ``add`` does the fast path's share the same way (the part's dot products with
+    the parts before it, and the weighted sum), so that ``aggregate`` finds the usual round decided
+    by a handful of scalars. The fast path: the weighted mean is returned when it is CenteredClip's
+    fixed point, i.e. when no part lies farther than ``tau`` from it. Here ``tau`` is ``clip_factor``
+    x a spread taken from the pairwise distances (each part's lower-median distance to the others;
+    the lower median of those; over sqrt 2, the distance to the centre that implies), which a
+    minority of outliers cannot move. Anything unusual (a weight to question or to cap, a
+    non-finite value, parts so alike that float32 sums cannot measure their distances, as
+    parameters averaged between nearly equal replicas are, an outlier) goes ``robust_aggregate``'s
+    full way.
     """
-    n = len(parts)
-    if n < 3 or not all(math.isfinite(w) and 0 < w <= rule.max_weight for w in weights):
-        return None
-    flat = [part.reshape(-1) for part in parts]
-    if any(part.dtype != torch.float32 for part in flat):
-        return None
-    # the Gram matrix by dot products: no copies; float32 sums, so distances far below the norms are not measurable
-    gram = torch.empty(n, n, dtype=torch.float64)
-    for i in range(n):
-        for j in range(i, n):
-            gram[i, j] = gram[j, i] = float(torch.dot(flat[i], flat[j]))
-    if not torch.isfinite(gram).all():  # a non-finite part (or one too large to square)
-        return None
-    squares = gram.diagonal()  # (n,)
-    pairwise = (squares[:, None] + squares[None, :] - 2 * gram).clamp_min(0).tolist()  # squared distances
-    spread2 = _lower_median([_lower_median(row[:i] + row[i + 1:]) for i, row in enumerate(pairwise)]) / 2
-    if not spread2 > 1e-3 * float(squares.max()):  # parts too alike for float32 sums: measure the slow way
-        return None
-    cap = _lower_median(weights) * rule.max_weight_ratio
-    capped = [min(float(w), cap) for w in weights]
-    w = torch.tensor(capped, dtype=torch.float64) / sum(capped)  # (n,)
-    to_mean = squares - 2 * (gram @ w) + w @ gram @ w  # (n,) squared distances from the weighted mean
-    if float(to_mean.max()) > rule.clip_factor ** 2 * spread2:
-        return None
-    mean = parts[0].reshape(-1).float() * float(w[0])  # (d,)
-    for part, weight in zip(parts[1:], w[1:].tolist()):
-        mean.add_(part.reshape(-1).float(), alpha=weight)
-    return mean.reshape(parts[0].shape).to(parts[0].dtype)
+
+    def __init__(self):
+        self.parts: list[torch.Tensor] = []
+        self.weights: list[float] = []
+        self._gram: list[list[float]] = []  # row i: dot products of part i with parts 0..i
+        self._sum: torch.Tensor | None = None  # sum of weight x part (flat, float32)
+        self._fast = True  # until something rules the fast path out
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+    def add(self, part: torch.Tensor, weight: float) -> None:
+        self.parts.append(part)
+        self.weights.append(float(weight))
+        flat = part.reshape(-1)
+        if not self._fast or flat.dtype != torch.float32 or not (math.isfinite(weight) and weight > 0):
+            self._fast = False
+            return
+        self._gram.append([float(torch.dot(flat, other.reshape(-1))) for other in self.parts])
+        if self._sum is None:
+            self._sum = flat * float(weight)
+        else:
+            self._sum.add_(flat, alpha=float(weight))
+
+    def aggregate(self, rule: AggregationRule) -> Aggregate:
+        fast = self._mean_if_fixed_point(rule)
+        return Aggregate(fast) if fast is not None else robust_aggregate(self.parts, self.weights, rule, fast_path=False)
+
+    def _mean_if_fixed_point(self, rule: AggregationRule) -> torch.Tensor | None:
+        n, weights = len(self.parts), self.weights
+        if not self._fast or n < 3 or max(weights) > min(rule.max_weight, _lower_median(weights) * rule.max_weight_ratio):
+            return None
+        # n is a group's size: plain Python floats beat a dozen tiny tensor ops here
+        gram = [[self._gram[max(i, j)][min(i, j)] for j in range(n)] for i in range(n)]
+        if not all(math.isfinite(x) for row in self._gram for x in row):  # a non-finite part (or too large to square)
+            return None
+        squares = [gram[i][i] for i in range(n)]
+        pairwise = [[max(0.0, squares[i] + squares[j] - 2 * gram[i][j]) for j in range(n) if j != i] for i in range(n)]
+        spread2 = _lower_median([_lower_median(row) for row in pairwise]) / 2
+        if not spread2 > 1e-3 * max(squares):  # parts too alike for float32 sums: measure the slow way
+            return None
+        total = sum(weights)
+        w = [weight / total for weight in weights]
+        pulled = [sum(gram[i][j] * w[j] for j in range(n)) for i in range(n)]  # (G w)_i
+        centre = sum(w[i] * pulled[i] for i in range(n))  # w^T G w: the mean's squared norm
+        # squared distance of each part from the weighted mean
+        if max(squares[i] - 2 * pulled[i] + centre for i in range(n)) > rule.clip_factor ** 2 * spread2:
+            return None
+        mean, self._sum = self._sum.mul_(1.0 / total), None  # the sum is ours: no copy
+        return mean.reshape(self.parts[0].shape)
 
 
-def robust_aggregate(parts: Sequence[torch.Tensor], weights: Sequence[float], rule: AggregationRule) -> Aggregate:
+def _lower_median(values: Sequence[float]) -> float:
+    return sorted(values)[(len(values) - 1) // 2]
+
+
+def robust_aggregate(parts: Sequence[torch.Tensor], weights: Sequence[float], rule: AggregationRule,
+                     fast_path: bool = True) -> Aggregate:
     """Aggregate one partition from every sender's part (index = sender index); see the module docstring."""
-    fast = _mean_if_no_outlier(parts, weights, rule)
-    if fast is not None:
-        return Aggregate(fast)
+    if fast_path:
+        stream = PartStream()
+        for part, weight in zip(parts, weights):
+            stream.add(part, weight)
+        return stream.aggregate(rule)
     offences: dict[int, str] = {}
     kept: list[int] = []
     for index, (part, weight) in enumerate(zip(parts, weights)):

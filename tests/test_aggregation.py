@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hivetrain.aggregation import AggregationRule, centered_clip, check_received, robust_aggregate
+from hivetrain.aggregation import AggregationRule, PartStream, centered_clip, check_received, robust_aggregate
 
 RULE = AggregationRule()
 
@@ -94,3 +94,26 @@ def test_an_honest_peer_that_missed_a_round_is_clipped_but_not_named():
     result = robust_aggregate([params, params.clone(), drifted], [1.0, 1.0, 1.0], RULE)
     assert result.offences == {}
     assert float((result.value - params).norm() / params.norm()) < 1e-3
+
+
+@pytest.mark.parametrize("weight, bound", [(8.0, 0.5), (16.0, 1.0)])
+def test_an_attacker_at_any_distance_moves_the_result_less_than_the_honest_spread(honest, weight, bound):
+    # near: the mean is CenteredClip's fixed point and the fast path returns it; far: CenteredClip clips.
+    # Either way the attacker (at its weight, capped at 2x the median) moves the result a bounded amount.
+    mean = torch.stack(honest).mean(dim=0)
+    spread = float(torch.stack([(h - mean).norm() for h in honest]).mean())
+    direction = torch.randn(mean.shape, generator=torch.Generator().manual_seed(3))
+    direction /= direction.norm()
+    shifts = []
+    for distance in [0.25 * k for k in range(1, 41)]:
+        result = robust_aggregate([*honest, mean + distance * spread * direction], [8.0, 8.0, 8.0, weight], RULE)
+        shifts.append(float((result.value - mean).norm()) / spread)
+    assert max(shifts) < bound, [round(s, 2) for s in shifts]
+
+
+def test_the_streamed_fast_path_is_the_weighted_mean(honest):
+    stream = PartStream()
+    for part, weight in zip(honest, [6.0, 8.0, 10.0]):
+        stream.add(part, weight)
+    expected = (6 * honest[0] + 8 * honest[1] + 10 * honest[2]) / 24
+    assert torch.allclose(stream.aggregate(RULE).value, expected, atol=1e-5)

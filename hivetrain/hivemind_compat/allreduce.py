@@ -5,7 +5,8 @@ parts every sender streams in, weighted as the sender declares. ``install_robust
 (called before the averagers fork) makes every averager of this process use:
 
 * ``RobustPartReducer``: keeps each sender's part and aggregates with
-  ``hivetrain.aggregation.robust_aggregate`` (non-finite parts dropped, weights capped, CenteredClip);
+  ``hivetrain.aggregation.PartStream`` (the fast path's work done as parts arrive; otherwise
+  ``robust_aggregate``: non-finite parts dropped, weights capped, CenteredClip);
 * ``RobustAllReduceRunner``: checks each reducer's answer, our own included, before it is applied
   (``check_received``); a bad answer is replaced by our own part for that partition, as hivemind
   does for a reducer that failed (our own aggregate can be bad when a group of two holds an attacker).
@@ -29,7 +30,7 @@ from hivemind.averaging.matchmaking import Matchmaking
 from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
 from hivemind.proto import averaging_pb2
 
-from hivetrain.aggregation import AggregationRule, Refusal, check_received, robust_aggregate
+from hivetrain.aggregation import AggregationRule, PartStream, Refusal, check_received
 from hivetrain.hivemind_compat.bans import ban, clear_bans, is_banned, prepare
 from hivetrain.log import get_logger
 
@@ -76,12 +77,13 @@ class RobustPartReducer(TensorPartReducer):
 
     def __init__(self, part_shapes: Sequence[torch.Size], num_senders: int, sender_ids: Sequence[str], own_id: str,
                  prefix: str):
-        self._parts: dict[int, tuple[torch.Tensor, float]] = {}
+        self._stream, self._senders = PartStream(), []  # this partition's parts so far, and who sent each
+        self._banned_parts: list[tuple[int, torch.Tensor, float]] = []  # parts of banned senders: left out
         self.sender_ids, self.own_id, self.prefix = list(sender_ids), own_id, prefix
         super().__init__(part_shapes, num_senders)
 
     def reset_accumulators(self):
-        self._parts = {}
+        self._stream, self._senders, self._banned_parts = PartStream(), [], []
         super().reset_accumulators()
 
     async def accumulate_part(self, sender_index: int, part_index: int, tensor_part: torch.Tensor,
@@ -99,7 +101,11 @@ class RobustPartReducer(TensorPartReducer):
         assert part_index == self.current_part_index
         current_part_future = self.current_part_future
         if part_index < self.sender_failed_after[sender_index]:
-            self._parts[sender_index] = (tensor_part, float(weight))
+            if is_banned(self.sender_ids[sender_index]):
+                self._banned_parts.append((sender_index, tensor_part, float(weight)))
+            else:  # the fast path's share of the work, while the other senders' parts are still on their way
+                self._stream.add(tensor_part, float(weight))
+                self._senders.append(sender_index)
             self.current_part_accumulated_from += 1
             self.check_current_part_finished()
         return await current_part_future
@@ -111,13 +117,14 @@ class RobustPartReducer(TensorPartReducer):
             self.reset_accumulators()
 
     def _aggregate(self) -> torch.Tensor:
-        senders = [i for i in sorted(self._parts) if not is_banned(self.sender_ids[i])]
+        stream, senders = self._stream, self._senders
         if not senders:  # only banned senders in this round (we only reduce): aggregate them all the same
-            senders = sorted(self._parts)
+            stream, senders = PartStream(), [index for index, _, _ in self._banned_parts]
+            for _, part, weight in self._banned_parts:
+                stream.add(part, weight)
         if not senders:
             return torch.zeros(self.part_shapes[self.current_part_index])
-        result = robust_aggregate([self._parts[i][0] for i in senders], [self._parts[i][1] for i in senders],
-                                  _rule)
+        result = stream.aggregate(_rule)
         for row, reason in result.offences.items():
             if self.sender_ids[senders[row]] != self.own_id:  # outvoted is not guilty: we never ban ourselves
                 ban(self.sender_ids[senders[row]], self.prefix, "sender", reason)
@@ -135,7 +142,12 @@ async def asyncio_wait_any(future, event) -> None:
 
 def _rms(tensors: Sequence[torch.Tensor]) -> float:
     total = sum(t.numel() for t in tensors)
-    squares = sum(float(torch.linalg.vector_norm(t.detach(), dtype=torch.float64)) ** 2 for t in tensors)
+    squares = 0.0
+    for tensor in tensors:
+        norm = float(torch.linalg.vector_norm(tensor.detach()))  # in the tensor's dtype: no float64 copy
+        if not math.isfinite(norm):  # NaN, or squares beyond float32
+            norm = float(torch.linalg.vector_norm(tensor.detach(), dtype=torch.float64))
+        squares += norm ** 2
     return math.sqrt(squares / max(1, total))
 
 
