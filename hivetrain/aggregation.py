@@ -15,7 +15,8 @@ CenteredClip, Gorbunov et al. 2022), per partition:
    training. When no part lies farther than ``tau`` from the weighted mean, the mean is the fixed
    point and is returned at once (no iterations). A sender farther than
    ``ban_ratio`` x the typical spread from the result, and farther from it than the result's own
-   size, is named (an honest peer that missed a round can be far from a tight cluster, but not that).
+   size, is named (an honest peer that missed a round can be far from a tight cluster, but not that),
+   unless it is also within ``ban_ratio`` x the size of a whole honest vector (see ``robust_aggregate``).
 
 Before all that, the fast path (``PartStream``): in the usual round without an attacker every part
 is finite, every weight plausible, and the weighted mean is already CenteredClip's fixed point;
@@ -43,7 +44,7 @@ class AggregationRule:
     clip_factor: float = 1.0
     iterations: int = 10
     max_weight_ratio: float = 2.0
-    ban_ratio: float = 10.0
+    ban_ratio: float = 1000.0  # honest gradients differ by 10x and more (one peer's hard batch); attacks by far more
     max_weight: float = math.inf  # a declared weight is samples accumulated since the last round: the miner bounds it
 
     def __post_init__(self):
@@ -155,9 +156,11 @@ class PartStream:
         else:
             self._sum.add_(flat, alpha=float(weight))
 
-    def aggregate(self, rule: AggregationRule) -> Aggregate:
+    def aggregate(self, rule: AggregationRule, scale: Callable[[], float] = lambda: 0.0) -> Aggregate:
         fast = self._mean_if_fixed_point(rule)
-        return Aggregate(fast) if fast is not None else robust_aggregate(self.parts, self.weights, rule, fast_path=False)
+        if fast is not None:
+            return Aggregate(fast)
+        return robust_aggregate(self.parts, self.weights, rule, fast_path=False, scale=scale)
 
     def _mean_if_fixed_point(self, rule: AggregationRule) -> torch.Tensor | None:
         n, weights = len(self.parts), self.weights
@@ -188,13 +191,20 @@ def _lower_median(values: Sequence[float]) -> float:
 
 
 def robust_aggregate(parts: Sequence[torch.Tensor], weights: Sequence[float], rule: AggregationRule,
-                     fast_path: bool = True) -> Aggregate:
-    """Aggregate one partition from every sender's part (index = sender index); see the module docstring."""
+                     fast_path: bool = True, scale: Callable[[], float] = lambda: 0.0) -> Aggregate:
+    """Aggregate one partition from every sender's part (index = sender index); see the module docstring.
+
+    ``scale()``: a size no honest part exceeds by much (the reducer's own whole vector's norm: a
+    part is a slice of such a vector); a sender is named only when it is ``ban_ratio`` times the
+    larger of that and the parts' spread away. The spread alone can be near zero where honest
+    parts are sparse: the rows of a token embedding that only one peer's batch holds are zero in
+    every other peer's part, and such a row can be many times the whole gradient's RMS.
+    """
     if fast_path:
         stream = PartStream()
         for part, weight in zip(parts, weights):
             stream.add(part, weight)
-        return stream.aggregate(rule)
+        return stream.aggregate(rule, scale)
     offences: dict[int, str] = {}
     kept: list[int] = []
     for index, (part, weight) in enumerate(zip(parts, weights)):
@@ -223,15 +233,16 @@ def robust_aggregate(parts: Sequence[torch.Tensor], weights: Sequence[float], ru
     else:  # no part is farther than tau from the mean: the mean is CenteredClip's fixed point
         value = mean
     size = float(_norms(value.reshape(1, -1))[0])
-    if spread > 0:
+    yardstick = max(spread, scale()) if float(distances.max()) > rule.ban_ratio * spread else spread
+    if yardstick > 0:
         for row, index in enumerate(kept):
-            ratio = float(distances[row]) / spread
+            ratio = float(distances[row]) / yardstick
             # far from the others *and* farther from the aggregate than the aggregate is from zero: a part
             # that opposes or dwarfs it. Far from a tight cluster alone is how an honest peer that missed a
             # round looks (its parameters drifted a little, the others' did not at all): clipped, not named.
             if ratio > rule.ban_ratio and float(distances[row]) > size:
                 how_far = f"{ratio:.3g}x" if math.isfinite(ratio) else "immeasurably far,"
-                offences[index] = f"sent a part {how_far} the typical spread of parts away from the aggregate"
+                offences[index] = f"sent a part {how_far} the typical spread (or size) of parts away from the aggregate"
     return Aggregate(value.reshape(parts[0].shape).to(parts[0].dtype), offences)
 
 
@@ -240,8 +251,9 @@ def robust_aggregate(parts: Sequence[torch.Tensor], weights: Sequence[float], ru
 #: of gradients, a small drift of parameters); an attacker reducing with its own weight or its own
 #: flipped part lands at about twice our part's size.
 FALLBACK_BOUND = 1.5
-#: ... and this far, it cannot be honest at all: the reducer is named and banned.
-OFFENCE_BOUND = 16.0
+#: ... and this far, it cannot be honest at all: the reducer is named and banned. Honest gradients can
+#: differ by 10x and more between peers (a hard batch, a loss spike), so the bound is far above that.
+OFFENCE_BOUND = 1000.0
 
 
 @dataclass(frozen=True)

@@ -31,13 +31,19 @@ def test_honest_parts_average_to_their_mean(honest):
     (lambda h: torch.full_like(h[0], float("nan")), "NaN or infinite"),
     (lambda h: torch.full_like(h[0], float("inf")), "NaN or infinite"),
     (lambda h: h[0] * 1e30, "typical spread"),
-    (lambda h: -3 * torch.stack(h).mean(dim=0), "typical spread"),
+    (lambda h: h[0] * 1e4, "typical spread"),
+    # of a size an honest peer's hard batch can have: clipped, not named
+    (lambda h: -3 * torch.stack(h).mean(dim=0), None),
+    (lambda h: 30 * h[0], None),
 ])
 def test_a_bad_part_is_named_and_barely_moves_the_result(honest, attack, named):
-    result = robust_aggregate([*honest, attack(honest)], [8.0] * 4, RULE)
+    result = robust_aggregate([*honest, attack(honest)], [8.0] * 4, RULE, scale=lambda: float(honest[0].norm()))
     assert torch.isfinite(result.value).all()
     assert _error(result.value, honest) < 0.15, _error(result.value, honest)
-    assert list(result.offences) == [3] and named in result.offences[3]
+    if named is None:
+        assert result.offences == {}
+    else:
+        assert list(result.offences) == [3] and named in result.offences[3]
 
 
 def test_a_declared_weight_is_capped_not_obeyed(honest):
@@ -117,3 +123,17 @@ def test_the_streamed_fast_path_is_the_weighted_mean(honest):
         stream.add(part, weight)
     expected = (6 * honest[0] + 8 * honest[1] + 10 * honest[2]) / 24
     assert torch.allclose(stream.aggregate(RULE).value, expected, atol=1e-5)
+
+
+def test_a_sparse_honest_part_is_not_named_but_a_huge_one_is():
+    # a token embedding's rows: only the peer whose batch held the token has a gradient there
+    generator = torch.Generator().manual_seed(4)
+    background = [1e-4 * torch.randn(4096, generator=generator) for _ in range(4)]
+    spike = background[3].clone()
+    spike[:64] += torch.randn(64, generator=generator)  # one row, the size of an honest part elsewhere
+    typical = lambda: 1.0  # noqa: E731  the norm of a whole honest vector (the reducer's own)
+    parts = [*background[:3], spike]
+    assert robust_aggregate(parts, [8.0] * 4, RULE).offences  # against the spread alone it looks far off
+    assert robust_aggregate(parts, [8.0] * 4, RULE, scale=typical).offences == {}
+    named = robust_aggregate([*background[:3], spike * 1e3], [8.0] * 4, RULE, scale=typical).offences
+    assert list(named) == [3] and "typical spread (or size)" in named[3]

@@ -7,9 +7,9 @@ parts every sender streams in, weighted as the sender declares. ``install_robust
 * ``RobustPartReducer``: keeps each sender's part and aggregates with
   ``hivetrain.aggregation.PartStream`` (the fast path's work done as parts arrive; otherwise
   ``robust_aggregate``: non-finite parts dropped, weights capped, CenteredClip);
-* ``RobustAllReduceRunner``: checks each reducer's answer, our own included, before it is applied
-  (``check_received``); a bad answer is replaced by our own part for that partition, as hivemind
-  does for a reducer that failed (our own aggregate can be bad when a group of two holds an attacker).
+* ``RobustAllReduceRunner``: checks each reducer's answer before it is applied (``check_received``;
+  our own only with two senders, where no majority can outvote an attacker); a bad answer is
+  replaced by our own part for that partition, as hivemind does for a reducer that failed.
 
 A sender or reducer caught is named and banned in that averager for ``ban_s`` seconds
 (``hivetrain.hivemind_compat.bans``): its parts no longer count, its answers are not applied, and
@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from hivemind.averaging import averager as hivemind_averager
@@ -76,10 +76,11 @@ class RobustPartReducer(TensorPartReducer):
     """TensorPartReducer that keeps every sender's part and aggregates robustly (see the module docstring)."""
 
     def __init__(self, part_shapes: Sequence[torch.Size], num_senders: int, sender_ids: Sequence[str], own_id: str,
-                 prefix: str):
+                 prefix: str, own_norm: Callable[[], float] = lambda: 0.0):
         self._stream, self._senders = PartStream(), []  # this partition's parts so far, and who sent each
         self._banned_parts: list[tuple[int, torch.Tensor, float]] = []  # parts of banned senders: left out
         self.sender_ids, self.own_id, self.prefix = list(sender_ids), own_id, prefix
+        self.own_norm = own_norm  # the norm of all our tensors together: no honest part is much larger
         super().__init__(part_shapes, num_senders)
 
     def reset_accumulators(self):
@@ -124,7 +125,7 @@ class RobustPartReducer(TensorPartReducer):
                 stream.add(part, weight)
         if not senders:
             return torch.zeros(self.part_shapes[self.current_part_index])
-        result = stream.aggregate(_rule)
+        result = stream.aggregate(_rule, scale=self.own_norm)
         for row, reason in result.offences.items():
             if self.sender_ids[senders[row]] != self.own_id:  # outvoted is not guilty: we never ban ourselves
                 ban(self.sender_ids[senders[row]], self.prefix, "sender", reason)
@@ -157,11 +158,12 @@ class RobustAllReduceRunner(AllReduceRunner):
     def __init__(self, *args, tensors: Sequence[torch.Tensor], **kwargs):
         super().__init__(*args, tensors=tensors, **kwargs)
         prefix = str(self._prefix)
+        own_rms = functools.cache(lambda: _rms(tensors))  # once per round, where first needed
         self.tensor_part_reducer.finalize()  # the plain reducer hivemind built is replaced before any part arrives
         self.tensor_part_reducer = RobustPartReducer(
             tuple(part.shape for part in self.parts_for_local_averaging), len(self.sender_peer_ids),
-            [peer.to_base58() for peer in self.sender_peer_ids], self.peer_id.to_base58(), prefix)
-        own_rms = functools.cache(lambda: _rms(tensors))  # once per round, at the first answer
+            [peer.to_base58() for peer in self.sender_peer_ids], self.peer_id.to_base58(), prefix,
+            lambda: own_rms() * math.sqrt(sum(t.numel() for t in tensors)))
         container = self.tensor_part_container
         register = container.register_processed_part
 
@@ -169,12 +171,15 @@ class RobustAllReduceRunner(AllReduceRunner):
             reducer = self.ordered_peer_ids[peer_index].to_base58()
             ourselves = self.ordered_peer_ids[peer_index] == self.peer_id
             own = container._input_parts_by_peer[peer_index][part_index][0]
+            if ourselves and len(self.sender_peer_ids) >= 3:  # our own robust aggregate, over a group with a majority
+                register(peer_index, part_index, delta)
+                return
             banned = not ourselves and is_banned(reducer)
             refusal = Refusal("is banned", offence=False) if banned else check_received(delta, own, own_rms)
             if refusal is not None:
                 if refusal.offence and not ourselves:
                     ban(reducer, prefix, "reducer", refusal.reason)
-                elif not banned:  # ourselves: two peers, one of them bad, and no majority to tell which
+                elif not banned:  # ourselves: two senders, maybe one of them bad, and no majority to tell which
                     whose = "our own" if ourselves else f"reducer {reducer}'s"
                     logger.info(f"{prefix}: not applying {whose} aggregate: {refusal.reason}")
                 delta = torch.zeros_like(own)  # our own part for this partition, as for a failed reducer

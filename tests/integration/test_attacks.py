@@ -1,10 +1,11 @@
 """Real swarms with attackers in the all-reduce: 3 honest miners, the validator, and 2 poisoning miners.
 
 The attackers (tests/integration/cheaters.py) run plain hivemind. Per swarm, each attacker kind
-must be named in signed telemetry in the role it attacked from (``None``: the attack is bounded by
-clipping but looks like an honest, noisy peer, and need not be named); no honest peer may be named;
-the honest miners must keep finite parameters and keep learning, and the validator's model must
-stay finite and its held-out loss fall. Poisoned state and forged progress: test_state_attacks.py.
+must be named in signed telemetry, in the role it attacked from (None: either) and for the reason
+expected, except a flip of honest size, which is clipped and not named (README, Threats); no
+honest peer may be named; the honest miners must keep finite parameters and keep learning, and the
+validator's model must stay finite and its held-out loss fall. Poisoned state and forged progress:
+test_state_attacks.py.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from attack_helpers import (
 pytestmark = pytest.mark.integration
 
 HONEST = 3
-#: per swarm: attacker kind -> (the role it must be named in, None for any; a phrase of the reason) or None
+#: per swarm: attacker kind -> (the role it must be named in, None for any; a phrase of the reason), or None
 SWARMS = {
     "nan+weight": {"nan": (None, "NaN"), "weight": ("sender", "declared the weight")},
     "scaled+flip": {"scaled": (None, ""), "flip": None},
