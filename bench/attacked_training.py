@@ -77,7 +77,7 @@ class Peer:
         self.model.zero_grad(set_to_none=False)
         loss = self.model(input_ids=batch, labels=batch).loss
         loss.backward()
-        return torch.cat([p.grad.reshape(-1) for p in self.model.parameters()]), float(loss)
+        return torch.cat([p.grad.reshape(-1) for p in self.model.parameters()]), float(loss.detach())
 
     def apply(self, flat: torch.Tensor) -> None:
         offset = 0

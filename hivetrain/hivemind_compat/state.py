@@ -123,6 +123,7 @@ class _VerifiedDownload(DecentralizedAverager):
                 except Exception as error:  # this peer failed to send; the next one may not
                     logger.info(f"failed to download state from {peer}: {error!r}")
                     continue
+                logger.info(f"verified the state from {peer}: epoch {loaded[0]['epoch']}")
                 future.set_result(loaded)
                 return
             logger.info(f"no peer of {len(candidates)} sent a state we could adopt")
@@ -151,7 +152,7 @@ class _VerifiedDownload(DecentralizedAverager):
         if not metadata:
             logger.debug(f"peer {peer} did not send its state")
             return None
-        logger.info(f"downloaded state from {peer} in {time.monotonic() - started:.3f}s")
+        logger.debug(f"downloaded state from {peer} in {time.monotonic() - started:.3f}s")
         return metadata, tensors
 
 

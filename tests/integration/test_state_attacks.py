@@ -66,6 +66,6 @@ def test_a_late_joiner_refuses_the_poisoned_state_and_loads_an_honest_one(swarm)
     honest = peer_ids(swarm.miners[:HONEST])
     log = wait_until(lambda: "loaded state from peers" in (text := joiner.log_path.read_text(errors="replace")) and text,
                      timeout=120, what="the late joiner to load a state")
-    served = re.findall(r"downloaded state from (\w+)", log)
-    assert served and set(served) <= set(honest), f"the late joiner's state came from {served}, not from {honest}"
+    adopted = re.findall(r"verified the state from (\w+)", log)  # a refused one is named instead
+    assert adopted and set(adopted) <= set(honest), f"the late joiner adopted the state of {adopted}, not of {honest}"
     assert_checkpoints_finite(swarm, [len(swarm.miners) - 1])
