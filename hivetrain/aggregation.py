@@ -36,6 +36,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from hivetrain.protocol.progress import lower_median
+
 
 @dataclass(frozen=True)
 class AggregationRule:
@@ -113,10 +115,6 @@ def _finite(part: torch.Tensor) -> bool:
     return bool(torch.isfinite(part.sum())) or bool(torch.isfinite(part).all())
 
 
-def _lower_median(values: Sequence[float]) -> float:
-    return sorted(values)[(len(values) - 1) // 2]
-
-
 class PartStream:
     """One partition's parts as they arrive from the senders, with the fast path's work done on arrival.
 
@@ -140,9 +138,6 @@ class PartStream:
         self._sum: torch.Tensor | None = None  # sum of weight x part (flat, float32)
         self._fast = True  # until something rules the fast path out
 
-    def __len__(self) -> int:
-        return len(self.parts)
-
     def add(self, part: torch.Tensor, weight: float) -> None:
         self.parts.append(part)
         self.weights.append(float(weight))
@@ -164,7 +159,7 @@ class PartStream:
 
     def _mean_if_fixed_point(self, rule: AggregationRule) -> torch.Tensor | None:
         n, weights = len(self.parts), self.weights
-        if not self._fast or n < 3 or max(weights) > min(rule.max_weight, _lower_median(weights) * rule.max_weight_ratio):
+        if not self._fast or n < 3 or max(weights) > min(rule.max_weight, lower_median(weights) * rule.max_weight_ratio):
             return None
         # n is a group's size: plain Python floats beat a dozen tiny tensor ops here
         gram = [[self._gram[max(i, j)][min(i, j)] for j in range(n)] for i in range(n)]
@@ -172,7 +167,7 @@ class PartStream:
             return None
         squares = [gram[i][i] for i in range(n)]
         pairwise = [[max(0.0, squares[i] + squares[j] - 2 * gram[i][j]) for j in range(n) if j != i] for i in range(n)]
-        spread2 = _lower_median([_lower_median(row) for row in pairwise]) / 2
+        spread2 = lower_median([lower_median(row) for row in pairwise]) / 2
         if not spread2 > 1e-3 * max(squares):  # parts too alike for float32 sums: measure the slow way
             return None
         total = sum(weights)
@@ -184,10 +179,6 @@ class PartStream:
             return None
         mean, self._sum = self._sum.mul_(1.0 / total), None  # the sum is ours: no copy
         return mean.reshape(self.parts[0].shape)
-
-
-def _lower_median(values: Sequence[float]) -> float:
-    return sorted(values)[(len(values) - 1) // 2]
 
 
 def robust_aggregate(parts: Sequence[torch.Tensor], weights: Sequence[float], rule: AggregationRule,
@@ -284,11 +275,6 @@ def check_received(delta: torch.Tensor, own: torch.Tensor, own_rms: Callable[[],
     if size <= FALLBACK_BOUND * scale:
         return None
     scale = max(scale, float(_norms(own.reshape(1, -1).float())[0]))
-    if scale > 0 and size > FALLBACK_BOUND * scale:
-        ratio = size / scale
-        return Refusal(f"returned an aggregate {ratio:.3g}x our part's scale away from it", offence=ratio > OFFENCE_BOUND)
-    return None
-    scale = max(scale, own_rms() * math.sqrt(own.numel()))
     if scale > 0 and size > FALLBACK_BOUND * scale:
         ratio = size / scale
         return Refusal(f"returned an aggregate {ratio:.3g}x our part's scale away from it", offence=ratio > OFFENCE_BOUND)

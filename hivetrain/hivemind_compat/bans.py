@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 
 from hivetrain.log import get_logger
+from hivetrain.protocol.records import OffenceRecord
 
 logger = get_logger(__name__)
 
@@ -54,10 +55,6 @@ def prepare(ban_s: float | None = None) -> None:
         _Shared.ban_s = float(ban_s)
     if _Shared.queue is None:
         _Shared.queue = mp.get_context("fork").Queue(maxsize=10_000)
-
-
-def ban_seconds() -> float:
-    return _Shared.ban_s
 
 
 def clear_bans() -> None:
@@ -100,3 +97,9 @@ def drain_offences(limit: int = 1000) -> list[Offence]:
         except queue.Empty:
             break
     return found
+
+
+def drain_offence_records(caught_by: str) -> list[OffenceRecord]:
+    """``drain_offences`` as the telemetry records ``caught_by`` (our peer id) signs and writes."""
+    return [OffenceRecord(peer_id=caught_by, offender=o.peer_id, averager=o.prefix, role=o.role, reason=o.reason[:500],
+                          banned_s=_Shared.ban_s, time=o.time) for o in drain_offences()]

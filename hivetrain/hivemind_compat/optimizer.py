@@ -14,7 +14,7 @@ from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.p2p import PeerID
 
 from hivetrain.hivemind_compat.state import SafeStateAverager
-from hivetrain.protocol.progress import MAX_EPOCH_LEAD, implausible, lower_median
+from hivetrain.protocol.progress import MAX_EPOCH_LEAD, NameOnce, implausible, lower_median
 
 #: hivemind logs its parameter-averaging rounds here (the only place they are visible).
 STATE_AVERAGER_LOGGER = "hivemind.optim.state_averager"
@@ -41,11 +41,9 @@ class PlausibleProgressTracker(ProgressTracker):
     peer is named through ``on_implausible`` (at most once per ``RENAME_AFTER_S``).
     """
 
-    RENAME_AFTER_S = 600.0
-
     def __init__(self, *args, on_implausible: Callable[[str, str], None] | None = None, **kwargs):
         self._on_implausible = on_implausible or (lambda peer_id, reason: None)
-        self._named: dict[str, float] = {}
+        self._named = NameOnce()
         super().__init__(*args, **kwargs)
 
     def _parse_swarm_progress_data(self, metadata):
@@ -69,8 +67,7 @@ class PlausibleProgressTracker(ProgressTracker):
                 kept[key] = entry
                 continue
             peer = PeerID(record.peer_id).to_base58()
-            if time.monotonic() - self._named.get(peer, -self.RENAME_AFTER_S) >= self.RENAME_AFTER_S:
-                self._named[peer] = time.monotonic()
+            if self._named.due(peer):
                 self._on_implausible(peer, reason)
         return kept
 

@@ -98,6 +98,7 @@ class _VerifiedDownload(DecentralizedAverager):
             timeout = self.next_chunk_timeout if self.next_chunk_timeout is not None else self.request_timeout
         try:
             local = self._local_parameters()
+            max_bytes = _state_bytes_bound(local)
             priorities, _ = self.dht.get(f"{self._matchmaking.group_key_manager.prefix}.all_averagers", latest=True) or ({}, None)
             if not isinstance(priorities, dict):
                 priorities = {}
@@ -113,7 +114,7 @@ class _VerifiedDownload(DecentralizedAverager):
                 if is_banned(peer.to_base58()):
                     continue
                 try:
-                    loaded = await self._download_from(peer, timeout, _state_bytes_bound(local))
+                    loaded = await self._download_from(peer, timeout, max_bytes)
                     if loaded is None:
                         continue
                     check_downloaded_state(*loaded, local, max_epoch)

@@ -19,7 +19,7 @@ import torch
 from hivetrain.data import BlockStream, shard_for_peer
 from hivetrain.dht import make_dht, visible_maddrs
 from hivetrain.hivemind_compat import RoundInfo, StateRoundLogHandler, TrackedOptimizer
-from hivetrain.hivemind_compat.bans import drain_offences
+from hivetrain.hivemind_compat.bans import drain_offence_records
 from hivetrain.identity import load_or_create_wallet
 from hivetrain.log import get_logger
 from hivetrain.miner.challenge import ChallengeServer
@@ -29,7 +29,7 @@ from hivetrain.models import build_model, model_config, num_parameters
 from hivetrain.protocol.checkpoints import TrainerState
 from hivetrain.protocol.discovery import fetch_initial_peers
 from hivetrain.protocol.projection import projected_gradient
-from hivetrain.protocol.records import HEARTBEAT_INTERVAL_S, Keys, OffenceRecord, PeerRecord, RoundRecord, StepRecord
+from hivetrain.protocol.records import HEARTBEAT_INTERVAL_S, Keys, PeerRecord, RoundRecord, StepRecord
 from hivetrain.protocol.spotcheck import Challenge
 from hivetrain.settings import MinerSettings
 from hivetrain.store import Registry, TelemetryWriter, connect_redis
@@ -253,10 +253,7 @@ class Miner:
 
     def _report_offences(self) -> None:
         """Peers our averagers caught (they run in forked children and only queue what they saw)."""
-        for offence in drain_offences():
-            self.telemetry.put(OffenceRecord(peer_id=self.peer_id, offender=offence.peer_id, averager=offence.prefix,
-                                             role=offence.role, reason=offence.reason[:500],
-                                             banned_s=self.settings.ban_s, time=offence.time))
+        self.telemetry.put_many(drain_offence_records(self.peer_id))
 
     def _record_round(self, info: RoundInfo) -> None:
         if info.success:

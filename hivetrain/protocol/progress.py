@@ -10,6 +10,7 @@ minority cannot move it, and its throughput is below a ceiling no device reaches
 
 from __future__ import annotations
 
+import time
 from typing import Sequence
 
 #: How many epochs a peer (or a downloaded state) may be ahead of the peers' median progress:
@@ -17,9 +18,11 @@ from typing import Sequence
 MAX_EPOCH_LEAD = 2
 #: No device trains the tiny or seed GPT-2 faster than this many samples per second.
 MAX_SAMPLES_PER_S = 1e6
+#: A peer whose records stay implausible is named again at most this often (records repeat every poll).
+RENAME_AFTER_S = 600.0
 
 
-def lower_median(values: Sequence[int], lead: int = 0) -> int | None:
+def lower_median(values: Sequence[float], lead: float = 0) -> float | None:
     """The lower median of ``values`` plus ``lead``; None for no values."""
     if not values:
         return None
@@ -34,3 +37,18 @@ def implausible(epoch: int, samples_per_second: float, epoch_bound: int | None,
     if not 0 <= samples_per_second <= max_samples_per_s:
         return f"claims {samples_per_second:.3g} samples/s, outside [0, {max_samples_per_s:.3g}]"
     return None
+
+
+class NameOnce:
+    """Whether to name a peer now: each at most once per ``every_s``."""
+
+    def __init__(self, every_s: float = RENAME_AFTER_S):
+        self.every_s = every_s
+        self._last: dict[str, float] = {}  # peer id -> time.monotonic() we last named it
+
+    def due(self, peer_id: str) -> bool:
+        now = time.monotonic()
+        if now - self._last.get(peer_id, -self.every_s) < self.every_s:
+            return False
+        self._last[peer_id] = now
+        return True

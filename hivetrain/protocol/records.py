@@ -72,7 +72,7 @@ class Keys:
 
     @property
     def offences(self) -> str:
-        """Stream of OffenceRecord: peers a miner caught sending or returning bad tensors in the all-reduce."""
+        """Stream of OffenceRecord: peers a miner or validator caught (bad parts, answers, states, progress)."""
         return f"{self.prefix}:telemetry:offences"
 
     @property

@@ -19,7 +19,7 @@ from pydantic import Field
 
 from hivetrain.hivemind_compat.bans import report_offence
 from hivetrain.log import get_logger
-from hivetrain.protocol.progress import MAX_EPOCH_LEAD, MAX_SAMPLES_PER_S, implausible, lower_median
+from hivetrain.protocol.progress import MAX_EPOCH_LEAD, MAX_SAMPLES_PER_S, NameOnce, implausible, lower_median
 from hivetrain.protocol.records import Record
 
 logger = get_logger(__name__)
@@ -149,13 +149,11 @@ class ProgressPoller:
     fail ``plausible`` are left out, and their peer named (``bans.report_offence``).
     """
 
-    RENAME_AFTER_S = 600.0
-
     def __init__(self, dht, run_id: str, interval_s: float = 1.0, max_samples_per_s: float = MAX_SAMPLES_PER_S):
         self.dht, self.run_id, self.interval_s = dht, run_id, interval_s
         self.max_samples_per_s = max_samples_per_s
         self.ledger = ProgressLedger()
-        self._named: dict[str, float] = {}  # peer id -> when we last named it
+        self._named = NameOnce()
         self._closed_at: dict[str, int] = {}
         self._first: dict[str, int] = {}  # a peer's ledger total when first seen
         self.latest: dict[str, PeerProgress] = {}  # the last poll
@@ -169,8 +167,7 @@ class ProgressPoller:
 
     def _name(self, peer_id: str, reason: str) -> None:
         """Name a peer whose record is left out (an offence, for the validator's telemetry), once per ``RENAME_AFTER_S``."""
-        if time.monotonic() - self._named.get(peer_id, -self.RENAME_AFTER_S) >= self.RENAME_AFTER_S:
-            self._named[peer_id] = time.monotonic()
+        if self._named.due(peer_id):
             report_offence(peer_id, f"{self.run_id}_progress", "progress", f"its progress record {reason}")
 
     def _run(self) -> None:

@@ -19,12 +19,12 @@ import torch
 from hivetrain.chain import make_chain
 from hivetrain.data import validation_blocks
 from hivetrain.dht import make_dht
-from hivetrain.hivemind_compat.bans import ban_seconds, drain_offences
+from hivetrain.hivemind_compat.bans import drain_offence_records
 from hivetrain.identity import RedisNonceStore, Verifier, load_or_create_wallet
 from hivetrain.log import get_logger
 from hivetrain.models import model_config
 from hivetrain.protocol.discovery import fetch_initial_peers
-from hivetrain.protocol.records import VALIDATOR_TTL_S, EvalRecord, Keys, MinerScore, OffenceRecord, PeerRecord, ScoreBoard
+from hivetrain.protocol.records import VALIDATOR_TTL_S, EvalRecord, Keys, MinerScore, PeerRecord, ScoreBoard
 from hivetrain.settings import ValidatorSettings
 from hivetrain.store import Registry, append, connect_redis
 from hivetrain.tokenizer import load_tokenizer
@@ -114,10 +114,7 @@ class Validator:
 
     def _record_offences(self) -> None:
         """Name, in signed telemetry, the peers whose state our model sync refused (and now skips)."""
-        for offence in drain_offences():
-            record = OffenceRecord(peer_id=self.dht.peer_id.to_base58(), offender=offence.peer_id, averager=offence.prefix,
-                                   role=offence.role, reason=offence.reason[:500], banned_s=ban_seconds(),
-                                   time=offence.time)
+        for record in drain_offence_records(self.dht.peer_id.to_base58()):
             try:
                 append(self.client, self.keys, record, signer=self.wallet)
             except Exception:  # Redis boundary: the ban holds, the record is lost
