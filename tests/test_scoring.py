@@ -71,8 +71,11 @@ def test_evidence_keeps_the_inputs():
         "previous_ema": 0.2,
         "new_ema": pytest.approx(0.35),
         "reasons": ["claim: claims 42", "spot check pass: cosine 0.99 >= 0.95", "spot check fail: cosine 0.10 below threshold 0.95"],
+        "checks": [{"verdict": "pass", "cosine": 0.99}, {"verdict": "fail", "cosine": 0.10}],
     }
     assert ScoreEvidence.model_validate_json(evidence.model_dump_json()) == evidence
+    unusable = [SpotCheckResult("fail", "no answer"), SpotCheckResult("fail", "answer is NaN", float("nan"))]
+    assert [c.cosine for c in score_round({}, {"a": unusable}, {})["a"].checks] == [None, None]  # JSON has no NaN
     with pytest.raises(ValidationError):
         ScoreEvidence(**{**evidence.model_dump(), "share": 1.5})
 

@@ -85,7 +85,7 @@ class Keys:
         return f"{self.prefix}:scores:{validator_hotkey}"
 
     def validator_alive(self, validator_hotkey: str) -> str:
-        """Set with a TTL by a running validator's loop; its API is ready while this exists."""
+        """A ValidatorStatus (JSON) set with a TTL by a running validator's loop; its API is ready while this exists."""
         return f"{self.prefix}:validator:{validator_hotkey}:alive"
 
 
@@ -138,6 +138,7 @@ class StepRecord(Record):
     samples: int = Field(ge=0, description="samples this miner has trained on since it started")
     samples_per_s: float = Field(ge=0)
     tokens_per_s: float = Field(ge=0)
+    checkpoint_epoch: int = Field(default=-1, ge=-1, description="epoch of this miner's newest checkpoint; -1 before the first")
     time: float = Field(default_factory=time.time)
 
 
@@ -183,6 +184,18 @@ class EvalRecord(Record):
     blocks: int = Field(ge=1, description="validation blocks evaluated")
     tokens: int = Field(ge=1)
     duration_s: float = Field(ge=0)
+    time: float = Field(default_factory=time.time)
+
+
+class ValidatorStatus(Record):
+    """What a running validator holds, refreshed with its heartbeat: the dashboard's model panel."""
+
+    schema_version: int = SCHEMA_VERSION
+    validator: str = Field(min_length=1, description="hotkey of the validator")
+    preset: str = Field(min_length=1, description="model preset of the shared model")
+    parameters: int = Field(ge=0, description="parameters of the shared model")
+    epoch: int = Field(ge=0, description="global epoch of the parameters the validator holds")
+    synced_at: float = Field(ge=0, description="unix time it last adopted a verified state from peers; 0 before the first")
     time: float = Field(default_factory=time.time)
 
 

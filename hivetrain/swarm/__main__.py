@@ -64,11 +64,15 @@ def _watch(swarm: Swarm, runtime: Runtime) -> None:
 
 
 def _print_where_to_look(swarm: Swarm) -> None:
-    logger.info("swarm is up:")
-    logger.info(f"  initial peers: {swarm.bootstrap_url}/initial_peers")
-    logger.info(f"  metrics:       {swarm.bootstrap_url}/metrics")
     if swarm.validator_url:
-        logger.info(f"  validator:     {swarm.validator_url}/api/scores  /api/swarm  /api/evals")
+        logger.info(f"swarm is up: open the dashboard at {swarm.validator_url}/")
+    else:
+        logger.info("swarm is up (no validator, so no dashboard):")
+    logger.info(f"  initial peers: {swarm.bootstrap_url}/initial_peers")
+    if swarm.validator_url:
+        logger.info(f"  validator API: {swarm.validator_url}/api/dashboard  /api/scores  /api/swarm  /api/evals")
+    logger.info(f"  metrics:       {swarm.bootstrap_url}/metrics" + (f"  {swarm.validator_url}/metrics" if swarm.validator_url else "")
+                + "  and each miner's challenge port /metrics")
     logger.info(f"  redis:         {swarm.redis_url}")
     logger.info(f"  logs:          {swarm.logs}/ (bootstrap.log, miner-N.log, validator.log)")
     logger.info(f"  checkpoints:   {swarm.workdir}/miner-N/")

@@ -387,10 +387,13 @@ def run_docker(settings: SwarmSettings, stop: threading.Event) -> int:
 
 
 def _print_where_to_look(swarm: ComposeSwarm) -> None:
-    logger.info("swarm is up:")
+    if swarm.settings.validator:
+        logger.info(f"swarm is up: open the dashboard at {swarm.host_url('validator', API_PORT)}/")
+    else:
+        logger.info("swarm is up (no validator, so no dashboard):")
     logger.info(f"  initial peers: {swarm.host_url('bootstrap', HTTP_PORT)}/initial_peers")
     if swarm.settings.validator:
-        logger.info(f"  validator:     {swarm.host_url('validator', API_PORT)}/api/scores")
+        logger.info(f"  validator API: {swarm.host_url('validator', API_PORT)}/api/dashboard  /api/scores")
     logger.info(f"  containers:    docker compose -p {swarm.project} ps / logs (saved to {swarm.logs} at the end)")
 
 

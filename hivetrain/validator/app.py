@@ -7,6 +7,8 @@ settings from ``HIVE_*`` environment variables, so workers share nothing but Red
 
 Telemetry is attributed with care: a miner's latest step counts only if it was signed by the
 hotkey the miner registered with, so a record signed by anyone else cannot speak for it.
+The dashboard (``GET /``, its data at ``/api/dashboard``) remembers, per worker, the telemetry it
+has read (``hivetrain.validator.dashboard``), so each poll reads and verifies only what is new.
 Prometheus counters are per worker (as in the bootstrap); the gauges are read from Redis on
 every scrape and so agree across workers.
 """
@@ -18,17 +20,28 @@ import re
 import time
 
 import redis
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, jsonify, request, send_from_directory
 from flask.json.provider import DefaultJSONProvider
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 from werkzeug.exceptions import BadRequest, NotFound
 
 from hivetrain.identity import load_or_create_wallet
 from hivetrain.log import get_logger
-from hivetrain.protocol.records import EVALS_STREAM_MAXLEN, EvalRecord, Keys, PeerRecord, RoundRecord, ScoreBoard, StepRecord
+from hivetrain.protocol.records import (
+    EVALS_STREAM_MAXLEN,
+    EvalRecord,
+    Keys,
+    PeerRecord,
+    RoundRecord,
+    ScoreBoard,
+    StepRecord,
+    ValidatorStatus,
+)
 from hivetrain.protocol.rounds import rounds_from_records
 from hivetrain.settings import ValidatorSettings
 from hivetrain.store import Registry, connect_redis, decode_entry, read_stream
+from hivetrain.validator.dashboard import EVALS_SHOWN as DASHBOARD_EVALS
+from hivetrain.validator.dashboard import TelemetryHistory
 from hivetrain.webapp import HttpMetrics, install, int_arg, settings_or_exit
 
 logger = get_logger(__name__)
@@ -44,6 +57,9 @@ MAX_EVALS = EVALS_STREAM_MAXLEN
 STEP_FIELDS = ("step", "local_epoch", "global_epoch", "loss", "samples", "tokens_per_s", "time")
 PEER_FIELDS = ("peer_id", "role", "hotkey", "device", "preset", "multiaddrs", "last_seen")
 _HOTKEY = re.compile(r"[A-Za-z0-9]{40,60}")
+#: The page loads only its own script, style and data: no CDN, no inline code, no framing.
+DASHBOARD_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
+                 "frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
 
 
 class Metrics(HttpMetrics):
@@ -89,6 +105,7 @@ def create_app(settings: ValidatorSettings | None = None) -> Flask:
     install(app, metrics, "validator")
     app.after_request(_no_store)
     _register_api_routes(app, registry, hotkey)
+    _register_dashboard_routes(app, registry, hotkey)
     _register_ops_routes(app, registry, hotkey, metrics)
     return app
 
@@ -162,6 +179,37 @@ def _register_api_routes(app: Flask, registry: Registry, hotkey: str) -> None:
         limit = int_arg("limit", DEFAULT_EVALS, 1, MAX_EVALS)
         records = [record.model_dump(mode="json") for record in read_stream(client, keys, EvalRecord, count=limit)]
         return jsonify(evals=records, latest=records[-1] if records else None, count=len(records))
+
+
+def read_status(client: redis.Redis, keys: Keys, validator: str) -> ValidatorStatus | None:
+    """``validator``'s status while it runs (None once its heartbeat lapsed, or if the record is unreadable)."""
+    raw = client.get(keys.validator_alive(validator))
+    try:
+        return None if raw is None else ValidatorStatus.from_json(raw)
+    except ValueError:
+        return None
+
+
+def _register_dashboard_routes(app: Flask, registry: Registry, hotkey: str) -> None:
+    client, keys = registry.client, registry.keys
+    history = TelemetryHistory(client, keys)
+
+    @app.get("/")
+    def dashboard_page():
+        response = send_from_directory(app.static_folder, "dashboard.html", max_age=0)
+        response.headers["Content-Security-Policy"] = DASHBOARD_CSP
+        return response
+
+    @app.get("/api/dashboard")
+    def dashboard():
+        history.refresh()
+        try:
+            board = read_board(client, keys, hotkey)
+        except ValueError:  # a malformed board is logged by /api/scores; the page shows no scores meanwhile
+            board = None
+        evals = [e for e in read_stream(client, keys, EvalRecord, count=DASHBOARD_EVALS) if e.validator == hotkey]
+        peers = registry.live_peers(limit=MAX_PEERS)
+        return jsonify(history.view(peers, board, evals, read_status(client, keys, hotkey), hotkey))
 
 
 def _register_ops_routes(app: Flask, registry: Registry, hotkey: str, metrics: Metrics) -> None:

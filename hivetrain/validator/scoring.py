@@ -12,7 +12,7 @@ a window in which a miner happened not to be challenged does not wipe out its re
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from typing import Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -20,6 +20,15 @@ from hivetrain.validator.verdicts import ClaimCheckResult, SpotCheckResult
 
 #: Weight of the newest round in the EMA.
 DEFAULT_ALPHA = 0.3
+
+
+class CheckSummary(BaseModel):
+    """One recent spot check as the dashboard shows it."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    verdict: Literal["pass", "fail"]
+    cosine: float | None = Field(description="cosine with the validator's projection; None when there was no usable answer")
 
 
 class ScoreEvidence(BaseModel):
@@ -39,6 +48,7 @@ class ScoreEvidence(BaseModel):
     previous_ema: float = Field(ge=0)
     new_ema: float = Field(ge=0)
     reasons: list[str] = Field(default_factory=list, description="why each check passed or failed")
+    checks: list[CheckSummary] = Field(default_factory=list, description="the recent spot checks, oldest first")
 
 
 def pass_rate(passes: int, fails: int) -> float:
@@ -89,8 +99,13 @@ def score_round(
             previous_ema=before,
             new_ema=ema(before, round_score, alpha),
             reasons=reasons,
+            checks=[CheckSummary(verdict=c.verdict, cosine=_finite_or_none(c.cosine)) for c in checks],
         )
     return evidence
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
 
 
 def ema(previous: float, value: float, alpha: float) -> float:

@@ -22,9 +22,9 @@ from hivetrain.dht import make_dht
 from hivetrain.hivemind_compat.bans import drain_offence_records
 from hivetrain.identity import RedisNonceStore, Verifier, load_or_create_wallet
 from hivetrain.log import get_logger
-from hivetrain.models import model_config
+from hivetrain.models import model_config, num_parameters
 from hivetrain.protocol.discovery import fetch_initial_peers
-from hivetrain.protocol.records import VALIDATOR_TTL_S, EvalRecord, Keys, MinerScore, PeerRecord, ScoreBoard
+from hivetrain.protocol.records import VALIDATOR_TTL_S, EvalRecord, Keys, MinerScore, PeerRecord, ScoreBoard, ValidatorStatus
 from hivetrain.settings import ValidatorSettings
 from hivetrain.store import Registry, append, connect_redis
 from hivetrain.tokenizer import load_tokenizer
@@ -72,6 +72,7 @@ class Validator:
         self.dht = make_dht(s, initial_peers=initial_peers, client_mode=True)
         self.poller = ProgressPoller(self.dht, s.run_id, max_samples_per_s=s.max_samples_per_s).start()
         self.sync = ModelSync(self.dht, s.run_id, s.preset, seed=s.seed, max_epoch=self.poller.plausible_epoch)
+        self.parameters = num_parameters(self.sync.model)
         config = model_config(s.preset)
         self.block_size = s.block_size or config.n_positions
         tokenizer = load_tokenizer(s.tokenizer)
@@ -108,7 +109,9 @@ class Validator:
 
     def _beat(self) -> None:
         try:
-            self.client.set(self.keys.validator_alive(self.hotkey), str(time.time()), ex=VALIDATOR_TTL_S)
+            status = ValidatorStatus(validator=self.hotkey, preset=self.settings.preset, parameters=self.parameters,
+                                     epoch=self.sync.epoch, synced_at=self.sync.synced_at)
+            self.client.set(self.keys.validator_alive(self.hotkey), status.to_json(), ex=VALIDATOR_TTL_S)
         except Exception:  # Redis boundary
             logger.warning("could not refresh the validator heartbeat", exc_info=True)
 
