@@ -227,6 +227,11 @@ class TelemetryWriter:
         for record in records:
             self.put(record)
 
+    @property
+    def queued(self) -> int:
+        """Records not yet written to Redis, including a batch in flight (the miner's /metrics shows it)."""
+        return len(self._queue)
+
     def _run(self) -> None:
         backoff = 0.1
         while True:

@@ -59,7 +59,9 @@ pytestmark = pytest.mark.deploy
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = sorted(ROOT.glob("services/*/Dockerfile"))
 COMPOSE_VARIANTS = {"default": ["docker-compose.yml"], "gpu": ["docker-compose.yml", "docker-compose.gpu.yml"]}
-K8S_VARIANTS = ["k8s", "k8s/overlays/cpu", "k8s/overlays/gpu"]
+K8S_VARIANTS = ["k8s", "k8s/overlays/cpu", "k8s/overlays/gpu", "k8s/overlays/monitoring"]
+#: Workloads of the monitoring component (k8s/components/monitoring); tests/test_monitoring.py checks them further.
+MONITORING_WORKLOADS = {"prometheus", "grafana"}
 INSTALL_HINT = "install the dev dependencies: .venv/bin/pip install -r requirements-dev.txt (make setup does it)"
 
 
@@ -346,7 +348,8 @@ def test_k8s_env_is_what_each_service_reads(path, monkeypatch):
     docs = _k8s_docs(path)
     config_maps = {doc["metadata"]["name"]: doc["data"] for doc in docs if doc["kind"] == "ConfigMap"}
     workloads = _workloads(docs)
-    assert set(workloads) == {"redis", *SERVICE_SETTINGS}
+    assert set(workloads) - MONITORING_WORKLOADS == {"redis", *SERVICE_SETTINGS}
+    assert bool(set(workloads) & MONITORING_WORKLOADS) == path.endswith("monitoring")
     for name, workload in workloads.items():
         env = _pod_env(workload, config_maps)
         if name not in SERVICE_SETTINGS:

@@ -10,7 +10,7 @@ The README's "hivemind behaviours we work around" explains each piece:
 
 * ``codecs``     the 8-bit codec under NumPy 2;
 * ``state``      copies of our state for peers, verification of every state we download;
-* ``optimizer``  averaging rounds reported (their groups and durations);
+* ``optimizer``  averaging rounds reported (their groups and durations), state loads timed;
 * ``allreduce``  robust aggregation in the butterfly all-reduce;
 * ``bans``       offenders (in the all-reduce, in state downloads) named and banned.
 """
@@ -28,7 +28,8 @@ from hivemind.optim.state_averager import TrainingStateAverager
 HIVEMIND_VERSION = "1.1.12"
 
 _HOOKS = {
-    hivemind.Optimizer: ("_make_state_averager", "_update_global_epoch", "_average_gradients_and_load_into_optimizer"),
+    hivemind.Optimizer: ("_make_state_averager", "_update_global_epoch", "_average_gradients_and_load_into_optimizer",
+                         "load_state_from_peers"),
     TrainingStateAverager: ("_get_handle_name", "get_current_state", "load_state_from_peers"),
     DecentralizedAverager: ("load_state_from_peers", "_load_state_from_peers", "get_stub", "_run_allreduce_inplace_"),
     TensorPartReducer: ("accumulate_part", "check_current_part_finished", "reset_accumulators", "on_sender_failed"),

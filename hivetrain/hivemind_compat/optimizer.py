@@ -80,8 +80,10 @@ class TrackedOptimizer(hivemind.Optimizer):
     """
 
     def __init__(self, *args, on_round: Callable[[RoundInfo], None] | None = None,
-                 on_implausible: Callable[[str, str], None] | None = None, **kwargs):
+                 on_implausible: Callable[[str, str], None] | None = None,
+                 on_state_loaded: Callable[[float], None] | None = None, **kwargs):
         self._on_round = on_round or (lambda info: None)
+        self._on_state_loaded = on_state_loaded or (lambda seconds: None)
         self._on_implausible = on_implausible
         self._round_epoch = 0
         self._round_started = time.perf_counter()
@@ -121,6 +123,12 @@ class TrackedOptimizer(hivemind.Optimizer):
         # remembered here because with delay_grad_averaging the round ends after the epoch has moved on
         self._round_epoch, self._round_started = self.local_epoch, time.perf_counter()
         super()._update_global_epoch(grad_scaler)
+
+    def load_state_from_peers(self, **kwargs) -> None:
+        # hivemind calls this from step() when the swarm has moved on without us; report every load, timed
+        started = time.perf_counter()
+        super().load_state_from_peers(**kwargs)
+        self._on_state_loaded(time.perf_counter() - started)
 
     def _average_gradients_and_load_into_optimizer(self, maybe_step_control) -> None:
         super()._average_gradients_and_load_into_optimizer(maybe_step_control)

@@ -15,13 +15,15 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from flask import Flask, jsonify, request
+from flask import Flask, Response, jsonify, request
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 from werkzeug.serving import make_server
 
 from hivetrain.identity import VerificationError, Verifier, sign
 from hivetrain.log import get_logger
+from hivetrain.miner.metrics import MinerMetrics
 from hivetrain.protocol.spotcheck import Challenge, SpotCheckAnswer
 
 logger = get_logger(__name__)
@@ -56,9 +58,16 @@ class PendingChallenge:
 
 
 def create_challenge_app(hotkey_ss58: str, verifier: Verifier, limiter: TokenBucket,
-                         pending: "queue.Queue[PendingChallenge]", timeout_s: float = 30.0) -> Flask:
-    """Flask app with ``POST /challenge`` (signed requests only) and ``GET /healthz``."""
+                         pending: "queue.Queue[PendingChallenge]", timeout_s: float = 30.0,
+                         registry: CollectorRegistry | None = None) -> Flask:
+    """Flask app with ``POST /challenge`` (signed requests only), ``GET /healthz`` and, given a
+    ``registry``, ``GET /metrics`` (Prometheus text format)."""
     app = Flask("hivetrain.miner.challenge")
+
+    if registry is not None:
+        @app.get("/metrics")
+        def prometheus_metrics():
+            return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
 
     @app.errorhandler(HTTPException)
     def _http_error(error: HTTPException):
@@ -105,12 +114,14 @@ def create_challenge_app(hotkey_ss58: str, verifier: Verifier, limiter: TokenBuc
 class ChallengeServer:
     """Serves the challenge app from a thread; the training loop drains ``pending`` between steps."""
 
-    def __init__(self, wallet, host: str, port: int, rate: float, burst: int, window_s: float, timeout_s: float = 30.0):
+    def __init__(self, wallet, host: str, port: int, rate: float, burst: int, window_s: float, timeout_s: float = 30.0,
+                 metrics: MinerMetrics | None = None):
         self.wallet = wallet
         self.hotkey = wallet.hotkey.ss58_address
+        self.metrics = metrics
         self.pending: queue.Queue[PendingChallenge] = queue.Queue(maxsize=32)
         app = create_challenge_app(self.hotkey, Verifier.in_memory(window_s=window_s), TokenBucket(rate, burst),
-                                   self.pending, timeout_s)
+                                   self.pending, timeout_s, registry=None if metrics is None else metrics.registry)
         self._server = make_server(host, port, app, threaded=True)
         self.port = self._server.server_port
         self._thread = threading.Thread(target=self._server.serve_forever, name="challenge-http", daemon=True)
@@ -135,9 +146,13 @@ class ChallengeServer:
                 answer = SpotCheckAnswer(challenge_nonce=item.nonce, validator=item.validator, epoch=epoch,
                                          block_index=item.challenge.block_index, projection=projection)
                 item.future.set_result(sign(self.wallet, answer.model_dump(mode="json")))
+                outcome = "answered"
             except Exception as error:  # a bad challenge must not stop training
                 logger.exception("spot check failed")
                 item.future.set_exception(error)
+                outcome = "failed"
+            if self.metrics is not None:
+                self.metrics.challenges.labels(outcome=outcome).inc()
             answered += 1
 
     def stop(self) -> None:

@@ -24,7 +24,8 @@ def warmup_schedule(warmup_epochs: int) -> Callable[[int], float]:
 
 
 def make_optimizer(model: torch.nn.Module, dht: hivemind.DHT, settings: MinerSettings,
-                   on_round: Callable[[RoundInfo], None] | None = None) -> TrackedOptimizer:
+                   on_round: Callable[[RoundInfo], None] | None = None,
+                   on_state_loaded: Callable[[float], None] | None = None) -> TrackedOptimizer:
     """hivemind.Optimizer over ``model`` configured from ``settings``; averagers fork here."""
     install_codecs()
     prepare(settings.ban_s)  # bans of peers that serve a bad state hold whether or not aggregation is robust
@@ -65,5 +66,6 @@ def make_optimizer(model: torch.nn.Module, dht: hivemind.DHT, settings: MinerSet
         tracker_opts=dict(min_refresh_period=0.5, max_refresh_period=5.0),
         verbose=True,
         on_round=on_round,
+        on_state_loaded=on_state_loaded,
         on_implausible=lambda peer, reason: report_offence(peer, f"{settings.run_id}_progress", "progress", reason),
     )

@@ -24,6 +24,7 @@ from hivetrain.identity import load_or_create_wallet
 from hivetrain.log import get_logger
 from hivetrain.miner.challenge import ChallengeServer
 from hivetrain.miner.checkpoint import CheckpointError, resume_checkpoint, save_checkpoint
+from hivetrain.miner.metrics import MinerMetrics
 from hivetrain.miner.optim import make_optimizer
 from hivetrain.models import build_model, model_config, num_parameters
 from hivetrain.protocol.checkpoints import TrainerState
@@ -94,8 +95,10 @@ class Miner:
         self.telemetry: TelemetryWriter | None = None
         self.challenges: ChallengeServer | None = None
         self._state_log_handler: StateRoundLogHandler | None = None
+        self.metrics = MinerMetrics()
         self.step = self.samples = self.next_block = 0
         self.last_saved_epoch = -1
+        self.checkpoint_epoch = -1  # epoch of the newest checkpoint on disk (telemetry shows it)
 
     # --- set-up ---------------------------------------------------------------------------
     def setup(self) -> None:
@@ -136,6 +139,7 @@ class Miner:
         if resumed is not None:
             self.resume_from, self.resume_opt_state, state = resumed
             self.step, self.samples, self.next_block = state.step, state.samples, state.next_block
+            self.checkpoint_epoch = state.epoch
             logger.info(f"resuming from {self.resume_from} (epoch {state.epoch}, step {state.step})")
         self.model.to(self.device)
         self.train_model = self.model
@@ -160,8 +164,10 @@ class Miner:
         keys = Keys(s.run_id)
         client = connect_redis(s.redis_url)
         self.telemetry = TelemetryWriter(client, keys, self.wallet)
+        self.metrics.watch_telemetry(self.telemetry)
+        self.metrics.describe(self.peer_id, self.wallet.hotkey.ss58_address, s.preset, str(self.device))
         self.challenges = ChallengeServer(self.wallet, s.challenge_host, s.challenge_port, s.challenge_rate,
-                                          s.challenge_burst, s.record_window_s).start()
+                                          s.challenge_burst, s.record_window_s, metrics=self.metrics).start()
         host = "127.0.0.1" if s.challenge_host in ("0.0.0.0", "::", "") else s.challenge_host
         challenge_url = s.challenge_url or f"http://{host}:{self.challenges.port}"
         record = PeerRecord(peer_id=self.peer_id, role="miner", hotkey=self.wallet.hotkey.ss58_address,
@@ -171,7 +177,8 @@ class Miner:
         logger.info(f"hotkey {self.wallet.hotkey.ss58_address}, spot checks at {challenge_url}")
 
     def _make_optimizer(self) -> None:
-        self.opt = make_optimizer(self.model, self.dht, self.settings, on_round=self._record_round)
+        self.opt = make_optimizer(self.model, self.dht, self.settings, on_round=self._record_round,
+                                  on_state_loaded=self.metrics.record_state_load)
         if self.settings.use_local_updates:
             self._state_log_handler = StateRoundLogHandler(lambda: self.opt.local_epoch, self._record_round).attach()
 
@@ -218,10 +225,13 @@ class Miner:
                 peer_id=self.peer_id, step=self.step, local_epoch=self.opt.local_epoch,
                 global_epoch=self.opt.tracker.global_epoch, loss=loss_value if math.isfinite(loss_value) else 1e9,
                 samples=self.samples, samples_per_s=speed, tokens_per_s=speed * self.block_size,
+                checkpoint_epoch=self.checkpoint_epoch,
             ))
             if self.step % 50 == 0 or self.step == 1:
                 logger.info(f"step {self.step} epoch {self.opt.local_epoch} loss {loss_value:.4f} "
                             f"{speed * self.block_size:,.0f} tokens/s")
+            self.metrics.record_step(batch.shape[0], batch.numel(), speed * self.block_size, loss_value,
+                                     self.opt.local_epoch, self.opt.tracker.global_epoch)
             self._report_offences()
             self.challenges.answer_pending(self._answer_challenge)
             self._maybe_checkpoint()
@@ -242,20 +252,27 @@ class Miner:
         if every and epoch != self.last_saved_epoch and epoch % every == 0 and epoch > 0:
             try:
                 self.save()
+                self.metrics.checkpoints.labels(outcome="saved").inc()
             except CheckpointError as error:  # a full disk must not stop training; the next save tries again
+                self.metrics.checkpoints.labels(outcome="failed").inc()
                 logger.error(f"checkpoint at epoch {epoch} failed, training on: {error}")
 
     def save(self) -> Path:
         self.last_saved_epoch = self.opt.local_epoch
         state = TrainerState(peer_id=self.peer_id, preset=self.settings.preset, epoch=self.opt.local_epoch,
                              step=self.step, samples=self.samples, next_block=self.next_block)
-        return save_checkpoint(self.checkpoint_dir, self.model, self.opt, state, keep=self.settings.keep_checkpoints)
+        path = save_checkpoint(self.checkpoint_dir, self.model, self.opt, state, keep=self.settings.keep_checkpoints)
+        self.checkpoint_epoch = state.epoch
+        return path
 
     def _report_offences(self) -> None:
         """Peers our averagers caught (they run in forked children and only queue what they saw)."""
-        self.telemetry.put_many(drain_offence_records(self.peer_id))
+        records = drain_offence_records(self.peer_id)
+        self.metrics.offences.inc(len(records))
+        self.telemetry.put_many(records)
 
     def _record_round(self, info: RoundInfo) -> None:
+        self.metrics.record_round(info)
         if info.success:
             logger.info(f"averaging round for epoch {info.epoch} ({info.kind}): {info.group_size} peers, "
                         f"{info.duration_s:.2f}s")

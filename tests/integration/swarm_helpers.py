@@ -6,6 +6,8 @@ import re
 import time
 
 import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from hivetrain import procs
 
@@ -29,6 +31,17 @@ def peer_id_in(log: str) -> str:
 
 def peer_id_of(service: procs.Service) -> str:
     return peer_id_in(service.log_path.read_text(errors="replace"))
+
+
+def miner_metrics(swarm, peer_id: str) -> dict[str, float]:
+    """A live miner's /metrics, at the challenge URL it registered: {sample name: value summed over its labels}."""
+    (record,) = [peer for peer in swarm.registry().live_peers(role="miner") if peer.peer_id == peer_id]
+    text = requests.get(f"{record.challenge_url}/metrics", timeout=10).text
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            values[sample.name] = values.get(sample.name, 0.0) + sample.value
+    return values
 
 
 def stop_and_check(swarm, summary_path=None) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from swarm_helpers import peer_id_of, stop_and_check, wait_until
+from swarm_helpers import miner_metrics, peer_id_of, stop_and_check, wait_until
 
 from hivetrain import procs
 from hivetrain.models import build_model
@@ -98,6 +98,10 @@ def test_four_miners_average_and_learn(swarm):
         return all(miners.get(p, {}).get("last_loss", 99) < miners[p]["first_loss"] - 0.3 for p in peers)
 
     wait_until(learned, timeout=180, what="every miner's loss to fall by 0.3 nats")
+    for peer in peers:  # each miner's /metrics, as Prometheus scrapes it, shows the training and rounds it did
+        metrics = miner_metrics(swarm, peer)
+        assert metrics["hive_miner_steps_total"] > 0 and metrics["hive_miner_averaging_rounds_total"] >= 1
+        assert metrics["hive_miner_telemetry_written_total"] > 0 and metrics["hive_miner_loss"] < 99
 
 
 def test_checkpoints_agree_after_averaging(swarm):
@@ -151,5 +155,6 @@ def test_late_joiner_loads_state_and_catches_up(swarm):
     # it trained its first batch at the swarm's epoch, not at 0: it loaded state from peers first
     assert record["first_epoch"] >= swarm_epoch
     assert "loaded state from peers" in joiner.log_path.read_text(errors="replace")
+    assert miner_metrics(swarm, joiner_id)["hive_miner_state_loads_total"] >= 1
     wait_until(lambda: any(joiner_id in r["peers"] for r in swarm.summary()["rounds"]),
                timeout=180, what="an averaging round that includes the late joiner")
