@@ -42,8 +42,12 @@ def start_redis(workdir: Path, port: int = 0, persist: bool = True, password: st
         argv = [find_redis_server(), "--bind", "127.0.0.1", "--port", str(chosen), "--dir", str(workdir.resolve()),
                 "--daemonize", "no", "--protected-mode", "no", "--loglevel", "warning"]
         argv += ["--save", "60 1", "--dbfilename", "dump.rdb"] if persist else ["--save", "", "--appendonly", "no"]
-        if password:
-            argv += ["--requirepass", password]
+        if password:  # from a file only we can read: a command line is visible to every local user
+            config = workdir / "auth.conf"
+            config.touch(mode=0o600)
+            config.chmod(0o600)
+            config.write_text(f"requirepass {password}\n")
+            argv.insert(1, str(config.resolve()))
         service = procs.start("redis", argv, log_path=workdir / "redis.log")
         auth = f":{password}@" if password else ""
         url = f"redis://{auth}127.0.0.1:{chosen}/0"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
+import urllib.parse
 from typing import Iterable
 
 import redis
@@ -23,6 +24,7 @@ from hivetrain.log import get_logger
 from hivetrain.protocol.records import (
     BOOTSTRAP_TTL_S,
     EVALS_STREAM_MAXLEN,
+    MAX_REGISTRATION_BYTES,
     OFFENCES_STREAM_MAXLEN,
     PEER_TTL_S,
     ROUNDS_STREAM_MAXLEN,
@@ -38,6 +40,17 @@ from hivetrain.protocol.records import (
 )
 
 logger = get_logger(__name__)
+
+
+def redacted(url: str) -> str:
+    """``url`` with its password replaced by ``***``: what logs and consoles may show."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def connect_redis(url: str, timeout: float = 2.0) -> redis.Redis:
@@ -57,9 +70,12 @@ class Registry:
         """Write or refresh a peer's record, signed by ``signer`` (its wallet); call it every heartbeat."""
         now = time.time()
         record = record.model_copy(update={"last_seen": now, "hotkey": signer.hotkey.ss58_address})
-        envelope = sign(signer, record.model_dump(mode="json"), timestamp=now)
+        envelope = SignedEnvelope.model_validate(sign(signer, record.model_dump(mode="json"), timestamp=now)).model_dump_json().encode()
+        if len(envelope) > MAX_REGISTRATION_BYTES:
+            raise ValueError(f"registration of {record.peer_id} is {len(envelope)} bytes, over {MAX_REGISTRATION_BYTES}: "
+                             "readers would drop it; register fewer or shorter addresses")
         with self.client.pipeline(transaction=True) as pipe:
-            pipe.set(self.keys.peer(record.peer_id), SignedEnvelope.model_validate(envelope).model_dump_json(), ex=int(self.ttl_s))
+            pipe.set(self.keys.peer(record.peer_id), envelope, ex=int(self.ttl_s))
             pipe.zadd(self.keys.peer_index, {record.peer_id: now})
             pipe.zremrangebyscore(self.keys.peer_index, "-inf", now - self.ttl_s)
             pipe.expire(self.keys.peer_index, int(self.ttl_s) * 4)
@@ -90,6 +106,9 @@ class Registry:
     def _authentic_peer(self, peer_id: str, raw: bytes | None) -> PeerRecord | None:
         """The record if its hotkey signed it, it is fresh, and it is stored under its own peer id."""
         if raw is None:
+            return None
+        if len(raw) > MAX_REGISTRATION_BYTES:  # not even parsed: every reader of the registry would pay for it
+            logger.warning(f"dropping registration of {peer_id}: {len(raw)} bytes, over {MAX_REGISTRATION_BYTES}")
             return None
         try:
             envelope = self.verifier.authenticate(raw)
@@ -129,6 +148,9 @@ class Registry:
 
 def _parse(model: type[Record], raw: bytes | None):
     if raw is None:
+        return None
+    if len(raw) > MAX_REGISTRATION_BYTES:
+        logger.warning(f"dropping a {model.__name__} of {len(raw)} bytes, over {MAX_REGISTRATION_BYTES}")
         return None
     try:
         return model.from_json(raw)

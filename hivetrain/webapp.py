@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 import time
 from typing import TypeVar
 
@@ -30,6 +31,34 @@ def int_arg(name: str, default: int, low: int, high: int) -> int:
     if not _INT.fullmatch(raw) or not low <= int(raw) <= high:
         raise BadRequest(f"{name} must be an integer from {low} to {high}, got {raw[:40]!r}")
     return int(raw)
+
+
+#: How long a worker reuses a computed answer of a read-only route (registrations live 30 s and beat every 10 s).
+ANSWER_CACHE_S = 1.0
+
+
+class AnswerCache:
+    """Answers computed at most once per ``ttl_s`` per worker, by key; concurrent requests for a
+    stale answer wait for the one request computing it, so a burst costs one Redis read, not one each."""
+
+    def __init__(self, ttl_s: float = ANSWER_CACHE_S, max_keys: int = 256):
+        self.ttl_s, self.max_keys = ttl_s, max_keys
+        self._answers: dict = {}
+        self._lock = threading.Lock()
+
+    def get(self, key, compute):
+        if self.ttl_s <= 0:
+            return compute()
+        with self._lock:
+            now = time.monotonic()
+            cached = self._answers.get(key)
+            if cached is not None and now - cached[0] < self.ttl_s:
+                return cached[1]
+            value = compute()  # under the lock: one computation per stale key, the others wait for it
+            if len(self._answers) >= self.max_keys:
+                self._answers.clear()
+            self._answers[key] = (time.monotonic(), value)
+            return value
 
 
 class HttpMetrics:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
 import redis
 
 from hivetrain import procs
-from hivetrain.bootstrap.app import create_app
-from hivetrain.protocol.records import BootstrapRecord, Keys, PeerRecord
+from hivetrain.bootstrap.app import ADDRS_PER_PEER, create_app
+from hivetrain.identity import sign
+from hivetrain.protocol.records import MAX_MULTIADDRS, BootstrapRecord, Keys, PeerRecord
 from hivetrain.settings import BootstrapSettings
 from hivetrain.store import Registry, connect_redis
 
@@ -25,9 +27,9 @@ def _peer(name: str, role: str = "miner", addrs: list[str] | None = None) -> Pee
     return PeerRecord(peer_id=name, role=role, multiaddrs=addrs or [_addr(name)], started_at=time.time())
 
 
-def _client(redis_url: str, **overrides):
+def _client(redis_url: str, cache_s: float = 0.0, **overrides):
     settings = BootstrapSettings(redis_url=redis_url, run_id=RUN, **overrides)
-    return create_app(settings).test_client()
+    return create_app(settings, cache_s=cache_s).test_client()
 
 
 class SigningRegistry(Registry):
@@ -74,6 +76,34 @@ def test_cap_and_limit(redis_url, registry):
     assert client.get("/initial_peers").get_json()["initial_peers"] == [*BOOT, _addr("p4"), _addr("p3")]
     assert client.get("/initial_peers?limit=3").get_json()["initial_peers"] == [*BOOT, _addr("p4")]
     assert client.get("/return_dht_address?limit=1").get_json()["initial_peers"] == BOOT[:1]
+
+
+def test_an_oversized_or_address_stuffed_registration_cannot_take_the_answer(redis_url, registry, other_wallet):
+    keys, db = Keys(RUN), connect_redis(redis_url)
+    _register_in_order(registry, [_peer(f"honest{i}") for i in range(3)])
+    # the attacker's own, validly signed registration of 7.7 MB: written straight to Redis (register() refuses it)
+    huge = _peer("huge", addrs=[_addr(f"huge{i}") for i in range(MAX_MULTIADDRS)]).model_dump(mode="json")
+    huge.update(last_seen=time.time(), hotkey=other_wallet.hotkey.ss58_address, device="x" * 7_700_000)
+    db.set(keys.peer("huge"), json.dumps(sign(other_wallet, huge)), ex=30)
+    db.zadd(keys.peer_index, {"huge": time.time()})
+    # and one with every address it may have: each registration puts at most ADDRS_PER_PEER in an answer
+    registry.register(_peer("stuffed", addrs=[_addr("stuffed", port) for port in range(MAX_MULTIADDRS)]), other_wallet)
+    answer = _client(redis_url, max_initial_peers=8).get("/initial_peers").get_json()["initial_peers"]
+    assert answer == [_addr("stuffed", port) for port in range(ADDRS_PER_PEER)] + [_addr(f"honest{i}") for i in (2, 1, 0)]
+    with pytest.raises(ValueError):
+        _peer("more", addrs=[_addr("more", port) for port in range(MAX_MULTIADDRS + 1)])
+    # every field within its bound, and still too big once signed and encoded (non-ASCII text): refused at the writer
+    with pytest.raises(ValueError, match="over 16384"):
+        registry.register(_peer("big", addrs=[f"/dns4/{'é' * 500}/{port}" for port in range(MAX_MULTIADDRS)]))
+
+
+def test_answers_are_reused_for_a_second_per_worker(redis_url, registry):
+    registry.register(_peer("first"))
+    cached = _client(redis_url, cache_s=60)
+    assert cached.get("/initial_peers").get_json()["initial_peers"] == [_addr("first")]
+    registry.register(_peer("second"))
+    assert cached.get("/initial_peers").get_json()["initial_peers"] == [_addr("first")]  # from this worker's cache
+    assert _client(redis_url, cache_s=0).get("/initial_peers").get_json()["initial_peers"] == [_addr("second"), _addr("first")]
 
 
 @pytest.mark.parametrize("bad", ["0", "5", "-1", "abc", "1.5", "", "1_0", " 2", "99999999999"])

@@ -393,6 +393,21 @@ def test_k8s_workloads(path):
         assert gpus is None and not tolerations
 
 
+@pytest.mark.parametrize("path", K8S_VARIANTS)
+def test_k8s_pods_hold_no_api_token_and_only_the_roles_reach_redis(path):
+    docs = _k8s_docs(path)
+    for name in ("redis", "bootstrap", "miner", "validator"):
+        assert _workloads(docs)[name]["spec"]["template"]["spec"]["automountServiceAccountToken"] is False, name
+    (policy,) = [doc for doc in docs if doc["kind"] == "NetworkPolicy" and doc["metadata"]["name"] == "redis-clients-only"]
+    assert policy["spec"]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "redis"}
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = policy["spec"]["ingress"]
+    (source,) = rule["from"]
+    assert source["podSelector"]["matchExpressions"] == [
+        {"key": "app.kubernetes.io/name", "operator": "In", "values": ["bootstrap", "miner", "validator"]}]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 6379}]
+
+
 # --- the local launcher -------------------------------------------------------------------------
 @pytest.mark.parametrize("service", sorted(SERVICE_SETTINGS))
 def test_launcher_env_is_what_each_service_reads(service, tmp_path, monkeypatch):

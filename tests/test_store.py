@@ -11,7 +11,7 @@ import redis
 from hivetrain import procs
 from hivetrain.protocol.records import BootstrapRecord, Keys, PeerRecord, RoundRecord, StepRecord
 from hivetrain.redis_server import start_redis
-from hivetrain.store import Registry, TelemetryWriter, append, connect_redis, read_stream
+from hivetrain.store import Registry, TelemetryWriter, append, connect_redis, read_stream, redacted
 
 
 def _peer(peer_id: str, role: str = "miner") -> PeerRecord:
@@ -148,3 +148,23 @@ def test_stream_history_drops_tampered_records(redis_url, wallet):
     envelope["payload"]["samples"] = 10**9  # an inflated claim under someone else's signature
     client.xadd(keys.steps, {"env": json.dumps(envelope)})
     assert [r.step for r in read_stream(client, keys, StepRecord)] == [0, 1]
+
+
+def test_a_password_protected_redis_refuses_anonymous_clients(tmp_path):
+    server, url = start_redis(tmp_path / "r", persist=False, password="s3cret-for-this-test")
+    try:
+        assert url.startswith("redis://:s3cret-for-this-test@127.0.0.1:")
+        assert connect_redis(url).ping()
+        anonymous = redis.Redis.from_url(url.replace(":s3cret-for-this-test@", ""), socket_timeout=2)
+        with pytest.raises(redis.AuthenticationError):
+            anonymous.ping()
+        config = tmp_path / "r" / "auth.conf"  # given to redis-server as a file, not as a command-line argument
+        assert "s3cret-for-this-test" in config.read_text() and config.stat().st_mode & 0o077 == 0  # only we can read it
+    finally:
+        server.stop(timeout=5)
+
+
+def test_redacted_urls_keep_everything_but_the_password():
+    assert redacted("redis://:pw@127.0.0.1:6379/0") == "redis://:***@127.0.0.1:6379/0"
+    assert redacted("rediss://user:p%40w@[::1]:7000/2") == "rediss://user:***@[::1]:7000/2"
+    assert redacted("redis://r:6379/0") == "redis://r:6379/0"

@@ -2,7 +2,8 @@
 
 Served by ``gunicorn 'hivetrain.bootstrap.app:create_app()'`` with settings from ``HIVE_*``
 environment variables. Every worker reads the same Redis, so workers (and bootstrap replicas)
-need no shared memory. Prometheus metrics are per worker: each gunicorn worker has its own
+need no shared memory; each reuses its ``/initial_peers`` answer for a second (``AnswerCache``),
+so a burst of joining miners costs one Redis read per worker per second. Prometheus metrics are per worker: each gunicorn worker has its own
 counters, so a scrape sees the worker that answered it; sum over scrapes or run one worker
 where exact totals matter. The live-peer gauges are read from Redis on every scrape and so
 agree across workers.
@@ -20,12 +21,14 @@ from hivetrain.log import get_logger
 from hivetrain.protocol.records import Keys
 from hivetrain.settings import BootstrapSettings
 from hivetrain.store import Registry, connect_redis
-from hivetrain.webapp import HttpMetrics, install, int_arg, settings_or_exit
+from hivetrain.webapp import ANSWER_CACHE_S, AnswerCache, HttpMetrics, install, int_arg, settings_or_exit
 
 logger = get_logger(__name__)
 
 #: Roles whose addresses /initial_peers hands out; bootstraps come from their own records.
 SERVED_ROLES = ("miner", "validator")
+#: Addresses one miner or validator may put in an answer (a peer has a few: TCP, QUIC, IPv4/IPv6).
+ADDRS_PER_PEER = 4
 
 
 class Metrics(HttpMetrics):
@@ -40,32 +43,39 @@ class Metrics(HttpMetrics):
 
 
 def gather_initial_peers(registry: Registry, limit: int) -> list[str]:
-    """Live bootstraps' addresses first, then the freshest miners' and validators', deduplicated, at most ``limit``."""
+    """Live bootstraps' addresses first, then the freshest miners' and validators', deduplicated, at most ``limit``.
+
+    A peer contributes at most ``ADDRS_PER_PEER`` addresses, so one registration cannot fill the answer.
+    """
     addrs: list[str] = []
     for record in registry.bootstraps():
         addrs.extend(record.multiaddrs)
     for peer in registry.live_peers(limit=limit):
         if peer.role in SERVED_ROLES:
-            addrs.extend(peer.multiaddrs)
+            addrs.extend(peer.multiaddrs[:ADDRS_PER_PEER])
     return list(dict.fromkeys(addrs))[:limit]
 
 
-def create_app(settings: BootstrapSettings | None = None) -> Flask:
-    """Build the app; with no ``settings`` they come from the ``HIVE_*`` environment (exits with a fix-it message if invalid)."""
+def create_app(settings: BootstrapSettings | None = None, cache_s: float = ANSWER_CACHE_S) -> Flask:
+    """Build the app; with no ``settings`` they come from the ``HIVE_*`` environment (exits with a fix-it message if invalid).
+
+    ``/initial_peers`` answers are reused for ``cache_s`` seconds per worker (0: every request reads Redis).
+    """
     settings = settings_or_exit(BootstrapSettings, settings)
     app = Flask(__name__)
     registry = Registry(connect_redis(settings.redis_url), Keys(settings.run_id))
     metrics = Metrics()
     app.extensions["hivetrain.bootstrap"] = {"settings": settings, "registry": registry, "metrics": metrics}
     install(app, metrics, "bootstrap")
-    _register_routes(app, settings, registry, metrics)
+    _register_routes(app, settings, registry, metrics, AnswerCache(cache_s))
     return app
 
 
-def _register_routes(app: Flask, settings: BootstrapSettings, registry: Registry, metrics: Metrics) -> None:
+def _register_routes(app: Flask, settings: BootstrapSettings, registry: Registry, metrics: Metrics,
+                     cache: AnswerCache) -> None:
     def initial_peers():
         limit = int_arg("limit", settings.max_initial_peers, 1, settings.max_initial_peers)
-        response = jsonify(initial_peers=gather_initial_peers(registry, limit))
+        response = jsonify(initial_peers=cache.get(limit, lambda: gather_initial_peers(registry, limit)))
         response.headers["Cache-Control"] = "no-store"
         return response
 

@@ -8,7 +8,7 @@ Records are strict pydantic models: a reader rejects anything that does not matc
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -102,17 +102,25 @@ class Record(BaseModel):
         return cls.model_validate_json(raw)
 
 
+#: A registration's stored size at most (a real one is about 1 kB): readers drop bigger ones unparsed.
+MAX_REGISTRATION_BYTES = 16_384
+#: Addresses one peer may register (a peer has a few: TCP and QUIC, IPv4 and IPv6, announce addresses).
+MAX_MULTIADDRS = 16
+Multiaddr = Annotated[str, Field(min_length=1, max_length=512)]
+
+
 class PeerRecord(Record):
     """A live peer, as the bootstrap hands it out and the validator lists it."""
 
     schema_version: int = SCHEMA_VERSION
-    peer_id: str = Field(min_length=1)
+    peer_id: str = Field(min_length=1, max_length=128)
     role: PeerRole
-    hotkey: str = Field(default="", description="ss58 hotkey that signs this peer's records")
-    challenge_url: str = Field(default="", description="where validators send spot checks (miners)")
-    multiaddrs: list[str] = Field(description="addresses other peers can dial (announce addrs when set)")
-    device: str = Field(default="cpu", description="cpu, cuda, cuda:0, ...")
-    preset: str = Field(default="", description="model preset the peer trains")
+    hotkey: str = Field(default="", max_length=64, description="ss58 hotkey that signs this peer's records")
+    challenge_url: str = Field(default="", max_length=512, description="where validators send spot checks (miners)")
+    multiaddrs: list[Multiaddr] = Field(max_length=MAX_MULTIADDRS,
+                                        description="addresses other peers can dial (announce addrs when set)")
+    device: str = Field(default="cpu", max_length=64, description="cpu, cuda, cuda:0, ...")
+    preset: str = Field(default="", max_length=64, description="model preset the peer trains")
     started_at: float = Field(description="unix time the process started")
     last_seen: float = Field(default_factory=time.time, description="unix time of the last heartbeat")
 
@@ -121,8 +129,8 @@ class BootstrapRecord(Record):
     """The bootstrap DHT's own addresses; listed first by /initial_peers."""
 
     schema_version: int = SCHEMA_VERSION
-    peer_id: str = Field(min_length=1)
-    multiaddrs: list[str]
+    peer_id: str = Field(min_length=1, max_length=128)
+    multiaddrs: list[Multiaddr] = Field(max_length=MAX_MULTIADDRS)
     last_seen: float = Field(default_factory=time.time)
 
 

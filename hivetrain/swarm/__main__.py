@@ -11,6 +11,7 @@ import time
 from hivetrain.log import get_logger
 from hivetrain.runtime import Runtime, run_service
 from hivetrain.settings import SwarmSettings
+from hivetrain.store import redacted
 from hivetrain.swarm.launcher import Swarm, SwarmError
 
 logger = get_logger("hivetrain.swarm")
@@ -73,7 +74,8 @@ def _print_where_to_look(swarm: Swarm) -> None:
         logger.info(f"  validator API: {swarm.validator_url}/api/dashboard  /api/scores  /api/swarm  /api/evals")
     logger.info(f"  metrics:       {swarm.bootstrap_url}/metrics" + (f"  {swarm.validator_url}/metrics" if swarm.validator_url else "")
                 + "  and each miner's challenge port /metrics")
-    logger.info(f"  redis:         {swarm.redis_url}")
+    logger.info(f"  redis:         {redacted(swarm.redis_url)}" + (f" (with its password: {swarm.workdir}/redis/url)"
+                                                                     if swarm.redis is not None else ""))
     logger.info(f"  logs:          {swarm.logs}/ (bootstrap.log, miner-N.log, validator.log)")
     logger.info(f"  checkpoints:   {swarm.workdir}/miner-N/")
     logger.info("Ctrl-C stops everything cleanly" + (f"; stopping by itself after {swarm.settings.duration:.0f}s" if swarm.settings.duration else ""))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ from hivetrain.settings import (
     ValidatorSettings,
     service_env,
 )
-from hivetrain.store import Registry, connect_redis
+from hivetrain.store import Registry, connect_redis, redacted
 
 logger = get_logger(__name__)
 
@@ -123,10 +124,16 @@ class Swarm:
 
     def _start_redis(self) -> None:
         if self.settings.external_redis:
-            logger.info(f"using external Redis at {self.redis_url}")
+            logger.info(f"using external Redis at {redacted(self.redis_url)}")
             return
-        self.redis, self.redis_url = start_redis(self.workdir / "redis", port=self.settings.redis_port)
-        logger.info(f"Redis at {self.redis_url} (data in {self.workdir / 'redis'})")
+        # a fresh password each run: another local user cannot read or write the swarm's registry
+        folder = self.workdir / "redis"
+        self.redis, self.redis_url = start_redis(folder, port=self.settings.redis_port, password=secrets.token_urlsafe(18))
+        url_file = folder / "url"
+        url_file.touch(mode=0o600)
+        url_file.chmod(0o600)
+        url_file.write_text(self.redis_url + "\n")
+        logger.info(f"Redis at {redacted(self.redis_url)} (data in {folder}; its URL with the password in {url_file})")
 
     def bootstrap_env(self, port: int) -> dict[str, str]:
         """Environment of the bootstrap, its HTTP API on 127.0.0.1:``port``."""

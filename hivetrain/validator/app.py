@@ -42,7 +42,7 @@ from hivetrain.settings import ValidatorSettings
 from hivetrain.store import Registry, connect_redis, decode_entry, read_stream
 from hivetrain.validator.dashboard import EVALS_SHOWN as DASHBOARD_EVALS
 from hivetrain.validator.dashboard import TelemetryHistory
-from hivetrain.webapp import HttpMetrics, install, int_arg, settings_or_exit
+from hivetrain.webapp import ANSWER_CACHE_S, AnswerCache, HttpMetrics, install, int_arg, settings_or_exit
 
 logger = get_logger(__name__)
 
@@ -93,8 +93,11 @@ def _finite(value):
     return value
 
 
-def create_app(settings: ValidatorSettings | None = None) -> Flask:
-    """Build the app; with no ``settings`` they come from the ``HIVE_*`` environment (exits with a fix-it message if invalid)."""
+def create_app(settings: ValidatorSettings | None = None, cache_s: float = ANSWER_CACHE_S) -> Flask:
+    """Build the app; with no ``settings`` they come from the ``HIVE_*`` environment (exits with a fix-it message if invalid).
+
+    ``/api/swarm`` answers (thousands of signature checks each) are reused for ``cache_s`` seconds per worker.
+    """
     settings = settings_or_exit(ValidatorSettings, settings)
     hotkey = load_or_create_wallet(settings.wallet_dir, settings.wallet_name, settings.wallet_hotkey).hotkey.ss58_address
     app = Flask(__name__)
@@ -104,7 +107,7 @@ def create_app(settings: ValidatorSettings | None = None) -> Flask:
     app.extensions["hivetrain.validator"] = {"settings": settings, "hotkey": hotkey, "registry": registry, "metrics": metrics}
     install(app, metrics, "validator")
     app.after_request(_no_store)
-    _register_api_routes(app, registry, hotkey)
+    _register_api_routes(app, registry, hotkey, AnswerCache(cache_s))
     _register_dashboard_routes(app, registry, hotkey)
     _register_ops_routes(app, registry, hotkey, metrics)
     return app
@@ -152,12 +155,12 @@ def read_board(client: redis.Redis, keys: Keys, validator: str) -> ScoreBoard | 
     return None if raw is None else ScoreBoard.from_json(raw)
 
 
-def _register_api_routes(app: Flask, registry: Registry, hotkey: str) -> None:
+def _register_api_routes(app: Flask, registry: Registry, hotkey: str, cache: AnswerCache) -> None:
     client, keys = registry.client, registry.keys
 
     @app.get("/api/swarm")
     def swarm():
-        return jsonify(swarm_view(registry))
+        return jsonify(cache.get("swarm", lambda: swarm_view(registry)))
 
     @app.get("/api/scores")
     def scores():
