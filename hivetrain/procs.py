@@ -4,10 +4,16 @@ A hivemind service forks children (the DHT, two averagers) and runs ``p2pd``. SI
 whole group kills p2pd first and breaks the shutdown, and SIGKILL to the parent alone leaves the
 children orphaned. So: start each service in its own session, SIGTERM the parent only, wait,
 then SIGKILL whatever is left of the group.
+
+Some descendants leave the group: torch's ``torch_shm_manager`` (shared-memory tensors between a
+miner and its averagers) calls ``setsid`` and outlives the service. Every process started here
+carries ``HIVETRAIN_PROC_TAG`` in its environment, which descendants inherit whatever their
+session or parent, so ``stop`` also kills the tagged processes outside the group.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import socket
@@ -35,6 +41,7 @@ class Service:
     name: str
     popen: subprocess.Popen
     log_path: Path | None = None
+    tag: str = ""
     _log_file: object = field(default=None, repr=False)
     _terminated: bool = field(default=False, repr=False)
 
@@ -76,6 +83,8 @@ class Service:
             except subprocess.TimeoutExpired:
                 logger.warning(f"{self.name} (pid {self.pid}) ignored SIGTERM for {timeout:.0f}s; killing its group")
         kill_group(self.pid)
+        if self.tag:
+            kill_tagged(self.tag)
         self.popen.wait()
         if self._log_file is not None:
             self._log_file.close()
@@ -122,8 +131,47 @@ def kill_group(pgid: int, wait_s: float = 5.0) -> None:
         time.sleep(0.05)
 
 
+#: The environment variable that marks every process a Service started, and all their descendants.
+TAG_VARIABLE = "HIVETRAIN_PROC_TAG"
+_started = itertools.count()
+
+
+def tagged(prefix: str) -> list[int]:
+    """Running processes whose ``HIVETRAIN_PROC_TAG`` starts with ``prefix`` (a whole tag, or ``f"{pid}-"``
+    for everything process ``pid`` started)."""
+    wanted = f"{TAG_VARIABLE}={prefix}".encode()
+    found = []
+    for pid in _pids():
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:  # gone, or not ours to read
+            continue
+        if any(item.startswith(wanted) for item in environ.split(b"\0")) and is_running(pid):
+            found.append(pid)
+    return found
+
+
+def kill_tagged(prefix: str, wait_s: float = 5.0) -> list[int]:
+    """SIGKILL every process tagged ``prefix`` (see ``tagged``) and wait for them; returns the pids killed."""
+    pids = [pid for pid in tagged(prefix) if pid != os.getpid()]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    deadline = time.monotonic() + wait_s
+    while any(is_running(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return pids
+
+
 def start(name: str, argv: list[str], env: dict[str, str] | None = None, log_path: Path | None = None, cwd: str | Path | None = None) -> Service:
-    """Start ``argv`` in a new session, its stdout and stderr appended to ``log_path`` (or inherited)."""
+    """Start ``argv`` in a new session, its stdout and stderr appended to ``log_path`` (or inherited).
+
+    The process and its descendants are tagged ``<our pid>-<n>-<name>`` (``TAG_VARIABLE``).
+    """
+    tag = f"{os.getpid()}-{next(_started)}-{name}"
+    env = {**(os.environ if env is None else env), TAG_VARIABLE: tag}
     log_file = None
     if log_path is not None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -138,7 +186,7 @@ def start(name: str, argv: list[str], env: dict[str, str] | None = None, log_pat
         start_new_session=True,
     )
     logger.info(f"started {name} (pid {popen.pid})" + (f", log {log_path}" if log_path else ""))
-    return Service(name=name, popen=popen, log_path=log_path, _log_file=log_file)
+    return Service(name=name, popen=popen, log_path=log_path, tag=tag, _log_file=log_file)
 
 
 def stop_all(services: list[Service], timeout: float = 45.0) -> None:

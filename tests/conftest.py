@@ -1,11 +1,33 @@
-"""Shared fixtures: a real redis-server on a free port, torn down after the test."""
+"""Shared fixtures: a real redis-server on a free port, torn down after the test; a check that nothing is left running."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import pytest
 import redis
 
+from hivetrain import procs
 from hivetrain.redis_server import start_redis
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_running():
+    """At the very end: every process the tests started through ``hivetrain.procs`` is gone, with its
+    descendants (p2pd, gunicorn, torch_shm_manager, which leaves its session). Leftovers are killed, then named."""
+    yield
+    ours = f"{os.getpid()}-"
+    leftovers = {pid: _command(pid) for pid in procs.tagged(ours)}
+    procs.kill_tagged(ours)
+    assert not leftovers, f"processes left running by the tests: {leftovers}"
+
+
+def _command(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return "?"
 
 
 @pytest.fixture(scope="session")
