@@ -124,6 +124,10 @@ class PeerSettings(DHTSettings, IdentitySettings):
     block_size: int = Field(0, ge=0, description="tokens per sample; 0 = the preset's n_positions")
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda or cuda:N")
     torch_threads: int = Field(0, ge=0, description="CPU threads for torch; 0 = torch's default")
+    # the chain: who the validators are (miners answer only them), where weights go
+    chain: Literal["local", "bittensor"] = Field("local", description="where validators are listed and weights go: local (Redis metagraph) or bittensor")
+    netuid: int = Field(0, ge=0, description="subnet uid (bittensor chain)")
+    subtensor_network: str = Field("finney", description="bittensor network name or ws:// endpoint (bittensor chain)")
 
     @field_validator("device")
     @classmethod
@@ -149,8 +153,16 @@ class MinerSettings(PeerSettings):
     challenge_host: str = Field("0.0.0.0", description="address the spot-check endpoint binds")
     challenge_port: int = Field(0, ge=0, le=65535, description="port of the spot-check endpoint; 0 = a free port")
     challenge_url: str = Field("", description="URL validators use to reach the spot-check endpoint; empty = http://<challenge_host or 127.0.0.1>:<port>")
-    challenge_rate: float = Field(2.0, gt=0, description="spot checks per second one validator hotkey may ask (token bucket)")
+    challenge_rate: float = Field(0.5, gt=0, description="spot checks per second one validator hotkey may ask (token bucket)")
     challenge_burst: int = Field(4, ge=1, description="spot checks one validator hotkey may ask at once")
+    challenge_pending: int = Field(2, ge=1, le=32, description="spot checks of one validator that may wait for the training loop; more get 503, so one validator cannot take another's place")
+    challenge_max_dim: int = Field(128, ge=8, le=MAX_DIM, multiple_of=8, description="largest projection a spot check may ask for (a validator's HIVE_SPOT_CHECK_DIM must fit); larger gets 400")
+    challenge_max_batch: int = Field(4, ge=1, le=MAX_BATCH, description="most blocks in a spot check's batch (a validator's HIVE_SPOT_CHECK_BATCH must fit; each costs a forward and backward pass); more gets 400")
+    challenge_stream_blocks: int = Field(64, ge=1, description="on a streamed dataset, a spot check's block_index must be below this (reading up to it streams the shard); the bundled corpus allows its shard's first 4 passes")
+    validators_refresh_s: float = Field(30.0, gt=0, description="reread the chain's validators (the only hotkeys whose spot checks are answered) this often; a failed read keeps the last list")
+    validator_min_stake: float = Field(0.0, ge=0, description="stake a listed validator needs for its spot checks to be answered")
+    health_grace_s: float = Field(900.0, gt=0, description="/healthz is healthy this long after start before the first step (joining, loading state from peers)")
+    health_stall_s: float = Field(120.0, gt=0, description="/healthz answers 503 after this long without a training step, or 10x the usual time between steps if longer")
     # optimisation
     target_batch_size: int = Field(4096, ge=1, description="samples the whole swarm accumulates per global epoch")
     lr: float = Field(6e-4, gt=0, description="peak learning rate of AdamW")
@@ -200,9 +212,6 @@ class ValidatorSettings(PeerSettings):
     """``python -m hivetrain.validator``: evaluates the shared model, checks miners' claims, scores them, sets weights."""
 
     wallet_name: str = Field("validator", description="wallet (coldkey) name")
-    chain: Literal["local", "bittensor"] = Field("local", description="where weights go: local (Redis metagraph) or bittensor")
-    netuid: int = Field(0, ge=0, description="subnet uid (bittensor chain)")
-    subtensor_network: str = Field("finney", description="bittensor network name or ws:// endpoint (bittensor chain)")
     api_host: str = Field("0.0.0.0", description="address the validator API binds")
     api_port: int = Field(8100, ge=1, le=65535, description="port of the validator API")
     api_workers: int = Field(2, ge=1, le=64, description="gunicorn worker processes of the API")
@@ -213,10 +222,14 @@ class ValidatorSettings(PeerSettings):
     weights_every_s: float = Field(60.0, gt=0, description="set weights through the chain this often")
     spot_check_dim: int = Field(64, ge=8, le=MAX_DIM, multiple_of=8, description="size of the projected gradient a miner returns")
     spot_check_batch: int = Field(2, ge=1, le=MAX_BATCH, description="blocks in a spot-check batch")
-    spot_check_timeout_s: float = Field(30.0, gt=0, description="a miner that has not answered a spot check by then fails it")
+    spot_check_timeout_s: float = Field(30.0, gt=0, description="deadline of one spot check, all of it (connect, send, the whole answer); a miner that has not answered by then fails it")
+    spot_check_workers: int = Field(8, ge=1, le=256, description="spot checks in flight at once; a slow miner holds up one worker until its deadline")
+    spot_check_tries: int = Field(3, ge=1, description="a miner whose answers cannot be judged (an epoch the validator cannot reach) this many checks in a row fails")
+    spot_check_private_urls: bool = Field(True, description="send spot checks to loopback and private addresses (local swarms, compose, Kubernetes); false on a public subnet, so a registration cannot point the validator at internal services (link-local, multicast and reserved addresses are always refused)")
     spot_check_threshold: float = Field(SPOT_CHECK_THRESHOLD, gt=-1, le=1, description="cosine an answer needs against the validator's own projection (bench/spot_check_threshold.py)")
     max_samples_per_s: float = Field(10_000.0, gt=0, description="no miner is credited for more samples per second than this")
-    claim_tolerance: float = Field(1.0, ge=0, description="claims may exceed what hivemind's progress records showed by this fraction (polls miss each epoch's last samples)")
+    claim_tolerance: float = Field(1.0, ge=0, description="claims may exceed what hivemind's progress records showed by this fraction and still pass (polls miss each epoch's last samples); credit is never more than the records grew by")
+    claim_read_cap: int = Field(100_000, ge=1000, description="signed step records one poll reads at most (it reads everything new up to this; a warning says when more wait)")
     score_ema_alpha: float = Field(0.3, gt=0, le=1, description="weight of the newest round in a miner's score EMA")
 
 

@@ -60,6 +60,35 @@ def test_replays_forgeries_and_strangers_earn_nothing(redis_url, wallet, other_w
     assert dict(reader.rejected) == {"ReplayedNonce": 1, "InvalidSignature": 1, "unregistered": 2}
 
 
+def test_a_burst_of_junk_does_not_starve_honest_records(redis_url, wallet):
+    client, keys = connect_redis(redis_url), Keys("c")
+    reader = ClaimReader(client, keys, Verifier.in_memory())
+    reader.start()
+    registrations = {wallet.hotkey.ss58_address: _registration("QmA", wallet)}
+    append(client, keys, _step("QmA", 8), wallet)
+    with client.pipeline(transaction=False) as pipe:  # 5,000 junk entries (as after an outage, or from an attacker)
+        for i in range(5_000):
+            pipe.xadd(keys.steps, {"junk": str(i)})
+        pipe.execute()
+    for samples in (12, 16):
+        append(client, keys, _step("QmA", samples), wallet)
+    assert reader.poll(registrations) == 5_003  # one poll reads everything new
+    assert reader.close_window()[wallet.hotkey.ss58_address].claimed == 8
+    assert reader.rejected["unsigned"] == 5_000
+
+
+def test_a_poll_stops_at_its_cap_and_the_next_goes_on(redis_url, wallet, caplog):
+    client, keys = connect_redis(redis_url), Keys("c")
+    reader = ClaimReader(client, keys, Verifier.in_memory(), batch=30, cap=100)
+    reader.start()
+    for i in range(250):
+        client.xadd(keys.steps, {"junk": str(i)})
+    with caplog.at_level("WARNING"):
+        assert reader.poll({}) == 100
+    assert "the cap (HIVE_CLAIM_READ_CAP)" in caplog.text
+    assert [reader.poll({}) for _ in range(3)] == [100, 50, 0]
+
+
 def test_evaluation_is_deterministic_on_fixed_blocks():
     model = build_model("tiny")
     blocks = torch.randint(0, 50257, (5, 16))

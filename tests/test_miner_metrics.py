@@ -11,10 +11,12 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from hivetrain.chain import LocalChain
 from hivetrain.hivemind_compat import RoundInfo
 from hivetrain.identity import sign
-from hivetrain.miner.challenge import ChallengeServer
+from hivetrain.miner.challenge import ChallengeLimits, ChallengeServer
 from hivetrain.miner.metrics import MinerMetrics
+from hivetrain.miner.validators import ValidatorList
 from hivetrain.protocol.records import Keys, StepRecord
 from hivetrain.store import TelemetryWriter, connect_redis
 
@@ -38,9 +40,18 @@ def metrics() -> MinerMetrics:
 
 
 @pytest.fixture
-def server(wallet, metrics):
-    server = ChallengeServer(wallet, "127.0.0.1", 0, rate=100.0, burst=10, window_s=60.0, timeout_s=5.0,
-                             metrics=metrics).start()
+def validators(redis_url, other_wallet):
+    chain = LocalChain(connect_redis(redis_url), "metrics")
+    chain.register(other_wallet.hotkey.ss58_address, "", "validator")
+    validators = ValidatorList(chain).start()
+    yield validators
+    validators.stop()
+
+
+@pytest.fixture
+def server(wallet, metrics, validators):
+    server = ChallengeServer(wallet, "127.0.0.1", 0, validators, ChallengeLimits(rate=100.0, burst=10, timeout_s=5.0),
+                             window_s=60.0, metrics=metrics).start()
     try:
         yield server
     finally:
@@ -137,7 +148,7 @@ def test_spot_checks_are_counted_by_outcome(server, wallet, other_wallet):
     answers = iter([(5, [0.5] * 8), ValueError("block out of range")])
     stop = threading.Event()
 
-    def compute(challenge):
+    def compute(challenge, batch):
         answer = next(answers)
         if isinstance(answer, Exception):
             raise answer
@@ -154,16 +165,18 @@ def test_spot_checks_are_counted_by_outcome(server, wallet, other_wallet):
         url = f"http://127.0.0.1:{server.port}/challenge"
         assert requests.post(url, json=sign(other_wallet, body), timeout=10).status_code == 200
         assert requests.post(url, json=sign(other_wallet, body), timeout=10).status_code == 500
+        assert requests.post(url, json=sign(wallet, body), timeout=10).status_code == 403  # not a validator
     finally:
         stop.set()
         thread.join()
     got = scrape(_url(server))
     assert got[("hive_miner_challenges_total", (("outcome", "answered"),))] == 1
     assert got[("hive_miner_challenges_total", (("outcome", "failed"),))] == 1
+    assert got[("hive_miner_challenges_total", (("outcome", "refused"),))] == 1
 
 
-def test_without_metrics_the_endpoint_has_no_metrics_route(wallet):
-    server = ChallengeServer(wallet, "127.0.0.1", 0, rate=1.0, burst=1, window_s=60.0).start()
+def test_without_metrics_the_endpoint_has_no_metrics_route(wallet, validators):
+    server = ChallengeServer(wallet, "127.0.0.1", 0, validators, window_s=60.0).start()
     try:
         assert requests.get(f"http://127.0.0.1:{server.port}/metrics", timeout=5).status_code == 404
         assert requests.get(f"http://127.0.0.1:{server.port}/healthz", timeout=5).status_code == 200

@@ -19,6 +19,36 @@ def test_progress_ledger_sums_the_best_of_each_epoch():
     assert ledger.samples("QmA") == 96 + 48 and ledger.samples("QmB") is None
 
 
+def _record(peer: str, epoch: int, samples: int) -> PeerProgress:
+    return PeerProgress(peer_id=peer, epoch=epoch, samples_accumulated=samples, samples_per_second=1.0, time=0.0, client_mode=False)
+
+
+def test_a_window_is_what_the_total_grew_by_since_the_last_one():
+    ledger = ProgressLedger()
+    ledger.observe({"QmA": _record("QmA", 0, 32)})  # first seen with 32: work before that is not ours to judge
+    ledger.observe({"QmA": _record("QmA", 0, 96)})
+    assert ledger.close_window() == ({"QmA": 64}, {"QmA": 64})
+    ledger.observe({"QmA": _record("QmA", 1, 48)})
+    assert ledger.close_window() == ({"QmA": 48}, {"QmA": 112})
+
+
+def test_the_ledger_stays_bounded_under_ever_new_epochs_and_peers():
+    ledger = ProgressLedger(max_peers=100, forget_after_s=60.0)
+    # a liar walks through 5,000 epochs, and between them re-publishes epoch 0 with a huge count
+    ledger.observe({"liar": _record("liar", 0, 10)}, now=0.0)
+    for epoch in range(1, 5_000):
+        ledger.observe({"liar": _record("liar", epoch, 10)}, now=epoch * 1e-3)
+        ledger.observe({"liar": _record("liar", 0, 10**9)}, now=epoch * 1e-3)
+    assert len(ledger) == 1 and ledger.samples("liar") == 10 * 5_000  # old epochs add nothing
+    # 1,000 fresh peer ids next to an honest peer: at most 100 are followed, and the honest one (most progress) stays
+    for wave in range(10):
+        sybils = {f"sybil-{wave}-{i}": _record(f"sybil-{wave}-{i}", 5_000, 1) for i in range(100)}
+        ledger.observe({"honest": _record("honest", 5_000, 500 + wave), **sybils}, now=10.0 + wave)
+    assert len(ledger) == 100 and ledger.samples("honest") == 509
+    ledger.observe({"honest": _record("honest", 5_001, 7)}, now=100.0)  # everyone else absent for over a minute: forgotten
+    assert len(ledger) == 1 and ledger.samples("honest") == 509 + 7
+
+
 def test_fetch_progress_reads_a_real_progress_tracker():
     hivemind = pytest.importorskip("hivemind")
     from hivemind.optim.progress_tracker import ProgressTracker

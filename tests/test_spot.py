@@ -9,12 +9,14 @@ from __future__ import annotations
 import threading
 
 import pytest
-import requests
+import redis
 from flask import Flask, jsonify, request
 from werkzeug.serving import make_server
 
+from hivetrain.chain import LocalChain
 from hivetrain.identity import Verifier, sign
-from hivetrain.miner.challenge import ChallengeServer
+from hivetrain.miner.challenge import ChallengeLimits, ChallengeServer
+from hivetrain.miner.validators import ValidatorList
 from hivetrain.protocol.records import PeerRecord
 from hivetrain.protocol.spotcheck import MAX_DIM, Challenge, SpotCheckAnswer
 from hivetrain.validator.spot import AnswerRejected, ask_miner
@@ -50,8 +52,7 @@ def _peer(hotkey: str, url: str) -> PeerRecord:
 
 def _ask(validator_wallet, miner_wallet, url: str, dim: int = 8) -> SpotCheckAnswer:
     asked = Challenge(miner_hotkey=miner_wallet.hotkey.ss58_address, block_index=3, batch_size=1, seed=5, dim=dim, epoch=2)
-    with requests.Session() as http:
-        return ask_miner(http, validator_wallet, Verifier.in_memory(), _peer(miner_wallet.hotkey.ss58_address, url), asked, 5.0)
+    return ask_miner(validator_wallet, Verifier.in_memory(), _peer(miner_wallet.hotkey.ss58_address, url), asked, 5.0)
 
 
 def _answer(envelope: dict, **overrides) -> dict:
@@ -60,13 +61,16 @@ def _answer(envelope: dict, **overrides) -> dict:
     return {**payload, **overrides}
 
 
-def test_the_miners_own_endpoint_answers_with_the_typed_answer(wallet, other_wallet):
-    server = ChallengeServer(wallet, "127.0.0.1", 0, rate=10.0, burst=4, window_s=60.0).start()
+def test_the_miners_own_endpoint_answers_with_the_typed_answer(wallet, other_wallet, redis_url):
+    chain = LocalChain(redis.Redis.from_url(redis_url), "spot")
+    chain.register(other_wallet.hotkey.ss58_address, "", "validator")  # the miner answers validators only
+    validators = ValidatorList(chain).start()
+    server = ChallengeServer(wallet, "127.0.0.1", 0, validators, ChallengeLimits(rate=10.0), window_s=60.0).start()
     stop = threading.Event()
 
     def training_loop():  # Miner.train answers between steps; here: an epoch-2 model whose projection is all 0.5
         while not stop.wait(0.02):
-            server.answer_pending(lambda challenge: (2, [0.5] * challenge.dim))
+            server.answer_pending(lambda challenge, batch: (2, [0.5] * challenge.dim))
 
     loop = threading.Thread(target=training_loop, daemon=True)
     loop.start()
@@ -76,6 +80,7 @@ def test_the_miners_own_endpoint_answers_with_the_typed_answer(wallet, other_wal
         stop.set()
         loop.join(timeout=5)
         server.stop()
+        validators.stop()
     assert (answer.epoch, answer.block_index, answer.projection) == (2, 3, [0.5] * 16)
     assert answer.validator == other_wallet.hotkey.ss58_address
 
@@ -92,7 +97,7 @@ def test_a_well_formed_answer_from_the_right_miner_is_accepted(hostile, wallet, 
     ({"projection": [True] * 8}, "malformed answer: projection.0"),
     ({"epoch": -1}, "malformed answer: epoch"),
     ({"epoch": "10"}, "malformed answer: epoch"),
-    ({"weight": 1e30}, "malformed answer: weight"),
+    ({"weight": 1e30}, "malformed answer: an unexpected field"),  # a name the miner chose is not repeated
     ({"challenge_nonce": "0" * 32}, "for another challenge"),
     ({"validator": "5Fsomeoneelse"}, "for another challenge"),
 ])
@@ -123,5 +128,5 @@ def test_an_answer_signed_by_another_hotkey_or_unsigned_is_refused(hostile, wall
 
 
 def test_an_unreachable_miner_is_named(wallet, other_wallet):
-    with pytest.raises(AnswerRejected, match="no answer: ConnectionError"):
+    with pytest.raises(AnswerRejected, match="no answer: ConnectionRefusedError"):
         _ask(other_wallet, wallet, "http://127.0.0.1:9")

@@ -20,6 +20,8 @@ from hivetrain.hivemind_compat import RoundInfo
 #: Round kinds and outcomes, created at zero so that rate() has a series before the first round.
 ROUND_KINDS = ("gradients", "state")
 OUTCOMES = ("success", "failed")
+#: What became of a spot-check request (hivetrain.miner.challenge).
+CHALLENGE_OUTCOMES = ("answered", "failed", "refused", "invalid", "limited", "expired")
 #: Averaging rounds take matchmaking plus all-reduce: seconds to a few minutes.
 ROUND_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 #: Downloading the shared state takes from seconds (tiny model, loopback) to minutes.
@@ -80,7 +82,9 @@ class MinerMetrics:
         self.state_load_duration = Histogram("hive_miner_state_load_duration_seconds", "time to load state from peers",
                                              registry=r, buckets=STATE_LOAD_BUCKETS)
         self.checkpoints = Counter("hive_miner_checkpoints", "checkpoints by outcome (saved or failed)", ["outcome"], registry=r)
-        self.challenges = Counter("hive_miner_challenges", "validators' spot checks by outcome (answered or failed)",
+        self.challenges = Counter("hive_miner_challenges", "spot-check requests by outcome: answered, failed (on our side), "
+                                  "refused (not a listed validator, or for another miner), invalid (unsigned, replayed, "
+                                  "malformed, beyond the bounds), limited (rate or queue share), expired (not answered in time)",
                                   ["outcome"], registry=r)
         self.offences = Counter("hive_miner_offences_reported", "peers our averagers caught misbehaving, reported", registry=r)
         self.telemetry = TelemetryCollector()
@@ -90,7 +94,7 @@ class MinerMetrics:
                 self.rounds.labels(kind=kind, outcome=outcome)
         for outcome in ("saved", "failed"):
             self.checkpoints.labels(outcome=outcome)
-        for outcome in ("answered", "failed"):
+        for outcome in CHALLENGE_OUTCOMES:
             self.challenges.labels(outcome=outcome)
 
     def describe(self, peer_id: str, hotkey: str, preset: str, device: str) -> None:

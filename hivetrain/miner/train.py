@@ -16,22 +16,25 @@ from pathlib import Path
 import hivemind
 import torch
 
+from hivetrain.chain import make_chain
 from hivetrain.data import BlockStream, shard_for_peer
 from hivetrain.dht import make_dht, visible_maddrs
 from hivetrain.hivemind_compat import RoundInfo, StateRoundLogHandler, TrackedOptimizer
 from hivetrain.hivemind_compat.bans import drain_offence_records
 from hivetrain.identity import load_or_create_wallet
 from hivetrain.log import get_logger
-from hivetrain.miner.challenge import ChallengeServer
+from hivetrain.miner.challenge import ChallengeLimits, ChallengeServer
 from hivetrain.miner.checkpoint import CheckpointError, resume_checkpoint, save_checkpoint
+from hivetrain.miner.health import TrainingHealth
 from hivetrain.miner.metrics import MinerMetrics
 from hivetrain.miner.optim import make_optimizer
+from hivetrain.miner.validators import ValidatorList
 from hivetrain.models import build_model, model_config, num_parameters
 from hivetrain.protocol.checkpoints import TrainerState
 from hivetrain.protocol.discovery import fetch_initial_peers
 from hivetrain.protocol.projection import projected_gradient
 from hivetrain.protocol.records import HEARTBEAT_INTERVAL_S, Keys, PeerRecord, RoundRecord, StepRecord
-from hivetrain.protocol.spotcheck import Challenge
+from hivetrain.protocol.spotcheck import CHALLENGE_PASSES, Challenge
 from hivetrain.settings import MinerSettings
 from hivetrain.store import Registry, TelemetryWriter, connect_redis
 from hivetrain.tokenizer import load_tokenizer
@@ -47,6 +50,14 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"HIVE_DEVICE={name} but CUDA is not available here; use HIVE_DEVICE=auto or cpu")
     return device
+
+
+def challenge_block_limit(stream: BlockStream, stream_blocks: int) -> int:
+    """The block index a spot check must stay below: the shard's first ``CHALLENGE_PASSES`` passes when
+    it is in memory (the bundled corpus: any index there costs the same), else ``stream_blocks``
+    (a streamed shard is read from its start up to the index)."""
+    per_pass = stream.blocks_per_pass if stream.materialize else None
+    return CHALLENGE_PASSES * per_pass if per_pass else stream_blocks
 
 
 class Heartbeat:
@@ -94,6 +105,7 @@ class Miner:
         self.heartbeat: Heartbeat | None = None
         self.telemetry: TelemetryWriter | None = None
         self.challenges: ChallengeServer | None = None
+        self.validators: ValidatorList | None = None
         self._state_log_handler: StateRoundLogHandler | None = None
         self.metrics = MinerMetrics()
         self.step = self.samples = self.next_block = 0
@@ -106,6 +118,7 @@ class Miner:
         if s.torch_threads:
             torch.set_num_threads(s.torch_threads)
         self.started_at = time.time()
+        self.health = TrainingHealth(s.health_grace_s, s.health_stall_s)
         self.config = model_config(s.preset)
         self.block_size = s.block_size or self.config.n_positions
         if self.block_size > self.config.n_positions:
@@ -158,6 +171,15 @@ class Miner:
                                   num_shards=s.num_shards, shard=self.shard, seed=s.seed)
         self.batches = self.stream.batches(s.batch_size, start_index=self.next_block)
         logger.info(f"data: {self.stream!r}, starting at block {self.next_block}")
+        # spot checks read their batches on a thread of their own: their own stream and tokenizer
+        self.challenge_stream = BlockStream(s.dataset, s.dataset_split, s.text_key, load_tokenizer(s.tokenizer),
+                                            self.block_size, num_shards=s.num_shards, shard=self.shard, seed=s.seed)
+
+    def _challenge_limits(self) -> ChallengeLimits:
+        s = self.settings
+        return ChallengeLimits(max_dim=s.challenge_max_dim, max_batch=s.challenge_max_batch,
+                               block_limit=challenge_block_limit(self.challenge_stream, s.challenge_stream_blocks),
+                               rate=s.challenge_rate, burst=s.challenge_burst, pending=s.challenge_pending)
 
     def _make_reporting(self) -> None:
         s = self.settings
@@ -166,8 +188,12 @@ class Miner:
         self.telemetry = TelemetryWriter(client, keys, self.wallet)
         self.metrics.watch_telemetry(self.telemetry)
         self.metrics.describe(self.peer_id, self.wallet.hotkey.ss58_address, s.preset, str(self.device))
-        self.challenges = ChallengeServer(self.wallet, s.challenge_host, s.challenge_port, s.challenge_rate,
-                                          s.challenge_burst, s.record_window_s, metrics=self.metrics).start()
+        bittensor = {} if s.chain == "local" else {"netuid": s.netuid, "network": s.subtensor_network}
+        chain = make_chain(s.chain, redis_client=client, run_id=s.run_id, **bittensor)
+        self.validators = ValidatorList(chain, s.validator_min_stake, s.validators_refresh_s).start()
+        self.challenges = ChallengeServer(self.wallet, s.challenge_host, s.challenge_port, self.validators,
+                                          self._challenge_limits(), window_s=s.record_window_s,
+                                          prepare=self._challenge_batch, health=self.health, metrics=self.metrics).start()
         host = "127.0.0.1" if s.challenge_host in ("0.0.0.0", "::", "") else s.challenge_host
         challenge_url = s.challenge_url or f"http://{host}:{self.challenges.port}"
         record = PeerRecord(peer_id=self.peer_id, role="miner", hotkey=self.wallet.hotkey.ss58_address,
@@ -232,6 +258,7 @@ class Miner:
                             f"{speed * self.block_size:,.0f} tokens/s")
             self.metrics.record_step(batch.shape[0], batch.numel(), speed * self.block_size, loss_value,
                                      self.opt.local_epoch, self.opt.tracker.global_epoch)
+            self.health.step_done()
             self._report_offences()
             self.challenges.answer_pending(self._answer_challenge)
             self._maybe_checkpoint()
@@ -239,9 +266,12 @@ class Miner:
                 logger.info(f"reached the configured limit at step {self.step}, epoch {self.opt.local_epoch}")
                 break
 
-    def _answer_challenge(self, challenge: Challenge) -> tuple[int, list[float]]:
+    def _challenge_batch(self, challenge: Challenge) -> torch.Tensor:
+        """The blocks a spot check names, (B, T) of our own shard (read on the endpoint's data thread)."""
+        return self.challenge_stream.get_batch(challenge.block_index, challenge.batch_size)
+
+    def _answer_challenge(self, challenge: Challenge, batch: torch.Tensor) -> tuple[int, list[float]]:
         """A validator's spot check, computed between two steps at the parameters we train with."""
-        batch = self.stream.get_batch(challenge.block_index, challenge.batch_size)  # (B, T) of our own shard
         dtype = torch.bfloat16 if self.device.type == "cuda" and self.settings.bf16 else None
         projection = projected_gradient(self.model, batch, challenge.seed, challenge.dim, autocast_dtype=dtype)
         return self.opt.local_epoch, projection.tolist()
@@ -295,6 +325,8 @@ class Miner:
             self.heartbeat.stop(deregister=True)
         if self.challenges is not None:
             self.challenges.stop()
+        if self.validators is not None:
+            self.validators.stop()
         if self._state_log_handler is not None:
             self._state_log_handler.detach()
         if self.opt is not None:

@@ -67,18 +67,29 @@ class ValidatorList:
             self._cond.notify_all()
         self._thread.join(timeout=5)
 
+    @property
+    def reads(self) -> int:
+        """Reads of the chain finished so far (failed ones included)."""
+        return self._completed
+
     def allows(self, hotkey: str) -> bool:
         """Whether ``hotkey`` is a listed validator; an unknown one may wait (bounded) for an early read."""
         if hotkey in self._hotkeys:
             return True
         with self._cond:
-            if self._stopped or self._clock() - self._last_started < EARLY_READ_S:
-                return hotkey in self._hotkeys
-            target = self._started + 1  # a read that begins after this request arrived
+            reading = self._started > self._completed  # a read that hangs is not waited on twice
+            if not (self._stopped or reading or self._clock() - self._last_started < EARLY_READ_S):
+                self.refresh()
+            return hotkey in self._hotkeys
+
+    def refresh(self, wait_s: float = EARLY_READ_WAIT_S) -> bool:
+        """Have the thread read the chain now and wait up to ``wait_s`` for it; True once that read is over."""
+        with self._cond:
+            target = self._started + 1  # a read that begins after this call
             self._wanted = max(self._wanted, target)
             self._cond.notify_all()
-            self._cond.wait_for(lambda: self._completed >= target or self._stopped, timeout=EARLY_READ_WAIT_S)
-            return hotkey in self._hotkeys
+            return self._cond.wait_for(lambda: self._completed >= target or self._stopped, timeout=wait_s) \
+                and self._completed >= target
 
     def _run(self) -> None:
         while True:

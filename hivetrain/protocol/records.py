@@ -29,6 +29,11 @@ EVALS_STREAM_MAXLEN = 10_000
 OFFENCES_STREAM_MAXLEN = 20_000
 #: The validator's own heartbeat (its /readyz says not ready once this lapses).
 VALIDATOR_TTL_S = 120
+#: A validator's saved scores outlive its restarts by this much; an abandoned run's go away on their own.
+VALIDATOR_STATE_TTL_S = 7 * 24 * 3600
+#: Miners a validator's saved state holds at most, and spot checks per miner.
+MAX_SAVED_MINERS = 10_000
+MAX_SAVED_CHECKS = 50
 
 PeerRole = Literal["miner", "validator", "bootstrap"]
 
@@ -87,6 +92,10 @@ class Keys:
     def validator_alive(self, validator_hotkey: str) -> str:
         """A ValidatorStatus (JSON) set with a TTL by a running validator's loop; its API is ready while this exists."""
         return f"{self.prefix}:validator:{validator_hotkey}:alive"
+
+    def validator_state(self, validator_hotkey: str) -> str:
+        """A ValidatorState signed by that validator (JSON envelope): what it resumes after a restart."""
+        return f"{self.prefix}:validator:{validator_hotkey}:state"
 
 
 class Record(BaseModel):
@@ -229,3 +238,25 @@ class ScoreBoard(Record):
     weights_set_at: float = Field(description="unix time the weights were set")
     miners: list[MinerScore] = Field(default_factory=list)
     rejected: dict[str, int] = Field(default_factory=dict, description="telemetry records dropped, by reason")
+
+
+class SavedCheck(Record):
+    """One spot check in a validator's saved history."""
+
+    verdict: Literal["pass", "fail"]
+    reason: str = Field(max_length=1000)
+    cosine: float | None = Field(default=None, allow_inf_nan=False)
+
+
+class ValidatorState(Record):
+    """What a validator resumes after a restart: each miner's EMA score, recent spot checks and
+    unjudged streak (saved, signed by its hotkey, each time it sets weights)."""
+
+    schema_version: int = SCHEMA_VERSION
+    validator: str = Field(min_length=1, description="hotkey of the validator (the one that signed this)")
+    rounds: int = Field(ge=0, description="scoring rounds so far")
+    scores: dict[str, Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]] = Field(default_factory=dict, max_length=MAX_SAVED_MINERS)
+    checks: dict[str, Annotated[list[SavedCheck], Field(max_length=MAX_SAVED_CHECKS)]] = Field(default_factory=dict, max_length=MAX_SAVED_MINERS)
+    unjudged: dict[str, Annotated[int, Field(ge=0)]] = Field(default_factory=dict, max_length=MAX_SAVED_MINERS,
+                                                             description="spot checks in a row that could not be judged")
+    saved_at: float = Field(default_factory=time.time)

@@ -43,6 +43,10 @@ MAX_LAG_EPOCHS = 1
 #: Largest batch (blocks) and projection a miner computes for one challenge: bounds its cost.
 MAX_BATCH = 16
 MAX_DIM = 1024
+#: A validator picks a challenge's batch within the first this-many passes over the miner's shard
+#: (a block index is a pure function of the configuration across passes); a miner whose shard size
+#: is known refuses an index beyond them.
+CHALLENGE_PASSES = 4
 
 
 class _Wire(BaseModel):

@@ -16,7 +16,11 @@ import redis
 from pydantic import ValidationError
 
 from hivetrain.identity import SignedEnvelope, VerificationError, Verifier
-from hivetrain.protocol.records import Keys, PeerRecord, StepRecord
+from hivetrain.log import get_logger
+from hivetrain.protocol.records import STEPS_STREAM_MAXLEN, Keys, PeerRecord, StepRecord
+from hivetrain.validator.progress import FORGET_AFTER_S
+
+logger = get_logger(__name__)
 
 
 @dataclass
@@ -42,15 +46,26 @@ class MinerClaims:
 
 
 class ClaimReader:
-    """Consumes the steps stream from where it last stopped; keeps per-miner claims and rejection counts."""
+    """Consumes the steps stream from where it last stopped; keeps per-miner claims and rejection counts.
 
-    def __init__(self, client: redis.Redis, keys: Keys, verifier: Verifier, batch: int = 1000):
-        self.client, self.keys, self.verifier, self.batch = client, keys, verifier, batch
+    A poll reads everything written since the previous one, ``batch`` entries per round trip, up to
+    ``cap`` entries (then a warning; the rest waits for the next poll): a burst of junk costs reading
+    time, it does not push honest records out of reach until they go stale. A miner with no record
+    for ``forget_after_s`` is forgotten (its baseline and first sighting), so memory stays bounded.
+    """
+
+    def __init__(self, client: redis.Redis, keys: Keys, verifier: Verifier, batch: int = 1000,
+                 cap: int = STEPS_STREAM_MAXLEN, forget_after_s: float = FORGET_AFTER_S):
+        if batch < 1 or cap < 1:
+            raise ValueError(f"need batch >= 1 and cap >= 1, got {batch} and {cap}")
+        self.client, self.keys, self.verifier, self.batch, self.cap = client, keys, verifier, batch, cap
+        self.forget_after_s = forget_after_s
         self.last_id = "$"  # records written before the validator started are not this window's
         self.claims: dict[str, MinerClaims] = {}
         self.rejected: Counter[str] = Counter()
         self._baseline: dict[str, int] = {}  # hotkey -> last cumulative samples of the previous window
-        self._seen: dict[tuple[str, str], tuple[float, int]] = {}  # (hotkey, peer id) -> first (time, samples)
+        self._seen: dict[str, tuple[str, float, int]] = {}  # hotkey -> (peer id, time, samples) when first seen with it
+        self._last_record: dict[str, float] = {}  # hotkey -> when its latest verified record was read
 
     def start(self) -> None:
         """Remember the stream's end: only records written from now on count."""
@@ -58,12 +73,22 @@ class ClaimReader:
         self.last_id = info[0][0].decode() if info else "0-0"
 
     def poll(self, registrations: dict[str, PeerRecord]) -> int:
-        """Read new records; ``registrations`` maps hotkey -> its live, verified registration. Returns records read."""
-        entries = self.client.xrange(self.keys.steps, min=f"({self.last_id}", count=self.batch)
-        for entry_id, fields in entries:
-            self.last_id = entry_id.decode()
-            self._consume(fields, registrations)
-        return len(entries)
+        """Read every new record, up to ``cap``; ``registrations`` maps hotkey -> its live, verified
+        registration. Returns records read."""
+        read = 0
+        while read < self.cap:
+            asked = min(self.batch, self.cap - read)
+            entries = self.client.xrange(self.keys.steps, min=f"({self.last_id}", count=asked)
+            for entry_id, fields in entries:
+                self.last_id = entry_id.decode()  # kept per entry: a poll cut short by Redis resumes here
+                self._consume(fields, registrations)
+            read += len(entries)
+            if len(entries) < asked:
+                return read
+        if self.client.xrange(self.keys.steps, min=f"({self.last_id}", count=1):
+            logger.warning(f"read {read} step records in one poll, the cap (HIVE_CLAIM_READ_CAP); the rest waits for "
+                           "the next poll (a burst of junk or a long outage)")
+        return read
 
     def _consume(self, fields: dict, registrations: dict[str, PeerRecord]) -> None:
         raw = fields.get(b"env")
@@ -86,8 +111,10 @@ class ClaimReader:
             return
         claims = self.claims.get(hotkey)
         if claims is None or claims.peer_id != record.peer_id:
-            seen = self._seen.setdefault((hotkey, record.peer_id), (time.time(), record.samples))
-            claims = self.claims[hotkey] = MinerClaims(peer_id=record.peer_id, seen_since=seen[0], seen_samples=seen[1])
+            seen = self._seen.get(hotkey)
+            if seen is None or seen[0] != record.peer_id:
+                seen = self._seen[hotkey] = (record.peer_id, time.time(), record.samples)
+            claims = self.claims[hotkey] = MinerClaims(peer_id=record.peer_id, seen_since=seen[1], seen_samples=seen[2])
         if claims.first_samples is None:
             # a window starts where the previous one ended, so no work falls between two windows;
             # a miner's first record only sets the baseline (the batch it reports is not credited)
@@ -95,10 +122,20 @@ class ClaimReader:
         claims.last_samples = max(claims.last_samples, record.samples)
         claims.last_epoch = record.local_epoch
         claims.records += 1
+        self._last_record[hotkey] = time.time()
 
     def close_window(self) -> dict[str, MinerClaims]:
         """The window's claims; the next window starts from each miner's last cumulative count."""
         closed, self.claims = self.claims, {}
         for hotkey, claims in closed.items():
             self._baseline[hotkey] = claims.last_samples
+        self._forget(time.time() - self.forget_after_s)
         return closed
+
+    def _forget(self, before: float) -> None:
+        """Drop what is kept about miners whose latest record was read before ``before``."""
+        gone = {hotkey for hotkey, at in self._last_record.items() if at < before}
+        for hotkey in gone:
+            del self._last_record[hotkey]
+            self._baseline.pop(hotkey, None)
+            self._seen.pop(hotkey, None)

@@ -9,10 +9,11 @@ compares what a miner claims with what the ledger saw.
 
 from __future__ import annotations
 
+import heapq
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Mapping
 
 from pydantic import Field
@@ -96,28 +97,88 @@ def fetch_progress(dht, run_id: str) -> dict[str, PeerProgress]:
     return progress
 
 
-@dataclass
-class ProgressLedger:
-    """Samples each peer's progress records showed over a scoring window.
+#: A peer absent from the progress records this long is forgotten, with the count it was first seen at.
+FORGET_AFTER_S = 3600.0
+#: Peers the ledger follows at most; beyond that, those seen least recently (then with the least progress) go.
+MAX_TRACKED_PEERS = 10_000
 
-    ``samples_accumulated`` restarts at every epoch, so the ledger keeps the largest value seen
-    per (peer, epoch) and sums over epochs. Polls miss what a peer adds between the last poll and
-    its epoch change, so this undercounts by up to one poll interval of work per epoch; the
-    claim check's ``tolerance`` absorbs that.
+
+@dataclass
+class PeerTally:
+    """One peer in the ledger: a few numbers, however many epochs it went through."""
+
+    epoch: int
+    current: int  # the largest samples_accumulated seen at ``epoch``
+    first: int  # its total when first seen: work before that is not ours to judge
+    finished: int = 0  # samples of the epochs it left, the largest count seen in each
+    closed: int | None = None  # its total when the previous window closed
+    seen_at: float = 0.0
+
+    @property
+    def total(self) -> int:
+        return self.finished + self.current
+
+
+class ProgressLedger:
+    """Samples each peer's progress records showed, in bounded memory whatever peers publish.
+
+    ``samples_accumulated`` restarts at every epoch, so a peer's total is the largest value seen in
+    each epoch it went through, summed. Epochs only move forward: a record at an epoch older than
+    the peer's latest adds nothing (re-publishing old epochs with large counts earns nothing), and a
+    peer costs a few numbers however long it trains. Polls miss what a peer adds between the last
+    poll and its epoch change, so this undercounts by up to one poll interval of work per epoch; the
+    claim check's ``tolerance`` absorbs that when it decides pass or fail. A peer absent for
+    ``forget_after_s`` is forgotten, and at most ``max_peers`` are followed.
     """
 
-    started: float = field(default_factory=time.time)
-    _best: dict[tuple[str, int], int] = field(default_factory=dict)
+    def __init__(self, max_peers: int = MAX_TRACKED_PEERS, forget_after_s: float = FORGET_AFTER_S):
+        if max_peers < 1 or forget_after_s <= 0:
+            raise ValueError(f"need max_peers >= 1 and forget_after_s > 0, got {max_peers} and {forget_after_s}")
+        self.max_peers, self.forget_after_s = max_peers, forget_after_s
+        self._peers: dict[str, PeerTally] = {}
 
-    def observe(self, progress: Mapping[str, PeerProgress]) -> None:
+    def __len__(self) -> int:
+        return len(self._peers)
+
+    def observe(self, progress: Mapping[str, PeerProgress], now: float | None = None) -> None:
+        """Take one poll's records in (``now``: monotonic seconds), then forget what is stale or beyond the bound."""
+        now = time.monotonic() if now is None else now
         for peer_id, record in progress.items():
-            key = (peer_id, record.epoch)
-            self._best[key] = max(self._best.get(key, 0), record.samples_accumulated)
+            tally = self._peers.get(peer_id)
+            if tally is None:
+                tally = self._peers[peer_id] = PeerTally(record.epoch, record.samples_accumulated, first=record.samples_accumulated)
+            elif record.epoch > tally.epoch:
+                tally.finished += tally.current
+                tally.epoch, tally.current = record.epoch, record.samples_accumulated
+            elif record.epoch == tally.epoch:
+                tally.current = max(tally.current, record.samples_accumulated)
+            tally.seen_at = now
+        self._prune(now)
+
+    def _prune(self, now: float) -> None:
+        for peer_id in [p for p, tally in self._peers.items() if now - tally.seen_at > self.forget_after_s]:
+            del self._peers[peer_id]
+        excess = len(self._peers) - self.max_peers
+        if excess > 0:
+            dropped = heapq.nsmallest(excess, self._peers, key=lambda p: (self._peers[p].seen_at, self._peers[p].total))
+            for peer_id in dropped:
+                del self._peers[peer_id]
+            logger.warning(f"progress records name more than {self.max_peers} peers; forgot the {excess} seen least recently")
 
     def samples(self, peer_id: str) -> int | None:
-        """Samples seen for the peer, None if it never appeared."""
-        seen = [count for (peer, _), count in self._best.items() if peer == peer_id]
-        return sum(seen) if seen else None
+        """Samples seen for the peer, None if it never appeared (or was forgotten)."""
+        tally = self._peers.get(peer_id)
+        return None if tally is None else tally.total
+
+    def close_window(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Per peer: how much its total grew since the previous window closed, and since it was first seen."""
+        window, since_seen = {}, {}
+        for peer_id, tally in self._peers.items():
+            total = tally.total
+            window[peer_id] = total - (tally.first if tally.closed is None else tally.closed)
+            since_seen[peer_id] = total - tally.first
+            tally.closed = total
+        return window, since_seen
 
 
 def plausible(progress: Mapping[str, PeerProgress], max_samples_per_s: float = MAX_SAMPLES_PER_S,
@@ -143,7 +204,7 @@ def plausible(progress: Mapping[str, PeerProgress], max_samples_per_s: float = M
 class ProgressPoller:
     """Reads hivemind's progress records from the DHT every ``interval_s``.
 
-    The ledger is cumulative (largest samples seen per peer and epoch, summed over epochs); a
+    The ledger (``ProgressLedger``) is cumulative and bounded (forward epochs only, stale peers forgotten); a
     window's count for a peer is how much that sum grew since the previous window closed, so an
     epoch that straddles two windows is split between them instead of counted twice. Records that
     fail ``plausible`` are left out, and their peer named (``bans.report_offence``).
@@ -154,8 +215,6 @@ class ProgressPoller:
         self.max_samples_per_s = max_samples_per_s
         self.ledger = ProgressLedger()
         self._named = NameOnce()
-        self._closed_at: dict[str, int] = {}
-        self._first: dict[str, int] = {}  # a peer's ledger total when first seen
         self.latest: dict[str, PeerProgress] = {}  # the last poll
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -180,9 +239,6 @@ class ProgressPoller:
             with self._lock:
                 self.latest = progress
                 self.ledger.observe(progress)
-                for peer in progress:
-                    if peer not in self._first:  # its work before we first saw it is not ours to judge
-                        self._first[peer] = self.ledger.samples(peer) or 0
 
     def plausible_epoch(self) -> int | None:
         """The highest epoch a state downloaded from a peer may claim; None before any progress record.
@@ -204,13 +260,7 @@ class ProgressPoller:
     def close_window(self) -> tuple[dict[str, int], dict[str, int]]:
         """Per peer: how much its DHT records grew in this window, and since the poller first saw it."""
         with self._lock:
-            peers = {peer for peer, _ in self.ledger._best}
-            totals = {peer: self.ledger.samples(peer) or 0 for peer in peers}
-            first = dict(self._first)
-        window = {peer: total - self._closed_at.get(peer, first.get(peer, 0)) for peer, total in totals.items()}
-        since_seen = {peer: total - first.get(peer, 0) for peer, total in totals.items()}
-        self._closed_at = totals
-        return window, since_seen
+            return self.ledger.close_window()
 
     def stop(self) -> None:
         self._stop.set()

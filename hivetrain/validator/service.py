@@ -4,6 +4,13 @@ Three schedules run in one loop, each on its own clock (not on incoming requests
 HiveMiner did): ``sync_every_s`` loads the swarm's state and evaluates it on fixed validation
 blocks; ``check_every_s`` reads new signed telemetry and sends each live miner a spot check;
 ``weights_every_s`` closes a scoring window, scores it and sets weights through the chain.
+
+Every step crosses a network boundary (Redis, the chain, the DHT, miners' HTTP). A step that
+fails is logged (with the traceback the first time, then at 1, 2, 4, 8... failures in a row) and
+tried again with backoff; the loop itself never ends on an outage. When weights are set, the
+validator registers again if its registration is gone (a flushed Redis, on the local chain) and
+saves its scores, EMA and spot-check history in Redis (``hivetrain.validator.state``), which
+it resumes from when it starts.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import random
 import threading
 import time
 from collections import Counter
+from typing import Callable
 
 import torch
 
@@ -33,13 +41,15 @@ from hivetrain.validator.evaluate import evaluate
 from hivetrain.validator.progress import ProgressPoller
 from hivetrain.validator.scoring import normalize_weights, score_round
 from hivetrain.validator.spot import SpotCheck, SpotChecker
+from hivetrain.validator.state import history_of, load_state, save_state, state_of
 from hivetrain.validator.sync import ModelSync
-from hivetrain.validator.verdicts import ClaimCheckResult, SpotCheckResult, check_claimed_samples
+from hivetrain.validator.verdicts import ClaimCheckResult, SpotCheckResult, judge_claims
 
 logger = get_logger(__name__)
 
 EVIDENCE_KEPT = 10  # rounds of evidence kept per miner on the score board
 CHECKS_KEPT = 10  # recent spot checks a miner's pass rate is taken over
+RETRY_FIRST_S, RETRY_LONGEST_S = 1.0, 60.0  # a failed loop step is tried again after 1, 2, 4... up to 60 s
 
 
 class Validator:
@@ -55,20 +65,38 @@ class Validator:
         self.check_history: dict[str, collections.deque] = {}
         self.rounds = 0
         self.window_started = time.time()
+        self.failures: Counter[str] = Counter()  # loop step -> failures in a row
 
     # --- set-up ---------------------------------------------------------------------------
     def setup(self) -> None:
         s = self.settings
         if s.torch_threads:
             torch.set_num_threads(s.torch_threads)
+        self._connect()
+        initial_peers = list(s.initial_peers) or fetch_initial_peers(s.bootstrap_url, s.bootstrap_wait_s, stop=self.stop)
+        self._join_swarm(initial_peers)
+        self._resume()
+        logger.info(f"validator {self.hotkey} (uid {self.uid}) joined the DHT as a client via {len(initial_peers)} initial peers")
+
+    def _connect(self) -> None:
+        """Wallet, Redis, the chain (registered as a validator) and the telemetry reader."""
+        s = self.settings
         self.wallet = load_or_create_wallet(s.wallet_dir, s.wallet_name, s.wallet_hotkey)
         self.hotkey = self.wallet.hotkey.ss58_address
         self.client = connect_redis(s.redis_url)
         self.keys = Keys(s.run_id)
         self.registry = Registry(self.client, self.keys)
         self.chain = make_chain(s.chain, redis_client=self.client, run_id=s.run_id, **self._bittensor_args())
-        self.uid = self.chain.register(self.hotkey, f"http://{s.api_host}:{s.api_port}", "validator")
-        initial_peers = list(s.initial_peers) or fetch_initial_peers(s.bootstrap_url, s.bootstrap_wait_s, stop=self.stop)
+        self.endpoint = f"http://{s.api_host}:{s.api_port}"
+        self.uid = self.chain.register(self.hotkey, self.endpoint, "validator")
+        # telemetry nonces are remembered per validator: two validators each read every record once
+        nonces = RedisNonceStore(self.client, Keys(f"{s.run_id}.{self.hotkey}"), s.record_window_s + 5.0)
+        self.claims = ClaimReader(self.client, self.keys, Verifier(nonces, s.record_window_s), cap=s.claim_read_cap)
+        self.claims.start()
+
+    def _join_swarm(self, initial_peers: list[str]) -> None:
+        """The DHT client, the progress poller, the model copy and the spot checker."""
+        s = self.settings
         self.dht = make_dht(s, initial_peers=initial_peers, client_mode=True)
         self.poller = ProgressPoller(self.dht, s.run_id, max_samples_per_s=s.max_samples_per_s).start()
         self.sync = ModelSync(self.dht, s.run_id, s.preset, seed=s.seed, max_epoch=self.poller.plausible_epoch)
@@ -77,12 +105,18 @@ class Validator:
         self.block_size = s.block_size or config.n_positions
         tokenizer = load_tokenizer(s.tokenizer)
         self.eval_blocks = validation_blocks(tokenizer, self.block_size, s.eval_blocks)  # (N, T), fixed for the run
-        # telemetry nonces are remembered per validator: two validators each read every record once
-        nonces = RedisNonceStore(self.client, Keys(f"{s.run_id}.{self.hotkey}"), s.record_window_s + 5.0)
-        self.claims = ClaimReader(self.client, self.keys, Verifier(nonces, s.record_window_s))
-        self.claims.start()
-        self.checker = SpotChecker(self.wallet, self.sync, s, tokenizer, self.block_size, self.eval_blocks)
-        logger.info(f"validator {self.hotkey} (uid {self.uid}) joined the DHT as a client via {len(initial_peers)} initial peers")
+        self.checker = SpotChecker(self.wallet, self.sync, s, tokenizer, self.block_size, self.eval_blocks,
+                                   plausible_epoch=self.poller.plausible_epoch)
+
+    def _resume(self) -> None:
+        """Take up the scores, EMA and spot-check history our last run saved (nothing if there is none)."""
+        state = load_state(self.client, self.keys, self.hotkey)
+        if state is None:
+            return
+        self.scores, self.rounds = dict(state.scores), state.rounds
+        self.check_history = history_of(state, CHECKS_KEPT)
+        self.checker.unjudged.update(state.unjudged)
+        logger.info(f"resumed the state saved at round {state.rounds}: {len(state.scores)} miners' scores and spot checks")
 
     def _bittensor_args(self) -> dict:
         s = self.settings
@@ -90,30 +124,43 @@ class Validator:
 
     # --- loop -----------------------------------------------------------------------------
     def run(self) -> None:
+        """The three schedules until ``stop`` is set; a failing step is tried again with backoff, the loop goes on."""
         s = self.settings
-        due = {"sync": 0.0, "check": time.monotonic() + s.check_every_s / 2, "weights": time.monotonic() + s.weights_every_s}
+        steps = {"sync": (s.sync_every_s, self.sync_and_evaluate), "check": (s.check_every_s, self.check_miners),
+                 "weights": (s.weights_every_s, self.score_and_set_weights)}
+        now = time.monotonic()
+        due = {"sync": now, "check": now + s.check_every_s / 2, "weights": now + s.weights_every_s}
         while not self.stop.is_set():
-            self._beat()
-            now = time.monotonic()
-            if now >= due["sync"]:
-                self.sync_and_evaluate()
-                due["sync"] = time.monotonic() + s.sync_every_s
-            if now >= due["check"]:
-                self.check_miners()
-                due["check"] = time.monotonic() + s.check_every_s
-            if now >= due["weights"]:
-                self.score_and_set_weights()
-                due["weights"] = time.monotonic() + s.weights_every_s
-            self._record_offences()
+            self._attempt("heartbeat", self._beat)
+            for name, (every_s, step) in steps.items():
+                if time.monotonic() >= due[name] and not self.stop.is_set():
+                    wait_s = every_s if self._attempt(name, step) else min(every_s, self._retry_in(name))
+                    due[name] = time.monotonic() + wait_s
+            self._attempt("offences", self._record_offences)
             self.stop.wait(max(0.1, min(due.values()) - time.monotonic()))
 
-    def _beat(self) -> None:
+    def _attempt(self, name: str, step: Callable[[], None]) -> bool:
+        """Run one loop step; True when it went through. A failure is counted and logged, never raised."""
         try:
-            status = ValidatorStatus(validator=self.hotkey, preset=self.settings.preset, parameters=self.parameters,
-                                     epoch=self.sync.epoch, synced_at=self.sync.synced_at)
-            self.client.set(self.keys.validator_alive(self.hotkey), status.to_json(), ex=VALIDATOR_TTL_S)
-        except Exception:  # Redis boundary
-            logger.warning("could not refresh the validator heartbeat", exc_info=True)
+            step()
+        except Exception as error:  # every step's network boundary: Redis, the chain, the DHT, miners' HTTP
+            self.failures[name] += 1
+            count = self.failures[name]
+            if count & (count - 1) == 0:  # 1, 2, 4, 8...: an outage is logged as it goes on, not once a second
+                logger.warning(f"{name} failed ({count} in a row, trying again): {type(error).__name__}: {error}",
+                               exc_info=count == 1)
+            return False
+        if self.failures.pop(name, 0):
+            logger.info(f"{name} works again")
+        return True
+
+    def _retry_in(self, name: str) -> float:
+        return min(RETRY_LONGEST_S, RETRY_FIRST_S * 2 ** max(0, self.failures[name] - 1))
+
+    def _beat(self) -> None:
+        status = ValidatorStatus(validator=self.hotkey, preset=self.settings.preset, parameters=self.parameters,
+                                 epoch=self.sync.epoch, synced_at=self.sync.synced_at)
+        self.client.set(self.keys.validator_alive(self.hotkey), status.to_json(), ex=VALIDATOR_TTL_S)
 
     def _record_offences(self) -> None:
         """Name, in signed telemetry, the peers whose state our model sync refused (and now skips)."""
@@ -147,25 +194,14 @@ class Validator:
         return miners
 
     def check_miners(self) -> None:
-        """Read new telemetry, then one spot check per live miner (in random order)."""
+        """Read new telemetry, then spot-check every live miner that serves challenges, all at once."""
         miners = self.live_miners()
         self.claims.poll(miners)
-        if not miners:
+        reachable = [peer for _, peer in sorted(miners.items()) if peer.challenge_url]
+        if not reachable:
             return
         self.sync.sync()  # challenge at the swarm's current parameters
-        seed = random.getrandbits(62)
-        answers: dict[str, torch.Tensor] = {}
-        for hotkey in random.sample(sorted(miners), len(miners)):
-            if self.stop.is_set():
-                return
-            peer = miners[hotkey]
-            if not peer.challenge_url:
-                continue
-            check = self.checker.check(peer, seed, {k: v for k, v in answers.items() if k != hotkey})
-            if check is None:
-                continue
-            if check.answer is not None and check.answer.numel() == self.settings.spot_check_dim:
-                answers[hotkey] = check.answer
+        for hotkey, check in self.checker.check_round(reachable, random.getrandbits(62), self.stop).items():
             self.spot_checks.setdefault(hotkey, []).append(check)
             logger.info(f"spot check {hotkey[:10]}: {check.result.verdict} ({check.explain()})")
 
@@ -189,27 +225,42 @@ class Validator:
         self.scores = {hotkey: e.new_ema for hotkey, e in evidence.items()}
         for hotkey, item in evidence.items():
             self.evidence[hotkey] = (self.evidence.get(hotkey, []) + [item.model_dump(mode="json")])[-EVIDENCE_KEPT:]
+        # miners that left the scores leave everything else too: memory follows the live swarm
+        self.evidence = {hotkey: e for hotkey, e in self.evidence.items() if hotkey in self.scores}
+        self.check_history = {hotkey: h for hotkey, h in self.check_history.items() if hotkey in self.scores}
         weights = normalize_weights(self.scores)
-        uids = {hotkey: self.chain.uid_for(hotkey) for hotkey in weights}
-        try:
-            self.chain.set_weights(self.hotkey, {uids[h]: w for h, w in weights.items() if uids[h] is not None})
-        except Exception:  # chain boundary: keep scoring, try again next window
-            logger.exception("setting weights failed")
         self.rounds += 1
+        uids = self._set_weights(weights)
         self._publish(weights, uids, miners)
+        self._save_state()
+
+    def _set_weights(self, weights: dict[str, float]) -> dict[str, int | None]:
+        """Set ``weights`` through the chain, registering again first if our registration is gone (a flushed
+        Redis, on the local chain); the uids used. On failure the scores stay and the next window tries again."""
+        try:
+            if self.chain.uid_for(self.hotkey) is None:
+                self.uid = self.chain.register(self.hotkey, self.endpoint, "validator")
+                logger.warning(f"our chain registration was gone (a flushed Redis?): registered again as uid {self.uid}")
+            uids = {hotkey: self.chain.uid_for(hotkey) for hotkey in weights}
+            self.chain.set_weights(self.hotkey, {uids[h]: w for h, w in weights.items() if uids[h] is not None})
+        except Exception:  # chain boundary (Redis, on the local chain)
+            logger.warning("setting weights failed; the scores are kept and the next window sets weights again", exc_info=True)
+            return {}
+        return uids
+
+    def _save_state(self) -> None:
+        state = state_of(self.hotkey, self.rounds, self.scores, self.check_history, self.checker.unjudged)
+        try:
+            save_state(self.client, self.keys, self.wallet, state)
+        except Exception:  # Redis boundary: the next window saves again
+            logger.warning("could not save the validator's state", exc_info=True)
 
     def _claim_verdict(self, claims, dht_window: int | None, dht_since_seen: int | None) -> ClaimCheckResult:
-        """Judge what a miner claimed since we first saw it (polling lag stays a constant, not a per-window
-        error); credit this window's claim, at most what its DHT records grew by (with the tolerance)."""
+        """Pass or fail on what the miner claimed since we first saw it; credit min(this window's claim, DHT growth)."""
         s = self.settings
         elapsed = max(1e-3, time.time() - claims.seen_since)
-        total = check_claimed_samples(claims.claimed_since_seen, dht_since_seen, elapsed, s.max_samples_per_s, s.claim_tolerance)
-        window = (f"this window: claims {claims.claimed}, DHT shows {dht_window if dht_window is not None else 'nothing'}; "
-                  f"since first seen {elapsed:.0f}s ago: ")
-        if not total.passed:
-            return ClaimCheckResult("fail", window + total.reason, claimed_samples=claims.claimed)
-        credit = min(claims.claimed, int((dht_window or 0) * (1 + s.claim_tolerance)))
-        return ClaimCheckResult("pass", window + total.reason, verified_samples=credit, claimed_samples=claims.claimed)
+        return judge_claims(claims.claimed, dht_window, claims.claimed_since_seen, dht_since_seen, elapsed,
+                            s.max_samples_per_s, s.claim_tolerance)
 
     def _publish(self, weights: dict[str, float], uids: dict[str, int | None], miners: dict[str, PeerRecord]) -> None:
         board = ScoreBoard(
@@ -228,6 +279,8 @@ class Validator:
 
     # --- shutdown -------------------------------------------------------------------------
     def shutdown(self) -> None:
+        if getattr(self, "checker", None) is not None:
+            self.checker.close()
         if self.poller is not None:
             self.poller.stop()
         if self.sync is not None:

@@ -1,18 +1,31 @@
-"""Gradient spot checks, validator side: ask a miner, recompute, compare.
+"""Gradient spot checks, validator side: ask every miner at once, recompute, compare.
 
-The validator picks a batch of the miner's own shard (the shard follows from its peer id, so
+The validator picks a batch of each miner's own shard (the shard follows from its peer id, so
 the validator rebuilds the same blocks) and a projection seed, signs the challenge for that
 miner's hotkey, and compares the signed answer with its own projection of the same batch at the
-shared parameters it synced. An answer at an older epoch than the validator's by more than one
-fails as lagging; an answer at a newer epoch makes the validator sync again before it judges.
+shared parameters it synced.
+
+A round sends every challenge at once from a small thread pool; each exchange has one deadline
+for everything (``hivetrain.validator.bounded_http``: connection, request and the whole answer,
+no redirects, a byte cap), so a miner that drips its answer fails at the deadline and holds up
+no one else. The answers are then judged one by one in the caller's thread, where the model is.
+An answer at an older epoch than the validator's by more than one fails as lagging; one beyond
+what the swarm's progress records support (``ProgressPoller.plausible_epoch``) fails outright;
+one ahead of the validator makes it sync once per round, and when it still cannot reach that
+epoch the check is not judged, which counts as a failure after ``spot_check_tries`` in a row.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import json
+import math
 import random
+import threading
+from collections import Counter
 from dataclasses import dataclass
+from typing import Callable
 
-import requests
 import torch
 from pydantic import ValidationError
 
@@ -21,12 +34,16 @@ from hivetrain.identity import VerificationError, Verifier, sign
 from hivetrain.log import get_logger
 from hivetrain.protocol.projection import baseline_projection, projected_gradient
 from hivetrain.protocol.records import PeerRecord
-from hivetrain.protocol.spotcheck import MAX_LAG_EPOCHS, Challenge, SpotCheckAnswer
+from hivetrain.protocol.spotcheck import CHALLENGE_PASSES, MAX_LAG_EPOCHS, Challenge, SpotCheckAnswer
 from hivetrain.settings import ValidatorSettings
+from hivetrain.validator.bounded_http import RequestFailed, post_json
 from hivetrain.validator.sync import ModelSync
 from hivetrain.validator.verdicts import SpotCheckResult, judge_spot_check
 
 logger = get_logger(__name__)
+
+#: The largest answer the validator reads: a SpotCheckAnswer of MAX_DIM floats in its envelope is about 30 KB.
+MAX_ANSWER_BYTES = 256 * 1024
 
 
 @dataclass
@@ -47,41 +64,54 @@ class SpotCheck:
 
 
 class AnswerRejected(Exception):
-    """A miner's answer that is no answer: unreachable, not authentic, not for this challenge, malformed."""
+    """A miner's answer that is no answer: unreachable, not authentic, not for this challenge, malformed.
+
+    The message names the cause in the validator's words; nothing the miner sent is repeated.
+    """
 
 
-def ask_miner(http: requests.Session, wallet, verifier: Verifier, miner: PeerRecord, asked: Challenge,
-              timeout_s: float) -> SpotCheckAnswer:
-    """POST the signed ``asked`` to the miner; its authentic answer to exactly this challenge, else ``AnswerRejected``."""
-    challenge = sign(wallet, asked.model_dump(mode="json"))
+def send_challenge(miner: PeerRecord, challenge: dict, deadline_s: float, allow_private: bool = True) -> bytes:
+    """POST the signed ``challenge`` to the miner's endpoint; the raw answer, else ``AnswerRejected``."""
     try:
-        response = http.post(f"{miner.challenge_url}/challenge", json=challenge, timeout=timeout_s)
-    except requests.RequestException as error:
-        raise AnswerRejected(f"no answer: {type(error).__name__}") from None
-    if response.status_code != 200:
-        raise AnswerRejected(f"answered HTTP {response.status_code}: {response.text[:120]}")
+        return post_json(f"{miner.challenge_url.rstrip('/')}/challenge", challenge, deadline_s, MAX_ANSWER_BYTES, allow_private)
+    except RequestFailed as failed:
+        raise AnswerRejected(str(failed)) from None
+
+
+def read_answer(body: bytes, challenge: dict, verifier: Verifier, miner: PeerRecord, validator: str) -> SpotCheckAnswer:
+    """The miner's authentic answer to exactly ``challenge`` (signed by ``validator``), else ``AnswerRejected``."""
     try:
-        envelope = response.json()
+        envelope = json.loads(body)
         payload = verifier.verify(envelope)
-    except (ValueError, VerificationError) as error:
-        raise AnswerRejected(f"answer not authentic: {error}") from None
+    except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than Python's stack
+        raise AnswerRejected("answer not authentic: not JSON") from None
+    except VerificationError as error:
+        raise AnswerRejected(f"answer not authentic: {type(error).__name__}") from None
     try:
         answered = SpotCheckAnswer.model_validate(payload)
     except ValidationError as error:
         problem = error.errors()[0]
-        where = ".".join(map(str, problem["loc"])) or "answer"
+        known = bool(problem["loc"]) and problem["loc"][0] in SpotCheckAnswer.model_fields
+        where = ".".join(map(str, problem["loc"])) if known else "an unexpected field"  # never a name the miner chose
         raise AnswerRejected(f"malformed answer: {where}: {problem['msg']}") from None
-    if envelope.get("hotkey") != miner.hotkey or answered.challenge_nonce != challenge["nonce"] \
-            or answered.validator != wallet.hotkey.ss58_address:
+    if envelope.get("hotkey") != miner.hotkey or answered.challenge_nonce != challenge["nonce"] or answered.validator != validator:
         raise AnswerRejected("answer signed by another hotkey or for another challenge")
     return answered
+
+
+def ask_miner(wallet, verifier: Verifier, miner: PeerRecord, asked: Challenge, deadline_s: float,
+              allow_private: bool = True) -> SpotCheckAnswer:
+    """Sign ``asked`` for the miner, send it, and read the answer: ``send_challenge`` then ``read_answer``."""
+    challenge = sign(wallet, asked.model_dump(mode="json"))
+    body = send_challenge(miner, challenge, deadline_s, allow_private)
+    return read_answer(body, challenge, verifier, miner, wallet.hotkey.ss58_address)
 
 
 class SpotChecker:
     """Sends signed challenges and judges the answers against the validator's own computation."""
 
     def __init__(self, wallet, sync: ModelSync, settings: ValidatorSettings, tokenizer, block_size: int,
-                 reference_blocks: torch.Tensor):
+                 reference_blocks: torch.Tensor, plausible_epoch: Callable[[], int | None] = lambda: None):
         self.wallet, self.sync, self.settings = wallet, sync, settings
         # the direction every batch's gradient shares, measured on blocks only the validator picks;
         # cosines are taken after removing it (an answer for some other batch is then far off)
@@ -90,8 +120,11 @@ class SpotChecker:
         self._baseline: tuple[tuple[int, int], torch.Tensor] | None = None
         self.tokenizer, self.block_size = tokenizer, block_size
         self.hotkey = wallet.hotkey.ss58_address
+        self.plausible_epoch = plausible_epoch
         self.answers = Verifier.in_memory(window_s=settings.record_window_s)
-        self.http = requests.Session()
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=settings.spot_check_workers, thread_name_prefix="spot-check")
+        self.unjudged: Counter[str] = Counter()  # miner -> checks in a row whose answer could not be judged
+        self._synced = False  # whether this round already synced for an answer ahead of us
         self._streams: dict[int, BlockStream] = {}
         self._rng = random.Random()
 
@@ -114,37 +147,112 @@ class SpotChecker:
             self._baseline = (key, baseline_projection(self.sync.model, self.reference, seed, self.settings.spot_check_dim))
         return self._baseline[1]
 
-    def check(self, miner: PeerRecord, seed: int, others: dict[str, torch.Tensor]) -> SpotCheck | None:
-        """Challenge ``miner`` once; ``others`` are this round's answers of other miners (copy detection).
+    def check_round(self, miners: list[PeerRecord], seed: int, stop: threading.Event | None = None) -> dict[str, SpotCheck]:
+        """Challenge every miner at once, then judge each answer here; by miner hotkey.
 
-        None when the validator itself could not reach the miner's epoch (no evidence either way).
+        A miner whose answer could not be judged is left out, until that happened ``spot_check_tries``
+        times in a row: then it fails. Judging stops early when ``stop`` is set.
         """
         s = self.settings
+        challenges = {miner.hotkey: self._challenge(miner, seed) for miner in miners}
+        signed = {hotkey: sign(self.wallet, asked.model_dump(mode="json")) for hotkey, asked in challenges.items()}
+        bodies = self._send_all({miner.hotkey: miner for miner in miners}, signed)
+        answers = {miner.hotkey: self._read(bodies[miner.hotkey], signed[miner.hotkey], miner) for miner in miners}
+        projections = {hotkey: torch.tensor(a.projection, dtype=torch.float32) for hotkey, a in answers.items()  # (dim,)
+                       if isinstance(a, SpotCheckAnswer) and len(a.projection) == s.spot_check_dim}
+        checks, self._synced = {}, False
+        for miner in random.sample(miners, len(miners)):
+            if stop is not None and stop.is_set():
+                break
+            others = {hotkey: p for hotkey, p in projections.items() if hotkey != miner.hotkey}
+            check = self._judge(miner, challenges[miner.hotkey], answers[miner.hotkey], others)
+            if check is not None:
+                checks[miner.hotkey] = check
+        return checks
+
+    def _challenge(self, miner: PeerRecord, seed: int) -> Challenge:
+        s = self.settings
         stream = self.stream_for(miner.peer_id)
-        block_index = self._rng.randrange(0, max(1, (stream.blocks_per_pass or 1) * 4))
+        block_index = self._rng.randrange(0, max(1, (stream.blocks_per_pass or 1) * CHALLENGE_PASSES))
+        return Challenge(miner_hotkey=miner.hotkey, block_index=block_index, batch_size=s.spot_check_batch,
+                         seed=seed, dim=s.spot_check_dim, epoch=self.sync.epoch)
+
+    def _send_all(self, miners: dict[str, PeerRecord], signed: dict[str, dict]) -> dict[str, bytes | AnswerRejected]:
+        """Every miner's raw answer, sent from the pool; each exchange ends by its own deadline."""
+        s = self.settings
+        futures = {self.pool.submit(send_challenge, miners[hotkey], challenge, s.spot_check_timeout_s,
+                                    s.spot_check_private_urls): hotkey for hotkey, challenge in signed.items()}
+        # every exchange ends by its deadline; this bound only covers what no socket deadline reaches (a slow DNS)
+        waves = math.ceil(len(futures) / s.spot_check_workers)
+        done, late = concurrent.futures.wait(futures, timeout=waves * s.spot_check_timeout_s + 5.0)
+        bodies: dict[str, bytes | AnswerRejected] = {}
+        for future, hotkey in futures.items():
+            if future in late:
+                future.cancel()
+                bodies[hotkey] = AnswerRejected(f"no answer within the deadline of {s.spot_check_timeout_s:g}s")
+                continue
+            try:
+                bodies[hotkey] = future.result()
+            except AnswerRejected as rejected:
+                bodies[hotkey] = rejected
+            except Exception as error:  # HTTP boundary: whatever else a miner's answer raised fails its check
+                logger.warning(f"spot check of {hotkey[:10]} raised", exc_info=True)
+                bodies[hotkey] = AnswerRejected(f"no answer: {type(error).__name__}")
+        return bodies
+
+    def _read(self, body: bytes | AnswerRejected, challenge: dict, miner: PeerRecord) -> SpotCheckAnswer | AnswerRejected:
+        if isinstance(body, AnswerRejected):
+            return body
+        try:
+            return read_answer(body, challenge, self.answers, miner, self.hotkey)
+        except AnswerRejected as rejected:
+            return rejected
+
+    def _judge(self, miner: PeerRecord, asked: Challenge, answered: SpotCheckAnswer | AnswerRejected,
+               others: dict[str, torch.Tensor]) -> SpotCheck | None:
+        """The verdict on one answer; ``others`` are this round's answers of other miners (copy detection)."""
+        s = self.settings
         epoch = self.sync.epoch
 
-        def verdict(ok: bool, reason: str, answer_epoch=None, answer=None, cosine=None) -> SpotCheck:
-            result = SpotCheckResult("pass" if ok else "fail", reason, cosine)
-            return SpotCheck(miner.hotkey, result, block_index, seed, epoch, answer_epoch, answer)
+        def verdict(ok: bool, reason: str, answer_epoch=None, answer=None) -> SpotCheck:
+            self.unjudged.pop(miner.hotkey, None)
+            return SpotCheck(miner.hotkey, SpotCheckResult("pass" if ok else "fail", reason), asked.block_index, asked.seed,
+                             epoch, answer_epoch, answer)
 
-        asked = Challenge(miner_hotkey=miner.hotkey, block_index=block_index, batch_size=s.spot_check_batch,
-                          seed=seed, dim=s.spot_check_dim, epoch=epoch)
-        try:
-            answered = ask_miner(self.http, self.wallet, self.answers, miner, asked, s.spot_check_timeout_s)
-        except AnswerRejected as rejected:
-            return verdict(False, str(rejected))
+        if isinstance(answered, AnswerRejected):
+            return verdict(False, str(answered))
         answer_epoch = answered.epoch
         answer = torch.tensor(answered.projection, dtype=torch.float32)  # (dim,)
-        if answer_epoch > epoch:
-            self.sync.sync()  # the swarm moved on while we asked: judge at the miner's epoch if we can
+        bound = self.plausible_epoch()
+        if bound is not None and answer_epoch > bound:  # no sync for it: the swarm's records say no state is there
+            return verdict(False, f"answered at epoch {answer_epoch}, beyond the swarm's progress (at most {bound})",
+                           answer_epoch, answer)
+        if answer_epoch > epoch and not self._synced:
+            self._synced = True  # once per round: the swarm moved on while we asked, judge at its epoch if we can
+            self.sync.sync()
             epoch = self.sync.epoch
         if answer_epoch > epoch + MAX_LAG_EPOCHS:
-            logger.warning(f"cannot judge {miner.hotkey[:10]}: it answered at epoch {answer_epoch}, we hold {epoch}")
-            return None  # we are the one behind: no evidence either way
+            return self._not_judged(miner, asked, epoch, answer_epoch, answer)
         if answer_epoch < epoch - MAX_LAG_EPOCHS:
             return verdict(False, f"lags: answered at epoch {answer_epoch}, the swarm is at {epoch}", answer_epoch, answer)
-        batch = stream.get_batch(block_index, s.spot_check_batch)  # (B, T), the blocks the miner should have used
-        result = judge_spot_check(self.expected(batch, seed), answer, s.spot_check_threshold, others,
-                                  baseline=self.baseline(seed))
-        return SpotCheck(miner.hotkey, result, block_index, seed, epoch, answer_epoch, answer)
+        batch = self.stream_for(miner.peer_id).get_batch(asked.block_index, s.spot_check_batch)  # (B, T), the miner's blocks
+        result = judge_spot_check(self.expected(batch, asked.seed), answer, s.spot_check_threshold, others,
+                                  baseline=self.baseline(asked.seed))
+        self.unjudged.pop(miner.hotkey, None)
+        return SpotCheck(miner.hotkey, result, asked.block_index, asked.seed, epoch, answer_epoch, answer)
+
+    def _not_judged(self, miner: PeerRecord, asked: Challenge, epoch: int, answer_epoch: int, answer: torch.Tensor) -> SpotCheck | None:
+        """None while the validator is the one behind; a failure once that happened ``spot_check_tries`` times in a row."""
+        tries, limit = self.unjudged[miner.hotkey] + 1, self.settings.spot_check_tries
+        why = f"answered at epoch {answer_epoch}, the validator holds {epoch} and could not sync to it"
+        if tries < limit:
+            self.unjudged[miner.hotkey] = tries
+            logger.warning(f"cannot judge {miner.hotkey[:10]} yet ({tries}/{limit}): {why}")
+            return None
+        self.unjudged.pop(miner.hotkey, None)
+        result = SpotCheckResult("fail", f"not judged {tries} times in a row: {why}")
+        return SpotCheck(miner.hotkey, result, asked.block_index, asked.seed, epoch, answer_epoch, answer)
+
+    def close(self) -> None:
+        """Stop the pool; exchanges in flight end by their deadlines."""
+        self.pool.shutdown(wait=False, cancel_futures=True)

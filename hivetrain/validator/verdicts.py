@@ -3,7 +3,8 @@
 ``judge_spot_check`` compares a miner's answer with the validator's own projection of the same
 batch (the bar and the measurements behind it are in ``hivetrain.protocol.spotcheck``).
 ``check_claimed_samples`` bounds what a miner says it trained on by what hivemind's own progress
-records in the DHT showed (``hivetrain.validator.progress``) and by a throughput ceiling. Those
+records in the DHT showed (``hivetrain.validator.progress``) and by a throughput ceiling;
+``judge_claims`` makes that a scoring window's verdict, crediting min(claim, DHT growth). Those
 records are still self-reported: they bound claims, they do not prove work.
 """
 
@@ -102,3 +103,22 @@ def check_claimed_samples(
     if claimed > dht_progress_samples * (1 + tolerance):
         return verdict(False, f"claims {claimed} samples, DHT progress records show {dht_progress_samples}")
     return verdict(True, f"claims {claimed} samples, DHT shows {dht_progress_samples}", min(claimed, dht_progress_samples))
+
+
+def judge_claims(claimed_window: int, dht_window: int | None, claimed_total: int, dht_total: int | None,
+                 elapsed_s: float, max_samples_per_s: float, tolerance: float) -> ClaimCheckResult:
+    """One scoring window's claim verdict: pass or fail on the totals, credit from the window.
+
+    Pass or fail is decided on everything claimed since the validator first saw the miner against
+    what its DHT records grew by in that time (``check_claimed_samples``), so polling lag stays a
+    constant instead of an error in each window. A passing miner is credited ``min(this window's
+    claim, this window's DHT growth)``: ``tolerance`` decides pass or fail only and never adds credit
+    (with the default 1.0, a claim of 1,990 against 1,000 in the DHT passes and earns 1,000).
+    """
+    total = check_claimed_samples(claimed_total, dht_total, elapsed_s, max_samples_per_s, tolerance)
+    window = (f"this window: claims {claimed_window}, DHT shows {dht_window if dht_window is not None else 'nothing'}; "
+              f"since first seen {elapsed_s:.0f}s ago: ")
+    if not total.passed:
+        return ClaimCheckResult("fail", window + total.reason, claimed_samples=claimed_window)
+    credit = min(claimed_window, max(0, dht_window or 0))
+    return ClaimCheckResult("pass", window + total.reason, verified_samples=credit, claimed_samples=claimed_window)

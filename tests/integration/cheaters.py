@@ -52,7 +52,7 @@ class InflatingMiner(Miner):
 
 
 class LazyMiner(Miner):
-    def _answer_challenge(self, challenge: Challenge) -> tuple[int, list[float]]:
+    def _answer_challenge(self, challenge: Challenge, batch: torch.Tensor) -> tuple[int, list[float]]:
         return self.opt.local_epoch, torch.randn(challenge.dim).tolist()
 
 

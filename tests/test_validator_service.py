@@ -1,0 +1,251 @@
+"""The validator's loop (``hivetrain.validator.service``) against real parts, attacked.
+
+Each validator here is set up the way ``python -m hivetrain.validator`` sets it up: a real Redis,
+the local chain in it, and a real hivemind DHT with one peer whose ProgressTracker reports epoch
+0 (so the swarm's progress supports epochs up to 2). Miners are real HTTP endpoints on 127.0.0.1:
+an honest one computing the true projection, one dripping its answer a byte at a time, one
+answering at epoch 10^9, one at an epoch the validator cannot reach. Redis is flushed, stopped
+and started again under the running loop.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import redis
+
+from hivetrain import procs
+from hivetrain.chain import LocalChain
+from hivetrain.data import BlockStream, shard_for_peer
+from hivetrain.identity import load_or_create_wallet, sign
+from hivetrain.protocol.projection import projected_gradient
+from hivetrain.protocol.records import Keys, PeerRecord
+from hivetrain.protocol.spotcheck import Challenge
+from hivetrain.redis_server import start_redis
+from hivetrain.settings import ValidatorSettings
+from hivetrain.store import Registry, connect_redis
+from hivetrain.validator.service import Validator
+from hivetrain.validator.verdicts import SpotCheckResult
+
+RUN_ID = "vloop"
+
+
+def wait_until(predicate, what: str, timeout: float = 90.0):
+    """Poll ``predicate`` (Redis errors count as not yet) until it holds; fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except redis.RedisError:
+            pass
+        time.sleep(0.2)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def swarm():
+    """A DHT peer whose progress record says epoch 0; yields the addresses validators join through."""
+    hivemind = pytest.importorskip("hivemind")
+    from hivemind.optim.progress_tracker import ProgressTracker
+
+    dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    tracker = ProgressTracker(dht, prefix=RUN_ID, target_batch_size=10_000, min_refresh_period=0.1, start=True)
+    try:
+        tracker.report_local_progress(local_epoch=0, samples_accumulated=8)  # (0 samples are not published)
+        yield [str(addr) for addr in dht.get_visible_maddrs()]
+    finally:
+        tracker.shutdown(timeout=5)
+        dht.shutdown()
+
+
+@pytest.fixture
+def make_validator(swarm, tmp_path):
+    made = []
+
+    def make(redis_url: str, **overrides) -> Validator:
+        settings = ValidatorSettings(
+            redis_url=redis_url, run_id=RUN_ID, preset="tiny", wallet_dir=str(tmp_path / "wallets"),
+            initial_peers=swarm, api_host="127.0.0.1", api_port=9, eval_blocks=2, torch_threads=1,
+            sync_every_s=3600.0, spot_check_timeout_s=2.0, spot_check_workers=4, spot_check_tries=2, **overrides)
+        validator = Validator(settings)
+        made.append(validator)
+        validator.setup()
+        wait_until(lambda: validator.poller.plausible_epoch() == 2, "the swarm's progress record")
+        return validator
+
+    yield make
+    for validator in made:
+        validator.stop.set()
+        validator.shutdown()
+
+
+class MinerEndpoint:
+    """A real ``POST /challenge`` endpoint answering ``answer(challenge) -> (epoch, projection)`` signed by
+    ``wallet``; with ``drip_s`` it sends its answer one byte every ``drip_s`` seconds instead."""
+
+    def __init__(self, wallet, answer, drip_s: float = 0.0):
+        self.wallet, self.answer, self.drip_s = wallet, answer, drip_s
+        self.sent, self.finished, self.stopping = 0, threading.Event(), threading.Event()
+        endpoint = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                envelope = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                endpoint.respond(self, envelope)
+
+            def log_message(self, *args):
+                pass
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._httpd.server_port}"
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    def respond(self, handler: BaseHTTPRequestHandler, envelope: dict) -> None:
+        challenge = Challenge.model_validate(envelope["payload"])
+        epoch, projection = self.answer(challenge)
+        body = json.dumps(sign(self.wallet, {"challenge_nonce": envelope["nonce"], "validator": envelope["hotkey"], "epoch": epoch,
+                                             "block_index": challenge.block_index, "projection": projection})).encode()
+        response = b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        chunks = [response] if not self.drip_s else [bytes([b]) for b in response]
+        for chunk in chunks:
+            if (self.drip_s and self.stopping.wait(self.drip_s)) or self.stopping.is_set():
+                return
+            try:
+                handler.wfile.write(chunk)
+            except OSError:
+                return
+            self.sent += len(chunk)
+        self.finished.set()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+@pytest.fixture
+def endpoints():
+    started = []
+
+    def start(*args, **kwargs) -> MinerEndpoint:
+        started.append(MinerEndpoint(*args, **kwargs))
+        return started[-1]
+
+    yield start
+    for endpoint in started:
+        endpoint.stop()
+
+
+def _register(client, wallet, peer_id: str, url: str = "") -> str:
+    record = PeerRecord(peer_id=peer_id, role="miner", hotkey=wallet.hotkey.ss58_address, challenge_url=url, multiaddrs=[],
+                        started_at=time.time())
+    Registry(client, Keys(RUN_ID)).register(record, signer=wallet)
+    return wallet.hotkey.ss58_address
+
+
+def _honest(validator: Validator, peer_id: str):
+    """What an honest miner at the validator's epoch answers: the projection of its own blocks at the shared parameters."""
+    s, model = validator.settings, copy.deepcopy(validator.sync.model)
+    stream = BlockStream(s.dataset, s.dataset_split, s.text_key, validator.checker.tokenizer, validator.block_size,
+                         num_shards=s.num_shards, shard=shard_for_peer(peer_id, s.num_shards), seed=s.seed)
+
+    def answer(challenge: Challenge):
+        batch = stream.get_batch(challenge.block_index, challenge.batch_size)  # (B, T)
+        return validator.sync.epoch, projected_gradient(model, batch, challenge.seed, challenge.dim).tolist()
+    return answer
+
+
+def test_one_round_checks_every_miner_at_once_and_nobody_evades(redis_url, make_validator, endpoints, wallet, other_wallet, tmp_path):
+    validator = make_validator(redis_url)
+    client = connect_redis(redis_url)
+    ahead_wallet, behind_wallet = (load_or_create_wallet(str(tmp_path / "miners"), name) for name in ("ahead", "unreachable"))
+    noise = lambda epoch: lambda challenge: (epoch, [0.5] * challenge.dim)  # noqa: E731
+    honest = endpoints(wallet, _honest(validator, "QmHonest"))
+    dripping = endpoints(other_wallet, noise(0), drip_s=0.2)  # its answer would take minutes
+    ahead = endpoints(ahead_wallet, noise(10**9))  # forces a sync, then "cannot judge", forever (before)
+    unreachable = endpoints(behind_wallet, noise(2))  # plausible, but no peer serves that epoch's state
+    miners = {"honest": _register(client, wallet, "QmHonest", honest.url),
+              "dripping": _register(client, other_wallet, "QmDrip", dripping.url),
+              "ahead": _register(client, ahead_wallet, "QmAhead", ahead.url),
+              "unreachable": _register(client, behind_wallet, "QmBehind", unreachable.url)}
+
+    validator.check_miners()
+    checks = {name: validator.spot_checks.get(hotkey, []) for name, hotkey in miners.items()}
+    assert not dripping.finished.is_set() and dripping.sent > 0  # judged while the miner was still dripping
+    assert [c.result.verdict for c in checks["honest"]] == ["pass"], checks["honest"][0].explain()
+    assert [c.result.verdict for c in checks["dripping"]] == ["fail"]
+    assert "no complete answer within the deadline of 2s" in checks["dripping"][0].result.reason
+    assert [c.result.verdict for c in checks["ahead"]] == ["fail"]
+    assert "epoch 1000000000, beyond the swarm's progress (at most 2)" in checks["ahead"][0].result.reason
+    assert checks["unreachable"] == []  # the validator may be the one behind: not judged yet
+
+    validator.check_miners()
+    unreachable_checks = validator.spot_checks[miners["unreachable"]]
+    assert [c.result.verdict for c in unreachable_checks] == ["fail"]
+    assert "not judged 2 times in a row" in unreachable_checks[0].result.reason
+    assert [c.result.verdict for c in validator.spot_checks[miners["honest"]]] == ["pass", "pass"]
+
+
+def test_the_loop_rides_out_a_flush_and_a_redis_outage(make_validator, tmp_path):
+    port = procs.free_port()
+    service, url = start_redis(tmp_path / "redis", port=port, persist=False)
+    try:
+        validator = make_validator(url, check_every_s=0.5, weights_every_s=1.0)
+        loop = threading.Thread(target=validator.run, daemon=True)
+        loop.start()
+        client, chain, keys = connect_redis(url), LocalChain(connect_redis(url), RUN_ID), Keys(RUN_ID)
+
+        def weights_set_since(when: float) -> bool:
+            record = chain.weights_record(validator.hotkey)
+            return record is not None and record.time > when
+
+        wait_until(lambda: weights_set_since(0.0), "the first weights")
+        flushed_at = time.time()
+        client.flushall()  # the registration, the heartbeat and the saved state are gone
+        wait_until(lambda: weights_set_since(flushed_at) and chain.uid_for(validator.hotkey) is not None,
+                   "weights after the flush (registered again)")
+
+        service.stop(timeout=5)  # Redis goes away under the running loop
+        wait_until(lambda: validator.failures["weights"] >= 2 and validator.failures["heartbeat"] >= 2, "failed steps")
+        assert loop.is_alive()
+        service, _ = start_redis(tmp_path / "redis", port=port, persist=False)  # back, and empty
+        back_at = time.time()
+        wait_until(lambda: weights_set_since(back_at) and client.exists(keys.validator_alive(validator.hotkey)),
+                   "weights and a heartbeat after Redis came back")
+        wait_until(lambda: not validator.failures, "every step working again")
+        assert loop.is_alive()
+        validator.stop.set()
+        loop.join(timeout=30)
+        assert not loop.is_alive()
+    finally:
+        service.stop(timeout=5)
+
+
+def test_a_restarted_validator_resumes_its_scores_and_checks(redis_url, make_validator, wallet):
+    client = connect_redis(redis_url)
+    miner = _register(client, wallet, "QmHonest")  # live, so its score is kept
+    first = make_validator(redis_url)
+    first.scores = {miner: 0.5}
+    first.check_history = {miner: collections.deque([SpotCheckResult("pass", "cosine 0.9990 >= 0.95", 0.999)], maxlen=10)}
+    first.checker.unjudged[miner] = 1
+    first.score_and_set_weights()  # a window without claims: the EMA decays to 0.35, and is saved
+    assert first.scores[miner] == pytest.approx(0.35)
+    first.stop.set()
+    first.shutdown()
+
+    second = make_validator(redis_url)
+    assert second.hotkey == first.hotkey and second.rounds == first.rounds == 1
+    assert second.scores == first.scores
+    assert list(second.check_history[miner]) == [SpotCheckResult("pass", "cosine 0.9990 >= 0.95", 0.999)]
+    assert second.checker.unjudged == {miner: 1}
+    second.score_and_set_weights()
+    assert second.scores[miner] == pytest.approx(0.35 * 0.7)  # the EMA goes on from where it was
