@@ -17,7 +17,6 @@ import argparse
 import http.client
 import json
 import os
-import secrets
 import shutil
 import sys
 import tempfile
@@ -31,13 +30,13 @@ from bittensor import sp_core
 from bench.common import exit_on_sigterm, percentile, table, write_result
 from hivetrain import procs
 from hivetrain.log import get_logger
+from hivetrain.protocol.binding import bind_identity, identity_peer_id, new_ed25519_identity
 from hivetrain.protocol.records import HEARTBEAT_INTERVAL_S, Keys, PeerRecord
 from hivetrain.redis_server import start_redis
 from hivetrain.store import Registry, connect_redis
 
 logger = get_logger("bench.bootstrap_load")
 RUN_ID = "bench-bootstrap"
-BASE58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,10 +49,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def fake_peer_id() -> str:
-    return "12D3KooW" + "".join(secrets.choice(BASE58) for _ in range(44))
-
-
 class Peers:
     """``count`` miners with their own hotkeys, re-registered every heartbeat from one thread."""
 
@@ -64,10 +59,13 @@ class Peers:
         for i in range(count):
             keypair = sp_core.Keypair.create_from_seed(os.urandom(32))
             wallet = types.SimpleNamespace(coldkey=keypair, coldkeypub=keypair, hotkey=keypair)  # a keyed wallet
-            peer_id = fake_peer_id()
+            identity = new_ed25519_identity()  # each peer bound to its hotkey, as real miners are
+            peer_id = identity_peer_id(identity)
+            peer_key, peer_signature = bind_identity(identity, registry.keys.run_id, peer_id, keypair.ss58_address)
             record = PeerRecord(peer_id=peer_id, role="miner", hotkey=keypair.ss58_address,
                                 challenge_url=f"http://127.0.0.1:{20000 + i}",
-                                multiaddrs=[f"/ip4/127.0.0.1/tcp/{30000 + i}/p2p/{peer_id}"], started_at=now)
+                                multiaddrs=[f"/ip4/127.0.0.1/tcp/{30000 + i}/p2p/{peer_id}"], started_at=now,
+                                peer_key=peer_key, peer_signature=peer_signature)
             self.members.append((record, wallet))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bench-heartbeats", daemon=True)

@@ -23,6 +23,7 @@ from bittensor import sp_core
 
 from bench.common import table, write_result
 from hivetrain.identity import load_or_create_wallet
+from hivetrain.protocol.binding import bind_identity, identity_peer_id, new_ed25519_identity
 from hivetrain.protocol.records import Keys, PeerRecord, StepRecord
 from hivetrain.redis_server import start_redis
 from hivetrain.settings import ValidatorSettings
@@ -66,12 +67,14 @@ def main(argv: list[str] | None = None) -> None:
         try:
             db, keys = connect_redis(url), Keys(RUN_ID)
             wallets = [KeyWallet(i + 1) for i in range(args.miners)]
-            peers = [f"QmBench{i:04d}" for i in range(args.miners)]
+            identities = [new_ed25519_identity() for _ in range(args.miners)]
+            peers = [identity_peer_id(identity) for identity in identities]
             registry = Registry(db, keys)
             now = time.time()
-            for peer, wallet in zip(peers, wallets):
-                registry.register(PeerRecord(peer_id=peer, role="miner", multiaddrs=["/ip4/127.0.0.1/tcp/1"],
-                                             started_at=now), wallet)
+            for peer, wallet, identity in zip(peers, wallets, identities):
+                peer_key, peer_signature = bind_identity(identity, RUN_ID, peer, wallet.hotkey.ss58_address)
+                registry.register(PeerRecord(peer_id=peer, role="miner", multiaddrs=["/ip4/127.0.0.1/tcp/1"], started_at=now,
+                                             peer_key=peer_key, peer_signature=peer_signature), wallet)
             for k in range(args.history):  # interleaved, as a swarm writes them
                 for peer, wallet in zip(peers, wallets):
                     append(db, keys, step(peer, k, now - (args.history - k) * 3.0), signer=wallet)

@@ -21,6 +21,7 @@ import redis
 
 from hivetrain.identity import SignedEnvelope, VerificationError, Verifier, sign
 from hivetrain.log import get_logger
+from hivetrain.protocol.binding import binding_problem
 from hivetrain.protocol.records import (
     BOOTSTRAP_TTL_S,
     EVALS_STREAM_MAXLEN,
@@ -58,6 +59,10 @@ def connect_redis(url: str, timeout: float = 2.0) -> redis.Redis:
     return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=30)
 
 
+#: Verdicts on peer-key bindings a Registry remembers (a binding costs a public-key signature check).
+BINDINGS_KEPT = 10_000
+
+
 class Registry:
     """Live peers and bootstrap addresses; every entry expires unless its owner keeps beating."""
 
@@ -65,6 +70,7 @@ class Registry:
         self.client, self.keys, self.ttl_s = client, keys, ttl_s
         # registrations are re-read on every request: check signature and age, use up no nonce
         self.verifier = Verifier.in_memory(window_s=ttl_s)
+        self._bindings: dict[tuple[str, ...], str | None] = {}  # a peer's binding is checked once, not every read
 
     def register(self, record: PeerRecord, signer) -> None:
         """Write or refresh a peer's record, signed by ``signer`` (its wallet); call it every heartbeat."""
@@ -119,7 +125,20 @@ class Registry:
         if record.hotkey != envelope.hotkey or record.peer_id != peer_id:
             logger.warning(f"dropping registration of {peer_id}: signed by {envelope.hotkey} for {record.hotkey}/{record.peer_id}")
             return None
+        # the hotkey must prove it holds the peer id's libp2p key: else anyone could claim anyone's peer id
+        problem = self._binding_problem(record)
+        if problem is not None:
+            logger.warning(f"dropping registration of {peer_id} by {record.hotkey}: {problem}")
+            return None
         return record
+
+    def _binding_problem(self, record: PeerRecord) -> str | None:
+        key = (record.peer_id, record.hotkey, record.peer_key, record.peer_signature)
+        if key not in self._bindings:
+            if len(self._bindings) >= BINDINGS_KEPT:
+                self._bindings.clear()
+            self._bindings[key] = binding_problem(self.keys.run_id, *key)
+        return self._bindings[key]
 
     def set_bootstrap(self, record: BootstrapRecord, ttl_s: float = BOOTSTRAP_TTL_S) -> None:
         now = time.time()

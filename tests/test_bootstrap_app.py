@@ -7,6 +7,7 @@ import time
 
 import pytest
 import redis
+from bound_peers import bound
 
 from hivetrain import procs
 from hivetrain.bootstrap.app import ADDRS_PER_PEER, create_app
@@ -40,7 +41,8 @@ class SigningRegistry(Registry):
         self.wallet = wallet
 
     def register(self, record: PeerRecord, signer=None) -> None:
-        super().register(record, signer or self.wallet)
+        signer = signer or self.wallet
+        super().register(bound(record, signer.hotkey.ss58_address, RUN), signer)
 
 
 @pytest.fixture

@@ -10,6 +10,8 @@ import urllib.request
 
 import pytest
 from bittensor.sp_core import Keypair
+from bound_peers import bound
+from bound_peers import peer_id as pid
 from browser import chromium, console_errors, require_chromium, screenshot, wait_for
 
 from hivetrain import procs
@@ -62,7 +64,7 @@ def _settings(redis_url: str, wallet_dir: str, **overrides) -> ValidatorSettings
 
 
 def peer_id(i: int) -> str:
-    return f"QmMiner{i:03d}"
+    return pid(f"miner-{i:03d}")
 
 
 def populate(redis_url: str, validator: str, now: float) -> list[KeyWallet]:
@@ -72,8 +74,9 @@ def populate(redis_url: str, validator: str, now: float) -> list[KeyWallet]:
     wallets = [KeyWallet(i + 1) for i in range(MINERS)]
     for i, w in enumerate(wallets):
         device = HOSTILE if i == 5 else ("cuda:0" if i % 3 == 0 else "cpu")
-        registry.register(PeerRecord(peer_id=peer_id(i), role="miner", multiaddrs=[f"/ip4/127.0.0.1/tcp/{4000 + i}"],
-                                     device=device, preset="tiny", started_at=now - 600), w)
+        record = PeerRecord(peer_id=peer_id(i), role="miner", multiaddrs=[f"/ip4/127.0.0.1/tcp/{4000 + i}"],
+                            device=device, preset="tiny", started_at=now - 600)
+        registry.register(bound(record, w.hotkey.ss58_address, RUN, name=f"miner-{i:03d}"), w)
         for k, age in enumerate((2 * BUCKET_S, BUCKET_S, 0.0)):
             append(db, KEYS, StepRecord(peer_id=peer_id(i), step=k, local_epoch=k, global_epoch=k, loss=6.0 - k + i / 1000,
                                         samples=8 * (k + 1), samples_per_s=1.0, tokens_per_s=100.0 + i,

@@ -7,6 +7,8 @@ import time
 
 import pytest
 import redis
+from bound_peers import bound
+from bound_peers import peer_id as pid
 
 from hivetrain import procs
 from hivetrain.protocol.records import BootstrapRecord, Keys, PeerRecord, RoundRecord, StepRecord
@@ -18,6 +20,11 @@ def _peer(peer_id: str, role: str = "miner") -> PeerRecord:
     return PeerRecord(peer_id=peer_id, role=role, multiaddrs=[f"/ip4/127.0.0.1/tcp/1/p2p/{peer_id}"], started_at=time.time())
 
 
+def _register(registry: Registry, name: str, signer, role: str = "miner") -> None:
+    """Register the test peer called ``name`` as a miner does: its own libp2p key vouches for ``signer``'s hotkey."""
+    registry.register(bound(_peer(name, role), signer.hotkey.ss58_address, registry.keys.run_id), signer)
+
+
 def _step(peer_id: str, step: int) -> StepRecord:
     return StepRecord(peer_id=peer_id, step=step, local_epoch=0, global_epoch=0, loss=1.0, samples=step, samples_per_s=1.0, tokens_per_s=1.0)
 
@@ -25,25 +32,25 @@ def _step(peer_id: str, step: int) -> StepRecord:
 def test_registry_lists_freshest_first_and_expires(redis_url, wallet):
     registry = Registry(connect_redis(redis_url), Keys("t"), ttl_s=2)
     for name in ("a", "b", "c"):
-        registry.register(_peer(name), wallet)
+        _register(registry, name, wallet)
         time.sleep(0.01)
-    assert [p.peer_id for p in registry.live_peers()] == ["c", "b", "a"]
-    assert [p.peer_id for p in registry.live_peers(limit=2)] == ["c", "b"]
-    registry.deregister("b")
-    assert [p.peer_id for p in registry.live_peers()] == ["c", "a"]
-    assert registry.client.ttl(registry.keys.peer("a")) > 0
+    assert [p.peer_id for p in registry.live_peers()] == [pid("c"), pid("b"), pid("a")]
+    assert [p.peer_id for p in registry.live_peers(limit=2)] == [pid("c"), pid("b")]
+    registry.deregister(pid("b"))
+    assert [p.peer_id for p in registry.live_peers()] == [pid("c"), pid("a")]
+    assert registry.client.ttl(registry.keys.peer(pid("a"))) > 0
     time.sleep(2.2)
     assert registry.live_peers() == []
 
 
 def test_registry_filters_role_and_skips_malformed(redis_url, wallet):
     registry = Registry(connect_redis(redis_url), Keys("t"))
-    registry.register(_peer("m1"), wallet)
-    registry.register(_peer("v1", role="validator"), wallet)
+    _register(registry, "m1", wallet)
+    _register(registry, "v1", wallet, role="validator")
     registry.client.set(registry.keys.peer("bad"), b'{"peer_id": 3}')
     registry.client.zadd(registry.keys.peer_index, {"bad": time.time()})
-    assert [p.peer_id for p in registry.live_peers(role="miner")] == ["m1"]
-    assert {p.peer_id for p in registry.live_peers()} == {"m1", "v1"}
+    assert [p.peer_id for p in registry.live_peers(role="miner")] == [pid("m1")]
+    assert {p.peer_id for p in registry.live_peers()} == {pid("m1"), pid("v1")}
 
 
 def test_bootstrap_records(redis_url):
@@ -56,7 +63,7 @@ def test_bootstrap_records(redis_url):
 
 def test_runs_do_not_see_each_other(redis_url, wallet):
     client = connect_redis(redis_url)
-    Registry(client, Keys("one")).register(_peer("a"), wallet)
+    _register(Registry(client, Keys("one")), "a", wallet)
     assert Registry(client, Keys("two")).live_peers() == []
 
 
@@ -120,20 +127,20 @@ def _tamper(client, key: str, **changes) -> None:
 
 def test_registry_drops_forged_and_misfiled_records(redis_url, wallet, other_wallet):
     registry = Registry(connect_redis(redis_url), Keys("t"))
-    registry.register(_peer("honest"), wallet)
-    registry.register(_peer("victim"), other_wallet)
+    _register(registry, "honest", wallet)
+    _register(registry, "victim", other_wallet)
     # someone with Redis access edits a record: the signature no longer covers it
-    _tamper(registry.client, registry.keys.peer("victim"), multiaddrs=["/ip4/6.6.6.6/tcp/1/p2p/evil"])
+    _tamper(registry.client, registry.keys.peer(pid("victim")), multiaddrs=["/ip4/6.6.6.6/tcp/1/p2p/evil"])
     # a valid record copied under another peer's key
-    registry.client.set(registry.keys.peer("copy"), registry.client.get(registry.keys.peer("honest")))
+    registry.client.set(registry.keys.peer("copy"), registry.client.get(registry.keys.peer(pid("honest"))))
     registry.client.zadd(registry.keys.peer_index, {"copy": time.time()})
-    assert [p.peer_id for p in registry.live_peers()] == ["honest"]
+    assert [p.peer_id for p in registry.live_peers()] == [pid("honest")]
     assert registry.live_peers()[0].hotkey == wallet.hotkey.ss58_address
 
 
 def test_registry_drops_records_whose_heartbeat_stopped(redis_url, wallet):
     registry = Registry(connect_redis(redis_url), Keys("t"), ttl_s=60)
-    registry.register(_peer("a"), wallet)
+    _register(registry, "a", wallet)
     registry.verifier.window_s = 0.2  # the key lives on, but the signed timestamp is old
     time.sleep(0.3)
     assert registry.live_peers() == []
@@ -168,3 +175,22 @@ def test_redacted_urls_keep_everything_but_the_password():
     assert redacted("redis://:pw@127.0.0.1:6379/0") == "redis://:***@127.0.0.1:6379/0"
     assert redacted("rediss://user:p%40w@[::1]:7000/2") == "rediss://user:***@[::1]:7000/2"
     assert redacted("redis://r:6379/0") == "redis://r:6379/0"
+
+
+def test_a_hotkey_cannot_register_a_peer_id_whose_key_it_does_not_hold(redis_url, wallet, other_wallet):
+    """The reward theft: a thief registers a victim's peer id under its own hotkey, to be credited with
+    the victim's work and sent its spot checks. Each way of trying it is dropped by every reader."""
+    registry = Registry(connect_redis(redis_url), Keys("t"))
+    _register(registry, "victim", wallet)
+    (victim,) = registry.live_peers()
+    attempts = {
+        "the victim's binding copied": victim,
+        "no binding": victim.model_copy(update={"peer_key": "", "peer_signature": ""}),
+        "the thief's own key": bound(_peer("thief"), other_wallet.hotkey.ss58_address, "t").model_copy(
+            update={"peer_id": victim.peer_id}),
+    }
+    for attempt, record in attempts.items():
+        registry.register(record, other_wallet)  # signed by the thief: its hotkey goes into the record
+        assert registry.live_peers() == [], attempt
+    _register(registry, "victim", wallet)  # the victim's next heartbeat
+    assert [(p.peer_id, p.hotkey) for p in registry.live_peers()] == [(pid("victim"), wallet.hotkey.ss58_address)]

@@ -8,6 +8,8 @@ import time
 import urllib.request
 
 import pytest
+from bound_peers import bound
+from bound_peers import peer_id as pid
 
 from hivetrain import procs
 from hivetrain.gunicorn import gunicorn_argv, settings_env, start_gunicorn, stop_gunicorn
@@ -61,8 +63,13 @@ def _peer(name: str, role: str = "miner") -> PeerRecord:
                       preset="tiny", started_at=time.time())
 
 
-def _step(peer_id: str, step: int, tokens_per_s: float, global_epoch: int = 0, loss: float = 5.0) -> StepRecord:
-    return StepRecord(peer_id=peer_id, step=step, local_epoch=global_epoch, global_epoch=global_epoch, loss=loss,
+def _register(registry: Registry, name: str, signer, role: str = "miner") -> None:
+    """Register the test peer called ``name`` as a miner does: its own libp2p key vouches for ``signer``'s hotkey."""
+    registry.register(bound(_peer(name, role), signer.hotkey.ss58_address, RUN), signer)
+
+
+def _step(name: str, step: int, tokens_per_s: float, global_epoch: int = 0, loss: float = 5.0) -> StepRecord:
+    return StepRecord(peer_id=pid(name), step=step, local_epoch=global_epoch, global_epoch=global_epoch, loss=loss,
                       samples=8 * (step + 1), samples_per_s=1.0, tokens_per_s=tokens_per_s)
 
 
@@ -75,44 +82,45 @@ def _board(hotkey: str) -> ScoreBoard:
     evidence = {"miner": "5Miner", "verified_samples": 64, "claimed_samples": 64, "share": 1.0, "passes": 2, "fails": 0,
                 "pass_rate": 1.0, "round_score": 1.0, "alpha": 0.3, "previous_ema": 0.0, "new_ema": 0.3,
                 "reasons": ["claimed samples match hivemind progress", "spot check 1 passed"]}
-    miner = MinerScore(hotkey="5Miner", uid=1, peer_id="QmA", score=0.3, weight=1.0, evidence=[evidence])
+    miner = MinerScore(hotkey="5Miner", uid=1, peer_id=pid("QmA"), score=0.3, weight=1.0, evidence=[evidence])
     return ScoreBoard(validator=hotkey, uid=0, epoch=3, rounds=1, weights_set_at=time.time(), miners=[miner])
 
 
 def test_swarm_lists_live_peers_latest_steps_throughput_and_rounds(client, db, wallet, other_wallet):
     registry = Registry(db, KEYS)
-    registry.register(_peer("QmA"), wallet)
-    registry.register(_peer("QmB"), other_wallet)
-    registry.register(_peer("QmV", role="validator"), other_wallet)
+    _register(registry, "QmA", wallet)
+    _register(registry, "QmB", other_wallet)
+    _register(registry, "QmV", other_wallet, role="validator")
     for record, signer in [(_step("QmA", 0, 100.0, global_epoch=2), wallet), (_step("QmA", 1, 120.0, global_epoch=3), wallet),
                            (_step("QmB", 0, 80.0, global_epoch=3), other_wallet),
                            (_step("QmGone", 0, 999.0, global_epoch=9), wallet)]:  # not registered: not counted
         append(db, KEYS, record, signer=signer)
     for epoch in range(1, ROUNDS_SHOWN + 3):
-        for member in ("QmA", "QmB"):
-            append(db, KEYS, RoundRecord(peer_id=member, epoch=epoch, group_size=2, group=["QmA", "QmB"], duration_s=0.5,
+        for member in (pid("QmA"), pid("QmB")):
+            append(db, KEYS, RoundRecord(peer_id=member, epoch=epoch, group_size=2, group=[pid("QmA"), pid("QmB")], duration_s=0.5,
                                          success=True), signer=wallet)
-    append(db, KEYS, RoundRecord(peer_id="QmA", epoch=99, group_size=2, duration_s=1.0, success=False), signer=wallet)
+    append(db, KEYS, RoundRecord(peer_id=pid("QmA"), epoch=99, group_size=2, duration_s=1.0, success=False), signer=wallet)
 
     response = client.get("/api/swarm")
     assert response.status_code == 200 and response.headers["Cache-Control"] == "no-store"
     body = response.get_json()
     assert set(body) == {"run_id", "validator_time", "peers", "global_epoch", "throughput_tokens_per_s", "rounds"}
     peers = {peer["peer_id"]: peer for peer in body["peers"]}
-    assert set(peers) == {"QmA", "QmB", "QmV"}
-    assert peers["QmA"]["hotkey"] == wallet.hotkey.ss58_address and peers["QmB"]["hotkey"] == other_wallet.hotkey.ss58_address
-    assert set(peers["QmA"]) == {"peer_id", "role", "hotkey", "device", "preset", "multiaddrs", "last_seen", "latest_step"}
-    assert peers["QmA"]["latest_step"] == {"step": 1, "local_epoch": 3, "global_epoch": 3, "loss": 5.0, "samples": 16,
+    assert set(peers) == {pid("QmA"), pid("QmB"), pid("QmV")}
+    assert peers[pid("QmA")]["hotkey"] == wallet.hotkey.ss58_address and peers[pid("QmB")]["hotkey"] == other_wallet.hotkey.ss58_address
+    assert set(peers[pid("QmA")]) == {"peer_id", "role", "hotkey", "device", "preset", "multiaddrs", "last_seen", "latest_step"}
+    assert peers[pid("QmA")]["latest_step"] == {"step": 1, "local_epoch": 3, "global_epoch": 3, "loss": 5.0, "samples": 16,
                                           "tokens_per_s": 120.0, "time": pytest.approx(time.time(), abs=30)}
-    assert peers["QmV"]["role"] == "validator" and peers["QmV"]["latest_step"] is None
+    assert peers[pid("QmV")]["role"] == "validator" and peers[pid("QmV")]["latest_step"] is None
     assert body["throughput_tokens_per_s"] == 200.0 and body["global_epoch"] == 3
     rounds = body["rounds"]
     assert len(rounds) == ROUNDS_SHOWN and [r["epoch"] for r in rounds] == list(range(3, ROUNDS_SHOWN + 3))
-    assert rounds[-1]["peers"] == ["QmA", "QmB"] and rounds[-1]["reported_by"] == ["QmA", "QmB"]
+    pair = sorted([pid("QmA"), pid("QmB")])
+    assert rounds[-1]["peers"] == pair and rounds[-1]["reported_by"] == pair
 
 
 def test_forged_telemetry_does_not_appear(client, db, wallet, other_wallet):
-    Registry(db, KEYS).register(_peer("QmA"), wallet)
+    _register(Registry(db, KEYS), "QmA", wallet)
     append(db, KEYS, _step("QmA", 0, 100.0), signer=wallet)
     append(db, KEYS, _step("QmA", 1, 100.0), signer=wallet)
     # QmA's own signature on an altered body
@@ -208,9 +216,9 @@ def test_redis_down_is_503_json_never_500(wallet_dir):
 def test_metrics_gauges_and_request_counts(client, db, hotkey, wallet, other_wallet):
     assert "hive_validator_latest_eval_loss NaN" in client.get("/metrics").text
     registry = Registry(db, KEYS)
-    registry.register(_peer("QmA"), wallet)
-    registry.register(_peer("QmB"), other_wallet)
-    registry.register(_peer("QmV", role="validator"), other_wallet)
+    _register(registry, "QmA", wallet)
+    _register(registry, "QmB", other_wallet)
+    _register(registry, "QmV", other_wallet, role="validator")
     append(db, KEYS, _eval(0, loss=4.5))
     append(db, KEYS, _eval(1, loss=3.25))
     db.set(KEYS.scores(hotkey), _board(hotkey).to_json())

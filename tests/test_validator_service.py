@@ -19,6 +19,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import redis
+from bound_peers import bound
+from bound_peers import peer_id as pid
 
 from hivetrain import procs
 from hivetrain.chain import LocalChain
@@ -145,10 +147,11 @@ def endpoints():
         endpoint.stop()
 
 
-def _register(client, wallet, peer_id: str, url: str = "") -> str:
-    record = PeerRecord(peer_id=peer_id, role="miner", hotkey=wallet.hotkey.ss58_address, challenge_url=url, multiaddrs=[],
+def _register(client, wallet, name: str, url: str = "") -> str:
+    """Register the test peer called ``name`` (peer id ``pid(name)``) for ``wallet``; returns its hotkey."""
+    record = PeerRecord(peer_id=name, role="miner", hotkey=wallet.hotkey.ss58_address, challenge_url=url, multiaddrs=[],
                         started_at=time.time())
-    Registry(client, Keys(RUN_ID)).register(record, signer=wallet)
+    Registry(client, Keys(RUN_ID)).register(bound(record, wallet.hotkey.ss58_address, RUN_ID), signer=wallet)
     return wallet.hotkey.ss58_address
 
 
@@ -169,7 +172,7 @@ def test_one_round_checks_every_miner_at_once_and_nobody_evades(redis_url, make_
     client = connect_redis(redis_url)
     ahead_wallet, behind_wallet = (load_or_create_wallet(str(tmp_path / "miners"), name) for name in ("ahead", "unreachable"))
     noise = lambda epoch: lambda challenge: (epoch, [0.5] * challenge.dim)  # noqa: E731
-    honest = endpoints(wallet, _honest(validator, "QmHonest"))
+    honest = endpoints(wallet, _honest(validator, pid("QmHonest")))
     dripping = endpoints(other_wallet, noise(0), drip_s=0.2)  # its answer would take minutes
     ahead = endpoints(ahead_wallet, noise(10**9))  # forces a sync, then "cannot judge", forever (before)
     unreachable = endpoints(behind_wallet, noise(2))  # plausible, but no peer serves that epoch's state

@@ -30,6 +30,7 @@ from hivetrain.miner.metrics import MinerMetrics
 from hivetrain.miner.optim import make_optimizer
 from hivetrain.miner.validators import ValidatorList
 from hivetrain.models import build_model, model_config, num_parameters
+from hivetrain.protocol.binding import bind
 from hivetrain.protocol.checkpoints import TrainerState
 from hivetrain.protocol.discovery import fetch_initial_peers
 from hivetrain.protocol.projection import projected_gradient
@@ -196,9 +197,11 @@ class Miner:
                                           prepare=self._challenge_batch, health=self.health, metrics=self.metrics).start()
         host = "127.0.0.1" if s.challenge_host in ("0.0.0.0", "::", "") else s.challenge_host
         challenge_url = s.challenge_url or f"http://{host}:{self.challenges.port}"
-        record = PeerRecord(peer_id=self.peer_id, role="miner", hotkey=self.wallet.hotkey.ss58_address,
-                            challenge_url=challenge_url, multiaddrs=self.maddrs, device=str(self.device),
-                            preset=s.preset, started_at=self.started_at)
+        hotkey = self.wallet.hotkey.ss58_address
+        peer_key, peer_signature = bind(s.identity_path, s.run_id, self.peer_id, hotkey)  # our DHT key vouches for the hotkey
+        record = PeerRecord(peer_id=self.peer_id, role="miner", hotkey=hotkey, challenge_url=challenge_url,
+                            multiaddrs=self.maddrs, device=str(self.device), preset=s.preset, started_at=self.started_at,
+                            peer_key=peer_key, peer_signature=peer_signature)
         self.heartbeat = Heartbeat(Registry(client, keys), record, self.wallet).start()
         logger.info(f"hotkey {self.wallet.hotkey.ss58_address}, spot checks at {challenge_url}")
 

@@ -130,6 +130,10 @@ class PeerRecord(Record):
                                         description="addresses other peers can dial (announce addrs when set)")
     device: str = Field(default="cpu", max_length=64, description="cpu, cuda, cuda:0, ...")
     preset: str = Field(default="", max_length=64, description="model preset the peer trains")
+    peer_key: str = Field(default="", max_length=1200, description="base64 libp2p public key whose hash is peer_id")
+    peer_signature: str = Field(default="", max_length=800,
+                                description="base64 signature by that key over (run id, peer id, hotkey): "
+                                            "hivetrain.protocol.binding; readers drop registrations without a valid one")
     started_at: float = Field(description="unix time the process started")
     last_seen: float = Field(default_factory=time.time, description="unix time of the last heartbeat")
 

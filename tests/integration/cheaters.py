@@ -23,6 +23,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from pathlib import Path
 
 import torch
 from hivemind.averaging import DecentralizedAverager
@@ -30,6 +31,7 @@ from hivemind.averaging import DecentralizedAverager
 from hivetrain.hivemind_compat import SafeStateAverager
 from hivetrain.identity import load_or_create_wallet
 from hivetrain.miner.train import Miner
+from hivetrain.protocol.binding import bind, load_identity, new_ed25519_identity, peer_id_of
 from hivetrain.protocol.records import Keys, PeerRecord, StepRecord
 from hivetrain.protocol.spotcheck import Challenge
 from hivetrain.runtime import install_stop_handlers, reset_signal_handlers_in_children
@@ -126,8 +128,15 @@ def replay(settings: MinerSettings, stop: threading.Event) -> None:
     wallet = load_or_create_wallet(settings.wallet_dir, settings.wallet_name, settings.wallet_hotkey)
     client, keys = connect_redis(settings.redis_url), Keys(settings.run_id)
     registry = Registry(client, keys)
-    me = PeerRecord(peer_id=f"replay-{wallet.hotkey.ss58_address[:8]}", role="miner", multiaddrs=[],
-                    started_at=time.time())
+    # a registration as real as any miner's: its own libp2p identity vouches for its hotkey
+    identity = Path(settings.checkpoint_dir) / "replay-identity.key"
+    identity.parent.mkdir(parents=True, exist_ok=True)
+    if not identity.exists():
+        identity.write_bytes(new_ed25519_identity())
+    peer_id = peer_id_of(load_identity(identity.read_bytes())[1])
+    peer_key, peer_signature = bind(identity, settings.run_id, peer_id, wallet.hotkey.ss58_address)
+    me = PeerRecord(peer_id=peer_id, role="miner", multiaddrs=[], started_at=time.time(), peer_key=peer_key,
+                    peer_signature=peer_signature)
     last_id, last_beat = "$", 0.0
     info = client.xrevrange(keys.steps, count=1)
     last_id = info[0][0].decode() if info else "0-0"

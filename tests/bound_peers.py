@@ -1,0 +1,35 @@
+"""Registrations as real miners make them: each with its own libp2p identity (Ed25519, fast to make)
+and the binding that proves its hotkey controls it (``hivetrain.protocol.binding``)."""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+from pathlib import Path
+
+from hivetrain.protocol.binding import bind, load_identity, new_ed25519_identity, peer_id_of
+from hivetrain.protocol.records import PeerRecord
+
+_FOLDER = Path(tempfile.mkdtemp(prefix="hive-test-identities-"))
+
+
+@functools.cache
+def identity(name: str) -> Path:
+    """The identity file of the test peer called ``name`` (the same one for the whole session)."""
+    path = _FOLDER / f"{len(list(_FOLDER.iterdir()))}.key"
+    path.write_bytes(new_ed25519_identity())
+    return path
+
+
+@functools.cache
+def peer_id(name: str) -> str:
+    """The real peer id of the test peer called ``name``."""
+    return peer_id_of(load_identity(identity(name).read_bytes())[1])
+
+
+def bound(record: PeerRecord, hotkey: str, run_id: str, name: str | None = None) -> PeerRecord:
+    """``record`` as the peer called ``name`` (default: its peer_id) registers it for ``hotkey`` in ``run_id``."""
+    name = record.peer_id if name is None else name
+    real = peer_id(name)
+    key, signature = bind(identity(name), run_id, real, hotkey)
+    return record.model_copy(update={"peer_id": real, "hotkey": hotkey, "peer_key": key, "peer_signature": signature})
