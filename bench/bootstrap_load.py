@@ -29,6 +29,7 @@ from bittensor import sp_core
 
 from bench.common import exit_on_sigterm, percentile, table, write_result
 from hivetrain import procs
+from hivetrain.identity import Domain
 from hivetrain.log import get_logger
 from hivetrain.protocol.binding import bind_identity, identity_peer_id, new_ed25519_identity
 from hivetrain.protocol.records import HEARTBEAT_INTERVAL_S, Keys, PeerRecord
@@ -61,7 +62,7 @@ class Peers:
             wallet = types.SimpleNamespace(coldkey=keypair, coldkeypub=keypair, hotkey=keypair)  # a keyed wallet
             identity = new_ed25519_identity()  # each peer bound to its hotkey, as real miners are
             peer_id = identity_peer_id(identity)
-            peer_key, peer_signature = bind_identity(identity, registry.keys.run_id, peer_id, keypair.ss58_address)
+            peer_key, peer_signature = bind_identity(identity, registry.domain, peer_id, keypair.ss58_address)
             record = PeerRecord(peer_id=peer_id, role="miner", hotkey=keypair.ss58_address,
                                 challenge_url=f"http://127.0.0.1:{20000 + i}",
                                 multiaddrs=[f"/ip4/127.0.0.1/tcp/{30000 + i}/p2p/{peer_id}"], started_at=now,
@@ -142,7 +143,7 @@ def load(port: int, path: str, total: int, concurrency: int) -> dict:
 def start_bootstrap(workdir: Path, redis_url: str, workers: int) -> tuple[procs.Service, int]:
     port = procs.free_port()
     env = dict(os.environ)
-    env.update({"HIVE_RUN_ID": RUN_ID, "HIVE_REDIS_URL": redis_url, "HIVE_HTTP_HOST": "127.0.0.1",
+    env.update({"HIVE_RUN_ID": RUN_ID, "HIVE_CHAIN": "local", "HIVE_REDIS_URL": redis_url, "HIVE_HTTP_HOST": "127.0.0.1",
                 "HIVE_HTTP_PORT": str(port), "HIVE_HTTP_WORKERS": str(workers), "HIVE_LOG_LEVEL": "WARNING",
                 "HIVE_HOST_MADDRS": '["/ip4/127.0.0.1/tcp/0"]', "HIVE_IDENTITY_PATH": str(workdir / "bootstrap.id"),
                 "PYTHONUNBUFFERED": "1"})
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         redis_service, redis_url = start_redis(workdir / "redis", persist=False)
         bootstrap, port = start_bootstrap(workdir, redis_url, args.workers)
-        registry = Registry(connect_redis(redis_url), Keys(RUN_ID))
+        registry = Registry(connect_redis(redis_url), Keys(RUN_ID), Domain(RUN_ID))  # the bootstrap's, on the local chain
         peers = Peers(registry, args.peers)
         register_s = peers.register_all()
         peers.start()

@@ -22,7 +22,7 @@ from pathlib import Path
 from bittensor import sp_core
 
 from bench.common import table, write_result
-from hivetrain.identity import load_or_create_wallet
+from hivetrain.identity import Domain, load_or_create_wallet
 from hivetrain.protocol.binding import bind_identity, identity_peer_id, new_ed25519_identity
 from hivetrain.protocol.records import Keys, PeerRecord, StepRecord
 from hivetrain.redis_server import start_redis
@@ -31,6 +31,7 @@ from hivetrain.store import Registry, append, connect_redis
 from hivetrain.validator.app import create_app
 
 RUN_ID = "bench-dashboard"
+DOMAIN = Domain(RUN_ID)  # what ValidatorSettings(run_id=RUN_ID) derives on the local chain
 
 
 class KeyWallet:
@@ -69,15 +70,15 @@ def main(argv: list[str] | None = None) -> None:
             wallets = [KeyWallet(i + 1) for i in range(args.miners)]
             identities = [new_ed25519_identity() for _ in range(args.miners)]
             peers = [identity_peer_id(identity) for identity in identities]
-            registry = Registry(db, keys)
+            registry = Registry(db, keys, DOMAIN)
             now = time.time()
             for peer, wallet, identity in zip(peers, wallets, identities):
-                peer_key, peer_signature = bind_identity(identity, RUN_ID, peer, wallet.hotkey.ss58_address)
+                peer_key, peer_signature = bind_identity(identity, DOMAIN, peer, wallet.hotkey.ss58_address)
                 registry.register(PeerRecord(peer_id=peer, role="miner", multiaddrs=["/ip4/127.0.0.1/tcp/1"], started_at=now,
                                              peer_key=peer_key, peer_signature=peer_signature), wallet)
             for k in range(args.history):  # interleaved, as a swarm writes them
                 for peer, wallet in zip(peers, wallets):
-                    append(db, keys, step(peer, k, now - (args.history - k) * 3.0), signer=wallet)
+                    append(db, keys, DOMAIN, step(peer, k, now - (args.history - k) * 3.0), signer=wallet)
             settings = ValidatorSettings(redis_url=url, run_id=RUN_ID, wallet_dir=f"{tmp}/wallets")
             load_or_create_wallet(settings.wallet_dir, settings.wallet_name, settings.wallet_hotkey)
             client = create_app(settings).test_client()
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
             warm = []
             for k in range(args.polls):
                 for peer, wallet in zip(peers, wallets):
-                    append(db, keys, step(peer, args.history + k, time.time()), signer=wallet)
+                    append(db, keys, DOMAIN, step(peer, args.history + k, time.time()), signer=wallet)
                 warm.append(timed(lambda: client.get("/api/dashboard")))
             swarm = [timed(lambda: client.get("/api/swarm")) for _ in range(args.polls)]
             size = len(client.get("/api/dashboard").data)
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     print(table(["request", "median ms", "vs /api/swarm"], rows))
     print(f"dashboard document: {size / 1e3:.0f} kB with {args.miners} miners")
     path = write_result("dashboard_load", {"miners": args.miners, "history_per_miner": args.history, "polls": args.polls,
-                                           "cold_s": cold, "warm_s": warm, "swarm_s": swarm, "document_bytes": size})
+                                           "cold_s": cold, "warm_s": warm, "swarm_s": swarm, "document_bytes": size}, args.out)
     print(f"written to {path}")
 
 

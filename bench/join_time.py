@@ -27,6 +27,7 @@ from datetime import datetime
 from pathlib import Path
 
 from bench.common import exit_on_sigterm, table, write_result
+from hivetrain.identity import Domain
 from hivetrain.log import get_logger
 from hivetrain.protocol.records import Keys, StepRecord
 from hivetrain.settings import SwarmSettings
@@ -93,11 +94,11 @@ def main(argv: list[str] | None = None) -> None:
     swarm = Swarm(settings)
     try:
         swarm.start()
-        keys = Keys(settings.run_id)
+        keys, domain = Keys(settings.run_id), Domain.of(settings)
         client = connect_redis(swarm.redis_url)
 
         def swarm_epoch():
-            epochs = [s.local_epoch for s in read_stream(client, keys, StepRecord, count=50)]
+            epochs = [s.local_epoch for s in read_stream(client, keys, domain, StepRecord, count=50)]
             return max(epochs) if epochs and max(epochs) >= args.epochs else None
 
         epoch = wait_for(swarm_epoch, args.timeout, f"the swarm reaching epoch {args.epochs}")
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         peer_id = wait_for(joined_peer, args.timeout, "the newcomer's DHT")
 
         def counted():
-            mine = [s for s in read_stream(client, keys, StepRecord, count=200) if s.peer_id == peer_id]
+            mine = [s for s in read_stream(client, keys, domain, StepRecord, count=200) if s.peer_id == peer_id]
             return time.time() if mine else None
 
         counted_at = wait_for(counted, args.timeout, "the newcomer's first step in Redis", period=0.2)

@@ -20,6 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from hivetrain.identity import Domain  # noqa: E402
 from hivetrain.protocol.records import EvalRecord, Keys, StepRecord  # noqa: E402
 from hivetrain.settings import SwarmSettings  # noqa: E402
 from hivetrain.store import connect_redis, read_stream  # noqa: E402
@@ -47,9 +48,9 @@ def record(miners: int, duration: float) -> dict:
         deadline = time.monotonic() + duration
         while time.monotonic() < deadline and not swarm.failed_services():
             time.sleep(2)
-        client, keys = connect_redis(swarm.redis_url), Keys(settings.run_id)
-        steps = read_stream(client, keys, StepRecord)
-        evals = read_stream(client, keys, EvalRecord)
+        client, keys, domain = connect_redis(swarm.redis_url), Keys(settings.run_id), Domain.of(settings)
+        steps = read_stream(client, keys, domain, StepRecord)
+        evals = read_stream(client, keys, domain, EvalRecord)
     finally:
         swarm.stop()
     start = min(s.time for s in steps)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import psutil
 
+from hivetrain.identity import Domain
 from hivetrain.protocol.records import Keys, RoundRecord, StepRecord
 from hivetrain.settings import MinerSettings, SwarmSettings
 from hivetrain.store import connect_redis, read_stream
@@ -72,9 +73,9 @@ def run(name: str, env: dict[str, str], miners: int = 2, duration: float = 45.0,
     swarm = Swarm(settings, extra_env=env)
     try:
         swarm.start()
-        client, keys = connect_redis(swarm.redis_url), Keys(run_id)
+        client, keys, domain = connect_redis(swarm.redis_url), Keys(run_id), Domain.of(settings)
         deadline = time.monotonic() + timeout
-        while len({s.peer_id for s in read_stream(client, keys, StepRecord, count=200)}) < miners:
+        while len({s.peer_id for s in read_stream(client, keys, domain, StepRecord, count=200)}) < miners:
             if time.monotonic() > deadline:
                 errors = sorted({line.strip() for log in (workdir / "logs").glob("miner-*.log")
                                  for line in log.read_text(errors="replace").splitlines() if "Error:" in line})
@@ -83,8 +84,8 @@ def run(name: str, env: dict[str, str], miners: int = 2, duration: float = 45.0,
         started, bytes_before = time.time(), lo_bytes()
         time.sleep(duration)
         ended, bytes_after = time.time(), lo_bytes()
-        steps = [s for s in read_stream(client, keys, StepRecord) if started <= s.time <= ended]
-        rounds = [r for r in read_stream(client, keys, RoundRecord) if started <= r.time <= ended]
+        steps = [s for s in read_stream(client, keys, domain, StepRecord) if started <= s.time <= ended]
+        rounds = [r for r in read_stream(client, keys, domain, RoundRecord) if started <= r.time <= ended]
     finally:
         swarm.stop()
     by_peer: dict[str, list[StepRecord]] = {}

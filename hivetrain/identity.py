@@ -3,12 +3,17 @@
 The original HiveMiner signed a timestamp but not the payload, so anyone holding an old
 signature could attach it to any loss they liked. Here the signature covers the whole body:
 ``sign`` encodes ``{hotkey, nonce, payload, timestamp}`` as sorted-keys compact JSON, prefixes
-a domain tag (so a signature made for another protocol, e.g. bittensor's ``btauth/1`` HTTP
-headers, can never be replayed as an envelope) and signs it with the sr25519 hotkey.
+a domain separator and signs it with the sr25519 hotkey. The separator names the protocol (so a
+signature made for another one, e.g. bittensor's ``btauth/1`` HTTP headers, can never be replayed
+as an envelope) and the ``Domain``: the run id and, on Bittensor, the subnet's netuid. A record
+signed in one run or subnet therefore fails verification in every other, even where two runs
+share a Redis or a validator. A service builds its ``Domain`` once from its settings
+(``Domain.of``) and hands it to ``sign`` and to its ``Verifier``s; neither has a default.
 
-``Verifier.verify`` checks, in this order: shape (``MalformedEnvelope``), signature
-(``InvalidSignature``), freshness (``StaleRecord``: older than the window or too far in the
-future) and replay (``ReplayedNonce``). The signature comes first so a ``StaleRecord`` is
+``Verifier.verify`` checks, in this order: shape (``MalformedEnvelope``), signature in the
+verifier's domain (``InvalidSignature``, also for an authentic record of another run or subnet),
+freshness (``StaleRecord``: older than the window or too far in the future) and replay
+(``ReplayedNonce``). The signature comes first so a ``StaleRecord`` is
 always authentic (an honest peer with a skewed clock, not an attacker), and the nonce store is
 written only after the signature verifies, so forged traffic cannot burn a real peer's nonces.
 
@@ -23,8 +28,9 @@ import json
 import math
 import secrets
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import bittensor as bt
 import redis
@@ -35,10 +41,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from hivetrain.log import get_logger
 from hivetrain.protocol.records import Keys
 
+if TYPE_CHECKING:
+    from hivetrain.settings import ServiceSettings
+
 logger = get_logger(__name__)
 
-#: Prefix of every signed message; bump the version if the canonical encoding ever changes.
-DOMAIN = b"hivetrain-envelope/1\n"
+#: Protocol tag that opens every signed message; bump the version if the encoding ever changes
+#: (version 1 had no run id or netuid: its records are refused as forgeries).
+ENVELOPE_TAG = "hivetrain-envelope/2"
 #: Records older than this (seconds) are stale; nonces are remembered this long plus the skew.
 DEFAULT_WINDOW_S = 120.0
 #: Records stamped further than this in the future are rejected (clock skew allowance).
@@ -84,6 +94,50 @@ def _create(make, what: str, created: list[str]) -> None:
         pass  # another process created it between our check and our write
 
 
+# --- the signature domain -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Domain:
+    """Where a signature is valid: one run (``run_id``) on one chain (``netuid`` on Bittensor, None locally).
+
+    Every signed message starts with ``separator(tag)``, so a signature made under one domain
+    verifies under no other. Build it with ``Domain.of(settings)``: every service of a run reads the
+    same ``HIVE_RUN_ID``, ``HIVE_CHAIN`` and ``HIVE_NETUID`` and so derives the same domain.
+    """
+
+    run_id: str
+    netuid: int | None = None
+
+    def __post_init__(self) -> None:
+        run_id, netuid = self.run_id, self.netuid
+        if not isinstance(run_id, str) or not run_id or not all(c.isprintable() and not c.isspace() for c in run_id):
+            raise ValueError(f"run_id must be a non-empty word without spaces or control characters, got {run_id!r}")
+        if netuid is not None and (isinstance(netuid, bool) or not isinstance(netuid, int) or netuid < 0):
+            raise ValueError(f"netuid must be a subnet uid (an int >= 0) on Bittensor, or None on the local chain; got {netuid!r}")
+
+    @classmethod
+    def of(cls, settings: "ServiceSettings") -> "Domain":
+        """The domain of a service: its run id and, when ``chain`` is ``bittensor``, its netuid."""
+        return cls(settings.run_id, settings.netuid if settings.chain == "bittensor" else None)
+
+    def separator(self, tag: str) -> bytes:
+        """``{tag}\\n{run_id}\\n{netuid or 'local'}\\n``: what opens every message signed for ``tag`` in this domain."""
+        if not tag or "\n" in tag:
+            raise ValueError(f"tag must be one non-empty line, got {tag!r}")
+        return f"{tag}\n{self.run_id}\n{'local' if self.netuid is None else self.netuid}\n".encode()
+
+    def __str__(self) -> str:
+        return f"run {self.run_id}, " + ("the local chain" if self.netuid is None else f"netuid {self.netuid}")
+
+
+def _domain(domain: Any) -> "Domain":
+    if not isinstance(domain, Domain):
+        raise ValueError(f"pass the service's identity.Domain (Domain.of(settings)), not {type(domain).__name__}: "
+                         "a signature must name its run and subnet")
+    return domain
+
+
 # --- envelopes ------------------------------------------------------------------------------
 
 
@@ -116,7 +170,7 @@ class SignedEnvelope(BaseModel):
     hotkey: str = Field(min_length=40, max_length=60, description="ss58 address of the signing sr25519 hotkey")
     timestamp: float = Field(description="unix time of signing")
     nonce: str = Field(pattern=r"^[0-9a-f]{16,128}$", description="random hex, unique per hotkey within the window")
-    signature: str = Field(pattern=r"^0x[0-9a-f]{128}$", description="sr25519 signature of signed_message(), 0x-hex")
+    signature: str = Field(pattern=r"^0x[0-9a-f]{128}$", description="sr25519 signature of signed_message(domain), 0x-hex")
 
     @field_validator("timestamp")
     @classmethod
@@ -125,8 +179,8 @@ class SignedEnvelope(BaseModel):
             raise ValueError("timestamp must be a finite number")
         return value
 
-    def signed_message(self) -> bytes:
-        return signed_message(self.payload, self.hotkey, self.timestamp, self.nonce)
+    def signed_message(self, domain: Domain) -> bytes:
+        return signed_message(domain, self.payload, self.hotkey, self.timestamp, self.nonce)
 
 
 def canonical_json(value: Any) -> bytes:
@@ -137,17 +191,19 @@ def canonical_json(value: Any) -> bytes:
         raise ValueError(f"payload must be JSON (str keys; str/int/float/bool/None/list/dict values, finite floats): {error}") from None
 
 
-def signed_message(payload: dict, hotkey: str, timestamp: float, nonce: str) -> bytes:
-    """The exact bytes an envelope's signature covers: the whole body, not just the timestamp."""
-    return DOMAIN + canonical_json({"hotkey": hotkey, "nonce": nonce, "payload": payload, "timestamp": float(timestamp)})
+def signed_message(domain: Domain, payload: dict, hotkey: str, timestamp: float, nonce: str) -> bytes:
+    """The exact bytes an envelope's signature covers: the domain, then the whole body, not just the timestamp."""
+    body = canonical_json({"hotkey": hotkey, "nonce": nonce, "payload": payload, "timestamp": float(timestamp)})
+    return _domain(domain).separator(ENVELOPE_TAG) + body
 
 
-def sign(keypair: Any, payload: dict, timestamp: float | None = None, nonce: str | None = None) -> dict:
-    """Sign ``payload`` with a hotkey; returns the envelope as a JSON-ready dict.
+def sign(keypair: Any, domain: Domain, payload: dict, timestamp: float | None = None, nonce: str | None = None) -> dict:
+    """Sign ``payload`` with a hotkey for ``domain`` (valid in that run and subnet only); returns the JSON-ready envelope.
 
     ``keypair`` is anything ``bt.resolve_signer`` accepts for the hotkey role: a ``bt.Wallet``
     (its hotkey signs) or a keypair. ``timestamp`` and ``nonce`` are injectable for tests only.
     """
+    domain = _domain(domain)
     signer = bt.resolve_signer(keypair, role="hotkey")
     if signer.crypto_type != CRYPTO_SR25519:
         raise ValueError("envelopes are signed with sr25519 hotkeys; create the hotkey with the default crypto type")
@@ -157,7 +213,7 @@ def sign(keypair: Any, payload: dict, timestamp: float | None = None, nonce: str
     timestamp = time.time() if timestamp is None else float(timestamp)
     nonce = secrets.token_hex(NONCE_BYTES) if nonce is None else nonce
     hotkey = signer.ss58_address
-    signature = bytes(signer.sign(signed_message(payload, hotkey, timestamp, nonce)))
+    signature = bytes(signer.sign(signed_message(domain, payload, hotkey, timestamp, nonce)))
     envelope = SignedEnvelope(payload=payload, hotkey=hotkey, timestamp=timestamp, nonce=nonce, signature="0x" + signature.hex())
     return envelope.model_dump()
 
@@ -184,10 +240,29 @@ class RedisNonceStore:
         return bool(self.client.set(self.key(hotkey_ss58, nonce), 1, nx=True, ex=math.ceil(self.retention)))
 
 
-class Verifier:
-    """Checks envelopes: signature over the whole body, freshness window, one use per nonce."""
+def verify_signature(envelope: SignedEnvelope | dict | str | bytes, domain: Domain) -> SignedEnvelope:
+    """The envelope if its hotkey signed exactly this body in ``domain``; no freshness or nonce check.
 
-    def __init__(self, nonces: NonceStore, window_s: float = DEFAULT_WINDOW_S, future_skew_s: float = DEFAULT_FUTURE_SKEW_S):
+    For records read again long after they were written (telemetry history, a saved state).
+    Raises ``MalformedEnvelope`` or ``InvalidSignature`` (also for a record signed in another run or subnet).
+    """
+    domain = _domain(domain)
+    env = _parse(envelope)
+    try:
+        valid = _sr25519_verify(env.signed_message(domain), bytes.fromhex(env.signature[2:]), env.hotkey, CRYPTO_SR25519)
+    except ValueError as error:  # undecodable ss58 address
+        raise MalformedEnvelope(f"bad hotkey address: {error}") from None
+    if not valid:
+        raise InvalidSignature(f"signature does not match the body for hotkey {env.hotkey} in {domain}")
+    return env
+
+
+class Verifier:
+    """Checks envelopes of one ``Domain``: signature over the whole body, freshness window, one use per nonce."""
+
+    def __init__(self, nonces: NonceStore, domain: Domain, window_s: float = DEFAULT_WINDOW_S,
+                 future_skew_s: float = DEFAULT_FUTURE_SKEW_S):
+        self.domain = _domain(domain)
         if window_s <= 0 or future_skew_s < 0:
             raise ValueError(f"need window_s > 0 and future_skew_s >= 0, got {window_s} and {future_skew_s}")
         retention = getattr(nonces, "retention", None)
@@ -199,14 +274,16 @@ class Verifier:
         self.nonces, self.window_s, self.future_skew_s = nonces, float(window_s), float(future_skew_s)
 
     @classmethod
-    def in_memory(cls, window_s: float = DEFAULT_WINDOW_S, future_skew_s: float = DEFAULT_FUTURE_SKEW_S) -> "Verifier":
-        """A verifier whose nonce memory is this process only (tests, single-process tools)."""
-        return cls(bt.http_auth.InMemoryNonceStore(retention=window_s + future_skew_s), window_s, future_skew_s)
+    def in_memory(cls, domain: Domain, window_s: float = DEFAULT_WINDOW_S,
+                  future_skew_s: float = DEFAULT_FUTURE_SKEW_S) -> "Verifier":
+        """A verifier for ``domain`` whose nonce memory is this process only (tests, single-process tools)."""
+        return cls(bt.http_auth.InMemoryNonceStore(retention=window_s + future_skew_s), domain, window_s, future_skew_s)
 
     @classmethod
-    def with_redis(cls, client: redis.Redis, keys: Keys, window_s: float = DEFAULT_WINDOW_S, future_skew_s: float = DEFAULT_FUTURE_SKEW_S) -> "Verifier":
-        """A verifier whose nonce memory is shared through Redis by every process of the run."""
-        return cls(RedisNonceStore(client, keys, window_s + future_skew_s), window_s, future_skew_s)
+    def with_redis(cls, client: redis.Redis, keys: Keys, domain: Domain, window_s: float = DEFAULT_WINDOW_S,
+                   future_skew_s: float = DEFAULT_FUTURE_SKEW_S) -> "Verifier":
+        """A verifier for ``domain`` whose nonce memory is shared through Redis by every process of the run."""
+        return cls(RedisNonceStore(client, keys, window_s + future_skew_s), domain, window_s, future_skew_s)
 
     def verify(self, envelope: SignedEnvelope | dict | str | bytes, now: float | None = None) -> dict:
         """The payload of an authentic, fresh, first-seen envelope; ``VerificationError`` otherwise."""
@@ -216,18 +293,12 @@ class Verifier:
         return env.payload
 
     def authenticate(self, envelope: SignedEnvelope | dict | str | bytes, now: float | None = None, fresh: bool = True) -> SignedEnvelope:
-        """The envelope if its signature verifies (and, with ``fresh``, it is inside the window); no nonce is used up.
+        """The envelope if its signature verifies in this domain (and, with ``fresh``, is inside the window); uses up no nonce.
 
         For records that are read again and again (a registration refreshed by heartbeats, a
         telemetry history), where a second read is not a replay.
         """
-        env = _parse(envelope)
-        try:
-            valid = _sr25519_verify(env.signed_message(), bytes.fromhex(env.signature[2:]), env.hotkey, CRYPTO_SR25519)
-        except ValueError as error:  # undecodable ss58 address
-            raise MalformedEnvelope(f"bad hotkey address: {error}") from None
-        if not valid:
-            raise InvalidSignature(f"signature does not match the body for hotkey {env.hotkey}")
+        env = verify_signature(envelope, self.domain)
         if not fresh:
             return env
         now = time.time() if now is None else now

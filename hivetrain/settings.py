@@ -46,9 +46,12 @@ class ServiceSettings(BaseSettings):
         validate_default=True,
     )
 
-    run_id: str = Field("hivetrain", description="swarm name: DHT prefix and Redis namespace; peers only meet peers of the same run")
+    run_id: str = Field("hivetrain", description="swarm name: DHT prefix, Redis namespace and signature domain; peers only meet (and trust records of) peers of the same run")
     redis_url: str = Field(DEFAULT_REDIS_URL, description="Redis for the peer registry and telemetry (redis://[:password@]host:port/db)")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level of hivetrain loggers")
+    # every service signs or verifies records of its run only: the run id and, on bittensor, the netuid are in every signature
+    chain: Literal["local", "bittensor"] = Field("local", description="where validators are listed and weights go: local (Redis metagraph) or bittensor; every service of a run must agree (signatures name the chain)")
+    netuid: int = Field(0, ge=0, description="subnet uid (bittensor chain); part of every signature there, so records of one subnet are refused in another")
 
     @field_validator("run_id")
     @classmethod
@@ -124,9 +127,7 @@ class PeerSettings(DHTSettings, IdentitySettings):
     block_size: int = Field(0, ge=0, description="tokens per sample; 0 = the preset's n_positions")
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda or cuda:N")
     torch_threads: int = Field(0, ge=0, description="CPU threads for torch; 0 = torch's default")
-    # the chain: who the validators are (miners answer only them), where weights go
-    chain: Literal["local", "bittensor"] = Field("local", description="where validators are listed and weights go: local (Redis metagraph) or bittensor")
-    netuid: int = Field(0, ge=0, description="subnet uid (bittensor chain)")
+    # the chain (HIVE_CHAIN, HIVE_NETUID: shared settings): who the validators are (miners answer only them), where weights go
     subtensor_network: str = Field("finney", description="bittensor network name or ws:// endpoint (bittensor chain)")
 
     @field_validator("device")

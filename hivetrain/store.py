@@ -1,8 +1,11 @@
 """Redis access for the registry and telemetry, on top of the contracts in ``hivetrain.protocol.records``.
 
 Peer registrations and telemetry are stored as signed envelopes (``hivetrain.identity``): the
-writer's hotkey signs the whole record. Readers verify and drop what fails: a forged or altered
-record, a registration whose heartbeat stopped, a record whose payload names another hotkey.
+writer's hotkey signs the whole record for the run's ``Domain`` (run id and, on Bittensor, netuid).
+Readers verify and drop what fails: a forged or altered record, one signed for another run or
+subnet, a registration whose heartbeat stopped, a record whose payload names another hotkey.
+Every reader and writer here takes the ``Domain`` along with the run's ``Keys``; the two must name
+the same run.
 
 Training must never wait for Redis: ``TelemetryWriter`` queues records and writes them from a
 background thread, retrying with backoff while Redis is away and dropping the oldest records
@@ -19,7 +22,7 @@ from typing import Iterable
 
 import redis
 
-from hivetrain.identity import SignedEnvelope, VerificationError, Verifier, sign
+from hivetrain.identity import Domain, SignedEnvelope, VerificationError, Verifier, sign, verify_signature
 from hivetrain.log import get_logger
 from hivetrain.protocol.binding import binding_problem
 from hivetrain.protocol.records import (
@@ -63,20 +66,32 @@ def connect_redis(url: str, timeout: float = 2.0) -> redis.Redis:
 BINDINGS_KEPT = 10_000
 
 
+def same_run(keys: Keys, domain: Domain) -> Domain:
+    """``domain``, once it is checked to be a ``Domain`` of the run ``keys`` name (a wiring mistake otherwise)."""
+    if not isinstance(domain, Domain):
+        raise ValueError(f"pass the run's identity.Domain (Domain.of(settings)), not {type(domain).__name__}")
+    if domain.run_id != keys.run_id:
+        raise ValueError(f"keys of run {keys.run_id!r} with the signature domain of run {domain.run_id!r}: "
+                         "build both from the same settings (Keys(s.run_id), Domain.of(s))")
+    return domain
+
+
 class Registry:
     """Live peers and bootstrap addresses; every entry expires unless its owner keeps beating."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, ttl_s: float = PEER_TTL_S):
+    def __init__(self, client: redis.Redis, keys: Keys, domain: Domain, ttl_s: float = PEER_TTL_S):
         self.client, self.keys, self.ttl_s = client, keys, ttl_s
+        self.domain = same_run(keys, domain)
         # registrations are re-read on every request: check signature and age, use up no nonce
-        self.verifier = Verifier.in_memory(window_s=ttl_s)
+        self.verifier = Verifier.in_memory(domain, window_s=ttl_s)
         self._bindings: dict[tuple[str, ...], str | None] = {}  # a peer's binding is checked once, not every read
 
     def register(self, record: PeerRecord, signer) -> None:
         """Write or refresh a peer's record, signed by ``signer`` (its wallet); call it every heartbeat."""
         now = time.time()
         record = record.model_copy(update={"last_seen": now, "hotkey": signer.hotkey.ss58_address})
-        envelope = SignedEnvelope.model_validate(sign(signer, record.model_dump(mode="json"), timestamp=now)).model_dump_json().encode()
+        envelope = sign(signer, self.domain, record.model_dump(mode="json"), timestamp=now)
+        envelope = SignedEnvelope.model_validate(envelope).model_dump_json().encode()
         if len(envelope) > MAX_REGISTRATION_BYTES:
             raise ValueError(f"registration of {record.peer_id} is {len(envelope)} bytes, over {MAX_REGISTRATION_BYTES}: "
                              "readers would drop it; register fewer or shorter addresses")
@@ -137,7 +152,7 @@ class Registry:
         if key not in self._bindings:
             if len(self._bindings) >= BINDINGS_KEPT:
                 self._bindings.clear()
-            self._bindings[key] = binding_problem(self.keys.run_id, *key)
+            self._bindings[key] = binding_problem(self.domain, *key)
         return self._bindings[key]
 
     def set_bootstrap(self, record: BootstrapRecord, ttl_s: float = BOOTSTRAP_TTL_S) -> None:
@@ -184,30 +199,30 @@ _STREAMS = {
     OffenceRecord: ("offences", OFFENCES_STREAM_MAXLEN, True),
     EvalRecord: ("evals", EVALS_STREAM_MAXLEN, False),  # written by the validator for its own API
 }
-_HISTORY = Verifier.in_memory(window_s=1.0)  # signature checks of past records: freshness is not asked
 
 
-def _stream_fields(record: Record, signer=None) -> dict:
+def _stream_fields(record: Record, domain: Domain, signer=None) -> dict:
     attr, _, signed = _STREAMS[type(record)]
     if signed:
         if signer is None:
             raise ValueError(f"{type(record).__name__} telemetry must be signed: pass the writer's wallet")
-        envelope = sign(signer, record.model_dump(mode="json"), timestamp=record.time)
+        envelope = sign(signer, domain, record.model_dump(mode="json"), timestamp=record.time)
         return {"env": SignedEnvelope.model_validate(envelope).model_dump_json()}
     return {"json": record.to_json()}
 
 
-def append(client: redis.Redis, keys: Keys, record: Record, signer=None) -> None:
-    """XADD one record to its capped stream (signed by ``signer`` where the contract asks for it)."""
+def append(client: redis.Redis, keys: Keys, domain: Domain, record: Record, signer=None) -> None:
+    """XADD one record to its capped stream (signed by ``signer`` for ``domain`` where the contract asks for it)."""
     attr, maxlen, _ = _STREAMS[type(record)]
-    client.xadd(getattr(keys, attr), _stream_fields(record, signer), maxlen=maxlen, approximate=True)
+    client.xadd(getattr(keys, attr), _stream_fields(record, same_run(keys, domain), signer), maxlen=maxlen, approximate=True)
 
 
-def decode_entry(model: type[Record], fields: dict, verifier: Verifier | None = None) -> tuple[Record, str] | None:
+def decode_entry(model: type[Record], fields: dict, domain: Domain) -> tuple[Record, str] | None:
     """(record, signer hotkey) of one stream entry, or None when it is malformed or not authentic.
 
-    Signed entries are checked with ``verifier.verify`` (signature, freshness, nonce: for a
-    consumer that reads each entry once), or, without a verifier, by signature alone (history).
+    Signed entries are checked by signature alone (history: freshness is not asked), in ``domain``:
+    an entry signed for another run or subnet is not authentic here. A consumer that must read each
+    entry once (freshness, nonce) uses a ``Verifier`` instead (``hivetrain.validator.claims``).
     """
     _, _, signed = _STREAMS[model]
     if not signed:
@@ -217,26 +232,22 @@ def decode_entry(model: type[Record], fields: dict, verifier: Verifier | None = 
     if raw is None:
         return None
     try:
-        if verifier is None:
-            envelope = _HISTORY.authenticate(raw, fresh=False)
-            payload, hotkey = envelope.payload, envelope.hotkey
-        else:
-            payload = verifier.verify(raw)
-            hotkey = SignedEnvelope.model_validate_json(raw).hotkey
-        return model.model_validate(payload), hotkey
+        envelope = verify_signature(raw, domain)
+        return model.model_validate(envelope.payload), envelope.hotkey
     except (VerificationError, ValueError) as error:
         logger.debug(f"dropping a {model.__name__}: {error}")
         return None
 
 
-def read_stream(client: redis.Redis, keys: Keys, model: type[Record], count: int | None = None) -> list:
-    """All (or the last ``count``) authentic records of one stream, oldest first."""
+def read_stream(client: redis.Redis, keys: Keys, domain: Domain, model: type[Record], count: int | None = None) -> list:
+    """All (or the last ``count``) authentic records of one stream (signed in ``domain``, where signed), oldest first."""
+    same_run(keys, domain)
     attr, _, _ = _STREAMS[model]
     if count is None:
         entries = client.xrange(getattr(keys, attr))
     else:
         entries = list(reversed(client.xrevrange(getattr(keys, attr), count=count)))
-    decoded = (decode_entry(model, fields) for _, fields in entries)
+    decoded = (decode_entry(model, fields, domain) for _, fields in entries)
     return [d[0] for d in decoded if d is not None]
 
 
@@ -248,8 +259,10 @@ class TelemetryWriter:
     first and are counted in ``dropped``.
     """
 
-    def __init__(self, client: redis.Redis, keys: Keys, signer, max_queue: int = 10_000, max_backoff_s: float = 5.0):
+    def __init__(self, client: redis.Redis, keys: Keys, domain: Domain, signer, max_queue: int = 10_000,
+                 max_backoff_s: float = 5.0):
         self.client, self.keys, self.signer, self.max_backoff_s = client, keys, signer, max_backoff_s
+        self.domain = same_run(keys, domain)
         self._queue: collections.deque = collections.deque(maxlen=max_queue)
         self._wake = threading.Condition()
         self._stopping = False
@@ -287,7 +300,7 @@ class TelemetryWriter:
                     for record in batch:
                         attr, maxlen, _ = _STREAMS[type(record)]
                         try:
-                            fields = _stream_fields(record, self.signer)
+                            fields = _stream_fields(record, self.domain, self.signer)
                         except ValueError:  # not JSON-able (a NaN): drop it, keep the writer alive
                             logger.warning(f"dropping an unserialisable {type(record).__name__}", exc_info=True)
                             self.dropped += 1

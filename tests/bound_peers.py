@@ -3,14 +3,18 @@ and the binding that proves its hotkey controls it (``hivetrain.protocol.binding
 
 from __future__ import annotations
 
+import atexit
 import functools
+import shutil
 import tempfile
 from pathlib import Path
 
+from hivetrain.identity import Domain
 from hivetrain.protocol.binding import bind, load_identity, new_ed25519_identity, peer_id_of
 from hivetrain.protocol.records import PeerRecord
 
 _FOLDER = Path(tempfile.mkdtemp(prefix="hive-test-identities-"))
+atexit.register(shutil.rmtree, _FOLDER, ignore_errors=True)
 
 
 @functools.cache
@@ -27,9 +31,9 @@ def peer_id(name: str) -> str:
     return peer_id_of(load_identity(identity(name).read_bytes())[1])
 
 
-def bound(record: PeerRecord, hotkey: str, run_id: str, name: str | None = None) -> PeerRecord:
-    """``record`` as the peer called ``name`` (default: its peer_id) registers it for ``hotkey`` in ``run_id``."""
+def bound(record: PeerRecord, hotkey: str, domain: Domain, name: str | None = None) -> PeerRecord:
+    """``record`` as the peer called ``name`` (default: its peer_id) registers it for ``hotkey`` in ``domain``."""
     name = record.peer_id if name is None else name
     real = peer_id(name)
-    key, signature = bind(identity(name), run_id, real, hotkey)
+    key, signature = bind(identity(name), domain, real, hotkey)
     return record.model_copy(update={"peer_id": real, "hotkey": hotkey, "peer_key": key, "peer_signature": signature})

@@ -7,9 +7,10 @@ import pytest
 from hivemind.p2p import P2P
 from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID
 
+from hivetrain.identity import Domain
 from hivetrain.protocol.binding import bind, binding_problem, load_identity, new_ed25519_identity, peer_id_of
 
-RUN = "bind"
+RUN = Domain("bind")
 
 
 @pytest.fixture
@@ -30,15 +31,19 @@ def _peer_id(path) -> str:
     return peer_id_of(load_identity(path.read_bytes())[1])
 
 
-def test_an_rsa_binding_holds_for_its_hotkey_and_run_only(rsa_identity, wallet, other_wallet):
+def test_an_rsa_binding_holds_for_its_hotkey_run_and_subnet_only(rsa_identity, wallet, other_wallet):
     peer_id = _peer_id(rsa_identity)
     assert peer_id == PeerID.from_identity(rsa_identity.read_bytes()).to_base58()  # hivemind's own derivation
     hotkey, thief = wallet.hotkey.ss58_address, other_wallet.hotkey.ss58_address
     key, signature = bind(rsa_identity, RUN, peer_id, hotkey)
     assert binding_problem(RUN, peer_id, hotkey, key, signature) is None
-    # the victim's key and signature copied under the thief's hotkey, or replayed in another run
+    # the victim's key and signature copied under the thief's hotkey, or replayed in another run or subnet
     assert "did not sign" in binding_problem(RUN, peer_id, thief, key, signature)
-    assert "did not sign" in binding_problem("other-run", peer_id, hotkey, key, signature)
+    assert "did not sign" in binding_problem(Domain("other-run"), peer_id, hotkey, key, signature)
+    assert "did not sign" in binding_problem(Domain("bind", 1), peer_id, hotkey, key, signature)
+    on_subnet_1 = bind(rsa_identity, Domain("bind", 1), peer_id, hotkey)
+    assert binding_problem(Domain("bind", 1), peer_id, hotkey, *on_subnet_1) is None
+    assert "did not sign" in binding_problem(Domain("bind", 2), peer_id, hotkey, *on_subnet_1)
     assert binding_problem(RUN, peer_id, thief, "", "") == "no peer-key binding"
     assert "not base64" in binding_problem(RUN, peer_id, hotkey, "%%%", signature)
 

@@ -11,12 +11,13 @@ from bound_peers import bound
 
 from hivetrain import procs
 from hivetrain.bootstrap.app import ADDRS_PER_PEER, create_app
-from hivetrain.identity import sign
+from hivetrain.identity import Domain, sign
 from hivetrain.protocol.records import MAX_MULTIADDRS, BootstrapRecord, Keys, PeerRecord
 from hivetrain.settings import BootstrapSettings
 from hivetrain.store import Registry, connect_redis
 
 RUN = "bt"
+DOMAIN = Domain(RUN)  # what BootstrapSettings(run_id=RUN) derives on the local chain
 BOOT = ["/ip4/10.0.0.1/tcp/31337/p2p/QmBoot", "/ip4/127.0.0.1/tcp/31337/p2p/QmBoot"]
 
 
@@ -36,13 +37,13 @@ def _client(redis_url: str, cache_s: float = 0.0, **overrides):
 class SigningRegistry(Registry):
     """The registry as miners use it, every record signed by the test wallet."""
 
-    def __init__(self, client, keys, wallet):
-        super().__init__(client, keys)
+    def __init__(self, client, keys, wallet, domain: Domain = DOMAIN):
+        super().__init__(client, keys, domain)
         self.wallet = wallet
 
     def register(self, record: PeerRecord, signer=None) -> None:
         signer = signer or self.wallet
-        super().register(bound(record, signer.hotkey.ss58_address, RUN), signer)
+        super().register(bound(record, signer.hotkey.ss58_address, self.domain), signer)
 
 
 @pytest.fixture
@@ -86,7 +87,7 @@ def test_an_oversized_or_address_stuffed_registration_cannot_take_the_answer(red
     # the attacker's own, validly signed registration of 7.7 MB: written straight to Redis (register() refuses it)
     huge = _peer("huge", addrs=[_addr(f"huge{i}") for i in range(MAX_MULTIADDRS)]).model_dump(mode="json")
     huge.update(last_seen=time.time(), hotkey=other_wallet.hotkey.ss58_address, device="x" * 7_700_000)
-    db.set(keys.peer("huge"), json.dumps(sign(other_wallet, huge)), ex=30)
+    db.set(keys.peer("huge"), json.dumps(sign(other_wallet, DOMAIN, huge)), ex=30)
     db.zadd(keys.peer_index, {"huge": time.time()})
     # and one with every address it may have: each registration puts at most ADDRS_PER_PEER in an answer
     registry.register(_peer("stuffed", addrs=[_addr("stuffed", port) for port in range(MAX_MULTIADDRS)]), other_wallet)
@@ -97,6 +98,21 @@ def test_an_oversized_or_address_stuffed_registration_cannot_take_the_answer(red
     # every field within its bound, and still too big once signed and encoded (non-ASCII text): refused at the writer
     with pytest.raises(ValueError, match="over 16384"):
         registry.register(_peer("big", addrs=[f"/dns4/{'é' * 500}/{port}" for port in range(MAX_MULTIADDRS)]))
+
+
+def test_registrations_of_another_run_or_subnet_are_not_handed_out(redis_url, wallet):
+    db = connect_redis(redis_url)
+    # a miner's registration in another run, copied byte for byte into this run's namespace
+    other = Registry(db, Keys("other-run"), Domain("other-run"))
+    other.register(bound(_peer("replayed"), wallet.hotkey.ss58_address, other.domain), wallet)
+    (replayed,) = other.live_peers()
+    db.set(Keys(RUN).peer(replayed.peer_id), db.get(other.keys.peer(replayed.peer_id)), ex=30)
+    db.zadd(Keys(RUN).peer_index, {replayed.peer_id: time.time()})
+    # a miner of subnet 1 with the same run id: the same namespace, another signature domain
+    SigningRegistry(db, Keys(RUN), wallet, Domain(RUN, 1)).register(_peer("subnet1"))
+    assert _client(redis_url).get("/initial_peers").get_json() == {"initial_peers": []}
+    assert _client(redis_url, chain="bittensor", netuid=2).get("/initial_peers").get_json() == {"initial_peers": []}
+    assert _client(redis_url, chain="bittensor", netuid=1).get("/initial_peers").get_json() == {"initial_peers": [_addr("subnet1")]}
 
 
 def test_answers_are_reused_for_a_second_per_worker(redis_url, registry):

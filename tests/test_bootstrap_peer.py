@@ -9,6 +9,7 @@ import pytest
 
 from hivetrain import procs
 from hivetrain.bootstrap.peer import publish_until_stopped
+from hivetrain.identity import Domain
 from hivetrain.protocol.records import Keys
 from hivetrain.redis_server import start_redis
 from hivetrain.store import Registry, connect_redis
@@ -29,7 +30,7 @@ class FakeDHT:
 
 def test_publisher_rides_out_a_redis_outage(tmp_path):
     port = procs.free_port()
-    registry = Registry(connect_redis(f"redis://127.0.0.1:{port}/0", timeout=0.5), Keys("pt"))
+    registry = Registry(connect_redis(f"redis://127.0.0.1:{port}/0", timeout=0.5), Keys("pt"), Domain("pt"))
     stop = threading.Event()
     thread = threading.Thread(target=publish_until_stopped, args=(FakeDHT(), registry, "QmFake", stop, 0.3), daemon=True)
     thread.start()
@@ -51,6 +52,6 @@ def test_publisher_rides_out_a_redis_outage(tmp_path):
 
 
 def test_publisher_raises_when_the_dht_dies(redis_url):
-    registry = Registry(connect_redis(redis_url), Keys("pt"))
+    registry = Registry(connect_redis(redis_url), Keys("pt"), Domain("pt"))
     with pytest.raises(RuntimeError, match="DHT process died"):
         publish_until_stopped(FakeDHT(alive=False), registry, "QmFake", threading.Event(), 0.1)

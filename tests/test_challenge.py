@@ -21,7 +21,7 @@ from bittensor.sp_core import Keypair
 
 from hivetrain.chain import LocalChain
 from hivetrain.data import BlockStream
-from hivetrain.identity import Verifier, sign
+from hivetrain.identity import Domain, InvalidSignature, Verifier, sign
 from hivetrain.miner.challenge import MAX_BODY_BYTES, SERVER_THREADS, ChallengeLimits, ChallengeServer, TokenBucket
 from hivetrain.miner.health import TrainingHealth
 from hivetrain.miner.metrics import MinerMetrics
@@ -32,6 +32,8 @@ from hivetrain.redis_server import start_redis
 from hivetrain.store import connect_redis
 from hivetrain.tokenizer import load_tokenizer
 
+#: The run (local chain) of the miner and its validators; a challenge signed for any other is a forgery here.
+DOMAIN = Domain("challenge")
 LIMITS = ChallengeLimits(max_dim=64, max_batch=2, block_limit=100, rate=100.0, burst=100, pending=2, timeout_s=20.0)
 
 
@@ -54,9 +56,10 @@ def wait_for(condition, what: str, timeout: float = 20.0) -> None:
 class Endpoint:
     """A miner's real ChallengeServer with a stand-in training loop that answers only while ``training`` is set."""
 
-    def __init__(self, wallet, validators: ValidatorList, limits: ChallengeLimits = LIMITS, health=None, prepare=None):
+    def __init__(self, wallet, validators: ValidatorList, limits: ChallengeLimits = LIMITS, health=None, prepare=None,
+                 domain: Domain = DOMAIN):
         self.metrics = MinerMetrics()
-        self.server = ChallengeServer(wallet, "127.0.0.1", 0, validators, limits, window_s=60.0, prepare=prepare,
+        self.server = ChallengeServer(wallet, "127.0.0.1", 0, validators, limits, domain=domain, window_s=60.0, prepare=prepare,
                                       health=health, metrics=self.metrics).start()
         self.url = f"http://127.0.0.1:{self.server.port}"
         self.training = threading.Event()
@@ -75,8 +78,8 @@ class Endpoint:
             if self.training.is_set():
                 self.server.answer_pending(compute)
 
-    def post(self, signer, body: dict, **kwargs) -> requests.Response:
-        return requests.post(f"{self.url}/challenge", json=sign(signer, body), timeout=30, **kwargs)
+    def post(self, signer, body: dict, domain: Domain = DOMAIN, **kwargs) -> requests.Response:
+        return requests.post(f"{self.url}/challenge", json=sign(signer, domain, body), timeout=30, **kwargs)
 
     def count(self, outcome: str) -> float:
         return self.metrics.registry.get_sample_value("hive_miner_challenges_total", {"outcome": outcome})
@@ -110,10 +113,10 @@ def endpoint(wallet, validators):
 
 # --- who may ask --------------------------------------------------------------------------------
 def test_a_validators_challenge_gets_a_signed_answer_bound_to_it(endpoint, wallet, other_wallet):
-    request = sign(other_wallet, challenge(wallet.hotkey.ss58_address))
+    request = sign(other_wallet, DOMAIN, challenge(wallet.hotkey.ss58_address))
     response = requests.post(f"{endpoint.url}/challenge", json=request, timeout=30)
     assert response.status_code == 200
-    answer = Verifier.in_memory().verify(response.json())
+    answer = Verifier.in_memory(DOMAIN).verify(response.json())
     assert answer["challenge_nonce"] == request["nonce"]
     assert answer["validator"] == other_wallet.hotkey.ss58_address
     assert len(answer["projection"]) == 64 and endpoint.count("answered") == 1
@@ -148,16 +151,39 @@ def test_unsigned_forged_and_replayed_requests_are_refused(endpoint, wallet, oth
     body = challenge(wallet.hotkey.ss58_address)
     assert requests.post(f"{endpoint.url}/challenge", json=body, timeout=30).status_code == 401  # not an envelope
     assert requests.post(f"{endpoint.url}/challenge", data="nonsense", timeout=30).status_code == 400
-    forged = sign(other_wallet, body)
+    forged = sign(other_wallet, DOMAIN, body)
     forged["payload"]["block_index"] = 4
     assert requests.post(f"{endpoint.url}/challenge", json=forged, timeout=30).status_code == 401
-    signed = sign(other_wallet, body)
+    signed = sign(other_wallet, DOMAIN, body)
     assert requests.post(f"{endpoint.url}/challenge", json=signed, timeout=30).status_code == 200
     assert requests.post(f"{endpoint.url}/challenge", json=signed, timeout=30).status_code == 401  # same nonce again
 
 
+@pytest.mark.parametrize("signed_in", [Domain("other-run"), Domain("challenge", 1)], ids=["another run", "a subnet"])
+def test_a_validators_challenge_signed_for_another_run_or_subnet_is_refused(endpoint, wallet, other_wallet, signed_in):
+    """A validator listed here too (one hotkey in two runs or subnets) cannot have its challenges of there answered here."""
+    response = endpoint.post(other_wallet, challenge(wallet.hotkey.ss58_address), domain=signed_in)
+    assert response.status_code == 401 and "InvalidSignature" in response.json()["detail"], response.text
+    assert endpoint.computed == [] and endpoint.count("invalid") == 1
+    assert endpoint.post(other_wallet, challenge(wallet.hotkey.ss58_address)).status_code == 200  # this run's challenge
+
+
+def test_a_miners_answer_holds_in_its_own_subnet_only(chain, validators, wallet, other_wallet):
+    """The answer of a miner of subnet 1 is signed for subnet 1: replayed at a validator of subnet 2, it is a forgery."""
+    served = Endpoint(wallet, validators, domain=Domain("challenge", 1))
+    try:
+        response = served.post(other_wallet, challenge(wallet.hotkey.ss58_address), domain=Domain("challenge", 1))
+    finally:
+        served.stop()
+    assert response.status_code == 200
+    for elsewhere in (Domain("challenge", 2), Domain("challenge"), Domain("other-run", 1)):
+        with pytest.raises(InvalidSignature):
+            Verifier.in_memory(elsewhere).verify(response.json())
+    assert Verifier.in_memory(Domain("challenge", 1)).verify(response.json())["validator"] == other_wallet.hotkey.ss58_address
+
+
 def test_a_stranger_cannot_pass_as_a_validator_by_naming_its_hotkey(endpoint, wallet, other_wallet):
-    envelope = sign(fresh_hotkey(), challenge(wallet.hotkey.ss58_address))
+    envelope = sign(fresh_hotkey(), DOMAIN, challenge(wallet.hotkey.ss58_address))
     envelope["hotkey"] = other_wallet.hotkey.ss58_address  # the validator's name, not its signature
     response = requests.post(f"{endpoint.url}/challenge", json=envelope, timeout=30)
     assert response.status_code == 401 and endpoint.computed == []
@@ -345,7 +371,7 @@ def test_a_chunked_body_over_the_limit_gets_413(endpoint):
 
 
 def test_a_lying_content_length_gets_a_4xx_never_a_500(endpoint, wallet, other_wallet):
-    body = json.dumps(sign(other_wallet, challenge(wallet.hotkey.ss58_address))).encode()
+    body = json.dumps(sign(other_wallet, DOMAIN, challenge(wallet.hotkey.ss58_address))).encode()
     head = b"POST /challenge HTTP/1.1\r\nHost: miner\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
     short = raw_exchange(endpoint.server.port, head % 40, [body, b" " * (1 << 20)])  # more than it said
     assert status_of(short) == 400 and b" 500 " not in short
@@ -355,7 +381,7 @@ def test_a_lying_content_length_gets_a_4xx_never_a_500(endpoint, wallet, other_w
 
 
 def test_slow_clients_hold_no_thread(endpoint, wallet, other_wallet):
-    body = json.dumps(sign(other_wallet, challenge(wallet.hotkey.ss58_address))).encode()
+    body = json.dumps(sign(other_wallet, DOMAIN, challenge(wallet.hotkey.ss58_address))).encode()
     head = (b"POST /challenge HTTP/1.1\r\nHost: miner\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\n\r\n" % len(body))
     slow = [socket.create_connection(("127.0.0.1", endpoint.server.port), timeout=10) for _ in range(2 * SERVER_THREADS)]

@@ -16,7 +16,7 @@ from browser import chromium, console_errors, require_chromium, screenshot, wait
 
 from hivetrain import procs
 from hivetrain.gunicorn import start_gunicorn, stop_gunicorn
-from hivetrain.identity import load_or_create_wallet
+from hivetrain.identity import Domain, load_or_create_wallet
 from hivetrain.protocol.records import (
     VALIDATOR_TTL_S,
     EvalRecord,
@@ -37,6 +37,7 @@ from hivetrain.validator.dashboard import BUCKET_S, SERIES_SHOWN
 
 RUN = "dash"
 KEYS = Keys(RUN)
+DOMAIN = Domain(RUN)  # what ValidatorSettings(run_id=RUN) derives on the local chain
 MINERS = 200
 CHARTS = ("chart-eval", "chart-loss", "chart-swarm", "chart-tokens", "chart-rounds", "chart-durations")
 HOSTILE = '<img src=x onerror="window.__xss=1">'
@@ -70,29 +71,29 @@ def peer_id(i: int) -> str:
 def populate(redis_url: str, validator: str, now: float) -> list[KeyWallet]:
     """200 registered miners, three step buckets each, rounds, offences, a score board, evals and a status."""
     db = connect_redis(redis_url)
-    registry = Registry(db, KEYS)
+    registry = Registry(db, KEYS, DOMAIN)
     wallets = [KeyWallet(i + 1) for i in range(MINERS)]
     for i, w in enumerate(wallets):
         device = HOSTILE if i == 5 else ("cuda:0" if i % 3 == 0 else "cpu")
         record = PeerRecord(peer_id=peer_id(i), role="miner", multiaddrs=[f"/ip4/127.0.0.1/tcp/{4000 + i}"],
                             device=device, preset="tiny", started_at=now - 600)
-        registry.register(bound(record, w.hotkey.ss58_address, RUN, name=f"miner-{i:03d}"), w)
+        registry.register(bound(record, w.hotkey.ss58_address, DOMAIN, name=f"miner-{i:03d}"), w)
         for k, age in enumerate((2 * BUCKET_S, BUCKET_S, 0.0)):
-            append(db, KEYS, StepRecord(peer_id=peer_id(i), step=k, local_epoch=k, global_epoch=k, loss=6.0 - k + i / 1000,
+            append(db, KEYS, DOMAIN, StepRecord(peer_id=peer_id(i), step=k, local_epoch=k, global_epoch=k, loss=6.0 - k + i / 1000,
                                         samples=8 * (k + 1), samples_per_s=1.0, tokens_per_s=100.0 + i,
                                         checkpoint_epoch=k - 1, time=now - age), signer=w)
     # an impostor's step for miner 0 (validly signed, by the wrong hotkey): must draw nothing
-    append(db, KEYS, StepRecord(peer_id=peer_id(0), step=9, local_epoch=9, global_epoch=9, loss=1e6, samples=10**9,
+    append(db, KEYS, DOMAIN, StepRecord(peer_id=peer_id(0), step=9, local_epoch=9, global_epoch=9, loss=1e6, samples=10**9,
                                 samples_per_s=1.0, tokens_per_s=1e9, time=now), signer=wallets[1])
     for epoch in range(1, 4):
         for member in (0, 1, 2):
-            append(db, KEYS, RoundRecord(peer_id=peer_id(member), epoch=epoch, group_size=3, duration_s=0.2 * epoch,
+            append(db, KEYS, DOMAIN, RoundRecord(peer_id=peer_id(member), epoch=epoch, group_size=3, duration_s=0.2 * epoch,
                                          group=[peer_id(0), peer_id(1), peer_id(2)], success=True, time=now - 30 + epoch),
                    signer=wallets[member])
-    append(db, KEYS, OffenceRecord(peer_id=peer_id(1), offender=peer_id(7), averager="run_grad", role="sender",
+    append(db, KEYS, DOMAIN, OffenceRecord(peer_id=peer_id(1), offender=peer_id(7), averager="run_grad", role="sender",
                                    reason="non-finite part", banned_s=600.0, time=now - 5), signer=wallets[1])
     # a "ban" by a peer that is not registered: no one is framed by it
-    append(db, KEYS, OffenceRecord(peer_id="QmNobody", offender=peer_id(8), averager="run_grad", role="sender",
+    append(db, KEYS, DOMAIN, OffenceRecord(peer_id="QmNobody", offender=peer_id(8), averager="run_grad", role="sender",
                                    reason="forged", banned_s=600.0, time=now - 5), signer=KeyWallet(9999))
     miners = [MinerScore(hotkey=w.hotkey.ss58_address, uid=i, peer_id=peer_id(i), score=(MINERS - i) / MINERS,
                          weight=(MINERS - i) / (MINERS * (MINERS + 1) / 2),
@@ -103,9 +104,9 @@ def populate(redis_url: str, validator: str, now: float) -> list[KeyWallet]:
     db.set(KEYS.scores(validator), ScoreBoard(validator=validator, uid=0, epoch=2, rounds=4, weights_set_at=now - 3,
                                                miners=miners).to_json())
     for k in range(3):
-        append(db, KEYS, EvalRecord(validator=validator, epoch=k, loss=7.0 - k, perplexity=math.exp(7.0 - k), blocks=4,
+        append(db, KEYS, DOMAIN, EvalRecord(validator=validator, epoch=k, loss=7.0 - k, perplexity=math.exp(7.0 - k), blocks=4,
                                     tokens=1024, duration_s=0.5, time=now - 30 + 10 * k))
-    append(db, KEYS, EvalRecord(validator="5SomeoneElse", epoch=9, loss=0.1, perplexity=1.1, blocks=4, tokens=1024,
+    append(db, KEYS, DOMAIN, EvalRecord(validator="5SomeoneElse", epoch=9, loss=0.1, perplexity=1.1, blocks=4, tokens=1024,
                                 duration_s=0.5, time=now))
     db.set(KEYS.validator_alive(validator), ValidatorStatus(validator=validator, preset="tiny", parameters=3_300_000,
                                                             epoch=2, synced_at=now - 4).to_json(), ex=VALIDATOR_TTL_S)
@@ -150,13 +151,13 @@ def test_dashboard_data_for_200_miners(redis_url, wallet_dir, hotkey):
 
     # the next poll reads only what is new
     db = connect_redis(redis_url)
-    append(db, KEYS, StepRecord(peer_id=peer_id(3), step=3, local_epoch=3, global_epoch=3, loss=2.5, samples=32,
+    append(db, KEYS, DOMAIN, StepRecord(peer_id=peer_id(3), step=3, local_epoch=3, global_epoch=3, loss=2.5, samples=32,
                                 samples_per_s=1.0, tokens_per_s=50.0, time=now + BUCKET_S), signer=wallets[3])
     again = {row["peer_id"]: row for row in client.get("/api/dashboard").get_json()["miners"]}
     assert again[peer_id(3)]["loss"] == 2.5 and again[peer_id(3)]["global_epoch"] == 3
     # a flushed stream is read afresh, not waited on forever
     db.delete(KEYS.steps)
-    append(db, KEYS, StepRecord(peer_id=peer_id(4), step=0, local_epoch=0, global_epoch=0, loss=3.25, samples=8,
+    append(db, KEYS, DOMAIN, StepRecord(peer_id=peer_id(4), step=0, local_epoch=0, global_epoch=0, loss=3.25, samples=8,
                                 samples_per_s=1.0, tokens_per_s=50.0, time=now + 2 * BUCKET_S), signer=wallets[4])
     assert {row["peer_id"]: row for row in client.get("/api/dashboard").get_json()["miners"]}[peer_id(4)]["loss"] == 3.25
 

@@ -29,6 +29,7 @@ import requests
 import yaml
 from pydantic import ValidationError
 
+from hivetrain.identity import Domain
 from hivetrain.settings import (
     SERVICE_SETTINGS,
     MinerSettings,
@@ -432,6 +433,24 @@ def test_launcher_env_is_what_each_service_reads(service, tmp_path, monkeypatch)
         assert (settings.num_shards, settings.api_port, settings.torch_threads) == (16, 18100, 1)
     else:
         assert (settings.http_host, settings.http_port) == ("127.0.0.1", 18000)
+
+
+def test_every_service_of_a_swarm_derives_its_signature_domain(tmp_path, monkeypatch):
+    # run id, chain and netuid are in every signature: a service that got other values would drop everyone's records
+    for key in list(os.environ):
+        if key.startswith("HIVE_"):
+            monkeypatch.delenv(key)
+    settings = SwarmSettings(preset="tiny", miners=1, workdir=str(tmp_path), run_id="dom", chain="bittensor", netuid=3)
+    swarm = Swarm(settings)
+    swarm.bootstrap_url = "http://127.0.0.1:18000"
+    launched = {"bootstrap": swarm.bootstrap_env(18000), "miner": swarm.miner_env(0), "validator": swarm.validator_env(18100)}
+    for service, env in launched.items():
+        assert Domain.of(_assert_valid(service, _hive(env), monkeypatch, "launcher")) == Domain("dom", 3), service
+    composed = docker_engine.compose_env(settings.model_copy(update={"engine": "docker"}), {})
+    assert (composed["HIVE_RUN_ID"], composed["HIVE_CHAIN"], composed["HIVE_NETUID"]) == ("dom", "bittensor", "3")
+    for service in SERVICE_SETTINGS:  # compose hands the three to every service, the bootstrap included
+        env = _compose_config("default")["services"][service]["environment"]
+        assert {"HIVE_RUN_ID", "HIVE_CHAIN", "HIVE_NETUID"} <= set(env), service
 
 
 def test_preset_defaults_are_miner_settings():

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from hivetrain.chain import LocalChain
 from hivetrain.hivemind_compat import RoundInfo
-from hivetrain.identity import sign
+from hivetrain.identity import Domain, sign
 from hivetrain.miner.challenge import ChallengeLimits, ChallengeServer
 from hivetrain.miner.metrics import MinerMetrics
 from hivetrain.miner.validators import ValidatorList
@@ -51,7 +51,7 @@ def validators(redis_url, other_wallet):
 @pytest.fixture
 def server(wallet, metrics, validators):
     server = ChallengeServer(wallet, "127.0.0.1", 0, validators, ChallengeLimits(rate=100.0, burst=10, timeout_s=5.0),
-                             window_s=60.0, metrics=metrics).start()
+                             domain=Domain("metrics"), window_s=60.0, metrics=metrics).start()
     try:
         yield server
     finally:
@@ -109,7 +109,7 @@ def test_a_nonfinite_loss_is_nan_and_counted(server, metrics):
 
 def test_telemetry_written_is_read_from_the_writer(server, metrics, redis_url, wallet):
     assert not any(name.startswith("hive_miner_telemetry") for name, _ in scrape(_url(server))), "no writer yet"
-    writer = TelemetryWriter(connect_redis(redis_url), Keys("metrics"), wallet)
+    writer = TelemetryWriter(connect_redis(redis_url), Keys("metrics"), Domain("metrics"), wallet)
     metrics.watch_telemetry(writer)
     try:
         writer.put_many(_step(i) for i in range(1, 6))
@@ -131,7 +131,7 @@ def test_telemetry_queue_and_drops_while_redis_is_away(server, metrics, wallet):
     with socket.socket() as probe:  # a port nothing listens on: Redis is down
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    writer = TelemetryWriter(connect_redis(f"redis://127.0.0.1:{port}/0"), Keys("metrics"), wallet, max_queue=3)
+    writer = TelemetryWriter(connect_redis(f"redis://127.0.0.1:{port}/0"), Keys("metrics"), Domain("metrics"), wallet, max_queue=3)
     metrics.watch_telemetry(writer)
     try:
         writer.put_many(_step(i) for i in range(1, 6))
@@ -163,9 +163,9 @@ def test_spot_checks_are_counted_by_outcome(server, wallet, other_wallet):
     thread.start()
     try:
         url = f"http://127.0.0.1:{server.port}/challenge"
-        assert requests.post(url, json=sign(other_wallet, body), timeout=10).status_code == 200
-        assert requests.post(url, json=sign(other_wallet, body), timeout=10).status_code == 500
-        assert requests.post(url, json=sign(wallet, body), timeout=10).status_code == 403  # not a validator
+        assert requests.post(url, json=sign(other_wallet, Domain("metrics"), body), timeout=10).status_code == 200
+        assert requests.post(url, json=sign(other_wallet, Domain("metrics"), body), timeout=10).status_code == 500
+        assert requests.post(url, json=sign(wallet, Domain("metrics"), body), timeout=10).status_code == 403  # not a validator
     finally:
         stop.set()
         thread.join()
@@ -176,7 +176,7 @@ def test_spot_checks_are_counted_by_outcome(server, wallet, other_wallet):
 
 
 def test_without_metrics_the_endpoint_has_no_metrics_route(wallet, validators):
-    server = ChallengeServer(wallet, "127.0.0.1", 0, validators, window_s=60.0).start()
+    server = ChallengeServer(wallet, "127.0.0.1", 0, validators, domain=Domain("metrics"), window_s=60.0).start()
     try:
         assert requests.get(f"http://127.0.0.1:{server.port}/metrics", timeout=5).status_code == 404
         assert requests.get(f"http://127.0.0.1:{server.port}/healthz", timeout=5).status_code == 200

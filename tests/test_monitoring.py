@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_deploy import ROOT, _compose_binary, _compose_config, _k8s_docs, _run, _workloads
 
 from hivetrain.bootstrap.app import create_app as bootstrap_app
+from hivetrain.identity import Domain
 from hivetrain.miner.metrics import MinerMetrics
 from hivetrain.protocol.records import Keys
 from hivetrain.settings import BootstrapSettings, ValidatorSettings
@@ -179,7 +180,7 @@ def _served_names(redis_url: str, wallet, wallet_dir: str) -> set[str]:
         client.get("/healthz")  # request counters have samples once a request was counted
         texts.append(client.get("/metrics").text)
     metrics = MinerMetrics()  # as Miner._make_reporting sets it up
-    writer = TelemetryWriter(connect_redis(redis_url), Keys("mon"), wallet)
+    writer = TelemetryWriter(connect_redis(redis_url), Keys("mon"), Domain("mon"), wallet)
     try:
         metrics.describe("QmMiner", wallet.hotkey.ss58_address, "tiny", "cpu")
         metrics.watch_telemetry(writer)

@@ -14,12 +14,15 @@ from flask import Flask, jsonify, request
 from werkzeug.serving import make_server
 
 from hivetrain.chain import LocalChain
-from hivetrain.identity import Verifier, sign
+from hivetrain.identity import Domain, Verifier, sign
 from hivetrain.miner.challenge import ChallengeLimits, ChallengeServer
 from hivetrain.miner.validators import ValidatorList
 from hivetrain.protocol.records import PeerRecord
 from hivetrain.protocol.spotcheck import MAX_DIM, Challenge, SpotCheckAnswer
 from hivetrain.validator.spot import AnswerRejected, ask_miner
+
+#: The run both sides are in (the local chain).
+DOMAIN = Domain("spot")
 
 
 class HostileMiner:
@@ -50,9 +53,9 @@ def _peer(hotkey: str, url: str) -> PeerRecord:
     return PeerRecord(peer_id="QmMiner", role="miner", hotkey=hotkey, challenge_url=url, multiaddrs=[], started_at=0.0)
 
 
-def _ask(validator_wallet, miner_wallet, url: str, dim: int = 8) -> SpotCheckAnswer:
+def _ask(validator_wallet, miner_wallet, url: str, dim: int = 8, domain: Domain = DOMAIN) -> SpotCheckAnswer:
     asked = Challenge(miner_hotkey=miner_wallet.hotkey.ss58_address, block_index=3, batch_size=1, seed=5, dim=dim, epoch=2)
-    return ask_miner(validator_wallet, Verifier.in_memory(), _peer(miner_wallet.hotkey.ss58_address, url), asked, 5.0)
+    return ask_miner(validator_wallet, Verifier.in_memory(domain), _peer(miner_wallet.hotkey.ss58_address, url), asked, 5.0)
 
 
 def _answer(envelope: dict, **overrides) -> dict:
@@ -65,7 +68,7 @@ def test_the_miners_own_endpoint_answers_with_the_typed_answer(wallet, other_wal
     chain = LocalChain(redis.Redis.from_url(redis_url), "spot")
     chain.register(other_wallet.hotkey.ss58_address, "", "validator")  # the miner answers validators only
     validators = ValidatorList(chain).start()
-    server = ChallengeServer(wallet, "127.0.0.1", 0, validators, ChallengeLimits(rate=10.0), window_s=60.0).start()
+    server = ChallengeServer(wallet, "127.0.0.1", 0, validators, ChallengeLimits(rate=10.0), domain=DOMAIN, window_s=60.0).start()
     stop = threading.Event()
 
     def training_loop():  # Miner.train answers between steps; here: an epoch-2 model whose projection is all 0.5
@@ -86,7 +89,7 @@ def test_the_miners_own_endpoint_answers_with_the_typed_answer(wallet, other_wal
 
 
 def test_a_well_formed_answer_from_the_right_miner_is_accepted(hostile, wallet, other_wallet):
-    hostile.respond = lambda envelope: sign(wallet, _answer(envelope))
+    hostile.respond = lambda envelope: sign(wallet, DOMAIN, _answer(envelope))
     answer = _ask(other_wallet, wallet, hostile.url)
     assert answer.projection == [0.25] * 8 and answer.epoch == 2
 
@@ -102,7 +105,7 @@ def test_a_well_formed_answer_from_the_right_miner_is_accepted(hostile, wallet, 
     ({"validator": "5Fsomeoneelse"}, "for another challenge"),
 ])
 def test_a_bad_answer_is_refused_and_named(hostile, wallet, other_wallet, overrides, named):
-    hostile.respond = lambda envelope: sign(wallet, _answer(envelope, **overrides))
+    hostile.respond = lambda envelope: sign(wallet, DOMAIN, _answer(envelope, **overrides))
     with pytest.raises(AnswerRejected, match=named):
         _ask(other_wallet, wallet, hostile.url)
 
@@ -111,7 +114,7 @@ def test_an_answer_missing_a_field_is_refused(hostile, wallet, other_wallet):
     def respond(envelope):
         payload = _answer(envelope)
         del payload["epoch"]
-        return sign(wallet, payload)
+        return sign(wallet, DOMAIN, payload)
 
     hostile.respond = respond
     with pytest.raises(AnswerRejected, match="malformed answer: epoch: Field required"):
@@ -119,12 +122,37 @@ def test_an_answer_missing_a_field_is_refused(hostile, wallet, other_wallet):
 
 
 def test_an_answer_signed_by_another_hotkey_or_unsigned_is_refused(hostile, wallet, other_wallet):
-    hostile.respond = lambda envelope: sign(other_wallet, _answer(envelope))  # not the challenged miner's hotkey
+    hostile.respond = lambda envelope: sign(other_wallet, DOMAIN, _answer(envelope))  # not the challenged miner's hotkey
     with pytest.raises(AnswerRejected, match="another hotkey"):
         _ask(other_wallet, wallet, hostile.url)
     hostile.respond = lambda envelope: _answer(envelope)  # no envelope at all
     with pytest.raises(AnswerRejected, match="not authentic"):
         _ask(other_wallet, wallet, hostile.url)
+
+
+def test_an_answer_signed_for_another_run_or_subnet_is_refused(hostile, wallet, other_wallet):
+    """A miner of two subnets (or runs) answers with what it signed elsewhere: not authentic here."""
+    for elsewhere in (Domain("spot", 1), Domain("other-run")):
+        hostile.respond = lambda envelope: sign(wallet, elsewhere, _answer(envelope))
+        with pytest.raises(AnswerRejected, match="not authentic: InvalidSignature"):
+            _ask(other_wallet, wallet, hostile.url)
+    in_its_own_run = _ask(other_wallet, wallet, hostile.url, domain=Domain("other-run"))  # what it signed there holds there
+    assert in_its_own_run.projection == [0.25] * 8
+
+
+def test_the_miners_own_endpoint_refuses_a_validator_of_another_subnet(wallet, other_wallet, redis_url):
+    chain = LocalChain(redis.Redis.from_url(redis_url), "spot")
+    chain.register(other_wallet.hotkey.ss58_address, "", "validator")
+    validators = ValidatorList(chain).start()
+    server = ChallengeServer(wallet, "127.0.0.1", 0, validators, ChallengeLimits(rate=10.0), domain=Domain("spot", 1),
+                             window_s=60.0).start()
+    try:
+        with pytest.raises(AnswerRejected, match="401"):
+            _ask(other_wallet, wallet, f"http://127.0.0.1:{server.port}", domain=Domain("spot", 2))
+        assert server.queue.held(other_wallet.hotkey.ss58_address) == 0
+    finally:
+        server.stop()
+        validators.stop()
 
 
 def test_an_unreachable_miner_is_named(wallet, other_wallet):

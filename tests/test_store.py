@@ -11,8 +11,10 @@ from bound_peers import bound
 from bound_peers import peer_id as pid
 
 from hivetrain import procs
+from hivetrain.identity import Domain, InvalidSignature
 from hivetrain.protocol.records import BootstrapRecord, Keys, PeerRecord, RoundRecord, StepRecord
 from hivetrain.redis_server import start_redis
+from hivetrain.settings import BootstrapSettings, MinerSettings, ValidatorSettings
 from hivetrain.store import Registry, TelemetryWriter, append, connect_redis, read_stream, redacted
 
 
@@ -22,7 +24,7 @@ def _peer(peer_id: str, role: str = "miner") -> PeerRecord:
 
 def _register(registry: Registry, name: str, signer, role: str = "miner") -> None:
     """Register the test peer called ``name`` as a miner does: its own libp2p key vouches for ``signer``'s hotkey."""
-    registry.register(bound(_peer(name, role), signer.hotkey.ss58_address, registry.keys.run_id), signer)
+    registry.register(bound(_peer(name, role), signer.hotkey.ss58_address, registry.domain), signer)
 
 
 def _step(peer_id: str, step: int) -> StepRecord:
@@ -30,7 +32,7 @@ def _step(peer_id: str, step: int) -> StepRecord:
 
 
 def test_registry_lists_freshest_first_and_expires(redis_url, wallet):
-    registry = Registry(connect_redis(redis_url), Keys("t"), ttl_s=2)
+    registry = Registry(connect_redis(redis_url), Keys("t"), Domain("t"), ttl_s=2)
     for name in ("a", "b", "c"):
         _register(registry, name, wallet)
         time.sleep(0.01)
@@ -44,7 +46,7 @@ def test_registry_lists_freshest_first_and_expires(redis_url, wallet):
 
 
 def test_registry_filters_role_and_skips_malformed(redis_url, wallet):
-    registry = Registry(connect_redis(redis_url), Keys("t"))
+    registry = Registry(connect_redis(redis_url), Keys("t"), Domain("t"))
     _register(registry, "m1", wallet)
     _register(registry, "v1", wallet, role="validator")
     registry.client.set(registry.keys.peer("bad"), b'{"peer_id": 3}')
@@ -54,7 +56,7 @@ def test_registry_filters_role_and_skips_malformed(redis_url, wallet):
 
 
 def test_bootstrap_records(redis_url):
-    registry = Registry(connect_redis(redis_url), Keys("t"))
+    registry = Registry(connect_redis(redis_url), Keys("t"), Domain("t"))
     registry.set_bootstrap(BootstrapRecord(peer_id="boot", multiaddrs=["/ip4/127.0.0.1/tcp/5/p2p/boot"]))
     assert [b.peer_id for b in registry.bootstraps()] == ["boot"]
     registry.remove_bootstrap("boot")
@@ -63,26 +65,26 @@ def test_bootstrap_records(redis_url):
 
 def test_runs_do_not_see_each_other(redis_url, wallet):
     client = connect_redis(redis_url)
-    _register(Registry(client, Keys("one")), "a", wallet)
-    assert Registry(client, Keys("two")).live_peers() == []
+    _register(Registry(client, Keys("one"), Domain("one")), "a", wallet)
+    assert Registry(client, Keys("two"), Domain("two")).live_peers() == []
 
 
 def test_streams_are_signed_and_typed(redis_url, wallet):
-    client, keys = connect_redis(redis_url), Keys("t")
+    client, keys, domain = connect_redis(redis_url), Keys("t"), Domain("t")
     for i in range(5):
-        append(client, keys, _step("a", i), wallet)
-    append(client, keys, RoundRecord(peer_id="a", epoch=1, group_size=2, group=["a", "b"], duration_s=0.5, success=True), wallet)
+        append(client, keys, domain, _step("a", i), wallet)
+    append(client, keys, domain, RoundRecord(peer_id="a", epoch=1, group_size=2, group=["a", "b"], duration_s=0.5, success=True), wallet)
     with pytest.raises(ValueError, match="signed"):
-        append(client, keys, _step("a", 9))
-    assert [r.step for r in read_stream(client, keys, StepRecord)] == [0, 1, 2, 3, 4]
-    assert [r.step for r in read_stream(client, keys, StepRecord, count=2)] == [3, 4]
-    assert read_stream(client, keys, RoundRecord)[0].group == ["a", "b"]
+        append(client, keys, domain, _step("a", 9))
+    assert [r.step for r in read_stream(client, keys, domain, StepRecord)] == [0, 1, 2, 3, 4]
+    assert [r.step for r in read_stream(client, keys, domain, StepRecord, count=2)] == [3, 4]
+    assert read_stream(client, keys, domain, RoundRecord)[0].group == ["a", "b"]
 
 
 def test_telemetry_survives_redis_restart(tmp_path, wallet):
     port = procs.free_port()
     server, url = start_redis(tmp_path / "r1", port=port, persist=False)
-    writer = TelemetryWriter(connect_redis(url, timeout=0.5), Keys("t"), signer=wallet, max_backoff_s=0.3)
+    writer = TelemetryWriter(connect_redis(url, timeout=0.5), Keys("t"), Domain("t"), signer=wallet, max_backoff_s=0.3)
     try:
         writer.put(_step("a", 0))
         server.stop(timeout=5)
@@ -93,7 +95,7 @@ def test_telemetry_survives_redis_restart(tmp_path, wallet):
         time.sleep(0.5)
         server, url = start_redis(tmp_path / "r2", port=port, persist=False)
         writer.close(timeout=10)
-        steps = [r.step for r in read_stream(connect_redis(url), Keys("t"), StepRecord)]
+        steps = [r.step for r in read_stream(connect_redis(url), Keys("t"), Domain("t"), StepRecord)]
         assert steps[-3:] == [1, 2, 3]
         assert writer.dropped == 0
     finally:
@@ -102,7 +104,7 @@ def test_telemetry_survives_redis_restart(tmp_path, wallet):
 
 def test_telemetry_drops_oldest_when_full(redis_url, wallet):
     client = redis.Redis(host="127.0.0.1", port=procs.free_port(), socket_timeout=0.2, socket_connect_timeout=0.2)
-    writer = TelemetryWriter(client, Keys("t"), wallet, max_queue=3, max_backoff_s=0.2)
+    writer = TelemetryWriter(client, Keys("t"), Domain("t"), wallet, max_queue=3, max_backoff_s=0.2)
     for i in range(10):
         writer.put(_step("a", i))
     assert writer.dropped == 7
@@ -126,7 +128,7 @@ def _tamper(client, key: str, **changes) -> None:
 
 
 def test_registry_drops_forged_and_misfiled_records(redis_url, wallet, other_wallet):
-    registry = Registry(connect_redis(redis_url), Keys("t"))
+    registry = Registry(connect_redis(redis_url), Keys("t"), Domain("t"))
     _register(registry, "honest", wallet)
     _register(registry, "victim", other_wallet)
     # someone with Redis access edits a record: the signature no longer covers it
@@ -139,7 +141,7 @@ def test_registry_drops_forged_and_misfiled_records(redis_url, wallet, other_wal
 
 
 def test_registry_drops_records_whose_heartbeat_stopped(redis_url, wallet):
-    registry = Registry(connect_redis(redis_url), Keys("t"), ttl_s=60)
+    registry = Registry(connect_redis(redis_url), Keys("t"), Domain("t"), ttl_s=60)
     _register(registry, "a", wallet)
     registry.verifier.window_s = 0.2  # the key lives on, but the signed timestamp is old
     time.sleep(0.3)
@@ -147,14 +149,14 @@ def test_registry_drops_records_whose_heartbeat_stopped(redis_url, wallet):
 
 
 def test_stream_history_drops_tampered_records(redis_url, wallet):
-    client, keys = connect_redis(redis_url), Keys("t")
-    append(client, keys, _step("a", 0), wallet)
-    append(client, keys, _step("a", 1), wallet)
+    client, keys, domain = connect_redis(redis_url), Keys("t"), Domain("t")
+    append(client, keys, domain, _step("a", 0), wallet)
+    append(client, keys, domain, _step("a", 1), wallet)
     entry_id, fields = client.xrange(keys.steps)[0]
     envelope = json.loads(fields[b"env"])
     envelope["payload"]["samples"] = 10**9  # an inflated claim under someone else's signature
     client.xadd(keys.steps, {"env": json.dumps(envelope)})
-    assert [r.step for r in read_stream(client, keys, StepRecord)] == [0, 1]
+    assert [r.step for r in read_stream(client, keys, domain, StepRecord)] == [0, 1]
 
 
 def test_a_password_protected_redis_refuses_anonymous_clients(tmp_path):
@@ -180,13 +182,13 @@ def test_redacted_urls_keep_everything_but_the_password():
 def test_a_hotkey_cannot_register_a_peer_id_whose_key_it_does_not_hold(redis_url, wallet, other_wallet):
     """The reward theft: a thief registers a victim's peer id under its own hotkey, to be credited with
     the victim's work and sent its spot checks. Each way of trying it is dropped by every reader."""
-    registry = Registry(connect_redis(redis_url), Keys("t"))
+    registry = Registry(connect_redis(redis_url), Keys("t"), Domain("t"))
     _register(registry, "victim", wallet)
     (victim,) = registry.live_peers()
     attempts = {
         "the victim's binding copied": victim,
         "no binding": victim.model_copy(update={"peer_key": "", "peer_signature": ""}),
-        "the thief's own key": bound(_peer("thief"), other_wallet.hotkey.ss58_address, "t").model_copy(
+        "the thief's own key": bound(_peer("thief"), other_wallet.hotkey.ss58_address, Domain("t")).model_copy(
             update={"peer_id": victim.peer_id}),
     }
     for attempt, record in attempts.items():
@@ -194,3 +196,70 @@ def test_a_hotkey_cannot_register_a_peer_id_whose_key_it_does_not_hold(redis_url
         assert registry.live_peers() == [], attempt
     _register(registry, "victim", wallet)  # the victim's next heartbeat
     assert [(p.peer_id, p.hotkey) for p in registry.live_peers()] == [(pid("victim"), wallet.hotkey.ss58_address)]
+
+
+# --- the signature domain: records of one run or subnet are forgeries in any other ------------------
+#: (signed in, read in). Runs have their own Redis namespaces, so the attacker copies the record across;
+#: subnets of one run id share the namespace, so the other subnet's reader finds it where it is.
+CROSS_DOMAIN = {
+    "another run": (Domain("run-a"), Domain("run-b")),
+    "another subnet": (Domain("run-a", 1), Domain("run-a", 2)),
+    "a bittensor record on the local chain": (Domain("run-a", 1), Domain("run-a")),
+}
+
+
+def _copy_registration(client, source: Keys, target: Keys, peer_id: str) -> bytes:
+    raw = client.get(source.peer(peer_id))
+    client.set(target.peer(peer_id), raw, ex=60)
+    client.zadd(target.peer_index, {peer_id: time.time()})
+    return raw
+
+
+@pytest.mark.parametrize("signed_in, read_in", CROSS_DOMAIN.values(), ids=CROSS_DOMAIN)
+def test_a_registration_replayed_into_another_run_or_subnet_is_refused(redis_url, wallet, signed_in, read_in):
+    client = connect_redis(redis_url)
+    home = Registry(client, Keys(signed_in.run_id), signed_in)
+    _register(home, "miner", wallet)
+    raw = _copy_registration(client, home.keys, Keys(read_in.run_id), pid("miner"))
+    elsewhere = Registry(client, Keys(read_in.run_id), read_in)
+    assert elsewhere.live_peers() == []
+    with pytest.raises(InvalidSignature, match=str(read_in)):  # refused as a forgery: the domain is signed
+        elsewhere.verifier.authenticate(raw)
+    assert [p.peer_id for p in home.live_peers()] == [pid("miner")]  # in its own run and subnet it holds
+
+
+@pytest.mark.parametrize("signed_in, read_in", CROSS_DOMAIN.values(), ids=CROSS_DOMAIN)
+def test_step_records_replayed_into_another_run_or_subnet_are_refused(redis_url, wallet, signed_in, read_in):
+    client, home, there = connect_redis(redis_url), Keys(signed_in.run_id), Keys(read_in.run_id)
+    for i in range(3):
+        append(client, home, signed_in, _step(pid("miner"), i), wallet)
+    if there.steps != home.steps:
+        for _, fields in client.xrange(home.steps):
+            client.xadd(there.steps, fields)  # replayed byte for byte
+    assert read_stream(client, there, read_in, StepRecord) == []
+    assert [r.step for r in read_stream(client, home, signed_in, StepRecord)] == [0, 1, 2]
+
+
+def test_the_netuid_comes_from_the_bittensor_setting_alone(redis_url, wallet):
+    """Without touching the network: two subnets of one run id, their services configured as in production."""
+    client, keys = connect_redis(redis_url), Keys("run-a")
+    miner_1 = Domain.of(MinerSettings(run_id="run-a", chain="bittensor", netuid=1))
+    bootstrap_1 = Domain.of(BootstrapSettings(run_id="run-a", chain="bittensor", netuid=1))
+    validator_2 = Domain.of(ValidatorSettings(run_id="run-a", chain="bittensor", netuid=2))
+    _register(Registry(client, keys, miner_1), "miner", wallet)
+    append(client, keys, miner_1, _step(pid("miner"), 0), wallet)
+    assert [p.peer_id for p in Registry(client, keys, bootstrap_1).live_peers()] == [pid("miner")]
+    assert Registry(client, keys, validator_2).live_peers() == []
+    assert read_stream(client, keys, validator_2, StepRecord) == []
+    local = Domain.of(ValidatorSettings(run_id="run-a", chain="local", netuid=1))  # the local chain has no subnet
+    assert local == Domain("run-a") and Registry(client, keys, local).live_peers() == []
+
+
+def test_keys_and_domain_of_different_runs_are_a_wiring_error(redis_url, wallet):
+    client = connect_redis(redis_url)
+    with pytest.raises(ValueError, match="same settings"):
+        Registry(client, Keys("run-a"), Domain("run-b"))
+    with pytest.raises(ValueError, match="same settings"):
+        append(client, Keys("run-a"), Domain("run-b"), _step("a", 0), wallet)
+    with pytest.raises(ValueError, match="Domain"):
+        read_stream(client, Keys("run-a"), "run-a", StepRecord)

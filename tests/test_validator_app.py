@@ -12,8 +12,8 @@ from bound_peers import bound
 from bound_peers import peer_id as pid
 
 from hivetrain import procs
-from hivetrain.gunicorn import gunicorn_argv, settings_env, start_gunicorn, stop_gunicorn
-from hivetrain.identity import load_or_create_wallet
+from hivetrain.gunicorn import WORKER_CLASS, gunicorn_argv, settings_env, start_gunicorn, stop_gunicorn
+from hivetrain.identity import Domain, load_or_create_wallet
 from hivetrain.protocol.records import (
     VALIDATOR_TTL_S,
     EvalRecord,
@@ -31,6 +31,7 @@ from hivetrain.validator.app import ROUNDS_SHOWN, create_app
 
 RUN = "vt"
 KEYS = Keys(RUN)
+DOMAIN = Domain(RUN)  # what ValidatorSettings(run_id=RUN) derives on the local chain
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,7 @@ def _peer(name: str, role: str = "miner") -> PeerRecord:
 
 def _register(registry: Registry, name: str, signer, role: str = "miner") -> None:
     """Register the test peer called ``name`` as a miner does: its own libp2p key vouches for ``signer``'s hotkey."""
-    registry.register(bound(_peer(name, role), signer.hotkey.ss58_address, RUN), signer)
+    registry.register(bound(_peer(name, role), signer.hotkey.ss58_address, DOMAIN), signer)
 
 
 def _step(name: str, step: int, tokens_per_s: float, global_epoch: int = 0, loss: float = 5.0) -> StepRecord:
@@ -87,19 +88,19 @@ def _board(hotkey: str) -> ScoreBoard:
 
 
 def test_swarm_lists_live_peers_latest_steps_throughput_and_rounds(client, db, wallet, other_wallet):
-    registry = Registry(db, KEYS)
+    registry = Registry(db, KEYS, DOMAIN)
     _register(registry, "QmA", wallet)
     _register(registry, "QmB", other_wallet)
     _register(registry, "QmV", other_wallet, role="validator")
     for record, signer in [(_step("QmA", 0, 100.0, global_epoch=2), wallet), (_step("QmA", 1, 120.0, global_epoch=3), wallet),
                            (_step("QmB", 0, 80.0, global_epoch=3), other_wallet),
                            (_step("QmGone", 0, 999.0, global_epoch=9), wallet)]:  # not registered: not counted
-        append(db, KEYS, record, signer=signer)
+        append(db, KEYS, DOMAIN, record, signer=signer)
     for epoch in range(1, ROUNDS_SHOWN + 3):
         for member in (pid("QmA"), pid("QmB")):
-            append(db, KEYS, RoundRecord(peer_id=member, epoch=epoch, group_size=2, group=[pid("QmA"), pid("QmB")], duration_s=0.5,
+            append(db, KEYS, DOMAIN, RoundRecord(peer_id=member, epoch=epoch, group_size=2, group=[pid("QmA"), pid("QmB")], duration_s=0.5,
                                          success=True), signer=wallet)
-    append(db, KEYS, RoundRecord(peer_id=pid("QmA"), epoch=99, group_size=2, duration_s=1.0, success=False), signer=wallet)
+    append(db, KEYS, DOMAIN, RoundRecord(peer_id=pid("QmA"), epoch=99, group_size=2, duration_s=1.0, success=False), signer=wallet)
 
     response = client.get("/api/swarm")
     assert response.status_code == 200 and response.headers["Cache-Control"] == "no-store"
@@ -120,21 +121,37 @@ def test_swarm_lists_live_peers_latest_steps_throughput_and_rounds(client, db, w
 
 
 def test_forged_telemetry_does_not_appear(client, db, wallet, other_wallet):
-    _register(Registry(db, KEYS), "QmA", wallet)
-    append(db, KEYS, _step("QmA", 0, 100.0), signer=wallet)
-    append(db, KEYS, _step("QmA", 1, 100.0), signer=wallet)
+    _register(Registry(db, KEYS, DOMAIN), "QmA", wallet)
+    append(db, KEYS, DOMAIN, _step("QmA", 0, 100.0), signer=wallet)
+    append(db, KEYS, DOMAIN, _step("QmA", 1, 100.0), signer=wallet)
     # QmA's own signature on an altered body
     _, fields = db.xrevrange(KEYS.steps, count=1)[0]
     envelope = json.loads(fields[b"env"])
     envelope["payload"].update(step=7, tokens_per_s=1e9)
     db.xadd(KEYS.steps, {"env": json.dumps(envelope)})
     # a valid signature by a hotkey that is not QmA's registration: an impostor speaking for QmA
-    append(db, KEYS, _step("QmA", 8, 1e9, global_epoch=50), signer=other_wallet)
+    append(db, KEYS, DOMAIN, _step("QmA", 8, 1e9, global_epoch=50), signer=other_wallet)
 
     body = client.get("/api/swarm").get_json()
     (peer,) = body["peers"]
     assert peer["latest_step"]["step"] == 1 and peer["latest_step"]["tokens_per_s"] == 100.0
     assert body["throughput_tokens_per_s"] == 100.0 and body["global_epoch"] == 0
+
+
+def test_a_validator_of_another_subnet_sees_none_of_this_subnets_records(redis_url, wallet_dir, db, wallet):
+    """Two subnets of one run id share a Redis: each validator API counts the records signed for its own netuid only."""
+    subnet_1 = Domain(RUN, 1)
+    registry = Registry(db, KEYS, subnet_1)
+    registry.register(bound(_peer("QmA"), wallet.hotkey.ss58_address, subnet_1), wallet)
+    append(db, KEYS, subnet_1, _step("QmA", 0, 100.0, global_epoch=4), signer=wallet)
+    append(db, KEYS, subnet_1, RoundRecord(peer_id=pid("QmA"), epoch=4, group_size=2, duration_s=0.5, success=True), signer=wallet)
+    views = {netuid: create_app(_settings(redis_url, wallet_dir, chain="bittensor", netuid=netuid)).test_client().get("/api/swarm").get_json()
+             for netuid in (1, 2)}
+    assert [(p["peer_id"], p["latest_step"]["step"]) for p in views[1]["peers"]] == [(pid("QmA"), 0)]
+    assert views[1]["global_epoch"] == 4 and len(views[1]["rounds"]) == 1
+    assert views[2]["peers"] == [] and views[2]["rounds"] == [] and views[2]["global_epoch"] is None
+    local = create_app(_settings(redis_url, wallet_dir)).test_client().get("/api/swarm").get_json()
+    assert local["peers"] == [] and local["rounds"] == []
 
 
 def test_empty_swarm(client):
@@ -176,7 +193,7 @@ def test_malformed_board_is_a_503_not_a_500(client, db, hotkey):
 def test_evals_oldest_first_with_limit_and_latest(client, db):
     assert client.get("/api/evals").get_json() == {"evals": [], "latest": None, "count": 0}
     for epoch in range(5):
-        append(db, KEYS, _eval(epoch, loss=5.0 - epoch))
+        append(db, KEYS, DOMAIN, _eval(epoch, loss=5.0 - epoch))
     body = client.get("/api/evals").get_json()
     assert [e["epoch"] for e in body["evals"]] == [0, 1, 2, 3, 4] and body["count"] == 5
     body = client.get("/api/evals?limit=2").get_json()
@@ -215,12 +232,12 @@ def test_redis_down_is_503_json_never_500(wallet_dir):
 
 def test_metrics_gauges_and_request_counts(client, db, hotkey, wallet, other_wallet):
     assert "hive_validator_latest_eval_loss NaN" in client.get("/metrics").text
-    registry = Registry(db, KEYS)
+    registry = Registry(db, KEYS, DOMAIN)
     _register(registry, "QmA", wallet)
     _register(registry, "QmB", other_wallet)
     _register(registry, "QmV", other_wallet, role="validator")
-    append(db, KEYS, _eval(0, loss=4.5))
-    append(db, KEYS, _eval(1, loss=3.25))
+    append(db, KEYS, DOMAIN, _eval(0, loss=4.5))
+    append(db, KEYS, DOMAIN, _eval(1, loss=3.25))
     db.set(KEYS.scores(hotkey), _board(hotkey).to_json())
     client.get("/api/evals")
     client.get("/api/evals?limit=x")
@@ -257,7 +274,7 @@ def test_gunicorn_argv_and_env(redis_url, wallet_dir, monkeypatch):
     argv = gunicorn_argv(APP_SPEC, settings.api_host, settings.api_port, settings.api_workers, settings.log_level)
     assert argv[-1] == APP_SPEC == "hivetrain.validator.app:create_app()"
     assert "--no-control-socket" in argv and argv[argv.index("--bind") + 1] == "127.0.0.1:8123"
-    assert argv[argv.index("--workers") + 1] == "3" and argv[argv.index("--worker-class") + 1] == "gthread"
+    assert argv[argv.index("--workers") + 1] == "3" and argv[argv.index("--worker-class") + 1] == WORKER_CLASS
     env = settings_env(settings)
     assert env["HIVE_API_PORT"] == "8123" and env["HIVE_WALLET_DIR"] == wallet_dir and "HIVE_STRAY" not in env
     monkeypatch.delenv("HIVE_STRAY")

@@ -25,7 +25,7 @@ from bound_peers import peer_id as pid
 from hivetrain import procs
 from hivetrain.chain import LocalChain
 from hivetrain.data import BlockStream, shard_for_peer
-from hivetrain.identity import load_or_create_wallet, sign
+from hivetrain.identity import Domain, load_or_create_wallet, sign
 from hivetrain.protocol.projection import projected_gradient
 from hivetrain.protocol.records import Keys, PeerRecord
 from hivetrain.protocol.spotcheck import Challenge
@@ -36,6 +36,7 @@ from hivetrain.validator.service import Validator
 from hivetrain.validator.verdicts import SpotCheckResult
 
 RUN_ID = "vloop"
+DOMAIN = Domain(RUN_ID)  # what the validator's settings derive on the local chain
 
 
 def wait_until(predicate, what: str, timeout: float = 90.0):
@@ -114,8 +115,8 @@ class MinerEndpoint:
     def respond(self, handler: BaseHTTPRequestHandler, envelope: dict) -> None:
         challenge = Challenge.model_validate(envelope["payload"])
         epoch, projection = self.answer(challenge)
-        body = json.dumps(sign(self.wallet, {"challenge_nonce": envelope["nonce"], "validator": envelope["hotkey"], "epoch": epoch,
-                                             "block_index": challenge.block_index, "projection": projection})).encode()
+        body = json.dumps(sign(self.wallet, DOMAIN, {"challenge_nonce": envelope["nonce"], "validator": envelope["hotkey"], "epoch": epoch,
+                                                     "block_index": challenge.block_index, "projection": projection})).encode()
         response = b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
         chunks = [response] if not self.drip_s else [bytes([b]) for b in response]
         for chunk in chunks:
@@ -151,7 +152,7 @@ def _register(client, wallet, name: str, url: str = "") -> str:
     """Register the test peer called ``name`` (peer id ``pid(name)``) for ``wallet``; returns its hotkey."""
     record = PeerRecord(peer_id=name, role="miner", hotkey=wallet.hotkey.ss58_address, challenge_url=url, multiaddrs=[],
                         started_at=time.time())
-    Registry(client, Keys(RUN_ID)).register(bound(record, wallet.hotkey.ss58_address, RUN_ID), signer=wallet)
+    Registry(client, Keys(RUN_ID), DOMAIN).register(bound(record, wallet.hotkey.ss58_address, DOMAIN), signer=wallet)
     return wallet.hotkey.ss58_address
 
 

@@ -17,6 +17,7 @@ import redis
 from flask import Flask, Response, jsonify
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 
+from hivetrain.identity import Domain
 from hivetrain.log import get_logger
 from hivetrain.protocol.records import Keys
 from hivetrain.settings import BootstrapSettings
@@ -63,7 +64,7 @@ def create_app(settings: BootstrapSettings | None = None, cache_s: float = ANSWE
     """
     settings = settings_or_exit(BootstrapSettings, settings)
     app = Flask(__name__)
-    registry = Registry(connect_redis(settings.redis_url), Keys(settings.run_id))
+    registry = Registry(connect_redis(settings.redis_url), Keys(settings.run_id), Domain.of(settings))
     metrics = Metrics()
     app.extensions["hivetrain.bootstrap"] = {"settings": settings, "registry": registry, "metrics": metrics}
     install(app, metrics, "bootstrap")

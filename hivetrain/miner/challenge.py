@@ -9,12 +9,14 @@ for another challenge.
 
 What is refused, cheapest check first: a body over ``MAX_BODY_BYTES`` (413, by the server before
 the app runs, chunked or not); a hotkey the chain does not list as a validator (403, before its
-signature is even checked: ``hivetrain.miner.validators``); a bad signature, a replay (401); a
-challenge for another miner (403); a batch, projection or block beyond ``ChallengeLimits`` (400,
-naming the bound); more than ``rate`` per second from one validator (429); more than ``pending``
-of one validator's challenges waiting (503), so one validator, or a flood, cannot take another's
-place in the queue. Served by waitress in a thread of the miner: a fixed pool of threads, and
-requests are read whole by its event loop before a thread sees them, so slow clients hold none.
+signature is even checked: ``hivetrain.miner.validators``); a body nested deeper than
+``MAX_NESTING`` (400: re-encoding it to check its signature could exhaust the stack); a bad
+signature, a replay (401); a challenge for another miner (403); a batch, projection or block
+beyond ``ChallengeLimits`` (400, naming the bound); more than ``rate`` per second from one
+validator (429); more than ``pending`` of one validator's challenges waiting (503), so one
+validator, or a flood, cannot take another's place in the queue. Served by waitress in a thread
+of the miner: a fixed pool of threads, and requests are read whole by its event loop before a
+thread sees them, so slow clients hold none.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from pydantic import ValidationError
 from waitress import wasyncore
 from werkzeug.exceptions import HTTPException
 
-from hivetrain.identity import VerificationError, Verifier, sign
+from hivetrain.identity import Domain, VerificationError, Verifier, sign
 from hivetrain.log import get_logger
 from hivetrain.miner.health import TrainingHealth
 from hivetrain.miner.metrics import MinerMetrics
@@ -45,6 +47,8 @@ logger = get_logger(__name__)
 
 #: A signed challenge is about 600 bytes; anything much larger is not one.
 MAX_BODY_BYTES = 64 * 1024
+#: A challenge envelope nests two levels deep (envelope, payload); anything much deeper is not one.
+MAX_NESTING = 8
 #: Threads that run requests (each accepted challenge holds one until the training loop answers).
 SERVER_THREADS = 8
 #: Open connections at most, and seconds before an idle or half-sent one is closed.
@@ -196,6 +200,18 @@ class ChallengeQueue:
             self._thread.join(timeout=5)
 
 
+def nests_deeper(value: Any, limit: int) -> bool:
+    """Whether JSON ``value`` has lists or dicts nested more than ``limit`` deep (walked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False
+
+
 def create_challenge_app(hotkey_ss58: str, verifier: Verifier, validators: ValidatorList, limits: ChallengeLimits,
                          challenges: ChallengeQueue, health: TrainingHealth | None = None,
                          metrics: MinerMetrics | None = None) -> Flask:
@@ -240,6 +256,8 @@ def create_challenge_app(hotkey_ss58: str, verifier: Verifier, validators: Valid
         if not validators.allows(claimed):  # before the signature: costs a set lookup, stores no nonce
             return refuse(403, "refused", "not a validator",
                           f"{claimed[:64]!r} is not a validator on the chain; only validators send spot checks")
+        if nests_deeper(body, MAX_NESTING):  # parsed, but re-encoding it for the signature check could blow the stack
+            return refuse(400, "invalid", "bad request", f"body nests deeper than {MAX_NESTING} levels: not a signed challenge")
         try:
             asked = Challenge.model_validate(verifier.verify(body))
         except VerificationError as error:
@@ -271,14 +289,16 @@ class ChallengeServer:
     """Serves the challenge app with waitress from a thread; the training loop calls ``answer_pending`` between steps."""
 
     def __init__(self, wallet, host: str, port: int, validators: ValidatorList, limits: ChallengeLimits = ChallengeLimits(),
-                 *, window_s: float = 120.0, prepare: Callable[[Challenge], Any] | None = None,
+                 *, domain: Domain, window_s: float = 120.0, prepare: Callable[[Challenge], Any] | None = None,
                  health: TrainingHealth | None = None, metrics: MinerMetrics | None = None):
         self.wallet = wallet
+        self.verifier = Verifier.in_memory(domain, window_s=window_s)  # challenges of other runs and subnets are refused
         self.hotkey = wallet.hotkey.ss58_address
         self.metrics = metrics
         self.queue = ChallengeQueue(limits.pending, prepare)
-        app = create_challenge_app(self.hotkey, Verifier.in_memory(window_s=window_s), validators, limits, self.queue,
+        app = create_challenge_app(self.hotkey, self.verifier, validators, limits, self.queue,
                                    health=health, metrics=metrics)
+        self.app = app  # what it serves: its routes are in app.url_map
         self._server = waitress.create_server(
             app, host=host, port=port, threads=SERVER_THREADS, connection_limit=MAX_CONNECTIONS,
             channel_timeout=CONNECTION_TIMEOUT_S, max_request_body_size=MAX_BODY_BYTES,
@@ -302,7 +322,7 @@ class ChallengeServer:
                     epoch, projection = compute(item.challenge, item.batch)
                     answer = SpotCheckAnswer(challenge_nonce=item.nonce, validator=item.validator, epoch=epoch,
                                              block_index=item.challenge.block_index, projection=projection)
-                    item.future.set_result(sign(self.wallet, answer.model_dump(mode="json")))
+                    item.future.set_result(sign(self.wallet, self.verifier.domain, answer.model_dump(mode="json")))
                     outcome = "answered"
                 except Exception as error:  # a bad challenge must not stop training
                     logger.exception(f"spot check from {item.validator} failed")

@@ -21,7 +21,7 @@ from hivetrain.data import BlockStream, shard_for_peer
 from hivetrain.dht import make_dht, visible_maddrs
 from hivetrain.hivemind_compat import RoundInfo, StateRoundLogHandler, TrackedOptimizer
 from hivetrain.hivemind_compat.bans import drain_offence_records
-from hivetrain.identity import load_or_create_wallet
+from hivetrain.identity import Domain, load_or_create_wallet
 from hivetrain.log import get_logger
 from hivetrain.miner.challenge import ChallengeLimits, ChallengeServer
 from hivetrain.miner.checkpoint import CheckpointError, resume_checkpoint, save_checkpoint
@@ -184,25 +184,25 @@ class Miner:
 
     def _make_reporting(self) -> None:
         s = self.settings
-        keys = Keys(s.run_id)
+        keys, domain = Keys(s.run_id), Domain.of(s)  # what we sign is valid in this run and subnet only
         client = connect_redis(s.redis_url)
-        self.telemetry = TelemetryWriter(client, keys, self.wallet)
+        self.telemetry = TelemetryWriter(client, keys, domain, self.wallet)
         self.metrics.watch_telemetry(self.telemetry)
         self.metrics.describe(self.peer_id, self.wallet.hotkey.ss58_address, s.preset, str(self.device))
         bittensor = {} if s.chain == "local" else {"netuid": s.netuid, "network": s.subtensor_network}
         chain = make_chain(s.chain, redis_client=client, run_id=s.run_id, **bittensor)
         self.validators = ValidatorList(chain, s.validator_min_stake, s.validators_refresh_s).start()
         self.challenges = ChallengeServer(self.wallet, s.challenge_host, s.challenge_port, self.validators,
-                                          self._challenge_limits(), window_s=s.record_window_s,
+                                          self._challenge_limits(), domain=domain, window_s=s.record_window_s,
                                           prepare=self._challenge_batch, health=self.health, metrics=self.metrics).start()
         host = "127.0.0.1" if s.challenge_host in ("0.0.0.0", "::", "") else s.challenge_host
         challenge_url = s.challenge_url or f"http://{host}:{self.challenges.port}"
         hotkey = self.wallet.hotkey.ss58_address
-        peer_key, peer_signature = bind(s.identity_path, s.run_id, self.peer_id, hotkey)  # our DHT key vouches for the hotkey
+        peer_key, peer_signature = bind(s.identity_path, domain, self.peer_id, hotkey)  # our DHT key vouches for the hotkey
         record = PeerRecord(peer_id=self.peer_id, role="miner", hotkey=hotkey, challenge_url=challenge_url,
                             multiaddrs=self.maddrs, device=str(self.device), preset=s.preset, started_at=self.started_at,
                             peer_key=peer_key, peer_signature=peer_signature)
-        self.heartbeat = Heartbeat(Registry(client, keys), record, self.wallet).start()
+        self.heartbeat = Heartbeat(Registry(client, keys, domain), record, self.wallet).start()
         logger.info(f"hotkey {self.wallet.hotkey.ss58_address}, spot checks at {challenge_url}")
 
     def _make_optimizer(self) -> None:

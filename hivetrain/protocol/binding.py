@@ -2,10 +2,11 @@
 
 A peer id is the hash of a libp2p public key; anyone can write any peer id into a record, but only
 the holder of the private key (the DHT's identity file) can sign with it. A registration carries
-that public key and its signature over (domain, run id, peer id, hotkey): a reader recomputes the
-peer id from the key, checks the signature, and so knows that this hotkey speaks for this peer in
-this run. A hijacker who copies a victim's key and signature under its own hotkey fails the
-signature; one who signs with its own key names a different peer id.
+that public key and its signature over (the signature domain: run id and, on Bittensor, netuid;
+peer id; hotkey): a reader recomputes the peer id from the key, checks the signature, and so knows
+that this hotkey speaks for this peer in this run and subnet. A hijacker who copies a victim's key
+and signature under its own hotkey fails the signature; one who signs with its own key names a
+different peer id.
 
 Both key types libp2p uses for identities are understood: RSA (what hivemind generates; peer ids
 ``Qm...``, the key hashed with SHA-256) and Ed25519 (``12D3KooW...``, the key inlined).
@@ -26,18 +27,21 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from google.protobuf.message import DecodeError
 from hivemind.proto import crypto_pb2
 
-from hivetrain.identity import canonical_json
+from hivetrain.identity import Domain, canonical_json
 
-DOMAIN = b"hivetrain-peer-binding/1\n"
+#: Protocol tag of a binding's signed message (``Domain.separator``); version 1 named the run only.
+BINDING_TAG = "hivetrain-peer-binding/2"
 #: libp2p inlines public keys up to this size in the peer id (the "identity" multihash); larger ones are hashed.
 MAX_INLINE_KEY_BYTES = 42
 #: Encoded sizes a reader accepts before decoding anything (an RSA-4096 key and signature fit).
 MAX_KEY_CHARS, MAX_SIGNATURE_CHARS = 1200, 800
 
 
-def binding_message(run_id: str, peer_id: str, hotkey: str) -> bytes:
-    """The exact bytes the libp2p key signs."""
-    return DOMAIN + canonical_json({"hotkey": hotkey, "peer_id": peer_id, "run_id": run_id})
+def binding_message(domain: Domain, peer_id: str, hotkey: str) -> bytes:
+    """The exact bytes the libp2p key signs: valid in ``domain`` (its run and subnet) only."""
+    if not isinstance(domain, Domain):
+        raise ValueError(f"pass the service's identity.Domain (Domain.of(settings)), not {type(domain).__name__}")
+    return domain.separator(BINDING_TAG) + canonical_json({"hotkey": hotkey, "peer_id": peer_id})
 
 
 def peer_id_of(public_key: bytes) -> str:
@@ -66,26 +70,26 @@ def load_identity(identity: bytes):
     return key, crypto_pb2.PublicKey(key_type=proto.key_type, data=public).SerializeToString()
 
 
-def bind(identity_path: str | Path, run_id: str, peer_id: str, hotkey: str) -> tuple[str, str]:
+def bind(identity_path: str | Path, domain: Domain, peer_id: str, hotkey: str) -> tuple[str, str]:
     """(peer_key, peer_signature) for ``PeerRecord``: the DHT identity in ``identity_path`` vouching for ``hotkey``.
 
     Raises ``ValueError`` if the file is not the identity of ``peer_id``.
     """
-    return bind_identity(Path(identity_path).read_bytes(), run_id, peer_id, hotkey, where=str(identity_path))
+    return bind_identity(Path(identity_path).read_bytes(), domain, peer_id, hotkey, where=str(identity_path))
 
 
-def bind_identity(identity: bytes, run_id: str, peer_id: str, hotkey: str, where: str = "the identity") -> tuple[str, str]:
+def bind_identity(identity: bytes, domain: Domain, peer_id: str, hotkey: str, where: str = "the identity") -> tuple[str, str]:
     """``bind`` for an identity file's bytes."""
     key, public = load_identity(identity)
     if peer_id_of(public) != peer_id:
         raise ValueError(f"{where} is the identity of {peer_id_of(public)}, not of {peer_id}")
-    message = binding_message(run_id, peer_id, hotkey)
+    message = binding_message(domain, peer_id, hotkey)
     signature = key.sign(message, padding.PKCS1v15(), hashes.SHA256()) if isinstance(key, rsa.RSAPrivateKey) else key.sign(message)
     return base64.b64encode(public).decode(), base64.b64encode(signature).decode()
 
 
-def binding_problem(run_id: str, peer_id: str, hotkey: str, peer_key: str, peer_signature: str) -> str | None:
-    """Why this registration does not prove that ``hotkey`` controls ``peer_id`` in ``run_id``; None when it does."""
+def binding_problem(domain: Domain, peer_id: str, hotkey: str, peer_key: str, peer_signature: str) -> str | None:
+    """Why this registration does not prove that ``hotkey`` controls ``peer_id`` in ``domain``; None when it does."""
     if not peer_key or not peer_signature:
         return "no peer-key binding"
     if len(peer_key) > MAX_KEY_CHARS or len(peer_signature) > MAX_SIGNATURE_CHARS:
@@ -98,7 +102,7 @@ def binding_problem(run_id: str, peer_id: str, hotkey: str, peer_key: str, peer_
         return "peer-key binding is not base64 protobuf"
     if peer_id_of(public) != peer_id:
         return f"peer key is the key of {peer_id_of(public)[:16]}..., not of this peer id"
-    message = binding_message(run_id, peer_id, hotkey)
+    message = binding_message(domain, peer_id, hotkey)
     try:
         if proto.key_type == crypto_pb2.RSA:
             key = serialization.load_der_public_key(proto.data)
@@ -110,7 +114,7 @@ def binding_problem(run_id: str, peer_id: str, hotkey: str, peer_key: str, peer_
         else:
             return f"peer key type {proto.key_type} is not supported"
     except InvalidSignature:
-        return "the peer key did not sign this hotkey for this run"
+        return "the peer key did not sign this hotkey for this run and subnet"
     except ValueError as error:
         return f"peer key unreadable: {error}"
     return None

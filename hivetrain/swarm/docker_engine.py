@@ -146,8 +146,8 @@ def repo_root() -> Path:
 def compose_env(settings: SwarmSettings, environ: Mapping[str, str], cpu_count: int | None = None) -> dict[str, str]:
     """The environment compose runs with: ``environ``, the preset's miner defaults and the miners'
     torch threads where ``environ`` sets nothing (as with the local launcher), then what the
-    swarm's settings decide: run id, log level, preset and host ports. A random Redis password
-    unless ``environ`` has one."""
+    swarm's settings decide: run id, chain and netuid (the signature domain), log level, preset and
+    host ports. A random Redis password unless ``environ`` has one."""
     env = dict(environ)
     threads = miner_threads(cpu_count or os.cpu_count(), settings.miners)
     for key, value in {**preset_env(MinerSettings, settings.preset),
@@ -155,6 +155,7 @@ def compose_env(settings: SwarmSettings, environ: Mapping[str, str], cpu_count: 
         env.setdefault(key, value)
     # read from the same environment and flags: a flag already won over the environment there
     env.update(service_env(SwarmSettings, run_id=settings.run_id, log_level=settings.log_level, preset=settings.preset,
+                           chain=settings.chain, netuid=settings.netuid,
                            bootstrap_port=settings.bootstrap_port, validator_port=settings.validator_port))
     env.setdefault(REDIS_PASSWORD, secrets.token_urlsafe(16))
     return env

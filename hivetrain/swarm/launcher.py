@@ -20,6 +20,7 @@ import requests
 from pydantic_settings import BaseSettings
 
 from hivetrain import procs
+from hivetrain.identity import Domain
 from hivetrain.log import get_logger
 from hivetrain.protocol.records import Keys
 from hivetrain.redis_server import start_redis
@@ -114,8 +115,9 @@ class Swarm:
     def _base_env(self) -> dict[str, str]:
         """This process's environment, the swarm's run id, Redis and log level, then ``extra_env`` on top."""
         env = dict(os.environ)
+        # every service derives the same signature domain from these (hivetrain.identity.Domain.of)
         env.update(service_env(ServiceSettings, run_id=self.settings.run_id, redis_url=self.redis_url,
-                               log_level=self.settings.log_level))
+                               log_level=self.settings.log_level, chain=self.settings.chain, netuid=self.settings.netuid))
         env["PYTHONUNBUFFERED"] = "1"
         # loopback only, on a free port: the whole swarm is on this machine
         _set_defaults(env, service_env(DHTSettings, host_maddrs=["/ip4/127.0.0.1/tcp/0"]))
@@ -207,7 +209,7 @@ class Swarm:
 
     # --- watch ------------------------------------------------------------------------------
     def registry(self) -> Registry:
-        return Registry(connect_redis(self.redis_url), Keys(self.settings.run_id))
+        return Registry(connect_redis(self.redis_url), Keys(self.settings.run_id), Domain.of(self.settings))
 
     def status_line(self) -> str:
         """One line for the console: live miners, epochs, rounds so far."""
@@ -215,7 +217,8 @@ class Swarm:
 
         try:
             live = self.registry().live_peers(role="miner")
-            summary = collect(connect_redis(self.redis_url), Keys(self.settings.run_id), since=self.started_at, last=2000)
+            summary = collect(connect_redis(self.redis_url), Keys(self.settings.run_id), Domain.of(self.settings),
+                              since=self.started_at, last=2000)
         except Exception as error:  # Redis boundary: the status line is best effort
             return f"status unavailable ({error!r})"
         epochs = [m["last_epoch"] for m in summary["miners"].values() if m["last_epoch"] is not None]
@@ -252,7 +255,7 @@ class Swarm:
         """Rounds, losses and checkpoints of this swarm so far (Redis must be up)."""
         from hivetrain.swarm.summary import collect
 
-        return collect(connect_redis(self.redis_url), Keys(self.settings.run_id), since=self.started_at,
+        return collect(connect_redis(self.redis_url), Keys(self.settings.run_id), Domain.of(self.settings), since=self.started_at,
                        checkpoint_dirs=[self.workdir / f"miner-{i}" for i in range(len(self.miners))])
 
     def write_summary(self, path: str | Path) -> dict:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import redis
 
+from hivetrain.identity import Domain
 from hivetrain.protocol.checkpoints import latest_checkpoint, read_trainer_state
 from hivetrain.protocol.records import Keys, RoundRecord, StepRecord
 from hivetrain.protocol.rounds import rounds_from_records
@@ -25,14 +26,14 @@ def miners_from_steps(steps: list[StepRecord]) -> dict[str, dict]:
     return miners
 
 
-def collect(client: redis.Redis, keys: Keys, since: float = 0.0, checkpoint_dirs: list[Path] | None = None,
+def collect(client: redis.Redis, keys: Keys, domain: Domain, since: float = 0.0, checkpoint_dirs: list[Path] | None = None,
             last: int | None = None) -> dict:
     """The run summary: rounds (with peers), per-miner losses and epochs, latest checkpoints.
 
     ``last`` reads only that many of the newest records of each stream (for a cheap status line).
     """
-    steps = [s for s in read_stream(client, keys, StepRecord, count=last) if s.time >= since]
-    records = [r for r in read_stream(client, keys, RoundRecord, count=last) if r.time >= since]
+    steps = [s for s in read_stream(client, keys, domain, StepRecord, count=last) if s.time >= since]
+    records = [r for r in read_stream(client, keys, domain, RoundRecord, count=last) if r.time >= since]
     checkpoints = {}
     for folder in checkpoint_dirs or []:
         latest = latest_checkpoint(folder)

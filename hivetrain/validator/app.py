@@ -25,7 +25,7 @@ from flask.json.provider import DefaultJSONProvider
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 from werkzeug.exceptions import BadRequest, NotFound
 
-from hivetrain.identity import load_or_create_wallet
+from hivetrain.identity import Domain, load_or_create_wallet
 from hivetrain.log import get_logger
 from hivetrain.protocol.records import (
     EVALS_STREAM_MAXLEN,
@@ -102,7 +102,7 @@ def create_app(settings: ValidatorSettings | None = None, cache_s: float = ANSWE
     hotkey = load_or_create_wallet(settings.wallet_dir, settings.wallet_name, settings.wallet_hotkey).hotkey.ss58_address
     app = Flask(__name__)
     app.json = _FiniteJSON(app)
-    registry = Registry(connect_redis(settings.redis_url), Keys(settings.run_id))
+    registry = Registry(connect_redis(settings.redis_url), Keys(settings.run_id), Domain.of(settings))
     metrics = Metrics()
     app.extensions["hivetrain.validator"] = {"settings": settings, "hotkey": hotkey, "registry": registry, "metrics": metrics}
     install(app, metrics, "validator")
@@ -116,23 +116,23 @@ def create_app(settings: ValidatorSettings | None = None, cache_s: float = ANSWE
 # --- what the routes answer -----------------------------------------------------------------
 
 
-def signed_steps(client: redis.Redis, keys: Keys, count: int) -> list[tuple[StepRecord, str]]:
-    """The last ``count`` authentic steps with the hotkey that signed each, oldest first."""
+def signed_steps(client: redis.Redis, keys: Keys, domain: Domain, count: int) -> list[tuple[StepRecord, str]]:
+    """The last ``count`` steps signed in ``domain``, with the hotkey that signed each, oldest first."""
     entries = reversed(client.xrevrange(keys.steps, count=count))
-    decoded = (decode_entry(StepRecord, fields) for _, fields in entries)
+    decoded = (decode_entry(StepRecord, fields, domain) for _, fields in entries)
     return [d for d in decoded if d is not None]
 
 
 def swarm_view(registry: Registry, records_read: int = RECORDS_READ, rounds_shown: int = ROUNDS_SHOWN) -> dict:
     """Live peers, each miner's latest step, the swarm's epoch and throughput, the latest averaging rounds."""
-    client, keys = registry.client, registry.keys
+    client, keys, domain = registry.client, registry.keys, registry.domain
     peers = registry.live_peers(limit=MAX_PEERS)
     registered = {peer.peer_id: peer.hotkey for peer in peers if peer.role == "miner"}
     latest: dict[str, StepRecord] = {}
-    for step, signer in signed_steps(client, keys, records_read):  # oldest first: the newest wins
+    for step, signer in signed_steps(client, keys, domain, records_read):  # oldest first: the newest wins
         if registered.get(step.peer_id) == signer:
             latest[step.peer_id] = step
-    rounds = rounds_from_records(read_stream(client, keys, RoundRecord, count=records_read))
+    rounds = rounds_from_records(read_stream(client, keys, domain, RoundRecord, count=records_read))
     return {
         "run_id": keys.run_id,
         "validator_time": time.time(),
@@ -156,7 +156,7 @@ def read_board(client: redis.Redis, keys: Keys, validator: str) -> ScoreBoard | 
 
 
 def _register_api_routes(app: Flask, registry: Registry, hotkey: str, cache: AnswerCache) -> None:
-    client, keys = registry.client, registry.keys
+    client, keys, domain = registry.client, registry.keys, registry.domain
 
     @app.get("/api/swarm")
     def swarm():
@@ -180,7 +180,7 @@ def _register_api_routes(app: Flask, registry: Registry, hotkey: str, cache: Ans
     @app.get("/api/evals")
     def evals():
         limit = int_arg("limit", DEFAULT_EVALS, 1, MAX_EVALS)
-        records = [record.model_dump(mode="json") for record in read_stream(client, keys, EvalRecord, count=limit)]
+        records = [record.model_dump(mode="json") for record in read_stream(client, keys, domain, EvalRecord, count=limit)]
         return jsonify(evals=records, latest=records[-1] if records else None, count=len(records))
 
 
@@ -194,8 +194,8 @@ def read_status(client: redis.Redis, keys: Keys, validator: str) -> ValidatorSta
 
 
 def _register_dashboard_routes(app: Flask, registry: Registry, hotkey: str) -> None:
-    client, keys = registry.client, registry.keys
-    history = TelemetryHistory(client, keys)
+    client, keys, domain = registry.client, registry.keys, registry.domain
+    history = TelemetryHistory(client, keys, domain)
 
     @app.get("/")
     def dashboard_page():
@@ -210,7 +210,7 @@ def _register_dashboard_routes(app: Flask, registry: Registry, hotkey: str) -> N
             board = read_board(client, keys, hotkey)
         except ValueError:  # a malformed board is logged by /api/scores; the page shows no scores meanwhile
             board = None
-        evals = [e for e in read_stream(client, keys, EvalRecord, count=DASHBOARD_EVALS) if e.validator == hotkey]
+        evals = [e for e in read_stream(client, keys, domain, EvalRecord, count=DASHBOARD_EVALS) if e.validator == hotkey]
         peers = registry.live_peers(limit=MAX_PEERS)
         return jsonify(history.view(peers, board, evals, read_status(client, keys, hotkey), hotkey))
 
@@ -233,7 +233,7 @@ def _register_ops_routes(app: Flask, registry: Registry, hotkey: str, metrics: M
     @app.get("/metrics")
     def prometheus_metrics():
         try:
-            latest = read_stream(client, keys, EvalRecord, count=1)
+            latest = read_stream(client, keys, registry.domain, EvalRecord, count=1)
             metrics.eval_loss.set(latest[-1].loss if latest else math.nan)
             board = read_board(client, keys, hotkey)
             metrics.scored_miners.set(0 if board is None else len(board.miners))

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import redis
 
+from hivetrain.identity import Domain
 from hivetrain.protocol.records import (
     EvalRecord,
     Keys,
@@ -61,9 +62,10 @@ def _stream_id(raw: bytes) -> tuple[int, int]:
 class StreamTail:
     """The authentic entries of one stream added since the last read, oldest first, each decoded once."""
 
-    def __init__(self, client: redis.Redis, key: str, model: type[Record], backfill: int = BACKFILL,
+    def __init__(self, client: redis.Redis, key: str, model: type[Record], domain: Domain, backfill: int = BACKFILL,
                  per_read: int = READ_PER_REFRESH):
         self.client, self.key, self.model, self.backfill, self.per_read = client, key, model, backfill, per_read
+        self.domain = domain
         self.last: bytes | None = None
 
     def read_new(self) -> list[tuple[Record, str]]:
@@ -81,7 +83,7 @@ class StreamTail:
                     entries = self._newest()
         if entries:
             self.last = entries[-1][0]
-        decoded = (decode_entry(self.model, fields) for _, fields in entries)
+        decoded = (decode_entry(self.model, fields, self.domain) for _, fields in entries)
         return [d for d in decoded if d is not None]
 
     def _newest(self) -> list:
@@ -109,12 +111,12 @@ class MinerSeries:
 class TelemetryHistory:
     """A worker's memory of the swarm's telemetry, refreshed from Redis on each dashboard request."""
 
-    def __init__(self, client: redis.Redis, keys: Keys):
+    def __init__(self, client: redis.Redis, keys: Keys, domain: Domain):
         self.client, self.keys = client, keys
         self._lock = threading.Lock()
-        self._steps = StreamTail(client, keys.steps, StepRecord)
-        self._rounds_tail = StreamTail(client, keys.rounds, RoundRecord)
-        self._offences_tail = StreamTail(client, keys.offences, OffenceRecord)
+        self._steps = StreamTail(client, keys.steps, StepRecord, domain)
+        self._rounds_tail = StreamTail(client, keys.rounds, RoundRecord, domain)
+        self._offences_tail = StreamTail(client, keys.offences, OffenceRecord, domain)
         self.series: collections.OrderedDict[tuple[str, str], MinerSeries] = collections.OrderedDict()
         self.rounds: collections.deque = collections.deque(maxlen=ROUNDS_KEPT)
         self.offences: collections.deque = collections.deque(maxlen=OFFENCES_KEPT)

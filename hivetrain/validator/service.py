@@ -28,7 +28,7 @@ from hivetrain.chain import make_chain
 from hivetrain.data import validation_blocks
 from hivetrain.dht import make_dht
 from hivetrain.hivemind_compat.bans import drain_offence_records
-from hivetrain.identity import RedisNonceStore, Verifier, load_or_create_wallet
+from hivetrain.identity import Domain, RedisNonceStore, Verifier, load_or_create_wallet
 from hivetrain.log import get_logger
 from hivetrain.models import model_config, num_parameters
 from hivetrain.protocol.discovery import fetch_initial_peers
@@ -84,14 +84,14 @@ class Validator:
         self.wallet = load_or_create_wallet(s.wallet_dir, s.wallet_name, s.wallet_hotkey)
         self.hotkey = self.wallet.hotkey.ss58_address
         self.client = connect_redis(s.redis_url)
-        self.keys = Keys(s.run_id)
-        self.registry = Registry(self.client, self.keys)
+        self.keys, self.domain = Keys(s.run_id), Domain.of(s)  # records of other runs and subnets fail their signatures
+        self.registry = Registry(self.client, self.keys, self.domain)
         self.chain = make_chain(s.chain, redis_client=self.client, run_id=s.run_id, **self._bittensor_args())
         self.endpoint = f"http://{s.api_host}:{s.api_port}"
         self.uid = self.chain.register(self.hotkey, self.endpoint, "validator")
         # telemetry nonces are remembered per validator: two validators each read every record once
         nonces = RedisNonceStore(self.client, Keys(f"{s.run_id}.{self.hotkey}"), s.record_window_s + 5.0)
-        self.claims = ClaimReader(self.client, self.keys, Verifier(nonces, s.record_window_s), cap=s.claim_read_cap)
+        self.claims = ClaimReader(self.client, self.keys, Verifier(nonces, self.domain, s.record_window_s), cap=s.claim_read_cap)
         self.claims.start()
 
     def _join_swarm(self, initial_peers: list[str]) -> None:
@@ -105,12 +105,12 @@ class Validator:
         self.block_size = s.block_size or config.n_positions
         tokenizer = load_tokenizer(s.tokenizer)
         self.eval_blocks = validation_blocks(tokenizer, self.block_size, s.eval_blocks)  # (N, T), fixed for the run
-        self.checker = SpotChecker(self.wallet, self.sync, s, tokenizer, self.block_size, self.eval_blocks,
+        self.checker = SpotChecker(self.wallet, self.domain, self.sync, s, tokenizer, self.block_size, self.eval_blocks,
                                    plausible_epoch=self.poller.plausible_epoch)
 
     def _resume(self) -> None:
         """Take up the scores, EMA and spot-check history our last run saved (nothing if there is none)."""
-        state = load_state(self.client, self.keys, self.hotkey)
+        state = load_state(self.client, self.keys, self.domain, self.hotkey)
         if state is None:
             return
         self.scores, self.rounds = dict(state.scores), state.rounds
@@ -166,7 +166,7 @@ class Validator:
         """Name, in signed telemetry, the peers whose state our model sync refused (and now skips)."""
         for record in drain_offence_records(self.dht.peer_id.to_base58()):
             try:
-                append(self.client, self.keys, record, signer=self.wallet)
+                append(self.client, self.keys, self.domain, record, signer=self.wallet)
             except Exception:  # Redis boundary: the ban holds, the record is lost
                 logger.warning("could not record an offence", exc_info=True)
 
@@ -181,7 +181,7 @@ class Validator:
                             duration_s=time.perf_counter() - started)
         logger.info(f"eval at epoch {record.epoch}: loss {loss:.4f}, perplexity {perplexity:.1f}")
         try:
-            append(self.client, self.keys, record)
+            append(self.client, self.keys, self.domain, record)
         except Exception:  # Redis boundary
             logger.warning("could not record the evaluation", exc_info=True)
 
@@ -251,7 +251,7 @@ class Validator:
     def _save_state(self) -> None:
         state = state_of(self.hotkey, self.rounds, self.scores, self.check_history, self.checker.unjudged)
         try:
-            save_state(self.client, self.keys, self.wallet, state)
+            save_state(self.client, self.keys, self.domain, self.wallet, state)
         except Exception:  # Redis boundary: the next window saves again
             logger.warning("could not save the validator's state", exc_info=True)
 

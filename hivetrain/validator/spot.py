@@ -30,7 +30,7 @@ import torch
 from pydantic import ValidationError
 
 from hivetrain.data import BlockStream, shard_for_peer
-from hivetrain.identity import VerificationError, Verifier, sign
+from hivetrain.identity import Domain, VerificationError, Verifier, sign
 from hivetrain.log import get_logger
 from hivetrain.protocol.projection import baseline_projection, projected_gradient
 from hivetrain.protocol.records import PeerRecord
@@ -101,8 +101,8 @@ def read_answer(body: bytes, challenge: dict, verifier: Verifier, miner: PeerRec
 
 def ask_miner(wallet, verifier: Verifier, miner: PeerRecord, asked: Challenge, deadline_s: float,
               allow_private: bool = True) -> SpotCheckAnswer:
-    """Sign ``asked`` for the miner, send it, and read the answer: ``send_challenge`` then ``read_answer``."""
-    challenge = sign(wallet, asked.model_dump(mode="json"))
+    """Sign ``asked`` for the miner in ``verifier``'s domain, send it, read the answer: ``send_challenge``, ``read_answer``."""
+    challenge = sign(wallet, verifier.domain, asked.model_dump(mode="json"))
     body = send_challenge(miner, challenge, deadline_s, allow_private)
     return read_answer(body, challenge, verifier, miner, wallet.hotkey.ss58_address)
 
@@ -110,7 +110,7 @@ def ask_miner(wallet, verifier: Verifier, miner: PeerRecord, asked: Challenge, d
 class SpotChecker:
     """Sends signed challenges and judges the answers against the validator's own computation."""
 
-    def __init__(self, wallet, sync: ModelSync, settings: ValidatorSettings, tokenizer, block_size: int,
+    def __init__(self, wallet, domain: Domain, sync: ModelSync, settings: ValidatorSettings, tokenizer, block_size: int,
                  reference_blocks: torch.Tensor, plausible_epoch: Callable[[], int | None] = lambda: None):
         self.wallet, self.sync, self.settings = wallet, sync, settings
         # the direction every batch's gradient shares, measured on blocks only the validator picks;
@@ -121,7 +121,7 @@ class SpotChecker:
         self.tokenizer, self.block_size = tokenizer, block_size
         self.hotkey = wallet.hotkey.ss58_address
         self.plausible_epoch = plausible_epoch
-        self.answers = Verifier.in_memory(window_s=settings.record_window_s)
+        self.answers = Verifier.in_memory(domain, window_s=settings.record_window_s)  # its domain signs the challenges too
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=settings.spot_check_workers, thread_name_prefix="spot-check")
         self.unjudged: Counter[str] = Counter()  # miner -> checks in a row whose answer could not be judged
         self._synced = False  # whether this round already synced for an answer ahead of us
@@ -155,7 +155,8 @@ class SpotChecker:
         """
         s = self.settings
         challenges = {miner.hotkey: self._challenge(miner, seed) for miner in miners}
-        signed = {hotkey: sign(self.wallet, asked.model_dump(mode="json")) for hotkey, asked in challenges.items()}
+        domain = self.answers.domain  # challenges and answers: this run and subnet only
+        signed = {hotkey: sign(self.wallet, domain, asked.model_dump(mode="json")) for hotkey, asked in challenges.items()}
         bodies = self._send_all({miner.hotkey: miner for miner in miners}, signed)
         answers = {miner.hotkey: self._read(bodies[miner.hotkey], signed[miner.hotkey], miner) for miner in miners}
         projections = {hotkey: torch.tensor(a.projection, dtype=torch.float32) for hotkey, a in answers.items()  # (dim,)

@@ -2,8 +2,8 @@
 
 A ``ValidatorState`` (``hivetrain.protocol.records``) is saved under ``Keys.validator_state`` each
 time the validator sets weights, signed by its own hotkey, and read back when it starts. Anything
-else found under that key (junk, a record signed by another hotkey, one for another validator or
-that fails the schema) is logged and deleted: the validator starts afresh rather than resume from
+else found under that key (junk, a record signed by another hotkey or for another run or subnet,
+one for another validator or that fails the schema) is logged and deleted: the validator starts afresh rather than resume from
 a record it did not write.
 """
 
@@ -16,7 +16,7 @@ from typing import Iterable, Mapping
 
 import redis
 
-from hivetrain.identity import VerificationError, Verifier, sign
+from hivetrain.identity import Domain, VerificationError, sign, verify_signature
 from hivetrain.log import get_logger
 from hivetrain.protocol.records import VALIDATOR_STATE_TTL_S, Keys, SavedCheck, ValidatorState
 from hivetrain.validator.verdicts import SpotCheckResult
@@ -41,20 +41,20 @@ def history_of(state: ValidatorState, kept: int) -> dict[str, collections.deque]
             for miner, checks in state.checks.items()}
 
 
-def save_state(client: redis.Redis, keys: Keys, wallet, state: ValidatorState) -> None:
-    """Write ``state`` signed by ``wallet`` (the validator's); Redis errors are the caller's to handle."""
-    envelope = sign(wallet, state.model_dump(mode="json"))
+def save_state(client: redis.Redis, keys: Keys, domain: Domain, wallet, state: ValidatorState) -> None:
+    """Write ``state`` signed by ``wallet`` (the validator's) for ``domain``; Redis errors are the caller's to handle."""
+    envelope = sign(wallet, domain, state.model_dump(mode="json"))
     client.set(keys.validator_state(state.validator), json.dumps(envelope), ex=VALIDATOR_STATE_TTL_S)
 
 
-def load_state(client: redis.Redis, keys: Keys, hotkey: str) -> ValidatorState | None:
-    """The state ``hotkey`` saved last, None when there is none; a record it did not write is deleted."""
+def load_state(client: redis.Redis, keys: Keys, domain: Domain, hotkey: str) -> ValidatorState | None:
+    """The state ``hotkey`` saved last in ``domain``, None when there is none; a record it did not write there is deleted."""
     key = keys.validator_state(hotkey)
     raw = client.get(key)
     if raw is None:
         return None
     try:
-        envelope = Verifier.in_memory().authenticate(raw, fresh=False)  # a state is read once, however old
+        envelope = verify_signature(raw, domain)  # a state is read once, however old
         if envelope.hotkey != hotkey:
             raise VerificationError(f"signed by {envelope.hotkey}, not by this validator")
         state = ValidatorState.model_validate(envelope.payload)

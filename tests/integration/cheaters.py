@@ -29,7 +29,7 @@ import torch
 from hivemind.averaging import DecentralizedAverager
 
 from hivetrain.hivemind_compat import SafeStateAverager
-from hivetrain.identity import load_or_create_wallet
+from hivetrain.identity import Domain, load_or_create_wallet
 from hivetrain.miner.train import Miner
 from hivetrain.protocol.binding import bind, load_identity, new_ed25519_identity, peer_id_of
 from hivetrain.protocol.records import Keys, PeerRecord, StepRecord
@@ -126,15 +126,15 @@ def publish_progress(settings: MinerSettings, stop: threading.Event) -> None:
 def replay(settings: MinerSettings, stop: threading.Event) -> None:
     """Register, then copy every new step record of other miners back into the stream."""
     wallet = load_or_create_wallet(settings.wallet_dir, settings.wallet_name, settings.wallet_hotkey)
-    client, keys = connect_redis(settings.redis_url), Keys(settings.run_id)
-    registry = Registry(client, keys)
+    client, keys, domain = connect_redis(settings.redis_url), Keys(settings.run_id), Domain.of(settings)
+    registry = Registry(client, keys, domain)
     # a registration as real as any miner's: its own libp2p identity vouches for its hotkey
     identity = Path(settings.checkpoint_dir) / "replay-identity.key"
     identity.parent.mkdir(parents=True, exist_ok=True)
     if not identity.exists():
         identity.write_bytes(new_ed25519_identity())
     peer_id = peer_id_of(load_identity(identity.read_bytes())[1])
-    peer_key, peer_signature = bind(identity, settings.run_id, peer_id, wallet.hotkey.ss58_address)
+    peer_key, peer_signature = bind(identity, domain, peer_id, wallet.hotkey.ss58_address)
     me = PeerRecord(peer_id=peer_id, role="miner", multiaddrs=[], started_at=time.time(), peer_key=peer_key,
                     peer_signature=peer_signature)
     last_id, last_beat = "$", 0.0

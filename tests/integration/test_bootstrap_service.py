@@ -18,6 +18,7 @@ import pytest
 from hivemind.utils import get_dht_time
 
 from hivetrain import procs
+from hivetrain.identity import Domain
 from hivetrain.protocol.records import Keys
 from hivetrain.runtime import RESTART_LIMIT
 from hivetrain.store import Registry, connect_redis
@@ -105,7 +106,7 @@ def test_bootstrap_serves_a_usable_dht_and_keeps_its_identity(tmp_path, redis_ur
         dhts.clear()
 
         _stop_and_check(service)
-        assert Registry(connect_redis(redis_url), Keys("it")).bootstraps() == []  # withdrawn on stop
+        assert Registry(connect_redis(redis_url), Keys("it"), Domain("it")).bootstraps() == []  # withdrawn on stop
 
         service = _start(tmp_path, redis_url, http_port, dht_port)
         _wait_ready(service, base)
@@ -135,4 +136,4 @@ def test_bootstrap_exits_1_when_its_api_cannot_come_up(tmp_path, redis_url):
     assert f"after {RESTART_LIMIT} restarts" in log and "giving up" in log
     assert "DHT peer" in log and "shut down" in log  # the DHT was still stopped cleanly
     assert not service.group_alive()
-    assert Registry(connect_redis(redis_url), Keys("it")).bootstraps() == []
+    assert Registry(connect_redis(redis_url), Keys("it"), Domain("it")).bootstraps() == []
