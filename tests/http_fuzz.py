@@ -108,8 +108,9 @@ VARIABLE = re.compile(r"<(?:(?P<converter>[a-zA-Z_][a-zA-Z0-9_]*)(?:\((?P<args>.
 _JUNK_SEGMENTS = ["", ".", "..", "%2e%2e", "%00", "%ff", "%", "%zz", "%2F", "\x00", "dashboard.html", "../../../../etc/passwd",
                   "..%2f..%2fetc%2fpasswd", "a" * 300, "\u202e\u0000\uffff", "😀", "index.html%00.js", "~", "\\..\\"]
 #: Query values: huge and odd numbers, NUL bytes, unicode digits, broken escapes, the hotkeys the apps know.
-_ODD_VALUES = ["", "0", "-1", "1", "32", "1000", "1e999", "NaN", "Infinity", "-0", " 5", "5 ", "1_0", "0x10", "\u0663", "\uff11\uff12",
-               "9" * 400, "%00", "\x00", "%", "%zz", "true", "null", "[]", "{}", "a" * 1000, str(2**64), str(-(2**63))]
+_ODD_VALUES = ["", "0", "-1", "1", "32", "1000", "1e999", "NaN", "Infinity", "-0", " 5", "5 ", "1_0", "0x10", "\u0663",
+               "\uff11\uff12", "9" * 400, "%00", "\x00", "%", "%zz", "true", "null", "[]", "{}", "a" * 1000, str(2**64),
+               str(-(2**63))]
 _QUERY_NAMES = ["limit", "validator", "peer", "count", "since", "format", "callback", "", "\x00", "limit[]", "%", "ü"]
 _CONTENT_TYPES = [None, "application/json", "application/json; charset=utf-16", "text/plain", "text/html",
                   "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "multipart/form-data",
@@ -328,18 +329,16 @@ def status_of(answer: bytes) -> int:
     return int(answer.split(b" ", 2)[1])
 
 
-def read_answer(conn: socket.socket) -> bytes:
-    """One whole answer (head and Content-Length body) from a kept-alive connection."""
-    answer = b""
-    while b"\r\n\r\n" not in answer:
-        chunk = conn.recv(65536)
-        assert chunk, f"closed before a whole answer: {answer[:200]!r}"
-        answer += chunk
-    head, _, body = answer.partition(b"\r\n\r\n")
+def read_answer(reader) -> bytes:
+    """One whole answer (head and Content-Length body) from ``reader``, a ``conn.makefile("rb")``: what arrives after
+    it (the next answer on a kept-alive connection) stays buffered there for the next call."""
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        line = reader.readline(65537)
+        assert line, f"closed before a whole answer: {head[:200]!r}"
+        head += line
     length = int(re.search(rb"(?im)^content-length: *([0-9]+)", head).group(1))
-    while len(body) < length:
-        body += conn.recv(65536)
-    return head + b"\r\n\r\n" + body
+    return head + reader.read(length)
 
 
 class SlowClients:
@@ -355,7 +354,7 @@ class SlowClients:
             kind = ("head", "idle", "body", "kept-alive head")[i % 4]
             if kind == "kept-alive head":  # a first request answered on it: the half head is the next request
                 conn.sendall(f"{method} {path} HTTP/1.1\r\nHost: fuzz\r\nContent-Length: 2\r\n\r\n{{}}".encode())
-                service.count(status_of(read_answer(conn)))
+                service.count(status_of(read_answer(conn.makefile("rb"))))
             if kind == "idle":
                 self.idle.append(conn)
             elif kind == "body":
