@@ -307,11 +307,14 @@ def fuzz_test(service: Service, strategy: st.SearchStrategy[Probe], examples: in
 # --- raw connections ---------------------------------------------------------------------------------
 
 
-def raw_exchange(port: int, head: bytes, body: bytes = b"", timeout: float = 60.0) -> bytes:
-    """Send ``head`` and ``body`` on one connection; whatever the server answered before it closed."""
+def raw_exchange(port: int, head: bytes, body: bytes = b"", timeout: float = 60.0, body_parts=()) -> bytes:
+    """Send ``head``, ``body`` and then each of ``body_parts`` on one connection; whatever the server
+    answered before it closed."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
         try:
             conn.sendall(head + body)
+            for part in body_parts:
+                conn.sendall(part)
         except (BrokenPipeError, ConnectionResetError):
             pass  # refused while we were still sending: its answer is what counts
         answer = b""

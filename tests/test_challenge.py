@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 from bittensor.sp_core import Keypair
+from http_fuzz import raw_exchange, status_of
 
 from hivetrain.chain import LocalChain
 from hivetrain.data import BlockStream
@@ -325,29 +326,6 @@ def test_token_bucket_refills():
 
 
 # --- the server ---------------------------------------------------------------------------------
-def raw_exchange(port: int, head: bytes, body_parts=(), read_timeout: float = 20.0) -> bytes:
-    """Send ``head`` then ``body_parts`` on one connection; whatever the server answered before closing."""
-    with socket.create_connection(("127.0.0.1", port), timeout=read_timeout) as conn:
-        try:
-            conn.sendall(head)
-            for part in body_parts:
-                conn.sendall(part)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # refused while we were still sending: its answer is what counts
-        answer = b""
-        try:
-            while chunk := conn.recv(65536):
-                answer += chunk
-        except (ConnectionResetError, TimeoutError):
-            pass
-        return answer
-
-
-def status_of(answer: bytes) -> int:
-    assert answer.startswith(b"HTTP/1."), answer[:200]
-    return int(answer.split(b" ", 2)[1])
-
-
 def test_a_one_megabyte_body_gets_413(endpoint):
     response = requests.post(f"{endpoint.url}/challenge", data=b"{" + b" " * (1 << 20) + b"}",
                              headers={"Content-Type": "application/json"}, timeout=30)
@@ -365,7 +343,8 @@ def test_a_chunked_body_over_the_limit_gets_413(endpoint):
     head = (b"POST /challenge HTTP/1.1\r\nHost: miner\r\nContent-Type: application/json\r\n"
             b"Transfer-Encoding: chunked\r\n\r\n")
     chunk = b"%x\r\n%s\r\n" % (16384, b" " * 16384)
-    answer = raw_exchange(endpoint.server.port, head, [chunk] * (2 * MAX_BODY_BYTES // 16384 + 1) + [b"0\r\n\r\n"])
+    answer = raw_exchange(endpoint.server.port, head, timeout=20.0,
+                          body_parts=[chunk] * (2 * MAX_BODY_BYTES // 16384 + 1) + [b"0\r\n\r\n"])
     assert status_of(answer) == 413
     assert requests.get(f"{endpoint.url}/healthz", timeout=10).status_code == 200
 
@@ -373,9 +352,9 @@ def test_a_chunked_body_over_the_limit_gets_413(endpoint):
 def test_a_lying_content_length_gets_a_4xx_never_a_500(endpoint, wallet, other_wallet):
     body = json.dumps(sign(other_wallet, DOMAIN, challenge(wallet.hotkey.ss58_address))).encode()
     head = b"POST /challenge HTTP/1.1\r\nHost: miner\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
-    short = raw_exchange(endpoint.server.port, head % 40, [body, b" " * (1 << 20)])  # more than it said
+    short = raw_exchange(endpoint.server.port, head % 40, timeout=20.0, body_parts=[body, b" " * (1 << 20)])  # more than it said
     assert status_of(short) == 400 and b" 500 " not in short
-    long = raw_exchange(endpoint.server.port, head % (1 << 20), [body])  # less than it said, and too much
+    long = raw_exchange(endpoint.server.port, head % (1 << 20), timeout=20.0, body_parts=[body])  # less than it said, and too much
     assert status_of(long) == 413
     assert endpoint.computed == [] and requests.get(f"{endpoint.url}/healthz", timeout=10).status_code == 200
 
