@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 from hivetrain.identity import Domain
-from hivetrain.protocol.binding import bind, load_identity, new_ed25519_identity, peer_id_of
+from hivetrain.protocol.binding import bind, identity_peer_id, new_ed25519_identity
 from hivetrain.protocol.records import PeerRecord
 
 _FOLDER = Path(tempfile.mkdtemp(prefix="hive-test-identities-"))
@@ -28,7 +28,7 @@ def identity(name: str) -> Path:
 @functools.cache
 def peer_id(name: str) -> str:
     """The real peer id of the test peer called ``name``."""
-    return peer_id_of(load_identity(identity(name).read_bytes())[1])
+    return identity_peer_id(identity(name).read_bytes())
 
 
 def bound(record: PeerRecord, hotkey: str, domain: Domain, name: str | None = None) -> PeerRecord:

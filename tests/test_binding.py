@@ -8,7 +8,7 @@ from hivemind.p2p import P2P
 from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID
 
 from hivetrain.identity import Domain
-from hivetrain.protocol.binding import bind, binding_problem, load_identity, new_ed25519_identity, peer_id_of
+from hivetrain.protocol.binding import bind, binding_problem, identity_peer_id, new_ed25519_identity
 
 RUN = Domain("bind")
 
@@ -28,7 +28,7 @@ def ed_identity(tmp_path):
 
 
 def _peer_id(path) -> str:
-    return peer_id_of(load_identity(path.read_bytes())[1])
+    return identity_peer_id(path.read_bytes())
 
 
 def test_an_rsa_binding_holds_for_its_hotkey_run_and_subnet_only(rsa_identity, wallet, other_wallet):

@@ -31,7 +31,7 @@ from hivemind.averaging import DecentralizedAverager
 from hivetrain.hivemind_compat import SafeStateAverager
 from hivetrain.identity import Domain, load_or_create_wallet
 from hivetrain.miner.train import Miner
-from hivetrain.protocol.binding import bind, load_identity, new_ed25519_identity, peer_id_of
+from hivetrain.protocol.binding import bind, identity_peer_id, new_ed25519_identity
 from hivetrain.protocol.records import Keys, PeerRecord, StepRecord
 from hivetrain.protocol.spotcheck import Challenge
 from hivetrain.runtime import install_stop_handlers, reset_signal_handlers_in_children
@@ -133,7 +133,7 @@ def replay(settings: MinerSettings, stop: threading.Event) -> None:
     identity.parent.mkdir(parents=True, exist_ok=True)
     if not identity.exists():
         identity.write_bytes(new_ed25519_identity())
-    peer_id = peer_id_of(load_identity(identity.read_bytes())[1])
+    peer_id = identity_peer_id(identity.read_bytes())
     peer_key, peer_signature = bind(identity, domain, peer_id, wallet.hotkey.ss58_address)
     me = PeerRecord(peer_id=peer_id, role="miner", multiaddrs=[], started_at=time.time(), peer_key=peer_key,
                     peer_signature=peer_signature)
