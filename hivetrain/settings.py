@@ -180,7 +180,7 @@ class MinerSettings(PeerSettings):
     offload_optimizer: bool = Field(False, description="keep optimizer state on the host, off the GPU")
     average_state_every: int = Field(1, ge=1, description="average parameters every this many epochs")
     grad_compression: Compression = Field("none", description="wire format of gradients in all-reduce")
-    state_compression: Compression = Field("none", description="wire format of parameters in state averaging and downloads")
+    state_compression: Compression = Field("none", description="wire format of parameters in state averaging and downloads (optimizer statistics always go exact)")
     use_local_updates: bool = Field(False, description="step locally every batch and average parameters instead of gradients")
     # robust averaging (hivetrain/aggregation.py)
     robust_aggregation: bool = Field(True, description="aggregate each all-reduce partition robustly (non-finite parts dropped, declared weights capped, CenteredClip) and refuse bad answers from reducers; off = hivemind's weighted mean")

@@ -9,7 +9,7 @@ from hivemind.proto import runtime_pb2
 
 from hivetrain.miner.optim import warmup_schedule
 from hivetrain.models import build_model
-from hivetrain.protocol.training import COMPRESSIONS, ClippedAdamW, install_codecs, param_groups
+from hivetrain.protocol.training import COMPRESSIONS, ClippedAdamW, install_codecs, param_groups, state_download_compression
 
 
 def test_weight_decay_skips_biases_and_layernorm():
@@ -60,3 +60,25 @@ def test_codecs_round_trip_through_hivemind(name, tolerance):
     assert (restored - tensor).abs().mean() <= tolerance * tensor.abs().mean() + 1e-7
     if name == "8bit":
         assert wire.compression == runtime_pb2.UNIFORM_8BIT and len(wire.buffer) < tensor.numel() * 1.1  # a byte per value, not four
+
+
+@pytest.mark.parametrize("name", ["fp16", "8bit"])
+def test_a_joiner_gets_the_optimizer_statistics_exact_and_the_parameters_as_configured(name):
+    from hivemind.compression import CompressionInfo, TensorRole
+
+    install_codecs()
+    compression = state_download_compression(name)
+    second_moments = torch.logspace(-14, -2, 10_000)[torch.randperm(10_000)]  # as Adam's exp_avg_sq spans
+    parameters = torch.randn(10_000) * 0.02
+
+    def served(tensor, role):  # as hivemind's rpc_download_state serializes each tensor of the state
+        info = CompressionInfo.from_tensor(tensor, key=0, role=role)
+        return deserialize_torch_tensor(compression.compress(tensor, info, allow_inplace=False))
+
+    assert torch.equal(served(second_moments, TensorRole.OPTIMIZER), second_moments)
+    wire = COMPRESSIONS[name]().compression_type
+    assert compression.compress(parameters, CompressionInfo.from_tensor(parameters, key=0, role=TensorRole.PARAMETER)).compression == wire
+    # what the codec alone does to the statistics: the reason they are sent exact
+    lossy = served(second_moments, TensorRole.PARAMETER)
+    step_ratio = (second_moments.sqrt() / lossy.clamp_min(0).sqrt().add(1e-8))
+    assert not torch.allclose(step_ratio, torch.ones_like(step_ratio), rtol=0.5)

@@ -11,7 +11,7 @@ from hivetrain.aggregation import AggregationRule
 from hivetrain.hivemind_compat import RoundInfo, TrackedOptimizer
 from hivetrain.hivemind_compat.allreduce import install_robust_aggregation, uninstall_robust_aggregation
 from hivetrain.hivemind_compat.bans import prepare, report_offence
-from hivetrain.protocol.training import COMPRESSIONS, ClippedAdamW, install_codecs, param_groups
+from hivetrain.protocol.training import COMPRESSIONS, ClippedAdamW, install_codecs, param_groups, state_download_compression
 from hivetrain.settings import MinerSettings
 
 
@@ -60,7 +60,7 @@ def make_optimizer(model: torch.nn.Module, dht: hivemind.DHT, settings: MinerSet
         use_local_updates=settings.use_local_updates,
         grad_compression=compression(),
         state_averaging_compression=state_compression(),
-        load_state_compression=state_compression(),
+        load_state_compression=state_download_compression(settings.state_compression),
         # request_timeout below min_matchmaking_time avoids hivemind's deadlock warning (and the deadlock)
         averager_opts=dict(request_timeout=min(3.0, settings.matchmaking_time / 2)),
         tracker_opts=dict(min_refresh_period=0.5, max_refresh_period=5.0),
