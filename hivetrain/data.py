@@ -1,4 +1,4 @@
-"""Data pipeline: text sources, deterministic per-peer shards and fixed-size token blocks.
+"""Data pipeline: text sources, deterministic per-miner shards and fixed-size token blocks.
 
 Every block is addressed by ``(shard, block_index)``: for a given dataset, split,
 tokenizer, ``block_size``, ``num_shards`` and ``seed``, block ``k`` of a shard is always
@@ -115,10 +115,24 @@ def _check_shard(num_shards: int, shard: int) -> None:
         raise ValueError(f"shard must be an integer in [0, {num_shards}), got {shard!r}")
 
 
-def shard_for_peer(peer_id: str, num_shards: int) -> int:
-    """The shard a peer trains on: sha256 of its id modulo ``num_shards`` (stable across runs)."""
+#: Tag in front of what ``shard_for`` hashes: another encoding would take another tag, so the two never collide.
+SHARD_DOMAIN = "hivetrain-shard/1"
+
+
+def shard_for(hotkey: str, salt: str, num_shards: int) -> int:
+    """The shard a miner trains on: sha256 of (domain, run salt, hotkey), first 8 bytes big-endian, mod ``num_shards``.
+
+    The peer id is deliberately no input: minting libp2p keys is free, so a miner could grind ids
+    until one lands in the shard it wants (e.g. a victim's). A hotkey costs a registration, and the
+    salt is chosen per run by a trusted service (``hivetrain.store.shard_salt``): grinding costs a
+    registration per try and cannot start before the run does. Newlines delimit the fields (neither
+    a salt nor an ss58 hotkey holds one).
+    """
     _check_num_shards(num_shards)
-    digest = hashlib.sha256(str(peer_id).encode("utf-8")).digest()
+    for name, value in (("hotkey", hotkey), ("salt", salt)):
+        if not isinstance(value, str) or not value or "\n" in value:
+            raise ValueError(f"{name} must be a non-empty one-line string, got {value!r}")
+    digest = hashlib.sha256(f"{SHARD_DOMAIN}\n{salt}\n{hotkey}".encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") % num_shards
 
 

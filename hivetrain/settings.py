@@ -115,7 +115,7 @@ class PeerSettings(DHTSettings, IdentitySettings):
     # where the swarm is
     bootstrap_url: str = Field(DEFAULT_BOOTSTRAP_URL, description="bootstrap HTTP API that hands out initial peers")
     initial_peers: list[str] = Field(default_factory=list, description="multiaddrs to dial instead of asking the bootstrap")
-    bootstrap_wait_s: float = Field(120.0, gt=0, description="give up with an error when the bootstrap has not answered after this long")
+    bootstrap_wait_s: float = Field(120.0, gt=0, description="give up with an error when the bootstrap has not answered (or, for a miner, not published the run's shard salt in Redis) after this long")
     # model and data
     preset: Literal["seed", "tiny"] = Field("seed", description="model preset: seed = the original 32.3M GPT-2, tiny = CPU tests")
     seed: int = Field(0, ge=0, description="init seed; every miner of a run must use the same one")
@@ -123,7 +123,7 @@ class PeerSettings(DHTSettings, IdentitySettings):
     dataset_split: str = Field("train", description="dataset split to train on")
     text_key: str = Field("text", description="field holding the text (falcon-refinedweb: content)")
     tokenizer: str = Field("bundled", description="bundled GPT-2 BPE, or an HF name such as openai-community/gpt2")
-    num_shards: int = Field(64, ge=1, description="documents are split into this many shards; each miner reads the one its peer id picks")
+    num_shards: int = Field(64, ge=1, description="documents are split into this many shards; each miner reads the one its hotkey and the run's shard salt (chosen by the bootstrap) pick")
     block_size: int = Field(0, ge=0, description="tokens per sample; 0 = the preset's n_positions")
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda or cuda:N")
     torch_threads: int = Field(0, ge=0, description="CPU threads for torch; 0 = torch's default")

@@ -7,6 +7,9 @@ subnet, a registration whose heartbeat stopped, a record whose payload names ano
 Every reader and writer here takes the ``Domain`` along with the run's ``Keys``; the two must name
 the same run.
 
+The run's shard salt (``shard_salt``) is not signed: readers check its form and refuse junk, and
+the services that choose it (bootstrap, validators) overwrite junk with a salt of their own.
+
 Training must never wait for Redis: ``TelemetryWriter`` queues records and writes them from a
 background thread, retrying with backoff while Redis is away and dropping the oldest records
 once its bounded queue is full.
@@ -15,6 +18,8 @@ once its bounded queue is full.
 from __future__ import annotations
 
 import collections
+import re
+import secrets
 import threading
 import time
 import urllib.parse
@@ -25,6 +30,7 @@ import redis
 from hivetrain.identity import Domain, SignedEnvelope, VerificationError, Verifier, sign, verify_signature
 from hivetrain.log import get_logger
 from hivetrain.protocol.binding import binding_problem
+from hivetrain.protocol.discovery import BootstrapUnavailable
 from hivetrain.protocol.records import (
     BOOTSTRAP_TTL_S,
     EVALS_STREAM_MAXLEN,
@@ -32,6 +38,7 @@ from hivetrain.protocol.records import (
     OFFENCES_STREAM_MAXLEN,
     PEER_TTL_S,
     ROUNDS_STREAM_MAXLEN,
+    SHARD_SALT_HEX_CHARS,
     STEPS_STREAM_MAXLEN,
     BootstrapRecord,
     EvalRecord,
@@ -191,6 +198,99 @@ def _parse(model: type[Record], raw: bytes | None):
     except ValueError:
         logger.warning(f"dropping a malformed {model.__name__}: {raw[:200]!r}")
         return None
+
+
+_SALT = re.compile(r"[0-9a-f]{%d}" % SHARD_SALT_HEX_CHARS)
+#: Writers racing on a refused salt retry this often before giving up (each retry sees the other's write).
+SALT_WRITE_TRIES = 8
+
+
+def is_shard_salt(value: object) -> bool:
+    """Whether ``value`` is a well-formed shard salt: exactly 32 lowercase hex characters."""
+    return isinstance(value, str) and _SALT.fullmatch(value) is not None
+
+
+def _stored_salt(client, key: str) -> str | None:
+    """The salt stored at ``key`` if it is well formed; None when absent or refused (logged, naming the key).
+
+    Anyone holding the Redis credential can write there, so the value is hostile until checked:
+    at most one byte more than a salt is read, and another key type counts as junk.
+    """
+    try:
+        raw = client.getrange(key, 0, SHARD_SALT_HEX_CHARS)  # a salt and one byte: a huge value is never read
+    except redis.ResponseError:  # WRONGTYPE: a list or hash where the salt belongs
+        raw = None
+    if raw in (b"", "") and not client.exists(key):
+        return None
+    text = raw.decode("ascii", errors="replace") if isinstance(raw, bytes) else raw
+    if is_shard_salt(text):
+        return text
+    what = "a key of another type" if raw is None else f"{raw[:SHARD_SALT_HEX_CHARS + 1]!r}"
+    logger.warning(f"ignoring the shard salt at {key}: {what} is not {SHARD_SALT_HEX_CHARS} lowercase hex characters")
+    return None
+
+
+def shard_salt(client: redis.Redis, keys: Keys, create: bool, new_salt: str | None = None) -> str | None:
+    """The run's shard salt (``Keys.shard_salt``), or None while there is none.
+
+    A stored value that is not 32 lowercase hex characters is refused (a warning names the key) and
+    counts as absent. With ``create`` (only the bootstrap and validators: the salt is theirs to
+    choose, never a miner's) an absent or refused salt is replaced by ``new_salt`` (default 16 fresh
+    random bytes) and the salt in effect is returned. Junk is overwritten, not kept: whoever wrote
+    it must not be able to stall the run. The write is ``SET`` under ``WATCH``: a valid salt another
+    service wrote meanwhile wins, and a salt is never overwritten once valid. No TTL: the salt
+    lasts as long as the run's Redis does.
+    """
+    key = keys.shard_salt
+    if not create:
+        return _stored_salt(client, key)
+    new_salt = secrets.token_hex(SHARD_SALT_HEX_CHARS // 2) if new_salt is None else new_salt
+    if not is_shard_salt(new_salt):
+        raise ValueError(f"a shard salt is {SHARD_SALT_HEX_CHARS} lowercase hex characters, got {new_salt!r}")
+    with client.pipeline(transaction=True) as pipe:
+        for _ in range(SALT_WRITE_TRIES):
+            try:
+                pipe.watch(key)
+                found = _stored_salt(pipe, key)
+                if found is not None:
+                    return found
+                pipe.multi()
+                pipe.set(key, new_salt)
+                pipe.execute()
+            except redis.WatchError:  # written meanwhile: read what is there now
+                continue
+            logger.info(f"published the run's shard salt {new_salt} at {key}")
+            return new_salt
+    raise redis.RedisError(f"{key} changed under each of {SALT_WRITE_TRIES} writes; something keeps rewriting it")
+
+
+def wait_for_shard_salt(client: redis.Redis, keys: Keys, wait_s: float, stop: threading.Event | None = None,
+                        poll_s: float = 1.0) -> str:
+    """The run's shard salt, read every ``poll_s`` until the bootstrap (or a validator) has published it.
+
+    Redis errors count as not published yet. Raises ``BootstrapUnavailable`` after ``wait_s`` seconds,
+    or when ``stop`` is set, saying what to check.
+    """
+    deadline, waiting, last = time.monotonic() + wait_s, False, "nothing there"
+    stop = stop or threading.Event()
+    while True:
+        try:
+            salt = shard_salt(client, keys, create=False)
+            last = "nothing there, or junk (see the warnings above)"
+        except redis.RedisError as error:  # Redis boundary: unreachable is the same as not published yet
+            salt, last = None, f"Redis: {type(error).__name__}: {error}"
+        if salt is not None:
+            return salt
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or stop.is_set():
+            raise BootstrapUnavailable(
+                f"no shard salt at {keys.shard_salt} after {wait_s:.0f}s ({last}). The bootstrap publishes it when it "
+                "starts: check that it runs with this HIVE_REDIS_URL and HIVE_RUN_ID, or wait longer with HIVE_BOOTSTRAP_WAIT_S")
+        if not waiting:
+            logger.info(f"waiting for the bootstrap to publish the run's shard salt at {keys.shard_salt} "
+                        f"(up to {wait_s:.0f}s)")
+            waiting = True
+        stop.wait(min(poll_s, remaining))
 
 
 _STREAMS = {

@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import socket
+from collections import Counter
 
 import datasets
 import pytest
@@ -19,10 +20,11 @@ from hivetrain.data import (
     buffer_shuffle,
     iter_blocks,
     load_texts,
-    shard_for_peer,
+    shard_for,
     shard_texts,
     validation_blocks,
 )
+from hivetrain.protocol.binding import identity_peer_id, new_ed25519_identity
 from hivetrain.tokenizer import load_tokenizer
 
 NUM_DOCS = 12
@@ -68,20 +70,48 @@ def _pass_text(stream, tokenizer, pass_index=0):
 # --- sharding -------------------------------------------------------------------------
 
 
-def test_shard_for_peer_is_stable_and_in_range():
-    # Pinned values: a change here would silently move every peer to another shard.
-    assert shard_for_peer("peer-a", 8) == 2
-    assert shard_for_peer("QmPeer123", 1000) == 885
-    shards = [shard_for_peer(f"peer-{i}", 5) for i in range(200)]
-    assert all(0 <= s < 5 for s in shards)
-    assert set(shards) == set(range(5))
-    assert shard_for_peer("anyone", 1) == 0
+SALT = "0123456789abcdef0123456789abcdef"
+HOTKEY = "5GrwvaEF5zXb26Fz9rcQpDWS57CtERHpNehXCPcNoHGKutQY"  # the well-known dev hotkey //Alice
+
+
+def test_shard_for_is_stable_and_spreads_hotkeys():
+    # Pinned values: a change here would silently move every miner to another shard.
+    assert shard_for(HOTKEY, SALT, 64) == 31
+    assert shard_for(HOTKEY, SALT, 1000) == 511
+    digest = hashlib.sha256(f"hivetrain-shard/1\n{SALT}\n{HOTKEY}".encode()).digest()
+    assert shard_for(HOTKEY, SALT, 1000) == int.from_bytes(digest[:8], "big") % 1000  # the documented encoding
+    counts = Counter(shard_for(f"5Hotkey{i}", SALT, 8) for i in range(800))
+    assert sorted(counts) == list(range(8)) and all(60 <= n <= 140 for n in counts.values()), counts
+    assert shard_for(HOTKEY, SALT, 1) == 0
 
 
 @pytest.mark.parametrize("num_shards", [0, -1, 1.5, "2"])
-def test_shard_for_peer_rejects_bad_num_shards(num_shards):
+def test_shard_for_rejects_bad_num_shards(num_shards):
     with pytest.raises(ValueError, match="num_shards"):
-        shard_for_peer("peer", num_shards)
+        shard_for(HOTKEY, SALT, num_shards)
+
+
+@pytest.mark.parametrize(("hotkey", "salt"), [("", SALT), (HOTKEY, ""), (HOTKEY, SALT + "\n5Other"), (None, SALT)])
+def test_shard_for_refuses_fields_that_would_blur_the_encoding(hotkey, salt):
+    with pytest.raises(ValueError, match="one-line string"):
+        shard_for(hotkey, salt, 64)
+
+
+def test_minting_peer_ids_never_moves_a_miners_shard():
+    """The attack: mint libp2p identities (free) until one lands in a chosen shard, e.g. a victim's.
+    Under the old rule (sha256 of the peer id) 64 minted ids reach most of 64 shards; the shard now
+    follows the hotkey and the run's salt only, so with one hotkey all 64 stay in one shard."""
+    peer_ids = {identity_peer_id(new_ed25519_identity()) for _ in range(64)}
+    assert len(peer_ids) == 64
+    old_rule = {int.from_bytes(hashlib.sha256(p.encode()).digest()[:8], "big") % 64 for p in peer_ids}
+    assert len(old_rule) > 20  # what grinding used to buy: ~40 of 64 shards to pick from
+    # the miner (hivetrain.miner.train) and the validator (SpotChecker.stream_for) derive the shard from
+    # what a miner cannot mint for free: whichever of its ids it runs under, it trains on the hotkey's shard
+    assert {peer_id: shard_for(HOTKEY, SALT, 64) for peer_id in peer_ids} == dict.fromkeys(peer_ids, 31)
+    # the run's salt does decide: another salt moves most hotkeys, so a mapping ground before the run is useless
+    hotkeys = [f"5Hotkey{i}" for i in range(32)]
+    moved = [h for h in hotkeys if shard_for(h, SALT, 64) != shard_for(h, "f" * 32, 64)]
+    assert len(moved) > 16
 
 
 def test_shard_texts_assigns_by_position():

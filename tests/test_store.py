@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import pytest
@@ -12,10 +13,21 @@ from bound_peers import peer_id as pid
 
 from hivetrain import procs
 from hivetrain.identity import Domain, InvalidSignature
+from hivetrain.protocol.discovery import BootstrapUnavailable
 from hivetrain.protocol.records import BootstrapRecord, Keys, PeerRecord, RoundRecord, StepRecord
 from hivetrain.redis_server import start_redis
 from hivetrain.settings import BootstrapSettings, MinerSettings, ValidatorSettings
-from hivetrain.store import Registry, TelemetryWriter, append, connect_redis, read_stream, redacted
+from hivetrain.store import (
+    Registry,
+    TelemetryWriter,
+    append,
+    connect_redis,
+    is_shard_salt,
+    read_stream,
+    redacted,
+    shard_salt,
+    wait_for_shard_salt,
+)
 
 
 def _peer(peer_id: str, role: str = "miner") -> PeerRecord:
@@ -263,3 +275,76 @@ def test_keys_and_domain_of_different_runs_are_a_wiring_error(redis_url, wallet)
         append(client, Keys("run-a"), Domain("run-b"), _step("a", 0), wallet)
     with pytest.raises(ValueError, match="Domain"):
         read_stream(client, Keys("run-a"), "run-a", StepRecord)
+
+
+# --- the run's shard salt -----------------------------------------------------------------
+
+
+def test_the_shard_salt_is_created_once_and_kept(redis_url):
+    client, keys = connect_redis(redis_url), Keys("salted")
+    assert shard_salt(client, keys, create=False) is None  # a miner never creates it
+    assert client.get(keys.shard_salt) is None
+    first = shard_salt(client, keys, create=True)
+    assert is_shard_salt(first)
+    assert shard_salt(client, keys, create=True) == first  # the validator after the bootstrap: the same salt
+    assert shard_salt(client, keys, create=True, new_salt="e" * 32) == first  # a valid salt is never overwritten
+    assert shard_salt(client, keys, create=False) == first
+    assert client.ttl(keys.shard_salt) == -1  # no TTL: it lasts as long as the run's Redis
+    assert shard_salt(client, Keys("other-run"), create=True) != first  # each run draws its own
+
+
+JUNK = {
+    "empty": b"",
+    "short": b"0123456789abcdef",
+    "one too many": b"0123456789abcdef0123456789abcdef0",
+    "upper case": b"0123456789ABCDEF0123456789ABCDEF",
+    "not hex": b"0123456789abcdef0123456789abcdeg",
+    "a newline": b"0123456789abcdef\n123456789abcdef",
+    "not text": bytes(range(224, 256)),
+    "4 MB": b"a" * (4 << 20),
+}
+
+
+@pytest.mark.parametrize("junk", JUNK.values(), ids=JUNK.keys())
+def test_a_junk_shard_salt_is_refused_and_replaced_by_the_trusted_services(redis_url, junk, caplog):
+    """Anyone holding the Redis credential can write the salt's key: what is there is hostile until checked.
+    Readers treat junk as absent; the bootstrap and validators overwrite it, so it never stays in effect."""
+    client, keys = connect_redis(redis_url), Keys("salted")
+    client.set(keys.shard_salt, junk)
+    with caplog.at_level("WARNING"):
+        assert shard_salt(client, keys, create=False) is None
+    assert f"ignoring the shard salt at {keys.shard_salt}" in caplog.text
+    salt = shard_salt(client, keys, create=True)
+    assert is_shard_salt(salt) and client.get(keys.shard_salt) == salt.encode()
+    assert shard_salt(client, keys, create=False) == salt
+
+
+def test_a_shard_salt_key_of_another_type_is_junk_too(redis_url, caplog):
+    client, keys = connect_redis(redis_url), Keys("salted")
+    client.rpush(keys.shard_salt, "0123456789abcdef0123456789abcdef")
+    with caplog.at_level("WARNING"):
+        assert shard_salt(client, keys, create=False) is None
+    assert "a key of another type" in caplog.text
+    assert shard_salt(client, keys, create=True, new_salt="a" * 32) == "a" * 32
+    with pytest.raises(ValueError, match="32 lowercase hex"):
+        shard_salt(client, keys, create=True, new_salt="A" * 32)
+
+
+def test_a_miner_waits_for_the_shard_salt_then_gives_up_saying_why(redis_url, caplog):
+    client, keys = connect_redis(redis_url), Keys("salted")
+    publish = threading.Timer(1.5, lambda: shard_salt(connect_redis(redis_url), keys, create=True, new_salt="b" * 32))
+    publish.start()
+    started = time.monotonic()
+    with caplog.at_level("INFO"):
+        assert wait_for_shard_salt(client, keys, wait_s=30, poll_s=0.2) == "b" * 32
+    assert 1.4 < time.monotonic() - started < 10
+    assert caplog.text.count("waiting for the bootstrap to publish the run's shard salt") == 1  # said once, not per poll
+    with pytest.raises(BootstrapUnavailable, match=r"no shard salt at hive:late:shard_salt after 1s .*HIVE_BOOTSTRAP_WAIT_S"):
+        wait_for_shard_salt(client, Keys("late"), wait_s=1.0, poll_s=0.2)
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(BootstrapUnavailable):  # a stop signal ends the wait at once
+        wait_for_shard_salt(client, Keys("late"), wait_s=3600, stop=stop)
+    nowhere = connect_redis(f"redis://127.0.0.1:{procs.free_port()}/0", timeout=0.2)
+    with pytest.raises(BootstrapUnavailable, match="Redis: ConnectionError: .*refused"):  # unreachable Redis: still waiting, then this
+        wait_for_shard_salt(nowhere, keys, wait_s=1.0, poll_s=0.2)

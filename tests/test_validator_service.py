@@ -20,18 +20,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import redis
 from bound_peers import bound
-from bound_peers import peer_id as pid
 
 from hivetrain import procs
 from hivetrain.chain import LocalChain
-from hivetrain.data import BlockStream, shard_for_peer
+from hivetrain.data import BlockStream, shard_for
 from hivetrain.identity import Domain, load_or_create_wallet, sign
 from hivetrain.protocol.projection import projected_gradient
 from hivetrain.protocol.records import Keys, PeerRecord
 from hivetrain.protocol.spotcheck import Challenge
 from hivetrain.redis_server import start_redis
 from hivetrain.settings import ValidatorSettings
-from hivetrain.store import Registry, connect_redis
+from hivetrain.store import Registry, connect_redis, shard_salt
 from hivetrain.validator.service import Validator
 from hivetrain.validator.verdicts import SpotCheckResult
 
@@ -149,18 +148,21 @@ def endpoints():
 
 
 def _register(client, wallet, name: str, url: str = "") -> str:
-    """Register the test peer called ``name`` (peer id ``pid(name)``) for ``wallet``; returns its hotkey."""
+    """Register the test peer called ``name`` (peer id ``bound_peers.peer_id(name)``) for ``wallet``; returns its hotkey."""
     record = PeerRecord(peer_id=name, role="miner", hotkey=wallet.hotkey.ss58_address, challenge_url=url, multiaddrs=[],
                         started_at=time.time())
     Registry(client, Keys(RUN_ID), DOMAIN).register(bound(record, wallet.hotkey.ss58_address, DOMAIN), signer=wallet)
     return wallet.hotkey.ss58_address
 
 
-def _honest(validator: Validator, peer_id: str):
-    """What an honest miner at the validator's epoch answers: the projection of its own blocks at the shared parameters."""
+def _honest(validator: Validator, hotkey: str):
+    """What an honest miner at the validator's epoch answers: the projection of its own blocks at the shared parameters.
+
+    Its shard is the miner's way: its hotkey and the salt in Redis (which the validator created: no bootstrap here)."""
+    salt = shard_salt(connect_redis(validator.settings.redis_url), validator.keys, create=False)
     s, model = validator.settings, copy.deepcopy(validator.sync.model)
     stream = BlockStream(s.dataset, s.dataset_split, s.text_key, validator.checker.tokenizer, validator.block_size,
-                         num_shards=s.num_shards, shard=shard_for_peer(peer_id, s.num_shards), seed=s.seed)
+                         num_shards=s.num_shards, shard=shard_for(hotkey, salt, s.num_shards), seed=s.seed)
 
     def answer(challenge: Challenge):
         batch = stream.get_batch(challenge.block_index, challenge.batch_size)  # (B, T)
@@ -173,7 +175,7 @@ def test_one_round_checks_every_miner_at_once_and_nobody_evades(redis_url, make_
     client = connect_redis(redis_url)
     ahead_wallet, behind_wallet = (load_or_create_wallet(str(tmp_path / "miners"), name) for name in ("ahead", "unreachable"))
     noise = lambda epoch: lambda challenge: (epoch, [0.5] * challenge.dim)  # noqa: E731
-    honest = endpoints(wallet, _honest(validator, pid("QmHonest")))
+    honest = endpoints(wallet, _honest(validator, wallet.hotkey.ss58_address))
     dripping = endpoints(other_wallet, noise(0), drip_s=0.2)  # its answer would take minutes
     ahead = endpoints(ahead_wallet, noise(10**9))  # forces a sync, then "cannot judge", forever (before)
     unreachable = endpoints(behind_wallet, noise(2))  # plausible, but no peer serves that epoch's state

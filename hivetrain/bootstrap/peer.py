@@ -1,8 +1,10 @@
-"""The bootstrap's long-lived hivemind DHT peer, publishing its own addresses to Redis.
+"""The bootstrap's long-lived hivemind DHT peer, publishing its own addresses and the run's shard salt to Redis.
 
 The DHT keeps its libp2p identity in ``settings.identity_path``, so miners that cached its
 multiaddr still reach it after a restart. Redis outages never stop the DHT: publishing is
 retried with backoff and the record (which expires after BOOTSTRAP_TTL_S) comes back on recovery.
+The shard salt (``hivetrain.store.shard_salt``) is created at the first publish if the run has
+none, then kept: every publish puts the same salt back if a flush removed it or junk replaced it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from hivetrain.identity import Domain
 from hivetrain.log import get_logger
 from hivetrain.protocol.records import BOOTSTRAP_TTL_S, BootstrapRecord, Keys
 from hivetrain.settings import BootstrapSettings
-from hivetrain.store import Registry, connect_redis
+from hivetrain.store import Registry, connect_redis, shard_salt
 
 logger = get_logger(__name__)
 
@@ -52,12 +54,19 @@ def run_dht_peer(settings: BootstrapSettings, stop_event: StopEvent, interval_s:
 
 
 def publish_until_stopped(dht, registry: Registry, peer_id: str, stop_event: StopEvent, interval_s: float) -> None:
-    """Refresh ``peer_id``'s BootstrapRecord every ``interval_s``; on failure retry with backoff (0.5 s doubling up to ``interval_s``)."""
-    backoff, failing = 0.5, False
+    """Refresh ``peer_id``'s BootstrapRecord and the run's shard salt every ``interval_s``; on failure retry
+    with backoff (0.5 s doubling up to ``interval_s``)."""
+    backoff, failing, salt = 0.5, False, None
     while not stop_event.is_set():
         if not dht.is_alive():
             raise RuntimeError(f"the DHT process died (exit code {dht.exitcode}); see the log above")
         try:
+            # the salt we hold goes back if it is missing: miners and validators keep the shards they have
+            current = shard_salt(registry.client, registry.keys, create=True, new_salt=salt)
+            if salt is not None and current != salt:
+                logger.warning(f"the run's shard salt at {registry.keys.shard_salt} was replaced ({salt} -> {current}): "
+                               "miners started from now on read other shards than validators that hold the old one")
+            salt = current
             registry.set_bootstrap(BootstrapRecord(peer_id=peer_id, multiaddrs=visible_maddrs(dht)))
         except Exception:  # network boundary (Redis, the DHT pipe): log, back off, keep the DHT up
             if not failing:

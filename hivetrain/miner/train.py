@@ -17,7 +17,7 @@ import hivemind
 import torch
 
 from hivetrain.chain import make_chain
-from hivetrain.data import BlockStream, shard_for_peer
+from hivetrain.data import BlockStream, shard_for
 from hivetrain.dht import make_dht, visible_maddrs
 from hivetrain.hivemind_compat import RoundInfo, StateRoundLogHandler, TrackedOptimizer
 from hivetrain.hivemind_compat.bans import drain_offence_records
@@ -37,7 +37,7 @@ from hivetrain.protocol.projection import projected_gradient
 from hivetrain.protocol.records import HEARTBEAT_INTERVAL_S, Keys, PeerRecord, RoundRecord, StepRecord
 from hivetrain.protocol.spotcheck import CHALLENGE_PASSES, Challenge
 from hivetrain.settings import MinerSettings
-from hivetrain.store import Registry, TelemetryWriter, connect_redis
+from hivetrain.store import Registry, TelemetryWriter, connect_redis, wait_for_shard_salt
 from hivetrain.tokenizer import load_tokenizer
 
 logger = get_logger(__name__)
@@ -130,6 +130,7 @@ class Miner:
         self._make_dht()
         self.device = resolve_device(s.device)
         self._make_model()
+        self.redis = connect_redis(s.redis_url)  # the shard salt first, then registry and telemetry
         self._make_data()
         self._make_reporting()
         self._make_optimizer()
@@ -138,7 +139,7 @@ class Miner:
     def _make_dht(self) -> None:
         s = self.settings
         if not s.identity_path:
-            # a restarted miner keeps its peer id, hence its data shard and its checkpoint folder
+            # a restarted miner keeps its peer id: the identity lives next to its checkpoints
             s = self.settings = s.model_copy(update={"identity_path": str(self.checkpoint_dir / "identity.key")})
         initial_peers = list(s.initial_peers) or fetch_initial_peers(s.bootstrap_url, s.bootstrap_wait_s, stop=self.stop)
         self.dht = make_dht(s, initial_peers=initial_peers)
@@ -163,7 +164,11 @@ class Miner:
 
     def _make_data(self) -> None:
         s = self.settings
-        self.shard = shard_for_peer(self.peer_id, s.num_shards)
+        # our shard follows from our hotkey and the run's salt, not from the peer id that anyone can mint
+        salt = wait_for_shard_salt(self.redis, Keys(s.run_id), s.bootstrap_wait_s, stop=self.stop)
+        hotkey = self.wallet.hotkey.ss58_address
+        self.shard = shard_for(hotkey, salt, s.num_shards)
+        logger.info(f"data shard {self.shard} of {s.num_shards}: from hotkey {hotkey} and the run's shard salt {salt}")
         self.tokenizer = load_tokenizer(s.tokenizer)
         if len(self.tokenizer) > self.config.vocab_size:
             raise ValueError(f"tokenizer {s.tokenizer!r} has {len(self.tokenizer)} tokens, more than the model's "
@@ -185,7 +190,7 @@ class Miner:
     def _make_reporting(self) -> None:
         s = self.settings
         keys, domain = Keys(s.run_id), Domain.of(s)  # what we sign is valid in this run and subnet only
-        client = connect_redis(s.redis_url)
+        client = self.redis
         self.telemetry = TelemetryWriter(client, keys, domain, self.wallet)
         self.metrics.watch_telemetry(self.telemetry)
         self.metrics.describe(self.peer_id, self.wallet.hotkey.ss58_address, s.preset, str(self.device))

@@ -35,6 +35,9 @@ VALIDATOR_STATE_TTL_S = 7 * 24 * 3600
 MAX_SAVED_MINERS = 10_000
 MAX_SAVED_CHECKS = 50
 
+#: The run's shard salt is this many lowercase hex characters (16 random bytes); anything else in its key is refused.
+SHARD_SALT_HEX_CHARS = 32
+
 PeerRole = Literal["miner", "validator", "bootstrap"]
 
 
@@ -96,6 +99,12 @@ class Keys:
     def validator_state(self, validator_hotkey: str) -> str:
         """A ValidatorState signed by that validator (JSON envelope): what it resumes after a restart."""
         return f"{self.prefix}:validator:{validator_hotkey}:state"
+
+    @property
+    def shard_salt(self) -> str:
+        """The run's shard salt: 32 lowercase hex characters, written once by the bootstrap or a validator
+        and never expiring. A miner's data shard follows from its hotkey and this salt (``hivetrain.data.shard_for``)."""
+        return f"{self.prefix}:shard_salt"
 
 
 class Record(BaseModel):

@@ -34,7 +34,7 @@ from hivetrain.models import model_config, num_parameters
 from hivetrain.protocol.discovery import fetch_initial_peers
 from hivetrain.protocol.records import VALIDATOR_TTL_S, EvalRecord, Keys, MinerScore, PeerRecord, ScoreBoard, ValidatorStatus
 from hivetrain.settings import ValidatorSettings
-from hivetrain.store import Registry, append, connect_redis
+from hivetrain.store import Registry, append, connect_redis, shard_salt
 from hivetrain.tokenizer import load_tokenizer
 from hivetrain.validator.claims import ClaimReader
 from hivetrain.validator.evaluate import evaluate
@@ -79,13 +79,16 @@ class Validator:
         logger.info(f"validator {self.hotkey} (uid {self.uid}) joined the DHT as a client via {len(initial_peers)} initial peers")
 
     def _connect(self) -> None:
-        """Wallet, Redis, the chain (registered as a validator) and the telemetry reader."""
+        """Wallet, Redis, the run's shard salt, the chain (registered as a validator) and the telemetry reader."""
         s = self.settings
         self.wallet = load_or_create_wallet(s.wallet_dir, s.wallet_name, s.wallet_hotkey)
         self.hotkey = self.wallet.hotkey.ss58_address
         self.client = connect_redis(s.redis_url)
         self.keys, self.domain = Keys(s.run_id), Domain.of(s)  # records of other runs and subnets fail their signatures
         self.registry = Registry(self.client, self.keys, self.domain)
+        # read once (created if the bootstrap has not yet): the miners' shards we rebuild follow from it
+        self.shard_salt = shard_salt(self.client, self.keys, create=True)
+        logger.info(f"the run's shard salt: {self.shard_salt} ({self.keys.shard_salt})")
         self.chain = make_chain(s.chain, redis_client=self.client, run_id=s.run_id, **self._bittensor_args())
         self.endpoint = f"http://{s.api_host}:{s.api_port}"
         self.uid = self.chain.register(self.hotkey, self.endpoint, "validator")
@@ -106,7 +109,7 @@ class Validator:
         tokenizer = load_tokenizer(s.tokenizer)
         self.eval_blocks = validation_blocks(tokenizer, self.block_size, s.eval_blocks)  # (N, T), fixed for the run
         self.checker = SpotChecker(self.wallet, self.domain, self.sync, s, tokenizer, self.block_size, self.eval_blocks,
-                                   plausible_epoch=self.poller.plausible_epoch)
+                                   self.shard_salt, plausible_epoch=self.poller.plausible_epoch)
 
     def _resume(self) -> None:
         """Take up the scores, EMA and spot-check history our last run saved (nothing if there is none)."""

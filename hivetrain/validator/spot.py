@@ -1,9 +1,9 @@
 """Gradient spot checks, validator side: ask every miner at once, recompute, compare.
 
-The validator picks a batch of each miner's own shard (the shard follows from its peer id, so
-the validator rebuilds the same blocks) and a projection seed, signs the challenge for that
-miner's hotkey, and compares the signed answer with its own projection of the same batch at the
-shared parameters it synced.
+The validator picks a batch of each miner's own shard (the shard follows from its hotkey and the
+run's shard salt, ``hivetrain.data.shard_for``, so the validator rebuilds the same blocks) and a
+projection seed, signs the challenge for that miner's hotkey, and compares the signed answer with
+its own projection of the same batch at the shared parameters it synced.
 
 A round sends every challenge at once from a small thread pool; each exchange has one deadline
 for everything (``hivetrain.validator.bounded_http``: connection, request and the whole answer,
@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 from pydantic import ValidationError
 
-from hivetrain.data import BlockStream, shard_for_peer
+from hivetrain.data import BlockStream, shard_for
 from hivetrain.identity import Domain, VerificationError, Verifier, sign
 from hivetrain.log import get_logger
 from hivetrain.protocol.projection import baseline_projection, projected_gradient
@@ -111,8 +111,9 @@ class SpotChecker:
     """Sends signed challenges and judges the answers against the validator's own computation."""
 
     def __init__(self, wallet, domain: Domain, sync: ModelSync, settings: ValidatorSettings, tokenizer, block_size: int,
-                 reference_blocks: torch.Tensor, plausible_epoch: Callable[[], int | None] = lambda: None):
+                 reference_blocks: torch.Tensor, shard_salt: str, plausible_epoch: Callable[[], int | None] = lambda: None):
         self.wallet, self.sync, self.settings = wallet, sync, settings
+        self.shard_salt = shard_salt  # the run's, read once: miners' shards are derived from it
         # the direction every batch's gradient shares, measured on blocks only the validator picks;
         # cosines are taken after removing it (an answer for some other batch is then far off)
         self.reference = [reference_blocks[i : i + settings.spot_check_batch]
@@ -128,10 +129,10 @@ class SpotChecker:
         self._streams: dict[int, BlockStream] = {}
         self._rng = random.Random()
 
-    def stream_for(self, peer_id: str) -> BlockStream:
-        """The miner's shard, built the way the miner builds it (cached per shard)."""
+    def stream_for(self, hotkey: str) -> BlockStream:
+        """The shard of the miner with ``hotkey``, built the way the miner builds it (cached per shard)."""
         s = self.settings
-        shard = shard_for_peer(peer_id, s.num_shards)
+        shard = shard_for(hotkey, self.shard_salt, s.num_shards)
         if shard not in self._streams:
             self._streams[shard] = BlockStream(s.dataset, s.dataset_split, s.text_key, self.tokenizer, self.block_size,
                                                num_shards=s.num_shards, shard=shard, seed=s.seed)
@@ -173,7 +174,7 @@ class SpotChecker:
 
     def _challenge(self, miner: PeerRecord, seed: int) -> Challenge:
         s = self.settings
-        stream = self.stream_for(miner.peer_id)
+        stream = self.stream_for(miner.hotkey)
         block_index = self._rng.randrange(0, max(1, (stream.blocks_per_pass or 1) * CHALLENGE_PASSES))
         return Challenge(miner_hotkey=miner.hotkey, block_index=block_index, batch_size=s.spot_check_batch,
                          seed=seed, dim=s.spot_check_dim, epoch=self.sync.epoch)
@@ -236,7 +237,7 @@ class SpotChecker:
             return self._not_judged(miner, asked, epoch, answer_epoch, answer)
         if answer_epoch < epoch - MAX_LAG_EPOCHS:
             return verdict(False, f"lags: answered at epoch {answer_epoch}, the swarm is at {epoch}", answer_epoch, answer)
-        batch = self.stream_for(miner.peer_id).get_batch(asked.block_index, s.spot_check_batch)  # (B, T), the miner's blocks
+        batch = self.stream_for(miner.hotkey).get_batch(asked.block_index, s.spot_check_batch)  # (B, T), the miner's blocks
         result = judge_spot_check(self.expected(batch, asked.seed), answer, s.spot_check_threshold, others,
                                   baseline=self.baseline(asked.seed))
         self.unjudged.pop(miner.hotkey, None)

@@ -44,7 +44,7 @@ def test_sigterm_checkpoints_deregisters_and_restart_resumes(tmp_path):
         wait_until(lambda: first_step.search(again.log_path.read_text()), timeout=120, what="the restarted miner's first step")
         log = again.log_path.read_text()
         assert f"resuming from {checkpoint}" in log
-        assert peer_id_in(log) == first_id  # same identity, so the same data shard and hotkey
+        assert peer_id_in(log) == first_id  # same identity (and hotkey, so the same data shard)
         step, epoch = map(int, first_step.search(log).groups())
         assert step > saved["step"] and epoch >= saved["epoch"]  # it counts on from where it stopped
     finally:
