@@ -12,6 +12,7 @@ import difflib
 import json
 import sys
 from functools import lru_cache
+from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
 from pydantic import (
@@ -48,6 +49,7 @@ class ServiceSettings(BaseSettings):
 
     run_id: str = Field("hivetrain", description="swarm name: DHT prefix, Redis namespace and signature domain; peers only meet (and trust records of) peers of the same run")
     redis_url: str = Field(DEFAULT_REDIS_URL, description="Redis for the peer registry and telemetry (redis://[:password@]host:port/db)")
+    redis_url_file: str = Field("", description="file holding the Redis URL with its user and password, read at start in place of redis_url (Docker volumes, Kubernetes secrets); empty = use redis_url")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level of hivetrain loggers")
     # every service signs or verifies records of its run only: the run id and, on bittensor, the netuid are in every signature
     chain: Literal["local", "bittensor"] = Field("local", description="where validators are listed and weights go: local (Redis metagraph) or bittensor; every service of a run must agree (signatures name the chain)")
@@ -66,6 +68,17 @@ class ServiceSettings(BaseSettings):
         if not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://, e.g. redis://127.0.0.1:6379/0")
         return value
+
+    @model_validator(mode="after")
+    def _redis_url_from_file(self):
+        if self.redis_url_file:
+            try:
+                url = Path(self.redis_url_file).read_text().strip()
+            except OSError as error:
+                raise ValueError(f"redis_url_file: cannot read {self.redis_url_file} ({error.strerror}); "
+                                 "is the volume or secret that holds it mounted?") from None
+            self.redis_url = type(self)._redis_url_scheme(url)
+        return self
 
 
 class DHTSettings(ServiceSettings):
@@ -98,6 +111,8 @@ class BootstrapSettings(DHTSettings):
     http_workers: int = Field(2, ge=1, le=64, description="gunicorn worker processes")
     max_initial_peers: int = Field(32, ge=1, le=1000, description="cap on the addresses /initial_peers returns")
     identity_path: str = Field("bootstrap.id", description="file with the DHT private key, so the bootstrap's peer id survives restarts")
+    ingest_per_minute: int = Field(6000, ge=1, le=10_000_000,
+                                   description="telemetry entries one hotkey may post a minute (a CPU miner sends about 60)")
 
 
 class IdentitySettings(ServiceSettings):
@@ -256,7 +271,7 @@ class SwarmSettings(ServiceSettings):
         # machine (127.0.0.1) would not work from inside them, so the two engines differ here
         if self.engine == "docker" and self.external_redis:
             raise ValueError("--external-redis works with --engine local only: --engine docker runs the Redis of "
-                             "docker-compose.yml (set REDIS_PASSWORD for its password); drop --external-redis")
+                             "docker-compose.yml (users and passwords: deploy/redis/start.sh); drop --external-redis")
         return self
 
 
