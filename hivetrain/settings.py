@@ -93,6 +93,7 @@ class DHTSettings(ServiceSettings):
         description="multiaddrs other peers should dial (containers: the service's DNS name or pod IP); empty = what p2pd sees",
     )
     identity_path: str = Field("", description="file with the libp2p private key, so the peer id survives restarts; empty = a new id each start")
+    use_relay: bool = Field(True, description="relay connections between peers that cannot dial each other (libp2p circuit relay); keep it on where miners may sit behind NAT")
 
     @field_validator("host_maddrs", "announce_maddrs")
     @classmethod
@@ -197,6 +198,10 @@ class MinerSettings(PeerSettings):
     grad_compression: Compression = Field("none", description="wire format of gradients in all-reduce")
     state_compression: Compression = Field("none", description="wire format of parameters in state averaging and downloads (optimizer statistics always go exact)")
     use_local_updates: bool = Field(False, description="step locally every batch and average parameters instead of gradients")
+    # reachability (README: "Miners behind NAT")
+    client_mode: bool = Field(False, description="dial out only (behind NAT or a firewall that refuses incoming connections): the miner joins the DHT and averaging rounds through other peers and sends its parts, but reduces none and serves no state downloads")
+    use_auto_relay: bool = Field(False, description="behind NAT without client mode: find relays among the peers and advertise relayed addresses, so others can dial this miner through them")
+    bandwidth: float = Field(0.0, ge=0, description="this miner's upload bandwidth (any unit, the same on every miner): all-reduce gives each peer a part in proportion, so a slow link gets less to reduce; 0 = equal parts")
     # robust averaging (hivetrain/aggregation.py)
     robust_aggregation: bool = Field(True, description="aggregate each all-reduce partition robustly (non-finite parts dropped, declared weights capped, CenteredClip) and refuse bad answers from reducers; off = hivemind's weighted mean")
     clip_factor: float = Field(1.0, gt=0, description="CenteredClip radius as a multiple of the parts' median distance from their median; larger = closer to the mean, more influence per attacker")

@@ -141,9 +141,9 @@ class Miner:
             # a restarted miner keeps its peer id, hence its data shard and its checkpoint folder
             s = self.settings = s.model_copy(update={"identity_path": str(self.checkpoint_dir / "identity.key")})
         initial_peers = list(s.initial_peers) or fetch_initial_peers(s.bootstrap_url, s.bootstrap_wait_s, stop=self.stop)
-        self.dht = make_dht(s, initial_peers=initial_peers)
+        self.dht = make_dht(s, initial_peers=initial_peers, client_mode=s.client_mode, use_auto_relay=s.use_auto_relay)
         self.peer_id = self.dht.peer_id.to_base58()
-        self.maddrs = visible_maddrs(self.dht)
+        self.maddrs = visible_maddrs(self.dht)  # none in client mode: nobody can dial it
         logger.info(f"DHT up: peer {self.peer_id}, {len(initial_peers)} initial peers, visible at {self.maddrs}")
 
     def _make_model(self) -> None:
