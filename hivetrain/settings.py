@@ -12,6 +12,7 @@ import difflib
 import json
 import sys
 from functools import lru_cache
+from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
 from pydantic import (
@@ -48,6 +49,7 @@ class ServiceSettings(BaseSettings):
 
     run_id: str = Field("hivetrain", description="swarm name: DHT prefix, Redis namespace and signature domain; peers only meet (and trust records of) peers of the same run")
     redis_url: str = Field(DEFAULT_REDIS_URL, description="Redis for the peer registry and telemetry (redis://[:password@]host:port/db)")
+    redis_url_file: str = Field("", description="file holding the Redis URL with its user and password, read at start in place of redis_url (Docker volumes, Kubernetes secrets); empty = use redis_url")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level of hivetrain loggers")
     # every service signs or verifies records of its run only: the run id and, on bittensor, the netuid are in every signature
     chain: Literal["local", "bittensor"] = Field("local", description="where validators are listed and weights go: local (Redis metagraph) or bittensor; every service of a run must agree (signatures name the chain)")
@@ -67,6 +69,17 @@ class ServiceSettings(BaseSettings):
             raise ValueError("must start with redis://, rediss:// or unix://, e.g. redis://127.0.0.1:6379/0")
         return value
 
+    @model_validator(mode="after")
+    def _redis_url_from_file(self):
+        if self.redis_url_file:
+            try:
+                url = Path(self.redis_url_file).read_text().strip()
+            except OSError as error:
+                raise ValueError(f"redis_url_file: cannot read {self.redis_url_file} ({error.strerror}); "
+                                 "is the volume or secret that holds it mounted?") from None
+            self.redis_url = type(self)._redis_url_scheme(url)
+        return self
+
 
 class DHTSettings(ServiceSettings):
     """Settings of a service that runs a hivemind DHT peer."""
@@ -80,6 +93,7 @@ class DHTSettings(ServiceSettings):
         description="multiaddrs other peers should dial (containers: the service's DNS name or pod IP); empty = what p2pd sees",
     )
     identity_path: str = Field("", description="file with the libp2p private key, so the peer id survives restarts; empty = a new id each start")
+    use_relay: bool = Field(True, description="relay connections between peers that cannot dial each other (libp2p circuit relay); keep it on where miners may sit behind NAT")
 
     @field_validator("host_maddrs", "announce_maddrs")
     @classmethod
@@ -98,6 +112,8 @@ class BootstrapSettings(DHTSettings):
     http_workers: int = Field(2, ge=1, le=64, description="gunicorn worker processes")
     max_initial_peers: int = Field(32, ge=1, le=1000, description="cap on the addresses /initial_peers returns")
     identity_path: str = Field("bootstrap.id", description="file with the DHT private key, so the bootstrap's peer id survives restarts")
+    ingest_per_minute: int = Field(6000, ge=1, le=10_000_000,
+                                   description="telemetry entries one hotkey may post a minute (a CPU miner sends about 60)")
 
 
 class IdentitySettings(ServiceSettings):
@@ -182,6 +198,10 @@ class MinerSettings(PeerSettings):
     grad_compression: Compression = Field("none", description="wire format of gradients in all-reduce")
     state_compression: Compression = Field("none", description="wire format of parameters in state averaging and downloads (optimizer statistics always go exact)")
     use_local_updates: bool = Field(False, description="step locally every batch and average parameters instead of gradients")
+    # reachability (README: "Miners behind NAT")
+    client_mode: bool = Field(False, description="dial out only (behind NAT or a firewall that refuses incoming connections): the miner joins the DHT and averaging rounds through other peers and sends its parts, but reduces none and serves no state downloads")
+    use_auto_relay: bool = Field(False, description="behind NAT without client mode: find relays among the peers and advertise relayed addresses, so others can dial this miner through them")
+    bandwidth: float = Field(0.0, ge=0, description="this miner's upload bandwidth (any unit, the same on every miner): all-reduce gives each peer a part in proportion, so a slow link gets less to reduce; 0 = equal parts")
     # robust averaging (hivetrain/aggregation.py)
     robust_aggregation: bool = Field(True, description="aggregate each all-reduce partition robustly (non-finite parts dropped, declared weights capped, CenteredClip) and refuse bad answers from reducers; off = hivemind's weighted mean")
     clip_factor: float = Field(1.0, gt=0, description="CenteredClip radius as a multiple of the parts' median distance from their median; larger = closer to the mean, more influence per attacker")
@@ -256,7 +276,7 @@ class SwarmSettings(ServiceSettings):
         # machine (127.0.0.1) would not work from inside them, so the two engines differ here
         if self.engine == "docker" and self.external_redis:
             raise ValueError("--external-redis works with --engine local only: --engine docker runs the Redis of "
-                             "docker-compose.yml (set REDIS_PASSWORD for its password); drop --external-redis")
+                             "docker-compose.yml (users and passwords: deploy/redis/start.sh); drop --external-redis")
         return self
 
 

@@ -7,23 +7,24 @@ subnet, a registration whose heartbeat stopped, a record whose payload names ano
 Every reader and writer here takes the ``Domain`` along with the run's ``Keys``; the two must name
 the same run.
 
+Who writes what: the validator and the bootstrap hold Redis users that may write their run's keys;
+a miner's only reads (``hivetrain.redis_server.role_rules``). A miner's registration and telemetry
+go to the bootstrap (``hivetrain.reporting``), which checks them and stores them as signed
+(``Registry.store_signed``, ``hivetrain.bootstrap.ingest``).
+
 The run's shard salt (``shard_salt``) is not signed: readers check its form and refuse junk, and
 the services that choose it (bootstrap, validators) overwrite junk with a salt of their own.
 
-Training must never wait for Redis: ``TelemetryWriter`` queues records and writes them from a
-background thread, retrying with backoff while Redis is away and dropping the oldest records
-once its bounded queue is full.
+Sending records without ever making training wait: ``hivetrain.reporting``.
 """
 
 from __future__ import annotations
 
-import collections
 import re
 import secrets
 import threading
 import time
 import urllib.parse
-from typing import Iterable
 
 import redis
 
@@ -34,6 +35,7 @@ from hivetrain.protocol.discovery import BootstrapUnavailable
 from hivetrain.protocol.records import (
     BOOTSTRAP_TTL_S,
     EVALS_STREAM_MAXLEN,
+    MAX_PEERS_PER_HOTKEY,
     MAX_REGISTRATION_BYTES,
     OFFENCES_STREAM_MAXLEN,
     PEER_TTL_S,
@@ -41,6 +43,7 @@ from hivetrain.protocol.records import (
     SHARD_SALT_HEX_CHARS,
     STEPS_STREAM_MAXLEN,
     BootstrapRecord,
+    Departure,
     EvalRecord,
     Keys,
     OffenceRecord,
@@ -83,8 +86,33 @@ def same_run(keys: Keys, domain: Domain) -> Domain:
     return domain
 
 
+class Refused(ValueError):
+    """A record the bootstrap's ingest will not store; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def signed_registration(record: PeerRecord, signer, domain: Domain) -> tuple[bytes, float]:
+    """(the envelope to store, its time): ``record`` stamped now, with the signer's hotkey, signed for ``domain``."""
+    now = time.time()
+    record = record.model_copy(update={"last_seen": now, "hotkey": signer.hotkey.ss58_address})
+    envelope = sign(signer, domain, record.model_dump(mode="json"), timestamp=now)
+    envelope = SignedEnvelope.model_validate(envelope).model_dump_json().encode()
+    if len(envelope) > MAX_REGISTRATION_BYTES:
+        raise ValueError(f"registration of {record.peer_id} is {len(envelope)} bytes, over {MAX_REGISTRATION_BYTES}: "
+                         "readers would drop it; register fewer or shorter addresses")
+    return envelope, now
+
+
 class Registry:
-    """Live peers and bootstrap addresses; every entry expires unless its owner keeps beating."""
+    """Live peers and bootstrap addresses; every entry expires unless its owner keeps beating.
+
+    Trusted services (the validator, tests) write with ``register``; a miner, which holds no Redis
+    credential that writes, sends its signed registration to the bootstrap, which checks it and
+    stores it with ``store_signed``.
+    """
 
     def __init__(self, client: redis.Redis, keys: Keys, domain: Domain, ttl_s: float = PEER_TTL_S):
         self.client, self.keys, self.ttl_s = client, keys, ttl_s
@@ -95,18 +123,18 @@ class Registry:
 
     def register(self, record: PeerRecord, signer) -> None:
         """Write or refresh a peer's record, signed by ``signer`` (its wallet); call it every heartbeat."""
-        now = time.time()
-        record = record.model_copy(update={"last_seen": now, "hotkey": signer.hotkey.ss58_address})
-        envelope = sign(signer, self.domain, record.model_dump(mode="json"), timestamp=now)
-        envelope = SignedEnvelope.model_validate(envelope).model_dump_json().encode()
-        if len(envelope) > MAX_REGISTRATION_BYTES:
-            raise ValueError(f"registration of {record.peer_id} is {len(envelope)} bytes, over {MAX_REGISTRATION_BYTES}: "
-                             "readers would drop it; register fewer or shorter addresses")
+        envelope, now = signed_registration(record, signer, self.domain)
+        self._store(record.peer_id, envelope, now)
+
+    def _store(self, peer_id: str, envelope: bytes, signed_at: float, hotkey: str | None = None) -> None:
         with self.client.pipeline(transaction=True) as pipe:
-            pipe.set(self.keys.peer(record.peer_id), envelope, ex=int(self.ttl_s))
-            pipe.zadd(self.keys.peer_index, {record.peer_id: now})
-            pipe.zremrangebyscore(self.keys.peer_index, "-inf", now - self.ttl_s)
+            pipe.set(self.keys.peer(peer_id), envelope, ex=int(self.ttl_s))
+            pipe.zadd(self.keys.peer_index, {peer_id: signed_at})
+            pipe.zremrangebyscore(self.keys.peer_index, "-inf", signed_at - self.ttl_s)
             pipe.expire(self.keys.peer_index, int(self.ttl_s) * 4)
+            if hotkey is not None:
+                pipe.zadd(self.keys.hotkey_peers(hotkey), {peer_id: signed_at})
+                pipe.expire(self.keys.hotkey_peers(hotkey), int(self.ttl_s) * 4)
             pipe.execute()
 
     def deregister(self, peer_id: str) -> None:
@@ -114,6 +142,64 @@ class Registry:
             pipe.delete(self.keys.peer(peer_id))
             pipe.zrem(self.keys.peer_index, peer_id)
             pipe.execute()
+
+    def store_signed(self, raw: bytes, roles: tuple[str, ...] = ("miner",)) -> PeerRecord:
+        """Store a registration its peer signed (the bootstrap's ``POST /v1/peers``); ``Refused`` says why not.
+
+        Refused: a body over ``MAX_REGISTRATION_BYTES`` (413); a bad, stale or other-run signature,
+        a record naming another hotkey, a peer id its libp2p key does not bind (401); a role not in
+        ``roles`` (403); a new peer id for a hotkey that already has ``MAX_PEERS_PER_HOTKEY`` live (429).
+        A replayed registration is stored as it was signed: it ages out with the signature's window.
+        """
+        if len(raw) > MAX_REGISTRATION_BYTES:
+            raise Refused(f"a registration is at most {MAX_REGISTRATION_BYTES} bytes, got {len(raw)}", 413)
+        try:
+            envelope = self.verifier.authenticate(raw)
+            record = PeerRecord.model_validate(envelope.payload)
+        except (VerificationError, ValueError, RecursionError) as error:
+            raise Refused(f"registration refused: {error}", 401) from None
+        if record.hotkey != envelope.hotkey:
+            raise Refused(f"registration refused: signed by {envelope.hotkey} for {record.hotkey}", 401)
+        problem = self._binding_problem(record)
+        if problem is not None:
+            raise Refused(f"registration of {record.peer_id} refused: {problem}", 401)
+        if record.role not in roles:
+            raise Refused(f"role {record.role!r} cannot register through the bootstrap (only {', '.join(roles)})", 403)
+        signed_at = min(envelope.timestamp, time.time())
+        live = self.live_peer_ids_of(record.hotkey)
+        if record.peer_id not in live and len(live) >= MAX_PEERS_PER_HOTKEY:
+            raise Refused(f"hotkey {record.hotkey} already has {len(live)} live peers, the most one hotkey may have; "
+                          "stop one or wait for its registration to expire", 429)
+        self._store(record.peer_id, raw, signed_at, hotkey=record.hotkey)
+        return record
+
+    def remove_signed(self, raw: bytes) -> str:
+        """Drop a registration on its own hotkey's signed ``Departure``; the peer id, or ``Refused``."""
+        if len(raw) > MAX_REGISTRATION_BYTES:
+            raise Refused(f"a departure is at most {MAX_REGISTRATION_BYTES} bytes, got {len(raw)}", 413)
+        try:
+            envelope = self.verifier.authenticate(raw)
+            departure = Departure.model_validate(envelope.payload)
+        except (VerificationError, ValueError, RecursionError) as error:
+            raise Refused(f"departure refused: {error}", 401) from None
+        stored = self._authentic_peer(departure.peer_id, self.client.get(self.keys.peer(departure.peer_id)))
+        if stored is not None and stored.hotkey != envelope.hotkey:
+            raise Refused(f"departure refused: {departure.peer_id} is registered by another hotkey", 403)
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.delete(self.keys.peer(departure.peer_id))
+            pipe.zrem(self.keys.peer_index, departure.peer_id)
+            pipe.zrem(self.keys.hotkey_peers(envelope.hotkey), departure.peer_id)
+            pipe.execute()
+        return departure.peer_id
+
+    def live_peer_ids_of(self, hotkey: str) -> set[str]:
+        """The peer ids ``hotkey`` registered through the bootstrap that are still live."""
+        key = self.keys.hotkey_peers(hotkey)
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.zremrangebyscore(key, "-inf", time.time() - self.ttl_s)
+            pipe.zrange(key, 0, -1)
+            _, members = pipe.execute()
+        return {m.decode() for m in members}
 
     def live_peers(self, limit: int = 100, role: str | None = None) -> list[PeerRecord]:
         """The freshest live peers first; records that expired or fail validation are skipped."""
@@ -293,7 +379,8 @@ def wait_for_shard_salt(client: redis.Redis, keys: Keys, wait_s: float, stop: th
         stop.wait(min(poll_s, remaining))
 
 
-_STREAMS = {
+#: Each stream's record type -> (its attribute of ``Keys``, its approximate MAXLEN, whether entries are signed).
+STREAMS = {
     StepRecord: ("steps", STEPS_STREAM_MAXLEN, True),
     RoundRecord: ("rounds", ROUNDS_STREAM_MAXLEN, True),
     OffenceRecord: ("offences", OFFENCES_STREAM_MAXLEN, True),
@@ -301,8 +388,8 @@ _STREAMS = {
 }
 
 
-def _stream_fields(record: Record, domain: Domain, signer=None) -> dict:
-    attr, _, signed = _STREAMS[type(record)]
+def stream_fields(record: Record, domain: Domain, signer=None) -> dict:
+    attr, _, signed = STREAMS[type(record)]
     if signed:
         if signer is None:
             raise ValueError(f"{type(record).__name__} telemetry must be signed: pass the writer's wallet")
@@ -313,8 +400,8 @@ def _stream_fields(record: Record, domain: Domain, signer=None) -> dict:
 
 def append(client: redis.Redis, keys: Keys, domain: Domain, record: Record, signer=None) -> None:
     """XADD one record to its capped stream (signed by ``signer`` for ``domain`` where the contract asks for it)."""
-    attr, maxlen, _ = _STREAMS[type(record)]
-    client.xadd(getattr(keys, attr), _stream_fields(record, same_run(keys, domain), signer), maxlen=maxlen, approximate=True)
+    attr, maxlen, _ = STREAMS[type(record)]
+    client.xadd(getattr(keys, attr), stream_fields(record, same_run(keys, domain), signer), maxlen=maxlen, approximate=True)
 
 
 def decode_entry(model: type[Record], fields: dict, domain: Domain) -> tuple[Record, str] | None:
@@ -324,7 +411,7 @@ def decode_entry(model: type[Record], fields: dict, domain: Domain) -> tuple[Rec
     an entry signed for another run or subnet is not authentic here. A consumer that must read each
     entry once (freshness, nonce) uses a ``Verifier`` instead (``hivetrain.validator.claims``).
     """
-    _, _, signed = _STREAMS[model]
+    _, _, signed = STREAMS[model]
     if not signed:
         record = _parse(model, fields.get(b"json"))
         return None if record is None else (record, "")
@@ -342,7 +429,7 @@ def decode_entry(model: type[Record], fields: dict, domain: Domain) -> tuple[Rec
 def read_stream(client: redis.Redis, keys: Keys, domain: Domain, model: type[Record], count: int | None = None) -> list:
     """All (or the last ``count``) authentic records of one stream (signed in ``domain``, where signed), oldest first."""
     same_run(keys, domain)
-    attr, _, _ = _STREAMS[model]
+    attr, _, _ = STREAMS[model]
     if count is None:
         entries = client.xrange(getattr(keys, attr))
     else:
@@ -351,86 +438,5 @@ def read_stream(client: redis.Redis, keys: Keys, domain: Domain, model: type[Rec
     return [d[0] for d in decoded if d is not None]
 
 
-class TelemetryWriter:
-    """Writes telemetry from a background thread so training never blocks on Redis.
-
-    ``put`` only appends to a bounded deque. While Redis is unreachable the thread retries with
-    exponential backoff (up to ``max_backoff_s``); when the deque is full the oldest records go
-    first and are counted in ``dropped``.
-    """
-
-    def __init__(self, client: redis.Redis, keys: Keys, domain: Domain, signer, max_queue: int = 10_000,
-                 max_backoff_s: float = 5.0):
-        self.client, self.keys, self.signer, self.max_backoff_s = client, keys, signer, max_backoff_s
-        self.domain = same_run(keys, domain)
-        self._queue: collections.deque = collections.deque(maxlen=max_queue)
-        self._wake = threading.Condition()
-        self._stopping = False
-        self.written = self.dropped = 0
-        self._thread = threading.Thread(target=self._run, name="telemetry-writer", daemon=True)
-        self._thread.start()
-
-    def put(self, record: StepRecord | RoundRecord | OffenceRecord) -> None:
-        with self._wake:
-            if len(self._queue) == self._queue.maxlen:
-                self.dropped += 1
-            self._queue.append(record)
-            self._wake.notify()
-
-    def put_many(self, records: Iterable[StepRecord | RoundRecord | OffenceRecord]) -> None:
-        for record in records:
-            self.put(record)
-
-    @property
-    def queued(self) -> int:
-        """Records not yet written to Redis, including a batch in flight (the miner's /metrics shows it)."""
-        return len(self._queue)
-
-    def _run(self) -> None:
-        backoff = 0.1
-        while True:
-            with self._wake:
-                while not self._queue and not self._stopping:
-                    self._wake.wait()
-                if not self._queue and self._stopping:
-                    return
-                batch = list(self._queue)
-            try:
-                with self.client.pipeline(transaction=False) as pipe:
-                    for record in batch:
-                        attr, maxlen, _ = _STREAMS[type(record)]
-                        try:
-                            fields = _stream_fields(record, self.domain, self.signer)
-                        except ValueError:  # not JSON-able (a NaN): drop it, keep the writer alive
-                            logger.warning(f"dropping an unserialisable {type(record).__name__}", exc_info=True)
-                            self.dropped += 1
-                            continue
-                        pipe.xadd(getattr(self.keys, attr), fields, maxlen=maxlen, approximate=True)
-                    pipe.execute()
-            except redis.RedisError as error:
-                if self._stopping:
-                    return
-                logger.warning(f"telemetry write failed ({error!r}); {len(batch)} records wait, retrying in {backoff:.1f}s")
-                with self._wake:
-                    self._wake.wait(timeout=backoff)
-                backoff = min(backoff * 2, self.max_backoff_s)
-                continue
-            backoff = 0.1
-            sent = {id(record) for record in batch}
-            with self._wake:
-                # records dropped for space while we wrote are already gone from the left
-                while self._queue and id(self._queue[0]) in sent:
-                    self._queue.popleft()
-                self.written += len(batch)
-
-    def close(self, timeout: float = 5.0) -> None:
-        """Flush what is queued (for up to ``timeout`` seconds), then stop the thread."""
-        deadline = time.monotonic() + timeout
-        while self._queue and time.monotonic() < deadline and self._thread.is_alive():
-            time.sleep(0.05)
-        with self._wake:
-            self._stopping = True
-            self._wake.notify()
-        self._thread.join(timeout=max(0.0, deadline - time.monotonic()) + 1.0)
-        if self._queue:
-            logger.warning(f"telemetry: {len(self._queue)} records not written at shutdown")
+#: Streams a miner may post to the bootstrap (``POST /v1/telemetry``), by their name on the wire.
+INGEST_STREAMS: dict[str, type[Record]] = {"steps": StepRecord, "rounds": RoundRecord, "offences": OffenceRecord}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import threading
 import time
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import redis
 from flask import Flask, g, jsonify, request
@@ -31,6 +31,29 @@ def int_arg(name: str, default: int, low: int, high: int) -> int:
     if not _INT.fullmatch(raw) or not low <= int(raw) <= high:
         raise BadRequest(f"{name} must be an integer from {low} to {high}, got {raw[:40]!r}")
     return int(raw)
+
+
+def nests_deeper(value: Any, limit: int) -> bool:
+    """Whether JSON ``value`` has lists or dicts nested more than ``limit`` deep (walked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False
+
+
+def json_body(max_nesting: int) -> Any:
+    """The request's JSON body, or a 400 that says why not (not JSON, nested deeper than ``max_nesting``)."""
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:  # nested deeper than Python's stack
+        body = None
+    if body is None or nests_deeper(body, max_nesting):
+        raise BadRequest(f"the body must be JSON nested at most {max_nesting} levels deep")
+    return body
 
 
 #: How long a worker reuses a computed answer of a read-only route (registrations live 30 s and beat every 10 s).

@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -29,7 +30,9 @@ import requests
 import yaml
 from pydantic import ValidationError
 
+from hivetrain import procs
 from hivetrain.identity import Domain
+from hivetrain.redis_server import ROLES, role_rules
 from hivetrain.settings import (
     SERVICE_SETTINGS,
     MinerSettings,
@@ -90,7 +93,7 @@ def _kubernetes_validate() -> list[str]:
 
 
 def _run(argv: list[str], stdin: str | None = None) -> subprocess.CompletedProcess:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("HIVE_") and key != "REDIS_PASSWORD"}
+    env = {key: value for key, value in os.environ.items() if not key.startswith("HIVE_")}
     return subprocess.run(argv, cwd=ROOT, input=stdin, capture_output=True, text=True, timeout=120, env=env)
 
 
@@ -124,6 +127,11 @@ def _assert_valid(service: str, env: dict[str, str | None], monkeypatch, where: 
     """The settings model of ``service`` loads from exactly ``env`` (None: unset, as compose leaves an
     unset pass-through variable); returns the settings."""
     model = SERVICE_SETTINGS[service]
+    env = dict(env)
+    if env.get("HIVE_REDIS_URL_FILE"):  # the file the Redis container writes, here a stand-in with the same form
+        stand_in = Path(tempfile.mkdtemp(prefix="hive-redis-url-")) / "url"
+        stand_in.write_text(f"redis://{service}:{'p' * 48}@redis:6379/0\n")
+        env["HIVE_REDIS_URL_FILE"] = str(stand_in)
     with monkeypatch.context() as patch:
         for key in list(os.environ):
             if key.startswith("HIVE_"):
@@ -256,19 +264,107 @@ def test_compose_env_is_what_each_service_reads(service, monkeypatch):
     env = _compose_config("default")["services"][service]["environment"]
     _assert_known(service, env, "docker-compose.yml")
     _assert_valid(service, _hive(env), monkeypatch, "docker-compose.yml")
-    assert env["HIVE_REDIS_URL"].startswith("redis://:") and "@redis:6379" in env["HIVE_REDIS_URL"]
-    assert not any(key.startswith("HIVE_") for key in _compose_config("default")["services"]["redis"]["environment"])
+    assert "HIVE_REDIS_URL" not in env and env["HIVE_REDIS_URL_FILE"] == "/run/hive-redis/url"
+    # the role's own Redis user, and no other: only its redis-auth volume is mounted
+    auth = [(v["source"], v["target"], v.get("read_only")) for v in _compose_config("default")["services"][service]["volumes"]
+            if v["source"].startswith("redis-auth-")]
+    assert auth == [(f"redis-auth-{service}", "/run/hive-redis", True)]
+    assert set(_compose_config("default")["services"]["redis"]["environment"]) == {"HIVE_RUN_ID"}
+
+
+REDIS_START = ROOT / "deploy" / "redis" / "start.sh"
+
+
+def test_redis_start_script_gives_each_role_the_launchers_rules():
+    script = REDIS_START.read_text()
+    for role in ROLES:
+        (rules,) = re.findall(rf'^rules_{role}="(.*)"$', script, re.M)
+        assert rules == role_rules(role, "$run"), f"deploy/redis/start.sh: the rules of {role} differ from role_rules()"
+    assert (ROOT / "k8s" / "base" / "redis" / "start.sh").read_bytes() == REDIS_START.read_bytes(), \
+        "k8s/base/redis/start.sh must be a copy of deploy/redis/start.sh (kustomize reads files below k8s/ only)"
+
+
+def _start_script(tmp_path: Path, port: int, **env: str) -> subprocess.Popen:
+    folders = {"AUTH_DIR": tmp_path / "auth", "REDIS_DATA_DIR": tmp_path / "data"}
+    for role in ROLES:  # as compose mounts the three volumes
+        (folders["AUTH_DIR"] / role).mkdir(parents=True, exist_ok=True)
+    full = {"PATH": os.environ["PATH"], "HIVE_RUN_ID": "deploy", "REDIS_HOST": "127.0.0.1", "REDIS_PORT": str(port),
+            **{key: str(value) for key, value in folders.items()}, **env}
+    return subprocess.Popen(["sh", str(REDIS_START), "--bind", "127.0.0.1", "--save", ""], env=full,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def test_redis_start_script_runs_one_user_per_role_and_a_miners_only_reads(tmp_path):
+    import redis as redis_py
+
+    port = procs.free_port()
+    server = _start_script(tmp_path, port)
+    try:
+        urls = {}
+        deadline = time.monotonic() + 60
+        while len(urls) < len(ROLES):
+            assert server.poll() is None, server.stdout.read()
+            assert time.monotonic() < deadline, "the Redis of deploy/redis/start.sh did not come up"
+            urls = {role: (tmp_path / "auth" / role / "url").read_text().strip() for role in ROLES
+                    if (tmp_path / "auth" / role / "url").exists()}
+            time.sleep(0.1)
+        assert all(url.startswith(f"redis://{role}:") and url.endswith(f"@127.0.0.1:{port}/0") for role, url in urls.items())
+        assert len({url for url in urls.values()}) == 3, "one password per role"
+        clients = {role: redis_py.Redis.from_url(url, socket_timeout=2) for role, url in urls.items()}
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                clients["bootstrap"].set("hive:deploy:peers-test", "1")
+                break
+            except redis_py.ConnectionError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        assert clients["miner"].get("hive:deploy:peers-test") == b"1"
+        for attack in (lambda: clients["miner"].set("hive:deploy:x", "1"), lambda: clients["miner"].zadd("hive:deploy:peers", {"a": 1}),
+                       lambda: clients["validator"].flushall(), lambda: clients["bootstrap"].get("hive:other-run:x")):
+            with pytest.raises(redis_py.exceptions.NoPermissionError):
+                attack()
+        admin = (tmp_path / "data" / "admin-password").read_text()
+        assert redis_py.Redis(port=port, password=admin).acl_whoami() == "default"
+        assert oct((tmp_path / "data" / "admin-password").stat().st_mode & 0o777) == "0o600"
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=10)
+    # a second start keeps the passwords (the volumes hold them): clients need no new URL
+    kept = {role: (tmp_path / "auth" / role / "password").read_text() for role in ROLES}
+    server = _start_script(tmp_path, procs.free_port())
+    try:
+        deadline = time.monotonic() + 30
+        while not all((tmp_path / "auth" / role / "url").read_text().count(kept[role]) for role in ROLES):
+            assert time.monotonic() < deadline and server.poll() is None
+            time.sleep(0.1)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=10)
+
+
+@pytest.mark.parametrize("password, why", [("change-me-miner", "placeholder"), ("short", "shorter than 16"),
+                                           ("has spaces in it too", "may only use")])
+def test_redis_start_script_refuses_a_placeholder_or_weak_password(tmp_path, password, why):
+    server = _start_script(tmp_path, procs.free_port(), REDIS_MINER_PASSWORD=password)
+    try:
+        output, _ = server.communicate(timeout=30)
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+    assert server.returncode == 2 and why in output and "miner" in output
 
 
 #: Settings docker-compose.yml deliberately does not list, each for a reason: the image's default
 #: is the right bind address; the miner entrypoint derives per-replica addresses and paths; the
 #: swarm is found through the bootstrap; each service keeps its own wallet name in its volume;
-#: the validator uses torch's default threads (the docker engine sizes the miners' threads).
+#: the validator uses torch's default threads (the docker engine sizes the miners' threads);
+#: the Redis URL of each role is in the file its Redis user's volume holds (HIVE_REDIS_URL_FILE).
 LEFT_TO_THE_IMAGE = {
-    "bootstrap": {"HIVE_HTTP_HOST"},
-    "miner": {"HIVE_CHALLENGE_HOST", "HIVE_ANNOUNCE_MADDRS", "HIVE_CHALLENGE_URL", "HIVE_WALLET_DIR",
+    "bootstrap": {"HIVE_HTTP_HOST", "HIVE_REDIS_URL"},
+    "miner": {"HIVE_REDIS_URL", "HIVE_CHALLENGE_HOST", "HIVE_ANNOUNCE_MADDRS", "HIVE_CHALLENGE_URL", "HIVE_WALLET_DIR",
               "HIVE_CHECKPOINT_DIR", "HIVE_IDENTITY_PATH", "HIVE_INITIAL_PEERS", "HIVE_WALLET_NAME", "HIVE_WALLET_HOTKEY"},
-    "validator": {"HIVE_API_HOST", "HIVE_INITIAL_PEERS", "HIVE_WALLET_NAME", "HIVE_WALLET_HOTKEY", "HIVE_TORCH_THREADS"},
+    "validator": {"HIVE_REDIS_URL", "HIVE_API_HOST", "HIVE_INITIAL_PEERS", "HIVE_WALLET_NAME", "HIVE_WALLET_HOTKEY", "HIVE_TORCH_THREADS"},
 }
 
 
@@ -353,8 +449,8 @@ def test_k8s_env_is_what_each_service_reads(path, monkeypatch):
     assert bool(set(workloads) & MONITORING_WORKLOADS) == path.endswith("monitoring")
     for name, workload in workloads.items():
         env = _pod_env(workload, config_maps)
-        if name not in SERVICE_SETTINGS:
-            assert not any(key.startswith("HIVE_") for key in env), f"{name} gets HIVE_* variables"
+        if name not in SERVICE_SETTINGS:  # Redis's users may touch the run's keys only: it needs the run id
+            assert {key for key in env if key.startswith("HIVE_")} <= ({"HIVE_RUN_ID"} if name == "redis" else set()), name
             continue
         _assert_known(name, env, path)
         hive = {key: value for key, value in env.items() if key.startswith("HIVE_")}
@@ -476,7 +572,7 @@ def test_k8s_cpu_overlay_is_the_tiny_preset(monkeypatch):
 def test_compose_gets_the_swarm_settings(monkeypatch):
     # what `python -m hivetrain.swarm --engine docker --preset tiny` hands compose, through the real binary
     settings = SwarmSettings(preset="tiny", miners=2, run_id="t1", bootstrap_port=0, engine="docker")
-    environ = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), "REDIS_PASSWORD": "pw",
+    environ = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"),
                "HIVE_LR": "0.01", "HIVE_HTTP_WORKERS": "3", "HIVE_CHECKPOINT_DIR": "/elsewhere", "HIVE_MINERS": "9"}
     swarm = ComposeSwarm(settings, [_compose_binary()], client=None, environ=environ)
     config = swarm.config()
@@ -486,7 +582,8 @@ def test_compose_gets_the_swarm_settings(monkeypatch):
         env = services[name]["environment"]
         _assert_known(name, _hive(env), "docker engine")
         _assert_valid(name, _hive(env), monkeypatch, "docker engine")
-        assert env["HIVE_RUN_ID"] == "t1" and env["HIVE_REDIS_URL"] == "redis://:pw@redis:6379/0"
+        assert env["HIVE_RUN_ID"] == "t1" and env["HIVE_REDIS_URL_FILE"] == "/run/hive-redis/url"
+    assert services["redis"]["environment"]["HIVE_RUN_ID"] == "t1"  # its users may touch this run's keys
     miner = services["miner"]["environment"]
     tiny = {**preset_env(MinerSettings, "tiny"), "HIVE_LR": "0.01"}  # the caller's HIVE_* win over the preset
     assert {key: miner[key] for key in tiny} == tiny

@@ -18,7 +18,8 @@ from hivetrain.miner.challenge import ChallengeLimits, ChallengeServer
 from hivetrain.miner.metrics import MinerMetrics
 from hivetrain.miner.validators import ValidatorList
 from hivetrain.protocol.records import Keys, StepRecord
-from hivetrain.store import TelemetryWriter, connect_redis
+from hivetrain.reporting import RedisSink, TelemetryWriter
+from hivetrain.store import connect_redis
 
 
 def scrape(url: str) -> dict[tuple[str, tuple], float]:
@@ -109,7 +110,7 @@ def test_a_nonfinite_loss_is_nan_and_counted(server, metrics):
 
 def test_telemetry_written_is_read_from_the_writer(server, metrics, redis_url, wallet):
     assert not any(name.startswith("hive_miner_telemetry") for name, _ in scrape(_url(server))), "no writer yet"
-    writer = TelemetryWriter(connect_redis(redis_url), Keys("metrics"), Domain("metrics"), wallet)
+    writer = TelemetryWriter(RedisSink(connect_redis(redis_url), Keys("metrics")), Domain("metrics"), wallet)
     metrics.watch_telemetry(writer)
     try:
         writer.put_many(_step(i) for i in range(1, 6))
@@ -131,7 +132,7 @@ def test_telemetry_queue_and_drops_while_redis_is_away(server, metrics, wallet):
     with socket.socket() as probe:  # a port nothing listens on: Redis is down
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    writer = TelemetryWriter(connect_redis(f"redis://127.0.0.1:{port}/0"), Keys("metrics"), Domain("metrics"), wallet, max_queue=3)
+    writer = TelemetryWriter(RedisSink(connect_redis(f"redis://127.0.0.1:{port}/0"), Keys("metrics")), Domain("metrics"), wallet, max_queue=3)
     metrics.watch_telemetry(writer)
     try:
         writer.put_many(_step(i) for i in range(1, 6))

@@ -20,8 +20,9 @@ from hivetrain.bootstrap.app import create_app as bootstrap_app
 from hivetrain.identity import Domain
 from hivetrain.miner.metrics import MinerMetrics
 from hivetrain.protocol.records import Keys
+from hivetrain.reporting import RedisSink, TelemetryWriter
 from hivetrain.settings import BootstrapSettings, ValidatorSettings
-from hivetrain.store import TelemetryWriter, connect_redis
+from hivetrain.store import connect_redis
 from hivetrain.validator.app import create_app as validator_app
 
 pytestmark = pytest.mark.deploy
@@ -180,7 +181,7 @@ def _served_names(redis_url: str, wallet, wallet_dir: str) -> set[str]:
         client.get("/healthz")  # request counters have samples once a request was counted
         texts.append(client.get("/metrics").text)
     metrics = MinerMetrics()  # as Miner._make_reporting sets it up
-    writer = TelemetryWriter(connect_redis(redis_url), Keys("mon"), Domain("mon"), wallet)
+    writer = TelemetryWriter(RedisSink(connect_redis(redis_url), Keys("mon")), Domain("mon"), wallet)
     try:
         metrics.describe("QmMiner", wallet.hotkey.ss58_address, "tiny", "cpu")
         metrics.watch_telemetry(writer)

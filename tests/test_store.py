@@ -16,10 +16,10 @@ from hivetrain.identity import Domain, InvalidSignature
 from hivetrain.protocol.discovery import BootstrapUnavailable
 from hivetrain.protocol.records import BootstrapRecord, Keys, PeerRecord, RoundRecord, StepRecord
 from hivetrain.redis_server import start_redis
+from hivetrain.reporting import RedisSink, TelemetryWriter
 from hivetrain.settings import BootstrapSettings, MinerSettings, ValidatorSettings
 from hivetrain.store import (
     Registry,
-    TelemetryWriter,
     append,
     connect_redis,
     is_shard_salt,
@@ -96,7 +96,7 @@ def test_streams_are_signed_and_typed(redis_url, wallet):
 def test_telemetry_survives_redis_restart(tmp_path, wallet):
     port = procs.free_port()
     server, url = start_redis(tmp_path / "r1", port=port, persist=False)
-    writer = TelemetryWriter(connect_redis(url, timeout=0.5), Keys("t"), Domain("t"), signer=wallet, max_backoff_s=0.3)
+    writer = TelemetryWriter(RedisSink(connect_redis(url, timeout=0.5), Keys("t")), Domain("t"), signer=wallet, max_backoff_s=0.3)
     try:
         writer.put(_step("a", 0))
         server.stop(timeout=5)
@@ -116,7 +116,7 @@ def test_telemetry_survives_redis_restart(tmp_path, wallet):
 
 def test_telemetry_drops_oldest_when_full(redis_url, wallet):
     client = redis.Redis(host="127.0.0.1", port=procs.free_port(), socket_timeout=0.2, socket_connect_timeout=0.2)
-    writer = TelemetryWriter(client, Keys("t"), Domain("t"), wallet, max_queue=3, max_backoff_s=0.2)
+    writer = TelemetryWriter(RedisSink(client, Keys("t")), Domain("t"), wallet, max_queue=3, max_backoff_s=0.2)
     for i in range(10):
         writer.put(_step("a", i))
     assert writer.dropped == 7

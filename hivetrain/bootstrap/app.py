@@ -14,15 +14,16 @@ from __future__ import annotations
 import time
 
 import redis
-from flask import Flask, Response, jsonify
-from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
+from flask import Flask, Response, jsonify, request
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_latest
 
+from hivetrain.bootstrap.ingest import TelemetryIngest
 from hivetrain.identity import Domain
 from hivetrain.log import get_logger
-from hivetrain.protocol.records import Keys
+from hivetrain.protocol.records import MAX_REGISTRATION_BYTES, Keys
 from hivetrain.settings import BootstrapSettings
-from hivetrain.store import Registry, connect_redis
-from hivetrain.webapp import ANSWER_CACHE_S, AnswerCache, HttpMetrics, install, int_arg, settings_or_exit
+from hivetrain.store import Refused, Registry, connect_redis
+from hivetrain.webapp import ANSWER_CACHE_S, AnswerCache, HttpMetrics, install, int_arg, json_body, settings_or_exit
 
 logger = get_logger(__name__)
 
@@ -30,6 +31,8 @@ logger = get_logger(__name__)
 SERVED_ROLES = ("miner", "validator")
 #: Addresses one miner or validator may put in an answer (a peer has a few: TCP, QUIC, IPv4/IPv6).
 ADDRS_PER_PEER = 4
+#: The largest body a POST may have: a full telemetry batch of typical entries (about 1 kB each) fits twice.
+MAX_BODY_BYTES = 1024 * 1024
 
 
 class Metrics(HttpMetrics):
@@ -39,6 +42,8 @@ class Metrics(HttpMetrics):
         super().__init__("hive_bootstrap")
         self.live_peers = Gauge("hive_bootstrap_live_peers", "peers whose registration has not expired",
                                 registry=self.registry)
+        self.ingested = Counter("hive_bootstrap_ingest_entries", "telemetry entries peers posted, by outcome",
+                                ["outcome"], registry=self.registry)
         self.live_bootstraps = Gauge("hive_bootstrap_live_bootstraps", "bootstrap DHTs whose record has not expired",
                                      registry=self.registry)
 
@@ -64,12 +69,49 @@ def create_app(settings: BootstrapSettings | None = None, cache_s: float = ANSWE
     """
     settings = settings_or_exit(BootstrapSettings, settings)
     app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     registry = Registry(connect_redis(settings.redis_url), Keys(settings.run_id), Domain.of(settings))
     metrics = Metrics()
     app.extensions["hivetrain.bootstrap"] = {"settings": settings, "registry": registry, "metrics": metrics}
     install(app, metrics, "bootstrap")
     _register_routes(app, settings, registry, metrics, AnswerCache(cache_s))
+    _register_ingest(app, registry, TelemetryIngest(registry, settings.ingest_per_minute), metrics)
     return app
+
+
+def _register_ingest(app: Flask, registry: Registry, ingest: TelemetryIngest, metrics: Metrics) -> None:
+    """Where miners write: they hold no Redis credential that writes (the registry's keys, its index and the
+    telemetry streams are the bootstrap's to write), so every write is checked here first."""
+    def refused(error: Refused):
+        return jsonify(error="refused", message=str(error)), error.status
+
+    @app.post("/v1/peers")
+    def register_peer():
+        try:
+            record = registry.store_signed(request.get_data(cache=False)[:MAX_REGISTRATION_BYTES + 1])
+        except Refused as error:
+            return refused(error)
+        return jsonify(status="registered", peer_id=record.peer_id, ttl_s=registry.ttl_s)
+
+    @app.post("/v1/peers/leave")
+    def leave():
+        try:
+            peer_id = registry.remove_signed(request.get_data(cache=False)[:MAX_REGISTRATION_BYTES + 1])
+        except Refused as error:
+            return refused(error)
+        return jsonify(status="removed", peer_id=peer_id)
+
+    @app.post("/v1/telemetry")
+    def telemetry():
+        body = json_body(max_nesting=3)
+        try:
+            answer = ingest.accept(body)
+        except Refused as error:
+            metrics.ingested.labels(outcome=f"deferred {error.status}").inc()
+            return refused(error)
+        metrics.ingested.labels(outcome="stored").inc(answer["stored"])
+        metrics.ingested.labels(outcome="refused").inc(len(answer["refused"]))
+        return jsonify(answer)
 
 
 def _register_routes(app: Flask, settings: BootstrapSettings, registry: Registry, metrics: Metrics,

@@ -42,6 +42,7 @@ from hivetrain.miner.health import TrainingHealth
 from hivetrain.miner.metrics import MinerMetrics
 from hivetrain.miner.validators import ValidatorList
 from hivetrain.protocol.spotcheck import Challenge, SpotCheckAnswer
+from hivetrain.webapp import nests_deeper
 
 logger = get_logger(__name__)
 
@@ -198,18 +199,6 @@ class ChallengeQueue:
         if self._thread is not None:
             self._unprepared.put(None)
             self._thread.join(timeout=5)
-
-
-def nests_deeper(value: Any, limit: int) -> bool:
-    """Whether JSON ``value`` has lists or dicts nested more than ``limit`` deep (walked without recursion)."""
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, (dict, list)):
-            if depth > limit:
-                return True
-            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
-    return False
 
 
 def create_challenge_app(hotkey_ss58: str, verifier: Verifier, validators: ValidatorList, limits: ChallengeLimits,

@@ -62,7 +62,8 @@ def make_optimizer(model: torch.nn.Module, dht: hivemind.DHT, settings: MinerSet
         state_averaging_compression=state_compression(),
         load_state_compression=state_download_compression(settings.state_compression),
         # request_timeout below min_matchmaking_time avoids hivemind's deadlock warning (and the deadlock)
-        averager_opts=dict(request_timeout=min(3.0, settings.matchmaking_time / 2)),
+        averager_opts=dict(request_timeout=min(3.0, settings.matchmaking_time / 2), bandwidth=settings.bandwidth or None),
+        client_mode=settings.client_mode,
         tracker_opts=dict(min_refresh_period=0.5, max_refresh_period=5.0),
         verbose=True,
         on_round=on_round,

@@ -36,8 +36,9 @@ from hivetrain.protocol.discovery import fetch_initial_peers
 from hivetrain.protocol.projection import projected_gradient
 from hivetrain.protocol.records import HEARTBEAT_INTERVAL_S, Keys, PeerRecord, RoundRecord, StepRecord
 from hivetrain.protocol.spotcheck import CHALLENGE_PASSES, Challenge
+from hivetrain.reporting import BootstrapRegistry, BootstrapSink, TelemetryWriter
 from hivetrain.settings import MinerSettings
-from hivetrain.store import Registry, TelemetryWriter, connect_redis, wait_for_shard_salt
+from hivetrain.store import connect_redis, wait_for_shard_salt
 from hivetrain.tokenizer import load_tokenizer
 
 logger = get_logger(__name__)
@@ -62,9 +63,9 @@ def challenge_block_limit(stream: BlockStream, stream_blocks: int) -> int:
 
 
 class Heartbeat:
-    """Registers the peer in Redis every HEARTBEAT_INTERVAL_S from a thread; Redis outages are logged, not fatal."""
+    """Registers the peer (through the bootstrap) every HEARTBEAT_INTERVAL_S from a thread; outages are logged, not fatal."""
 
-    def __init__(self, registry: Registry, record: PeerRecord, wallet, interval_s: float = HEARTBEAT_INTERVAL_S):
+    def __init__(self, registry: BootstrapRegistry, record: PeerRecord, wallet, interval_s: float = HEARTBEAT_INTERVAL_S):
         self.registry, self.record, self.wallet, self.interval_s = registry, record, wallet, interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
@@ -79,10 +80,10 @@ class Heartbeat:
             try:
                 self.registry.register(self.record, self.wallet)
                 failures = 0
-            except Exception:  # Redis boundary: keep training, keep trying
+            except Exception as error:  # network boundary: keep training, keep trying
                 failures += 1
                 if failures == 1 or failures % 10 == 0:
-                    logger.warning("heartbeat to Redis failed (%d in a row)", failures, exc_info=True)
+                    logger.warning("heartbeat to the bootstrap failed (%d in a row): %r", failures, error)
             self._stop.wait(self.interval_s if failures == 0 else min(self.interval_s, 2.0 * failures))
 
     def stop(self, deregister: bool = True) -> None:
@@ -92,7 +93,7 @@ class Heartbeat:
             try:
                 self.registry.deregister(self.record.peer_id)
             except Exception:
-                logger.warning("could not deregister from Redis", exc_info=True)
+                logger.warning("could not deregister through the bootstrap", exc_info=True)
 
 
 class Miner:
@@ -142,9 +143,9 @@ class Miner:
             # a restarted miner keeps its peer id: the identity lives next to its checkpoints
             s = self.settings = s.model_copy(update={"identity_path": str(self.checkpoint_dir / "identity.key")})
         initial_peers = list(s.initial_peers) or fetch_initial_peers(s.bootstrap_url, s.bootstrap_wait_s, stop=self.stop)
-        self.dht = make_dht(s, initial_peers=initial_peers)
+        self.dht = make_dht(s, initial_peers=initial_peers, client_mode=s.client_mode, use_auto_relay=s.use_auto_relay)
         self.peer_id = self.dht.peer_id.to_base58()
-        self.maddrs = visible_maddrs(self.dht)
+        self.maddrs = visible_maddrs(self.dht)  # none in client mode: nobody can dial it
         logger.info(f"DHT up: peer {self.peer_id}, {len(initial_peers)} initial peers, visible at {self.maddrs}")
 
     def _make_model(self) -> None:
@@ -189,9 +190,9 @@ class Miner:
 
     def _make_reporting(self) -> None:
         s = self.settings
-        keys, domain = Keys(s.run_id), Domain.of(s)  # what we sign is valid in this run and subnet only
-        client = self.redis
-        self.telemetry = TelemetryWriter(client, keys, domain, self.wallet)
+        domain = Domain.of(s)  # what we sign is valid in this run and subnet only
+        client = self.redis  # read only: the chain's validators; every write goes through the bootstrap
+        self.telemetry = TelemetryWriter(BootstrapSink(s.bootstrap_url), domain, self.wallet)
         self.metrics.watch_telemetry(self.telemetry)
         self.metrics.describe(self.peer_id, self.wallet.hotkey.ss58_address, s.preset, str(self.device))
         bittensor = {} if s.chain == "local" else {"netuid": s.netuid, "network": s.subtensor_network}
@@ -207,7 +208,7 @@ class Miner:
         record = PeerRecord(peer_id=self.peer_id, role="miner", hotkey=hotkey, challenge_url=challenge_url,
                             multiaddrs=self.maddrs, device=str(self.device), preset=s.preset, started_at=self.started_at,
                             peer_key=peer_key, peer_signature=peer_signature)
-        self.heartbeat = Heartbeat(Registry(client, keys, domain), record, self.wallet).start()
+        self.heartbeat = Heartbeat(BootstrapRegistry(s.bootstrap_url, domain), record, self.wallet).start()
         logger.info(f"hotkey {self.wallet.hotkey.ss58_address}, spot checks at {challenge_url}")
 
     def _make_optimizer(self) -> None:

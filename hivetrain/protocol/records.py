@@ -59,6 +59,18 @@ class Keys:
         """Sorted set peer_id -> last heartbeat time, to list the freshest peers without SCAN."""
         return f"{self.prefix}:peers"
 
+    def hotkey_peers(self, hotkey: str) -> str:
+        """Sorted set of the live peer ids one hotkey registered through the bootstrap -> time signed."""
+        return f"{self.prefix}:hotkey:{hotkey}:peers"
+
+    def ingest_marks(self, hotkey: str) -> str:
+        """Hash "peer_id|stream" -> time of the newest entry the bootstrap took from that peer (replays are older)."""
+        return f"{self.prefix}:ingest:{hotkey}:marks"
+
+    def ingest_quota(self, hotkey: str, minute: int) -> str:
+        """Telemetry entries the bootstrap took from one hotkey in one minute (unix time // 60)."""
+        return f"{self.prefix}:ingest:{hotkey}:quota:{minute}"
+
     def bootstrap(self, peer_id: str) -> str:
         """One bootstrap DHT's addresses (JSON, expires after BOOTSTRAP_TTL_S)."""
         return f"{self.prefix}:bootstrap:{peer_id}"
@@ -145,6 +157,20 @@ class PeerRecord(Record):
                                             "hivetrain.protocol.binding; readers drop registrations without a valid one")
     started_at: float = Field(description="unix time the process started")
     last_seen: float = Field(default_factory=time.time, description="unix time of the last heartbeat")
+
+
+#: Peers one hotkey may have registered through the bootstrap at once (one machine runs a few at most).
+MAX_PEERS_PER_HOTKEY = 8
+#: Telemetry entries one POST to the bootstrap carries at most, and one entry's size at most.
+MAX_INGEST_ENTRIES = 500
+MAX_INGEST_ENTRY_BYTES = 16_384
+
+
+class Departure(Record):
+    """A peer leaving: signed by its hotkey, it makes the bootstrap drop the peer's registration."""
+
+    schema_version: int = SCHEMA_VERSION
+    peer_id: str = Field(min_length=1, max_length=128)
 
 
 class BootstrapRecord(Record):

@@ -23,7 +23,6 @@ import importlib.util
 import json
 import os
 import re
-import secrets
 import shutil
 import signal
 import subprocess
@@ -41,8 +40,6 @@ logger = get_logger(__name__)
 PROJECT_LABEL = "com.docker.compose.project"
 SERVICE_LABEL = "com.docker.compose.service"
 NUMBER_LABEL = "com.docker.compose.container-number"
-#: compose interpolates it into Redis's --requirepass and every service's HIVE_REDIS_URL
-REDIS_PASSWORD = "REDIS_PASSWORD"
 HTTP_PORT, API_PORT = 8000, 8100  # the bootstrap's and the validator's container ports in docker-compose.yml
 #: from ``up`` until healthy; a miner's first start downloads the tokenizer data and joins the swarm
 HEALTH_TIMEOUT_S = {"redis": 60.0, "bootstrap": 180.0, "miner": 900.0, "validator": 600.0}
@@ -147,7 +144,7 @@ def compose_env(settings: SwarmSettings, environ: Mapping[str, str], cpu_count: 
     """The environment compose runs with: ``environ``, the preset's miner defaults and the miners'
     torch threads where ``environ`` sets nothing (as with the local launcher), then what the
     swarm's settings decide: run id, chain and netuid (the signature domain), log level, preset and
-    host ports. A random Redis password unless ``environ`` has one."""
+    host ports. (Redis makes each role's password itself at first start: deploy/redis/start.sh.)"""
     env = dict(environ)
     threads = miner_threads(cpu_count or os.cpu_count(), settings.miners)
     for key, value in {**preset_env(MinerSettings, settings.preset),
@@ -157,7 +154,6 @@ def compose_env(settings: SwarmSettings, environ: Mapping[str, str], cpu_count: 
     env.update(service_env(SwarmSettings, run_id=settings.run_id, log_level=settings.log_level, preset=settings.preset,
                            chain=settings.chain, netuid=settings.netuid,
                            bootstrap_port=settings.bootstrap_port, validator_port=settings.validator_port))
-    env.setdefault(REDIS_PASSWORD, secrets.token_urlsafe(16))
     return env
 
 

@@ -23,7 +23,7 @@ from hivetrain import procs
 from hivetrain.identity import Domain
 from hivetrain.log import get_logger
 from hivetrain.protocol.records import Keys
-from hivetrain.redis_server import start_redis
+from hivetrain.redis_server import ROLES, acl_file, role_url, start_redis
 from hivetrain.settings import (
     BootstrapSettings,
     DHTSettings,
@@ -92,7 +92,8 @@ class Swarm:
         self.bootstrap: procs.Service | None = None
         self.miners: list[procs.Service] = []
         self.validator: procs.Service | None = None
-        self.redis_url = settings.redis_url
+        self.redis_url = settings.redis_url  # the admin's (default user); each role gets its own below
+        self.role_urls: dict[str, str] = {}
         self.bootstrap_url = self.validator_url = ""
         self.started_at = time.time()
 
@@ -112,11 +113,12 @@ class Swarm:
             raise
         return self
 
-    def _base_env(self) -> dict[str, str]:
-        """This process's environment, the swarm's run id, Redis and log level, then ``extra_env`` on top."""
+    def _base_env(self, role: str) -> dict[str, str]:
+        """This process's environment, the swarm's run id, ``role``'s Redis URL and log level, then ``extra_env`` on top."""
         env = dict(os.environ)
         # every service derives the same signature domain from these (hivetrain.identity.Domain.of)
-        env.update(service_env(ServiceSettings, run_id=self.settings.run_id, redis_url=self.redis_url,
+        redis_url = self.role_urls.get(role, self.redis_url)  # an external Redis: the URL given, for every role
+        env.update(service_env(ServiceSettings, run_id=self.settings.run_id, redis_url=redis_url,
                                log_level=self.settings.log_level, chain=self.settings.chain, netuid=self.settings.netuid))
         env["PYTHONUNBUFFERED"] = "1"
         # loopback only, on a free port: the whole swarm is on this machine
@@ -128,9 +130,13 @@ class Swarm:
         if self.settings.external_redis:
             logger.info(f"using external Redis at {redacted(self.redis_url)}")
             return
-        # a fresh password each run: another local user cannot read or write the swarm's registry
+        # fresh passwords each run: another local user cannot read or write the swarm's registry, and each
+        # role gets a user of its own (a miner's only reads: hivetrain.redis_server.role_rules)
         folder = self.workdir / "redis"
-        self.redis, self.redis_url = start_redis(folder, port=self.settings.redis_port, password=secrets.token_urlsafe(18))
+        admin, passwords = secrets.token_urlsafe(18), {role: secrets.token_urlsafe(18) for role in ROLES}
+        self.redis, self.redis_url = start_redis(folder, port=self.settings.redis_port, password=admin,
+                                                 users=acl_file(admin, passwords, self.settings.run_id))
+        self.role_urls = {role: role_url(self.redis_url, role, password) for role, password in passwords.items()}
         url_file = folder / "url"
         url_file.touch(mode=0o600)
         url_file.chmod(0o600)
@@ -139,7 +145,7 @@ class Swarm:
 
     def bootstrap_env(self, port: int) -> dict[str, str]:
         """Environment of the bootstrap, its HTTP API on 127.0.0.1:``port``."""
-        env = self._base_env()
+        env = self._base_env("bootstrap")
         env.update(service_env(BootstrapSettings, http_host="127.0.0.1", http_port=port,
                                identity_path=str(self.workdir / "bootstrap" / "identity.key")))
         return env
@@ -168,7 +174,7 @@ class Swarm:
 
     def _peer_env(self, name: str, model: type[MinerSettings | ValidatorSettings]) -> dict[str, str]:
         """Environment of a swarm member: the preset's local defaults under whatever the user set."""
-        env = self._base_env()
+        env = self._base_env("miner" if model is MinerSettings else "validator")
         _set_defaults(env, preset_env(model, self.settings.preset))
         env.update(service_env(model, preset=self.settings.preset, bootstrap_url=self.bootstrap_url,
                                wallet_dir=str(self.workdir / name / "wallets")))

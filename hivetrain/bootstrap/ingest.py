@@ -1,0 +1,102 @@
+"""The bootstrap's side of ``POST /v1/telemetry``: the miners' telemetry, checked before it is stored.
+
+Miners hold a Redis user that only reads (``hivetrain.redis_server.role_rules``); their telemetry
+reaches Redis only through here, signed by their hotkeys and stored byte for byte.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+
+from hivetrain.identity import VerificationError, verify_signature
+from hivetrain.protocol.records import MAX_INGEST_ENTRIES, MAX_INGEST_ENTRY_BYTES, Record
+from hivetrain.store import INGEST_STREAMS, STREAMS, Refused, Registry
+
+
+class TelemetryIngest:
+    """The bootstrap's side of ``POST /v1/telemetry``: signed entries from registered peers, stored as signed.
+
+    A body is ``{"entries": [{"stream": "steps", "env": "<signed envelope JSON>"}, ...]}``. Each entry
+    is stored byte for byte under a Redis-chosen id (so no writer can pin a stream with an explicit
+    one) once: its signature holds in this run, its record names a peer its signer registered, and
+    it is newer than the last entry taken from that peer on that stream (a replay is older). An
+    entry that fails is left out and named in the answer; a peer that is not registered (yet, or no
+    longer) makes the whole post wait (409) so nothing is lost while its heartbeat catches up; more
+    than ``quota_per_minute`` entries a minute from one hotkey is 429.
+    """
+
+    def __init__(self, registry: Registry, quota_per_minute: int):
+        self.registry, self.keys, self.domain = registry, registry.keys, registry.domain
+        self.client, self.quota = registry.client, quota_per_minute
+
+    def accept(self, body) -> dict:
+        entries = body.get("entries") if isinstance(body, dict) else None
+        if not isinstance(entries, list) or not entries:
+            raise Refused('the body must be {"entries": [{"stream": ..., "env": ...}, ...]} with at least one entry')
+        if len(entries) > MAX_INGEST_ENTRIES:
+            raise Refused(f"at most {MAX_INGEST_ENTRIES} entries per request, got {len(entries)}", 413)
+        refused, checked = [], []
+        for index, entry in enumerate(entries):
+            try:
+                checked.append((index, *self._check(entry)))
+            except Refused as why:
+                refused.append({"index": index, "reason": str(why)})
+        by_hotkey: dict[str, list] = collections.defaultdict(list)
+        for item in checked:
+            by_hotkey[item[4]].append(item)
+        stored = 0
+        for hotkey, items in by_hotkey.items():
+            stored += self._store(hotkey, items, refused)
+        return {"stored": stored, "refused": sorted(refused, key=lambda r: r["index"])}
+
+    def _check(self, entry) -> tuple[str, str, Record, str, float]:
+        if not isinstance(entry, dict) or set(entry) != {"stream", "env"}:
+            raise Refused('an entry is {"stream": ..., "env": ...}')
+        stream, raw = entry["stream"], entry["env"]
+        model = INGEST_STREAMS.get(stream) if isinstance(stream, str) else None
+        if model is None:
+            raise Refused(f"stream must be one of {sorted(INGEST_STREAMS)}")
+        if not isinstance(raw, str) or len(raw) > MAX_INGEST_ENTRY_BYTES:
+            raise Refused(f"env must be a signed envelope of at most {MAX_INGEST_ENTRY_BYTES} characters")
+        try:
+            envelope = verify_signature(raw, self.domain)
+            record = model.model_validate(envelope.payload)
+        except (VerificationError, ValueError, RecursionError) as error:
+            raise Refused(f"not a valid signed {model.__name__}: {error}") from None
+        return stream, raw, record, envelope.hotkey, envelope.timestamp
+
+    def _store(self, hotkey: str, items: list, refused: list) -> int:
+        live = self.registry.live_peer_ids_of(hotkey)
+        strangers = sorted({record.peer_id for _, _, _, record, _, _ in items} - live)
+        if strangers:
+            raise Refused(f"{', '.join(strangers)} is not registered by {hotkey}: register (or wait for the heartbeat), "
+                          "then send again", 409)
+        marks_key = self.keys.ingest_marks(hotkey)
+        marks = {k.decode(): float(v) for k, v in self.client.hgetall(marks_key).items()}
+        fresh, newest = [], {}
+        for index, stream, raw, record, _, signed_at in sorted(items, key=lambda item: item[5]):
+            mark = f"{record.peer_id}|{stream}"
+            if signed_at <= max(marks.get(mark, float("-inf")), newest.get(mark, float("-inf"))):
+                refused.append({"index": index, "reason": "not newer than an entry already taken from this peer (a replay?)"})
+                continue
+            newest[mark] = signed_at
+            fresh.append((stream, raw))
+        if not fresh:
+            return 0
+        quota_key = self.keys.ingest_quota(hotkey, int(time.time() // 60))
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.incrby(quota_key, len(fresh))
+            pipe.expire(quota_key, 120)
+            taken, _ = pipe.execute()
+        if taken > self.quota:
+            self.client.decrby(quota_key, len(fresh))
+            raise Refused(f"{hotkey} sent more than {self.quota} telemetry entries this minute; send again later", 429)
+        with self.client.pipeline(transaction=True) as pipe:
+            for stream, raw in fresh:
+                _, maxlen, _ = STREAMS[INGEST_STREAMS[stream]]
+                pipe.xadd(getattr(self.keys, stream), {"env": raw}, maxlen=maxlen, approximate=True)
+            pipe.hset(marks_key, mapping=newest)
+            pipe.expire(marks_key, 24 * 3600)
+            pipe.execute()
+        return len(fresh)
