@@ -38,9 +38,9 @@ def find_redis_server() -> str:
 
 #: Commands a miner's credential may run: reads of its run's keys, nothing that writes or administers.
 #: (A miner reads the chain's validators; it writes through the bootstrap, which checks what it sends.)
-MINER_COMMANDS = ("ping", "hello", "auth", "client|setname", "select", "get", "getrange", "mget", "exists", "ttl",
-                  "type", "hget", "hgetall", "hmget", "zrange", "zrevrange", "zrangebyscore", "zrevrangebyscore", "zcount",
-                  "zcard", "zscore", "xrange", "xrevrange", "xlen")
+MINER_COMMANDS = ("ping", "hello", "auth", "client|setname", "select", "multi", "exec", "discard", "get", "getrange",
+                  "mget", "exists", "ttl", "type", "hget", "hgetall", "hmget", "zrange", "zrevrange", "zrangebyscore",
+                  "zrevrangebyscore", "zcount", "zcard", "zscore", "xrange", "xrevrange", "xlen")
 _PASSWORD = re.compile(r"[A-Za-z0-9_.~-]{16,128}")
 #: The roles with a Redis user of their own; a local swarm's launcher and admin tools use ``default``.
 ROLES = ("bootstrap", "validator", "miner")

@@ -16,6 +16,7 @@ from bound_peers import bound, peer_id
 
 from hivetrain import procs
 from hivetrain.bootstrap.app import create_app
+from hivetrain.chain import make_chain
 from hivetrain.gunicorn import start_gunicorn, stop_gunicorn
 from hivetrain.identity import Domain, SignedEnvelope, sign
 from hivetrain.protocol.records import MAX_PEERS_PER_HOTKEY, Departure, Keys, PeerRecord, StepRecord
@@ -44,12 +45,16 @@ def acl_redis(tmp_path_factory):
 def test_a_miners_credential_reads_its_run_and_cannot_write_or_administer(acl_redis):
     admin = connect_redis(acl_redis["admin"])
     admin.flushall()
-    admin.set(f"{KEYS.prefix}:chain:neurons", "x")
+    admin.set(f"{KEYS.prefix}:chain:probe", "x")
     admin.xadd(KEYS.steps, {"env": "{}"})
     admin.set(KEYS.shard_salt, "0" * 32)
     miner = connect_redis(acl_redis["miner"])
-    assert miner.get(f"{KEYS.prefix}:chain:neurons") == b"x" and miner.xlen(KEYS.steps) == 1
-    assert shard_salt(miner, KEYS, create=False) == "0" * 32  # what a miner reads at start
+    assert miner.get(f"{KEYS.prefix}:chain:probe") == b"x" and miner.xlen(KEYS.steps) == 1
+    # what a miner reads: the shard salt at start, the chain's validators (in a MULTI/EXEC) all along
+    assert shard_salt(miner, KEYS, create=False) == "0" * 32
+    validator_chain = make_chain("local", redis_client=connect_redis(acl_redis["validator"]), run_id=RUN)
+    validator_chain.register("5" * 48, "http://validator", "validator")
+    assert [n.role for n in make_chain("local", redis_client=miner, run_id=RUN).metagraph()] == ["validator"]
     attacks = {
         "junk in the live-peer index": lambda: miner.zadd(KEYS.peer_index, {f"junk{i}": 1e12 for i in range(100)}),
         "a stream pinned by the largest explicit id": lambda: miner.xadd(KEYS.steps, {"env": "{}"}, id="18446744073709551615-18446744073709551615"),

@@ -21,7 +21,7 @@ data="${REDIS_DATA_DIR:-/data}"
 
 rules_bootstrap="resetkeys ~hive:$run:* resetchannels +@all -@dangerous"
 rules_validator="resetkeys ~hive:$run:* resetchannels +@all -@dangerous"
-rules_miner="resetkeys ~hive:$run:* resetchannels -@all +ping +hello +auth +client|setname +select +get +getrange +mget +exists +ttl +type +hget +hgetall +hmget +zrange +zrevrange +zrangebyscore +zrevrangebyscore +zcount +zcard +zscore +xrange +xrevrange +xlen"
+rules_miner="resetkeys ~hive:$run:* resetchannels -@all +ping +hello +auth +client|setname +select +multi +exec +discard +get +getrange +mget +exists +ttl +type +hget +hgetall +hmget +zrange +zrevrange +zrangebyscore +zrevrangebyscore +zcount +zcard +zscore +xrange +xrevrange +xlen"
 
 case "$run" in
   *[!A-Za-z0-9._-]*|"") echo "HIVE_RUN_ID must be letters, digits, '-', '_' or '.', got '$run'" >&2; exit 2 ;;
