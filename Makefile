@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup swarm test test-unit clean
+.PHONY: setup swarm test test-unit test-faults clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,10 @@ swarm: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -rs --durations=15 $(PYTEST_ARGS)
+
+# peers in network namespaces (root, iproute2, iptables): NAT, partitions; figures in test-artifacts/faults.json
+test-faults: $(STAMP)
+	$(PY) -m pytest -q -rs tests/faults $(PYTEST_ARGS)
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q -m "not integration" $(PYTEST_ARGS)

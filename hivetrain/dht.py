@@ -39,7 +39,9 @@ def make_dht(settings: DHTSettings, initial_peers: list[str] | None = None, clie
 
 
 def visible_maddrs(dht: hivemind.DHT) -> list[str]:
-    """Addresses other peers can dial, loopback last so remote peers try real interfaces first."""
+    """Addresses other peers can dial, loopback last so remote peers try real interfaces first; none in client mode."""
+    if dht.client_mode:  # it listens nowhere, and hivemind raises "No multiaddrs found" instead of answering []
+        return []
     addrs = [str(addr) for addr in dht.get_visible_maddrs()]
     return sorted(addrs, key=lambda a: ("/127.0.0.1/" in a or "/::1/" in a, a))
 

@@ -227,14 +227,17 @@ class NonceStore(Protocol):
 class RedisNonceStore:
     """Seen nonces in Redis (``SET key 1 NX EX retention``), shared by every verifier process."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, retention_s: float = DEFAULT_WINDOW_S + DEFAULT_FUTURE_SKEW_S):
+    def __init__(self, client: redis.Redis, keys: Keys, retention_s: float = DEFAULT_WINDOW_S + DEFAULT_FUTURE_SKEW_S,
+                 scope: str = ""):
+        """``scope`` keeps a separate memory under the run's keys (e.g. one per validator); '' = the run's shared one."""
         if retention_s <= 0:
             raise ValueError(f"retention_s must be positive, got {retention_s}")
         self.client, self.keys = client, keys
         self.retention = float(retention_s)
+        self.prefix = f"{keys.prefix}:nonce:" + (f"{scope}:" if scope else "")
 
     def key(self, hotkey_ss58: str, nonce: Any) -> str:
-        return f"{self.keys.prefix}:nonce:{hotkey_ss58}:{nonce}"
+        return f"{self.prefix}{hotkey_ss58}:{nonce}"  # under the run's keys: its services' Redis users may touch only those
 
     def check_and_store(self, hotkey_ss58: str, nonce: Any) -> bool:
         return bool(self.client.set(self.key(hotkey_ss58, nonce), 1, nx=True, ex=math.ceil(self.retention)))

@@ -93,7 +93,7 @@ class Validator:
         self.endpoint = f"http://{s.api_host}:{s.api_port}"
         self.uid = self.chain.register(self.hotkey, self.endpoint, "validator")
         # telemetry nonces are remembered per validator: two validators each read every record once
-        nonces = RedisNonceStore(self.client, Keys(f"{s.run_id}.{self.hotkey}"), s.record_window_s + 5.0)
+        nonces = RedisNonceStore(self.client, self.keys, s.record_window_s + 5.0, scope=f"validator-{self.hotkey}")
         self.claims = ClaimReader(self.client, self.keys, Verifier(nonces, self.domain, s.record_window_s), cap=s.claim_read_cap)
         self.claims.start()
 

@@ -4,8 +4,9 @@
 
 * ``inflate``: trains honestly but reports ten times the samples it trained on;
 * ``lazy``: trains, but answers spot checks with noise instead of computing them;
-* ``replay``: trains nothing; registers its own hotkey and re-posts other miners' signed step
-  records, as they are (a replay) and rewritten to name itself (a forgery);
+* ``replay``: trains nothing; registers its own hotkey and posts other miners' signed step records
+  to the bootstrap, as they are (a replay) and rewritten to name itself (a forgery), counting what
+  the bootstrap refused in ``replay-refusals.json`` in its checkpoint folder;
 * ``nan`` / ``scaled`` / ``flip``: attack the averaging itself: every gradient it contributes to the
   all-reduce is NaN / multiplied by 1e30 / multiplied by -3 (tests/integration/test_attacks.py runs
   them with ``HIVE_ROBUST_AGGREGATION=false``: an attacker runs hivemind's own all-reduce, so it
@@ -20,11 +21,13 @@ They live in the tests, not in the package: the miner ships no switch to cheat.
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
 import time
 from pathlib import Path
 
+import requests
 import torch
 from hivemind.averaging import DecentralizedAverager
 
@@ -34,9 +37,10 @@ from hivetrain.miner.train import Miner
 from hivetrain.protocol.binding import bind, identity_peer_id, new_ed25519_identity
 from hivetrain.protocol.records import Keys, PeerRecord, StepRecord
 from hivetrain.protocol.spotcheck import Challenge
+from hivetrain.reporting import BootstrapRegistry
 from hivetrain.runtime import install_stop_handlers, reset_signal_handlers_in_children
 from hivetrain.settings import MinerSettings, load_settings
-from hivetrain.store import Registry, connect_redis
+from hivetrain.store import connect_redis
 
 
 class InflatingMiner(Miner):
@@ -124,10 +128,11 @@ def publish_progress(settings: MinerSettings, stop: threading.Event) -> None:
 
 
 def replay(settings: MinerSettings, stop: threading.Event) -> None:
-    """Register, then copy every new step record of other miners back into the stream."""
+    """Register, then post every new step record of other miners back to the bootstrap, as it is and
+    rewritten to credit us; what the bootstrap refused is counted in ``replay-refusals.json``."""
     wallet = load_or_create_wallet(settings.wallet_dir, settings.wallet_name, settings.wallet_hotkey)
     client, keys, domain = connect_redis(settings.redis_url), Keys(settings.run_id), Domain.of(settings)
-    registry = Registry(client, keys, domain)
+    registrar = BootstrapRegistry(settings.bootstrap_url, domain)  # a miner's Redis user only reads
     # a registration as real as any miner's: its own libp2p identity vouches for its hotkey
     identity = Path(settings.checkpoint_dir) / "replay-identity.key"
     identity.parent.mkdir(parents=True, exist_ok=True)
@@ -137,28 +142,42 @@ def replay(settings: MinerSettings, stop: threading.Event) -> None:
     peer_key, peer_signature = bind(identity, domain, peer_id, wallet.hotkey.ss58_address)
     me = PeerRecord(peer_id=peer_id, role="miner", multiaddrs=[], started_at=time.time(), peer_key=peer_key,
                     peer_signature=peer_signature)
-    last_id, last_beat = "$", 0.0
     info = client.xrevrange(keys.steps, count=1)
     last_id = info[0][0].decode() if info else "0-0"
-    copied: set[bytes] = set()  # each original once: copying our own copies would flood the stream
+    last_beat = 0.0
+    copied: set[bytes] = set()  # each original once
+    refusals = {"posted": 0, "replay": 0, "forgery": 0, "stored": 0}
+    tally = Path(settings.checkpoint_dir) / "replay-refusals.json"
     while not stop.wait(0.5):
         if time.time() - last_beat > 5:
-            registry.register(me, wallet)
+            registrar.register(me, wallet)
             last_beat = time.time()
-        for entry_id, fields in client.xrange(keys.steps, min=f"({last_id}", count=200):
+        entries = []
+        for entry_id, fields in client.xrange(keys.steps, min=f"({last_id}", count=100):
             last_id = entry_id.decode()
             raw = fields.get(b"env")
-            if raw is None or raw in copied or b'"replay-' in raw:
+            if raw is None or raw in copied:
                 continue
             copied.add(raw)
-            client.xadd(keys.steps, {"env": raw})  # replayed as it is
-            client.xadd(keys.steps, {"env": _claim_as(raw, me.peer_id)})  # rewritten to credit us
-    registry.deregister(me.peer_id)
+            entries += [raw.decode(), _claim_as(raw, me.peer_id).decode()]  # replayed as it is; rewritten to credit us
+        if not entries:
+            continue
+        answer = requests.post(f"{settings.bootstrap_url}/v1/telemetry", timeout=10,
+                               json={"entries": [{"stream": "steps", "env": env} for env in entries]})
+        refusals["posted"] += len(entries)
+        if answer.status_code == 200:
+            body = answer.json()
+            refusals["stored"] += body["stored"]
+            for refused in body["refused"]:
+                refusals["replay" if "replay" in refused["reason"] else "forgery"] += 1
+        tally.write_text(json.dumps(refusals))
+    try:
+        registrar.deregister(me.peer_id)
+    except Exception:
+        pass
 
 
 def _claim_as(raw: bytes, peer_id: str) -> bytes:
-    import json
-
     envelope = json.loads(raw)
     envelope["payload"]["peer_id"] = peer_id
     return json.dumps(envelope).encode()
