@@ -151,13 +151,7 @@ class Registry:
         ``roles`` (403); a new peer id for a hotkey that already has ``MAX_PEERS_PER_HOTKEY`` live (429).
         A replayed registration is stored as it was signed: it ages out with the signature's window.
         """
-        if len(raw) > MAX_REGISTRATION_BYTES:
-            raise Refused(f"a registration is at most {MAX_REGISTRATION_BYTES} bytes, got {len(raw)}", 413)
-        try:
-            envelope = self.verifier.authenticate(raw)
-            record = PeerRecord.model_validate(envelope.payload)
-        except (VerificationError, ValueError, RecursionError) as error:
-            raise Refused(f"registration refused: {error}", 401) from None
+        envelope, record = self._signed(raw, PeerRecord, "registration")
         if record.hotkey != envelope.hotkey:
             raise Refused(f"registration refused: signed by {envelope.hotkey} for {record.hotkey}", 401)
         problem = self._binding_problem(record)
@@ -173,15 +167,19 @@ class Registry:
         self._store(record.peer_id, raw, signed_at, hotkey=record.hotkey)
         return record
 
-    def remove_signed(self, raw: bytes) -> str:
-        """Drop a registration on its own hotkey's signed ``Departure``; the peer id, or ``Refused``."""
+    def _signed(self, raw: bytes, model: type[Record], what: str):
+        """(envelope, record) of a fresh envelope signed in this run, or ``Refused`` (413 when too big, else 401)."""
         if len(raw) > MAX_REGISTRATION_BYTES:
-            raise Refused(f"a departure is at most {MAX_REGISTRATION_BYTES} bytes, got {len(raw)}", 413)
+            raise Refused(f"a {what} is at most {MAX_REGISTRATION_BYTES} bytes, got {len(raw)}", 413)
         try:
             envelope = self.verifier.authenticate(raw)
-            departure = Departure.model_validate(envelope.payload)
+            return envelope, model.model_validate(envelope.payload)
         except (VerificationError, ValueError, RecursionError) as error:
-            raise Refused(f"departure refused: {error}", 401) from None
+            raise Refused(f"{what} refused: {error}", 401) from None
+
+    def remove_signed(self, raw: bytes) -> str:
+        """Drop a registration on its own hotkey's signed ``Departure``; the peer id, or ``Refused``."""
+        envelope, departure = self._signed(raw, Departure, "departure")
         stored = self._authentic_peer(departure.peer_id, self.client.get(self.keys.peer(departure.peer_id)))
         if stored is not None and stored.hotkey != envelope.hotkey:
             raise Refused(f"departure refused: {departure.peer_id} is registered by another hotkey", 403)

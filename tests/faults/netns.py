@@ -10,12 +10,14 @@ set), where ``.ci/run`` installs them and a skip would hide a gap.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
 import socket
 import subprocess
 import threading
+import urllib.parse
 
 import pytest
 
@@ -146,3 +148,13 @@ class Forward:
         self.server.close()
         for thread in self._threads:
             thread.join(timeout=3)
+
+
+@contextlib.contextmanager
+def reaching_the_swarm(swarm, ns: Namespace):
+    """The environment of a miner inside ``ns``: the swarm's bootstrap and Redis, which listen on this
+    machine's loopback, relayed to ``ns.host_ip`` for as long as the block runs."""
+    redis = urllib.parse.urlsplit(swarm.role_urls["miner"])
+    with Forward(ns.host_ip, urllib.parse.urlsplit(swarm.bootstrap_url).port) as boot, Forward(ns.host_ip, redis.port) as store:
+        yield {"HIVE_BOOTSTRAP_URL": f"http://{ns.host_ip}:{boot.port}",
+               "HIVE_REDIS_URL": swarm.role_urls["miner"].replace(f"@127.0.0.1:{redis.port}/", f"@{ns.host_ip}:{store.port}/")}

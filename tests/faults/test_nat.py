@@ -6,10 +6,9 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.parse
 
 import pytest
-from netns import Forward, Namespace
+from netns import Namespace, reaching_the_swarm
 from swarm_helpers import peer_id_of, stop_and_check, wait_until
 
 from hivetrain.settings import SwarmSettings
@@ -49,11 +48,8 @@ def test_a_miner_that_can_only_dial_out_trains_with_the_swarm_in_client_mode(tmp
         swarm = Swarm(settings, extra_env={**BASE_ENV, "HIVE_HOST_MADDRS": f'["/ip4/{ns.host_ip}/tcp/0"]'})
         try:
             swarm.start()
-            redis = urllib.parse.urlsplit(swarm.role_urls["miner"])
-            bootstrap_port = urllib.parse.urlsplit(swarm.bootstrap_url).port
-            with Forward(ns.host_ip, bootstrap_port) as boot, Forward(ns.host_ip, redis.port) as store:
-                env = {"HIVE_CLIENT_MODE": "true", "HIVE_BOOTSTRAP_URL": f"http://{ns.host_ip}:{boot.port}",
-                       "HIVE_REDIS_URL": swarm.role_urls["miner"].replace(f"@127.0.0.1:{redis.port}/", f"@{ns.host_ip}:{store.port}/")}
+            with reaching_the_swarm(swarm, ns) as reached:
+                env = {"HIVE_CLIENT_MODE": "true", **reached}
                 started = time.time()
                 behind = swarm.add_miner(env=env, argv=ns.exec(sys.executable, "-m", "hivetrain.miner"))
                 def joint_rounds():
