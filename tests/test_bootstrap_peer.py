@@ -18,6 +18,8 @@ ADDR = "/ip4/127.0.0.1/tcp/31337/p2p/QmFake"
 
 
 class FakeDHT:
+    client_mode = False  # the bootstrap's DHT is a full peer
+
     def __init__(self, alive: bool = True):
         self.alive, self.exitcode = alive, None if alive else -9
 
