@@ -327,10 +327,15 @@ class ChallengeServer:
     def stop(self) -> None:
         """Close every connection, fail what waits, stop the threads."""
         server = self._server
+        pulled = False
         if self._thread.is_alive():  # the event loop closes its own sockets, then returns
-            server.trigger.pull_trigger(lambda: wasyncore.close_all(server._map))
+            try:
+                server.trigger.pull_trigger(lambda: wasyncore.close_all(server._map))
+                pulled = True
+            except OSError:  # the loop already closed its trigger on its way out (seen once in CI: EBADF)
+                pass
             self._thread.join(timeout=5)
-        else:
+        if not pulled:
             wasyncore.close_all(server._map)
         self.queue.close()
         server.task_dispatcher.shutdown(timeout=5)
