@@ -15,12 +15,15 @@ from hivetrain.redis_server import start_redis
 @pytest.fixture(scope="session", autouse=True)
 def nothing_left_running():
     """At the very end: every process the tests started through ``hivetrain.procs`` is gone, with its
-    descendants (p2pd, gunicorn, torch_shm_manager, which leaves its session). Leftovers are killed, then named."""
+    descendants (p2pd, gunicorn, torch_shm_manager, which leaves its session), and no shared-memory segment
+    of theirs had to be removed from /dev/shm. Leftovers are killed, then named."""
     yield
     ours = f"{os.getpid()}-"
     leftovers = {pid: _command(pid) for pid in procs.tagged(ours)}
     procs.kill_tagged(ours)
     assert not leftovers, f"processes left running by the tests: {leftovers}"
+    assert not procs.LEAKED_SEGMENTS, (f"{len(procs.LEAKED_SEGMENTS)} shared-memory segments outlived the services "
+                                       f"that made them, e.g. {procs.LEAKED_SEGMENTS[:3]}")
 
 
 def _command(pid: int) -> str:
