@@ -10,7 +10,8 @@ The README's "hivemind behaviours we work around" explains each piece:
 
 * ``codecs``     the 8-bit codec under NumPy 2;
 * ``state``      copies of our state for peers, verification of every state we download;
-* ``optimizer``  averaging rounds reported (their groups and durations), state loads timed;
+* ``optimizer``  averaging rounds reported (their groups and durations), state loads timed and
+                 put off past an imminent epoch (the out-of-sync flip-flop);
 * ``allreduce``  robust aggregation in the butterfly all-reduce;
 * ``bans``       offenders (in the all-reduce, in state downloads) named and banned.
 """
@@ -29,7 +30,7 @@ HIVEMIND_VERSION = "1.1.12"
 
 _HOOKS = {
     hivemind.Optimizer: ("_make_state_averager", "_update_global_epoch", "_average_gradients_and_load_into_optimizer",
-                         "load_state_from_peers"),
+                         "load_state_from_peers", "_tag_along_with_zero_weight"),
     TrainingStateAverager: ("_get_handle_name", "get_current_state", "load_state_from_peers"),
     DecentralizedAverager: ("load_state_from_peers", "_load_state_from_peers", "get_stub", "_run_allreduce_inplace_"),
     TensorPartReducer: ("accumulate_part", "check_current_part_finished", "reset_accumulators", "on_sender_failed"),

@@ -12,12 +12,20 @@ import hivemind
 from hivemind.optim.progress_tracker import LocalTrainingProgress, ProgressTracker
 from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.p2p import PeerID
+from hivemind.utils import get_dht_time
 
 from hivetrain.hivemind_compat.state import SafeStateAverager
+from hivetrain.log import get_logger
 from hivetrain.protocol.progress import MAX_EPOCH_LEAD, NameOnce, implausible, lower_median
 
 #: hivemind logs its parameter-averaging rounds here (the only place they are visible).
 STATE_AVERAGER_LOGGER = "hivemind.optim.state_averager"
+#: A state download is put off until the swarm's next epoch when that epoch is due within this many
+#: times the last download's duration (the first download is assumed to take ``FIRST_LOAD_ESTIMATE_S``).
+IMMINENT_MARGIN = 2.0
+FIRST_LOAD_ESTIMATE_S = 3.0
+
+logger = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,7 @@ class TrackedOptimizer(hivemind.Optimizer):
         self._on_implausible = on_implausible
         self._round_epoch = 0
         self._round_started = time.perf_counter()
+        self._last_load_s = FIRST_LOAD_ESTIMATE_S
         super().__init__(*args, **kwargs)
 
     def _make_state_averager(self, **kwargs) -> TrainingStateAverager:
@@ -127,8 +136,37 @@ class TrackedOptimizer(hivemind.Optimizer):
     def load_state_from_peers(self, **kwargs) -> None:
         # hivemind calls this from step() when the swarm has moved on without us; report every load, timed
         started = time.perf_counter()
+        self._let_an_imminent_epoch_pass()
         super().load_state_from_peers(**kwargs)
-        self._on_state_loaded(time.perf_counter() - started)
+        self._last_load_s = time.perf_counter() - started
+        self._on_state_loaded(self._last_load_s)
+
+    def _let_an_imminent_epoch_pass(self) -> None:
+        """Wait (bounded) for the swarm's next epoch when it will come before a download could finish.
+
+        hivemind's out-of-sync flip-flop: a peer that downloads epoch E's state just before the swarm
+        applies epoch E's update has E's parameters without that update. It then takes part in the
+        swarm's next round as if it were the round of E, moves to E+1 while the others move to E+2, is
+        out of sync at its next check and downloads again, just before the next transition again: a
+        restored peer reloaded state 2-3 times in a row, every 5-10 s (issue 14). Downloading just after
+        a transition gives the state with the update, a whole epoch before the next one.
+        """
+        tracker = getattr(self, "tracker", None)
+        if tracker is None or self.auxiliary:
+            return
+        if self.scheduled_grads is not None and not self.scheduled_grads.done():
+            # the swarm's round may have counted on us: join it with zero weight rather than stall it (as hivemind does)
+            self._tag_along_with_zero_weight(self.scheduled_grads)
+            self.scheduled_grads = None
+        self.state_averager.step(wait_for_delayed_updates=True)
+        progress, epoch = tracker.global_progress, tracker.global_epoch
+        left_s = progress.eta_next_epoch - get_dht_time()
+        if progress.samples_accumulated < progress.target_batch_size and left_s > IMMINENT_MARGIN * self._last_load_s:
+            return
+        deadline = time.monotonic() + self.matchmaking_time + self.averaging_timeout
+        logger.info(f"the swarm's epoch {epoch} ends in {max(left_s, 0.0):.1f}s: loading state after it")
+        while tracker.global_epoch <= epoch and time.monotonic() < deadline and not tracker.shutdown_triggered.is_set():
+            time.sleep(0.1)
 
     def _average_gradients_and_load_into_optimizer(self, maybe_step_control) -> None:
         super()._average_gradients_and_load_into_optimizer(maybe_step_control)

@@ -57,10 +57,14 @@ def test_a_miner_cut_off_for_30_s_is_averaged_around_and_rejoins(tmp_path, repor
                 reloads = _state_loads_since(cut.log_path, restored_at)
                 figures = {"cut_s": CUT_S, "first_round_without_it_s": round(min(r["time"] for r in around) - cut_at, 1),
                            "back_in_a_full_round_s": round(min(r["time"] for r in back) - restored_at, 1),
-                           "state_reloads_after_restore": reloads}
+                           "state_reloads_after_restore": reloads,
+                           "state_reloads_of_the_other_3": sum(_state_loads_since(m.log_path, restored_at)
+                                                               for m in swarm.miners if m is not cut)}
                 report("partition (1 of 4 miners cut off)", **figures)
-                if reloads > 1:  # issue 14's goal is <= 1; not met yet: 3 and 2 reloads in 2 of 5 runs
-                    pytest.xfail(f"hivemind's out-of-sync flip-flop: the restored miner reloaded state {reloads} times "
-                                 "after rejoining (not yet worked around, issue 14)")
+                # the flip-flop (a reload, a missed epoch, a reload...) is worked around (TrackedOptimizer); the goal is
+                # <= 1 reload, and a second one can still come from a straggling round on a loaded machine
+                assert reloads <= 2, f"the restored miner reloaded state {reloads} times: hivemind's out-of-sync flip-flop"
+                if reloads == 2:
+                    pytest.xfail("the restored miner reloaded state twice (issue 14's goal is at most once)")
         finally:
             stop_and_check(swarm)
