@@ -78,6 +78,12 @@ def role_url(admin_url: str, role: str, password: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
+#: How the embedded Redis persists: every write appended to a log fsynced each second (a crash of the
+#: process loses nothing it acknowledged; a crash of the machine, at most the last second), plus RDB
+#: snapshots. Compose and Kubernetes run Redis the same way (deploy/redis/start.sh).
+PERSIST_ARGS = ("--appendonly", "yes", "--appendfsync", "everysec", "--save", "60 1", "--dbfilename", "dump.rdb")
+
+
 def _private_file(path: Path, text: str) -> None:
     path.touch(mode=0o600)
     path.chmod(0o600)
@@ -88,15 +94,18 @@ def start_redis(workdir: Path, port: int = 0, persist: bool = True, password: st
                 users: str | None = None):
     """Start redis-server on 127.0.0.1:``port`` (0 = free) with its data in ``workdir``; returns (Service, url).
 
-    ``users`` (an ``acl_file``) replaces ``password``: the URL returned is then the admin's, the
-    ``default`` user's password given as ``password``.
+    ``persist``: an append-only file fsynced every second (``PERSIST_ARGS``) besides RDB snapshots,
+    so a redis-server that crashes and is started again on the same ``workdir`` keeps every write it
+    acknowledged (an RDB snapshot alone loses up to a minute: the registry, telemetry the bootstrap
+    already took from miners, the ingest's replay marks). ``users`` (an ``acl_file``) replaces
+    ``password``: the URL returned is then the admin's, the ``default`` user's password given as ``password``.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     for attempt in range(3):
         chosen = port or procs.free_port()
         argv = [find_redis_server(), "--bind", "127.0.0.1", "--port", str(chosen), "--dir", str(workdir.resolve()),
                 "--daemonize", "no", "--protected-mode", "no", "--loglevel", "warning"]
-        argv += ["--save", "60 1", "--dbfilename", "dump.rdb"] if persist else ["--save", "", "--appendonly", "no"]
+        argv += PERSIST_ARGS if persist else ["--save", "", "--appendonly", "no"]
         if users:  # from files only we can read: a command line is visible to every local user
             _private_file(workdir / "users.acl", users)
             _private_file(workdir / "auth.conf", f"aclfile {(workdir / 'users.acl').resolve()}\n")

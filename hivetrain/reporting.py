@@ -76,6 +76,7 @@ class BootstrapSink:
         except self._errors as error:
             raise SinkUnavailable(f"bootstrap unreachable: {error!r}") from None
         if response.status_code == 200:
+            # "duplicates" (stored by an earlier post whose answer we lost) are not refused: they count as written
             refused = response.json().get("refused", [])
             for item in refused[:3]:
                 logger.warning(f"telemetry entry refused by the bootstrap: {item.get('reason')}")

@@ -206,3 +206,22 @@ def test_a_miner_registers_writes_and_leaves_through_real_http(redis_url, wallet
         if writer is not None:
             writer.close(timeout=1)
         stop_gunicorn(popen)
+
+
+def test_a_post_sent_again_after_its_answer_was_lost_is_known_as_stored_not_as_a_replay(app, redis_url, wallet):
+    client = connect_redis(redis_url)
+    assert app.post("/v1/peers", data=_registration("writer", wallet)).status_code == 200
+    now = time.time()
+    first = [_entry(wallet, "writer", step, when=now + step) for step in range(1, 4)]
+    assert app.post("/v1/telemetry", json={"entries": first}).get_json()["stored"] == 3
+    # the answer was lost: the writer signs the same records again (same times, new nonces), with one more behind them
+    again = [_entry(wallet, "writer", step, when=now + step) for step in range(1, 5)]
+    answer = app.post("/v1/telemetry", json={"entries": again}).get_json()
+    assert answer == {"stored": 1, "refused": [], "duplicates": [0, 1, 2]}
+    # and once more (that answer lost too): all four were in the last post
+    assert app.post("/v1/telemetry", json={"entries": again}).get_json() == {"stored": 0, "refused": [], "duplicates": [0, 1, 2, 3]}
+    # a new post, then the first one replayed: it was not the last post any more, so it is a replay
+    assert app.post("/v1/telemetry", json={"entries": [_entry(wallet, "writer", 5, when=now + 5)]}).get_json()["stored"] == 1
+    replay = app.post("/v1/telemetry", json={"entries": first}).get_json()
+    assert replay["stored"] == 0 and replay["duplicates"] == [] and [r["index"] for r in replay["refused"]] == [0, 1, 2]
+    assert [r.step for r in read_stream(client, KEYS, DOMAIN, StepRecord)] == [1, 2, 3, 4, 5]

@@ -111,6 +111,7 @@ def _register_ingest(app: Flask, registry: Registry, ingest: TelemetryIngest, me
             return refused(error)
         metrics.ingested.labels(outcome="stored").inc(answer["stored"])
         metrics.ingested.labels(outcome="refused").inc(len(answer["refused"]))
+        metrics.ingested.labels(outcome="duplicate").inc(len(answer["duplicates"]))
         return jsonify(answer)
 
 

@@ -7,6 +7,7 @@ reaches Redis only through here, signed by their hotkeys and stored byte for byt
 from __future__ import annotations
 
 import collections
+import json
 import time
 
 from hivetrain.identity import VerificationError, verify_signature
@@ -24,6 +25,11 @@ class TelemetryIngest:
     entry that fails is left out and named in the answer; a peer that is not registered (yet, or no
     longer) makes the whole post wait (409) so nothing is lost while its heartbeat catches up; more
     than ``quota_per_minute`` entries a minute from one hotkey is 429.
+
+    A post can be stored and its answer lost (a timeout on a slow bootstrap, a restart, a dropped
+    connection); the miner then sends the same entries again, with the same signing times. Those
+    that were in the peer's last post (``Keys.ingest_taken``) are answered as ``duplicates``: stored
+    before, not stored again, and not refused, so the miner neither counts them dropped nor retries.
     """
 
     def __init__(self, registry: Registry, quota_per_minute: int):
@@ -36,7 +42,7 @@ class TelemetryIngest:
             raise Refused('the body must be {"entries": [{"stream": ..., "env": ...}, ...]} with at least one entry')
         if len(entries) > MAX_INGEST_ENTRIES:
             raise Refused(f"at most {MAX_INGEST_ENTRIES} entries per request, got {len(entries)}", 413)
-        refused, checked = [], []
+        refused, duplicates, checked = [], [], []
         for index, entry in enumerate(entries):
             try:
                 checked.append((index, *self._check(entry)))
@@ -47,8 +53,8 @@ class TelemetryIngest:
             by_hotkey[item[4]].append(item)
         stored = 0
         for hotkey, items in by_hotkey.items():
-            stored += self._store(hotkey, items, refused)
-        return {"stored": stored, "refused": sorted(refused, key=lambda r: r["index"])}
+            stored += self._store(hotkey, items, refused, duplicates)
+        return {"stored": stored, "refused": sorted(refused, key=lambda r: r["index"]), "duplicates": sorted(duplicates)}
 
     def _check(self, entry) -> tuple[str, str, Record, str, float]:
         if not isinstance(entry, dict) or set(entry) != {"stream", "env"}:
@@ -66,21 +72,27 @@ class TelemetryIngest:
             raise Refused(f"not a valid signed {model.__name__}: {error}") from None
         return stream, raw, record, envelope.hotkey, envelope.timestamp
 
-    def _store(self, hotkey: str, items: list, refused: list) -> int:
+    def _store(self, hotkey: str, items: list, refused: list, duplicates: list) -> int:
         live = self.registry.live_peer_ids_of(hotkey)
         strangers = sorted({record.peer_id for _, _, _, record, _, _ in items} - live)
         if strangers:
             raise Refused(f"{', '.join(strangers)} is not registered by {hotkey}: register (or wait for the heartbeat), "
                           "then send again", 409)
-        marks_key = self.keys.ingest_marks(hotkey)
+        marks_key, taken_key = self.keys.ingest_marks(hotkey), self.keys.ingest_taken(hotkey)
         marks = {k.decode(): float(v) for k, v in self.client.hgetall(marks_key).items()}
-        fresh, newest = [], {}
+        last_post = _last_posts(self.client.hgetall(taken_key))
+        fresh, newest, this_post = [], {}, collections.defaultdict(list)
         for index, stream, raw, record, _, signed_at in sorted(items, key=lambda item: item[5]):
             mark = f"{record.peer_id}|{stream}"
             if signed_at <= max(marks.get(mark, float("-inf")), newest.get(mark, float("-inf"))):
+                if signed_at in last_post.get(mark, ()):  # sent again after a lost answer: stored already
+                    duplicates.append(index)
+                    this_post[mark].append(signed_at)
+                    continue
                 refused.append({"index": index, "reason": "not newer than an entry already taken from this peer (a replay?)"})
                 continue
             newest[mark] = signed_at
+            this_post[mark].append(signed_at)
             fresh.append((stream, raw))
         if not fresh:
             return 0
@@ -97,6 +109,20 @@ class TelemetryIngest:
                 _, maxlen, _ = STREAMS[INGEST_STREAMS[stream]]
                 pipe.xadd(getattr(self.keys, stream), {"env": raw}, maxlen=maxlen, approximate=True)
             pipe.hset(marks_key, mapping=newest)
-            pipe.expire(marks_key, 24 * 3600)
+            pipe.hset(taken_key, mapping={mark: json.dumps(times) for mark, times in this_post.items()})
+            for key in (marks_key, taken_key):
+                pipe.expire(key, 24 * 3600)
             pipe.execute()
         return len(fresh)
+
+
+def _last_posts(stored: dict) -> dict[str, set[float]]:
+    """``Keys.ingest_taken``'s hash as {"peer_id|stream": signing times}; a field that does not parse counts as empty."""
+    posts = {}
+    for field, value in stored.items():
+        try:
+            times = json.loads(value)
+            posts[field.decode()] = {float(t) for t in times} if isinstance(times, list) else set()
+        except (ValueError, TypeError):
+            posts[field.decode()] = set()
+    return posts

@@ -67,6 +67,11 @@ class Keys:
         """Hash "peer_id|stream" -> time of the newest entry the bootstrap took from that peer (replays are older)."""
         return f"{self.prefix}:ingest:{hotkey}:marks"
 
+    def ingest_taken(self, hotkey: str) -> str:
+        """Hash "peer_id|stream" -> JSON list of the signing times of the entries in that peer's last post, so the
+        same post sent again after its answer was lost is known as already stored, not as a replay."""
+        return f"{self.prefix}:ingest:{hotkey}:taken"
+
     def ingest_quota(self, hotkey: str, minute: int) -> str:
         """Telemetry entries the bootstrap took from one hotkey in one minute (unix time // 60)."""
         return f"{self.prefix}:ingest:{hotkey}:quota:{minute}"

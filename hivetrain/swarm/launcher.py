@@ -14,6 +14,7 @@ import os
 import secrets
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 import requests
@@ -95,6 +96,9 @@ class Swarm:
         self.redis_url = settings.redis_url  # the admin's (default user); each role gets its own below
         self.role_urls: dict[str, str] = {}
         self.bootstrap_url = self.validator_url = ""
+        self._redis_start: dict | None = None  # how the embedded Redis was started, to start it again the same way
+        self._bootstrap_port = 0
+        self._bootstrap_maddrs: list[str] = []  # where its DHT listened, to listen there again after a restart
         self.started_at = time.time()
 
     # --- start ------------------------------------------------------------------------------
@@ -136,6 +140,8 @@ class Swarm:
         admin, passwords = secrets.token_urlsafe(18), {role: secrets.token_urlsafe(18) for role in ROLES}
         self.redis, self.redis_url = start_redis(folder, port=self.settings.redis_port, password=admin,
                                                  users=acl_file(admin, passwords, self.settings.run_id))
+        self._redis_start = {"workdir": folder, "port": urllib.parse.urlsplit(self.redis_url).port, "password": admin,
+                             "users": acl_file(admin, passwords, self.settings.run_id)}
         self.role_urls = {role: role_url(self.redis_url, role, password) for role, password in passwords.items()}
         url_file = folder / "url"
         url_file.touch(mode=0o600)
@@ -151,12 +157,27 @@ class Swarm:
         return env
 
     def _start_bootstrap(self) -> None:
-        port = self.settings.bootstrap_port or procs.free_port()
-        self.bootstrap = procs.start("bootstrap", [sys.executable, "-m", "hivetrain.bootstrap"], env=self.bootstrap_env(port),
+        port = self._bootstrap_port or self.settings.bootstrap_port or procs.free_port()
+        env = self.bootstrap_env(port)
+        if self._bootstrap_maddrs:
+            env.update(service_env(DHTSettings, host_maddrs=self._bootstrap_maddrs))
+        self.bootstrap = procs.start("bootstrap", [sys.executable, "-m", "hivetrain.bootstrap"], env=env,
                                      log_path=self.logs / "bootstrap.log", cwd=self.workdir)
+        self._bootstrap_port = port
         self.bootstrap_url = f"http://127.0.0.1:{port}"
         self._wait_ready(self.bootstrap, f"{self.bootstrap_url}/readyz", timeout=90)
+        if not self._bootstrap_maddrs:
+            self._bootstrap_maddrs = self._bootstrap_listen_addrs()
         logger.info(f"bootstrap ready: {self.bootstrap_url}/initial_peers")
+
+    def _bootstrap_listen_addrs(self) -> list[str]:
+        """Where the (ready, so published) bootstrap's DHT listens, without its /p2p/ part; [] if Redis cannot say."""
+        try:
+            records = self.registry().bootstraps()  # the launcher runs one bootstrap: these are its addresses
+        except Exception:  # Redis boundary: a restarted bootstrap then listens on a fresh port, which /initial_peers hands out
+            logger.warning("could not read where the bootstrap's DHT listens; a restart gets a fresh port", exc_info=True)
+            return []
+        return sorted({addr.split("/p2p/")[0] for record in records for addr in record.multiaddrs})
 
     @staticmethod
     def _wait_ready(service: procs.Service, url: str, timeout: float) -> None:
@@ -212,6 +233,38 @@ class Swarm:
                               log_path=self.logs / f"miner-{index}.log", cwd=self.workdir)
         self.miners.append(service)
         return service
+
+    # --- faults: a service down, then back as it was ----------------------------------------
+    def stop_redis(self, crash: bool = False) -> None:
+        """Stop the embedded Redis: SIGTERM (it writes its files and exits) or, with ``crash``, SIGKILL."""
+        if self.redis is None:
+            raise SwarmError("no embedded Redis to stop (external Redis, or not started)")
+        if crash:
+            self.redis.kill()
+        self.redis.stop(timeout=10)
+
+    def restart_redis(self) -> None:
+        """Start the embedded Redis again on the same port, users and data directory: every URL the services hold
+        stays valid, and what it persisted (``hivetrain.redis_server.PERSIST_ARGS``) is back."""
+        if self._redis_start is None:
+            raise SwarmError("the embedded Redis was never started: nothing to restart")
+        if self.redis is not None and self.redis.alive():
+            raise SwarmError("the embedded Redis still runs: stop_redis() first")
+        self.redis, _ = start_redis(**self._redis_start)
+        logger.info(f"Redis restarted at {redacted(self.redis_url)}")
+
+    def stop_bootstrap(self) -> None:
+        """Stop the bootstrap (SIGTERM: it withdraws its record and shuts its DHT down)."""
+        if self.bootstrap is None:
+            raise SwarmError("no bootstrap to stop")
+        self.bootstrap.stop(timeout=self.settings.stop_timeout)
+
+    def restart_bootstrap(self) -> None:
+        """Start the bootstrap again: the same HTTP port and identity key (``bootstrap_env``), its DHT on the same
+        addresses, so its URL and the multiaddrs peers hold stay valid. Waits until it is ready."""
+        if self.bootstrap is not None and self.bootstrap.alive():
+            raise SwarmError("the bootstrap still runs: stop_bootstrap() first")
+        self._start_bootstrap()
 
     # --- watch ------------------------------------------------------------------------------
     def registry(self) -> Registry:
