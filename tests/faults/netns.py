@@ -68,13 +68,18 @@ class Namespace:
                 _run(*self.exec("iptables", "-A", "INPUT", "-i", "lo", "-j", "ACCEPT"))
                 _run(*self.exec("iptables", "-A", "INPUT", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"))
                 _run(*self.exec("iptables", "-P", "INPUT", "DROP"))
-            if self.rate_mbit:  # the namespace's uplink
-                _run(*self.exec("tc", "qdisc", "add", "dev", self.ns_if, "root", "tbf", "rate", f"{self.rate_mbit}mbit",
-                                "burst", "32kbit", "latency", "400ms"))
+            if self.rate_mbit:
+                self.limit(self.rate_mbit)
         except BaseException:
             self.close()
             raise
         return self
+
+    def limit(self, rate_mbit: float) -> None:
+        """Rate-limit the namespace's uplink (``tc tbf``), now or again."""
+        _run(*self.exec("tc", "qdisc", "replace", "dev", self.ns_if, "root", "tbf", "rate", f"{rate_mbit}mbit",
+                        "burst", "32kbit", "latency", "400ms"))
+        self.rate_mbit = rate_mbit
 
     def exec(self, *argv: str) -> list[str]:
         """``argv`` run inside the namespace (``ip netns exec`` execs it: same pid, so signals reach it)."""
