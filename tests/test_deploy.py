@@ -253,10 +253,22 @@ def test_compose_services(variant):
     assert services["redis"]["image"].startswith("redis:7.") and services["redis"]["image"].endswith("-alpine")
     published = {(name, int(p["target"])) for name, svc in services.items() for p in svc.get("ports", [])}
     assert published == {("bootstrap", 8000), ("validator", 8100)}
+    assert {p.get("host_ip") for svc in services.values() for p in svc.get("ports", [])} == {"127.0.0.1"}, \
+        "host ports are on loopback unless HIVE_PUBLISH_ADDRESS opens them"
     devices = miner.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
     assert bool(devices) == (variant == "gpu")
     if devices:
         assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+
+
+def test_compose_publishes_on_the_address_asked_for():
+    env = {key: value for key, value in os.environ.items() if not key.startswith("HIVE_")}
+    result = subprocess.run([_compose_binary(), "config", "--format", "json"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120, env={**env, "HIVE_PUBLISH_ADDRESS": "0.0.0.0", "HIVE_BOOTSTRAP_PORT": "18000"})
+    assert result.returncode == 0, result.stderr
+    ports = {name: svc["ports"] for name, svc in json.loads(result.stdout)["services"].items() if svc.get("ports")}
+    assert {(p["host_ip"], p["published"]) for p in ports["bootstrap"]} == {("0.0.0.0", "18000")}
+    assert {p["host_ip"] for p in ports["validator"]} == {"0.0.0.0"}
 
 
 @pytest.mark.parametrize("service", sorted(SERVICE_SETTINGS))
