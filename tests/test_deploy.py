@@ -261,6 +261,11 @@ def test_compose_services(variant):
         assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
 
 
+def test_the_compose_file_reads_only_swarm_settings_and_its_own_variables():
+    read = set(re.findall(r"\$\{(HIVE_[A-Z_]+)", (ROOT / "docker-compose.yml").read_text()))
+    assert read <= env_names(SwarmSettings) | docker_engine.COMPOSE_VARIABLES, read
+
+
 def test_compose_publishes_on_the_address_asked_for():
     env = {key: value for key, value in os.environ.items() if not key.startswith("HIVE_")}
     result = subprocess.run([_compose_binary(), "config", "--format", "json"], cwd=ROOT, capture_output=True, text=True,
@@ -585,7 +590,8 @@ def test_compose_gets_the_swarm_settings(monkeypatch):
     # what `python -m hivetrain.swarm --engine docker --preset tiny` hands compose, through the real binary
     settings = SwarmSettings(preset="tiny", miners=2, run_id="t1", bootstrap_port=0, engine="docker")
     environ = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"),
-               "HIVE_LR": "0.01", "HIVE_HTTP_WORKERS": "3", "HIVE_CHECKPOINT_DIR": "/elsewhere", "HIVE_MINERS": "9"}
+               "HIVE_LR": "0.01", "HIVE_HTTP_WORKERS": "3", "HIVE_CHECKPOINT_DIR": "/elsewhere", "HIVE_MINERS": "9",
+               "HIVE_PUBLISH_ADDRESS": "0.0.0.0"}
     swarm = ComposeSwarm(settings, [_compose_binary()], client=None, environ=environ)
     config = swarm.config()
     services = config["services"]
@@ -604,6 +610,7 @@ def test_compose_gets_the_swarm_settings(monkeypatch):
     assert services["bootstrap"]["environment"]["HIVE_HTTP_WORKERS"] == "3"
     assert [p["published"] for p in services["bootstrap"]["ports"]] == ["0"], "--bootstrap-port 0: any free host port"
     assert [p["published"] for p in services["validator"]["ports"]] == ["8100"]
+    assert {p["host_ip"] for p in services["validator"]["ports"]} == {"0.0.0.0"}  # the compose file's own variable
     # the entrypoint's and the local engine's variables do not reach containers, and the user hears of it
     assert unreached(config, environ) == ["HIVE_CHECKPOINT_DIR"]
 

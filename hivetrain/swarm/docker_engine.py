@@ -157,10 +157,15 @@ def compose_env(settings: SwarmSettings, environ: Mapping[str, str], cpu_count: 
     return env
 
 
+#: ``HIVE_*`` variables docker-compose.yml itself reads (not a service's): where it publishes host ports.
+COMPOSE_VARIABLES = frozenset({"HIVE_PUBLISH_ADDRESS"})
+
+
 def unreached(config: dict, environ: Mapping[str, str]) -> list[str]:
     """The caller's ``HIVE_*`` variables that no service of a ``compose config`` gets with their value
-    (not listed there, or fixed there to something else); the swarm's own settings excepted."""
-    own = env_names(SwarmSettings)
+    (not listed there, or fixed there to something else); the swarm's own settings and the compose
+    file's own variables excepted."""
+    own = env_names(SwarmSettings) | COMPOSE_VARIABLES
     given = {(key, value) for service in config.get("services", {}).values()
              for key, value in (service.get("environment") or {}).items()}
     return sorted(key for key, value in environ.items()
