@@ -491,7 +491,16 @@ def test_k8s_workloads(path):
             assert {"cpu", "memory"} <= set(container["resources"]["requests"]) <= set(container["resources"]["limits"])
         assert name in services, f"{name} has no Service"
     miner = workloads["miner"]
-    assert services[miner["spec"]["serviceName"]]["spec"]["clusterIP"] == "None", "miners need a headless Service"
+    for name in ("miner", "redis"):  # a StatefulSet's governing Service gives its pods their DNS names
+        assert services[workloads[name]["spec"]["serviceName"]]["spec"]["clusterIP"] == "None", f"{name}: headless"
+    for name in ("bootstrap", "validator"):  # one identity on one volume: never two pods at once
+        assert workloads[name]["spec"]["strategy"]["type"] == "Recreate", name
+    claims = {doc["metadata"]["name"] for doc in docs if doc["kind"] == "PersistentVolumeClaim"}
+    volumes = workloads["bootstrap"]["spec"]["template"]["spec"]["volumes"]
+    assert [v["persistentVolumeClaim"]["claimName"] for v in volumes] == ["bootstrap-data"] and "bootstrap-data" in claims, \
+        "the bootstrap keeps its peer id across restarts"
+    budgets = {doc["metadata"]["name"]: doc["spec"] for doc in docs if doc["kind"] == "PodDisruptionBudget"}
+    assert budgets["miner"] == {"maxUnavailable": 1, "selector": {"matchLabels": {"app.kubernetes.io/name": "miner"}}}
     assert miner["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 60
     env = {item["name"]: item.get("value", "") for item in miner["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["HIVE_ANNOUNCE_MADDRS"] == '["/dns4/$(POD_NAME).miner.$(POD_NAMESPACE).svc.cluster.local/tcp/31337"]'
