@@ -16,12 +16,14 @@ Exit codes, decided here only:
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import subprocess
 import threading
 import time
 from collections import deque
+from pathlib import Path
 from typing import Callable, Generic, Literal, TypeVar
 
 from pydantic_settings import BaseSettings
@@ -96,6 +98,40 @@ def reset_signal_handlers_in_children() -> None:
 def _defaults_in_child() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """CPUs this process may use: its CPU affinity, capped by its cgroup's CPU quota (compose's
+    ``cpus:``, a Kubernetes CPU limit), which torch's default thread count does not see: a miner
+    limited to 2 CPUs on a 64-core host would otherwise run 32 threads and be throttled."""
+    cpus = len(os.sched_getaffinity(0))
+    quota = _cgroup_cpu_quota(cgroup)
+    return max(1, min(cpus, math.ceil(quota))) if quota else cpus
+
+
+def _cgroup_cpu_quota(root: Path) -> float | None:
+    """The CPU quota in CPUs (cgroup v2 ``cpu.max``, else v1 ``cpu.cfs_quota_us``/``cpu.cfs_period_us``); None if unlimited."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def set_torch_threads(configured: int) -> int:
+    """``configured`` threads, or torch's default capped at ``usable_cpus()``; returns the number set."""
+    import torch
+
+    threads = configured or min(torch.get_num_threads(), usable_cpus())
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+    return threads
 
 
 def describe_exit(returncode: int | None) -> str:

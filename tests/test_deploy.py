@@ -276,6 +276,15 @@ def test_compose_publishes_on_the_address_asked_for():
     assert {p["host_ip"] for p in ports["validator"]} == {"0.0.0.0"}
 
 
+def test_compose_limits_each_miner_to_the_cpus_asked_for():
+    env = {key: value for key, value in os.environ.items() if not key.startswith("HIVE_")}
+    assert "cpus" not in _compose_config("default")["services"]["miner"], "no limit unless asked for"
+    result = subprocess.run([_compose_binary(), "config", "--format", "json"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120, env={**env, "HIVE_MINER_CPUS": "2"})
+    assert result.returncode == 0, result.stderr
+    assert float(json.loads(result.stdout)["services"]["miner"]["cpus"]) == 2.0
+
+
 @pytest.mark.parametrize("service", sorted(SERVICE_SETTINGS))
 def test_compose_env_is_what_each_service_reads(service, monkeypatch):
     env = _compose_config("default")["services"][service]["environment"]

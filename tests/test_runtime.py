@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from hivetrain import procs
-from hivetrain.runtime import RESTART_LIMIT, RestartBudget, Runtime, describe_exit, install_stop_handlers
+from hivetrain.runtime import RESTART_LIMIT, RestartBudget, Runtime, describe_exit, install_stop_handlers, usable_cpus
 from hivetrain.settings import BootstrapSettings
 
 APP_SPEC = "hivetrain.bootstrap.app:create_app()"
@@ -273,3 +273,33 @@ def test_close_runs_children_first_then_cleanups_last_first_and_survives_a_faili
     runtime.close()
     assert order == [("last registered", True), ("first registered", True)]
     assert runtime.failed and "ZeroDivisionError" in runtime.failure and runtime.stop.is_set()
+
+
+# --- CPUs within a container's limit ---------------------------------------------------------------
+def _cgroup(tmp_path, v2: str | None = None, v1: tuple[str, str] | None = None):
+    if v2 is not None:
+        (tmp_path / "cpu.max").write_text(v2 + "\n")
+    if v1 is not None:
+        (tmp_path / "cpu").mkdir()
+        (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text(v1[0] + "\n")
+        (tmp_path / "cpu" / "cpu.cfs_period_us").write_text(v1[1] + "\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize("v2, v1, expected", [
+    ("150000 100000", None, 2),   # compose `cpus: 1.5` under cgroup v2: 2 threads
+    ("100000 100000", None, 1),
+    (None, ("50000", "100000"), 1),  # cgroup v1 (this machine's kind), half a CPU
+    ("max 100000", None, None),   # no quota: the affinity decides
+    (None, ("-1", "100000"), None),
+    (None, None, None),           # no cgroup files at all
+    ("garbage", None, None),
+])
+def test_usable_cpus_respects_a_cgroup_quota(tmp_path, v2, v1, expected):
+    affinity = len(os.sched_getaffinity(0))
+    got = usable_cpus(_cgroup(tmp_path, v2, v1))
+    assert got == (affinity if expected is None else min(affinity, expected))
+
+
+def test_the_real_cgroup_gives_at_least_one_cpu():
+    assert 1 <= usable_cpus() <= len(os.sched_getaffinity(0))

@@ -37,6 +37,7 @@ from hivetrain.protocol.projection import projected_gradient
 from hivetrain.protocol.records import HEARTBEAT_INTERVAL_S, Keys, PeerRecord, RoundRecord, StepRecord
 from hivetrain.protocol.spotcheck import CHALLENGE_PASSES, Challenge
 from hivetrain.reporting import BootstrapRegistry, BootstrapSink, TelemetryWriter
+from hivetrain.runtime import set_torch_threads
 from hivetrain.settings import MinerSettings
 from hivetrain.store import connect_redis, wait_for_shard_salt
 from hivetrain.tokenizer import load_tokenizer
@@ -117,8 +118,7 @@ class Miner:
     # --- set-up ---------------------------------------------------------------------------
     def setup(self) -> None:
         s = self.settings
-        if s.torch_threads:
-            torch.set_num_threads(s.torch_threads)
+        set_torch_threads(s.torch_threads)  # 0: torch's default, within the container's CPU limit
         self.started_at = time.time()
         self.health = TrainingHealth(s.health_grace_s, s.health_stall_s)
         self.config = model_config(s.preset)

@@ -157,8 +157,9 @@ def compose_env(settings: SwarmSettings, environ: Mapping[str, str], cpu_count: 
     return env
 
 
-#: ``HIVE_*`` variables docker-compose.yml itself reads (not a service's): where it publishes host ports.
-COMPOSE_VARIABLES = frozenset({"HIVE_PUBLISH_ADDRESS"})
+#: ``HIVE_*`` variables docker-compose.yml itself reads (not a service's): where it publishes host
+#: ports, and how many CPUs each miner replica may use.
+COMPOSE_VARIABLES = frozenset({"HIVE_PUBLISH_ADDRESS", "HIVE_MINER_CPUS"})
 
 
 def unreached(config: dict, environ: Mapping[str, str]) -> list[str]:

@@ -22,8 +22,6 @@ import time
 from collections import Counter
 from typing import Callable
 
-import torch
-
 from hivetrain.chain import make_chain
 from hivetrain.data import validation_blocks
 from hivetrain.dht import make_dht
@@ -33,6 +31,7 @@ from hivetrain.log import get_logger
 from hivetrain.models import model_config, num_parameters
 from hivetrain.protocol.discovery import fetch_initial_peers
 from hivetrain.protocol.records import VALIDATOR_TTL_S, EvalRecord, Keys, MinerScore, PeerRecord, ScoreBoard, ValidatorStatus
+from hivetrain.runtime import set_torch_threads
 from hivetrain.settings import ValidatorSettings
 from hivetrain.store import Registry, append, connect_redis, shard_salt
 from hivetrain.tokenizer import load_tokenizer
@@ -70,8 +69,7 @@ class Validator:
     # --- set-up ---------------------------------------------------------------------------
     def setup(self) -> None:
         s = self.settings
-        if s.torch_threads:
-            torch.set_num_threads(s.torch_threads)
+        set_torch_threads(s.torch_threads)  # 0: torch's default, within the container's CPU limit
         self._connect()
         initial_peers = list(s.initial_peers) or fetch_initial_peers(s.bootstrap_url, s.bootstrap_wait_s, stop=self.stop)
         self._join_swarm(initial_peers)
