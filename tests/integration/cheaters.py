@@ -170,7 +170,11 @@ def replay(settings: MinerSettings, stop: threading.Event) -> None:
             refusals["stored"] += body["stored"]
             for refused in body["refused"]:
                 refusals["replay" if "replay" in refused["reason"] else "forgery"] += 1
-        tally.write_text(json.dumps(refusals))
+            # an exact copy of an entry in its signer's last post is answered as a duplicate: not stored again either
+            refusals["replay"] += len(body.get("duplicates", []))
+        partial = tally.with_suffix(".partial")
+        partial.write_text(json.dumps(refusals))
+        partial.replace(tally)  # the test may read it at any moment: never a half-written file
     try:
         registrar.deregister(me.peer_id)
     except Exception:
