@@ -11,9 +11,7 @@ import json
 import time
 
 import pytest
-import requests
-from prometheus_client.parser import text_string_to_metric_families
-from swarm_helpers import peer_id_of, stop_and_check, wait_until
+from swarm_helpers import metrics_at, peer_id_of, stop_and_check, wait_until
 
 from hivetrain.protocol.records import Keys
 from hivetrain.settings import SwarmSettings
@@ -26,15 +24,6 @@ BASE_ENV = {"HIVE_TORCH_THREADS": "1", "HIVE_AVERAGING_TIMEOUT": "15", "HIVE_SAV
 REDIS_DOWN_S = 15
 BOOTSTRAP_DOWN_S = 15
 TELEMETRY_STREAMS = ("steps", "rounds", "offences")
-
-
-def _metrics(url: str) -> dict[str, float]:
-    """A miner's /metrics: {sample name: value summed over its labels}."""
-    values: dict[str, float] = {}
-    for family in text_string_to_metric_families(requests.get(f"{url}/metrics", timeout=10).text):
-        for sample in family.samples:
-            values[sample.name] = values.get(sample.name, 0.0) + sample.value
-    return values
 
 
 def _telemetry(values: dict[str, float]) -> dict[str, int]:
@@ -66,9 +55,9 @@ def _account(swarm: Swarm, urls: dict[str, str]) -> dict:
     The counters are read first, then the streams up to that moment: a record counts as written
     only after the bootstrap stored it, so stored >= written unless records were lost.
     """
-    wait_until(lambda: all(_telemetry(_metrics(url))["queued"] == 0 for url in urls.values()), timeout=120,
+    wait_until(lambda: all(_telemetry(metrics_at(url))["queued"] == 0 for url in urls.values()), timeout=120,
                what="every miner's telemetry queue to drain")
-    counters = {peer: _telemetry(_metrics(url)) for peer, url in urls.items()}
+    counters = {peer: _telemetry(metrics_at(url)) for peer, url in urls.items()}
     stored = _stored(swarm, until=time.time())
     figures = {"written": 0, "dropped": 0, "stored": 0, "lost": 0, "step_gaps": 0, "duplicates": 0}
     for peer, counted in counters.items():
@@ -91,7 +80,7 @@ def _gradient_rounds(swarm: Swarm, after: float, with_peer: str | None = None, s
 
 
 def _steps(urls: dict[str, str]) -> dict[str, int]:
-    return {peer: _telemetry(_metrics(url))["steps"] for peer, url in urls.items()}
+    return {peer: _telemetry(metrics_at(url))["steps"] for peer, url in urls.items()}
 
 
 def test_redis_crash_and_bootstrap_restart_lose_no_telemetry_and_miners_still_join(tmp_path, report):

@@ -36,9 +36,13 @@ def peer_id_of(service: procs.Service) -> str:
 def miner_metrics(swarm, peer_id: str) -> dict[str, float]:
     """A live miner's /metrics, at the challenge URL it registered: {sample name: value summed over its labels}."""
     (record,) = [peer for peer in swarm.registry().live_peers(role="miner") if peer.peer_id == peer_id]
-    text = requests.get(f"{record.challenge_url}/metrics", timeout=10).text
+    return metrics_at(record.challenge_url)
+
+
+def metrics_at(url: str) -> dict[str, float]:
+    """The /metrics served at ``url``: {sample name: value summed over its labels}."""
     values: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
+    for family in text_string_to_metric_families(requests.get(f"{url}/metrics", timeout=10).text):
         for sample in family.samples:
             values[sample.name] = values.get(sample.name, 0.0) + sample.value
     return values
