@@ -132,6 +132,7 @@ class PeerSettings(DHTSettings, IdentitySettings):
     bootstrap_url: str = Field(DEFAULT_BOOTSTRAP_URL, description="bootstrap HTTP API that hands out initial peers")
     initial_peers: list[str] = Field(default_factory=list, description="multiaddrs to dial instead of asking the bootstrap")
     bootstrap_wait_s: float = Field(120.0, gt=0, description="give up with an error when the bootstrap has not answered (or, for a miner, not published the run's shard salt in Redis) after this long")
+    mode: Literal["hivemind", "diloco"] = Field("hivemind", description="how miners train together, the same on every miner and validator: hivemind = hivemind.Optimizer (gradient averaging, or local updates with HIVE_USE_LOCAL_UPDATES); diloco = HIVE_INNER_STEPS local AdamW steps, then an outer Nesterov step on the swarm's averaged pseudo-gradients (README: \"Training modes\")")
     # model and data
     preset: Literal["seed", "tiny"] = Field("seed", description="model preset: seed = the original 32.3M GPT-2, tiny = CPU tests")
     seed: int = Field(0, ge=0, description="init seed; every miner of a run must use the same one")
@@ -194,10 +195,14 @@ class MinerSettings(PeerSettings):
     delay_optimizer_step: bool = Field(False, description="run the optimizer step in the background")
     delay_state_averaging: bool = Field(True, description="average parameters in the background")
     offload_optimizer: bool = Field(False, description="keep optimizer state on the host, off the GPU")
-    average_state_every: int = Field(1, ge=1, description="average parameters every this many epochs")
-    grad_compression: Compression = Field("none", description="wire format of gradients in all-reduce")
+    average_state_every: int = Field(1, ge=1, description="average parameters every this many epochs (diloco: right after the outer step; it brings back a peer whose round failed)")
+    grad_compression: Compression = Field("none", description="wire format of gradients in all-reduce (of pseudo-gradients in diloco mode)")
     state_compression: Compression = Field("none", description="wire format of parameters in state averaging and downloads (optimizer statistics always go exact)")
     use_local_updates: bool = Field(False, description="step locally every batch and average parameters instead of gradients")
+    # DiLoCo (HIVE_MODE=diloco)
+    inner_steps: int = Field(50, ge=1, description="diloco: local AdamW steps per miner between outer steps (the swarm's epoch ends when it has trained this many batches per peer)")
+    outer_lr: float = Field(0.7, gt=0, description="diloco: learning rate of the outer Nesterov SGD on the averaged pseudo-gradient")
+    outer_momentum: float = Field(0.9, ge=0, lt=1, description="diloco: momentum of the outer SGD (Nesterov; 0 = plain averaging steps)")
     # reachability (README: "Miners behind NAT")
     client_mode: bool = Field(False, description="dial out only (behind NAT or a firewall that refuses incoming connections): the miner joins the DHT and averaging rounds through other peers and sends its parts, but reduces none and serves no state downloads")
     use_auto_relay: bool = Field(False, description="behind NAT without client mode: find relays among the peers and advertise relayed addresses, so others can dial this miner through them")
@@ -220,6 +225,9 @@ class MinerSettings(PeerSettings):
     @model_validator(mode="after")
     def _hivemind_combinations(self) -> "MinerSettings":
         # hivemind asserts these deep inside Optimizer; say it here, with the fix
+        if self.mode == "diloco" and (self.use_local_updates or self.delay_grad_averaging or self.delay_optimizer_step):
+            raise ValueError("diloco mode runs its own schedule: unset HIVE_USE_LOCAL_UPDATES, HIVE_DELAY_GRAD_AVERAGING "
+                             "and HIVE_DELAY_OPTIMIZER_STEP (or set HIVE_MODE=hivemind)")
         if self.use_local_updates and self.delay_grad_averaging:
             raise ValueError("delay_grad_averaging needs gradient averaging: unset HIVE_USE_LOCAL_UPDATES or HIVE_DELAY_GRAD_AVERAGING")
         if self.delay_grad_averaging and not self.delay_optimizer_step:

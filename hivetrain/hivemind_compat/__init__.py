@@ -13,6 +13,8 @@ The README's "hivemind behaviours we work around" explains each piece:
 * ``optimizer``  averaging rounds reported (their groups and durations), state loads timed and
                  put off past an imminent epoch (the out-of-sync flip-flop);
 * ``allreduce``  robust aggregation in the butterfly all-reduce;
+* ``diloco``     DiLoCo on hivemind.Optimizer: its offloaded optimizer as the outer one, pseudo-gradients
+                 in place of gradients;
 * ``bans``       offenders (in the all-reduce, in state downloads) named and banned.
 """
 
@@ -23,6 +25,8 @@ from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging import averager as hivemind_averager
 from hivemind.averaging.matchmaking import Matchmaking
 from hivemind.averaging.partition import TensorPartContainer, TensorPartReducer
+from hivemind.optim.grad_averager import GradientAverager
+from hivemind.optim.progress_tracker import ProgressTracker
 from hivemind.optim.state_averager import TrainingStateAverager
 
 #: The hivemind release these workarounds were written for and tested with.
@@ -30,7 +34,10 @@ HIVEMIND_VERSION = "1.1.12"
 
 _HOOKS = {
     hivemind.Optimizer: ("_make_state_averager", "_update_global_epoch", "_average_gradients_and_load_into_optimizer",
-                         "load_state_from_peers", "_tag_along_with_zero_weight"),
+                         "load_state_from_peers", "_tag_along_with_zero_weight",
+                         "_check_and_accumulate_gradients", "_make_progress_tracker", "_make_gradient_averager"),
+    GradientAverager: ("accumulate_grads_", "load_accumulators_into_averager_", "reset_accumulated_grads_"),
+    ProgressTracker: ("_parse_swarm_progress_data",),
     TrainingStateAverager: ("_get_handle_name", "get_current_state", "load_state_from_peers"),
     DecentralizedAverager: ("load_state_from_peers", "_load_state_from_peers", "get_stub", "_run_allreduce_inplace_"),
     TensorPartReducer: ("accumulate_part", "check_current_part_finished", "reset_accumulators", "on_sender_failed"),
@@ -56,10 +63,11 @@ check_hivemind()
 
 # after the check: the modules below subclass hivemind's internals
 from hivetrain.hivemind_compat.codecs import Uniform8Bit, install_codecs  # noqa: E402
+from hivetrain.hivemind_compat.diloco import DiLoCoOptimizer  # noqa: E402
 from hivetrain.hivemind_compat.optimizer import STATE_AVERAGER_LOGGER, RoundInfo, StateRoundLogHandler, TrackedOptimizer  # noqa: E402
 from hivetrain.hivemind_compat.state import SafeStateAverager, StateRejected, check_downloaded_state  # noqa: E402
 
 __all__ = [
-    "HIVEMIND_VERSION", "STATE_AVERAGER_LOGGER", "RoundInfo", "SafeStateAverager", "StateRejected", "StateRoundLogHandler",
+    "DiLoCoOptimizer", "HIVEMIND_VERSION", "STATE_AVERAGER_LOGGER", "RoundInfo", "SafeStateAverager", "StateRejected", "StateRoundLogHandler",
     "TrackedOptimizer", "Uniform8Bit", "check_downloaded_state", "check_hivemind", "install_codecs",
 ]

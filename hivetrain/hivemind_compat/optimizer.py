@@ -47,16 +47,24 @@ class PlausibleProgressTracker(ProgressTracker):
     hivemind takes the swarm's epoch as the largest any peer claims; records beyond what the other
     peers' progress supports (``hivetrain.protocol.progress``) are dropped here first, and their
     peer is named through ``on_implausible`` (at most once per ``RENAME_AFTER_S``).
+
+    With ``per_peer_target`` the epoch's target is that many samples per peer that reports progress
+    (DiLoCo: inner steps times the batch), not a fixed total.
     """
 
-    def __init__(self, *args, on_implausible: Callable[[str, str], None] | None = None, **kwargs):
+    def __init__(self, *args, on_implausible: Callable[[str, str], None] | None = None,
+                 per_peer_target: int | None = None, **kwargs):
         self._on_implausible = on_implausible or (lambda peer_id, reason: None)
         self._named = NameOnce()
+        self._per_peer_target = per_peer_target
         super().__init__(*args, **kwargs)
 
     def _parse_swarm_progress_data(self, metadata):
         if isinstance(metadata, dict) and metadata:
             metadata = self._plausible(metadata)
+        if self._per_peer_target is not None:
+            peers = sum(1 for entry in metadata.values() if entry.value is not None) if isinstance(metadata, dict) else 0
+            self.target_batch_size = self._per_peer_target * max(1, peers)
         return super()._parse_swarm_progress_data(metadata)
 
     def _plausible(self, metadata: dict) -> dict:

@@ -8,10 +8,17 @@ import hivemind
 import torch
 
 from hivetrain.aggregation import AggregationRule
-from hivetrain.hivemind_compat import RoundInfo, TrackedOptimizer
+from hivetrain.hivemind_compat import DiLoCoOptimizer, RoundInfo, TrackedOptimizer
 from hivetrain.hivemind_compat.allreduce import install_robust_aggregation, uninstall_robust_aggregation
 from hivetrain.hivemind_compat.bans import prepare, report_offence
-from hivetrain.protocol.training import COMPRESSIONS, ClippedAdamW, install_codecs, param_groups, state_download_compression
+from hivetrain.protocol.training import (
+    COMPRESSIONS,
+    ClippedAdamW,
+    OuterSGD,
+    install_codecs,
+    param_groups,
+    state_download_compression,
+)
 from hivetrain.settings import MinerSettings
 
 
@@ -26,40 +33,29 @@ def warmup_schedule(warmup_epochs: int) -> Callable[[int], float]:
 def make_optimizer(model: torch.nn.Module, dht: hivemind.DHT, settings: MinerSettings,
                    on_round: Callable[[RoundInfo], None] | None = None,
                    on_state_loaded: Callable[[float], None] | None = None) -> TrackedOptimizer:
-    """hivemind.Optimizer over ``model`` configured from ``settings``; averagers fork here."""
+    """hivemind.Optimizer over ``model`` configured from ``settings`` (DiLoCo's in diloco mode); averagers fork here."""
     install_codecs()
     prepare(settings.ban_s)  # bans of peers that serve a bad state hold whether or not aggregation is robust
     if settings.robust_aggregation:  # before the averagers fork: their all-reduce runs in the children
         # a peer declares the samples it accumulated since the last round: never more than the whole
         # swarm's target (plus its last batch); 4x leaves room for a peer configured with a larger target
-        rule = AggregationRule(clip_factor=settings.clip_factor,
-                               max_weight=4.0 * (settings.target_batch_size + settings.batch_size))
+        per_round = (settings.inner_steps * settings.batch_size if settings.mode == "diloco"
+                     else settings.target_batch_size)  # DiLoCo: a peer trains inner_steps batches per outer step
+        rule = AggregationRule(clip_factor=settings.clip_factor, max_weight=4.0 * (per_round + settings.batch_size))
         install_robust_aggregation(rule, settings.ban_s)
     else:
         uninstall_robust_aggregation()
-    compression = COMPRESSIONS[settings.grad_compression]
-    state_compression = COMPRESSIONS[settings.state_compression]
-    clip, lr, betas = settings.grad_clip, settings.lr, (0.9, 0.95)
-    return TrackedOptimizer(
+    # what both modes share: the swarm, the averagers' wire formats and timeouts, the reports
+    common = dict(
         dht=dht,
         run_id=settings.run_id,
-        params=param_groups(model, settings.weight_decay),
-        # fused: one kernel for all tensors; torch's default CPU AdamW loops tensor by tensor (9x slower, BENCHMARKS.md)
-        optimizer=lambda params: ClippedAdamW(params, max_grad_norm=clip, lr=lr, betas=betas, fused=True),
-        scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, warmup_schedule(settings.warmup_epochs)),
-        target_batch_size=settings.target_batch_size,
         batch_size_per_step=settings.batch_size,
         matchmaking_time=settings.matchmaking_time,
         averaging_timeout=settings.averaging_timeout,
         load_state_timeout=settings.load_state_timeout,
-        delay_grad_averaging=settings.delay_grad_averaging,
-        delay_optimizer_step=settings.delay_optimizer_step,
-        delay_state_averaging=settings.delay_state_averaging,
-        offload_optimizer=settings.offload_optimizer,
         average_state_every=settings.average_state_every,
-        use_local_updates=settings.use_local_updates,
-        grad_compression=compression(),
-        state_averaging_compression=state_compression(),
+        grad_compression=COMPRESSIONS[settings.grad_compression](),
+        state_averaging_compression=COMPRESSIONS[settings.state_compression](),
         load_state_compression=state_download_compression(settings.state_compression),
         # request_timeout below min_matchmaking_time avoids hivemind's deadlock warning (and the deadlock)
         averager_opts=dict(request_timeout=min(3.0, settings.matchmaking_time / 2), bandwidth=settings.bandwidth or None),
@@ -69,4 +65,32 @@ def make_optimizer(model: torch.nn.Module, dht: hivemind.DHT, settings: MinerSet
         on_round=on_round,
         on_state_loaded=on_state_loaded,
         on_implausible=lambda peer, reason: report_offence(peer, f"{settings.run_id}_progress", "progress", reason),
+    )
+    clip, lr, betas = settings.grad_clip, settings.lr, (0.9, 0.95)
+    # fused: one kernel for all tensors; torch's default CPU AdamW loops tensor by tensor (9x slower, BENCHMARKS.md)
+    adamw = lambda params: ClippedAdamW(params, max_grad_norm=clip, lr=lr, betas=betas, fused=True)  # noqa: E731
+    if settings.mode == "diloco":
+        outer_lr, momentum = settings.outer_lr, settings.outer_momentum
+        # the inner warmup counts inner steps: a joiner's fresh AdamW warms up again
+        warmup = warmup_schedule(settings.warmup_epochs * settings.inner_steps)
+        return DiLoCoOptimizer(
+            params=param_groups(model, 0.0),  # the outer groups: the same order a validator downloads (no decay)
+            optimizer=lambda params: OuterSGD(params, lr=outer_lr, momentum=momentum),
+            inner_params=param_groups(model, settings.weight_decay),
+            inner_optimizer=adamw,
+            inner_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, warmup),
+            inner_steps=settings.inner_steps,
+            **common,
+        )
+    return TrackedOptimizer(
+        params=param_groups(model, settings.weight_decay),
+        optimizer=adamw,
+        scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, warmup_schedule(settings.warmup_epochs)),
+        target_batch_size=settings.target_batch_size,
+        delay_grad_averaging=settings.delay_grad_averaging,
+        delay_optimizer_step=settings.delay_optimizer_step,
+        offload_optimizer=settings.offload_optimizer,
+        delay_state_averaging=settings.delay_state_averaging,
+        use_local_updates=settings.use_local_updates,
+        **common,
     )

@@ -16,7 +16,8 @@ from hivemind.compression import CompressionBase, Float16Compression, NoCompress
 from hivetrain.hivemind_compat import Uniform8Bit, install_codecs
 from hivetrain.log import get_logger
 
-__all__ = ["COMPRESSIONS", "ClippedAdamW", "install_codecs", "param_groups", "state_download_compression"]
+__all__ = ["COMPRESSIONS", "ClippedAdamW", "OuterSGD", "install_codecs", "param_groups", "shared_optimizer",
+           "state_download_compression"]
 
 logger = get_logger(__name__)
 
@@ -77,3 +78,35 @@ class ClippedAdamW(torch.optim.AdamW):
             if self.max_grad_norm > 0:
                 torch.nn.utils.clip_grads_with_norm_(params, self.max_grad_norm, norm)
         return super().step(closure)
+
+
+class OuterSGD(torch.optim.SGD):
+    """DiLoCo's outer optimizer: SGD with Nesterov momentum on the swarm's averaged pseudo-gradient.
+
+    A step whose pseudo-gradient is not finite is skipped (``skipped_steps`` counts them): momentum
+    would carry one NaN into every later step.
+    """
+
+    def __init__(self, params, lr: float = 0.7, momentum: float = 0.9):
+        super().__init__(params, lr=lr, momentum=momentum, nesterov=momentum > 0)
+        self.skipped_steps = 0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
+            self.skipped_steps += 1
+            logger.warning(f"skipping an outer step: the pseudo-gradient is not finite ({self.skipped_steps} skipped)")
+            return None
+        return super().step(closure)
+
+
+def shared_optimizer(mode: str) -> Callable[[list[dict]], torch.optim.Optimizer]:
+    """The optimizer class whose state peers share in ``mode`` (a validator builds it to download that state).
+
+    gradient averaging and local updates share AdamW's statistics; DiLoCo shares the outer optimizer's
+    momentum (its parameters are the global ones, not a miner's inner ones).
+    """
+    if mode == "diloco":
+        return lambda params: OuterSGD(params)
+    return lambda params: ClippedAdamW(params, lr=1e-3)

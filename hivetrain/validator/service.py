@@ -100,7 +100,7 @@ class Validator:
         s = self.settings
         self.dht = make_dht(s, initial_peers=initial_peers, client_mode=True)
         self.poller = ProgressPoller(self.dht, s.run_id, max_samples_per_s=s.max_samples_per_s).start()
-        self.sync = ModelSync(self.dht, s.run_id, s.preset, seed=s.seed, max_epoch=self.poller.plausible_epoch)
+        self.sync = ModelSync(self.dht, s.run_id, s.preset, seed=s.seed, max_epoch=self.poller.plausible_epoch, mode=s.mode)
         self.parameters = num_parameters(self.sync.model)
         config = model_config(s.preset)
         self.block_size = s.block_size or config.n_positions

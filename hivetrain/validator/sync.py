@@ -10,7 +10,7 @@ import hivemind
 from hivetrain.hivemind_compat import SafeStateAverager
 from hivetrain.log import get_logger
 from hivetrain.models import build_model
-from hivetrain.protocol.training import ClippedAdamW, install_codecs, param_groups
+from hivetrain.protocol.training import install_codecs, param_groups, shared_optimizer
 
 logger = get_logger(__name__)
 
@@ -23,7 +23,7 @@ class ModelSync:
     """
 
     def __init__(self, dht: hivemind.DHT, run_id: str, preset: str, seed: int = 0, timeout_s: float = 60.0,
-                 max_epoch: Callable[[], int | None] | None = None):
+                 max_epoch: Callable[[], int | None] | None = None, mode: str = "hivemind"):
         install_codecs()  # state may arrive 8-bit compressed
         self.model = build_model(preset, seed=seed)
         self.model.eval()
@@ -31,7 +31,7 @@ class ModelSync:
         self.averager = SafeStateAverager(
             dht=dht,
             prefix=f"{run_id}_state_averager",  # where hivemind.Optimizer(run_id=...) shares its state
-            optimizer=lambda params: ClippedAdamW(params, lr=1e-3),
+            optimizer=shared_optimizer(mode),  # DiLoCo's peers share the global parameters and outer momentum
             params=param_groups(self.model, 0.0),
             client_mode=True,
             start=True,

@@ -1,0 +1,150 @@
+"""DiLoCo on hivemind.Optimizer: inner AdamW steps on the model, an outer Nesterov step on averaged pseudo-gradients.
+
+DiLoCo (Douillard et al. 2023): each worker takes H inner steps from the global parameters θ, then
+the workers average their pseudo-gradients Δ = θ - θ_i and an outer optimizer (SGD, Nesterov
+momentum) steps θ with it. Mapped onto hivemind.Optimizer, whose machinery (progress tracking,
+matchmaking, robust all-reduce, state sharing for joiners) we keep:
+
+* hivemind's *offloaded* optimizer is the outer one: its parameters are kept copies of θ (the
+  global parameters), the model's own parameters are θ_i, and after each outer step hivemind
+  copies θ back into the model;
+* the "gradient" hivemind averages each epoch is Δ (``PseudoGradientAverager``), weighted by the
+  samples each peer trained since the last outer step;
+* ``step()`` runs the inner AdamW on the model's gradient every batch, and the swarm's epoch ends
+  when it has trained ``inner_steps`` batches per peer (``PlausibleProgressTracker``'s per-peer target);
+* a joiner downloads θ and the outer momentum (what peers share is the offloaded optimizer's state);
+  its inner AdamW starts fresh, with its own warmup;
+* parameter averaging (every ``average_state_every`` outer steps) runs right after the outer step,
+  never in the background: hivemind copies a background round's result into the model when it
+  lands, which would wipe the inner steps taken meanwhile. Members of one round leave it with the
+  same θ; the state round brings back into line a peer whose round failed or who stepped alone
+  (it applied only its own Δ).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+import torch
+from hivemind.optim.grad_averager import GradientAverager
+from hivemind.optim.progress_tracker import ProgressTracker
+
+from hivetrain.hivemind_compat.optimizer import PlausibleProgressTracker, TrackedOptimizer
+
+class PseudoGradientAverager(GradientAverager):
+    """All-reduces Δ = θ_global - θ_local per parameter instead of accumulated gradients.
+
+    ``accumulate_grads_`` only counts samples (the inner optimizer has applied each gradient
+    already); ``load_accumulators_into_averager_`` writes Δ where hivemind expects the mean gradient.
+    Built with ``reuse_grad_buffers`` so hivemind allocates no accumulators.
+    """
+
+    def __init__(self, parameters, *, global_parameters, **kwargs):
+        self.global_parameters = tuple(global_parameters)
+        super().__init__(parameters, **kwargs)
+        if len(self.global_parameters) != len(self.parameters):
+            raise ValueError(f"{len(self.global_parameters)} global parameters for {len(self.parameters)} model parameters")
+
+    def accumulate_grads_(self, batch_size: int) -> None:
+        self.local_samples_accumulated += batch_size
+        self.local_times_accumulated += 1
+
+    @torch.no_grad()
+    def load_accumulators_into_averager_(self) -> None:
+        with self.get_tensors() as averaged:
+            for delta, global_param, local in zip(averaged, self.global_parameters, self.parameters):
+                delta.copy_(global_param).sub_(local.detach().to(delta.device))  # same shape as the parameter
+
+    @torch.no_grad()
+    def reset_accumulated_grads_(self) -> None:
+        self._accumulators_used_in_step = False
+        self.local_samples_accumulated = self.local_times_accumulated = 0
+        self._anchor_batch_size = None
+
+
+class DiLoCoOptimizer(TrackedOptimizer):
+    """hivemind.Optimizer in DiLoCo mode (see the module docstring).
+
+    ``params``/``optimizer`` are the outer ones (hivemind's); ``inner_params`` are the same model
+    parameters in the inner optimizer's groups (weight decay), ``inner_optimizer`` and
+    ``inner_scheduler`` factories build it. ``zero_grad`` clears the model's gradients.
+    """
+
+    def __init__(self, *, inner_params: list[dict], inner_optimizer: Callable, inner_steps: int,
+                 inner_scheduler: Callable | None = None, batch_size_per_step: int, **kwargs):
+        if inner_steps < 1:
+            raise ValueError(f"inner_steps is {inner_steps}: take at least one inner step per outer step")
+        self.inner_steps = inner_steps
+        for fixed in ("offload_optimizer", "reuse_grad_buffers", "use_local_updates", "delay_grad_averaging",
+                      "delay_optimizer_step", "delay_state_averaging", "grad_averager_factory", "target_batch_size"):
+            if fixed in kwargs:
+                raise ValueError(f"DiLoCoOptimizer sets {fixed} itself")
+        super().__init__(target_batch_size=inner_steps * batch_size_per_step, batch_size_per_step=batch_size_per_step,
+                         offload_optimizer=True, reuse_grad_buffers=True, use_local_updates=False,
+                         delay_grad_averaging=False, delay_optimizer_step=False, delay_state_averaging=False,
+                         grad_averager_factory=self._pseudo_gradient_averager, **kwargs)
+        self.inner = inner_optimizer(inner_params)
+        self.inner_scheduler = inner_scheduler(self.inner) if inner_scheduler is not None else None
+
+    # --- the pieces hivemind builds ---------------------------------------------------------
+    def _global_parameters(self) -> list[torch.Tensor]:
+        return [param for group in self.state_averager.optimizer.param_groups for param in group["params"]]
+
+    def _pseudo_gradient_averager(self, **kwargs) -> PseudoGradientAverager:
+        return PseudoGradientAverager(global_parameters=self._global_parameters(), **kwargs)
+
+    def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> ProgressTracker:
+        return PlausibleProgressTracker(
+            dht=self.dht, prefix=self.run_id, target_batch_size=target_batch_size, client_mode=self.client_mode,
+            status_loglevel=self.status_loglevel, start=True, on_implausible=self._on_implausible,
+            per_peer_target=target_batch_size, **kwargs)
+
+    # --- training ---------------------------------------------------------------------------
+    def _check_and_accumulate_gradients(self, batch_size: int, grad_scaler) -> bool:
+        # one inner step on the model's own gradient; hivemind then only counts the samples
+        self.inner.step()
+        self.inner.zero_grad(set_to_none=False)
+        if self.inner_scheduler is not None:
+            self.inner_scheduler.step()
+        self.grad_averager.accumulate_grads_(batch_size)
+        self.tracker.report_local_progress(self.local_epoch, self.grad_averager.local_samples_accumulated)
+        return True
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        self.inner.zero_grad(set_to_none=set_to_none)
+
+    @contextlib.contextmanager
+    def at_global_parameters(self, model: torch.nn.Module) -> Iterator[None]:
+        """Run a block with ``model`` at the global parameters θ (spot checks are asked there), then restore θ_i."""
+        local = [param.detach().clone() for param in self.state_averager.main_parameters]
+        try:
+            with torch.no_grad():
+                for param, global_param in zip(self.state_averager.main_parameters, self._global_parameters()):
+                    param.copy_(global_param, non_blocking=True)
+            yield
+        finally:
+            with torch.no_grad():
+                for param, saved in zip(self.state_averager.main_parameters, local):
+                    param.copy_(saved)
+
+    # --- checkpoints ------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The outer optimizer (hivemind's, with the epoch), the inner one, and θ: the model holds θ_i."""
+        return {"outer": super().state_dict(), "inner": self.inner.state_dict(),
+                "inner_scheduler": self.inner_scheduler.state_dict() if self.inner_scheduler is not None else None,
+                "global": [param.detach().clone() for param in self._global_parameters()]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if not isinstance(state_dict, dict) or set(state_dict) != {"outer", "inner", "inner_scheduler", "global"}:
+            raise ValueError("not a DiLoCo optimizer state (a checkpoint of another HIVE_MODE?)")
+        saved, ours = state_dict["global"], self._global_parameters()
+        if len(saved) != len(ours) or any(s.shape != o.shape for s, o in zip(saved, ours)):
+            raise ValueError("the checkpoint's global parameters do not fit the model")
+        super().load_state_dict(state_dict["outer"])
+        self.inner.load_state_dict(state_dict["inner"])
+        if self.inner_scheduler is not None and state_dict["inner_scheduler"] is not None:
+            self.inner_scheduler.load_state_dict(state_dict["inner_scheduler"])
+        with torch.no_grad():
+            for param, value in zip(ours, saved):
+                param.copy_(value)

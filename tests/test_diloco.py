@@ -1,0 +1,143 @@
+"""DiLoCo on real hivemind peers: inner steps, one outer Nesterov step on averaged pseudo-gradients, a joiner."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import hivemind
+import pytest
+import torch
+from hivemind.utils.crypto import RSAPrivateKey
+
+from hivetrain.hivemind_compat import DiLoCoOptimizer
+from hivetrain.hivemind_compat.allreduce import uninstall_robust_aggregation
+from hivetrain.protocol.training import OuterSGD, param_groups
+
+pytestmark = pytest.mark.integration
+
+INNER_LR, OUTER_LR, MOMENTUM, BATCH, INNER_STEPS = 0.1, 0.7, 0.9, 4, 5
+
+
+class Toy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(2, 3))  # decays in the inner groups
+        self.bias = torch.nn.Parameter(torch.zeros(3))
+
+
+def _optimizer(dht: hivemind.DHT, model: torch.nn.Module) -> DiLoCoOptimizer:
+    return DiLoCoOptimizer(
+        dht=dht, run_id="diloco_test", params=param_groups(model, 0.0),
+        optimizer=lambda params: OuterSGD(params, lr=OUTER_LR, momentum=MOMENTUM),
+        inner_params=param_groups(model, 0.0), inner_optimizer=lambda params: torch.optim.SGD(params, lr=INNER_LR),
+        inner_steps=INNER_STEPS, batch_size_per_step=BATCH, matchmaking_time=2.0, averaging_timeout=30.0,
+        averager_opts=dict(request_timeout=1.0), tracker_opts=dict(min_refresh_period=0.2, max_refresh_period=0.5,
+                          private_key=RSAPrivateKey()),  # peers in one process would share one progress record
+        load_state_timeout=30.0)
+
+
+@pytest.fixture
+def swarm():
+    uninstall_robust_aggregation()  # the plain weighted mean: the test checks the outer step's arithmetic
+    first = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    peers = [str(a) for a in first.get_visible_maddrs()]
+    dhts = [first] + [hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=peers)
+                      for _ in range(2)]
+    optimizers: list[DiLoCoOptimizer] = []
+    yield dhts, optimizers
+    for opt in optimizers:
+        opt.shutdown()
+    for dht in dhts:
+        dht.shutdown()
+
+
+def _wait_for(condition, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"no {what} after {timeout:.0f}s"
+        time.sleep(0.1)
+
+
+def _train_one_outer_step(opt: DiLoCoOptimizer, model: Toy, grad: torch.Tensor, steps: list[int]) -> None:
+    """Inner steps on a constant gradient until the swarm's outer step; ``steps`` gets how many were taken."""
+    taken = 0
+    while opt.local_epoch == 0 and taken < 200:  # bounded: 200 steps is 40 times what one outer step needs
+        model.weight.grad = grad.clone()
+        model.bias.grad = torch.zeros(3)
+        opt.step()
+        opt.zero_grad()
+        taken += 1
+        time.sleep(0.1)  # let the progress records of both peers reach the DHT
+    steps.append(taken)
+
+
+def test_two_peers_take_one_outer_step_on_their_weighted_pseudo_gradients_and_a_joiner_downloads_it(swarm):
+    dhts, optimizers = swarm
+    models = [Toy(), Toy()]
+    optimizers += [_optimizer(dht, model) for dht, model in zip(dhts[:2], models)]
+    grads = [torch.tensor([[1.0, 0, 0], [0, 0, 0]]), torch.tensor([[0, 0, 0], [0, 2.0, 0]])]  # disjoint directions
+    steps: list[list[int]] = [[], []]
+    for opt, model in zip(optimizers, models):  # a first step with a zero gradient publishes each peer's progress
+        model.weight.grad, model.bias.grad = torch.zeros(2, 3), torch.zeros(3)
+        opt.step()
+    for opt in optimizers:  # a peer that saw no other would take its outer step alone
+        _wait_for(lambda: opt.tracker.global_progress.num_peers == 2, "both peers' progress records")
+        assert opt.tracker.target_batch_size == 2 * INNER_STEPS * BATCH, "the epoch's target is inner steps per peer"
+    threads = [threading.Thread(target=_train_one_outer_step, args=(opt, model, grad, taken))
+               for opt, model, grad, taken in zip(optimizers, models, grads, steps)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert [opt.local_epoch for opt in optimizers] == [1, 1], f"no outer step after {steps} inner steps"
+    (n_a,), (n_b,) = steps  # hivemind also ends an epoch when its estimated time has passed: the wait above counts
+
+    # Δ_i = θ0 - θ_i = inner_lr * n_i * g_i, averaged with weight (n_i + 1) * batch (the zero step counts as samples);
+    # Nesterov's first step moves (1 + m) Δ
+    delta = (INNER_LR * n_a * grads[0] * (n_a + 1) + INNER_LR * n_b * grads[1] * (n_b + 1)) / (n_a + n_b + 2)
+    expected = -OUTER_LR * (1 + MOMENTUM) * delta
+    for model in models:
+        assert torch.allclose(model.weight.detach(), expected, atol=1e-5), f"{model.weight} != {expected}"
+    assert torch.equal(models[0].weight.detach(), models[1].weight.detach()), "the peers left the round apart"
+
+    # a joiner at epoch 0 downloads the global parameters and the outer momentum
+    joiner_model = Toy()
+    joiner = _optimizer(dhts[2], joiner_model)
+    optimizers.append(joiner)
+    joiner.load_state_from_peers()
+    assert joiner.local_epoch == 1
+    assert torch.allclose(joiner_model.weight.detach(), expected, atol=1e-5)
+    momentum = [joiner.state_averager.optimizer.state[p]["momentum_buffer"] for p in joiner._global_parameters()]
+    theirs = [optimizers[0].state_averager.optimizer.state[p]["momentum_buffer"] for p in optimizers[0]._global_parameters()]
+    assert all(torch.allclose(a, b) for a, b in zip(momentum, theirs)) and momentum[0].abs().sum() > 0
+
+
+def test_a_checkpoint_holds_the_global_parameters_apart_from_the_inner_ones(swarm):
+    dhts, optimizers = swarm
+    model = Toy()
+    opt = _optimizer(dhts[0], model)
+    optimizers.append(opt)
+    model.weight.grad = torch.ones(2, 3)
+    opt.step()  # one inner step: θ_i moves, θ does not
+    saved = opt.state_dict()
+    assert torch.equal(saved["global"][0], torch.zeros(2, 3)) and not torch.equal(model.weight.detach(), torch.zeros(2, 3))
+    with opt.at_global_parameters(model):
+        assert torch.equal(model.weight.detach(), torch.zeros(2, 3))
+    assert torch.allclose(model.weight.detach(), torch.full((2, 3), -INNER_LR))
+
+    saved["global"][0].fill_(0.5)
+    opt.load_state_dict(saved)
+    assert torch.equal(opt._global_parameters()[0], torch.full((2, 3), 0.5))
+    with pytest.raises(ValueError, match="not a DiLoCo optimizer state"):
+        opt.load_state_dict(saved["outer"])  # a gradient-mode checkpoint
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_the_outer_step_skips_a_pseudo_gradient_that_is_not_finite(poison):
+    weight = torch.nn.Parameter(torch.ones(3))
+    opt = OuterSGD([weight])
+    weight.grad = torch.tensor([0.1, poison, 0.1])
+    opt.step()
+    assert torch.equal(weight.detach(), torch.ones(3)) and opt.skipped_steps == 1
+    assert not opt.state.get(weight), "no momentum taken from the bad pseudo-gradient"
