@@ -195,6 +195,7 @@ class MinerSettings(PeerSettings):
     delay_optimizer_step: bool = Field(False, description="run the optimizer step in the background")
     delay_state_averaging: bool = Field(True, description="average parameters in the background")
     offload_optimizer: bool = Field(False, description="keep optimizer state on the host, off the GPU")
+    reuse_grad_buffers: bool = Field(True, description="accumulate gradients in the model's own .grad between epochs instead of copying each step's into hivemind's accumulators (less memory, one copy fewer per step); gradient averaging only")
     average_state_every: int = Field(1, ge=1, description="average parameters every this many epochs (diloco: right after the outer step; it brings back a peer whose round failed)")
     grad_compression: Compression = Field("none", description="wire format of gradients in all-reduce (of pseudo-gradients in diloco mode)")
     state_compression: Compression = Field("none", description="wire format of parameters in state averaging and downloads (optimizer statistics always go exact)")

@@ -82,3 +82,34 @@ def test_a_joiner_gets_the_optimizer_statistics_exact_and_the_parameters_as_conf
     lossy = served(second_moments, TensorRole.PARAMETER)
     step_ratio = (second_moments.sqrt() / lossy.clamp_min(0).sqrt().add(1e-8))
     assert not torch.allclose(step_ratio, torch.ones_like(step_ratio), rtol=0.5)
+
+
+@pytest.mark.integration
+def test_gradients_accumulate_in_the_model_until_the_epoch_when_its_buffers_are_reused():
+    """HIVE_REUSE_GRAD_BUFFERS: the miner's zero_grad after each step leaves the sum for hivemind, which clears it."""
+    import hivemind
+
+    from hivetrain.miner.optim import make_optimizer
+    from hivetrain.settings import MinerSettings
+
+    dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    model = build_model("tiny")
+    settings = MinerSettings(preset="tiny", run_id="reuse", batch_size=2, target_batch_size=6, warmup_epochs=0,
+                             matchmaking_time=1.0, averaging_timeout=5.0)
+    opt = make_optimizer(model, dht, settings)
+    try:
+        batch = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(0))
+        weight = model.transformer.wte.weight
+        grads, before = [], weight.detach().clone()
+        while opt.local_epoch == 0 and len(grads) < 20:
+            model(input_ids=batch, labels=batch).loss.backward()
+            grads.append(weight.grad.detach().clone())
+            opt.step()
+            opt.zero_grad()  # what the miner's loop calls: a no-op here
+        assert opt.local_epoch == 1, f"no epoch after {len(grads)} steps"
+        assert len(grads) >= 2 and torch.allclose(grads[1], 2 * grads[0], rtol=1e-4, atol=1e-8), "not accumulated in .grad"
+        assert not torch.equal(weight.detach(), before), "the epoch's step did not move the parameters"
+        assert weight.grad.abs().sum() == 0, "hivemind did not clear the buffers after the epoch"
+    finally:
+        opt.shutdown()
+        dht.shutdown()

@@ -32,6 +32,7 @@ from hivemind.optim.progress_tracker import ProgressTracker
 
 from hivetrain.hivemind_compat.optimizer import PlausibleProgressTracker, TrackedOptimizer
 
+
 class PseudoGradientAverager(GradientAverager):
     """All-reduces Δ = θ_global - θ_local per parameter instead of accumulated gradients.
 

@@ -106,6 +106,13 @@ class TrackedOptimizer(hivemind.Optimizer):
         self._last_load_s = FIRST_LOAD_ESTIMATE_S
         super().__init__(*args, **kwargs)
 
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        """Safe to call after every step: with ``reuse_grad_buffers`` the model's .grad is hivemind's
+        accumulator, which it clears itself after each round (its own zero_grad raises instead)."""
+        if self.use_gradient_averaging and self.grad_averager.reuse_grad_buffers:
+            return
+        super().zero_grad(set_to_none=set_to_none)
+
     def _make_state_averager(self, **kwargs) -> TrainingStateAverager:
         # hivemind.Optimizer._make_state_averager, with our averager (see SafeStateAverager)
         return SafeStateAverager(

@@ -90,6 +90,7 @@ def make_optimizer(model: torch.nn.Module, dht: hivemind.DHT, settings: MinerSet
         delay_grad_averaging=settings.delay_grad_averaging,
         delay_optimizer_step=settings.delay_optimizer_step,
         offload_optimizer=settings.offload_optimizer,
+        reuse_grad_buffers=settings.reuse_grad_buffers and not settings.use_local_updates,  # no accumulators there
         delay_state_averaging=settings.delay_state_averaging,
         use_local_updates=settings.use_local_updates,
         **common,
