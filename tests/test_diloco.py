@@ -10,7 +10,7 @@ import pytest
 import torch
 from hivemind.utils.crypto import RSAPrivateKey
 
-from hivetrain.hivemind_compat import DiLoCoOptimizer
+from hivetrain.hivemind_compat import DiLoCoOptimizer, TrackedOptimizer
 from hivetrain.hivemind_compat.allreduce import uninstall_robust_aggregation
 from hivetrain.protocol.training import OuterSGD, param_groups
 
@@ -130,7 +130,9 @@ def test_a_checkpoint_holds_the_global_parameters_apart_from_the_inner_ones(swar
     opt.load_state_dict(saved)
     assert torch.equal(opt._global_parameters()[0], torch.full((2, 3), 0.5))
     with pytest.raises(ValueError, match="not a DiLoCo optimizer state"):
-        opt.load_state_dict(saved["outer"])  # a gradient-mode checkpoint
+        opt.load_state_dict(saved["outer"])  # a gradient-mode checkpoint's
+    with pytest.raises(ValueError, match="is DiLoCo's"):
+        TrackedOptimizer.load_state_dict(opt, saved)  # what a gradient-mode miner does with a DiLoCo checkpoint
 
 
 @pytest.mark.parametrize("poison", [float("nan"), float("inf")])

@@ -138,7 +138,8 @@ class DiLoCoOptimizer(TrackedOptimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         if not isinstance(state_dict, dict) or set(state_dict) != {"outer", "inner", "inner_scheduler", "global"}:
-            raise ValueError("not a DiLoCo optimizer state (a checkpoint of another HIVE_MODE?)")
+            raise ValueError("not a DiLoCo optimizer state: the checkpoint is of HIVE_MODE=hivemind; resume it in "
+                             "that mode, or move it away to start DiLoCo afresh")
         saved, ours = state_dict["global"], self._global_parameters()
         if len(saved) != len(ours) or any(s.shape != o.shape for s, o in zip(saved, ours)):
             raise ValueError("the checkpoint's global parameters do not fit the model")

@@ -113,6 +113,12 @@ class TrackedOptimizer(hivemind.Optimizer):
             return
         super().zero_grad(set_to_none=set_to_none)
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        if isinstance(state_dict, dict) and "outer" in state_dict and "inner" in state_dict:
+            raise ValueError("this optimizer state is DiLoCo's (HIVE_MODE=diloco); resume it in that mode, or move "
+                             "the checkpoint away to start this mode afresh")
+        super().load_state_dict(state_dict)
+
     def _make_state_averager(self, **kwargs) -> TrainingStateAverager:
         # hivemind.Optimizer._make_state_averager, with our averager (see SafeStateAverager)
         return SafeStateAverager(
