@@ -32,7 +32,6 @@ import argparse
 import math
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,15 +40,13 @@ from safetensors.torch import load_file
 
 from bench.common import RESULTS, exit_on_sigterm, table, write_result
 from bench.plots import COLOUR_NAMES, plot
-from bench.swarm_runs import lo_bytes, per_miner
+from bench.swarm_runs import background_lo_rate, lo_bytes, per_miner, tiny_swarm
 from hivetrain.identity import Domain
 from hivetrain.models import build_model, model_config
 from hivetrain.protocol.checkpoints import list_checkpoints, read_trainer_state
 from hivetrain.protocol.records import Keys, RoundRecord, StepRecord
 from hivetrain.protocol.training import param_groups
-from hivetrain.settings import SwarmSettings
 from hivetrain.store import connect_redis, read_stream
-from hivetrain.swarm.launcher import Swarm
 from hivetrain.tokenizer import load_tokenizer
 from hivetrain.validator.evaluate import evaluate
 
@@ -86,19 +83,14 @@ def swarm_samples(client, keys, domain) -> int:
 def run_mode(name: str, env: dict[str, str], miners: int, samples: int, checkpoint_samples: int,
              idle_s: float = 5.0, timeout: float = 1800.0) -> dict:
     """One swarm run to ``samples`` trained samples; the workdir is kept for the evaluation (returned)."""
-    workdir = Path(tempfile.mkdtemp(prefix=f"bench-modes-{name}-"))
-    run_id = f"modes-{name}".replace("_", "-")
     save_every = max(1, round(checkpoint_samples / epoch_samples(env, miners)))
     env = {**env, "HIVE_SAVE_EVERY": str(save_every), "HIVE_KEEP_CHECKPOINTS": "1000", "HIVE_AVERAGING_TIMEOUT": "20"}
-    settings = SwarmSettings(miners=miners, validator=False, workdir=str(workdir), bootstrap_port=0, run_id=run_id,
-                             preset="tiny", stop_timeout=45)
-    before = lo_bytes()
-    time.sleep(idle_s)
-    background = (lo_bytes() - before) / idle_s
-    swarm = Swarm(settings, extra_env=env)
+    background = background_lo_rate(idle_s)
+    swarm, settings = tiny_swarm("modes", name, miners, 45, env)
+    workdir = swarm.workdir
     try:
         swarm.start()
-        client, keys, domain = connect_redis(swarm.redis_url), Keys(run_id), Domain.of(settings)
+        client, keys, domain = connect_redis(swarm.redis_url), Keys(settings.run_id), Domain.of(settings)
         started, bytes_before = time.time(), lo_bytes()
         deadline, trained, shown = time.monotonic() + timeout, 0, 0.0
         while trained < samples:

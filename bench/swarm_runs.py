@@ -43,6 +43,22 @@ def lo_bytes() -> int:
     return psutil.net_io_counters(pernic=True)["lo"].bytes_sent
 
 
+def background_lo_rate(idle_s: float) -> float:
+    """Loopback bytes per second other processes send, measured over ``idle_s`` before a run starts."""
+    before = lo_bytes()
+    time.sleep(idle_s)
+    return (lo_bytes() - before) / idle_s
+
+
+def tiny_swarm(kind: str, name: str, miners: int, stop_timeout: float, env: dict[str, str]) -> tuple[Swarm, SwarmSettings]:
+    """A swarm of ``miners`` tiny miners (no validator) in a fresh temporary workdir, not started yet."""
+    workdir = Path(tempfile.mkdtemp(prefix=f"bench-{kind}-{name}-"))
+    run_id = f"{'bench' if kind == 'swarm' else kind}-{name}".replace("_", "-")
+    settings = SwarmSettings(miners=miners, validator=False, workdir=str(workdir), bootstrap_port=0, run_id=run_id,
+                             preset="tiny", stop_timeout=stop_timeout)
+    return Swarm(settings, extra_env=env), settings
+
+
 def per_miner(steps: list[StepRecord]) -> dict:
     """Steps, samples, throughput and compute utilization of one miner's records (oldest first)."""
     steps = sorted(steps, key=lambda s: s.step)
@@ -63,17 +79,12 @@ def per_miner(steps: list[StepRecord]) -> dict:
 def run(name: str, env: dict[str, str], miners: int = 2, duration: float = 45.0, idle_s: float = 5.0,
         timeout: float = 120.0) -> dict:
     """One measured swarm run; returns per-miner figures, rounds and loopback bytes of the window."""
-    workdir = Path(tempfile.mkdtemp(prefix=f"bench-swarm-{name}-"))
-    run_id = f"bench-{name}".replace("_", "-")
-    settings = SwarmSettings(miners=miners, validator=False, workdir=str(workdir), bootstrap_port=0, run_id=run_id,
-                             preset="tiny", stop_timeout=20)
-    idle_before = lo_bytes()
-    time.sleep(idle_s)
-    background_rate = (lo_bytes() - idle_before) / idle_s
-    swarm = Swarm(settings, extra_env=env)
+    background_rate = background_lo_rate(idle_s)
+    swarm, settings = tiny_swarm("swarm", name, miners, 20, env)
+    workdir = swarm.workdir
     try:
         swarm.start()
-        client, keys, domain = connect_redis(swarm.redis_url), Keys(run_id), Domain.of(settings)
+        client, keys, domain = connect_redis(swarm.redis_url), Keys(settings.run_id), Domain.of(settings)
         deadline = time.monotonic() + timeout
         while len({s.peer_id for s in read_stream(client, keys, domain, StepRecord, count=200)}) < miners:
             if time.monotonic() > deadline:
