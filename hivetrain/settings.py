@@ -162,6 +162,10 @@ class PeerSettings(DHTSettings, IdentitySettings):
         return value.rstrip("/")
 
 
+#: Outer steps between DiLoCo's parameter-averaging rounds when HIVE_AVERAGE_STATE_EVERY is unset.
+DILOCO_AVERAGE_STATE_EVERY = 5
+
+
 class MinerSettings(PeerSettings):
     """``python -m hivetrain.miner``: trains the shared GPT-2 with hivemind.Optimizer."""
 
@@ -196,7 +200,7 @@ class MinerSettings(PeerSettings):
     delay_state_averaging: bool = Field(True, description="average parameters in the background")
     offload_optimizer: bool = Field(False, description="keep optimizer state on the host, off the GPU")
     reuse_grad_buffers: bool = Field(True, description="accumulate gradients in the model's own .grad between epochs instead of copying each step's into hivemind's accumulators (less memory, one copy fewer per step); gradient averaging only")
-    average_state_every: int = Field(1, ge=1, description="average parameters every this many epochs (diloco: right after the outer step; it brings back a peer whose round failed)")
+    average_state_every: int = Field(1, ge=1, description="average parameters every this many epochs; diloco: every this many outer steps, right after the step (it brings back a peer whose round failed), 5 when unset")
     grad_compression: Compression = Field("none", description="wire format of gradients in all-reduce (of pseudo-gradients in diloco mode)")
     state_compression: Compression = Field("none", description="wire format of parameters in state averaging and downloads (optimizer statistics always go exact)")
     use_local_updates: bool = Field(False, description="step locally every batch and average parameters instead of gradients")
@@ -222,6 +226,14 @@ class MinerSettings(PeerSettings):
     keep_checkpoints: int = Field(2, ge=1, description="how many checkpoints to keep")
     max_steps: int = Field(0, ge=0, description="stop after this many local steps; 0 = run until stopped")
     max_epochs: int = Field(0, ge=0, description="stop after this global epoch; 0 = run until stopped")
+
+    @model_validator(mode="after")
+    def _diloco_state_rounds(self) -> "MinerSettings":
+        # an outer round leaves its members with the same parameters: a state round every outer step
+        # would double DiLoCo's traffic to fix what rarely needs fixing (BENCHMARKS.md: "Training modes")
+        if self.mode == "diloco" and "average_state_every" not in self.model_fields_set:
+            self.average_state_every = DILOCO_AVERAGE_STATE_EVERY
+        return self
 
     @model_validator(mode="after")
     def _hivemind_combinations(self) -> "MinerSettings":

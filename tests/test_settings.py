@@ -121,3 +121,16 @@ def test_service_env_rejects_an_invalid_value(model, values, message):
 def test_service_env_leaves_combinations_to_the_model():
     # model validators relate several settings that may come from elsewhere; one value alone passes
     assert service_env(MinerSettings, delay_grad_averaging=True) == {"HIVE_DELAY_GRAD_AVERAGING": "true"}
+
+
+def test_diloco_averages_parameters_every_few_outer_steps_unless_told():
+    from hivetrain.settings import DILOCO_AVERAGE_STATE_EVERY
+
+    assert MinerSettings(mode="diloco").average_state_every == DILOCO_AVERAGE_STATE_EVERY > 1
+    assert MinerSettings(mode="diloco", average_state_every=1).average_state_every == 1
+    assert MinerSettings().average_state_every == 1  # gradient averaging keeps hivemind's every epoch
+
+
+def test_diloco_refuses_the_other_modes_switches_with_the_fix():
+    with pytest.raises(ValueError, match="unset HIVE_USE_LOCAL_UPDATES"):
+        MinerSettings(mode="diloco", use_local_updates=True)
