@@ -36,14 +36,17 @@ test-unit: $(STAMP)
 images:
 	services/build-local.sh
 
-# services/requirements.lock from services/requirements.in: hashes, resolved for Debian bookworm's python3 (3.11.2).
-# torch's CPU wheel is not on PyPI: TORCH_FIND_LINKS is where it lies (a folder or a find-links page).
+# services/requirements.lock (CPU torch: every image) and services/requirements-cuda.lock (CUDA torch: the GPU
+# miner) from their .in files, with hashes, resolved for Debian bookworm's python3 (3.11.2). torch's CPU wheel
+# is not on PyPI: TORCH_FIND_LINKS is where it lies (a folder or a find-links page).
 UV ?= uv
 TORCH_FIND_LINKS ?= https://download.pytorch.org/whl/cpu/torch/
+LOCK_FLAGS := --generate-hashes --python-version 3.11.2 --python-platform x86_64-manylinux_2_28
 lock:
-	$(UV) pip compile services/requirements.in --generate-hashes --python-version 3.11.2 \
-		--python-platform x86_64-manylinux_2_28 --find-links $(TORCH_FIND_LINKS) -o services/requirements.lock \
-		--custom-compile-command "make lock  (uv pip compile services/requirements.in --generate-hashes --python-version 3.11.2 --python-platform x86_64-manylinux_2_28 --find-links TORCH_FIND_LINKS)"
+	$(UV) pip compile services/requirements.in $(LOCK_FLAGS) --find-links $(TORCH_FIND_LINKS) -o services/requirements.lock \
+		--custom-compile-command "make lock  (uv pip compile services/requirements.in $(LOCK_FLAGS) --find-links TORCH_FIND_LINKS)"
+	$(UV) pip compile services/requirements-cuda.in $(LOCK_FLAGS) -o services/requirements-cuda.lock \
+		--custom-compile-command "make lock  (uv pip compile services/requirements-cuda.in $(LOCK_FLAGS))"
 
 # root: starts its own dockerd (temporary data root), builds the images, runs tests/e2e/test_compose.py, stops it all
 e2e-compose: $(STAMP)

@@ -179,7 +179,11 @@ def test_image_rules(dockerfile, monkeypatch):
     assert default_base and re.fullmatch(r"[\w./-]+:[\w.-]+@sha256:[0-9a-f]{64}", default_base.group(1)), \
         "the base is a build argument whose default is a public image pinned by tag and digest"
     # every Python package from the hashed lock, from the wheelhouse when one is given
-    assert "COPY services/requirements.lock" in text and "--require-hashes -r requirements.lock" in text
+    lock = re.search(r"^ARG LOCK=(\S+)$", text, re.M)
+    copied = "${LOCK}" if lock else "services/requirements.lock"
+    assert re.search(rf"^COPY {re.escape(copied)} \./(requirements\.lock)?$", text, re.M), "the image installs the lock"
+    assert lock is None or lock.group(1) == "services/requirements.lock", "the CPU lock by default"
+    assert "--require-hashes -r requirements.lock" in text
     assert '${WHEELS:+--no-index --find-links "$WHEELS"}' in text and "pip check" in text
     assert re.search(r"^USER 10001(:10001)?$", text, re.M), "run as the non-root uid 10001 (numeric, for runAsNonRoot)"
     assert "PYTHONUNBUFFERED=1" in text
@@ -202,14 +206,16 @@ def _lock_pins(text: str) -> dict[str, tuple[str, int]]:
     return pins
 
 
-def test_image_lock_pins_every_package_with_hashes():
-    lock = (ROOT / "services" / "requirements.lock").read_text()
+@pytest.mark.parametrize("lock_name", ["requirements.lock", "requirements-cuda.lock"])
+def test_image_lock_pins_every_package_with_hashes(lock_name):
+    lock = (ROOT / "services" / lock_name).read_text()
+    cuda = "cuda" in lock_name
     requirement_lines = [line for line in lock.splitlines() if re.match(r"[A-Za-z0-9]", line)]
     pins = _lock_pins(lock)
     assert len(pins) == len(requirement_lines), "every requirement of the lock is pinned with =="
     assert all(hashes >= 1 for _, hashes in pins.values()), [name for name, (_, n) in pins.items() if n == 0]
-    assert pins["torch"][0] == "2.13.0+cpu", "the images' torch is the CPU wheel"
-    assert not [name for name in pins if name.startswith("nvidia-")], "no CUDA libraries in the CPU lock"
+    assert pins["torch"][0] == ("2.13.0" if cuda else "2.13.0+cpu"), "CPU images: the CPU wheel; the GPU miner: PyPI's"
+    assert bool([name for name in pins if name.startswith("nvidia-")]) == cuda, "CUDA libraries only in the CUDA lock"
     # resolved for Debian bookworm's python3 (3.11.2): redis needs async-timeout below 3.11.3
     assert "async-timeout" in pins and "--python-version 3.11.2" in lock
     wanted = dict(re.findall(r"^([A-Za-z0-9._-]+)==(\S+)", (ROOT / "requirements.txt").read_text(), re.M))
@@ -293,6 +299,9 @@ def test_compose_services(variant):
         "host ports are on loopback unless HIVE_PUBLISH_ADDRESS opens them"
     devices = miner.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
     assert bool(devices) == (variant == "gpu")
+    if variant == "gpu":  # CUDA torch, from its own lock, under its own tag
+        assert miner["build"]["args"]["LOCK"] == "services/requirements-cuda.lock" and miner["image"].endswith("-cuda")
+        assert (ROOT / miner["build"]["args"]["LOCK"]).is_file()
     if devices:
         assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
 
