@@ -4,9 +4,9 @@
 #
 #   1. base:      Debian bookworm minbase (debootstrap) + python3 (3.11), python3-venv, tini and
 #                 redis-server, `docker import`ed as hivetrain-base:bookworm-<key>. Also the Redis image.
-#   2. wheelhouse: every wheel of services/requirements.lock (hashes checked), `pip download`ed on the
+#   2. wheelhouse: every file of services/requirements.lock (hashes checked), `pip download`ed on the
 #                 host for CPython 3.11 / manylinux x86_64; the three sdist-only hivemind dependencies
-#                 are built into wheels with `pip wheel`.
+#                 come as their hashed sdists and are built inside the image.
 #   3. images:    hivetrain-bootstrap, hivetrain-miner, hivetrain-validator (:local) from those two,
 #                 `pip install --no-index --find-links /wheels --require-hashes` inside the build.
 #
@@ -15,7 +15,9 @@
 # fresh engine only imports the tarball and rebuilds the images.
 #
 # Environment: HIVE_IMAGE_TAG (local), HIVE_IMAGE_CACHE, DEBIAN_MIRROR (http://deb.debian.org/debian),
-# PYTHON (python3: runs `pip download`; any CPython works, the target is fixed below).
+# PYTHON (python3: runs `pip download`; any CPython works, the target is fixed below), TORCH_FIND_LINKS
+# (where torch's CPU wheel lies when pip's own configuration does not say: a folder, or
+# https://download.pytorch.org/whl/cpu/torch/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -73,7 +75,7 @@ if [ ! -f "$wheels/.complete" ]; then
     # pip builds inside the image (offline: setuptools is in the lock); their hashes are PyPI's.
     "$python" -m pip download -q --no-deps --require-hashes --python-version 3.11 --implementation cp --abi cp311 \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        --platform linux_x86_64 -d "$wheels" -r "$lock" 2>&1 | { grep -v "is ignored: it is neither" >&2 || true; }
+        --platform linux_x86_64 ${TORCH_FIND_LINKS:+--find-links "$TORCH_FIND_LINKS"} -d "$wheels" -r "$lock" 2>&1 | { grep -v "is ignored: it is neither" >&2 || true; }
     touch "$wheels/.complete"
 fi
 

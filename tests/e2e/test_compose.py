@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[2]
 MINERS = 4
 ROUNDS = 3
 BUILD_TIMEOUT_S = 1500
+IMAGE_TAG = os.environ.get("HIVE_IMAGE_TAG", "local")  # what build-local.sh tags and docker-compose.local.yml runs
 #: the tiny preset with a small batch, one torch thread per container, frequent checkpoints and scoring
 TEST_ENV = {
     "HIVE_TARGET_BATCH_SIZE": "48",
@@ -92,7 +93,7 @@ def images(engine):
     FIGURES["build_s"] = round(time.monotonic() - started)
     sizes = {}
     for service in ("redis", "bootstrap", "validator", "miner"):
-        out = subprocess.run(["docker", "image", "inspect", "-f", "{{.Size}}", f"hivetrain-{service}:local"], env=env,
+        out = subprocess.run(["docker", "image", "inspect", "-f", "{{.Size}}", f"hivetrain-{service}:{IMAGE_TAG}"], env=env,
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         sizes[service] = round(int(out.stdout) / 1e6)
