@@ -22,7 +22,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 tag="${HIVE_IMAGE_TAG:-local}"
-cache="${HIVE_IMAGE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hivetrain-images}"
+cache="${HIVE_IMAGE_CACHE:-${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/hivetrain-images}"
 mirror="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 python="${PYTHON:-python3}"
 lock=services/requirements.lock
