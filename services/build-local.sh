@@ -94,4 +94,7 @@ done
 for image in "hivetrain-redis:$tag" "hivetrain-bootstrap:$tag" "hivetrain-validator:$tag" "hivetrain-miner:$tag"; do
     log "$image $(docker image inspect -f '{{.Size}}' "$image" | awk '{printf "%.0f MB", $1 / 1e6}')"
 done
+# the cache keeps the current base and wheelhouse only (an old lock's wheels are 400 MB)
+find "$cache" -mindepth 1 -maxdepth 1 \( -name 'base-*.tar' ! -name "base-$base_key.tar" \
+    -o -name 'wheels-*' ! -name "wheels-$lock_key" \) -exec rm -rf {} +
 log "done in $(( $(date +%s) - started ))s (base $base, wheels $wheels)"
