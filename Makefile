@@ -1,10 +1,12 @@
 # `make swarm` runs a local swarm; `make test` runs the tests. Both set up .venv first.
+# `make images` builds the three images without Docker Hub (services/build-local.sh; root, a Docker engine);
+# `make e2e-compose` builds them on a private dockerd and runs `docker compose up --scale miner=4` end to end.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup swarm test test-unit test-faults clean
+.PHONY: setup swarm test test-unit test-faults images lock e2e-compose clean
 
 setup: $(STAMP)
 
@@ -30,6 +32,25 @@ test-faults: $(STAMP)
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q -m "not integration" $(PYTEST_ARGS)
+
+images:
+	services/build-local.sh
+
+# services/requirements.lock (CPU torch: every image) and services/requirements-cuda.lock (CUDA torch: the GPU
+# miner) from their .in files, with hashes, resolved for Debian bookworm's python3 (3.11.2). torch's CPU wheel
+# is not on PyPI: TORCH_FIND_LINKS is where it lies (a folder or a find-links page).
+UV ?= uv
+TORCH_FIND_LINKS ?= https://download.pytorch.org/whl/cpu/torch/
+LOCK_FLAGS := --generate-hashes --python-version 3.11.2 --python-platform x86_64-manylinux_2_28
+lock:
+	$(UV) pip compile services/requirements.in $(LOCK_FLAGS) --find-links $(TORCH_FIND_LINKS) -o services/requirements.lock \
+		--custom-compile-command "make lock  (uv pip compile services/requirements.in $(LOCK_FLAGS) --find-links TORCH_FIND_LINKS)"
+	$(UV) pip compile services/requirements-cuda.in $(LOCK_FLAGS) -o services/requirements-cuda.lock \
+		--custom-compile-command "make lock  (uv pip compile services/requirements-cuda.in $(LOCK_FLAGS))"
+
+# root: starts its own dockerd (temporary data root), builds the images, runs tests/e2e/test_compose.py, stops it all
+e2e-compose: $(STAMP)
+	HIVE_E2E_COMPOSE=1 $(PY) -m pytest -q -rs tests/e2e $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) swarm-run .pytest_cache

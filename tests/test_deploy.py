@@ -62,7 +62,8 @@ pytestmark = pytest.mark.deploy
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = sorted(ROOT.glob("services/*/Dockerfile"))
-COMPOSE_VARIANTS = {"default": ["docker-compose.yml"], "gpu": ["docker-compose.yml", "docker-compose.gpu.yml"]}
+COMPOSE_VARIANTS = {"default": ["docker-compose.yml"], "gpu": ["docker-compose.yml", "docker-compose.gpu.yml"],
+                    "local": ["docker-compose.yml", "docker-compose.local.yml"]}
 K8S_VARIANTS = ["k8s", "k8s/overlays/cpu", "k8s/overlays/gpu", "k8s/overlays/monitoring"]
 #: Workloads of the monitoring component (k8s/components/monitoring); tests/test_monitoring.py checks them further.
 MONITORING_WORKLOADS = {"prometheus", "grafana"}
@@ -171,9 +172,19 @@ def test_hadolint(dockerfile):
 def test_image_rules(dockerfile, monkeypatch):
     text = dockerfile.read_text()
     service = dockerfile.parent.name
+    assert not re.search(r"^# *syntax=", text, re.M | re.I), "no `# syntax=` line: BuildKit would fetch that frontend from Docker Hub"
     for base in re.findall(r"^FROM\s+(\S+)", text, re.M):
-        assert base in ("base",) or (":" in base and not base.endswith(":latest")), f"{base}: pin the base by tag"
-    assert "torch==2.13.0" in text and "pip check" in text
+        assert base in ("base", "${BASE_IMAGE}") or (":" in base and not base.endswith(":latest")), f"{base}: pin the base by tag"
+    default_base = re.search(r"^ARG BASE_IMAGE=(\S+)$", text, re.M)
+    assert default_base and re.fullmatch(r"[\w./-]+:[\w.-]+@sha256:[0-9a-f]{64}", default_base.group(1)), \
+        "the base is a build argument whose default is a public image pinned by tag and digest"
+    # every Python package from the hashed lock, from the wheelhouse when one is given
+    lock = re.search(r"^ARG LOCK=(\S+)$", text, re.M)
+    copied = "${LOCK}" if lock else "services/requirements.lock"
+    assert re.search(rf"^COPY {re.escape(copied)} \./(requirements\.lock)?$", text, re.M), "the image installs the lock"
+    assert lock is None or lock.group(1) == "services/requirements.lock", "the CPU lock by default"
+    assert "--require-hashes -r requirements.lock" in text
+    assert '${WHEELS:+--no-index --find-links "$WHEELS"}' in text and "pip check" in text
     assert re.search(r"^USER 10001(:10001)?$", text, re.M), "run as the non-root uid 10001 (numeric, for runAsNonRoot)"
     assert "PYTHONUNBUFFERED=1" in text
     assert re.search(r"^HEALTHCHECK .*\\\n\s+CMD \[", text, re.M), "exec-form HEALTHCHECK"
@@ -183,6 +194,33 @@ def test_image_rules(dockerfile, monkeypatch):
     assert image_env, "the image sets its ports and paths as HIVE_* defaults"
     _assert_known(service, image_env, f"{dockerfile} ENV")
     _assert_valid(service, image_env, monkeypatch, f"{dockerfile} ENV")
+
+
+def _lock_pins(text: str) -> dict[str, tuple[str, int]]:
+    """{name: (version, number of hashes)} of a requirements file in pip-compile's form."""
+    pins: dict[str, tuple[str, int]] = {}
+    for block in re.split(r"\n(?=[A-Za-z0-9])", text):
+        match = re.match(r"([A-Za-z0-9._-]+)==(\S+)", block)
+        if match:
+            pins[match.group(1).lower().replace("_", "-")] = (match.group(2), block.count("--hash=sha256:"))
+    return pins
+
+
+@pytest.mark.parametrize("lock_name", ["requirements.lock", "requirements-cuda.lock"])
+def test_image_lock_pins_every_package_with_hashes(lock_name):
+    lock = (ROOT / "services" / lock_name).read_text()
+    cuda = "cuda" in lock_name
+    requirement_lines = [line for line in lock.splitlines() if re.match(r"[A-Za-z0-9]", line)]
+    pins = _lock_pins(lock)
+    assert len(pins) == len(requirement_lines), "every requirement of the lock is pinned with =="
+    assert all(hashes >= 1 for _, hashes in pins.values()), [name for name, (_, n) in pins.items() if n == 0]
+    assert pins["torch"][0] == ("2.13.0" if cuda else "2.13.0+cpu"), "CPU images: the CPU wheel; the GPU miner: PyPI's"
+    assert bool([name for name in pins if name.startswith("nvidia-")]) == cuda, "CUDA libraries only in the CUDA lock"
+    # resolved for Debian bookworm's python3 (3.11.2): redis needs async-timeout below 3.11.3
+    assert "async-timeout" in pins and "--python-version 3.11.2" in lock
+    wanted = dict(re.findall(r"^([A-Za-z0-9._-]+)==(\S+)", (ROOT / "requirements.txt").read_text(), re.M))
+    for name, version in wanted.items():
+        assert pins.get(name.lower().replace("_", "-"), ("missing",))[0] == version, f"{name}: rerun `make lock`"
 
 
 def test_service_readmes_env_tables_in_sync():
@@ -250,13 +288,20 @@ def test_compose_services(variant):
     for name in ("bootstrap", "validator"):
         assert services[name]["depends_on"]["redis" if name == "bootstrap" else "bootstrap"]["condition"] == "service_healthy"
         assert services[name]["healthcheck"]["test"][0] == "CMD"
-    assert services["redis"]["image"].startswith("redis:7.") and services["redis"]["image"].endswith("-alpine")
+    if variant == "local":  # what `make images` tags, never pulled
+        assert {name: svc["image"] for name, svc in services.items()} == {name: f"hivetrain-{name}:local" for name in services}
+        assert {svc.get("pull_policy") for svc in services.values()} == {"never"}
+    else:
+        assert services["redis"]["image"].startswith("redis:7.") and services["redis"]["image"].endswith("-alpine")
     published = {(name, int(p["target"])) for name, svc in services.items() for p in svc.get("ports", [])}
     assert published == {("bootstrap", 8000), ("validator", 8100)}
     assert {p.get("host_ip") for svc in services.values() for p in svc.get("ports", [])} == {"127.0.0.1"}, \
         "host ports are on loopback unless HIVE_PUBLISH_ADDRESS opens them"
     devices = miner.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
     assert bool(devices) == (variant == "gpu")
+    if variant == "gpu":  # CUDA torch, from its own lock, under its own tag
+        assert miner["build"]["args"]["LOCK"] == "services/requirements-cuda.lock" and miner["image"].endswith("-cuda")
+        assert (ROOT / miner["build"]["args"]["LOCK"]).is_file()
     if devices:
         assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
 

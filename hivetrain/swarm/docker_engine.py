@@ -157,9 +157,10 @@ def compose_env(settings: SwarmSettings, environ: Mapping[str, str], cpu_count: 
     return env
 
 
-#: ``HIVE_*`` variables docker-compose.yml itself reads (not a service's): where it publishes host
-#: ports, and how many CPUs each miner replica may use.
-COMPOSE_VARIABLES = frozenset({"HIVE_PUBLISH_ADDRESS", "HIVE_MINER_CPUS"})
+#: ``HIVE_*`` variables the compose files themselves read (not a service's): where docker-compose.yml
+#: publishes host ports, how many CPUs each miner replica may use, and the tag of the images
+#: docker-compose.local.yml runs (``make images``).
+COMPOSE_VARIABLES = frozenset({"HIVE_PUBLISH_ADDRESS", "HIVE_MINER_CPUS", "HIVE_IMAGE_TAG"})
 
 
 def unreached(config: dict, environ: Mapping[str, str]) -> list[str]:
@@ -248,12 +249,14 @@ class ComposeSwarm:
             logger.warning(f"{key} is set but docker-compose.yml gives it to no service (or fixes it to another "
                            f"value); to pass it, add `{key}:` to the environment of the services that read it")
 
-    def up(self, stop: threading.Event) -> None:
-        """Build the images and start the stack; compose starts each service once its dependencies are healthy."""
-        logger.info(f"building and starting project {self.project} (the first build takes minutes: torch)")
+    def up(self, stop: threading.Event, build: bool = True) -> None:
+        """Build the images (``build``; else use the images as tagged, e.g. by ``make images``) and start the
+        stack; compose starts each service once its dependencies are healthy."""
+        logger.info(f"{'building and ' if build else ''}starting project {self.project}"
+                    + (" (the first build takes minutes: torch)" if build else ""))
         # no --wait: wait_healthy() waits instead, with a deadline per service, a progress line, the
         # failing container's last log lines, and an end as soon as `stop` is set
-        self._compose(["up", "--detach", "--build", "--remove-orphans",
+        self._compose(["up", "--detach", "--build" if build else "--no-build", "--remove-orphans",
                        "--scale", f"miner={self.settings.miners}",
                        "--scale", f"validator={int(self.settings.validator)}"], stop)
 
@@ -342,19 +345,20 @@ class ComposeSwarm:
             except Exception:  # engine boundary: one lost log must not keep the stack up
                 logger.exception(f"could not save the log of {container.name}")
 
-    def down(self) -> None:
-        """Stop (each service's stop_grace_period: miners checkpoint), save the logs, remove containers and network."""
+    def down(self, volumes: bool = False) -> None:
+        """Stop (each service's stop_grace_period: miners checkpoint), save the logs, remove containers and network
+        (and the named volumes with ``volumes``: wallets, checkpoints and peer ids are then gone)."""
         try:
             self._compose(["stop"])
         except DockerSwarmError as error:  # down stops what is left, with no grace period
             logger.error(str(error))
         self.save_logs()  # before down: down removes the containers and their logs
         try:
-            self._compose(["down", "--remove-orphans"])
+            self._compose(["down", "--remove-orphans", *(["--volumes"] if volumes else [])])
         except DockerSwarmError as error:
             logger.error(f"{error}; clean up with `docker compose -p {self.project} down`")
             return
-        logger.info(f"project {self.project} is down; container logs in {self.logs} (volumes kept)")
+        logger.info(f"project {self.project} is down; container logs in {self.logs} ({'volumes removed' if volumes else 'volumes kept'})")
 
     def __enter__(self) -> "ComposeSwarm":
         return self
