@@ -8,7 +8,9 @@ hivemind mode, all from ``hivetrain.miner.optim.make_optimizer``:
   accumulates gradients and reports progress (the brief's case; the AdamW step is deferred to the epoch);
 * ``epoch``: target_batch_size = batch_size, so every step ends an epoch alone: accumulate, load into
   the optimizer, AdamW, tracker update, background matchmaking (the amortised worst case);
-* ``local``: use_local_updates, AdamW every step through hivemind's state averager.
+* ``local``: use_local_updates, AdamW every step through hivemind's state averager;
+* ``accumulate-copy``, ``epoch-copy`` (``--modes``): the first two with ``reuse_grad_buffers`` off, as
+  the miner ran before: every step's gradients copied into hivemind's accumulators.
 
 The plain loop and the modes run in interleaved blocks (the order rotates every repeat) on the same
 fixed batches, so load from other processes hits them alike; the ratio is computed per repeat and
@@ -41,12 +43,14 @@ PRESETS = {  # preset -> (batch size, block size, steps per block); seed is kept
     "seed": (1, 128, 2),
 }
 MODES = ("accumulate", "epoch", "local")
+#: The same modes with HIVE_REUSE_GRAD_BUFFERS=false: each step's gradients copied into hivemind's accumulators.
+COPY_MODES = ("accumulate-copy", "epoch-copy")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES + COPY_MODES))
     parser.add_argument("--repeats", type=int, default=0, help="interleaved repeats per preset; 0 = 4 (tiny), 3 (seed)")
     parser.add_argument("--steps", type=int, default=0, help="steps per timed block; 0 = the preset's default")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
@@ -88,10 +92,11 @@ class Runner:
 
 
 def miner_settings(preset: str, mode: str, batch_size: int, block_size: int) -> MinerSettings:
+    base = mode.removesuffix("-copy")
     return MinerSettings(
         preset=preset, run_id=f"bench-overhead-{preset}-{mode}", batch_size=batch_size, block_size=block_size,
-        target_batch_size=batch_size if mode == "epoch" else 10_000_000, use_local_updates=mode == "local",
-        matchmaking_time=2.0, averaging_timeout=10.0, warmup_epochs=0,
+        target_batch_size=batch_size if base == "epoch" else 10_000_000, use_local_updates=base == "local",
+        reuse_grad_buffers=not mode.endswith("-copy"), matchmaking_time=2.0, averaging_timeout=10.0, warmup_epochs=0,
     )
 
 
