@@ -585,6 +585,33 @@ def test_k8s_pods_hold_no_api_token_and_only_the_roles_reach_redis(path):
     assert rule["ports"] == [{"protocol": "TCP", "port": 6379}]
 
 
+def _selected(selector: dict[str, str], workloads: dict[str, dict]) -> list[dict]:
+    """The workloads whose pods carry every label of a Service's selector."""
+    return [w for w in workloads.values() if selector.items() <= w["spec"]["template"]["metadata"]["labels"].items()]
+
+
+@pytest.mark.parametrize("path", sorted({"k8s/base", *K8S_VARIANTS}))
+def test_k8s_service_target_ports_are_container_ports(path):
+    """A targetPort no container declares leaves the Service without endpoints: kubectl apply takes it silently."""
+    docs = _k8s_docs(path)
+    workloads = _workloads(docs)
+    services = [doc for doc in docs if doc["kind"] == "Service"]
+    assert services, f"{path} renders no Service"
+    for service in services:
+        name, spec = service["metadata"]["name"], service["spec"]
+        assert spec.get("selector"), f"Service {name} has no selector"
+        selected = _selected(spec["selector"], workloads)
+        assert selected, f"Service {name}: its selector {spec['selector']} selects no Deployment or StatefulSet"
+        for port in spec["ports"]:
+            target, protocol = port.get("targetPort", port["port"]), port.get("protocol", "TCP")
+            for workload in selected:
+                declared = [(p.get("name"), p["containerPort"]) for c in workload["spec"]["template"]["spec"]["containers"]
+                            for p in c.get("ports", []) if p.get("protocol", "TCP") == protocol]
+                assert any(target in (port_name, number) for port_name, number in declared), (
+                    f"{path}: Service {name} port {port.get('name', port['port'])} targets {target!r}/{protocol}, "
+                    f"but {workload['metadata']['name']} declares only {declared}")
+
+
 # --- the local launcher -------------------------------------------------------------------------
 @pytest.mark.parametrize("service", sorted(SERVICE_SETTINGS))
 def test_launcher_env_is_what_each_service_reads(service, tmp_path, monkeypatch):
