@@ -196,6 +196,119 @@ def test_image_rules(dockerfile, monkeypatch):
     _assert_valid(service, image_env, monkeypatch, f"{dockerfile} ENV")
 
 
+def _dockerignore_pattern(line: str) -> tuple[re.Pattern, bool]:
+    """(regex, is_exception) of one .dockerignore line, as moby's patternmatcher reads it (Go filepath.Match plus **)."""
+    exception = line.startswith("!")
+    pattern = os.path.normpath(line[1:].strip() if exception else line).lstrip("/")
+    regex, i = "", 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            regex, i = regex + "(?:.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            regex, i = regex + ".*", i + 2
+        elif pattern[i] == "*":
+            regex, i = regex + "[^/]*", i + 1
+        elif pattern[i] == "?":
+            regex, i = regex + "[^/]", i + 1
+        elif pattern[i] == "\\" and i + 1 < len(pattern):
+            regex, i = regex + re.escape(pattern[i + 1]), i + 2
+        elif pattern[i] == "[":
+            end = pattern.index("]", i + 1)
+            body = pattern[i + 1:end]
+            regex, i = regex + "[" + ("^" + body[1:] if body.startswith("^") else body) + "]", end + 1
+        else:
+            regex, i = regex + re.escape(pattern[i]), i + 1
+    return re.compile(regex), exception
+
+
+def _dockerignored(path: str, lines: list[str]) -> bool:
+    """Whether the build context leaves ``path`` out: the last pattern matching it or a folder above it wins."""
+    patterns = [_dockerignore_pattern(line) for line in (raw.strip() for raw in lines) if line and not line.startswith("#")]
+    parts = Path(path).parts
+    candidates = ["/".join(parts[:n]) for n in range(1, len(parts) + 1)]
+    excluded = False
+    for regex, exception in patterns:
+        if any(regex.fullmatch(candidate) for candidate in candidates):
+            excluded = not exception
+    return excluded
+
+
+@pytest.mark.parametrize("path, lines, excluded", [
+    ("tests/test_x.py", ["tests"], True),
+    ("hivetrain/__pycache__/a.pyc", ["**/__pycache__"], True),
+    ("__pycache__/a.pyc", ["**/__pycache__"], True),
+    ("hivetrain/x.egg-info", ["*.egg-info"], False),  # no ** : the root only, unlike .gitignore
+    ("docs/a.md", ["docs", "!docs/a.md"], False),
+    ("docs/a.md", ["!docs/a.md", "docs"], True),  # the last match wins
+    ("services/wheels/README.md", ["/services/wheels/*", "!services/wheels/README.md"], False),
+    ("services/wheels/torch.whl", ["services/wheels/*", "!services/wheels/README.md"], True),
+    ("a/b/c.key", ["**/*.key"], True),
+    ("a.id", ["?.id"], True),
+    ("ab.id", ["?.id"], False),
+])
+def test_dockerignore_matching(path, lines, excluded):
+    assert _dockerignored(path, lines) is excluded
+
+
+def _copy_sources(dockerfile: Path, args: dict[str, str]) -> list[str]:
+    """Context paths the COPY instructions read (not --from= stages), with $VAR/${VAR} from ARG defaults and ``args``."""
+    text = re.sub(r"\\\n", " ", dockerfile.read_text())
+    values: dict[str, str] = {}
+    sources = []
+    for line in text.splitlines():
+        words = line.split(None, 1)
+        if not words or words[0].startswith("#"):
+            continue
+        keyword, rest = words[0].upper(), (words[1] if len(words) > 1 else "")
+        if keyword == "ARG":
+            name, _, default = rest.strip().partition("=")
+            values[name] = args.get(name, default)
+        elif keyword == "COPY":
+            flags = re.findall(r"--\S+", rest)
+            if any(flag.startswith("--from=") for flag in flags):
+                continue
+            rest = re.sub(r"--\S+\s*", "", rest).strip()
+            paths = json.loads(rest) if rest.startswith("[") else rest.split()
+            for source in paths[:-1]:
+                def expand(match: re.Match) -> str:
+                    name = match.group(1) or match.group(2)
+                    assert values.get(name), f"{dockerfile}: COPY {source} uses ${name}, which has no value"
+                    return values[name]
+                sources.append(re.sub(r"\$\{(\w+)\}|\$(\w+)", expand, source))
+    return sources
+
+
+def _build_args(dockerfile: Path) -> list[dict[str, str]]:
+    """The Dockerfile's ARG defaults ({}) and every set of build args a compose variant passes to it."""
+    variants: list[dict[str, str]] = [{}]
+    for variant in COMPOSE_VARIANTS:
+        for service in _compose_config(variant)["services"].values():
+            build = service.get("build") or {}
+            if build and (Path(build["context"]) / build["dockerfile"]).resolve() == dockerfile.resolve():
+                args = {key: value for key, value in (build.get("args") or {}).items() if value is not None}
+                if args not in variants:
+                    variants.append(args)
+    return variants
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.parent.name)
+def test_every_copy_source_is_in_the_build_context(dockerfile):
+    """A COPY of a missing or .dockerignored path fails only at `docker build`, which CI reaches last."""
+    ignore = (ROOT / ".dockerignore").read_text().splitlines()
+    checked = set()
+    for args in _build_args(dockerfile):
+        for source in _copy_sources(dockerfile, args):
+            found = sorted(ROOT.glob(source)) if re.search(r"[*?\[]", source) else [ROOT / source]
+            assert found and all(p.exists() for p in found), f"{dockerfile} (args {args}): COPY {source}: no such path in the repo"
+            for p in found:
+                relative = p.relative_to(ROOT).as_posix()
+                assert not _dockerignored(relative, ignore), f"{dockerfile} (args {args}): COPY {source}: .dockerignore leaves it out"
+            checked.add(source)
+    assert "hivetrain" in checked and "services/requirements.lock" in checked, checked
+    if dockerfile.parent.name == "miner":
+        assert "services/requirements-cuda.lock" in checked, "the GPU compose file's LOCK is checked too"
+
+
 def _lock_pins(text: str) -> dict[str, tuple[str, int]]:
     """{name: (version, number of hashes)} of a requirements file in pip-compile's form."""
     pins: dict[str, tuple[str, int]] = {}
@@ -583,6 +696,33 @@ def test_k8s_pods_hold_no_api_token_and_only_the_roles_reach_redis(path):
     assert source["podSelector"]["matchExpressions"] == [
         {"key": "app.kubernetes.io/name", "operator": "In", "values": ["bootstrap", "miner", "validator"]}]
     assert rule["ports"] == [{"protocol": "TCP", "port": 6379}]
+
+
+def _selected(selector: dict[str, str], workloads: dict[str, dict]) -> list[dict]:
+    """The workloads whose pods carry every label of a Service's selector."""
+    return [w for w in workloads.values() if selector.items() <= w["spec"]["template"]["metadata"]["labels"].items()]
+
+
+@pytest.mark.parametrize("path", sorted({"k8s/base", *K8S_VARIANTS}))
+def test_k8s_service_target_ports_are_container_ports(path):
+    """A targetPort no container declares leaves the Service without endpoints: kubectl apply takes it silently."""
+    docs = _k8s_docs(path)
+    workloads = _workloads(docs)
+    services = [doc for doc in docs if doc["kind"] == "Service"]
+    assert services, f"{path} renders no Service"
+    for service in services:
+        name, spec = service["metadata"]["name"], service["spec"]
+        assert spec.get("selector"), f"Service {name} has no selector"
+        selected = _selected(spec["selector"], workloads)
+        assert selected, f"Service {name}: its selector {spec['selector']} selects no Deployment or StatefulSet"
+        for port in spec["ports"]:
+            target, protocol = port.get("targetPort", port["port"]), port.get("protocol", "TCP")
+            for workload in selected:
+                declared = [(p.get("name"), p["containerPort"]) for c in workload["spec"]["template"]["spec"]["containers"]
+                            for p in c.get("ports", []) if p.get("protocol", "TCP") == protocol]
+                assert any(target in (port_name, number) for port_name, number in declared), (
+                    f"{path}: Service {name} port {port.get('name', port['port'])} targets {target!r}/{protocol}, "
+                    f"but {workload['metadata']['name']} declares only {declared}")
 
 
 # --- the local launcher -------------------------------------------------------------------------
