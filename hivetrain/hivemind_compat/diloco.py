@@ -11,7 +11,7 @@ matchmaking, robust all-reduce, state sharing for joiners) we keep:
 * the "gradient" hivemind averages each epoch is Δ (``PseudoGradientAverager``), weighted by the
   samples each peer trained since the last outer step;
 * ``step()`` runs the inner AdamW on the model's gradient every batch, and the swarm's epoch ends
-  when it has trained ``inner_steps`` batches per peer (``PlausibleProgressTracker``'s per-peer target);
+  when it has trained ``inner_steps`` batches per peer (``PlausibleProgressTracker``'s ``per_peer_target``);
 * a joiner downloads θ and the outer momentum (what peers share is the offloaded optimizer's state);
   its inner AdamW starts fresh, with its own warmup;
 * parameter averaging (every ``average_state_every`` outer steps) runs right after the outer step,
@@ -28,9 +28,8 @@ from typing import Callable, Iterator
 
 import torch
 from hivemind.optim.grad_averager import GradientAverager
-from hivemind.optim.progress_tracker import ProgressTracker
 
-from hivetrain.hivemind_compat.optimizer import PlausibleProgressTracker, TrackedOptimizer
+from hivetrain.hivemind_compat.optimizer import TrackedOptimizer
 
 
 class PseudoGradientAverager(GradientAverager):
@@ -77,6 +76,7 @@ class DiLoCoOptimizer(TrackedOptimizer):
         if inner_steps < 1:
             raise ValueError(f"inner_steps is {inner_steps}: take at least one inner step per outer step")
         self.inner_steps = inner_steps
+        self._per_peer_target = inner_steps * batch_size_per_step  # the tracker's target: per reporting peer
         for fixed in ("offload_optimizer", "reuse_grad_buffers", "use_local_updates", "delay_grad_averaging",
                       "delay_optimizer_step", "delay_state_averaging", "grad_averager_factory", "target_batch_size"):
             if fixed in kwargs:
@@ -94,12 +94,6 @@ class DiLoCoOptimizer(TrackedOptimizer):
 
     def _pseudo_gradient_averager(self, **kwargs) -> PseudoGradientAverager:
         return PseudoGradientAverager(global_parameters=self._global_parameters(), **kwargs)
-
-    def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> ProgressTracker:
-        return PlausibleProgressTracker(
-            dht=self.dht, prefix=self.run_id, target_batch_size=target_batch_size, client_mode=self.client_mode,
-            status_loglevel=self.status_loglevel, start=True, on_implausible=self._on_implausible,
-            per_peer_target=target_batch_size, **kwargs)
 
     # --- training ---------------------------------------------------------------------------
     def _check_and_accumulate_gradients(self, batch_size: int, grad_scaler) -> bool:

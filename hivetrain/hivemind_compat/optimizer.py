@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
@@ -9,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import hivemind
+import torch
 from hivemind.optim.progress_tracker import LocalTrainingProgress, ProgressTracker
 from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.p2p import PeerID
@@ -95,6 +97,9 @@ class TrackedOptimizer(hivemind.Optimizer):
     ``SafeStateAverager``.
     """
 
+    #: Samples per reporting peer that end an epoch (DiLoCo); None: hivemind's fixed ``target_batch_size``.
+    _per_peer_target: int | None = None
+
     def __init__(self, *args, on_round: Callable[[RoundInfo], None] | None = None,
                  on_implausible: Callable[[str, str], None] | None = None,
                  on_state_loaded: Callable[[float], None] | None = None, **kwargs):
@@ -105,6 +110,11 @@ class TrackedOptimizer(hivemind.Optimizer):
         self._round_started = time.perf_counter()
         self._last_load_s = FIRST_LOAD_ESTIMATE_S
         super().__init__(*args, **kwargs)
+
+    def at_global_parameters(self, model: torch.nn.Module) -> contextlib.AbstractContextManager:
+        """A block run at the swarm's parameters (spot checks are asked there): the model's own here;
+        DiLoCo's miners train inner copies and override this."""
+        return contextlib.nullcontext()
 
     def zero_grad(self, set_to_none: bool = False) -> None:
         """Safe to call after every step: with ``reuse_grad_buffers`` the model's .grad is hivemind's
@@ -147,7 +157,8 @@ class TrackedOptimizer(hivemind.Optimizer):
         # hivemind.Optimizer._make_progress_tracker, with implausible peer records left out
         return PlausibleProgressTracker(
             dht=self.dht, prefix=self.run_id, target_batch_size=target_batch_size, client_mode=self.client_mode,
-            status_loglevel=self.status_loglevel, start=True, on_implausible=self._on_implausible, **kwargs)
+            status_loglevel=self.status_loglevel, start=True, on_implausible=self._on_implausible,
+            per_peer_target=self._per_peer_target, **kwargs)
 
     def _update_global_epoch(self, grad_scaler) -> None:
         # remembered here because with delay_grad_averaging the round ends after the epoch has moved on
