@@ -19,7 +19,7 @@ import torch
 from hivetrain.chain import make_chain
 from hivetrain.data import BlockStream, shard_for
 from hivetrain.dht import make_dht, visible_maddrs
-from hivetrain.hivemind_compat import DiLoCoOptimizer, RoundInfo, StateRoundLogHandler, TrackedOptimizer
+from hivetrain.hivemind_compat import RoundInfo, StateRoundLogHandler, TrackedOptimizer
 from hivetrain.hivemind_compat.bans import drain_offence_records
 from hivetrain.identity import Domain, load_or_create_wallet
 from hivetrain.log import get_logger
@@ -282,9 +282,7 @@ class Miner:
     def _answer_challenge(self, challenge: Challenge, batch: torch.Tensor) -> tuple[int, list[float]]:
         """A validator's spot check, computed between two steps at the parameters we train with (DiLoCo: the global ones)."""
         dtype = torch.bfloat16 if self.device.type == "cuda" and self.settings.bf16 else None
-        # DiLoCo: the validator holds the global parameters, not this miner's inner ones
-        at = self.opt.at_global_parameters(self.model) if isinstance(self.opt, DiLoCoOptimizer) else contextlib.nullcontext()
-        with at:
+        with self.opt.at_global_parameters(self.model):  # DiLoCo: the validator holds those, not our inner ones
             projection = projected_gradient(self.model, batch, challenge.seed, challenge.dim, autocast_dtype=dtype)
         return self.opt.local_epoch, projection.tolist()
 
