@@ -48,6 +48,15 @@ def metrics_at(url: str) -> dict[str, float]:
     return values
 
 
+def validator_get(swarm, path: str):
+    """The validator API's JSON at ``path``, or None while it does not answer 200."""
+    try:
+        response = requests.get(f"{swarm.validator_url}{path}", timeout=10)
+    except requests.RequestException:
+        return None
+    return response.json() if response.status_code == 200 else None
+
+
 def stop_and_check(swarm, summary_path=None) -> None:
     """Stop the swarm, then fail if any process group it started is still alive (and kill it)."""
     services = [s for s in [swarm.redis, swarm.bootstrap, swarm.validator, *swarm.miners] if s is not None]

@@ -9,9 +9,8 @@ parameters pass).
 from __future__ import annotations
 
 import pytest
-import requests
 import torch
-from swarm_helpers import stop_and_check, wait_until
+from swarm_helpers import stop_and_check, validator_get, wait_until
 
 from hivetrain.identity import load_or_create_wallet
 from hivetrain.models import build_model
@@ -29,13 +28,6 @@ ENV = {
     "HIVE_EVAL_BLOCKS": "8",
 }
 
-
-def _get(swarm: Swarm, path: str):
-    try:
-        response = requests.get(f"{swarm.validator_url}{path}", timeout=10)
-    except requests.RequestException:
-        return None
-    return response.json() if response.status_code == 200 else None
 
 
 def _global_parameters(folder, epoch: int) -> torch.Tensor:
@@ -64,7 +56,7 @@ def test_diloco_miners_average_pseudo_gradients_agree_and_are_scored(tmp_path):
                    for i in range(4)}
 
         def scored():
-            board = _get(swarm, "/api/scores")
+            board = validator_get(swarm, "/api/scores")
             if not board or board["rounds"] < 2:
                 return None
             miners = {m["hotkey"]: m for m in board["miners"]}
@@ -73,7 +65,7 @@ def test_diloco_miners_average_pseudo_gradients_agree_and_are_scored(tmp_path):
         board = wait_until(scored, timeout=300, what="a scoring round that gives every miner weight")
         evidence = [r for m in board["miners"] for e in m["evidence"] for r in e["reasons"]]
         assert any("spot check pass" in r for r in evidence), evidence
-        evals = _get(swarm, "/api/evals")["evals"]
+        evals = validator_get(swarm, "/api/evals")["evals"]
         assert len(evals) >= 2 and evals[-1]["epoch"] > evals[0]["epoch"] and evals[-1]["loss"] < evals[0]["loss"], evals
     finally:
         stop_and_check(swarm)

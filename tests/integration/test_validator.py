@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from swarm_helpers import stop_and_check, wait_until
+from swarm_helpers import stop_and_check, validator_get, wait_until
 
 from hivetrain.identity import load_or_create_wallet
 from hivetrain.settings import SwarmSettings
@@ -41,13 +41,6 @@ def hotkey_of(swarm: Swarm, index: int) -> str:
     return load_or_create_wallet(str(swarm.workdir / f"miner-{index}" / "wallets"), "miner").hotkey.ss58_address
 
 
-def get(swarm: Swarm, path: str):
-    try:
-        response = requests.get(f"{swarm.validator_url}{path}", timeout=10)
-    except requests.RequestException:
-        return None
-    return response.json() if response.status_code == 200 else None
-
 
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory):
@@ -69,7 +62,7 @@ def test_honest_miners_earn_weight_and_cheaters_none(swarm):
     cheaters = {kind: hotkey_of(swarm, HONEST + i) for i, kind in enumerate(CHEATERS)}
 
     def scored():
-        board = get(swarm, "/api/scores")
+        board = validator_get(swarm, "/api/scores")
         if not board or board["rounds"] < ROUNDS:
             return None
         miners = {m["hotkey"]: m for m in board["miners"]}
@@ -98,10 +91,10 @@ def test_honest_miners_earn_weight_and_cheaters_none(swarm):
 
 
 def test_evaluation_loss_falls_and_api_answers(swarm):
-    evals = wait_until(lambda: (e := get(swarm, "/api/evals")) and len(e["evals"]) >= 3 and e, timeout=120,
+    evals = wait_until(lambda: (e := validator_get(swarm, "/api/evals")) and len(e["evals"]) >= 3 and e, timeout=120,
                        what="3 evaluations")["evals"]
     assert evals[-1]["epoch"] > evals[0]["epoch"]
     assert evals[-1]["loss"] < evals[0]["loss"] - 0.05
-    status = get(swarm, "/api/swarm")
+    status = validator_get(swarm, "/api/swarm")
     assert status is not None and len([p for p in status["peers"] if p["role"] == "miner"]) >= HONEST
     assert requests.get(f"{swarm.validator_url}/readyz", timeout=10).status_code == 200
