@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import threading
 import time
 from typing import Callable
 
@@ -172,6 +173,7 @@ class SafeStateAverager(TrainingStateAverager, _VerifiedDownload):
     def __init__(self, *args, max_epoch: Callable[[], int | None] | None = None, **kwargs):
         if max_epoch is not None:
             self.max_epoch = max_epoch
+        self._transition = threading.RLock()  # see step()
         prepare()  # the queue a forked averager names the peers it caught through
         super().__init__(*args, **kwargs)
 
@@ -180,8 +182,19 @@ class SafeStateAverager(TrainingStateAverager, _VerifiedDownload):
         # RPC names carry the class name: keep hivemind's, so plain hivemind peers (and our validator) can download from us
         return TrainingStateAverager._get_handle_name(namespace, method_name)
 
+    def step(self, *args, increment_epoch: bool = False, **kwargs):
+        # hivemind raises local_epoch before the optimizer step it submits has run: a state served in
+        # between carried epoch E+1 with epoch E's parameters (a validator then judged DiLoCo miners'
+        # spot checks at the wrong parameters, cosine 0.19-0.74). An epoch's transition, up to the
+        # step's own return (after the optimizer step unless that is delayed), is not served halfway.
+        if not increment_epoch:
+            return super().step(*args, **kwargs)
+        with self._transition:
+            return super().step(*args, increment_epoch=True, **kwargs)
+
     def get_current_state(self):
-        with self.lock_optimizer:  # no background optimizer step halfway through the copy
+        # no epoch transition (step) nor background optimizer step halfway through the copy
+        with self._transition, self.lock_optimizer:
             metadata, tensors, infos = super().get_current_state()
             tensors = [t.clone() if t.device.type == "cpu" else t for t in tensors]
         return metadata, tensors, infos
