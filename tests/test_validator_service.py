@@ -19,15 +19,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import redis
+import torch
 from bound_peers import bound
 
 from hivetrain import procs
 from hivetrain.chain import LocalChain
 from hivetrain.data import BlockStream, shard_for
 from hivetrain.identity import Domain, load_or_create_wallet, sign
+from hivetrain.models import build_model
 from hivetrain.protocol.projection import projected_gradient
 from hivetrain.protocol.records import Keys, PeerRecord
 from hivetrain.protocol.spotcheck import Challenge
+from hivetrain.protocol.training import param_groups, shared_optimizer
 from hivetrain.redis_server import start_redis
 from hivetrain.settings import ValidatorSettings
 from hivetrain.store import Registry, connect_redis, shard_salt
@@ -155,18 +158,20 @@ def _register(client, wallet, name: str, url: str = "") -> str:
     return wallet.hotkey.ss58_address
 
 
-def _honest(validator: Validator, hotkey: str):
-    """What an honest miner at the validator's epoch answers: the projection of its own blocks at the shared parameters.
+def _honest(validator: Validator, hotkey: str, epoch: int | None = None, model=None):
+    """What an honest miner at the validator's epoch answers: the projection of its own blocks at the shared parameters
+    (or, given, at ``model``'s, saying ``epoch``).
 
     Its shard is the miner's way: its hotkey and the salt in Redis (which the validator created: no bootstrap here)."""
     salt = shard_salt(connect_redis(validator.settings.redis_url), validator.keys, create=False)
-    s, model = validator.settings, copy.deepcopy(validator.sync.model)
+    s, model = validator.settings, copy.deepcopy(validator.sync.model if model is None else model)
+    epoch = validator.sync.epoch if epoch is None else epoch
     stream = BlockStream(s.dataset, s.dataset_split, s.text_key, validator.checker.tokenizer, validator.block_size,
                          num_shards=s.num_shards, shard=shard_for(hotkey, salt, s.num_shards), seed=s.seed)
 
     def answer(challenge: Challenge):
         batch = stream.get_batch(challenge.block_index, challenge.batch_size)  # (B, T)
-        return validator.sync.epoch, projected_gradient(model, batch, challenge.seed, challenge.dim).tolist()
+        return epoch, projected_gradient(model, batch, challenge.seed, challenge.dim).tolist()
     return answer
 
 
@@ -199,6 +204,75 @@ def test_one_round_checks_every_miner_at_once_and_nobody_evades(redis_url, make_
     assert [c.result.verdict for c in unreachable_checks] == ["fail"]
     assert "not judged 2 times in a row" in unreachable_checks[0].result.reason
     assert [c.result.verdict for c in validator.spot_checks[miners["honest"]]] == ["pass", "pass"]
+
+
+@pytest.fixture
+def serve_state(swarm):
+    """``serve(mode, epoch, seed)``: a peer sharing the model built with ``seed`` as the swarm's state at ``epoch``,
+    the way a miner's state averager shares it (the higher the epoch, the higher its priority); returns the model."""
+    import hivemind
+    from hivemind.optim.state_averager import TrainingStateAverager
+
+    started = []
+
+    def serve(mode: str, epoch: int, seed: int):
+        dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=swarm)
+        model = build_model("tiny", seed=seed)
+        averager = TrainingStateAverager(dht=dht, prefix=f"{RUN_ID}_state_averager", optimizer=shared_optimizer(mode),
+                                         params=param_groups(model, 0.0), start=True)
+        averager.local_epoch, averager.state_sharing_priority = epoch, float(epoch)
+        started.append((dht, averager))
+        return model
+
+    yield serve
+    for dht, averager in started:
+        averager.shutdown()
+        dht.shutdown()
+
+
+def _synced_to(validator: Validator, epoch: int) -> None:
+    wait_until(lambda: validator.sync.sync() and validator.sync.epoch == epoch, f"the validator's sync to epoch {epoch}")
+
+
+@pytest.mark.parametrize("mode", ["hivemind", "diloco"])
+def test_an_answer_is_judged_at_the_parameters_of_its_own_epoch(redis_url, make_validator, endpoints, serve_state, tmp_path,
+                                                                 mode):
+    """The validator holds epoch 1 (model A) and then 2 (model B): an answer at 1 is judged at A, one at 2 at B.
+
+    A second validator that went from 0 straight to 2 holds no parameters of epoch 1: it judges an
+    answer at 1 at B in gradient mode (one epoch is one small step), and not at all in DiLoCo mode."""
+    validator = make_validator(redis_url, mode=mode)
+    client = connect_redis(redis_url)
+    model_a = serve_state(mode, 1, seed=11)
+    _synced_to(validator, 1)
+    model_b = serve_state(mode, 2, seed=12)
+    _synced_to(validator, 2)
+    wallets = {name: load_or_create_wallet(str(tmp_path / "miners"), name) for name in ("current", "previous", "mixed")}
+    hotkeys = {name: w.hotkey.ss58_address for name, w in wallets.items()}
+    answers = {"current": _honest(validator, hotkeys["current"], 2, model_b),
+               "previous": _honest(validator, hotkeys["previous"], 1, model_a),
+               "mixed": _honest(validator, hotkeys["mixed"], 1, model_b)}  # says epoch 1, computed at epoch 2's
+    for name, w in wallets.items():
+        _register(client, w, f"Qm{name}", endpoints(w, answers[name]).url)
+
+    validator.check_miners()
+    verdicts = {name: [c.result.verdict for c in validator.spot_checks.get(hotkey, [])] for name, hotkey in hotkeys.items()}
+    assert verdicts == {"current": ["pass"], "previous": ["pass"], "mixed": ["fail"]}, verdicts
+    assert validator.sync.epoch == 2 and all(torch.equal(p, q) for p, q in zip(validator.sync.model.parameters(),
+                                                                                 model_b.parameters()))
+
+    straight = make_validator(redis_url, mode=mode)  # declared states: 1 and 2; the download takes 2's
+    _synced_to(straight, 2)
+    straight.check_miners()
+    behind = straight.spot_checks.get(hotkeys["mixed"], [])
+    if mode == "hivemind":
+        assert [c.result.verdict for c in behind] == ["pass"], behind[0].explain()
+    else:
+        assert behind == []  # not judged yet
+        straight.check_miners()
+        behind = straight.spot_checks[hotkeys["mixed"]]
+        assert [c.result.verdict for c in behind] == ["fail"]
+        assert "not judged 2 times in a row" in behind[0].result.reason and "whole outer step" in behind[0].result.reason
 
 
 def test_the_loop_rides_out_a_flush_and_a_redis_outage(make_validator, tmp_path):

@@ -13,6 +13,9 @@ An answer at an older epoch than the validator's by more than one fails as laggi
 what the swarm's progress records support (``ProgressPoller.plausible_epoch``) fails outright;
 one ahead of the validator makes it sync once per round, and when it still cannot reach that
 epoch the check is not judged, which counts as a failure after ``spot_check_tries`` in a row.
+An answer is judged at the parameters of its own epoch when the validator holds them (its
+current epoch or the one before, ``ModelSync.parameters_at``); else, one epoch apart, at the
+validator's, except in DiLoCo mode, where one epoch is a whole outer step: there it is not judged.
 """
 
 from __future__ import annotations
@@ -141,9 +144,9 @@ class SpotChecker:
     def expected(self, batch: torch.Tensor, seed: int) -> torch.Tensor:
         return projected_gradient(self.sync.model, batch, seed, self.settings.spot_check_dim)
 
-    def baseline(self, seed: int) -> torch.Tensor:
-        """Mean projection of the reference batches at the current parameters (cached per seed and epoch)."""
-        key = (seed, self.sync.epoch)
+    def baseline(self, seed: int, epoch: int) -> torch.Tensor:
+        """Mean projection of the reference batches at the model's parameters, which are ``epoch``'s (cached per seed and epoch)."""
+        key = (seed, epoch)
         if self._baseline is None or self._baseline[0] != key:
             self._baseline = (key, baseline_projection(self.sync.model, self.reference, seed, self.settings.spot_check_dim))
         return self._baseline[1]
@@ -234,19 +237,28 @@ class SpotChecker:
             self.sync.sync()
             epoch = self.sync.epoch
         if answer_epoch > epoch + MAX_LAG_EPOCHS:
-            return self._not_judged(miner, asked, epoch, answer_epoch, answer)
+            why = f"answered at epoch {answer_epoch}, the validator holds {epoch} and could not sync to it"
+            return self._not_judged(miner, asked, epoch, answer_epoch, answer, why)
         if answer_epoch < epoch - MAX_LAG_EPOCHS:
             return verdict(False, f"lags: answered at epoch {answer_epoch}, the swarm is at {epoch}", answer_epoch, answer)
+        # judged at the answer's own epoch where the validator holds it; else, within the lag, at ours:
+        # in DiLoCo mode one epoch is a whole outer step, so there a mismatch cannot be judged
+        judged_at = answer_epoch if self.sync.holds(answer_epoch) else epoch
+        if judged_at != answer_epoch and s.mode == "diloco":
+            why = (f"answered at epoch {answer_epoch}, the validator holds the parameters of {epoch}"
+                   f"{'' if self.sync.previous is None else f' and {self.sync.previous[0]}'} (one DiLoCo epoch is a whole outer step)")
+            return self._not_judged(miner, asked, epoch, answer_epoch, answer, why)
         batch = self.stream_for(miner.hotkey).get_batch(asked.block_index, s.spot_check_batch)  # (B, T), the miner's blocks
-        result = judge_spot_check(self.expected(batch, asked.seed), answer, s.spot_check_threshold, others,
-                                  baseline=self.baseline(asked.seed))
+        with self.sync.parameters_at(judged_at):
+            result = judge_spot_check(self.expected(batch, asked.seed), answer, s.spot_check_threshold, others,
+                                      baseline=self.baseline(asked.seed, judged_at))
         self.unjudged.pop(miner.hotkey, None)
         return SpotCheck(miner.hotkey, result, asked.block_index, asked.seed, epoch, answer_epoch, answer)
 
-    def _not_judged(self, miner: PeerRecord, asked: Challenge, epoch: int, answer_epoch: int, answer: torch.Tensor) -> SpotCheck | None:
-        """None while the validator is the one behind; a failure once that happened ``spot_check_tries`` times in a row."""
+    def _not_judged(self, miner: PeerRecord, asked: Challenge, epoch: int, answer_epoch: int, answer: torch.Tensor,
+                    why: str) -> SpotCheck | None:
+        """None while the validator cannot judge (``why``); a failure once that happened ``spot_check_tries`` times in a row."""
         tries, limit = self.unjudged[miner.hotkey] + 1, self.settings.spot_check_tries
-        why = f"answered at epoch {answer_epoch}, the validator holds {epoch} and could not sync to it"
         if tries < limit:
             self.unjudged[miner.hotkey] = tries
             logger.warning(f"cannot judge {miner.hotkey[:10]} yet ({tries}/{limit}): {why}")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import hivemind
+import torch
 
 from hivetrain.hivemind_compat import SafeStateAverager
 from hivetrain.log import get_logger
@@ -20,6 +22,10 @@ class ModelSync:
 
     It never averages and never trains: ``sync()`` downloads the newest parameters (and optimizer
     statistics, which keep the tensor layout identical to the miners') from whichever peer shares them.
+    It also keeps the parameters of the epoch it held before the last new one (``parameters_at``):
+    a miner may answer a spot check at that epoch, and in DiLoCo mode one epoch is a whole outer
+    step, too far apart to judge one epoch's answer at the other's parameters. That costs one more
+    copy of the parameters in memory.
     """
 
     def __init__(self, dht: hivemind.DHT, run_id: str, preset: str, seed: int = 0, timeout_s: float = 60.0,
@@ -38,6 +44,7 @@ class ModelSync:
             max_epoch=max_epoch,  # a state claiming more than the swarm's progress supports is refused
         )
         self.synced_at = 0.0
+        self.previous: tuple[int, list[torch.Tensor]] | None = None  # (epoch, parameters) held before the last new epoch
 
     @property
     def epoch(self) -> int:
@@ -49,7 +56,7 @@ class ModelSync:
         A state that fails verification (``SafeStateAverager``) is refused, its server named
         (``bans.drain_offences``) and the next peer asked; when none passes, the model stays as it was.
         """
-        before = time.time()
+        before, held = time.time(), (self.epoch, [param.detach().clone() for param in self.model.parameters()])
         try:
             self.averager.load_state_from_peers(timeout=self.timeout_s)
         except Exception:  # DHT/network boundary: keep the model we have
@@ -58,8 +65,34 @@ class ModelSync:
         if self.averager.last_download != "verified":  # nobody sent a state we could adopt: the model is as it was
             return False
         self.synced_at = time.time()
+        if self.epoch != held[0]:
+            self.previous = held
         logger.info(f"synced the shared model: epoch {self.epoch} in {self.synced_at - before:.1f}s")
         return True
+
+    def holds(self, epoch: int) -> bool:
+        """Whether ``parameters_at(epoch)`` has that epoch's parameters: the current one or the one before."""
+        return epoch == self.epoch or (self.previous is not None and self.previous[0] == epoch)
+
+    @contextlib.contextmanager
+    def parameters_at(self, epoch: int) -> Iterator[None]:
+        """Run a block with the model at ``epoch``'s parameters (``holds(epoch)`` must be true), then restore the current ones."""
+        if epoch == self.epoch:
+            yield
+            return
+        if not self.holds(epoch):
+            raise ValueError(f"the parameters of epoch {epoch} are not held (current {self.epoch})")
+        params = list(self.model.parameters())
+        current = [param.detach().clone() for param in params]
+        try:
+            with torch.no_grad():
+                for param, kept in zip(params, self.previous[1]):
+                    param.copy_(kept)
+            yield
+        finally:
+            with torch.no_grad():
+                for param, saved in zip(params, current):
+                    param.copy_(saved)
 
     def shutdown(self) -> None:
         self.averager.shutdown()
