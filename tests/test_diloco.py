@@ -26,15 +26,23 @@ class Toy(torch.nn.Module):
         self.bias = torch.nn.Parameter(torch.zeros(3))
 
 
-def _optimizer(dht: hivemind.DHT, model: torch.nn.Module) -> DiLoCoOptimizer:
-    return DiLoCoOptimizer(
+def _optimizer(dht: hivemind.DHT, model: torch.nn.Module, cls: type = DiLoCoOptimizer, averaging_timeout: float = 30.0,
+               **kwargs) -> DiLoCoOptimizer:
+    return cls(
         dht=dht, run_id="diloco_test", params=param_groups(model, 0.0),
         optimizer=lambda params: OuterSGD(params, lr=OUTER_LR, momentum=MOMENTUM),
         inner_params=param_groups(model, 0.0), inner_optimizer=lambda params: torch.optim.SGD(params, lr=INNER_LR),
-        inner_steps=INNER_STEPS, batch_size_per_step=BATCH, matchmaking_time=2.0, averaging_timeout=30.0,
+        inner_steps=INNER_STEPS, batch_size_per_step=BATCH, matchmaking_time=2.0, averaging_timeout=averaging_timeout,
         averager_opts=dict(request_timeout=1.0), tracker_opts=dict(min_refresh_period=0.2, max_refresh_period=0.5,
                           private_key=RSAPrivateKey()),  # peers in one process would share one progress record
-        load_state_timeout=30.0)
+        load_state_timeout=30.0, **kwargs)
+
+
+class Partitioned(DiLoCoOptimizer):
+    """A peer whose pseudo-gradient rounds never meet the others' (its averager matches under another prefix)."""
+
+    def _pseudo_gradient_averager(self, **kwargs):
+        return super()._pseudo_gradient_averager(**{**kwargs, "prefix": "elsewhere_grad_averager"})
 
 
 @pytest.fixture
@@ -111,6 +119,52 @@ def test_two_peers_take_one_outer_step_on_their_weighted_pseudo_gradients_and_a_
     momentum = [joiner.state_averager.optimizer.state[p]["momentum_buffer"] for p in joiner._global_parameters()]
     theirs = [optimizers[0].state_averager.optimizer.state[p]["momentum_buffer"] for p in optimizers[0]._global_parameters()]
     assert all(torch.allclose(a, b) for a, b in zip(momentum, theirs)) and momentum[0].abs().sum() > 0
+
+
+def test_a_peer_that_missed_the_outer_round_takes_up_the_swarms_global_parameters(swarm):
+    dhts, optimizers = swarm
+    models = [Toy(), Toy(), Toy()]
+    rounds = []
+    optimizers += [_optimizer(dhts[0], models[0], cls=Partitioned, averaging_timeout=5.0, on_round=rounds.append)]
+    optimizers += [_optimizer(dht, model) for dht, model in zip(dhts[1:], models[1:])]
+    grads = [torch.tensor([[1.0, 0, 0], [0, 0, 0]]), torch.tensor([[0, 0, 0], [0, 2.0, 0]]), torch.tensor([[0, 0, 3.0], [0, 0, 0]])]
+    for opt, model in zip(optimizers, models):
+        model.weight.grad, model.bias.grad = torch.zeros(2, 3), torch.zeros(3)
+        opt.step()
+    for opt in optimizers:
+        _wait_for(lambda: opt.tracker.global_progress.num_peers == 3, "the 3 peers' progress records")
+    steps: list[list[int]] = [[], [], []]
+    threads = [threading.Thread(target=_train_one_outer_step, args=(opt, model, grad, taken))
+               for opt, model, grad, taken in zip(optimizers, models, grads, steps)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert [opt.local_epoch for opt in optimizers] == [1, 1, 1], f"no outer step after {steps} inner steps"
+    assert [r.success for r in rounds] == [False], rounds  # the partitioned peer stepped with its Δ alone
+    theta = [[p.detach().clone() for p in opt._global_parameters()] for opt in optimizers]
+    assert all(torch.equal(a, b) for a, b in zip(theta[1], theta[2])), "the two peers of the round left it apart"
+    assert not torch.allclose(theta[0][0], theta[1][0]), "the missed round made no difference: the test shows nothing"
+
+    missed, model = optimizers[0], models[0]
+    taken_up = []  # what the missed peer held right after each download (before the rest of that step)
+    missed._on_state_loaded = lambda seconds: taken_up.append((
+        missed.state_averager.last_download, missed.local_epoch, [p.detach().clone() for p in missed._global_parameters()],
+        model.weight.detach().clone(),
+        [missed.state_averager.optimizer.state[p]["momentum_buffer"].clone() for p in missed._global_parameters()]))
+    for _ in range(100):  # bounded: the peer tries every RESYNC_WAIT_S (2 s), the loop lasts 20 s
+        if any(download == "verified" for download, *_ in taken_up):
+            break
+        model.weight.grad, model.bias.grad = torch.zeros(2, 3), torch.zeros(3)
+        missed.step()
+        time.sleep(0.2)
+    verified = [t for t in taken_up if t[0] == "verified"]
+    assert verified, f"no download taken up: {[t[0] for t in taken_up]}"
+    _, epoch, ours, weight, momentum = verified[0]
+    theirs = optimizers[1]._global_parameters()
+    assert epoch == 1 and all(torch.equal(a, b) for a, b in zip(ours, theirs)), "the peer kept a θ of its own"
+    assert torch.equal(weight, theirs[0]), "the model restarts its inner steps from the swarm's θ"
+    assert all(torch.equal(a, optimizers[1].state_averager.optimizer.state[b]["momentum_buffer"]) for a, b in zip(momentum, theirs))
 
 
 def test_a_checkpoint_holds_the_global_parameters_apart_from_the_inner_ones(swarm):

@@ -17,19 +17,30 @@ matchmaking, robust all-reduce, state sharing for joiners) we keep:
 * parameter averaging (every ``average_state_every`` outer steps) runs right after the outer step,
   never in the background: hivemind copies a background round's result into the model when it
   lands, which would wipe the inner steps taken meanwhile. Members of one round leave it with the
-  same θ; the state round brings back into line a peer whose round failed or who stepped alone
-  (it applied only its own Δ).
+  same θ; the state round brings back into line a peer who stepped alone;
+* a peer whose outer round failed while others train applied only its own Δ: its θ has left the
+  swarm's. It downloads the swarm's θ (and momentum) at its next steps, once the others have taken
+  theirs (up to ``RESYNC_TRIES`` tries ``RESYNC_WAIT_S`` apart), rather than train on a θ of its own
+  until the next state round, failing every spot check meanwhile.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Callable, Iterator
 
 import torch
 from hivemind.optim.grad_averager import GradientAverager
 
 from hivetrain.hivemind_compat.optimizer import TrackedOptimizer
+from hivetrain.log import get_logger
+
+logger = get_logger(__name__)
+
+#: After an outer round it missed, a peer tries this many times, this many seconds apart, to take up the swarm's θ.
+RESYNC_TRIES = 5
+RESYNC_WAIT_S = 2.0
 
 
 class PseudoGradientAverager(GradientAverager):
@@ -87,6 +98,7 @@ class DiLoCoOptimizer(TrackedOptimizer):
                          grad_averager_factory=self._pseudo_gradient_averager, **kwargs)
         self.inner = inner_optimizer(inner_params)
         self.inner_scheduler = inner_scheduler(self.inner) if inner_scheduler is not None else None
+        self._resync_tries, self._resync_at = 0, 0.0  # after a missed outer round: tries left, when the next may run
 
     # --- the pieces hivemind builds ---------------------------------------------------------
     def _global_parameters(self) -> list[torch.Tensor]:
@@ -108,6 +120,31 @@ class DiLoCoOptimizer(TrackedOptimizer):
 
     def zero_grad(self, set_to_none: bool = False) -> None:
         self.inner.zero_grad(set_to_none=set_to_none)
+
+    # --- an outer round we missed -----------------------------------------------------------
+    def _average_gradients_and_load_into_optimizer(self, maybe_step_control) -> None:
+        super()._average_gradients_and_load_into_optimizer(maybe_step_control)
+        if not self._last_round_success and self.tracker.global_progress.num_peers > 1:
+            # hivemind now steps θ with our Δ alone; the others step with theirs averaged
+            logger.warning(f"outer step {self._round_epoch} without the swarm's pseudo-gradients: taking up its "
+                           "global parameters once it has stepped")
+            self._resync_tries, self._resync_at = RESYNC_TRIES, time.monotonic() + RESYNC_WAIT_S
+
+    def step(self, *args, **kwargs):
+        if self._resync_tries and time.monotonic() >= self._resync_at:
+            self._take_up_the_swarms_parameters()
+        return super().step(*args, **kwargs)
+
+    def _take_up_the_swarms_parameters(self) -> None:
+        self._resync_tries -= 1
+        self._resync_at = time.monotonic() + RESYNC_WAIT_S
+        self.load_state_from_peers()
+        if self.state_averager.last_download == "verified":
+            self._resync_tries = 0
+            logger.info(f"took up the swarm's global parameters at epoch {self.local_epoch}")
+        elif not self._resync_tries:
+            logger.warning("no peer served the swarm's global parameters at our epoch: the next state round "
+                           f"(every {self.average_state_every} outer steps) brings ours back in line")
 
     @contextlib.contextmanager
     def at_global_parameters(self, model: torch.nn.Module) -> Iterator[None]:

@@ -109,6 +109,7 @@ class TrackedOptimizer(hivemind.Optimizer):
         self._round_epoch = 0
         self._round_started = time.perf_counter()
         self._last_load_s = FIRST_LOAD_ESTIMATE_S
+        self._last_round_success = False
         super().__init__(*args, **kwargs)
 
     def at_global_parameters(self, model: torch.nn.Module) -> contextlib.AbstractContextManager:
@@ -208,6 +209,7 @@ class TrackedOptimizer(hivemind.Optimizer):
             if maybe_step_control.exception() is None:
                 group = tuple(sorted(peer.to_base58() for peer in maybe_step_control.result()))
                 success = True
+        self._last_round_success = success
         self._on_round(RoundInfo(
             epoch=self._round_epoch, kind="gradients", group=group, group_size=len(group),
             duration_s=time.perf_counter() - self._round_started, success=success,

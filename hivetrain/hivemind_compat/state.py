@@ -68,7 +68,9 @@ class _VerifiedDownload(DecentralizedAverager):
 
     max_epoch: Callable[[], int | None] = staticmethod(lambda: None)
     rejected_states = 0  # downloads the parent refused (the child found them fine: the bound moved meanwhile)
-    last_download: str = "none"  # of the last wait=True call: "none" (nobody sent an acceptable state) or "verified"
+    # of the last wait=True call: "none" (nobody sent an acceptable state), "behind" (the state's epoch is
+    # behind ours: TrainingStateAverager quietly refuses it) or "verified" (taken up)
+    last_download: str = "none"
 
     def load_state_from_peers(self, wait: bool = True, timeout: float | None = None):
         future = MPFuture()
@@ -87,7 +89,8 @@ class _VerifiedDownload(DecentralizedAverager):
             self.rejected_states += 1
             logger.warning(f"refusing the state downloaded from peers: {rejected}")
             return None
-        self.last_download = "verified"
+        ours = getattr(self, "local_epoch", None)  # a TrainingStateAverager's
+        self.last_download = "behind" if ours is not None and metadata["epoch"] < ours else "verified"
         return loaded
 
     def _local_parameters(self) -> list[torch.Tensor]:
