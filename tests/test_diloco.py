@@ -80,26 +80,33 @@ def _train_one_outer_step(opt: DiLoCoOptimizer, model: Toy, grad: torch.Tensor, 
     steps.append(taken)
 
 
-def test_two_peers_take_one_outer_step_on_their_weighted_pseudo_gradients_and_a_joiner_downloads_it(swarm):
-    dhts, optimizers = swarm
-    models = [Toy(), Toy()]
-    optimizers += [_optimizer(dht, model) for dht, model in zip(dhts[:2], models)]
-    grads = [torch.tensor([[1.0, 0, 0], [0, 0, 0]]), torch.tensor([[0, 0, 0], [0, 2.0, 0]])]  # disjoint directions
-    steps: list[list[int]] = [[], []]
-    for opt, model in zip(optimizers, models):  # a first step with a zero gradient publishes each peer's progress
+def _all_take_one_outer_step(optimizers: list, models: list, grads: list) -> list[int]:
+    """Every peer publishes its progress (a zero step), waits to see all the others, then trains on its
+    constant gradient in a thread of its own until the swarm's outer step; the inner steps each took."""
+    for opt, model in zip(optimizers, models):
         model.weight.grad, model.bias.grad = torch.zeros(2, 3), torch.zeros(3)
         opt.step()
     for opt in optimizers:  # a peer that saw no other would take its outer step alone
-        _wait_for(lambda: opt.tracker.global_progress.num_peers == 2, "both peers' progress records")
-        assert opt.tracker.target_batch_size == 2 * INNER_STEPS * BATCH, "the epoch's target is inner steps per peer"
+        _wait_for(lambda: opt.tracker.global_progress.num_peers == len(optimizers), "every peer's progress record")
+        assert opt.tracker.target_batch_size == len(optimizers) * INNER_STEPS * BATCH, "the epoch's target is inner steps per peer"
+    steps: list[list[int]] = [[] for _ in optimizers]
     threads = [threading.Thread(target=_train_one_outer_step, args=(opt, model, grad, taken))
                for opt, model, grad, taken in zip(optimizers, models, grads, steps)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=120)
-    assert [opt.local_epoch for opt in optimizers] == [1, 1], f"no outer step after {steps} inner steps"
-    (n_a,), (n_b,) = steps  # hivemind also ends an epoch when its estimated time has passed: the wait above counts
+    assert [opt.local_epoch for opt in optimizers] == [1] * len(optimizers), f"no outer step after {steps} inner steps"
+    return [taken for (taken,) in steps]
+
+
+def test_two_peers_take_one_outer_step_on_their_weighted_pseudo_gradients_and_a_joiner_downloads_it(swarm):
+    dhts, optimizers = swarm
+    models = [Toy(), Toy()]
+    optimizers += [_optimizer(dht, model) for dht, model in zip(dhts[:2], models)]
+    grads = [torch.tensor([[1.0, 0, 0], [0, 0, 0]]), torch.tensor([[0, 0, 0], [0, 2.0, 0]])]  # disjoint directions
+    steps = _all_take_one_outer_step(optimizers, models, grads)
+    n_a, n_b = steps  # hivemind also ends an epoch when its estimated time has passed: the wait above counts
 
     # Δ_i = θ0 - θ_i = inner_lr * n_i * g_i, averaged with weight (n_i + 1) * batch (the zero step counts as samples);
     # Nesterov's first step moves (1 + m) Δ
@@ -128,19 +135,7 @@ def test_a_peer_that_missed_the_outer_round_takes_up_the_swarms_global_parameter
     optimizers += [_optimizer(dhts[0], models[0], cls=Partitioned, averaging_timeout=5.0, on_round=rounds.append)]
     optimizers += [_optimizer(dht, model) for dht, model in zip(dhts[1:], models[1:])]
     grads = [torch.tensor([[1.0, 0, 0], [0, 0, 0]]), torch.tensor([[0, 0, 0], [0, 2.0, 0]]), torch.tensor([[0, 0, 3.0], [0, 0, 0]])]
-    for opt, model in zip(optimizers, models):
-        model.weight.grad, model.bias.grad = torch.zeros(2, 3), torch.zeros(3)
-        opt.step()
-    for opt in optimizers:
-        _wait_for(lambda: opt.tracker.global_progress.num_peers == 3, "the 3 peers' progress records")
-    steps: list[list[int]] = [[], [], []]
-    threads = [threading.Thread(target=_train_one_outer_step, args=(opt, model, grad, taken))
-               for opt, model, grad, taken in zip(optimizers, models, grads, steps)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    assert [opt.local_epoch for opt in optimizers] == [1, 1, 1], f"no outer step after {steps} inner steps"
+    _all_take_one_outer_step(optimizers, models, grads)
     assert [r.success for r in rounds] == [False], rounds  # the partitioned peer stepped with its Δ alone
     theta = [[p.detach().clone() for p in opt._global_parameters()] for opt in optimizers]
     assert all(torch.equal(a, b) for a, b in zip(theta[1], theta[2])), "the two peers of the round left it apart"
