@@ -6,7 +6,8 @@ until the swarm has trained ``--samples`` samples, then stopped: SIGTERM, final 
 * ``gradient``:      hivemind's gradient averaging, the tiny preset (target 96, parameters averaged each epoch);
 * ``local_updates``: AdamW every batch, parameters averaged each epoch;
 * ``diloco``:        HIVE_MODE=diloco, ``--inner-steps`` inner AdamW steps per outer Nesterov step;
-* ``diloco_8bit``:   the same with 8-bit pseudo-gradients and parameters on the wire;
+* ``diloco_8bit``:   the same with 8-bit pseudo-gradients on the wire (parameters in state rounds exact);
+* ``diloco_8bit_2h``: the same with twice the inner steps (INTELLECT-1's recipe at H = 100: int8, longer periods);
 * ``ddp``:           an all-reduce of gradients after every local step (target = miners x batch), no
                      parameter averaging: what torch DDP sends.
 
@@ -56,11 +57,13 @@ TINY_TARGET = 96
 
 def modes(miners: int, inner_steps: int) -> dict[str, dict[str, str]]:
     diloco = {"HIVE_MODE": "diloco", "HIVE_INNER_STEPS": str(inner_steps)}
+    longer = {"HIVE_MODE": "diloco", "HIVE_INNER_STEPS": str(2 * inner_steps)}
     return {
         "gradient": {},
         "local_updates": {"HIVE_USE_LOCAL_UPDATES": "true"},
-        "diloco": diloco,
-        "diloco_8bit": {**diloco, "HIVE_GRAD_COMPRESSION": "8bit", "HIVE_STATE_COMPRESSION": "8bit"},
+        "diloco": {**diloco, "HIVE_GRAD_COMPRESSION": "none"},
+        "diloco_8bit": {**diloco, "HIVE_GRAD_COMPRESSION": "8bit"},  # parameters (state rounds) stay exact
+        "diloco_8bit_2h": {**longer, "HIVE_GRAD_COMPRESSION": "8bit"},
         # matchmaking shortened: with 3 s a round per step would be mostly waiting, and bytes are what it shows
         "ddp": {"HIVE_TARGET_BATCH_SIZE": str(miners * BATCH), "HIVE_AVERAGE_STATE_EVERY": "1000000",
                 "HIVE_MATCHMAKING_TIME": "1"},
