@@ -12,6 +12,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from hivetrain.hivemind_compat import DiLoCoOptimizer, TrackedOptimizer
 from hivetrain.hivemind_compat.allreduce import uninstall_robust_aggregation
+from hivetrain.hivemind_compat.diloco import RESYNC_WAIT_S
 from hivetrain.protocol.training import OuterSGD, param_groups
 
 pytestmark = pytest.mark.integration
@@ -128,12 +129,37 @@ def test_two_peers_take_one_outer_step_on_their_weighted_pseudo_gradients_and_a_
     assert all(torch.allclose(a, b) for a, b in zip(momentum, theirs)) and momentum[0].abs().sum() > 0
 
 
+def _assert_takes_up_the_swarms_parameters(missed: DiLoCoOptimizer, model: Toy, reference: DiLoCoOptimizer) -> None:
+    """``missed`` (out of line with the swarm after its outer step) downloads ``reference``'s θ and momentum at its next steps."""
+    taken_up = []  # what the missed peer held right after each download (before the rest of that step)
+    missed._on_state_loaded = lambda seconds: taken_up.append((
+        missed.state_averager.last_download, missed.local_epoch, [p.detach().clone() for p in missed._global_parameters()],
+        model.weight.detach().clone(),
+        [missed.state_averager.optimizer.state[p]["momentum_buffer"].clone() for p in missed._global_parameters()]))
+    # one step per try (the peer tries every RESYNC_WAIT_S): stepping faster, it would reach the next outer step
+    # alone (the others are idle) and be ahead of every state served; bounded: 10 tries, about 20 s
+    for _ in range(10):
+        time.sleep(RESYNC_WAIT_S + 0.1)
+        model.weight.grad, model.bias.grad = torch.zeros(2, 3), torch.zeros(3)
+        missed.step()
+        if any(download == "verified" for download, *_ in taken_up):
+            break
+    verified = [t for t in taken_up if t[0] == "verified"]
+    assert verified, f"no download taken up: {[t[0] for t in taken_up]}"
+    _, epoch, ours, weight, momentum = verified[0]
+    theirs = reference._global_parameters()
+    assert epoch == 1 and all(torch.equal(a, b) for a, b in zip(ours, theirs)), "the peer kept a θ of its own"
+    assert torch.equal(weight, theirs[0]), "the model restarts its inner steps from the swarm's θ"
+    assert all(torch.equal(a, reference.state_averager.optimizer.state[b]["momentum_buffer"]) for a, b in zip(momentum, theirs))
+
+
 def test_a_peer_that_missed_the_outer_round_takes_up_the_swarms_global_parameters(swarm):
     dhts, optimizers = swarm
     models = [Toy(), Toy(), Toy()]
     rounds = []
-    optimizers += [_optimizer(dhts[0], models[0], cls=Partitioned, averaging_timeout=5.0, on_round=rounds.append)]
-    optimizers += [_optimizer(dht, model) for dht, model in zip(dhts[1:], models[1:])]
+    optimizers += [_optimizer(dhts[0], models[0], cls=Partitioned, averaging_timeout=5.0, on_round=rounds.append,
+                              average_state_every=5)]  # no state round after the outer step (DiLoCo's default)
+    optimizers += [_optimizer(dht, model, average_state_every=5) for dht, model in zip(dhts[1:], models[1:])]
     grads = [torch.tensor([[1.0, 0, 0], [0, 0, 0]]), torch.tensor([[0, 0, 0], [0, 2.0, 0]]), torch.tensor([[0, 0, 3.0], [0, 0, 0]])]
     _all_take_one_outer_step(optimizers, models, grads)
     assert [r.success for r in rounds] == [False], rounds  # the partitioned peer stepped with its Δ alone
@@ -141,25 +167,7 @@ def test_a_peer_that_missed_the_outer_round_takes_up_the_swarms_global_parameter
     assert all(torch.equal(a, b) for a, b in zip(theta[1], theta[2])), "the two peers of the round left it apart"
     assert not torch.allclose(theta[0][0], theta[1][0]), "the missed round made no difference: the test shows nothing"
 
-    missed, model = optimizers[0], models[0]
-    taken_up = []  # what the missed peer held right after each download (before the rest of that step)
-    missed._on_state_loaded = lambda seconds: taken_up.append((
-        missed.state_averager.last_download, missed.local_epoch, [p.detach().clone() for p in missed._global_parameters()],
-        model.weight.detach().clone(),
-        [missed.state_averager.optimizer.state[p]["momentum_buffer"].clone() for p in missed._global_parameters()]))
-    for _ in range(100):  # bounded: the peer tries every RESYNC_WAIT_S (2 s), the loop lasts 20 s
-        if any(download == "verified" for download, *_ in taken_up):
-            break
-        model.weight.grad, model.bias.grad = torch.zeros(2, 3), torch.zeros(3)
-        missed.step()
-        time.sleep(0.2)
-    verified = [t for t in taken_up if t[0] == "verified"]
-    assert verified, f"no download taken up: {[t[0] for t in taken_up]}"
-    _, epoch, ours, weight, momentum = verified[0]
-    theirs = optimizers[1]._global_parameters()
-    assert epoch == 1 and all(torch.equal(a, b) for a, b in zip(ours, theirs)), "the peer kept a θ of its own"
-    assert torch.equal(weight, theirs[0]), "the model restarts its inner steps from the swarm's θ"
-    assert all(torch.equal(a, optimizers[1].state_averager.optimizer.state[b]["momentum_buffer"]) for a, b in zip(momentum, theirs))
+    _assert_takes_up_the_swarms_parameters(optimizers[0], models[0], optimizers[1])
 
 
 def test_a_checkpoint_holds_the_global_parameters_apart_from_the_inner_ones(swarm):

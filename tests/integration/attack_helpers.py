@@ -31,14 +31,15 @@ TEST_ENV = {
 
 
 @contextlib.contextmanager
-def attacked_swarm(workdir: Path, run_id: str, honest: int, attackers: list[str]):
+def attacked_swarm(workdir: Path, run_id: str, honest: int, attackers: list[str], env: dict[str, str] | None = None):
     """A running swarm: ``honest`` miners, then one cheaters.py process per attacker kind; stopped and checked after.
 
-    Attackers run hivemind's own all-reduce (an attacker does not run our defences for us).
+    Attackers run hivemind's own all-reduce (an attacker does not run our defences for us). ``env``
+    adds to every service's environment.
     """
     settings = SwarmSettings(miners=honest, workdir=str(workdir), preset="tiny", bootstrap_port=0, validator_port=0,
                              run_id=run_id, stop_timeout=45)
-    swarm = Swarm(settings, extra_env=TEST_ENV)
+    swarm = Swarm(settings, extra_env={**TEST_ENV, **(env or {})})
     try:
         swarm.start()
         for kind in attackers:

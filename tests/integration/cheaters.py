@@ -12,6 +12,8 @@
   them with ``HIVE_ROBUST_AGGREGATION=false``: an attacker runs hivemind's own all-reduce, so it
   also reduces its partitions the plain way);
 * ``weight``: flips its gradient and declares the weight 1e30 for it (hivemind's reducer obeys);
+  in DiLoCo mode (``HIVE_MODE=diloco``) these poison the pseudo-gradient it sends instead, since
+  its gradients only feed its own inner steps;
 * ``state``: trains, but serves NaN parameters (at its true epoch) to whoever downloads its state,
   and declares a state-sharing priority of 1e9 so that hivemind asks it first;
 * ``progress``: no training; a DHT peer that publishes a signed progress record at epoch 10^9.
@@ -31,7 +33,7 @@ import requests
 import torch
 from hivemind.averaging import DecentralizedAverager
 
-from hivetrain.hivemind_compat import SafeStateAverager
+from hivetrain.hivemind_compat import DiLoCoOptimizer, SafeStateAverager
 from hivetrain.identity import Domain, load_or_create_wallet
 from hivetrain.miner.train import Miner
 from hivetrain.protocol.binding import bind, identity_peer_id, new_ed25519_identity
@@ -75,6 +77,18 @@ class PoisoningMiner(Miner):
         if self.kind == "weight":
             averager_step = self.opt.grad_averager.step
             self.opt.grad_averager.step = lambda *args, **kwargs: averager_step(*args, **{**kwargs, "weight": 1e30})
+        if isinstance(self.opt, DiLoCoOptimizer):  # what goes on the wire is Δ, loaded right before the round
+            averager = self.opt.grad_averager
+            load = averager.load_accumulators_into_averager_
+
+            def poisoned_load():
+                load()
+                with torch.no_grad(), averager.get_tensors() as deltas:
+                    for delta in deltas:
+                        poison(delta)
+
+            averager.load_accumulators_into_averager_ = poisoned_load
+            return
 
         def poisoned_step(*args, **kwargs):
             with torch.no_grad():

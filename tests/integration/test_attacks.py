@@ -1,4 +1,5 @@
-"""Real swarms with attackers in the all-reduce: 3 honest miners, the validator, and 2 poisoning miners.
+"""Real swarms with attackers in the all-reduce: 3 honest miners, the validator, and 2 poisoning miners
+(gradient averaging, and DiLoCo, where they poison the pseudo-gradients).
 
 The attackers (tests/integration/cheaters.py) run plain hivemind. Per swarm, each attacker kind
 must be named in signed telemetry, in the role it attacked from (None: either) and for the reason
@@ -28,14 +29,18 @@ HONEST = 3
 SWARMS = {
     "nan+weight": {"nan": (None, "NaN"), "weight": ("sender", "declared the weight")},
     "scaled+flip": {"scaled": (None, ""), "flip": None},
+    "diloco-nan+weight": {"nan": (None, "NaN"), "weight": ("sender", "declared the weight")},  # poisoned Δ
 }
+#: swarms named diloco-* train in DiLoCo mode: the attackers poison the pseudo-gradients they send
+DILOCO = {"HIVE_MODE": "diloco", "HIVE_INNER_STEPS": "10", "HIVE_BATCH_SIZE": "4", "HIVE_LR": "0.001"}
 
 
 @pytest.fixture(scope="module", params=sorted(SWARMS))
 def attacked(request, tmp_path_factory):
     attackers = SWARMS[request.param]
     workdir = tmp_path_factory.mktemp(request.param.replace("+", "-"))
-    with attacked_swarm(workdir, "atest", HONEST, list(attackers)) as swarm:
+    env = DILOCO if request.param.startswith("diloco-") else None
+    with attacked_swarm(workdir, "atest", HONEST, list(attackers), env) as swarm:
         yield swarm, attackers
 
 
