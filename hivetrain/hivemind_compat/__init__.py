@@ -65,9 +65,9 @@ check_hivemind()
 from hivetrain.hivemind_compat.codecs import Uniform8Bit, install_codecs  # noqa: E402
 from hivetrain.hivemind_compat.diloco import DiLoCoOptimizer  # noqa: E402
 from hivetrain.hivemind_compat.optimizer import STATE_AVERAGER_LOGGER, RoundInfo, StateRoundLogHandler, TrackedOptimizer  # noqa: E402
-from hivetrain.hivemind_compat.state import SafeStateAverager, StateRejected, check_downloaded_state  # noqa: E402
+from hivetrain.hivemind_compat.state import SafeStateAverager, StateRejected, check_downloaded_state, parameters_set_to  # noqa: E402
 
 __all__ = [
     "DiLoCoOptimizer", "HIVEMIND_VERSION", "STATE_AVERAGER_LOGGER", "RoundInfo", "SafeStateAverager", "StateRejected", "StateRoundLogHandler",
-    "TrackedOptimizer", "Uniform8Bit", "check_downloaded_state", "check_hivemind", "install_codecs",
+    "TrackedOptimizer", "Uniform8Bit", "check_downloaded_state", "check_hivemind", "install_codecs", "parameters_set_to",
 ]

@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from hivemind.optim.grad_averager import GradientAverager
 
 from hivetrain.hivemind_compat.optimizer import TrackedOptimizer
+from hivetrain.hivemind_compat.state import parameters_set_to
 from hivetrain.log import get_logger
 
 logger = get_logger(__name__)
@@ -146,19 +147,9 @@ class DiLoCoOptimizer(TrackedOptimizer):
             logger.warning("no peer served the swarm's global parameters at our epoch: the next state round "
                            f"(every {self.average_state_every} outer steps) brings ours back in line")
 
-    @contextlib.contextmanager
-    def at_global_parameters(self, model: torch.nn.Module) -> Iterator[None]:
+    def at_global_parameters(self, model: torch.nn.Module) -> contextlib.AbstractContextManager:
         """Run a block with ``model`` at the global parameters θ (spot checks are asked there), then restore θ_i."""
-        local = [param.detach().clone() for param in self.state_averager.main_parameters]
-        try:
-            with torch.no_grad():
-                for param, global_param in zip(self.state_averager.main_parameters, self._global_parameters()):
-                    param.copy_(global_param, non_blocking=True)
-            yield
-        finally:
-            with torch.no_grad():
-                for param, saved in zip(self.state_averager.main_parameters, local):
-                    param.copy_(saved)
+        return parameters_set_to(self.state_averager.main_parameters, self._global_parameters())
 
     # --- checkpoints ------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
-from typing import Callable
+from typing import Callable, Iterator, Sequence
 
 import torch
 from hivemind.averaging import DecentralizedAverager
@@ -49,6 +50,21 @@ def check_downloaded_state(metadata, tensors, local: list[torch.Tensor], max_epo
     for index, tensor in enumerate(tensors):
         if not isinstance(tensor, torch.Tensor) or not torch.isfinite(tensor).all():
             raise StateRejected(f"tensor {index} is not a finite tensor")
+
+
+@contextlib.contextmanager
+def parameters_set_to(params: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Run a block with ``params`` holding ``values`` (copied in), then put their own values back, whatever happens."""
+    own = [param.detach().clone() for param in params]
+    try:
+        with torch.no_grad():
+            for param, value in zip(params, values):
+                param.copy_(value)
+        yield
+    finally:
+        with torch.no_grad():
+            for param, saved in zip(params, own):
+                param.copy_(saved)
 
 
 def _state_bytes_bound(local: list[torch.Tensor]) -> int:

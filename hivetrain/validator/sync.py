@@ -9,7 +9,7 @@ from typing import Callable, Iterator
 import hivemind
 import torch
 
-from hivetrain.hivemind_compat import SafeStateAverager
+from hivetrain.hivemind_compat import SafeStateAverager, parameters_set_to
 from hivetrain.log import get_logger
 from hivetrain.models import build_model
 from hivetrain.protocol.training import install_codecs, param_groups, shared_optimizer
@@ -82,17 +82,8 @@ class ModelSync:
             return
         if not self.holds(epoch):
             raise ValueError(f"the parameters of epoch {epoch} are not held (current {self.epoch})")
-        params = list(self.model.parameters())
-        current = [param.detach().clone() for param in params]
-        try:
-            with torch.no_grad():
-                for param, kept in zip(params, self.previous[1]):
-                    param.copy_(kept)
+        with parameters_set_to(list(self.model.parameters()), self.previous[1]):
             yield
-        finally:
-            with torch.no_grad():
-                for param, saved in zip(params, current):
-                    param.copy_(saved)
 
     def shutdown(self) -> None:
         self.averager.shutdown()
