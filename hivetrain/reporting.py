@@ -19,7 +19,7 @@ import redis
 from hivetrain.identity import Domain, SignedEnvelope, sign
 from hivetrain.log import get_logger
 from hivetrain.protocol.records import MAX_INGEST_ENTRIES, Departure, Keys, OffenceRecord, PeerRecord, RoundRecord, StepRecord
-from hivetrain.store import INGEST_STREAMS, STREAMS, same_run, signed_registration, stream_fields
+from hivetrain.store import INGEST_STREAMS, STREAMS, same_run, signed_registration, stream_fields, xadd_capped
 
 logger = get_logger(__name__)
 
@@ -50,8 +50,7 @@ class RedisSink:
         try:
             with self.client.pipeline(transaction=False) as pipe:
                 for stream, fields in entries:
-                    _, maxlen, _ = STREAMS[INGEST_STREAMS[stream]]
-                    pipe.xadd(getattr(self.keys, stream), fields, maxlen=maxlen, approximate=True)
+                    xadd_capped(pipe, self.keys, INGEST_STREAMS[stream], fields)
                 pipe.execute()
         except redis.RedisError as error:
             raise SinkUnavailable(repr(error)) from None

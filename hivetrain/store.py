@@ -396,10 +396,15 @@ def stream_fields(record: Record, domain: Domain, signer=None) -> dict:
     return {"json": record.to_json()}
 
 
+def xadd_capped(client, keys: Keys, model: type[Record], fields: dict) -> None:
+    """XADD ``fields`` to ``model``'s stream, trimmed to its MAXLEN (``client`` may be a pipeline)."""
+    attr, maxlen, _ = STREAMS[model]
+    client.xadd(getattr(keys, attr), fields, maxlen=maxlen, approximate=True)
+
+
 def append(client: redis.Redis, keys: Keys, domain: Domain, record: Record, signer=None) -> None:
     """XADD one record to its capped stream (signed by ``signer`` for ``domain`` where the contract asks for it)."""
-    attr, maxlen, _ = STREAMS[type(record)]
-    client.xadd(getattr(keys, attr), stream_fields(record, same_run(keys, domain), signer), maxlen=maxlen, approximate=True)
+    xadd_capped(client, keys, type(record), stream_fields(record, same_run(keys, domain), signer))
 
 
 def decode_entry(model: type[Record], fields: dict, domain: Domain) -> tuple[Record, str] | None:

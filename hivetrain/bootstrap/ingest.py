@@ -9,10 +9,22 @@ from __future__ import annotations
 import collections
 import json
 import time
+from typing import NamedTuple
 
 from hivetrain.identity import VerificationError, verify_signature
 from hivetrain.protocol.records import MAX_INGEST_ENTRIES, MAX_INGEST_ENTRY_BYTES, Record
-from hivetrain.store import INGEST_STREAMS, STREAMS, Refused, Registry
+from hivetrain.store import INGEST_STREAMS, Refused, Registry, xadd_capped
+
+
+class _Checked(NamedTuple):
+    """One entry of a post whose signature and record hold: where it was in the body, and what it says."""
+
+    index: int
+    stream: str
+    raw: str  # the signed envelope, stored byte for byte
+    record: Record
+    hotkey: str
+    signed_at: float
 
 
 class TelemetryIngest:
@@ -45,18 +57,18 @@ class TelemetryIngest:
         refused, duplicates, checked = [], [], []
         for index, entry in enumerate(entries):
             try:
-                checked.append((index, *self._check(entry)))
+                checked.append(self._check(index, entry))
             except Refused as why:
                 refused.append({"index": index, "reason": str(why)})
-        by_hotkey: dict[str, list] = collections.defaultdict(list)
+        by_hotkey: dict[str, list[_Checked]] = collections.defaultdict(list)
         for item in checked:
-            by_hotkey[item[4]].append(item)
+            by_hotkey[item.hotkey].append(item)
         stored = 0
         for hotkey, items in by_hotkey.items():
             stored += self._store(hotkey, items, refused, duplicates)
         return {"stored": stored, "refused": sorted(refused, key=lambda r: r["index"]), "duplicates": sorted(duplicates)}
 
-    def _check(self, entry) -> tuple[str, str, Record, str, float]:
+    def _check(self, index: int, entry) -> _Checked:
         if not isinstance(entry, dict) or set(entry) != {"stream", "env"}:
             raise Refused('an entry is {"stream": ..., "env": ...}')
         stream, raw = entry["stream"], entry["env"]
@@ -70,11 +82,11 @@ class TelemetryIngest:
             record = model.model_validate(envelope.payload)
         except (VerificationError, ValueError, RecursionError) as error:
             raise Refused(f"not a valid signed {model.__name__}: {error}") from None
-        return stream, raw, record, envelope.hotkey, envelope.timestamp
+        return _Checked(index, stream, raw, record, envelope.hotkey, envelope.timestamp)
 
-    def _store(self, hotkey: str, items: list, refused: list, duplicates: list) -> int:
+    def _store(self, hotkey: str, items: list[_Checked], refused: list, duplicates: list) -> int:
         live = self.registry.live_peer_ids_of(hotkey)
-        strangers = sorted({record.peer_id for _, _, _, record, _, _ in items} - live)
+        strangers = sorted({item.record.peer_id for item in items} - live)
         if strangers:
             raise Refused(f"{', '.join(strangers)} is not registered by {hotkey}: register (or wait for the heartbeat), "
                           "then send again", 409)
@@ -82,7 +94,7 @@ class TelemetryIngest:
         marks = {k.decode(): float(v) for k, v in self.client.hgetall(marks_key).items()}
         last_post = _last_posts(self.client.hgetall(taken_key))
         fresh, newest, this_post = [], {}, collections.defaultdict(list)
-        for index, stream, raw, record, _, signed_at in sorted(items, key=lambda item: item[5]):
+        for index, stream, raw, record, _, signed_at in sorted(items, key=lambda item: item.signed_at):
             mark = f"{record.peer_id}|{stream}"
             if signed_at <= max(marks.get(mark, float("-inf")), newest.get(mark, float("-inf"))):
                 if signed_at in last_post.get(mark, ()):  # sent again after a lost answer: stored already
@@ -106,8 +118,7 @@ class TelemetryIngest:
             raise Refused(f"{hotkey} sent more than {self.quota} telemetry entries this minute; send again later", 429)
         with self.client.pipeline(transaction=True) as pipe:
             for stream, raw in fresh:
-                _, maxlen, _ = STREAMS[INGEST_STREAMS[stream]]
-                pipe.xadd(getattr(self.keys, stream), {"env": raw}, maxlen=maxlen, approximate=True)
+                xadd_capped(pipe, self.keys, INGEST_STREAMS[stream], {"env": raw})
             pipe.hset(marks_key, mapping=newest)
             pipe.hset(taken_key, mapping={mark: json.dumps(times) for mark, times in this_post.items()})
             for key in (marks_key, taken_key):
