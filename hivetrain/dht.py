@@ -12,9 +12,11 @@ from hivetrain.settings import DHTSettings
 logger = get_logger(__name__)
 
 
-def make_dht(settings: DHTSettings, initial_peers: list[str] | None = None, client_mode: bool = False, **kwargs) -> hivemind.DHT:
+def make_dht(settings: DHTSettings, initial_peers: list[str] | None = None, client_mode: bool = False,
+             use_auto_relay: bool = False, **kwargs) -> hivemind.DHT:
     """Start a DHT peer (a forked child process plus p2pd) configured from ``settings``.
 
+    ``use_auto_relay``: the peer is behind NAT (not in client mode) and gets dialled through relays.
     Raises ``ValueError`` for settings the daemon would reject, with what to change.
     """
     identity = settings.identity_path or None
@@ -23,6 +25,15 @@ def make_dht(settings: DHTSettings, initial_peers: list[str] | None = None, clie
     host_maddrs = list(settings.host_maddrs)
     if client_mode:
         host_maddrs = []  # a client dials out only; nothing listens
+    elif use_auto_relay:
+        if not settings.use_relay:
+            raise ValueError("HIVE_USE_AUTO_RELAY needs HIVE_USE_RELAY=true (or use HIVE_CLIENT_MODE=true instead)")
+        # libp2p looks for relays only once AutoNAT calls the peer private, and AutoNAT only asks peers to dial
+        # back to public addresses: behind a firewall with private ones, or with too few peers, that never
+        # happens (issue 14's first trial), so a peer told it is behind NAT says so. It then reserves slots on
+        # reachable peers (every peer serves as a relay; within 3 minutes, at once when it knows 4) and advertises
+        # /p2p-circuit addresses through their public addresses.
+        kwargs.update(use_auto_relay=True, force_reachability="private")
     try:
         return hivemind.DHT(
             initial_peers=list(initial_peers or []),
@@ -38,10 +49,12 @@ def make_dht(settings: DHTSettings, initial_peers: list[str] | None = None, clie
         raise ValueError(f"could not start the DHT ({error}); check HIVE_HOST_MADDRS / HIVE_ANNOUNCE_MADDRS") from error
 
 
-def visible_maddrs(dht: hivemind.DHT) -> list[str]:
-    """Addresses other peers can dial, loopback last so remote peers try real interfaces first; none in client mode."""
+def visible_maddrs(dht: hivemind.DHT, latest: bool = False) -> list[str]:
+    """Addresses other peers can dial, none in client mode: relayed (/p2p-circuit) first, then the peer's own,
+    loopback last, so remote peers try what reaches them first. ``latest``: ask p2pd again (relayed addresses
+    appear once a relay has reserved a slot) instead of the addresses it had at start."""
     if dht.client_mode:  # it listens nowhere, and hivemind raises "No multiaddrs found" instead of answering []
         return []
-    addrs = [str(addr) for addr in dht.get_visible_maddrs()]
-    return sorted(addrs, key=lambda a: ("/127.0.0.1/" in a or "/::1/" in a, a))
+    addrs = [str(addr) for addr in (dht.get_visible_maddrs(latest=True) if latest else dht.get_visible_maddrs())]
+    return sorted(addrs, key=lambda a: ("/127.0.0.1/" in a or "/::1/" in a, "/p2p-circuit" not in a, a))
 

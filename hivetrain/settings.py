@@ -210,7 +210,7 @@ class MinerSettings(PeerSettings):
     outer_momentum: float = Field(0.9, ge=0, lt=1, description="diloco: momentum of the outer SGD (Nesterov; 0 = plain averaging steps)")
     # reachability (README: "Miners behind NAT")
     client_mode: bool = Field(False, description="dial out only (behind NAT or a firewall that refuses incoming connections): the miner joins the DHT and averaging rounds through other peers and sends its parts, but reduces none and serves no state downloads")
-    use_auto_relay: bool = Field(False, description="behind NAT without client mode: find relays among the peers and advertise relayed addresses, so others can dial this miner through them")
+    use_auto_relay: bool = Field(False, description="behind NAT without client mode: reserve a slot on reachable peers (relays; within 3 minutes) and advertise and register /p2p-circuit addresses through their public addresses, so others dial this miner through them; needs HIVE_USE_RELAY")
     bandwidth: float = Field(0.0, ge=0, description="this miner's upload bandwidth (any unit, the same on every miner): all-reduce gives each peer a part in proportion, so a slow link gets less to reduce; 0 = equal parts")
     # robust averaging (hivetrain/aggregation.py)
     robust_aggregation: bool = Field(True, description="aggregate each all-reduce partition robustly (non-finite parts dropped, declared weights capped, CenteredClip) and refuse bad answers from reducers; off = hivemind's weighted mean")

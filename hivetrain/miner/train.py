@@ -12,6 +12,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import hivemind
 import torch
@@ -34,7 +35,7 @@ from hivetrain.protocol.binding import bind
 from hivetrain.protocol.checkpoints import TrainerState
 from hivetrain.protocol.discovery import fetch_initial_peers
 from hivetrain.protocol.projection import projected_gradient
-from hivetrain.protocol.records import HEARTBEAT_INTERVAL_S, Keys, PeerRecord, RoundRecord, StepRecord
+from hivetrain.protocol.records import HEARTBEAT_INTERVAL_S, MAX_MULTIADDRS, Keys, PeerRecord, RoundRecord, StepRecord
 from hivetrain.protocol.spotcheck import CHALLENGE_PASSES, Challenge
 from hivetrain.reporting import BootstrapRegistry, BootstrapSink, TelemetryWriter
 from hivetrain.runtime import set_torch_threads
@@ -64,10 +65,15 @@ def challenge_block_limit(stream: BlockStream, stream_blocks: int) -> int:
 
 
 class Heartbeat:
-    """Registers the peer (through the bootstrap) every HEARTBEAT_INTERVAL_S from a thread; outages are logged, not fatal."""
+    """Registers the peer (through the bootstrap) every HEARTBEAT_INTERVAL_S from a thread; outages are logged, not fatal.
 
-    def __init__(self, registry: BootstrapRegistry, record: PeerRecord, wallet, interval_s: float = HEARTBEAT_INTERVAL_S):
+    ``addrs``: asked before each registration for the peer's addresses, when they change while it runs
+    (a relayed miner's /p2p-circuit addresses appear once a relay has reserved a slot)."""
+
+    def __init__(self, registry: BootstrapRegistry, record: PeerRecord, wallet, interval_s: float = HEARTBEAT_INTERVAL_S,
+                 addrs: Callable[[], list[str]] | None = None):
         self.registry, self.record, self.wallet, self.interval_s = registry, record, wallet, interval_s
+        self.addrs = addrs
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
@@ -79,6 +85,8 @@ class Heartbeat:
         failures = 0
         while not self._stop.is_set():
             try:
+                if self.addrs is not None:
+                    self._refresh_addrs()
                 self.registry.register(self.record, self.wallet)
                 failures = 0
             except Exception as error:  # network boundary: keep training, keep trying
@@ -86,6 +94,12 @@ class Heartbeat:
                 if failures == 1 or failures % 10 == 0:
                     logger.warning("heartbeat to the bootstrap failed (%d in a row): %r", failures, error)
             self._stop.wait(self.interval_s if failures == 0 else min(self.interval_s, 2.0 * failures))
+
+    def _refresh_addrs(self) -> None:
+        addrs = self.addrs()[:MAX_MULTIADDRS]
+        if addrs and addrs != self.record.multiaddrs:
+            logger.info(f"now visible at {addrs}")
+            self.record = self.record.model_copy(update={"multiaddrs": addrs})
 
     def stop(self, deregister: bool = True) -> None:
         self._stop.set()
@@ -208,7 +222,9 @@ class Miner:
         record = PeerRecord(peer_id=self.peer_id, role="miner", hotkey=hotkey, challenge_url=challenge_url,
                             multiaddrs=self.maddrs, device=str(self.device), preset=s.preset, started_at=self.started_at,
                             peer_key=peer_key, peer_signature=peer_signature)
-        self.heartbeat = Heartbeat(BootstrapRegistry(s.bootstrap_url, domain), record, self.wallet).start()
+        relayed = s.use_auto_relay and not s.client_mode  # its reachable addresses come later, through relays
+        self.heartbeat = Heartbeat(BootstrapRegistry(s.bootstrap_url, domain), record, self.wallet,
+                                   addrs=(lambda: visible_maddrs(self.dht, latest=True)) if relayed else None).start()
         logger.info(f"hotkey {self.wallet.hotkey.ss58_address}, spot checks at {challenge_url}")
 
     def _make_optimizer(self) -> None:

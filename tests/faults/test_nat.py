@@ -1,4 +1,5 @@
-"""A miner behind NAT: in a network namespace that can only dial out, it trains with the swarm in client mode."""
+"""A miner behind NAT: in a network namespace that can only dial out, it trains with the swarm in client mode,
+or as a full peer that the others dial through a relay."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import hivemind
 import pytest
 from netns import Namespace, reaching_the_swarm
 from swarm_helpers import peer_id_of, stop_and_check, wait_until
@@ -39,6 +41,25 @@ def _nothing_dials_in(ns: Namespace) -> None:
             listener.kill()
 
 
+def _public_address(ns: Namespace) -> str:
+    """A public-looking address of this machine that the namespace reaches (a /32 on the veth, torn down with it).
+
+    libp2p advertises relayed addresses only through a relay's public addresses (a private one could be anyone's),
+    so the relays, the swarm's peers, listen on one. 11.0.0.0/8 is public space; the /32 lives only on the veth this
+    test made, so what is sent to it stays on this machine (and that one address is unreachable meanwhile)."""
+    address = "11." + ns.host_ip.split(".", 1)[1]
+    subprocess.run(["ip", "addr", "add", f"{address}/32", "dev", ns.host_if], check=True, capture_output=True, timeout=30)
+    subprocess.run(ns.exec("ip", "route", "add", f"{address}/32", "dev", ns.ns_if), check=True, capture_output=True, timeout=30)
+    return address
+
+
+def _joint_gradient_rounds(swarm, behind) -> list[dict]:
+    """Gradient rounds of the two miners, reported by both."""
+    assert behind.alive(), f"the miner behind NAT exited; see {behind.log_path}"
+    return [r for r in swarm.summary()["rounds"]
+            if r["kind"] == "gradients" and r["group_size"] == 2 and len(r["reported_by"]) == 2]
+
+
 def test_a_miner_that_can_only_dial_out_trains_with_the_swarm_in_client_mode(tmp_path, report):
     with Namespace(dial_out_only=True) as ns:
         _nothing_dials_in(ns)
@@ -52,16 +73,55 @@ def test_a_miner_that_can_only_dial_out_trains_with_the_swarm_in_client_mode(tmp
                 env = {"HIVE_CLIENT_MODE": "true", **reached}
                 started = time.time()
                 behind = swarm.add_miner(env=env, argv=ns.exec(sys.executable, "-m", "hivetrain.miner"))
-                def joint_rounds():
-                    assert behind.alive(), f"the miner behind NAT exited; see {behind.log_path}"
-                    return [r for r in swarm.summary()["rounds"]
-                            if r["kind"] == "gradients" and r["group_size"] == 2 and len(r["reported_by"]) == 2]
-
-                rounds = wait_until(joint_rounds, timeout=300, what="gradient rounds that the miner behind NAT took part in")
+                rounds = wait_until(lambda: _joint_gradient_rounds(swarm, behind), timeout=300,
+                                    what="gradient rounds that the miner behind NAT took part in")
                 miners = swarm.summary()["miners"]
                 assert behind.alive() and len(miners) == 2 and all(m["samples"] > 0 for m in miners.values())
                 report("miner behind NAT (client mode)", joint_rounds=len(rounds),
                        first_joint_round_s=round(min(r["time"] for r in rounds) - started, 1),
                        samples_behind_nat=miners[peer_id_of(behind)]["samples"])
         finally:
+            stop_and_check(swarm)
+
+
+def test_a_miner_behind_nat_is_dialled_through_a_relay_and_averages_as_a_full_peer(tmp_path, report):
+    """Not in client mode: with HIVE_USE_AUTO_RELAY it reserves a slot on the swarm's peers (every hivemind peer
+    serves as a circuit relay), registers its /p2p-circuit addresses, is dialled through them, and averages
+    gradients as a full peer (it listens, so all-reduce gives it a part to reduce, as it does any full peer)."""
+    with Namespace(dial_out_only=True) as ns:
+        _nothing_dials_in(ns)
+        public = _public_address(ns)
+        settings = SwarmSettings(miners=1, workdir=str(tmp_path), preset="tiny", bootstrap_port=0, validator=False,
+                                 run_id="relayed", stop_timeout=45)
+        swarm = Swarm(settings, extra_env={**BASE_ENV, "HIVE_HOST_MADDRS": f'["/ip4/{public}/tcp/0"]'})
+        probe = None
+        try:
+            swarm.start()
+            with reaching_the_swarm(swarm, ns) as reached:
+                env = {"HIVE_USE_AUTO_RELAY": "true", "HIVE_HOST_MADDRS": f'["/ip4/{ns.ip}/tcp/0"]', **reached}
+                started = time.time()
+                behind = swarm.add_miner(env=env, argv=ns.exec(sys.executable, "-m", "hivetrain.miner"))
+
+                def relayed_addrs():
+                    assert behind.alive(), f"the miner behind NAT exited; see {behind.log_path}"
+                    peer_id = peer_id_of(behind)
+                    records = [p for p in swarm.registry().live_peers(role="miner") if p.peer_id == peer_id]
+                    return [a for r in records for a in r.multiaddrs if "/p2p-circuit/" in a]
+
+                # libp2p waits up to 3 minutes for 4 relay candidates before it takes fewer (here: the bootstrap and miner-0)
+                circuits = wait_until(relayed_addrs, timeout=330, what="the miner behind NAT registering a relayed address")
+                relayed_s = time.time() - started
+                assert all(a.endswith(f"/p2p/{peer_id_of(behind)}") and f"/ip4/{public}/" in a for a in circuits), circuits
+                # a peer it never dialled reaches it, knowing only a relayed address: the DHT pings it through the relay
+                probe = hivemind.DHT(initial_peers=circuits[:1], client_mode=True, start=True)
+                rounds = wait_until(lambda: _joint_gradient_rounds(swarm, behind), timeout=180,
+                                    what="gradient rounds that the relayed miner took part in")
+                miners = swarm.summary()["miners"]
+                assert behind.alive() and len(miners) == 2 and all(m["samples"] > 0 for m in miners.values())
+                report("miner behind NAT (relayed)", joint_rounds=len(rounds), relayed_after_s=round(relayed_s, 1),
+                       first_joint_round_s=round(min(r["time"] for r in rounds) - started, 1),
+                       relayed_addrs=len(circuits), samples_behind_nat=miners[peer_id_of(behind)]["samples"])
+        finally:
+            if probe is not None:
+                probe.shutdown()
             stop_and_check(swarm)
