@@ -11,7 +11,8 @@ The README's "hivemind behaviours we work around" explains each piece:
 * ``codecs``     the 8-bit codec under NumPy 2;
 * ``state``      copies of our state for peers, verification of every state we download;
 * ``optimizer``  averaging rounds reported (their groups and durations), state loads timed and
-                 put off past an imminent epoch (the out-of-sync flip-flop);
+                 put off past an imminent epoch (the out-of-sync flip-flop), a straggler sitting out;
+* ``uplink``     how long our own link took to send a round's bytes (the straggler's measure);
 * ``allreduce``  robust aggregation in the butterfly all-reduce;
 * ``diloco``     DiLoCo on hivemind.Optimizer: its offloaded optimizer as the outer one, pseudo-gradients
                  in place of gradients;
@@ -35,7 +36,8 @@ HIVEMIND_VERSION = "1.1.12"
 _HOOKS = {
     hivemind.Optimizer: ("_make_state_averager", "_update_global_epoch", "_average_gradients_and_load_into_optimizer",
                          "load_state_from_peers", "_tag_along_with_zero_weight",
-                         "_check_and_accumulate_gradients", "_make_progress_tracker", "_make_gradient_averager"),
+                         "_check_and_accumulate_gradients", "_make_progress_tracker", "_make_gradient_averager",
+                         "_maybe_schedule_gradient_averaging", "_maybe_schedule_state_averaging"),
     GradientAverager: ("accumulate_grads_", "load_accumulators_into_averager_", "reset_accumulated_grads_"),
     ProgressTracker: ("_parse_swarm_progress_data",),
     TrainingStateAverager: ("_get_handle_name", "get_current_state", "load_state_from_peers"),

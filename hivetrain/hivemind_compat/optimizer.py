@@ -17,6 +17,7 @@ from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 
 from hivetrain.hivemind_compat.state import SafeStateAverager
+from hivetrain.hivemind_compat.uplink import UplinkMeter
 from hivetrain.log import get_logger
 from hivetrain.protocol.progress import MAX_EPOCH_LEAD, NameOnce, implausible, lower_median
 
@@ -26,6 +27,13 @@ STATE_AVERAGER_LOGGER = "hivemind.optim.state_averager"
 #: times the last download's duration (the first download is assumed to take ``FIRST_LOAD_ESTIMATE_S``).
 IMMINENT_MARGIN = 2.0
 FIRST_LOAD_ESTIMATE_S = 3.0
+#: A peer steps out of averaging rounds when its own link took at least this long (and ``straggler_share`` of
+#: the time between epochs) to send what it sent in a round; for ASIDE_PER_LINK_S times that (at least ASIDE_S),
+#: twice as long each time in a row, at most ASIDE_MAX_S: the rounds it still slows are about a tenth of the swarm's time.
+STRAGGLER_MIN_S = 3.0
+ASIDE_PER_LINK_S = 10.0
+ASIDE_S = 60.0
+ASIDE_MAX_S = 1800.0
 
 logger = get_logger(__name__)
 
@@ -95,6 +103,13 @@ class TrackedOptimizer(hivemind.Optimizer):
 
     A round's group is only visible on its ``StepControl``; it also shares and loads state through
     ``SafeStateAverager``.
+
+    A straggler steps aside (``straggler_share`` > 0): when our own link took at least
+    ``STRAGGLER_MIN_S`` and ``straggler_share`` of the time between epochs to send what we sent in a
+    gradient round (``UplinkMeter``: our bytes at our link's best rate), we were what that round
+    waited for. We then stay out of averaging rounds for a while and, at each epoch, take up the
+    swarm's state after its step instead of stepping ourselves: the swarm keeps its pace, we keep
+    its parameters, and our gradients do not count meanwhile.
     """
 
     #: Samples per reporting peer that end an epoch (DiLoCo); None: hivemind's fixed ``target_batch_size``.
@@ -102,7 +117,7 @@ class TrackedOptimizer(hivemind.Optimizer):
 
     def __init__(self, *args, on_round: Callable[[RoundInfo], None] | None = None,
                  on_implausible: Callable[[str, str], None] | None = None,
-                 on_state_loaded: Callable[[float], None] | None = None, **kwargs):
+                 on_state_loaded: Callable[[float], None] | None = None, straggler_share: float = 0.0, **kwargs):
         self._on_round = on_round or (lambda info: None)
         self._on_state_loaded = on_state_loaded or (lambda seconds: None)
         self._on_implausible = on_implausible
@@ -110,6 +125,13 @@ class TrackedOptimizer(hivemind.Optimizer):
         self._round_started = time.perf_counter()
         self._last_load_s = FIRST_LOAD_ESTIMATE_S
         self._last_round_success = False
+        if not straggler_share >= 0:
+            raise ValueError(f"straggler_share must be >= 0, got {straggler_share}")
+        self._straggler_share = straggler_share
+        self._uplink = UplinkMeter().start() if straggler_share else None
+        self._epoch_began: float | None = None  # time.monotonic() our last epoch update began
+        self._epoch_period: float | None = None  # seconds between our last two epoch updates
+        self._aside_until, self._asides = 0.0, 0  # stepping out of rounds until; times in a row
         super().__init__(*args, **kwargs)
 
     def at_global_parameters(self, model: torch.nn.Module) -> contextlib.AbstractContextManager:
@@ -162,9 +184,53 @@ class TrackedOptimizer(hivemind.Optimizer):
             per_peer_target=self._per_peer_target, **kwargs)
 
     def _update_global_epoch(self, grad_scaler) -> None:
+        now = time.monotonic()
+        if self._epoch_began is not None:
+            self._epoch_period = now - self._epoch_began
+        self._epoch_began = now
+        if self.stepping_aside:
+            logger.info(f"sitting out epoch {self.local_epoch}'s averaging (our uplink is the swarm's straggler): "
+                        "taking up the swarm's state after its step")
+            self.load_state_from_peers()
+            return
         # remembered here because with delay_grad_averaging the round ends after the epoch has moved on
         self._round_epoch, self._round_started = self.local_epoch, time.perf_counter()
         super()._update_global_epoch(grad_scaler)
+
+    @property
+    def stepping_aside(self) -> bool:
+        return time.monotonic() < self._aside_until
+
+    def _maybe_schedule_gradient_averaging(self) -> None:
+        if not self.stepping_aside:
+            super()._maybe_schedule_gradient_averaging()
+
+    def _maybe_schedule_state_averaging(self) -> None:
+        if not self.stepping_aside:
+            super()._maybe_schedule_state_averaging()
+
+    def _judge_our_link(self, group_size: int) -> None:
+        """After a gradient round: step aside if our own link is what it waited for (see the class docstring)."""
+        if self._uplink is None or group_size < 2 or self._epoch_period is None or self._epoch_began is None:
+            return
+        now = time.monotonic()
+        # a round sends most of our gradient (all of it in client mode): less than a fifth is some other traffic
+        ours = sum(param.numel() * param.element_size() for param in self.state_averager.main_parameters)
+        link_s = self._uplink.link_seconds(self._epoch_began, now, at_least_bytes=ours // 5)
+        if link_s < max(STRAGGLER_MIN_S, self._straggler_share * self._epoch_period):
+            self._asides = 0
+            return
+        seconds = min(ASIDE_MAX_S, max(ASIDE_S, ASIDE_PER_LINK_S * link_s) * 2 ** min(self._asides, 16))
+        self._asides += 1
+        self._aside_until = now + seconds
+        logger.warning(f"our uplink took {link_s:.1f}s to send our part of epoch {self._round_epoch}'s round "
+                       f"({now - self._epoch_began:.1f}s; epochs come every {self._epoch_period:.1f}s): the swarm's "
+                       f"straggler, stepping out of averaging rounds for {seconds:.0f}s")
+
+    def shutdown(self) -> None:
+        if self._uplink is not None:
+            self._uplink.stop()
+        super().shutdown()
 
     def load_state_from_peers(self, **kwargs) -> None:
         # hivemind calls this from step() when the swarm has moved on without us; report every load, timed
@@ -214,6 +280,7 @@ class TrackedOptimizer(hivemind.Optimizer):
             epoch=self._round_epoch, kind="gradients", group=group, group_size=len(group),
             duration_s=time.perf_counter() - self._round_started, success=success,
         ))
+        self._judge_our_link(len(group))
 
 
 class StateRoundLogHandler(logging.Handler):

@@ -65,6 +65,7 @@ def make_optimizer(model: torch.nn.Module, dht: hivemind.DHT, settings: MinerSet
         on_round=on_round,
         on_state_loaded=on_state_loaded,
         on_implausible=lambda peer, reason: report_offence(peer, f"{settings.run_id}_progress", "progress", reason),
+        straggler_share=settings.straggler_share,
     )
     clip, lr, betas = settings.grad_clip, settings.lr, (0.9, 0.95)
     # fused: one kernel for all tensors; torch's default CPU AdamW loops tensor by tensor (9x slower, BENCHMARKS.md)
