@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import re
@@ -27,10 +28,12 @@ STATE_AVERAGER_LOGGER = "hivemind.optim.state_averager"
 #: times the last download's duration (the first download is assumed to take ``FIRST_LOAD_ESTIMATE_S``).
 IMMINENT_MARGIN = 2.0
 FIRST_LOAD_ESTIMATE_S = 3.0
-#: A peer steps out of averaging rounds when its own link took at least this long (and ``straggler_share`` of
-#: the time between epochs) to send what it sent in a round; for ASIDE_PER_LINK_S times that (at least ASIDE_S),
-#: twice as long each time in a row, at most ASIDE_MAX_S: the rounds it still slows are about a tenth of the swarm's time.
-STRAGGLER_MIN_S = 3.0
+#: A peer steps out of averaging rounds when a round took at least this long (and ``straggler_share`` of the
+#: shortest recent time between epochs) with its own link busy for most of it; for ASIDE_PER_LINK_S times the link's time (at least
+#: ASIDE_S), twice as long each time in a row, at most ASIDE_MAX_S: the rounds it still slows are about a tenth of
+#: the swarm's time.
+STRAGGLER_MIN_S = 5.0
+BUSY_SHARE = 0.75  # ... and our link busy for at least this share of it
 ASIDE_PER_LINK_S = 10.0
 ASIDE_S = 60.0
 ASIDE_MAX_S = 1800.0
@@ -104,12 +107,13 @@ class TrackedOptimizer(hivemind.Optimizer):
     A round's group is only visible on its ``StepControl``; it also shares and loads state through
     ``SafeStateAverager``.
 
-    A straggler steps aside (``straggler_share`` > 0): when our own link took at least
-    ``STRAGGLER_MIN_S`` and ``straggler_share`` of the time between epochs to send what we sent in a
-    gradient round (``UplinkMeter``: our bytes at our link's best rate), we were what that round
-    waited for. We then stay out of averaging rounds for a while and, at each epoch, take up the
+    A straggler steps aside (``straggler_share`` > 0): when a gradient round took at least
+    ``STRAGGLER_MIN_S`` and ``straggler_share`` of the time between epochs, and our own link was busy
+    for most of it sending what we sent (``UplinkMeter``: our bytes at our link's best rate), we were
+    what that round waited for. We then stay out of averaging rounds for a while and, at each epoch, take up the
     swarm's state after its step instead of stepping ourselves: the swarm keeps its pace, we keep
-    its parameters, and our gradients do not count meanwhile.
+    its parameters, and our gradients do not count meanwhile, nor do our samples towards the
+    swarm's target batch (gradient mode; a DiLoCo peer still counts its inner steps).
     """
 
     #: Samples per reporting peer that end an epoch (DiLoCo); None: hivemind's fixed ``target_batch_size``.
@@ -130,7 +134,7 @@ class TrackedOptimizer(hivemind.Optimizer):
         self._straggler_share = straggler_share
         self._uplink = UplinkMeter().start() if straggler_share else None
         self._epoch_began: float | None = None  # time.monotonic() our last epoch update began
-        self._epoch_period: float | None = None  # seconds between our last two epoch updates
+        self._epoch_periods: collections.deque[float] = collections.deque(maxlen=8)  # seconds between our epoch updates
         self._aside_until, self._asides = 0.0, 0  # stepping out of rounds until; times in a row
         super().__init__(*args, **kwargs)
 
@@ -186,7 +190,7 @@ class TrackedOptimizer(hivemind.Optimizer):
     def _update_global_epoch(self, grad_scaler) -> None:
         now = time.monotonic()
         if self._epoch_began is not None:
-            self._epoch_period = now - self._epoch_began
+            self._epoch_periods.append(now - self._epoch_began)
         self._epoch_began = now
         if self.stepping_aside:
             logger.info(f"sitting out epoch {self.local_epoch}'s averaging (our uplink is the swarm's straggler): "
@@ -201,6 +205,12 @@ class TrackedOptimizer(hivemind.Optimizer):
     def stepping_aside(self) -> bool:
         return time.monotonic() < self._aside_until
 
+    def _check_and_accumulate_gradients(self, batch_size: int, grad_scaler) -> bool:
+        if self.stepping_aside:  # our gradients would not count: not accumulated, and not counted in the swarm's epoch
+            self.grad_averager.reset_accumulated_grads_()
+            return True
+        return super()._check_and_accumulate_gradients(batch_size, grad_scaler)
+
     def _maybe_schedule_gradient_averaging(self) -> None:
         if not self.stepping_aside:
             super()._maybe_schedule_gradient_averaging()
@@ -211,20 +221,23 @@ class TrackedOptimizer(hivemind.Optimizer):
 
     def _judge_our_link(self, group_size: int) -> None:
         """After a gradient round: step aside if our own link is what it waited for (see the class docstring)."""
-        if self._uplink is None or group_size < 2 or self._epoch_period is None or self._epoch_began is None:
+        if self._uplink is None or group_size < 2 or not self._epoch_periods or self._epoch_began is None:
             return
+        period = min(self._epoch_periods)  # the swarm's pace when all went well (a reload or a failed round is slower)
         now = time.monotonic()
+        took = now - self._epoch_began
         # a round sends most of our gradient (all of it in client mode): less than a fifth is some other traffic
         ours = sum(param.numel() * param.element_size() for param in self.state_averager.main_parameters)
         link_s = self._uplink.link_seconds(self._epoch_began, now, at_least_bytes=ours // 5)
-        if link_s < max(STRAGGLER_MIN_S, self._straggler_share * self._epoch_period):
+        # a slow round, and our link busy for most of it: we were what it waited for
+        if took < max(STRAGGLER_MIN_S, self._straggler_share * period) or not BUSY_SHARE * took <= link_s <= 1.5 * took:
             self._asides = 0
             return
         seconds = min(ASIDE_MAX_S, max(ASIDE_S, ASIDE_PER_LINK_S * link_s) * 2 ** min(self._asides, 16))
         self._asides += 1
         self._aside_until = now + seconds
         logger.warning(f"our uplink took {link_s:.1f}s to send our part of epoch {self._round_epoch}'s round "
-                       f"({now - self._epoch_began:.1f}s; epochs come every {self._epoch_period:.1f}s): the swarm's "
+                       f"({took:.1f}s; epochs come every {period:.1f}s): the swarm's "
                        f"straggler, stepping out of averaging rounds for {seconds:.0f}s")
 
     def shutdown(self) -> None:

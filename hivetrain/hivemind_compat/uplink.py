@@ -69,7 +69,8 @@ class UplinkMeter:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                self._samples.append((time.monotonic(), transmitted_bytes(self.net_dev.read_text())))
+                sent = transmitted_bytes(self.net_dev.read_text())
+                self._samples.append((time.monotonic(), sent))  # stamped once read: sent by then
             except (OSError, ValueError):
                 pass
             self._stop.wait(SAMPLE_S)

@@ -20,6 +20,10 @@ import threading
 import urllib.parse
 
 import pytest
+from swarm_helpers import stop_and_check
+
+from hivetrain.settings import SwarmSettings
+from hivetrain.swarm.launcher import Swarm
 
 _COUNTER = itertools.count()
 
@@ -163,3 +167,19 @@ def reaching_the_swarm(swarm, ns: Namespace):
     with Forward(ns.host_ip, urllib.parse.urlsplit(swarm.bootstrap_url).port) as boot, Forward(ns.host_ip, redis.port) as store:
         yield {"HIVE_BOOTSTRAP_URL": f"http://{ns.host_ip}:{boot.port}",
                "HIVE_REDIS_URL": swarm.role_urls["miner"].replace(f"@127.0.0.1:{redis.port}/", f"@{ns.host_ip}:{store.port}/")}
+
+
+@contextlib.contextmanager
+def fault_swarm(ns: Namespace, tmp_path, run_id: str, miners: int, env: dict, listen_ip: str | None = None):
+    """A tiny swarm of ``miners`` (no validator) whose DHT peers listen at ``listen_ip`` (``ns.host_ip`` unless
+    given), where ``ns`` reaches them; yields it, started, and the environment a miner inside ``ns`` needs
+    (``reaching_the_swarm``). Stopped at the end, and checked to have left nothing behind."""
+    settings = SwarmSettings(miners=miners, workdir=str(tmp_path), preset="tiny", bootstrap_port=0, validator=False,
+                             run_id=run_id, stop_timeout=45)
+    swarm = Swarm(settings, extra_env={**env, "HIVE_HOST_MADDRS": f'["/ip4/{listen_ip or ns.host_ip}/tcp/0"]'})
+    try:
+        swarm.start()
+        with reaching_the_swarm(swarm, ns) as reached:
+            yield swarm, reached
+    finally:
+        stop_and_check(swarm)

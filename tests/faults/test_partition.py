@@ -9,11 +9,8 @@ import time
 from datetime import datetime
 
 import pytest
-from netns import Namespace, reaching_the_swarm
-from swarm_helpers import peer_id_of, stop_and_check, wait_until
-
-from hivetrain.settings import SwarmSettings
-from hivetrain.swarm.launcher import Swarm
+from netns import Namespace, fault_swarm
+from swarm_helpers import peer_id_of, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -28,43 +25,35 @@ def _state_loads_since(log_path, since: float) -> int:
 
 
 def test_a_miner_cut_off_for_30_s_is_averaged_around_and_rejoins(tmp_path, report):
-    with Namespace() as ns:
-        settings = SwarmSettings(miners=3, workdir=str(tmp_path), preset="tiny", bootstrap_port=0, validator=False,
-                                 run_id="partition", stop_timeout=45)
-        swarm = Swarm(settings, extra_env={**BASE_ENV, "HIVE_HOST_MADDRS": f'["/ip4/{ns.host_ip}/tcp/0"]'})
-        try:
-            swarm.start()
-            with reaching_the_swarm(swarm, ns) as reached:
-                env = {"HIVE_HOST_MADDRS": f'["/ip4/{ns.ip}/tcp/0"]', **reached}
-                cut = swarm.add_miner(env=env, argv=ns.exec(sys.executable, "-m", "hivetrain.miner"))
+    with Namespace() as ns, fault_swarm(ns, tmp_path, "partition", miners=3, env=BASE_ENV) as (swarm, reached):
+        env = {"HIVE_HOST_MADDRS": f'["/ip4/{ns.ip}/tcp/0"]', **reached}
+        cut = swarm.add_miner(env=env, argv=ns.exec(sys.executable, "-m", "hivetrain.miner"))
 
-                def rounds(size: int, after: float, with_cut: bool):
-                    assert cut.alive(), f"the miner in the namespace exited; see {cut.log_path}"
-                    them = peer_id_of(cut)
-                    return [r for r in swarm.summary()["rounds"] if r["kind"] == "gradients" and r["group_size"] == size
-                            and r["time"] >= after and (them in r["peers"]) == with_cut]
+        def rounds(size: int, after: float, with_cut: bool):
+            assert cut.alive(), f"the miner in the namespace exited; see {cut.log_path}"
+            them = peer_id_of(cut)
+            return [r for r in swarm.summary()["rounds"] if r["kind"] == "gradients" and r["group_size"] == size
+                    and r["time"] >= after and (them in r["peers"]) == with_cut]
 
-                wait_until(lambda: rounds(4, 0.0, True), timeout=300, what="a gradient round of all 4 miners")
-                cut_at = time.time()
-                subprocess.run(["ip", "link", "set", ns.host_if, "down"], check=True, timeout=30)
-                around = wait_until(lambda: rounds(3, cut_at, False), timeout=120, what="a round of the 3 without the cut-off miner")
-                time.sleep(max(0.0, cut_at + CUT_S - time.time()))
-                subprocess.run(["ip", "link", "set", ns.host_if, "up"], check=True, timeout=30)
-                restored_at = time.time()
-                back = wait_until(lambda: rounds(4, restored_at, True), timeout=240, what="a round of all 4 after the cut")
-                # it stays in: two more full rounds, and how many state downloads it took to get there
-                wait_until(lambda: len(rounds(4, restored_at, True)) >= 3, timeout=240, what="3 full rounds after the cut")
-                reloads = _state_loads_since(cut.log_path, restored_at)
-                figures = {"cut_s": CUT_S, "first_round_without_it_s": round(min(r["time"] for r in around) - cut_at, 1),
-                           "back_in_a_full_round_s": round(min(r["time"] for r in back) - restored_at, 1),
-                           "state_reloads_after_restore": reloads,
-                           "state_reloads_of_the_other_3": sum(_state_loads_since(m.log_path, restored_at)
-                                                               for m in swarm.miners if m is not cut)}
-                report("partition (1 of 4 miners cut off)", **figures)
-                # the flip-flop (a reload, a missed epoch, a reload...) is worked around (TrackedOptimizer); the goal is
-                # <= 1 reload, and a second one can still come from a straggling round on a loaded machine
-                assert reloads <= 2, f"the restored miner reloaded state {reloads} times: hivemind's out-of-sync flip-flop"
-                if reloads == 2:
-                    pytest.xfail("the restored miner reloaded state twice (issue 14's goal is at most once)")
-        finally:
-            stop_and_check(swarm)
+        wait_until(lambda: rounds(4, 0.0, True), timeout=300, what="a gradient round of all 4 miners")
+        cut_at = time.time()
+        subprocess.run(["ip", "link", "set", ns.host_if, "down"], check=True, timeout=30)
+        around = wait_until(lambda: rounds(3, cut_at, False), timeout=120, what="a round of the 3 without the cut-off miner")
+        time.sleep(max(0.0, cut_at + CUT_S - time.time()))
+        subprocess.run(["ip", "link", "set", ns.host_if, "up"], check=True, timeout=30)
+        restored_at = time.time()
+        back = wait_until(lambda: rounds(4, restored_at, True), timeout=240, what="a round of all 4 after the cut")
+        # it stays in: two more full rounds, and how many state downloads it took to get there
+        wait_until(lambda: len(rounds(4, restored_at, True)) >= 3, timeout=240, what="3 full rounds after the cut")
+        reloads = _state_loads_since(cut.log_path, restored_at)
+        figures = {"cut_s": CUT_S, "first_round_without_it_s": round(min(r["time"] for r in around) - cut_at, 1),
+                   "back_in_a_full_round_s": round(min(r["time"] for r in back) - restored_at, 1),
+                   "state_reloads_after_restore": reloads,
+                   "state_reloads_of_the_other_3": sum(_state_loads_since(m.log_path, restored_at)
+                                                       for m in swarm.miners if m is not cut)}
+        report("partition (1 of 4 miners cut off)", **figures)
+        # the flip-flop (a reload, a missed epoch, a reload...) is worked around (TrackedOptimizer); the goal is
+        # <= 1 reload, and a second one can still come from a straggling round on a loaded machine
+        assert reloads <= 2, f"the restored miner reloaded state {reloads} times: hivemind's out-of-sync flip-flop"
+        if reloads == 2:
+            pytest.xfail("the restored miner reloaded state twice (issue 14's goal is at most once)")
