@@ -28,12 +28,12 @@ STATE_AVERAGER_LOGGER = "hivemind.optim.state_averager"
 #: times the last download's duration (the first download is assumed to take ``FIRST_LOAD_ESTIMATE_S``).
 IMMINENT_MARGIN = 2.0
 FIRST_LOAD_ESTIMATE_S = 3.0
-#: A peer steps out of averaging rounds when a round took at least this long (and ``straggler_share`` of the
-#: shortest recent time between epochs) with its own link busy for most of it; for ASIDE_PER_LINK_S times the link's time (at least
-#: ASIDE_S), twice as long each time in a row, at most ASIDE_MAX_S: the rounds it still slows are about a tenth of
-#: the swarm's time.
+#: A peer steps out of averaging rounds when a round took at least STRAGGLER_MIN_S (and ``straggler_share`` of
+#: the shortest recent time between epochs) with its own link busy for BUSY_SHARE of it or more; for
+#: ASIDE_PER_LINK_S times the link's time (at least ASIDE_S), twice as long each time in a row, at most
+#: ASIDE_MAX_S: the rounds it still slows are about a tenth of the swarm's time.
 STRAGGLER_MIN_S = 5.0
-BUSY_SHARE = 0.75  # ... and our link busy for at least this share of it
+BUSY_SHARE = 0.75
 ASIDE_PER_LINK_S = 10.0
 ASIDE_S = 60.0
 ASIDE_MAX_S = 1800.0
@@ -110,9 +110,9 @@ class TrackedOptimizer(hivemind.Optimizer):
     A straggler steps aside (``straggler_share`` > 0): when a gradient round took at least
     ``STRAGGLER_MIN_S`` and ``straggler_share`` of the time between epochs, and our own link was busy
     for most of it sending what we sent (``UplinkMeter``: our bytes at our link's best rate), we were
-    what that round waited for. We then stay out of averaging rounds for a while and, at each epoch, take up the
-    swarm's state after its step instead of stepping ourselves: the swarm keeps its pace, we keep
-    its parameters, and our gradients do not count meanwhile, nor do our samples towards the
+    what that round waited for. We then stay out of averaging rounds for a while and, at each epoch,
+    take up the swarm's state after its step instead of stepping ourselves: the swarm keeps its pace,
+    we keep its parameters, and our gradients do not count meanwhile, nor do our samples towards the
     swarm's target batch (gradient mode; a DiLoCo peer still counts its inner steps).
     """
 
@@ -206,7 +206,7 @@ class TrackedOptimizer(hivemind.Optimizer):
         return time.monotonic() < self._aside_until
 
     def _check_and_accumulate_gradients(self, batch_size: int, grad_scaler) -> bool:
-        if self.stepping_aside:  # our gradients would not count: not accumulated, and not counted in the swarm's epoch
+        if self.stepping_aside:  # our gradients would not count: not accumulated, nor counted in the swarm's epoch
             self.grad_averager.reset_accumulated_grads_()
             return True
         return super()._check_and_accumulate_gradients(batch_size, grad_scaler)
