@@ -1,6 +1,6 @@
 """Bootstrap under load: requests/s and p50/p99 latency of /initial_peers with 1,000 live signed peers.
 
-Starts a real Redis (``hivetrain.redis_server.start_redis``) and ``python -m hivetrain.bootstrap``
+Starts a real Redis (``hivetrain.swarm.redis_server.start_redis``) and ``python -m hivetrain.bootstrap``
 (its DHT peer plus gunicorn) as process groups on 127.0.0.1, registers ``--peers`` miners, each
 signed by its own sr25519 hotkey and kept alive by a heartbeat thread (every peer re-registered
 every 10 s, as miners do), then fires a fixed number of requests from ``--concurrency`` client
@@ -28,12 +28,12 @@ from pathlib import Path
 from bittensor import sp_core
 
 from bench.common import exit_on_sigterm, percentile, table, write_result
-from hivetrain import procs
+from hivetrain.swarm import procs
 from hivetrain.identity import Domain
 from hivetrain.log import get_logger
 from hivetrain.protocol.binding import bind_identity, identity_peer_id, new_ed25519_identity
 from hivetrain.protocol.records import HEARTBEAT_INTERVAL_S, Keys, PeerRecord
-from hivetrain.redis_server import start_redis
+from hivetrain.swarm.redis_server import start_redis
 from hivetrain.store import Registry, connect_redis
 
 logger = get_logger("bench.bootstrap_load")

@@ -25,7 +25,7 @@ from bench.common import table, write_result
 from hivetrain.identity import Domain, load_or_create_wallet
 from hivetrain.protocol.binding import bind_identity, identity_peer_id, new_ed25519_identity
 from hivetrain.protocol.records import Keys, PeerRecord, StepRecord
-from hivetrain.redis_server import start_redis
+from hivetrain.swarm.redis_server import start_redis
 from hivetrain.settings import ValidatorSettings
 from hivetrain.store import Registry, append, connect_redis
 from hivetrain.validator.app import create_app

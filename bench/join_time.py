@@ -27,10 +27,10 @@ from datetime import datetime
 from pathlib import Path
 
 from bench.common import exit_on_sigterm, table, write_result
-from hivetrain.identity import Domain
+
 from hivetrain.log import get_logger
 from hivetrain.protocol.records import Keys, StepRecord
-from hivetrain.settings import SwarmSettings
+from hivetrain.settings import SwarmSettings, domain_of
 from hivetrain.store import connect_redis, read_stream
 from hivetrain.swarm.launcher import Swarm
 
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     swarm = Swarm(settings)
     try:
         swarm.start()
-        keys, domain = Keys(settings.run_id), Domain.of(settings)
+        keys, domain = Keys(settings.run_id), domain_of(settings)
         client = connect_redis(swarm.redis_url)
 
         def swarm_epoch():

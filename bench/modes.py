@@ -42,7 +42,7 @@ from safetensors.torch import load_file
 from bench.common import RESULTS, exit_on_sigterm, table, write_result
 from bench.plots import COLOUR_NAMES, plot
 from bench.swarm_runs import background_lo_rate, lo_bytes, per_miner, tiny_swarm
-from hivetrain.identity import Domain
+
 from hivetrain.models import build_model, model_config
 from hivetrain.protocol.checkpoints import list_checkpoints, read_trainer_state
 from hivetrain.protocol.records import Keys, RoundRecord, StepRecord
@@ -50,6 +50,7 @@ from hivetrain.protocol.training import param_groups
 from hivetrain.store import connect_redis, read_stream
 from hivetrain.tokenizer import load_tokenizer
 from hivetrain.validator.evaluate import evaluate
+from hivetrain.settings import domain_of
 
 BATCH = 4  # the tiny preset's
 TINY_TARGET = 96
@@ -93,7 +94,7 @@ def run_mode(name: str, env: dict[str, str], miners: int, samples: int, checkpoi
     workdir = swarm.workdir
     try:
         swarm.start()
-        client, keys, domain = connect_redis(swarm.redis_url), Keys(settings.run_id), Domain.of(settings)
+        client, keys, domain = connect_redis(swarm.redis_url), Keys(settings.run_id), domain_of(settings)
         started, bytes_before = time.time(), lo_bytes()
         deadline, trained, shown = time.monotonic() + timeout, 0, 0.0
         while trained < samples:

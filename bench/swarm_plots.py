@@ -20,9 +20,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from hivetrain.identity import Domain  # noqa: E402
 from hivetrain.protocol.records import EvalRecord, Keys, StepRecord  # noqa: E402
-from hivetrain.settings import SwarmSettings  # noqa: E402
+from hivetrain.settings import SwarmSettings, domain_of  # noqa: E402
 from hivetrain.store import connect_redis, read_stream  # noqa: E402
 from hivetrain.swarm.launcher import Swarm  # noqa: E402
 
@@ -48,7 +47,7 @@ def record(miners: int, duration: float) -> dict:
         deadline = time.monotonic() + duration
         while time.monotonic() < deadline and not swarm.failed_services():
             time.sleep(2)
-        client, keys, domain = connect_redis(swarm.redis_url), Keys(settings.run_id), Domain.of(settings)
+        client, keys, domain = connect_redis(swarm.redis_url), Keys(settings.run_id), domain_of(settings)
         steps = read_stream(client, keys, domain, StepRecord)
         evals = read_stream(client, keys, domain, EvalRecord)
     finally:

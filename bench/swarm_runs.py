@@ -26,9 +26,9 @@ from pathlib import Path
 
 import psutil
 
-from hivetrain.identity import Domain
+
 from hivetrain.protocol.records import Keys, RoundRecord, StepRecord
-from hivetrain.settings import MinerSettings, SwarmSettings
+from hivetrain.settings import MinerSettings, SwarmSettings, domain_of
 from hivetrain.store import connect_redis, read_stream
 from hivetrain.swarm.launcher import Swarm, preset_env
 
@@ -84,7 +84,7 @@ def run(name: str, env: dict[str, str], miners: int = 2, duration: float = 45.0,
     workdir = swarm.workdir
     try:
         swarm.start()
-        client, keys, domain = connect_redis(swarm.redis_url), Keys(settings.run_id), Domain.of(settings)
+        client, keys, domain = connect_redis(swarm.redis_url), Keys(settings.run_id), domain_of(settings)
         deadline = time.monotonic() + timeout
         while len({s.peer_id for s in read_stream(client, keys, domain, StepRecord, count=200)}) < miners:
             if time.monotonic() > deadline:

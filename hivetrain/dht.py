@@ -7,26 +7,28 @@ from pathlib import Path
 import hivemind
 
 from hivetrain.log import get_logger
-from hivetrain.settings import DHTSettings
 
 logger = get_logger(__name__)
 
 
-def make_dht(settings: DHTSettings, initial_peers: list[str] | None = None, client_mode: bool = False,
-             use_auto_relay: bool = False, **kwargs) -> hivemind.DHT:
-    """Start a DHT peer (a forked child process plus p2pd) configured from ``settings``.
+def make_dht(initial_peers: list[str] | None = None, *, host_maddrs: list[str], announce_maddrs: list[str] = (),
+             identity_path: str = "", use_relay: bool = True, client_mode: bool = False, use_auto_relay: bool = False,
+             **kwargs) -> hivemind.DHT:
+    """Start a DHT peer (a forked child process plus p2pd) that dials ``initial_peers``.
 
+    ``host_maddrs``, ``announce_maddrs``, ``identity_path`` and ``use_relay`` are the ``HIVE_*`` settings of
+    those names (``DHTSettings.dht_options()``); ``client_mode``: the peer dials out only.
     ``use_auto_relay``: the peer is behind NAT (not in client mode) and gets dialled through relays.
     Raises ``ValueError`` for settings the daemon would reject, with what to change.
     """
-    identity = settings.identity_path or None
+    identity = identity_path or None
     if identity:
         Path(identity).parent.mkdir(parents=True, exist_ok=True)
-    host_maddrs = list(settings.host_maddrs)
+    host_maddrs = list(host_maddrs)
     if client_mode:
         host_maddrs = []  # a client dials out only; nothing listens
     elif use_auto_relay:
-        if not settings.use_relay:
+        if not use_relay:
             raise ValueError("HIVE_USE_AUTO_RELAY needs HIVE_USE_RELAY=true (or use HIVE_CLIENT_MODE=true instead)")
         # libp2p looks for relays only once AutoNAT calls the peer private, and AutoNAT only asks peers to dial
         # back to public addresses: behind a firewall with private ones, or with too few peers, that never
@@ -38,10 +40,10 @@ def make_dht(settings: DHTSettings, initial_peers: list[str] | None = None, clie
         return hivemind.DHT(
             initial_peers=list(initial_peers or []),
             host_maddrs=host_maddrs,
-            announce_maddrs=list(settings.announce_maddrs) or None,
+            announce_maddrs=list(announce_maddrs) or None,
             identity_path=identity,
             client_mode=client_mode,
-            use_relay=settings.use_relay,
+            use_relay=use_relay,
             start=True,
             **kwargs,
         )

@@ -8,7 +8,7 @@ signature made for another one, e.g. bittensor's ``btauth/1`` HTTP headers, can 
 as an envelope) and the ``Domain``: the run id and, on Bittensor, the subnet's netuid. A record
 signed in one run or subnet therefore fails verification in every other, even where two runs
 share a Redis or a validator. A service builds its ``Domain`` once from its settings
-(``Domain.of``) and hands it to ``sign`` and to its ``Verifier``s; neither has a default.
+(``hivetrain.settings.domain_of``) and hands it to ``sign`` and to its ``Verifier``s; neither has a default.
 
 ``Verifier.verify`` checks, in this order: shape (``MalformedEnvelope``), signature in the
 verifier's domain (``InvalidSignature``, also for an authentic record of another run or subnet),
@@ -18,7 +18,7 @@ always authentic (an honest peer with a skewed clock, not an attacker), and the 
 written only after the signature verifies, so forged traffic cannot burn a real peer's nonces.
 
 Nonce stores follow bittensor's ``http_auth.NonceStore`` protocol (``check_and_store``), so the
-same store can back ``bt.http_auth.verify`` in an HTTP API: ``RedisNonceStore`` (``SET NX EX``,
+same store can back ``bt.http_auth.verify`` in an HTTP API: ``hivetrain.store.RedisNonceStore`` (``SET NX EX``,
 shared by every validator process) or ``bt.http_auth.InMemoryNonceStore`` for unit tests.
 """
 
@@ -30,19 +30,14 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import bittensor as bt
-import redis
 from bittensor.sp_core import CRYPTO_SR25519, get_password_from_environment
 from bittensor.sp_core import verify as _sr25519_verify
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from hivetrain.log import get_logger
-from hivetrain.protocol.records import Keys
-
-if TYPE_CHECKING:
-    from hivetrain.settings import ServiceSettings
 
 logger = get_logger(__name__)
 
@@ -102,7 +97,7 @@ class Domain:
     """Where a signature is valid: one run (``run_id``) on one chain (``netuid`` on Bittensor, None locally).
 
     Every signed message starts with ``separator(tag)``, so a signature made under one domain
-    verifies under no other. Build it with ``Domain.of(settings)``: every service of a run reads the
+    verifies under no other. Build it with ``hivetrain.settings.domain_of``: every service of a run reads the
     same ``HIVE_RUN_ID``, ``HIVE_CHAIN`` and ``HIVE_NETUID`` and so derives the same domain.
     """
 
@@ -116,11 +111,6 @@ class Domain:
         if netuid is not None and (isinstance(netuid, bool) or not isinstance(netuid, int) or netuid < 0):
             raise ValueError(f"netuid must be a subnet uid (an int >= 0) on Bittensor, or None on the local chain; got {netuid!r}")
 
-    @classmethod
-    def of(cls, settings: "ServiceSettings") -> "Domain":
-        """The domain of a service: its run id and, when ``chain`` is ``bittensor``, its netuid."""
-        return cls(settings.run_id, settings.netuid if settings.chain == "bittensor" else None)
-
     def separator(self, tag: str) -> bytes:
         """``{tag}\\n{run_id}\\n{netuid or 'local'}\\n``: what opens every message signed for ``tag`` in this domain."""
         if not tag or "\n" in tag:
@@ -133,7 +123,7 @@ class Domain:
 
 def _domain(domain: Any) -> "Domain":
     if not isinstance(domain, Domain):
-        raise ValueError(f"pass the service's identity.Domain (Domain.of(settings)), not {type(domain).__name__}: "
+        raise ValueError(f"pass the service's identity.Domain (settings.domain_of(settings)), not {type(domain).__name__}: "
                          "a signature must name its run and subnet")
     return domain
 
@@ -224,25 +214,6 @@ class NonceStore(Protocol):
     def check_and_store(self, hotkey_ss58: str, nonce: Any) -> bool: ...
 
 
-class RedisNonceStore:
-    """Seen nonces in Redis (``SET key 1 NX EX retention``), shared by every verifier process."""
-
-    def __init__(self, client: redis.Redis, keys: Keys, retention_s: float = DEFAULT_WINDOW_S + DEFAULT_FUTURE_SKEW_S,
-                 scope: str = ""):
-        """``scope`` keeps a separate memory under the run's keys (e.g. one per validator); '' = the run's shared one."""
-        if retention_s <= 0:
-            raise ValueError(f"retention_s must be positive, got {retention_s}")
-        self.client, self.keys = client, keys
-        self.retention = float(retention_s)
-        self.prefix = f"{keys.prefix}:nonce:" + (f"{scope}:" if scope else "")
-
-    def key(self, hotkey_ss58: str, nonce: Any) -> str:
-        return f"{self.prefix}{hotkey_ss58}:{nonce}"  # under the run's keys: its services' Redis users may touch only those
-
-    def check_and_store(self, hotkey_ss58: str, nonce: Any) -> bool:
-        return bool(self.client.set(self.key(hotkey_ss58, nonce), 1, nx=True, ex=math.ceil(self.retention)))
-
-
 def verify_signature(envelope: SignedEnvelope | dict | str | bytes, domain: Domain) -> SignedEnvelope:
     """The envelope if its hotkey signed exactly this body in ``domain``; no freshness or nonce check.
 
@@ -281,12 +252,6 @@ class Verifier:
                   future_skew_s: float = DEFAULT_FUTURE_SKEW_S) -> "Verifier":
         """A verifier for ``domain`` whose nonce memory is this process only (tests, single-process tools)."""
         return cls(bt.http_auth.InMemoryNonceStore(retention=window_s + future_skew_s), domain, window_s, future_skew_s)
-
-    @classmethod
-    def with_redis(cls, client: redis.Redis, keys: Keys, domain: Domain, window_s: float = DEFAULT_WINDOW_S,
-                   future_skew_s: float = DEFAULT_FUTURE_SKEW_S) -> "Verifier":
-        """A verifier for ``domain`` whose nonce memory is shared through Redis by every process of the run."""
-        return cls(RedisNonceStore(client, keys, window_s + future_skew_s), domain, window_s, future_skew_s)
 
     def verify(self, envelope: SignedEnvelope | dict | str | bytes, now: float | None = None) -> dict:
         """The payload of an authentic, fresh, first-seen envelope; ``VerificationError`` otherwise."""

@@ -13,7 +13,7 @@ import json
 import sys
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -30,6 +30,9 @@ from pydantic_core import to_jsonable_python
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
 from hivetrain.protocol.spotcheck import MAX_BATCH, MAX_DIM, SPOT_CHECK_THRESHOLD
+
+if TYPE_CHECKING:
+    from hivetrain.identity import Domain
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_BOOTSTRAP_URL = "http://127.0.0.1:8000"
@@ -94,6 +97,11 @@ class DHTSettings(ServiceSettings):
     )
     identity_path: str = Field("", description="file with the libp2p private key, so the peer id survives restarts; empty = a new id each start")
     use_relay: bool = Field(True, description="relay connections between peers that cannot dial each other (libp2p circuit relay); keep it on where miners may sit behind NAT")
+
+    def dht_options(self) -> dict:
+        """The keyword arguments ``hivetrain.dht.make_dht`` takes from these settings."""
+        return dict(host_maddrs=list(self.host_maddrs), announce_maddrs=list(self.announce_maddrs),
+                    identity_path=self.identity_path, use_relay=self.use_relay)
 
     @field_validator("host_maddrs", "announce_maddrs")
     @classmethod
@@ -310,6 +318,17 @@ SERVICE_SETTINGS: dict[str, type[ServiceSettings]] = {
     "miner": MinerSettings,
     "validator": ValidatorSettings,
 }
+
+
+def domain_of(settings: ServiceSettings) -> "Domain":
+    """The signature domain of a service: its run id and, when ``chain`` is ``bittensor``, its netuid.
+
+    Every service of a run reads the same ``HIVE_RUN_ID``, ``HIVE_CHAIN`` and ``HIVE_NETUID`` and so
+    derives the same domain.
+    """
+    from hivetrain.identity import Domain  # bittensor loads with it: not for every settings import (--help)
+
+    return Domain(settings.run_id, settings.netuid if settings.chain == "bittensor" else None)
 
 
 def env_names(model: type[BaseSettings]) -> set[str]:

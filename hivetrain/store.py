@@ -8,49 +8,44 @@ Every reader and writer here takes the ``Domain`` along with the run's ``Keys``;
 the same run.
 
 Who writes what: the validator and the bootstrap hold Redis users that may write their run's keys;
-a miner's only reads (``hivetrain.redis_server.role_rules``). A miner's registration and telemetry
-go to the bootstrap (``hivetrain.reporting``), which checks them and stores them as signed
+a miner's only reads (``hivetrain.swarm.redis_server.role_rules``). A miner's registration and telemetry
+go to the bootstrap (``hivetrain.miner.reporting``), which checks them and stores them as signed
 (``Registry.store_signed``, ``hivetrain.bootstrap.ingest``).
 
 The run's shard salt (``shard_salt``) is not signed: readers check its form and refuse junk, and
 the services that choose it (bootstrap, validators) overwrite junk with a salt of their own.
 
-Sending records without ever making training wait: ``hivetrain.reporting``.
+Sending records without ever making training wait: ``hivetrain.miner.reporting``. How records are
+packed into envelopes and unpacked: ``hivetrain.protocol.envelopes``. Seen nonces, shared by every
+verifier of a run: ``RedisNonceStore``.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import secrets
-import threading
 import time
 import urllib.parse
+from typing import Any
 
 import redis
 
-from hivetrain.identity import Domain, SignedEnvelope, VerificationError, Verifier, sign, verify_signature
+from hivetrain.identity import DEFAULT_FUTURE_SKEW_S, DEFAULT_WINDOW_S, Domain, VerificationError, Verifier
 from hivetrain.log import get_logger
 from hivetrain.protocol.binding import binding_problem
-from hivetrain.protocol.discovery import BootstrapUnavailable
+from hivetrain.protocol.envelopes import STREAMS, decode_entry, parse_record, same_run, signed_registration, stream_fields
 from hivetrain.protocol.records import (
     BOOTSTRAP_TTL_S,
-    EVALS_STREAM_MAXLEN,
     MAX_PEERS_PER_HOTKEY,
     MAX_REGISTRATION_BYTES,
-    OFFENCES_STREAM_MAXLEN,
     PEER_TTL_S,
-    ROUNDS_STREAM_MAXLEN,
     SHARD_SALT_HEX_CHARS,
-    STEPS_STREAM_MAXLEN,
     BootstrapRecord,
     Departure,
-    EvalRecord,
     Keys,
-    OffenceRecord,
     PeerRecord,
     Record,
-    RoundRecord,
-    StepRecord,
 )
 
 logger = get_logger(__name__)
@@ -76,14 +71,30 @@ def connect_redis(url: str, timeout: float = 2.0) -> redis.Redis:
 BINDINGS_KEPT = 10_000
 
 
-def same_run(keys: Keys, domain: Domain) -> Domain:
-    """``domain``, once it is checked to be a ``Domain`` of the run ``keys`` name (a wiring mistake otherwise)."""
-    if not isinstance(domain, Domain):
-        raise ValueError(f"pass the run's identity.Domain (Domain.of(settings)), not {type(domain).__name__}")
-    if domain.run_id != keys.run_id:
-        raise ValueError(f"keys of run {keys.run_id!r} with the signature domain of run {domain.run_id!r}: "
-                         "build both from the same settings (Keys(s.run_id), Domain.of(s))")
-    return domain
+class RedisNonceStore:
+    """Seen nonces in Redis (``SET key 1 NX EX retention``), shared by every verifier process."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, retention_s: float = DEFAULT_WINDOW_S + DEFAULT_FUTURE_SKEW_S,
+                 scope: str = ""):
+        """``scope`` keeps a separate memory under the run's keys (e.g. one per validator); '' = the run's shared one."""
+        if retention_s <= 0:
+            raise ValueError(f"retention_s must be positive, got {retention_s}")
+        self.client, self.keys = client, keys
+        self.retention = float(retention_s)
+        self.prefix = f"{keys.prefix}:nonce:" + (f"{scope}:" if scope else "")
+
+    def key(self, hotkey_ss58: str, nonce: Any) -> str:
+        return f"{self.prefix}{hotkey_ss58}:{nonce}"  # under the run's keys: its services' Redis users may touch only those
+
+    def check_and_store(self, hotkey_ss58: str, nonce: Any) -> bool:
+        return bool(self.client.set(self.key(hotkey_ss58, nonce), 1, nx=True, ex=math.ceil(self.retention)))
+
+
+def redis_verifier(client: redis.Redis, keys: Keys, domain: Domain, window_s: float = DEFAULT_WINDOW_S,
+                   future_skew_s: float = DEFAULT_FUTURE_SKEW_S) -> Verifier:
+    """A ``Verifier`` for ``domain`` whose nonce memory is shared through Redis by every process of the run."""
+    return Verifier(RedisNonceStore(client, keys, window_s + future_skew_s), same_run(keys, domain), window_s,
+                    future_skew_s)
 
 
 class Refused(ValueError):
@@ -92,18 +103,6 @@ class Refused(ValueError):
     def __init__(self, message: str, status: int = 400):
         super().__init__(message)
         self.status = status
-
-
-def signed_registration(record: PeerRecord, signer, domain: Domain) -> tuple[bytes, float]:
-    """(the envelope to store, its time): ``record`` stamped now, with the signer's hotkey, signed for ``domain``."""
-    now = time.time()
-    record = record.model_copy(update={"last_seen": now, "hotkey": signer.hotkey.ss58_address})
-    envelope = sign(signer, domain, record.model_dump(mode="json"), timestamp=now)
-    envelope = SignedEnvelope.model_validate(envelope).model_dump_json().encode()
-    if len(envelope) > MAX_REGISTRATION_BYTES:
-        raise ValueError(f"registration of {record.peer_id} is {len(envelope)} bytes, over {MAX_REGISTRATION_BYTES}: "
-                         "readers would drop it; register fewer or shorter addresses")
-    return envelope, now
 
 
 class Registry:
@@ -268,20 +267,7 @@ class Registry:
         if not ids:
             return []
         raws = self.client.mget([self.keys.bootstrap(pid.decode()) for pid in ids])
-        return [r for r in (_parse(BootstrapRecord, raw) for raw in raws) if r is not None]
-
-
-def _parse(model: type[Record], raw: bytes | None):
-    if raw is None:
-        return None
-    if len(raw) > MAX_REGISTRATION_BYTES:
-        logger.warning(f"dropping a {model.__name__} of {len(raw)} bytes, over {MAX_REGISTRATION_BYTES}")
-        return None
-    try:
-        return model.from_json(raw)
-    except ValueError:
-        logger.warning(f"dropping a malformed {model.__name__}: {raw[:200]!r}")
-        return None
+        return [r for r in (parse_record(BootstrapRecord, raw) for raw in raws) if r is not None]
 
 
 _SALT = re.compile(r"[0-9a-f]{%d}" % SHARD_SALT_HEX_CHARS)
@@ -348,54 +334,6 @@ def shard_salt(client: redis.Redis, keys: Keys, create: bool, new_salt: str | No
     raise redis.RedisError(f"{key} changed under each of {SALT_WRITE_TRIES} writes; something keeps rewriting it")
 
 
-def wait_for_shard_salt(client: redis.Redis, keys: Keys, wait_s: float, stop: threading.Event | None = None,
-                        poll_s: float = 1.0) -> str:
-    """The run's shard salt, read every ``poll_s`` until the bootstrap (or a validator) has published it.
-
-    Redis errors count as not published yet. Raises ``BootstrapUnavailable`` after ``wait_s`` seconds,
-    or when ``stop`` is set, saying what to check.
-    """
-    deadline, waiting, last = time.monotonic() + wait_s, False, "nothing there"
-    stop = stop or threading.Event()
-    while True:
-        try:
-            salt = shard_salt(client, keys, create=False)
-            last = "nothing there, or junk (see the warnings above)"
-        except redis.RedisError as error:  # Redis boundary: unreachable is the same as not published yet
-            salt, last = None, f"Redis: {type(error).__name__}: {error}"
-        if salt is not None:
-            return salt
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or stop.is_set():
-            raise BootstrapUnavailable(
-                f"no shard salt at {keys.shard_salt} after {wait_s:.0f}s ({last}). The bootstrap publishes it when it "
-                "starts: check that it runs with this HIVE_REDIS_URL and HIVE_RUN_ID, or wait longer with HIVE_BOOTSTRAP_WAIT_S")
-        if not waiting:
-            logger.info(f"waiting for the bootstrap to publish the run's shard salt at {keys.shard_salt} "
-                        f"(up to {wait_s:.0f}s)")
-            waiting = True
-        stop.wait(min(poll_s, remaining))
-
-
-#: Each stream's record type -> (its attribute of ``Keys``, its approximate MAXLEN, whether entries are signed).
-STREAMS = {
-    StepRecord: ("steps", STEPS_STREAM_MAXLEN, True),
-    RoundRecord: ("rounds", ROUNDS_STREAM_MAXLEN, True),
-    OffenceRecord: ("offences", OFFENCES_STREAM_MAXLEN, True),
-    EvalRecord: ("evals", EVALS_STREAM_MAXLEN, False),  # written by the validator for its own API
-}
-
-
-def stream_fields(record: Record, domain: Domain, signer=None) -> dict:
-    attr, _, signed = STREAMS[type(record)]
-    if signed:
-        if signer is None:
-            raise ValueError(f"{type(record).__name__} telemetry must be signed: pass the writer's wallet")
-        envelope = sign(signer, domain, record.model_dump(mode="json"), timestamp=record.time)
-        return {"env": SignedEnvelope.model_validate(envelope).model_dump_json()}
-    return {"json": record.to_json()}
-
-
 def xadd_capped(client, keys: Keys, model: type[Record], fields: dict) -> None:
     """XADD ``fields`` to ``model``'s stream, trimmed to its MAXLEN (``client`` may be a pipeline)."""
     attr, maxlen, _ = STREAMS[model]
@@ -405,28 +343,6 @@ def xadd_capped(client, keys: Keys, model: type[Record], fields: dict) -> None:
 def append(client: redis.Redis, keys: Keys, domain: Domain, record: Record, signer=None) -> None:
     """XADD one record to its capped stream (signed by ``signer`` for ``domain`` where the contract asks for it)."""
     xadd_capped(client, keys, type(record), stream_fields(record, same_run(keys, domain), signer))
-
-
-def decode_entry(model: type[Record], fields: dict, domain: Domain) -> tuple[Record, str] | None:
-    """(record, signer hotkey) of one stream entry, or None when it is malformed or not authentic.
-
-    Signed entries are checked by signature alone (history: freshness is not asked), in ``domain``:
-    an entry signed for another run or subnet is not authentic here. A consumer that must read each
-    entry once (freshness, nonce) uses a ``Verifier`` instead (``hivetrain.validator.claims``).
-    """
-    _, _, signed = STREAMS[model]
-    if not signed:
-        record = _parse(model, fields.get(b"json"))
-        return None if record is None else (record, "")
-    raw = fields.get(b"env")
-    if raw is None:
-        return None
-    try:
-        envelope = verify_signature(raw, domain)
-        return model.model_validate(envelope.payload), envelope.hotkey
-    except (VerificationError, ValueError) as error:
-        logger.debug(f"dropping a {model.__name__}: {error}")
-        return None
 
 
 def read_stream(client: redis.Redis, keys: Keys, domain: Domain, model: type[Record], count: int | None = None) -> list:
@@ -439,7 +355,3 @@ def read_stream(client: redis.Redis, keys: Keys, domain: Domain, model: type[Rec
         entries = list(reversed(client.xrevrange(getattr(keys, attr), count=count)))
     decoded = (decode_entry(model, fields, domain) for _, fields in entries)
     return [d[0] for d in decoded if d is not None]
-
-
-#: Streams a miner may post to the bootstrap (``POST /v1/telemetry``), by their name on the wire.
-INGEST_STREAMS: dict[str, type[Record]] = {"steps": StepRecord, "rounds": RoundRecord, "offences": OffenceRecord}

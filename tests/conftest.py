@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import redis
 
-from hivetrain import procs
-from hivetrain.redis_server import start_redis
+from hivetrain.swarm import procs
+from hivetrain.swarm.redis_server import start_redis
 
 
 @pytest.fixture(scope="session", autouse=True)
 def nothing_left_running():
-    """At the very end: every process the tests started through ``hivetrain.procs`` is gone, with its
+    """At the very end: every process the tests started through ``hivetrain.swarm.procs`` is gone, with its
     descendants (p2pd, gunicorn, torch_shm_manager, which leaves its session), and no shared-memory segment
     of theirs had to be removed from /dev/shm. Leftovers are killed, then named."""
     yield

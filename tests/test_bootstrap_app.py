@@ -9,7 +9,7 @@ import pytest
 import redis
 from bound_peers import bound
 
-from hivetrain import procs
+from hivetrain.swarm import procs
 from hivetrain.bootstrap.app import ADDRS_PER_PEER, create_app
 from hivetrain.identity import Domain, sign
 from hivetrain.protocol.records import MAX_MULTIADDRS, BootstrapRecord, Keys, PeerRecord

@@ -7,11 +7,11 @@ import time
 
 import pytest
 
-from hivetrain import procs
+from hivetrain.swarm import procs
 from hivetrain.bootstrap.peer import publish_until_stopped
 from hivetrain.identity import Domain
 from hivetrain.protocol.records import Keys
-from hivetrain.redis_server import start_redis
+from hivetrain.swarm.redis_server import start_redis
 from hivetrain.store import Registry, connect_redis, is_shard_salt, shard_salt
 
 ADDR = "/ip4/127.0.0.1/tcp/31337/p2p/QmFake"

@@ -29,7 +29,7 @@ from hivetrain.miner.metrics import MinerMetrics
 from hivetrain.miner.train import challenge_block_limit
 from hivetrain.miner.validators import EARLY_READ_S, ValidatorList
 from hivetrain.protocol.spotcheck import CHALLENGE_PASSES, MAX_DIM
-from hivetrain.redis_server import start_redis
+from hivetrain.swarm.redis_server import start_redis
 from hivetrain.store import connect_redis
 from hivetrain.tokenizer import load_tokenizer
 

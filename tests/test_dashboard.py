@@ -14,8 +14,8 @@ from bound_peers import bound
 from bound_peers import peer_id as pid
 from browser import chromium, console_errors, require_chromium, screenshot, wait_for
 
-from hivetrain import procs
-from hivetrain.gunicorn import start_gunicorn, stop_gunicorn
+from hivetrain.swarm import procs
+from hivetrain.runtime.gunicorn import start_gunicorn, stop_gunicorn
 from hivetrain.identity import Domain, load_or_create_wallet
 from hivetrain.protocol.records import (
     VALIDATOR_TTL_S,

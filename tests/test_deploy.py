@@ -30,10 +30,11 @@ import requests
 import yaml
 from pydantic import ValidationError
 
-from hivetrain import procs
+from hivetrain.swarm import procs
 from hivetrain.identity import Domain
-from hivetrain.redis_server import ROLES, role_rules
+from hivetrain.swarm.redis_server import ROLES, role_rules
 from hivetrain.settings import (
+    domain_of,
     SERVICE_SETTINGS,
     MinerSettings,
     SwarmSettings,
@@ -761,7 +762,7 @@ def test_every_service_of_a_swarm_derives_its_signature_domain(tmp_path, monkeyp
     swarm.bootstrap_url = "http://127.0.0.1:18000"
     launched = {"bootstrap": swarm.bootstrap_env(18000), "miner": swarm.miner_env(0), "validator": swarm.validator_env(18100)}
     for service, env in launched.items():
-        assert Domain.of(_assert_valid(service, _hive(env), monkeypatch, "launcher")) == Domain("dom", 3), service
+        assert domain_of(_assert_valid(service, _hive(env), monkeypatch, "launcher")) == Domain("dom", 3), service
     composed = docker_engine.compose_env(settings.model_copy(update={"engine": "docker"}), {})
     assert (composed["HIVE_RUN_ID"], composed["HIVE_CHAIN"], composed["HIVE_NETUID"]) == ("dom", "bittensor", "3")
     for service in SERVICE_SETTINGS:  # compose hands the three to every service, the bootstrap included

@@ -8,7 +8,7 @@ import time
 import pytest
 from hivemind.utils import get_dht_time
 
-from hivetrain import procs
+from hivetrain.swarm import procs
 from hivetrain.dht import make_dht, visible_maddrs
 from hivetrain.settings import DHTSettings
 
@@ -27,11 +27,11 @@ def test_peers_meet_through_a_dns4_announce_address(monkeypatch):
     announced = f"/dns4/localhost/tcp/{port}"
     first = second = None
     try:
-        first = make_dht(DHTSettings(host_maddrs=[f"/ip4/127.0.0.1/tcp/{port}"], announce_maddrs=[announced],
-                                     use_relay=False))
+        first = make_dht(**DHTSettings(host_maddrs=[f"/ip4/127.0.0.1/tcp/{port}"], announce_maddrs=[announced],
+                                       use_relay=False).dht_options())
         assert visible_maddrs(first) == [f"{announced}/p2p/{first.peer_id}"], "the peer announces the dns4 address only"
-        second = make_dht(DHTSettings(host_maddrs=["/ip4/127.0.0.1/tcp/0"], use_relay=False),
-                          initial_peers=[f"{announced}/p2p/{first.peer_id}"])
+        second = make_dht([f"{announced}/p2p/{first.peer_id}"],
+                          **DHTSettings(host_maddrs=["/ip4/127.0.0.1/tcp/0"], use_relay=False).dht_options())
         assert second.store("dns4-probe", "from-second", get_dht_time() + 60), "the second peer stored its record nowhere"
         deadline, found = time.monotonic() + CONNECT_TIMEOUT_S, None
         while time.monotonic() < deadline:

@@ -49,11 +49,11 @@ from http_fuzz import (
     wait_healthy,
 )
 
-from hivetrain import procs
+from hivetrain.swarm import procs
 from hivetrain.bootstrap.__main__ import APP_SPEC as BOOTSTRAP_SPEC
 from hivetrain.bootstrap.app import create_app as create_bootstrap_app
 from hivetrain.chain import LocalChain
-from hivetrain.gunicorn import THREADS, start_gunicorn, stop_gunicorn
+from hivetrain.runtime.gunicorn import THREADS, start_gunicorn, stop_gunicorn
 from hivetrain.identity import Domain, load_or_create_wallet, sign
 from hivetrain.miner.challenge import MAX_BODY_BYTES, ChallengeLimits, ChallengeServer
 from hivetrain.miner.health import TrainingHealth

@@ -26,7 +26,8 @@ from hivetrain.identity import (
     verify_signature,
 )
 from hivetrain.protocol.records import Keys
-from hivetrain.settings import SERVICE_SETTINGS, SwarmSettings, load_settings
+from hivetrain.store import redis_verifier
+from hivetrain.settings import SERVICE_SETTINGS, SwarmSettings, domain_of, load_settings
 
 ALICE = Keypair.create_from_uri("//Alice")
 BOB = Keypair.create_from_uri("//Bob")
@@ -110,8 +111,8 @@ def test_replay_within_window_fails_in_memory():
 
 def test_replay_across_verifiers_sharing_redis(redis_url):
     keys = Keys("idtest")
-    first = Verifier.with_redis(redis.Redis.from_url(redis_url), keys, DOMAIN, window_s=30)
-    second = Verifier.with_redis(redis.Redis.from_url(redis_url), keys, DOMAIN, window_s=30)
+    first = redis_verifier(redis.Redis.from_url(redis_url), keys, DOMAIN, window_s=30)
+    second = redis_verifier(redis.Redis.from_url(redis_url), keys, DOMAIN, window_s=30)
     envelope = sign(ALICE, DOMAIN, PAYLOAD)
     assert first.verify(envelope) == PAYLOAD
     with pytest.raises(ReplayedNonce):
@@ -173,8 +174,8 @@ def test_a_wrong_domain_uses_up_no_nonce(redis_url):
     keys = Keys("run-a")
     envelope = sign(ALICE, Domain("run-a", 1), PAYLOAD)
     with pytest.raises(InvalidSignature):  # replayed at a validator of subnet 2 sharing the nonce store
-        Verifier.with_redis(redis.Redis.from_url(redis_url), keys, Domain("run-a", 2)).verify(envelope)
-    assert Verifier.with_redis(redis.Redis.from_url(redis_url), keys, Domain("run-a", 1)).verify(envelope) == PAYLOAD
+        redis_verifier(redis.Redis.from_url(redis_url), keys, Domain("run-a", 2)).verify(envelope)
+    assert redis_verifier(redis.Redis.from_url(redis_url), keys, Domain("run-a", 1)).verify(envelope) == PAYLOAD
 
 
 def test_the_signed_message_opens_with_the_run_and_subnet():
@@ -224,4 +225,4 @@ def test_every_service_derives_the_same_domain_from_the_same_environment(monkeyp
     monkeypatch.setenv("HIVE_CHAIN", chain)
     monkeypatch.setenv("HIVE_NETUID", str(netuid))
     for model in (*SERVICE_SETTINGS.values(), SwarmSettings):  # the bootstrap and the swarm launcher read records too
-        assert Domain.of(load_settings(model, [])) == expected, model.__name__
+        assert domain_of(load_settings(model, [])) == expected, model.__name__

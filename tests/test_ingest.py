@@ -14,14 +14,14 @@ import pytest
 import redis
 from bound_peers import bound, peer_id
 
-from hivetrain import procs
+from hivetrain.swarm import procs
 from hivetrain.bootstrap.app import create_app
 from hivetrain.chain import make_chain
-from hivetrain.gunicorn import start_gunicorn, stop_gunicorn
+from hivetrain.runtime.gunicorn import start_gunicorn, stop_gunicorn
 from hivetrain.identity import Domain, SignedEnvelope, sign
 from hivetrain.protocol.records import MAX_PEERS_PER_HOTKEY, Departure, Keys, PeerRecord, StepRecord
-from hivetrain.redis_server import ROLES, acl_file, role_url, start_redis
-from hivetrain.reporting import BootstrapRegistry, BootstrapSink, TelemetryWriter
+from hivetrain.swarm.redis_server import ROLES, acl_file, role_url, start_redis
+from hivetrain.miner.reporting import BootstrapRegistry, BootstrapSink, TelemetryWriter
 from hivetrain.settings import BootstrapSettings
 from hivetrain.store import Registry, connect_redis, read_stream, shard_salt
 

@@ -18,7 +18,8 @@ from hivetrain.miner.challenge import ChallengeLimits, ChallengeServer
 from hivetrain.miner.metrics import MinerMetrics
 from hivetrain.miner.validators import ValidatorList
 from hivetrain.protocol.records import Keys, StepRecord
-from hivetrain.reporting import RedisSink, TelemetryWriter
+from hivetrain.miner.reporting import TelemetryWriter
+from redis_sink import RedisSink
 from hivetrain.store import connect_redis
 
 

@@ -20,7 +20,8 @@ from hivetrain.bootstrap.app import create_app as bootstrap_app
 from hivetrain.identity import Domain
 from hivetrain.miner.metrics import MinerMetrics
 from hivetrain.protocol.records import Keys
-from hivetrain.reporting import RedisSink, TelemetryWriter
+from hivetrain.miner.reporting import TelemetryWriter
+from redis_sink import RedisSink
 from hivetrain.settings import BootstrapSettings, ValidatorSettings
 from hivetrain.store import connect_redis
 from hivetrain.validator.app import create_app as validator_app

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hivetrain import procs
+from hivetrain.swarm import procs
 
 # a service whose descendant leaves its session, as torch_shm_manager does
 SPAWNS_A_DAEMON = """

@@ -8,11 +8,11 @@ import time
 import pytest
 from bound_peers import bound, peer_id
 
-from hivetrain import procs
+from hivetrain.swarm import procs
 from hivetrain.bootstrap.app import create_app
 from hivetrain.identity import Domain, SignedEnvelope, sign
 from hivetrain.protocol.records import Keys, PeerRecord, StepRecord
-from hivetrain.redis_server import ROLES, acl_file, role_url, start_redis
+from hivetrain.swarm.redis_server import ROLES, acl_file, role_url, start_redis
 from hivetrain.settings import BootstrapSettings
 from hivetrain.store import connect_redis, read_stream
 

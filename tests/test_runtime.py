@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from hivetrain import procs
+from hivetrain.swarm import procs
 from hivetrain.runtime import RESTART_LIMIT, RestartBudget, Runtime, describe_exit, install_stop_handlers, usable_cpus
 from hivetrain.settings import BootstrapSettings
 
@@ -31,7 +31,7 @@ WAIT_S = 60.0
 # A service whose body the test picks: argv[1] = what the body does, argv[2] = repeat_sigint.
 _PROBE = r"""
 import os, signal, sys
-from hivetrain.protocol.discovery import BootstrapUnavailable
+from hivetrain.discovery import BootstrapUnavailable
 from hivetrain.runtime import run_service
 from hivetrain.settings import ServiceSettings
 

@@ -11,13 +11,14 @@ import redis
 from bound_peers import bound
 from bound_peers import peer_id as pid
 
-from hivetrain import procs
+from hivetrain.swarm import procs
 from hivetrain.identity import Domain, InvalidSignature
-from hivetrain.protocol.discovery import BootstrapUnavailable
+from hivetrain.discovery import BootstrapUnavailable, wait_for_shard_salt
 from hivetrain.protocol.records import BootstrapRecord, Keys, PeerRecord, RoundRecord, StepRecord
-from hivetrain.redis_server import start_redis
-from hivetrain.reporting import RedisSink, TelemetryWriter
-from hivetrain.settings import BootstrapSettings, MinerSettings, ValidatorSettings
+from hivetrain.swarm.redis_server import start_redis
+from hivetrain.miner.reporting import TelemetryWriter
+from redis_sink import RedisSink
+from hivetrain.settings import BootstrapSettings, MinerSettings, ValidatorSettings, domain_of
 from hivetrain.store import (
     Registry,
     append,
@@ -26,7 +27,6 @@ from hivetrain.store import (
     read_stream,
     redacted,
     shard_salt,
-    wait_for_shard_salt,
 )
 
 
@@ -255,15 +255,15 @@ def test_step_records_replayed_into_another_run_or_subnet_are_refused(redis_url,
 def test_the_netuid_comes_from_the_bittensor_setting_alone(redis_url, wallet):
     """Without touching the network: two subnets of one run id, their services configured as in production."""
     client, keys = connect_redis(redis_url), Keys("run-a")
-    miner_1 = Domain.of(MinerSettings(run_id="run-a", chain="bittensor", netuid=1))
-    bootstrap_1 = Domain.of(BootstrapSettings(run_id="run-a", chain="bittensor", netuid=1))
-    validator_2 = Domain.of(ValidatorSettings(run_id="run-a", chain="bittensor", netuid=2))
+    miner_1 = domain_of(MinerSettings(run_id="run-a", chain="bittensor", netuid=1))
+    bootstrap_1 = domain_of(BootstrapSettings(run_id="run-a", chain="bittensor", netuid=1))
+    validator_2 = domain_of(ValidatorSettings(run_id="run-a", chain="bittensor", netuid=2))
     _register(Registry(client, keys, miner_1), "miner", wallet)
     append(client, keys, miner_1, _step(pid("miner"), 0), wallet)
     assert [p.peer_id for p in Registry(client, keys, bootstrap_1).live_peers()] == [pid("miner")]
     assert Registry(client, keys, validator_2).live_peers() == []
     assert read_stream(client, keys, validator_2, StepRecord) == []
-    local = Domain.of(ValidatorSettings(run_id="run-a", chain="local", netuid=1))  # the local chain has no subnet
+    local = domain_of(ValidatorSettings(run_id="run-a", chain="local", netuid=1))  # the local chain has no subnet
     assert local == Domain("run-a") and Registry(client, keys, local).live_peers() == []
 
 

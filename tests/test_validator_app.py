@@ -11,8 +11,8 @@ import pytest
 from bound_peers import bound
 from bound_peers import peer_id as pid
 
-from hivetrain import procs
-from hivetrain.gunicorn import WORKER_CLASS, gunicorn_argv, settings_env, start_gunicorn, stop_gunicorn
+from hivetrain.swarm import procs
+from hivetrain.runtime.gunicorn import WORKER_CLASS, gunicorn_argv, settings_env, start_gunicorn, stop_gunicorn
 from hivetrain.identity import Domain, load_or_create_wallet
 from hivetrain.protocol.records import (
     VALIDATOR_TTL_S,

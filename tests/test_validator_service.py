@@ -22,7 +22,7 @@ import redis
 import torch
 from bound_peers import bound
 
-from hivetrain import procs
+from hivetrain.swarm import procs
 from hivetrain.chain import LocalChain
 from hivetrain.data import BlockStream, shard_for
 from hivetrain.identity import Domain, load_or_create_wallet, sign
@@ -31,7 +31,7 @@ from hivetrain.protocol.projection import projected_gradient
 from hivetrain.protocol.records import Keys, PeerRecord
 from hivetrain.protocol.spotcheck import Challenge
 from hivetrain.protocol.training import param_groups, shared_optimizer
-from hivetrain.redis_server import start_redis
+from hivetrain.swarm.redis_server import start_redis
 from hivetrain.settings import ValidatorSettings
 from hivetrain.store import Registry, connect_redis, shard_salt
 from hivetrain.validator.service import Validator
@@ -81,7 +81,6 @@ def make_validator(swarm, tmp_path):
             sync_every_s=3600.0, spot_check_timeout_s=2.0, spot_check_workers=4, spot_check_tries=2, **overrides)
         validator = Validator(settings)
         made.append(validator)
-        validator.setup()
         wait_until(lambda: validator.poller.plausible_epoch() == 2, "the swarm's progress record")
         return validator
 

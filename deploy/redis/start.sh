@@ -1,7 +1,7 @@
 #!/bin/sh
 # Starts redis-server with one user per HiveMiner role (docker-compose.yml and k8s/base/redis.yaml run it).
 #
-# What each role may do is hivetrain/redis_server.py role_rules (tests/test_deploy.py keeps the lines
+# What each role may do is hivetrain/swarm/redis_server.py role_rules (tests/test_deploy.py keeps the lines
 # below equal to it): the bootstrap and the validator use their run's keys, nothing dangerous; a
 # miner only reads (it writes through the bootstrap, which checks what it sends). `default` is the
 # admin, for redis-cli and operators.

@@ -18,10 +18,10 @@ from flask import Flask, Response, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_latest
 
 from hivetrain.bootstrap.ingest import TelemetryIngest
-from hivetrain.identity import Domain
+
 from hivetrain.log import get_logger
 from hivetrain.protocol.records import MAX_REGISTRATION_BYTES, Keys
-from hivetrain.settings import BootstrapSettings
+from hivetrain.settings import BootstrapSettings, domain_of
 from hivetrain.store import Refused, Registry, connect_redis
 from hivetrain.webapp import ANSWER_CACHE_S, AnswerCache, HttpMetrics, install, int_arg, json_body, settings_or_exit
 
@@ -70,7 +70,7 @@ def create_app(settings: BootstrapSettings | None = None, cache_s: float = ANSWE
     settings = settings_or_exit(BootstrapSettings, settings)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
-    registry = Registry(connect_redis(settings.redis_url), Keys(settings.run_id), Domain.of(settings))
+    registry = Registry(connect_redis(settings.redis_url), Keys(settings.run_id), domain_of(settings))
     metrics = Metrics()
     app.extensions["hivetrain.bootstrap"] = {"settings": settings, "registry": registry, "metrics": metrics}
     install(app, metrics, "bootstrap")

@@ -1,6 +1,6 @@
 """The bootstrap's side of ``POST /v1/telemetry``: the miners' telemetry, checked before it is stored.
 
-Miners hold a Redis user that only reads (``hivetrain.redis_server.role_rules``); their telemetry
+Miners hold a Redis user that only reads (``hivetrain.swarm.redis_server.role_rules``); their telemetry
 reaches Redis only through here, signed by their hotkeys and stored byte for byte.
 """
 
@@ -12,8 +12,9 @@ import time
 from typing import NamedTuple
 
 from hivetrain.identity import VerificationError, verify_signature
+from hivetrain.protocol.envelopes import INGEST_STREAMS
 from hivetrain.protocol.records import MAX_INGEST_ENTRIES, MAX_INGEST_ENTRY_BYTES, Record
-from hivetrain.store import INGEST_STREAMS, Refused, Registry, xadd_capped
+from hivetrain.store import Refused, Registry, xadd_capped
 
 
 class _Checked(NamedTuple):

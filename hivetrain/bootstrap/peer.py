@@ -13,10 +13,10 @@ import threading
 from typing import Protocol
 
 from hivetrain.dht import make_dht, visible_maddrs
-from hivetrain.identity import Domain
+
 from hivetrain.log import get_logger
 from hivetrain.protocol.records import BOOTSTRAP_TTL_S, BootstrapRecord, Keys
-from hivetrain.settings import BootstrapSettings
+from hivetrain.settings import BootstrapSettings, domain_of
 from hivetrain.store import Registry, connect_redis, shard_salt
 
 logger = get_logger(__name__)
@@ -40,8 +40,8 @@ def run_dht_peer(settings: BootstrapSettings, stop_event: StopEvent, interval_s:
     ``RuntimeError`` if the DHT process dies on its own, so the service can exit non-zero.
     Call it in a process that has not initialised CUDA: hivemind forks the DHT from it.
     """
-    dht = make_dht(settings)
-    registry = Registry(connect_redis(settings.redis_url), Keys(settings.run_id), Domain.of(settings))
+    dht = make_dht(**settings.dht_options())
+    registry = Registry(connect_redis(settings.redis_url), Keys(settings.run_id), domain_of(settings))
     peer_id = str(dht.peer_id)
     try:
         logger.info(f"DHT peer {peer_id} is up; multiaddrs: {' '.join(visible_maddrs(dht)) or '(none)'}")

@@ -29,7 +29,7 @@ STATE_LOAD_BUCKETS = (1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 
 class QueueStats(Protocol):
-    """What the collector reads of ``hivetrain.reporting.TelemetryWriter``."""
+    """What the collector reads of ``hivetrain.miner.reporting.TelemetryWriter``."""
 
     written: int
     dropped: int

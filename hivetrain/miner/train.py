@@ -22,7 +22,7 @@ from hivetrain.data import BlockStream, shard_for
 from hivetrain.dht import make_dht, visible_maddrs
 from hivetrain.hivemind_compat import RoundInfo, StateRoundLogHandler, TrackedOptimizer
 from hivetrain.hivemind_compat.bans import drain_offence_records
-from hivetrain.identity import Domain, load_or_create_wallet
+from hivetrain.identity import load_or_create_wallet
 from hivetrain.log import get_logger
 from hivetrain.miner.challenge import ChallengeLimits, ChallengeServer
 from hivetrain.miner.checkpoint import CheckpointError, resume_checkpoint, save_checkpoint
@@ -33,14 +33,14 @@ from hivetrain.miner.validators import ValidatorList
 from hivetrain.models import build_model, model_config, num_parameters
 from hivetrain.protocol.binding import bind
 from hivetrain.protocol.checkpoints import TrainerState
-from hivetrain.protocol.discovery import fetch_initial_peers
 from hivetrain.protocol.projection import projected_gradient
 from hivetrain.protocol.records import HEARTBEAT_INTERVAL_S, MAX_MULTIADDRS, Keys, PeerRecord, RoundRecord, StepRecord
 from hivetrain.protocol.spotcheck import CHALLENGE_PASSES, Challenge
-from hivetrain.reporting import BootstrapRegistry, BootstrapSink, TelemetryWriter
+from hivetrain.miner.reporting import BootstrapRegistry, BootstrapSink, TelemetryWriter
 from hivetrain.runtime import set_torch_threads
-from hivetrain.settings import MinerSettings
-from hivetrain.store import connect_redis, wait_for_shard_salt
+from hivetrain.settings import MinerSettings, domain_of
+from hivetrain.discovery import fetch_initial_peers, wait_for_shard_salt
+from hivetrain.store import connect_redis
 from hivetrain.tokenizer import load_tokenizer
 
 logger = get_logger(__name__)
@@ -157,7 +157,7 @@ class Miner:
             # a restarted miner keeps its peer id: the identity lives next to its checkpoints
             s = self.settings = s.model_copy(update={"identity_path": str(self.checkpoint_dir / "identity.key")})
         initial_peers = list(s.initial_peers) or fetch_initial_peers(s.bootstrap_url, s.bootstrap_wait_s, stop=self.stop)
-        self.dht = make_dht(s, initial_peers=initial_peers, client_mode=s.client_mode, use_auto_relay=s.use_auto_relay)
+        self.dht = make_dht(initial_peers, **s.dht_options(), client_mode=s.client_mode, use_auto_relay=s.use_auto_relay)
         self.peer_id = self.dht.peer_id.to_base58()
         self.maddrs = visible_maddrs(self.dht)  # none in client mode: nobody can dial it
         logger.info(f"DHT up: peer {self.peer_id}, {len(initial_peers)} initial peers, visible at {self.maddrs}")
@@ -204,7 +204,7 @@ class Miner:
 
     def _make_reporting(self) -> None:
         s = self.settings
-        domain = Domain.of(s)  # what we sign is valid in this run and subnet only
+        domain = domain_of(s)  # what we sign is valid in this run and subnet only
         client = self.redis  # read only: the chain's validators; every write goes through the bootstrap
         self.telemetry = TelemetryWriter(BootstrapSink(s.bootstrap_url), domain, self.wallet)
         self.metrics.watch_telemetry(self.telemetry)

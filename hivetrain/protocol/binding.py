@@ -40,7 +40,7 @@ MAX_KEY_CHARS, MAX_SIGNATURE_CHARS = 1200, 800
 def binding_message(domain: Domain, peer_id: str, hotkey: str) -> bytes:
     """The exact bytes the libp2p key signs: valid in ``domain`` (its run and subnet) only."""
     if not isinstance(domain, Domain):
-        raise ValueError(f"pass the service's identity.Domain (Domain.of(settings)), not {type(domain).__name__}")
+        raise ValueError(f"pass the service's identity.Domain (domain_of(settings)), not {type(domain).__name__}")
     return domain.separator(BINDING_TAG) + canonical_json({"hotkey": hotkey, "peer_id": peer_id})
 
 

@@ -20,12 +20,12 @@ from pathlib import Path
 import requests
 from pydantic_settings import BaseSettings
 
-from hivetrain import procs
-from hivetrain.identity import Domain
+from hivetrain.swarm import procs
 from hivetrain.log import get_logger
 from hivetrain.protocol.records import Keys
-from hivetrain.redis_server import ROLES, acl_file, role_url, start_redis
+from hivetrain.swarm.redis_server import ROLES, acl_file, role_url, start_redis
 from hivetrain.settings import (
+    domain_of,
     BootstrapSettings,
     DHTSettings,
     MinerSettings,
@@ -120,7 +120,7 @@ class Swarm:
     def _base_env(self, role: str) -> dict[str, str]:
         """This process's environment, the swarm's run id, ``role``'s Redis URL and log level, then ``extra_env`` on top."""
         env = dict(os.environ)
-        # every service derives the same signature domain from these (hivetrain.identity.Domain.of)
+        # every service derives the same signature domain from these (hivetrain.settings.domain_of)
         redis_url = self.role_urls.get(role, self.redis_url)  # an external Redis: the URL given, for every role
         env.update(service_env(ServiceSettings, run_id=self.settings.run_id, redis_url=redis_url,
                                log_level=self.settings.log_level, chain=self.settings.chain, netuid=self.settings.netuid))
@@ -135,7 +135,7 @@ class Swarm:
             logger.info(f"using external Redis at {redacted(self.redis_url)}")
             return
         # fresh passwords each run: another local user cannot read or write the swarm's registry, and each
-        # role gets a user of its own (a miner's only reads: hivetrain.redis_server.role_rules)
+        # role gets a user of its own (a miner's only reads: hivetrain.swarm.redis_server.role_rules)
         folder = self.workdir / "redis"
         admin, passwords = secrets.token_urlsafe(18), {role: secrets.token_urlsafe(18) for role in ROLES}
         self.redis, self.redis_url = start_redis(folder, port=self.settings.redis_port, password=admin,
@@ -245,7 +245,7 @@ class Swarm:
 
     def restart_redis(self) -> None:
         """Start the embedded Redis again on the same port, users and data directory: every URL the services hold
-        stays valid, and what it persisted (``hivetrain.redis_server.PERSIST_ARGS``) is back."""
+        stays valid, and what it persisted (``hivetrain.swarm.redis_server.PERSIST_ARGS``) is back."""
         if self._redis_start is None:
             raise SwarmError("the embedded Redis was never started: nothing to restart")
         if self.redis is not None and self.redis.alive():
@@ -268,7 +268,7 @@ class Swarm:
 
     # --- watch ------------------------------------------------------------------------------
     def registry(self) -> Registry:
-        return Registry(connect_redis(self.redis_url), Keys(self.settings.run_id), Domain.of(self.settings))
+        return Registry(connect_redis(self.redis_url), Keys(self.settings.run_id), domain_of(self.settings))
 
     def status_line(self) -> str:
         """One line for the console: live miners, epochs, rounds so far."""
@@ -276,7 +276,7 @@ class Swarm:
 
         try:
             live = self.registry().live_peers(role="miner")
-            summary = collect(connect_redis(self.redis_url), Keys(self.settings.run_id), Domain.of(self.settings),
+            summary = collect(connect_redis(self.redis_url), Keys(self.settings.run_id), domain_of(self.settings),
                               since=self.started_at, last=2000)
         except Exception as error:  # Redis boundary: the status line is best effort
             return f"status unavailable ({error!r})"
@@ -314,7 +314,7 @@ class Swarm:
         """Rounds, losses and checkpoints of this swarm so far (Redis must be up)."""
         from hivetrain.swarm.summary import collect
 
-        return collect(connect_redis(self.redis_url), Keys(self.settings.run_id), Domain.of(self.settings), since=self.started_at,
+        return collect(connect_redis(self.redis_url), Keys(self.settings.run_id), domain_of(self.settings), since=self.started_at,
                        checkpoint_dirs=[self.workdir / f"miner-{i}" for i in range(len(self.miners))])
 
     def write_summary(self, path: str | Path) -> dict:

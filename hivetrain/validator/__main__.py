@@ -25,9 +25,8 @@ def _run(runtime: Runtime[ValidatorSettings]) -> None:
 
     settings = runtime.settings
     transformers.utils.logging.disable_progress_bar()
-    validator = Validator(settings, runtime.stop)
+    validator = Validator(settings, runtime.stop)  # a start that fails undoes what it built
     runtime.on_cleanup(validator.shutdown)
-    validator.setup()
     runtime.serve(APP_SPEC, settings.api_host, settings.api_port, settings.api_workers)
     validator.run()
 

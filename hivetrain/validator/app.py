@@ -27,6 +27,7 @@ from werkzeug.exceptions import BadRequest, NotFound
 
 from hivetrain.identity import Domain, load_or_create_wallet
 from hivetrain.log import get_logger
+from hivetrain.protocol.envelopes import decode_entry
 from hivetrain.protocol.records import (
     EVALS_STREAM_MAXLEN,
     EvalRecord,
@@ -38,8 +39,8 @@ from hivetrain.protocol.records import (
     ValidatorStatus,
 )
 from hivetrain.protocol.rounds import rounds_from_records
-from hivetrain.settings import ValidatorSettings
-from hivetrain.store import Registry, connect_redis, decode_entry, read_stream
+from hivetrain.settings import ValidatorSettings, domain_of
+from hivetrain.store import Registry, connect_redis, read_stream
 from hivetrain.validator.dashboard import EVALS_SHOWN as DASHBOARD_EVALS
 from hivetrain.validator.dashboard import TelemetryHistory
 from hivetrain.webapp import ANSWER_CACHE_S, AnswerCache, HttpMetrics, install, int_arg, settings_or_exit
@@ -102,7 +103,7 @@ def create_app(settings: ValidatorSettings | None = None, cache_s: float = ANSWE
     hotkey = load_or_create_wallet(settings.wallet_dir, settings.wallet_name, settings.wallet_hotkey).hotkey.ss58_address
     app = Flask(__name__)
     app.json = _FiniteJSON(app)
-    registry = Registry(connect_redis(settings.redis_url), Keys(settings.run_id), Domain.of(settings))
+    registry = Registry(connect_redis(settings.redis_url), Keys(settings.run_id), domain_of(settings))
     metrics = Metrics()
     app.extensions["hivetrain.validator"] = {"settings": settings, "hotkey": hotkey, "registry": registry, "metrics": metrics}
     install(app, metrics, "validator")

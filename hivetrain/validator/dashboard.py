@@ -33,8 +33,8 @@ from hivetrain.protocol.records import (
     StepRecord,
     ValidatorStatus,
 )
+from hivetrain.protocol.envelopes import decode_entry
 from hivetrain.protocol.rounds import rounds_from_records
-from hivetrain.store import decode_entry
 
 #: Newest entries of each stream the first request reads.
 BACKFILL = 20_000

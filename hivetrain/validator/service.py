@@ -16,6 +16,7 @@ it resumes from when it starts.
 from __future__ import annotations
 
 import collections
+import contextlib
 import random
 import threading
 import time
@@ -26,20 +27,20 @@ from hivetrain.chain import make_chain
 from hivetrain.data import validation_blocks
 from hivetrain.dht import make_dht
 from hivetrain.hivemind_compat.bans import drain_offence_records
-from hivetrain.identity import Domain, RedisNonceStore, Verifier, load_or_create_wallet
+from hivetrain.identity import Verifier, load_or_create_wallet
 from hivetrain.log import get_logger
 from hivetrain.models import model_config, num_parameters
-from hivetrain.protocol.discovery import fetch_initial_peers
+from hivetrain.discovery import fetch_initial_peers
 from hivetrain.protocol.records import VALIDATOR_TTL_S, EvalRecord, Keys, MinerScore, PeerRecord, ScoreBoard, ValidatorStatus
 from hivetrain.runtime import set_torch_threads
-from hivetrain.settings import ValidatorSettings
-from hivetrain.store import Registry, append, connect_redis, shard_salt
+from hivetrain.settings import ValidatorSettings, domain_of
+from hivetrain.store import RedisNonceStore, Registry, append, connect_redis, shard_salt
 from hivetrain.tokenizer import load_tokenizer
 from hivetrain.validator.claims import ClaimReader
 from hivetrain.validator.evaluate import evaluate
 from hivetrain.validator.progress import ProgressPoller
 from hivetrain.validator.scoring import normalize_weights, score_round
-from hivetrain.validator.spot import SpotCheck, SpotChecker
+from hivetrain.validator.spot import MinerShards, SpotCheck, SpotChecker, SpotCheckRules
 from hivetrain.validator.state import history_of, load_state, save_state, state_of
 from hivetrain.validator.sync import ModelSync
 from hivetrain.validator.verdicts import ClaimCheckResult, SpotCheckResult, judge_claims
@@ -52,12 +53,15 @@ RETRY_FIRST_S, RETRY_LONGEST_S = 1.0, 60.0  # a failed loop step is tried again 
 
 
 class Validator:
-    """Build in ``setup``, loop in ``run`` until ``stop`` is set, always ``shutdown``."""
+    """Built whole in ``__init__``, loops in ``run`` until ``stop`` is set, always ``shutdown``.
+
+    Each part's cleanup is registered as the part is made, so a start that fails halfway (no
+    bootstrap, a stop signal) undoes what it built, and ``shutdown`` undoes everything, last part first.
+    """
 
     def __init__(self, settings: ValidatorSettings, stop: threading.Event | None = None):
-        self.settings = settings
+        s = self.settings = settings
         self.stop = stop or threading.Event()
-        self.dht = self.sync = self.poller = None
         self.scores: dict[str, float] = {}
         self.evidence: dict[str, list[dict]] = {}
         self.spot_checks: dict[str, list[SpotCheck]] = {}
@@ -65,49 +69,61 @@ class Validator:
         self.rounds = 0
         self.window_started = time.time()
         self.failures: Counter[str] = Counter()  # loop step -> failures in a row
-
-    # --- set-up ---------------------------------------------------------------------------
-    def setup(self) -> None:
-        s = self.settings
-        set_torch_threads(s.torch_threads)  # 0: torch's default, within the container's CPU limit
-        self._connect()
-        initial_peers = list(s.initial_peers) or fetch_initial_peers(s.bootstrap_url, s.bootstrap_wait_s, stop=self.stop)
-        self._join_swarm(initial_peers)
-        self._resume()
+        self._cleanup = contextlib.ExitStack()
+        try:
+            set_torch_threads(s.torch_threads)  # 0: torch's default, within the container's CPU limit
+            self.wallet = load_or_create_wallet(s.wallet_dir, s.wallet_name, s.wallet_hotkey)
+            self.hotkey = self.wallet.hotkey.ss58_address
+            self.keys, self.domain = Keys(s.run_id), domain_of(s)  # records of other runs and subnets fail their signatures
+            self.client = connect_redis(s.redis_url)
+            self._cleanup.callback(self._clear_heartbeat)
+            self.registry = Registry(self.client, self.keys, self.domain)
+            # read once (created if the bootstrap has not yet): the miners' shards we rebuild follow from it
+            self.shard_salt = shard_salt(self.client, self.keys, create=True)
+            logger.info(f"the run's shard salt: {self.shard_salt} ({self.keys.shard_salt})")
+            self.chain = make_chain(s.chain, redis_client=self.client, run_id=s.run_id, **self._bittensor_args())
+            self.endpoint = f"http://{s.api_host}:{s.api_port}"
+            self.uid = self.chain.register(self.hotkey, self.endpoint, "validator")
+            self.claims = self._make_claim_reader()
+            initial_peers = list(s.initial_peers) or fetch_initial_peers(s.bootstrap_url, s.bootstrap_wait_s, stop=self.stop)
+            self.dht = make_dht(initial_peers, **s.dht_options(), client_mode=True)
+            self._cleanup.callback(self.dht.shutdown)
+            self.poller = ProgressPoller(self.dht, s.run_id, max_samples_per_s=s.max_samples_per_s).start()
+            self._cleanup.callback(self.poller.stop)
+            self.sync = ModelSync(self.dht, s.run_id, s.preset, seed=s.seed, max_epoch=self.poller.plausible_epoch, mode=s.mode)
+            self._cleanup.callback(self.sync.shutdown)
+            self.parameters = num_parameters(self.sync.model)
+            self.block_size = s.block_size or model_config(s.preset).n_positions
+            tokenizer = load_tokenizer(s.tokenizer)
+            self.eval_blocks = validation_blocks(tokenizer, self.block_size, s.eval_blocks)  # (N, T), fixed for the run
+            self.checker = self._make_checker(tokenizer)
+            self._cleanup.callback(self.checker.close)
+            self._resume()
+        except BaseException:
+            self._cleanup.close()
+            raise
         logger.info(f"validator {self.hotkey} (uid {self.uid}) joined the DHT as a client via {len(initial_peers)} initial peers")
 
-    def _connect(self) -> None:
-        """Wallet, Redis, the run's shard salt, the chain (registered as a validator) and the telemetry reader."""
+    def _make_claim_reader(self) -> ClaimReader:
+        """The reader of miners' signed telemetry, started."""
         s = self.settings
-        self.wallet = load_or_create_wallet(s.wallet_dir, s.wallet_name, s.wallet_hotkey)
-        self.hotkey = self.wallet.hotkey.ss58_address
-        self.client = connect_redis(s.redis_url)
-        self.keys, self.domain = Keys(s.run_id), Domain.of(s)  # records of other runs and subnets fail their signatures
-        self.registry = Registry(self.client, self.keys, self.domain)
-        # read once (created if the bootstrap has not yet): the miners' shards we rebuild follow from it
-        self.shard_salt = shard_salt(self.client, self.keys, create=True)
-        logger.info(f"the run's shard salt: {self.shard_salt} ({self.keys.shard_salt})")
-        self.chain = make_chain(s.chain, redis_client=self.client, run_id=s.run_id, **self._bittensor_args())
-        self.endpoint = f"http://{s.api_host}:{s.api_port}"
-        self.uid = self.chain.register(self.hotkey, self.endpoint, "validator")
         # telemetry nonces are remembered per validator: two validators each read every record once
         nonces = RedisNonceStore(self.client, self.keys, s.record_window_s + 5.0, scope=f"validator-{self.hotkey}")
-        self.claims = ClaimReader(self.client, self.keys, Verifier(nonces, self.domain, s.record_window_s), cap=s.claim_read_cap)
-        self.claims.start()
+        claims = ClaimReader(self.client, self.keys, Verifier(nonces, self.domain, s.record_window_s), cap=s.claim_read_cap)
+        claims.start()
+        return claims
 
-    def _join_swarm(self, initial_peers: list[str]) -> None:
-        """The DHT client, the progress poller, the model copy and the spot checker."""
+    def _make_checker(self, tokenizer) -> SpotChecker:
+        """The spot checker, judging at our model copy, with each miner's shard rebuilt from the run's salt."""
         s = self.settings
-        self.dht = make_dht(s, initial_peers=initial_peers, client_mode=True)
-        self.poller = ProgressPoller(self.dht, s.run_id, max_samples_per_s=s.max_samples_per_s).start()
-        self.sync = ModelSync(self.dht, s.run_id, s.preset, seed=s.seed, max_epoch=self.poller.plausible_epoch, mode=s.mode)
-        self.parameters = num_parameters(self.sync.model)
-        config = model_config(s.preset)
-        self.block_size = s.block_size or config.n_positions
-        tokenizer = load_tokenizer(s.tokenizer)
-        self.eval_blocks = validation_blocks(tokenizer, self.block_size, s.eval_blocks)  # (N, T), fixed for the run
-        self.checker = SpotChecker(self.wallet, self.domain, self.sync, s, tokenizer, self.block_size, self.eval_blocks,
-                                   self.shard_salt, plausible_epoch=self.poller.plausible_epoch)
+        rules = SpotCheckRules(
+            batch=s.spot_check_batch, dim=s.spot_check_dim, threshold=s.spot_check_threshold,
+            timeout_s=s.spot_check_timeout_s, workers=s.spot_check_workers, tries=s.spot_check_tries,
+            private_urls=s.spot_check_private_urls, window_s=s.record_window_s, diloco=s.mode == "diloco")
+        shards = MinerShards(s.dataset, s.dataset_split, s.text_key, tokenizer, self.block_size, s.num_shards, s.seed,
+                             self.shard_salt)
+        return SpotChecker(self.wallet, self.domain, self.sync, rules, shards, self.eval_blocks,
+                           plausible_epoch=self.poller.plausible_epoch)
 
     def _resume(self) -> None:
         """Take up the scores, EMA and spot-check history our last run saved (nothing if there is none)."""
@@ -280,17 +296,12 @@ class Validator:
 
     # --- shutdown -------------------------------------------------------------------------
     def shutdown(self) -> None:
-        if getattr(self, "checker", None) is not None:
-            self.checker.close()
-        if self.poller is not None:
-            self.poller.stop()
-        if self.sync is not None:
-            self.sync.shutdown()
-        if self.dht is not None:
-            self.dht.shutdown()
-        try:
-            if getattr(self, "client", None) is not None:
-                self.client.delete(self.keys.validator_alive(self.hotkey))
-        except Exception:
-            logger.warning("could not clear the validator heartbeat", exc_info=True)
+        """Undo everything ``__init__`` built, last part first; safe to call twice."""
+        self._cleanup.close()
         logger.info("validator stopped")
+
+    def _clear_heartbeat(self) -> None:
+        try:
+            self.client.delete(self.keys.validator_alive(self.hotkey))
+        except Exception:  # Redis boundary: the heartbeat expires on its own
+            logger.warning("could not clear the validator heartbeat", exc_info=True)

@@ -38,7 +38,6 @@ from hivetrain.log import get_logger
 from hivetrain.protocol.projection import baseline_projection, projected_gradient
 from hivetrain.protocol.records import PeerRecord
 from hivetrain.protocol.spotcheck import CHALLENGE_PASSES, MAX_LAG_EPOCHS, Challenge, SpotCheckAnswer
-from hivetrain.settings import ValidatorSettings
 from hivetrain.validator.bounded_http import RequestFailed, post_json
 from hivetrain.validator.sync import ModelSync
 from hivetrain.validator.verdicts import SpotCheckResult, judge_spot_check
@@ -110,45 +109,72 @@ def ask_miner(wallet, verifier: Verifier, miner: PeerRecord, asked: Challenge, d
     return read_answer(body, challenge, verifier, miner, wallet.hotkey.ss58_address)
 
 
+@dataclass(frozen=True)
+class SpotCheckRules:
+    """What a spot check asks and how it is judged: the validator's ``spot_check_*`` settings."""
+
+    batch: int  # blocks per challenge
+    dim: int  # length of the projected gradient asked for
+    threshold: float  # the cosine an answer must reach
+    timeout_s: float  # one deadline for each whole exchange
+    workers: int  # exchanges in flight at once
+    tries: int  # checks in a row that cannot be judged before that counts as a failure
+    private_urls: bool  # whether challenges may go to loopback and private addresses
+    window_s: float  # how fresh a signed answer must be
+    diloco: bool  # one epoch is a whole outer step: answers one epoch apart cannot be judged
+
+
+class MinerShards:
+    """Each miner's shard of the dataset, built the way the miner builds it (cached per shard).
+
+    The shard follows from the miner's hotkey and the run's shard salt, read once (``hivetrain.data.shard_for``).
+    """
+
+    def __init__(self, dataset: str, split: str, text_key: str, tokenizer, block_size: int, num_shards: int,
+                 seed: int, shard_salt: str):
+        self.dataset, self.split, self.text_key, self.tokenizer = dataset, split, text_key, tokenizer
+        self.block_size, self.num_shards, self.seed, self.shard_salt = block_size, num_shards, seed, shard_salt
+        self._streams: dict[int, BlockStream] = {}
+
+    def stream_for(self, hotkey: str) -> BlockStream:
+        shard = shard_for(hotkey, self.shard_salt, self.num_shards)
+        if shard not in self._streams:
+            self._streams[shard] = BlockStream(self.dataset, self.split, self.text_key, self.tokenizer, self.block_size,
+                                               num_shards=self.num_shards, shard=shard, seed=self.seed)
+        return self._streams[shard]
+
+
 class SpotChecker:
     """Sends signed challenges and judges the answers against the validator's own computation."""
 
-    def __init__(self, wallet, domain: Domain, sync: ModelSync, settings: ValidatorSettings, tokenizer, block_size: int,
-                 reference_blocks: torch.Tensor, shard_salt: str, plausible_epoch: Callable[[], int | None] = lambda: None):
-        self.wallet, self.sync, self.settings = wallet, sync, settings
-        self.shard_salt = shard_salt  # the run's, read once: miners' shards are derived from it
+    def __init__(self, wallet, domain: Domain, sync: ModelSync, rules: SpotCheckRules, shards: MinerShards,
+                 reference_blocks: torch.Tensor, plausible_epoch: Callable[[], int | None] = lambda: None):
+        self.wallet, self.sync, self.rules, self.shards = wallet, sync, rules, shards
         # the direction every batch's gradient shares, measured on blocks only the validator picks;
         # cosines are taken after removing it (an answer for some other batch is then far off)
-        self.reference = [reference_blocks[i : i + settings.spot_check_batch]
-                          for i in range(0, min(len(reference_blocks), 4 * settings.spot_check_batch), settings.spot_check_batch)]
+        self.reference = [reference_blocks[i : i + rules.batch]
+                          for i in range(0, min(len(reference_blocks), 4 * rules.batch), rules.batch)]
         self._baseline: tuple[tuple[int, int], torch.Tensor] | None = None
-        self.tokenizer, self.block_size = tokenizer, block_size
         self.hotkey = wallet.hotkey.ss58_address
         self.plausible_epoch = plausible_epoch
-        self.answers = Verifier.in_memory(domain, window_s=settings.record_window_s)  # its domain signs the challenges too
-        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=settings.spot_check_workers, thread_name_prefix="spot-check")
+        self.answers = Verifier.in_memory(domain, window_s=rules.window_s)  # its domain signs the challenges too
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=rules.workers, thread_name_prefix="spot-check")
         self.unjudged: Counter[str] = Counter()  # miner -> checks in a row whose answer could not be judged
         self._synced = False  # whether this round already synced for an answer ahead of us
-        self._streams: dict[int, BlockStream] = {}
         self._rng = random.Random()
 
     def stream_for(self, hotkey: str) -> BlockStream:
-        """The shard of the miner with ``hotkey``, built the way the miner builds it (cached per shard)."""
-        s = self.settings
-        shard = shard_for(hotkey, self.shard_salt, s.num_shards)
-        if shard not in self._streams:
-            self._streams[shard] = BlockStream(s.dataset, s.dataset_split, s.text_key, self.tokenizer, self.block_size,
-                                               num_shards=s.num_shards, shard=shard, seed=s.seed)
-        return self._streams[shard]
+        """The shard of the miner with ``hotkey`` (``MinerShards``)."""
+        return self.shards.stream_for(hotkey)
 
     def expected(self, batch: torch.Tensor, seed: int) -> torch.Tensor:
-        return projected_gradient(self.sync.model, batch, seed, self.settings.spot_check_dim)
+        return projected_gradient(self.sync.model, batch, seed, self.rules.dim)
 
     def baseline(self, seed: int, epoch: int) -> torch.Tensor:
         """Mean projection of the reference batches at the model's parameters, which are ``epoch``'s (cached per seed and epoch)."""
         key = (seed, epoch)
         if self._baseline is None or self._baseline[0] != key:
-            self._baseline = (key, baseline_projection(self.sync.model, self.reference, seed, self.settings.spot_check_dim))
+            self._baseline = (key, baseline_projection(self.sync.model, self.reference, seed, self.rules.dim))
         return self._baseline[1]
 
     def check_round(self, miners: list[PeerRecord], seed: int, stop: threading.Event | None = None) -> dict[str, SpotCheck]:
@@ -157,14 +183,13 @@ class SpotChecker:
         A miner whose answer could not be judged is left out, until that happened ``spot_check_tries``
         times in a row: then it fails. Judging stops early when ``stop`` is set.
         """
-        s = self.settings
         challenges = {miner.hotkey: self._challenge(miner, seed) for miner in miners}
         domain = self.answers.domain  # challenges and answers: this run and subnet only
         signed = {hotkey: sign(self.wallet, domain, asked.model_dump(mode="json")) for hotkey, asked in challenges.items()}
         bodies = self._send_all({miner.hotkey: miner for miner in miners}, signed)
         answers = {miner.hotkey: self._read(bodies[miner.hotkey], signed[miner.hotkey], miner) for miner in miners}
         projections = {hotkey: torch.tensor(a.projection, dtype=torch.float32) for hotkey, a in answers.items()  # (dim,)
-                       if isinstance(a, SpotCheckAnswer) and len(a.projection) == s.spot_check_dim}
+                       if isinstance(a, SpotCheckAnswer) and len(a.projection) == self.rules.dim}
         checks, self._synced = {}, False
         for miner in random.sample(miners, len(miners)):
             if stop is not None and stop.is_set():
@@ -176,25 +201,24 @@ class SpotChecker:
         return checks
 
     def _challenge(self, miner: PeerRecord, seed: int) -> Challenge:
-        s = self.settings
         stream = self.stream_for(miner.hotkey)
         block_index = self._rng.randrange(0, max(1, (stream.blocks_per_pass or 1) * CHALLENGE_PASSES))
-        return Challenge(miner_hotkey=miner.hotkey, block_index=block_index, batch_size=s.spot_check_batch,
-                         seed=seed, dim=s.spot_check_dim, epoch=self.sync.epoch)
+        return Challenge(miner_hotkey=miner.hotkey, block_index=block_index, batch_size=self.rules.batch,
+                         seed=seed, dim=self.rules.dim, epoch=self.sync.epoch)
 
     def _send_all(self, miners: dict[str, PeerRecord], signed: dict[str, dict]) -> dict[str, bytes | AnswerRejected]:
         """Every miner's raw answer, sent from the pool; each exchange ends by its own deadline."""
-        s = self.settings
-        futures = {self.pool.submit(send_challenge, miners[hotkey], challenge, s.spot_check_timeout_s,
-                                    s.spot_check_private_urls): hotkey for hotkey, challenge in signed.items()}
+        rules = self.rules
+        futures = {self.pool.submit(send_challenge, miners[hotkey], challenge, rules.timeout_s,
+                                    rules.private_urls): hotkey for hotkey, challenge in signed.items()}
         # every exchange ends by its deadline; this bound only covers what no socket deadline reaches (a slow DNS)
-        waves = math.ceil(len(futures) / s.spot_check_workers)
-        done, late = concurrent.futures.wait(futures, timeout=waves * s.spot_check_timeout_s + 5.0)
+        waves = math.ceil(len(futures) / rules.workers)
+        done, late = concurrent.futures.wait(futures, timeout=waves * rules.timeout_s + 5.0)
         bodies: dict[str, bytes | AnswerRejected] = {}
         for future, hotkey in futures.items():
             if future in late:
                 future.cancel()
-                bodies[hotkey] = AnswerRejected(f"no answer within the deadline of {s.spot_check_timeout_s:g}s")
+                bodies[hotkey] = AnswerRejected(f"no answer within the deadline of {rules.timeout_s:g}s")
                 continue
             try:
                 bodies[hotkey] = future.result()
@@ -216,7 +240,7 @@ class SpotChecker:
     def _judge(self, miner: PeerRecord, asked: Challenge, answered: SpotCheckAnswer | AnswerRejected,
                others: dict[str, torch.Tensor]) -> SpotCheck | None:
         """The verdict on one answer; ``others`` are this round's answers of other miners (copy detection)."""
-        s = self.settings
+        rules = self.rules
         epoch = self.sync.epoch
 
         def verdict(ok: bool, reason: str, answer_epoch=None, answer=None) -> SpotCheck:
@@ -244,13 +268,13 @@ class SpotChecker:
         # judged at the answer's own epoch where the validator holds it; else, within the lag, at ours:
         # in DiLoCo mode one epoch is a whole outer step, so there a mismatch cannot be judged
         judged_at = answer_epoch if self.sync.holds(answer_epoch) else epoch
-        if judged_at != answer_epoch and s.mode == "diloco":
+        if judged_at != answer_epoch and rules.diloco:
             why = (f"answered at epoch {answer_epoch}, the validator holds the parameters of {epoch}"
                    f"{'' if self.sync.previous is None else f' and {self.sync.previous[0]}'} (one DiLoCo epoch is a whole outer step)")
             return self._not_judged(miner, asked, epoch, answer_epoch, answer, why)
-        batch = self.stream_for(miner.hotkey).get_batch(asked.block_index, s.spot_check_batch)  # (B, T), the miner's blocks
+        batch = self.stream_for(miner.hotkey).get_batch(asked.block_index, rules.batch)  # (B, T), the miner's blocks
         with self.sync.parameters_at(judged_at):
-            result = judge_spot_check(self.expected(batch, asked.seed), answer, s.spot_check_threshold, others,
+            result = judge_spot_check(self.expected(batch, asked.seed), answer, rules.threshold, others,
                                       baseline=self.baseline(asked.seed, judged_at))
         self.unjudged.pop(miner.hotkey, None)
         return SpotCheck(miner.hotkey, result, asked.block_index, asked.seed, epoch, answer_epoch, answer)
@@ -258,7 +282,7 @@ class SpotChecker:
     def _not_judged(self, miner: PeerRecord, asked: Challenge, epoch: int, answer_epoch: int, answer: torch.Tensor,
                     why: str) -> SpotCheck | None:
         """None while the validator cannot judge (``why``); a failure once that happened ``spot_check_tries`` times in a row."""
-        tries, limit = self.unjudged[miner.hotkey] + 1, self.settings.spot_check_tries
+        tries, limit = self.unjudged[miner.hotkey] + 1, self.rules.tries
         if tries < limit:
             self.unjudged[miner.hotkey] = tries
             logger.warning(f"cannot judge {miner.hotkey[:10]} yet ({tries}/{limit}): {why}")

@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file
 from swarm_helpers import peer_id_of, stop_and_check, wait_until
 
-from hivetrain.identity import Domain
+
 from hivetrain.protocol.checkpoints import latest_checkpoint
 from hivetrain.protocol.records import Keys, OffenceRecord
-from hivetrain.settings import SwarmSettings
+from hivetrain.settings import SwarmSettings, domain_of
 from hivetrain.store import connect_redis, read_stream
 from hivetrain.swarm.launcher import Swarm
 
@@ -50,7 +50,7 @@ def attacked_swarm(workdir: Path, run_id: str, honest: int, attackers: list[str]
 
 
 def offences(swarm: Swarm) -> list[OffenceRecord]:
-    return read_stream(connect_redis(swarm.redis_url), Keys(swarm.settings.run_id), Domain.of(swarm.settings), OffenceRecord)
+    return read_stream(connect_redis(swarm.redis_url), Keys(swarm.settings.run_id), domain_of(swarm.settings), OffenceRecord)
 
 
 def peer_ids(services) -> list[str]:

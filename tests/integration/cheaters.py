@@ -34,14 +34,14 @@ import torch
 from hivemind.averaging import DecentralizedAverager
 
 from hivetrain.hivemind_compat import DiLoCoOptimizer, SafeStateAverager
-from hivetrain.identity import Domain, load_or_create_wallet
+from hivetrain.identity import load_or_create_wallet
 from hivetrain.miner.train import Miner
 from hivetrain.protocol.binding import bind, identity_peer_id, new_ed25519_identity
 from hivetrain.protocol.records import Keys, PeerRecord, StepRecord
 from hivetrain.protocol.spotcheck import Challenge
-from hivetrain.reporting import BootstrapRegistry
+from hivetrain.miner.reporting import BootstrapRegistry
 from hivetrain.runtime import install_stop_handlers, reset_signal_handlers_in_children
-from hivetrain.settings import MinerSettings, load_settings
+from hivetrain.settings import MinerSettings, domain_of, load_settings
 from hivetrain.store import connect_redis
 
 
@@ -125,9 +125,9 @@ def publish_progress(settings: MinerSettings, stop: threading.Event) -> None:
     from hivemind.utils import get_dht_time
 
     from hivetrain.dht import make_dht
-    from hivetrain.protocol.discovery import fetch_initial_peers
+    from hivetrain.discovery import fetch_initial_peers
 
-    dht = make_dht(settings, initial_peers=fetch_initial_peers(settings.bootstrap_url, stop=stop))
+    dht = make_dht(fetch_initial_peers(settings.bootstrap_url, stop=stop), **settings.dht_options())
     print(f"DHT up: peer {dht.peer_id.to_base58()}", flush=True)  # how the tests learn a peer id
     # an unstarted tracker registers the record schema and our signing key with the DHT
     tracker = ProgressTracker(dht, settings.run_id, settings.target_batch_size, start=False)
@@ -145,7 +145,7 @@ def replay(settings: MinerSettings, stop: threading.Event) -> None:
     """Register, then post every new step record of other miners back to the bootstrap, as it is and
     rewritten to credit us; what the bootstrap refused is counted in ``replay-refusals.json``."""
     wallet = load_or_create_wallet(settings.wallet_dir, settings.wallet_name, settings.wallet_hotkey)
-    client, keys, domain = connect_redis(settings.redis_url), Keys(settings.run_id), Domain.of(settings)
+    client, keys, domain = connect_redis(settings.redis_url), Keys(settings.run_id), domain_of(settings)
     registrar = BootstrapRegistry(settings.bootstrap_url, domain)  # a miner's Redis user only reads
     # a registration as real as any miner's: its own libp2p identity vouches for its hotkey
     identity = Path(settings.checkpoint_dir) / "replay-identity.key"

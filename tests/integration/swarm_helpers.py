@@ -9,7 +9,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from hivetrain import procs
+from hivetrain.swarm import procs
 
 
 def wait_until(predicate, timeout: float, what: str, interval: float = 2.0):

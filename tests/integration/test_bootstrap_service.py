@@ -17,7 +17,7 @@ import hivemind
 import pytest
 from hivemind.utils import get_dht_time
 
-from hivetrain import procs
+from hivetrain.swarm import procs
 from hivetrain.identity import Domain
 from hivetrain.protocol.records import Keys
 from hivetrain.runtime import RESTART_LIMIT

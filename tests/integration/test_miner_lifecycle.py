@@ -8,7 +8,7 @@ import re
 import pytest
 from swarm_helpers import peer_id_in, wait_until
 
-from hivetrain import procs
+from hivetrain.swarm import procs
 from hivetrain.protocol.checkpoints import latest_checkpoint
 from hivetrain.settings import SwarmSettings
 from hivetrain.swarm.launcher import Swarm

@@ -15,7 +15,7 @@ import pytest
 import requests
 from swarm_helpers import stop_and_check, wait_until
 
-from hivetrain import procs
+from hivetrain.swarm import procs
 from hivetrain.settings import SwarmSettings
 from hivetrain.swarm.launcher import Swarm
 

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from swarm_helpers import miner_metrics, peer_id_of, stop_and_check, wait_until
 
-from hivetrain import procs
+from hivetrain.swarm import procs
 from hivetrain.models import build_model
 from hivetrain.protocol.checkpoints import list_checkpoints
 from hivetrain.settings import SwarmSettings

@@ -1,9 +1,9 @@
-"""How services send their records: ``TelemetryWriter`` queues them and a thread writes them to a sink.
+"""How a miner sends its records: ``TelemetryWriter`` queues them and a thread writes them to a sink.
 
 A miner's sinks are the bootstrap (``BootstrapSink`` for telemetry, ``BootstrapRegistry`` for its
-registration): its own Redis user only reads. The validator and tests, whose users may write,
-use ``RedisSink``. Training must never wait for Redis or the bootstrap: while a sink is away the
-thread retries with backoff, and once the bounded queue is full the oldest records go first.
+registration): its own Redis user only reads. Training must never wait for Redis or the bootstrap:
+while a sink is away the thread retries with backoff, and once the bounded queue is full the oldest
+records go first.
 """
 
 from __future__ import annotations
@@ -14,12 +14,10 @@ import threading
 import time
 from typing import Iterable, Protocol
 
-import redis
-
-from hivetrain.identity import Domain, SignedEnvelope, sign
+from hivetrain.identity import Domain
 from hivetrain.log import get_logger
-from hivetrain.protocol.records import MAX_INGEST_ENTRIES, Departure, Keys, OffenceRecord, PeerRecord, RoundRecord, StepRecord
-from hivetrain.store import INGEST_STREAMS, STREAMS, same_run, signed_registration, stream_fields, xadd_capped
+from hivetrain.protocol.envelopes import STREAMS, signed_departure, signed_registration, stream_fields
+from hivetrain.protocol.records import MAX_INGEST_ENTRIES, OffenceRecord, PeerRecord, RoundRecord, StepRecord
 
 logger = get_logger(__name__)
 
@@ -35,26 +33,6 @@ class TelemetrySink(Protocol):
 
 class SinkUnavailable(Exception):
     """The sink could not take a batch now (Redis or the bootstrap away, a quota, a peer not yet registered): retry."""
-
-
-class RedisSink:
-    """Telemetry straight into Redis: for trusted writers that hold a credential that may (the validator, tests)."""
-
-    max_batch = 10_000
-
-    def __init__(self, client: redis.Redis, keys: Keys):
-        self.client, self.keys = client, keys
-
-    def send(self, entries: list[tuple[str, dict]]) -> list[int]:
-        """XADD every ``(stream, fields)``; the indices refused (none here)."""
-        try:
-            with self.client.pipeline(transaction=False) as pipe:
-                for stream, fields in entries:
-                    xadd_capped(pipe, self.keys, INGEST_STREAMS[stream], fields)
-                pipe.execute()
-        except redis.RedisError as error:
-            raise SinkUnavailable(repr(error)) from None
-        return []
 
 
 class BootstrapSink:
@@ -114,8 +92,7 @@ class BootstrapRegistry:
     def deregister(self, peer_id: str) -> None:
         if self._signer is None:
             return  # never registered
-        envelope = sign(self._signer, self.domain, Departure(peer_id=peer_id).model_dump(mode="json"))
-        self._post("/v1/peers/leave", SignedEnvelope.model_validate(envelope).model_dump_json().encode())
+        self._post("/v1/peers/leave", signed_departure(peer_id, self._signer, self.domain))
 
 
 class TelemetryWriter:
@@ -129,7 +106,7 @@ class TelemetryWriter:
     def __init__(self, sink: TelemetrySink, domain: Domain, signer, max_queue: int = 10_000,
                  max_backoff_s: float = 5.0):
         self.sink, self.signer, self.max_backoff_s = sink, signer, max_backoff_s
-        self.domain = same_run(sink.keys, domain) if isinstance(sink, RedisSink) else domain
+        self.domain = domain
         self._queue: collections.deque = collections.deque(maxlen=max_queue)
         self._wake = threading.Condition()
         self._stopping = False

@@ -40,7 +40,7 @@ MAX_HEAD_BYTES = 64 * 1024
 BODY_DRAIN_S = 0.5
 #: A closing connection waits this long at most for the client to close first (so its last bytes reset nothing).
 LINGER_S = 2.0
-WORKER_CLASS = "hivetrain.gunicorn.HeadFirstWorker"
+WORKER_CLASS = "hivetrain.runtime.gunicorn.HeadFirstWorker"
 
 
 def gunicorn_argv(app_spec: str, host: str, port: int, workers: int, log_level: str = "INFO") -> list[str]:

@@ -28,9 +28,9 @@ from typing import Callable, Generic, Literal, TypeVar
 
 from pydantic_settings import BaseSettings
 
-from hivetrain.gunicorn import start_gunicorn, stop_gunicorn
+from hivetrain.runtime.gunicorn import start_gunicorn, stop_gunicorn
 from hivetrain.log import get_logger
-from hivetrain.protocol.discovery import BootstrapUnavailable
+from hivetrain.discovery import BootstrapUnavailable
 from hivetrain.settings import load_settings
 
 logger = get_logger(__name__)

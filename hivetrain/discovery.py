@@ -1,13 +1,20 @@
-"""Finding the swarm: initial peers from the bootstrap's HTTP API."""
+"""Finding the swarm: initial peers from the bootstrap's HTTP API, and the run's shard salt once it is published.
+
+Both wait, with backoff and a deadline, for a bootstrap that may still be starting; both raise
+``BootstrapUnavailable`` (the runtime's exit code 2) naming what to check when it never shows.
+"""
 
 from __future__ import annotations
 
+import threading
 import time
-from threading import Event
 
+import redis
 import requests
 
 from hivetrain.log import get_logger
+from hivetrain.protocol.records import Keys
+from hivetrain.store import shard_salt
 
 logger = get_logger(__name__)
 
@@ -16,7 +23,7 @@ class BootstrapUnavailable(RuntimeError):
     """The bootstrap never gave us peers to dial."""
 
 
-def fetch_initial_peers(bootstrap_url: str, wait_s: float = 120.0, stop: Event | None = None,
+def fetch_initial_peers(bootstrap_url: str, wait_s: float = 120.0, stop: threading.Event | None = None,
                         first_delay_s: float = 0.5, max_delay_s: float = 10.0) -> list[str]:
     """GET ``/initial_peers`` until it lists at least one multiaddr, with exponential backoff.
 
@@ -51,3 +58,32 @@ def fetch_initial_peers(bootstrap_url: str, wait_s: float = 120.0, stop: Event |
         else:
             time.sleep(min(delay, remaining))
         delay = min(delay * 2, max_delay_s)
+
+
+def wait_for_shard_salt(client: redis.Redis, keys: Keys, wait_s: float, stop: threading.Event | None = None,
+                        poll_s: float = 1.0) -> str:
+    """The run's shard salt, read every ``poll_s`` until the bootstrap (or a validator) has published it.
+
+    Redis errors count as not published yet. Raises ``BootstrapUnavailable`` after ``wait_s`` seconds,
+    or when ``stop`` is set, saying what to check.
+    """
+    deadline, waiting, last = time.monotonic() + wait_s, False, "nothing there"
+    stop = stop or threading.Event()
+    while True:
+        try:
+            salt = shard_salt(client, keys, create=False)
+            last = "nothing there, or junk (see the warnings above)"
+        except redis.RedisError as error:  # Redis boundary: unreachable is the same as not published yet
+            salt, last = None, f"Redis: {type(error).__name__}: {error}"
+        if salt is not None:
+            return salt
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or stop.is_set():
+            raise BootstrapUnavailable(
+                f"no shard salt at {keys.shard_salt} after {wait_s:.0f}s ({last}). The bootstrap publishes it when it "
+                "starts: check that it runs with this HIVE_REDIS_URL and HIVE_RUN_ID, or wait longer with HIVE_BOOTSTRAP_WAIT_S")
+        if not waiting:
+            logger.info(f"waiting for the bootstrap to publish the run's shard salt at {keys.shard_salt} "
+                        f"(up to {wait_s:.0f}s)")
+            waiting = True
+        stop.wait(min(poll_s, remaining))

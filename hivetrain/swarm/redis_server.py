@@ -14,7 +14,7 @@ from pathlib import Path
 
 import redis
 
-from hivetrain import procs
+from hivetrain.swarm import procs
 from hivetrain.log import get_logger
 
 logger = get_logger(__name__)
