@@ -3,10 +3,11 @@
 Per step, every peer computes the gradient of its own copy of the tiny GPT-2 (same seed) on its own
 shard of the bundled corpus; the gradients are averaged by real hivemind averagers over loopback,
 matched and then triggered together (as in ``bench/allreduce.py``) so every round holds every
-peer; each honest peer applies the result with ``ClippedAdamW``. The honest averagers run
-``RobustAllReduceRunner``; the attacker's averager is plain hivemind (forked before robust
-aggregation is installed) and sends, from its own honest gradient: NaN, x1e30, x(-3), or x(-1) with
-a declared weight of 1e30. Baseline: the same honest peers, seeds and batches, without the attacker.
+peer; each honest peer applies the result with ``ClippedAdamW``. The honest averagers
+(``RobustAverager``, with the rule and bans of their own over the run's ``OffenceLog``) run
+``RobustAllReduceRunner``; the attacker's averager is plain hivemind (a bare ``DecentralizedAverager``)
+and sends, from its own honest gradient: NaN, x1e30, x(-3), or x(-1) with a declared weight of 1e30.
+Baseline: the same honest peers, seeds and batches, without the attacker.
 
 Reported per run: the honest peers' mean held-out loss on the validation split after ``--steps``
 steps, its ratio to the baseline (goal: within 1.10), the rounds that failed, and who was named.
@@ -30,9 +31,7 @@ from hivemind.averaging.control import AveragingStage
 from bench.common import exit_on_sigterm, table, write_result
 from hivetrain.aggregation import AggregationRule
 from hivetrain.data import BUNDLED_DATASET, BlockStream, validation_blocks
-from hivetrain.hivemind_compat import install_codecs
-from hivetrain.hivemind_compat.allreduce import install_robust_aggregation, uninstall_robust_aggregation
-from hivetrain.hivemind_compat.bans import drain_offences
+from hivetrain.hivemind_compat import Bans, OffenceLog, RobustAverager, install_codecs
 from hivetrain.log import get_logger
 from hivetrain.models import build_model
 from hivetrain.protocol.training import ClippedAdamW, param_groups
@@ -142,15 +141,17 @@ def run(dhts, attack: str, args, tokenizer, blocks: torch.Tensor) -> dict:
         if ATTACKS[attack] else []
     numel = sum(p.numel() for p in honest[0].model.parameters())
     prefix = f"bench-attacked-{attack.split()[0].lower()}"
-    everyone = attacker + honest  # the attacker first: its averager forks before robust aggregation is installed
-    uninstall_robust_aggregation()
-    drain_offences()
+    everyone = attacker + honest  # the attacker first: DHT 0
+    log = OffenceLog(ban_s=1e9)
+    rule = AggregationRule(max_weight=4.0 * args.batch * len(everyone))
     for index, peer in enumerate(everyone):
-        if peer is honest[0] and attack != "none (plain hivemind)":
-            install_robust_aggregation(AggregationRule(max_weight=4.0 * args.batch * len(everyone)), ban_s=1e9)
-        peer.averager = hivemind.averaging.DecentralizedAverager(
+        robust = peer.opt is not None and attack != "none (plain hivemind)"  # the attacker runs plain hivemind
+        cls = RobustAverager if robust else hivemind.averaging.DecentralizedAverager
+        options = dict(aggregation_rule=rule, bans=Bans(log)) if robust else {}
+        peer.averager = cls(
             [torch.zeros(numel)], dhts[index], prefix=prefix, target_group_size=len(everyone),
-            min_group_size=len(honest), min_matchmaking_time=1.0, request_timeout=0.5, allreduce_timeout=60, start=True)
+            min_group_size=len(honest), min_matchmaking_time=1.0, request_timeout=0.5, allreduce_timeout=60, start=True,
+            **options)
     failed, named, started = 0, {}, time.perf_counter()
     try:
         for step in range(args.steps):
@@ -166,15 +167,14 @@ def run(dhts, attack: str, args, tokenizer, blocks: torch.Tensor) -> dict:
                 grads = local
             for peer, grad in zip(honest, grads[len(attacker):]):
                 peer.apply(grad)
-            named.update({(o.peer_id, o.role): o.reason for o in drain_offences()})
+            named.update({(o.peer_id, o.role): o.reason for o in log.drain()})
             if step % 10 == 0:
                 logger.info(f"{attack}: step {step}, honest train loss {sum(losses[len(attacker):]) / len(honest):.3f}")
     finally:
         for peer in everyone:
             peer.averager.shutdown()
-        uninstall_robust_aggregation()
     time.sleep(0.5)
-    named.update({(o.peer_id, o.role): o.reason for o in drain_offences()})
+    named.update({(o.peer_id, o.role): o.reason for o in log.drain()})
     attacker_id = dhts[0].peer_id.to_base58() if attacker else None
     held_out = [evaluate(peer.model.eval(), blocks, batch_size=8)[0] for peer in honest]
     return {"attack": attack, "held_out_loss": sum(held_out) / len(held_out), "worst_held_out_loss": max(held_out),

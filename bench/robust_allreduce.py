@@ -1,14 +1,14 @@
 """Robust aggregation in the all-reduce: what it costs per round, and what it stops.
 
 **Cost.** Two groups of ``--peers`` hivemind averagers over ``--numel`` float32 each (the tiny
-GPT-2's size by default), one forked with hivemind's own all-reduce and one with
-``RobustAllReduceRunner``, run rounds alternately (plain, robust, plain, ...) so both see the same
+GPT-2's size by default), one with hivemind's own all-reduce and one with ``RobustAllReduceRunner``
+(``RobustAverager`` with a rule), run rounds alternately (plain, robust, plain, ...) so both see the same
 machine load; each round is matched first and then triggered on every peer at once (as in
 ``bench/allreduce.py``), so the time is the all-reduce alone. Reported: median round time of each
 and their ratio.
 
-**Attacks.** For each attack, one attacker (plain hivemind, forked before robust aggregation is
-installed) and ``--peers - 1`` honest peers average once, with the honest peers plain and then
+**Attacks.** For each attack, one attacker (plain hivemind, a bare ``DecentralizedAverager``) and
+``--peers - 1`` honest peers average once, with the honest peers plain and then
 robust. Reported: the worst honest peer's cosine to the honest peers' mean, and its norm ratio
 (1 = the mean's size).
 
@@ -25,8 +25,7 @@ import torch
 from bench.allreduce import reset, timed_round
 from bench.common import exit_on_sigterm, spread, table, write_result
 from hivetrain.aggregation import AggregationRule
-from hivetrain.hivemind_compat import install_codecs
-from hivetrain.hivemind_compat.allreduce import install_robust_aggregation, uninstall_robust_aggregation
+from hivetrain.hivemind_compat import Bans, OffenceLog, RobustAverager, install_codecs
 from hivetrain.log import get_logger
 
 logger = get_logger("bench.robust_allreduce")
@@ -49,14 +48,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def averagers(dhts, prefix: str, tensors: list[torch.Tensor], robust: bool, group: int, **kwargs) -> list:
-    """One averager per DHT over its tensor, forked with hivemind's all-reduce or the robust one; groups of ``group``."""
-    if robust:
-        install_robust_aggregation(AggregationRule(), ban_s=0.0)  # no bans: the same peers meet every round
-    else:
-        uninstall_robust_aggregation()
-    return [hivemind.averaging.DecentralizedAverager(
-        [tensor], dht, prefix=prefix, target_group_size=group, min_group_size=group, min_matchmaking_time=2.0,
-        request_timeout=1.0, allreduce_timeout=300, start=True, **kwargs) for dht, tensor in zip(dhts, tensors)]
+    """One averager per DHT over its tensor, with hivemind's all-reduce or the robust one; groups of ``group``."""
+    if robust:  # bans of 0 s: the same peers meet every round
+        kwargs.update(aggregation_rule=AggregationRule(), bans=Bans(OffenceLog(ban_s=0.0)))
+    cls = RobustAverager if robust else hivemind.averaging.DecentralizedAverager
+    return [cls([tensor], dht, prefix=prefix, target_group_size=group, min_group_size=group, min_matchmaking_time=2.0,
+                request_timeout=1.0, allreduce_timeout=300, start=True, **kwargs) for dht, tensor in zip(dhts, tensors)]
 
 
 def measure_cost(dhts, numel: int, rounds: int) -> dict:
@@ -77,7 +74,6 @@ def measure_cost(dhts, numel: int, rounds: int) -> dict:
         for group in groups.values():
             for averager in group:
                 averager.shutdown()
-        uninstall_robust_aggregation()
     return {kind: spread(values) for kind, values in times.items()}
 
 
@@ -107,7 +103,6 @@ def attack_round(dhts, numel: int, attack: str, robust: bool) -> dict:
     finally:
         for averager in attacker + group:
             averager.shutdown()
-        uninstall_robust_aggregation()
     worst = min(range(len(cosines)), key=lambda i: cosines[i] if cosines[i] == cosines[i] else -2)
     return {"attack": attack, "robust": robust, "cosine": cosines[worst], "norm_ratio": sizes[worst]}
 

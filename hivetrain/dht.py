@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import hivemind
-
+from hivetrain.hivemind_compat import DHT
 from hivetrain.log import get_logger
 
 logger = get_logger(__name__)
@@ -13,7 +12,7 @@ logger = get_logger(__name__)
 
 def make_dht(initial_peers: list[str] | None = None, *, host_maddrs: list[str], announce_maddrs: list[str] = (),
              identity_path: str = "", use_relay: bool = True, client_mode: bool = False, use_auto_relay: bool = False,
-             **kwargs) -> hivemind.DHT:
+             **kwargs) -> DHT:
     """Start a DHT peer (a forked child process plus p2pd) that dials ``initial_peers``.
 
     ``host_maddrs``, ``announce_maddrs``, ``identity_path`` and ``use_relay`` are the ``HIVE_*`` settings of
@@ -37,7 +36,7 @@ def make_dht(initial_peers: list[str] | None = None, *, host_maddrs: list[str], 
         # /p2p-circuit addresses through their public addresses.
         kwargs.update(use_auto_relay=True, force_reachability="private")
     try:
-        return hivemind.DHT(
+        return DHT(
             initial_peers=list(initial_peers or []),
             host_maddrs=host_maddrs,
             announce_maddrs=list(announce_maddrs) or None,
@@ -51,7 +50,7 @@ def make_dht(initial_peers: list[str] | None = None, *, host_maddrs: list[str], 
         raise ValueError(f"could not start the DHT ({error}); check HIVE_HOST_MADDRS / HIVE_ANNOUNCE_MADDRS") from error
 
 
-def visible_maddrs(dht: hivemind.DHT, latest: bool = False) -> list[str]:
+def visible_maddrs(dht: DHT, latest: bool = False) -> list[str]:
     """Addresses other peers can dial, none in client mode: relayed (/p2p-circuit) first, then the peer's own,
     loopback last, so remote peers try what reaches them first. ``latest``: ask p2pd again (relayed addresses
     appear once a relay has reserved a slot) instead of the addresses it had at start."""

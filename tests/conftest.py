@@ -1,4 +1,6 @@
-"""Shared fixtures: a real redis-server on a free port, torn down after the test; a check that nothing is left running."""
+"""Shared fixtures: a real redis-server on a free port, torn down after the test; wallets, and the validator API's
+wallet folder and hotkey; real HTTP servers (tests/post_server.py) stopped after the test; a check that nothing is
+left running."""
 
 from __future__ import annotations
 
@@ -66,3 +68,32 @@ def other_wallet(tmp_path_factory):
     from hivetrain.identity import load_or_create_wallet
 
     return load_or_create_wallet(str(tmp_path_factory.mktemp("wallets2")), "other")
+
+
+@pytest.fixture(scope="module")
+def wallet_dir(tmp_path_factory) -> str:
+    """A wallet folder for the validator's API, one per test module: create_app() finds its wallet there."""
+    return str(tmp_path_factory.mktemp("validator-wallets"))
+
+
+@pytest.fixture(scope="module")
+def hotkey(wallet_dir) -> str:
+    """The validator's own hotkey, as create_app() will find it under wallet_dir."""
+    from hivetrain.identity import load_or_create_wallet
+
+    return load_or_create_wallet(wallet_dir, "validator").hotkey.ss58_address
+
+
+@pytest.fixture
+def start_server():
+    """``start_server(kind, *args, **kwargs)``: a real HTTP server of ``kind`` (a tests/post_server.py PostServer),
+    stopped after the test."""
+    started = []
+
+    def start(kind, *args, **kwargs):
+        started.append(kind(*args, **kwargs))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.stop()

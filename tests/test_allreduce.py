@@ -1,9 +1,10 @@
 """Robust all-reduce with real hivemind averagers on loopback: one attacker among four peers.
 
-The attacker runs plain hivemind (its averager forks before robust aggregation is installed in
-this process), sends a bad tensor or a bad weight, and reduces its own partition the plain way.
-Three honest averagers run ``RobustAllReduceRunner``. Every honest result must be finite, most of
-it must point where the honest peers' mean points, and the attacker must be named.
+The attacker runs plain hivemind (a bare ``DecentralizedAverager`` in this same process), sends a
+bad tensor or a bad weight, and reduces its own partition the plain way. Three honest averagers
+(``RobustAverager``, each with the rule and its own bans over one ``OffenceLog``) run
+``RobustAllReduceRunner``. Every honest result must be finite, most of it must point where the
+honest peers' mean points, and the attacker must be named.
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ import torch
 from hivemind.averaging import DecentralizedAverager
 
 from hivetrain.aggregation import AggregationRule
-from hivetrain.hivemind_compat.allreduce import install_robust_aggregation, uninstall_robust_aggregation
-from hivetrain.hivemind_compat.bans import drain_offences
+from hivetrain.hivemind_compat import Bans, OffenceLog, RobustAverager
 
 pytestmark = pytest.mark.integration
 
@@ -35,23 +35,27 @@ def dhts():
         dht.shutdown()
 
 
-def _averager(dht, tensor: torch.Tensor, prefix: str) -> DecentralizedAverager:
+def _averager(dht, tensor: torch.Tensor, prefix: str, cls: type = DecentralizedAverager, min_group_size: int = 4,
+              **robust) -> DecentralizedAverager:
     # small parts: each peer reduces about a quarter of the vector (with hivemind's 512 KiB parts, a
     # 200k vector is two parts, and whoever gets the first reduces 65% of it)
-    return DecentralizedAverager([tensor], dht=dht, prefix=prefix, target_group_size=4, min_group_size=4,
-                                 min_matchmaking_time=3.0, request_timeout=1.0, part_size_bytes=2**14, start=True)
+    return cls([tensor], dht=dht, prefix=prefix, target_group_size=4, min_group_size=min_group_size,
+               min_matchmaking_time=3.0, request_timeout=1.0, part_size_bytes=2**14, start=True, **robust)
 
 
-def _round(dhts, attacker_tensor: torch.Tensor, attacker_weight: float, prefix: str, robust: bool):
-    """One averaging round of the attacker and three honest peers; the honest results and their mean."""
+def _honest(log: OffenceLog) -> dict:
+    """What an honest averager is built with: the rule, and bans of its own over the test's log."""
+    return dict(cls=RobustAverager, aggregation_rule=AggregationRule(), bans=Bans(log))
+
+
+def _round(dhts, attacker_tensor: torch.Tensor, attacker_weight: float, prefix: str, log: OffenceLog | None):
+    """One averaging round of the attacker and three honest peers (robust with ``log``); their results and mean."""
     generator = torch.Generator().manual_seed(1)
     signal = torch.randn(SIZE, generator=generator)
     honest = [signal + 0.3 * torch.randn(SIZE, generator=generator) for _ in range(3)]
-    uninstall_robust_aggregation()
-    attacker = _averager(dhts[0], attacker_tensor(signal), prefix)  # forked now: plain hivemind
-    if robust:
-        install_robust_aggregation(AggregationRule(), ban_s=60.0)
-    peers = [_averager(dht, tensor.clone(), prefix) for dht, tensor in zip(dhts[1:], honest)]
+    attacker = _averager(dhts[0], attacker_tensor(signal), prefix)  # plain hivemind
+    robust = _honest(log) if log is not None else {}
+    peers = [_averager(dht, tensor.clone(), prefix, **robust) for dht, tensor in zip(dhts[1:], honest)]
     try:
         controls = [attacker.step(wait=False, weight=attacker_weight, timeout=60)]
         controls += [peer.step(wait=False, weight=8.0, timeout=60) for peer in peers]
@@ -65,7 +69,6 @@ def _round(dhts, attacker_tensor: torch.Tensor, attacker_weight: float, prefix: 
     finally:
         for averager in [attacker, *peers]:
             averager.shutdown()
-        uninstall_robust_aggregation()
 
 
 ATTACKS = {
@@ -78,9 +81,9 @@ ATTACKS = {
 
 @pytest.mark.parametrize("attack", sorted(ATTACKS))
 def test_one_attacker_among_four_cannot_poison_the_average(dhts, attack):
-    drain_offences()
+    log = OffenceLog(ban_s=60.0)
     make, weight = ATTACKS[attack]
-    results, mean = _round(dhts, make, weight, f"robust-{attack}", robust=True)
+    results, mean = _round(dhts, make, weight, f"robust-{attack}", log)
     for result in results:
         assert torch.isfinite(result).all(), attack
         # the honest peers' partitions are the robust aggregate; the attacker's quarter is refused (our
@@ -94,46 +97,41 @@ def test_one_attacker_among_four_cannot_poison_the_average(dhts, attack):
         # as a sender (its part) or as a reducer (its answer): whichever an honest averager saw first bans it,
         # and a banned sender's parts are then left out without being named again
         attacker = dhts[0].peer_id.to_base58()
-        named = _peers_named(until=attacker)
+        named = _peers_named(log, until=attacker)
         assert attacker in named, f"{attack}: the attacker was not named"
         assert named == {attacker}, f"{attack}: honest peers were named too: {named - {attacker}}"
     else:
         time.sleep(1.0)  # what the averagers may still be reporting
-        wrongly = {offence.peer_id for offence in drain_offences()} - {dhts[0].peer_id.to_base58()}
+        wrongly = {offence.peer_id for offence in log.drain()} - {dhts[0].peer_id.to_base58()}
         assert not wrongly, f"{attack}: honest peers were named: {wrongly}"
 
 
-def _peers_named(until: str, timeout: float = 20.0) -> set[str]:
+def _peers_named(log: OffenceLog, until: str, timeout: float = 20.0) -> set[str]:
     """Peers the honest averagers named (their queue is fed from the forked children): wait for ``until``."""
     named: set[str] = set()
     deadline = time.monotonic() + timeout
     while until not in named and time.monotonic() < deadline:
-        named |= {offence.peer_id for offence in drain_offences()}
+        named |= {offence.peer_id for offence in log.drain()}
         time.sleep(0.2)
     time.sleep(0.5)  # and what is still in flight
-    return named | {offence.peer_id for offence in drain_offences()}
+    return named | {offence.peer_id for offence in log.drain()}
 
 
 def test_plain_hivemind_is_poisoned_by_the_same_attacker(dhts):
     # the baseline the robust runner is measured against: one NaN sender turns everything NaN
-    results, _ = _round(dhts, ATTACKS["nan"][0], 8.0, "plain-nan", robust=False)
+    results, _ = _round(dhts, ATTACKS["nan"][0], 8.0, "plain-nan", log=None)
     assert all(not torch.isfinite(result).all() for result in results)
 
 
 def test_a_banned_peer_is_left_out_of_later_groups(dhts):
     """Once named, the attacker may keep asking: the honest peers average among themselves."""
-    drain_offences()
+    log = OffenceLog(ban_s=600.0)
     attacker_id = dhts[0].peer_id.to_base58()
     generator = torch.Generator().manual_seed(2)
     signal = torch.randn(SIZE, generator=generator)
     honest = [signal + 0.3 * torch.randn(SIZE, generator=generator) for _ in range(3)]
-    uninstall_robust_aggregation()
-    attacker = DecentralizedAverager([torch.full((SIZE,), float("nan"))], dht=dhts[0], prefix="banned", target_group_size=4,
-                                     min_group_size=3, min_matchmaking_time=3.0, request_timeout=1.0,
-                                     part_size_bytes=2**14, start=True)
-    install_robust_aggregation(AggregationRule(), ban_s=600.0)
-    peers = [DecentralizedAverager([tensor.clone()], dht=dht, prefix="banned", target_group_size=4, min_group_size=3,
-                                   min_matchmaking_time=3.0, request_timeout=1.0, part_size_bytes=2**14, start=True)
+    attacker = _averager(dhts[0], torch.full((SIZE,), float("nan")), "banned", min_group_size=3)
+    peers = [_averager(dht, tensor.clone(), "banned", min_group_size=3, **_honest(log))
              for dht, tensor in zip(dhts[1:], honest)]
     honest_ids = {dht.peer_id.to_base58() for dht in dhts[1:]}
     try:
@@ -144,7 +142,8 @@ def test_a_banned_peer_is_left_out_of_later_groups(dhts):
             with contextlib.suppress(Exception):  # the banned attacker may find nobody to average with
                 controls[0].result(timeout=60)
             if len(rounds) == 1:
-                assert attacker_id in _peers_named(until=attacker_id), "the attacker averaged with us and was not named"
+                named = _peers_named(log, until=attacker_id)
+                assert attacker_id in named, "the attacker averaged with us and was not named"
             elif not any(attacker_id in group for group in rounds[-1]):
                 break
         assert any(attacker_id in group for group in rounds[0]), f"the attacker was not in the first round: {rounds}"
@@ -155,4 +154,35 @@ def test_a_banned_peer_is_left_out_of_later_groups(dhts):
     finally:
         for averager in [attacker, *peers]:
             averager.shutdown()
-        uninstall_robust_aggregation()
+
+
+def test_a_robust_and_a_plain_averager_in_one_process_keep_their_own_rule_and_bans(dhts):
+    """One group: the attacker, two robust averagers (one log) and a plain one built after them (its own log).
+
+    With the rule installed for the whole process, the plain averager forked after it would aggregate
+    robustly too and every offence would reach one queue; here it keeps hivemind's mean (its own
+    partition takes the NaN) and names nobody, while the robust two stay finite and name the attacker.
+    """
+    robust_log, plain_log = OffenceLog(ban_s=60.0), OffenceLog(ban_s=60.0)
+    generator = torch.Generator().manual_seed(3)
+    signal = torch.randn(SIZE, generator=generator)
+    honest = [signal + 0.3 * torch.randn(SIZE, generator=generator) for _ in range(3)]
+    attacker = _averager(dhts[0], torch.full((SIZE,), float("nan")), "mixed")
+    robust = [_averager(dht, tensor.clone(), "mixed", **_honest(robust_log)) for dht, tensor in zip(dhts[1:3], honest)]
+    plain = _averager(dhts[3], honest[2].clone(), "mixed", cls=RobustAverager, bans=Bans(plain_log))
+    try:
+        assert plain.aggregation_rule is None and plain.bans is not robust[0].bans is not robust[1].bans
+        controls = [averager.step(wait=False, weight=8.0, timeout=60) for averager in [attacker, *robust, plain]]
+        for control in controls[1:]:
+            assert len(control.result(timeout=90) or ()) == 4, "the four peers did not average together"
+        results = []
+        for averager in [*robust, plain]:
+            with averager.get_tensors() as tensors:
+                results.append(tensors[0].clone())
+        assert all(torch.isfinite(result).all() for result in results[:2]), "a robust averager took the NaN"
+        assert not torch.isfinite(results[2]).all(), "the plain averager aggregated robustly"
+        assert dhts[0].peer_id.to_base58() in _peers_named(robust_log, until=dhts[0].peer_id.to_base58())
+        assert plain_log.drain() == [], "the plain averager has no rule: it names nobody"
+    finally:
+        for averager in [attacker, *robust, plain]:
+            averager.shutdown()

@@ -5,10 +5,10 @@ bodies are capped, and URLs that point where a miner has no business are refused
 
 from __future__ import annotations
 
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import functools
 
 import pytest
+from post_server import PostServer
 
 from hivetrain.validator.bounded_http import RequestFailed, post_json, vet_url
 
@@ -16,57 +16,21 @@ CAP = 64 * 1024
 OK = b'HTTP/1.0 200 OK\r\nContent-Type: application/json\r\nContent-Length: 12\r\n\r\n{"ok": true}'
 
 
-class AttackServer:
+class AttackServer(PostServer):
     """A real HTTP server whose POST handler is ``respond(handler, server)``; it counts requests and bytes sent."""
 
     def __init__(self, respond):
-        self.hits, self.sent = 0, 0
-        self.finished = threading.Event()  # the handler wrote everything it meant to
-        self.stopping = threading.Event()
-        server = self
+        self._respond = respond
+        super().__init__()
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                server.hits += 1
-                self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                respond(self, server)
-
-            def log_message(self, *args):
-                pass
-
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._httpd.server_port}"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
-        self._thread.start()
-
-    def write(self, handler: BaseHTTPRequestHandler, data: bytes) -> bool:
-        """Send ``data`` raw; False once the client has gone."""
-        try:
-            handler.wfile.write(data)
-        except OSError:
-            return False
-        self.sent += len(data)
-        return True
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join(timeout=5)
+    def respond(self, handler, body: bytes) -> None:
+        self._respond(handler, self)
 
 
 @pytest.fixture
-def serve():
-    servers = []
-
-    def start(respond) -> AttackServer:
-        servers.append(AttackServer(respond))
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        server.stop()
+def serve(start_server):
+    """``serve(respond)``: an AttackServer, stopped after the test."""
+    return functools.partial(start_server, AttackServer)
 
 
 def _drip(prefix: bytes, dripped: bytes):

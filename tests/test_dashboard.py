@@ -13,14 +13,13 @@ from bittensor.sp_core import Keypair
 from bound_peers import bound
 from bound_peers import peer_id as pid
 from browser import chromium, console_errors, require_chromium, screenshot, wait_for
+from validator_api import local_run
 
 from hivetrain.swarm import procs
 from hivetrain.runtime.gunicorn import start_gunicorn, stop_gunicorn
-from hivetrain.identity import Domain, load_or_create_wallet
 from hivetrain.protocol.records import (
     VALIDATOR_TTL_S,
     EvalRecord,
-    Keys,
     MinerScore,
     OffenceRecord,
     PeerRecord,
@@ -29,15 +28,13 @@ from hivetrain.protocol.records import (
     StepRecord,
     ValidatorStatus,
 )
-from hivetrain.settings import ValidatorSettings
 from hivetrain.store import Registry, append, connect_redis
 from hivetrain.validator.__main__ import APP_SPEC
 from hivetrain.validator.app import create_app
 from hivetrain.validator.dashboard import BUCKET_S, SERIES_SHOWN
 
 RUN = "dash"
-KEYS = Keys(RUN)
-DOMAIN = Domain(RUN)  # what ValidatorSettings(run_id=RUN) derives on the local chain
+KEYS, DOMAIN, _settings = local_run(RUN)
 MINERS = 200
 CHARTS = ("chart-eval", "chart-loss", "chart-swarm", "chart-tokens", "chart-rounds", "chart-durations")
 HOSTILE = '<img src=x onerror="window.__xss=1">'
@@ -48,20 +45,6 @@ class KeyWallet:
 
     def __init__(self, seed: int):
         self.hotkey = self.coldkey = self.coldkeypub = Keypair.create_from_seed(seed.to_bytes(2, "big") * 16)
-
-
-@pytest.fixture(scope="module")
-def wallet_dir(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("dashboard-wallets"))
-
-
-@pytest.fixture(scope="module")
-def hotkey(wallet_dir) -> str:
-    return load_or_create_wallet(wallet_dir, "validator").hotkey.ss58_address
-
-
-def _settings(redis_url: str, wallet_dir: str, **overrides) -> ValidatorSettings:
-    return ValidatorSettings(redis_url=redis_url, run_id=RUN, wallet_dir=wallet_dir, **overrides)
 
 
 def peer_id(i: int) -> str:

@@ -11,7 +11,6 @@ import torch
 from hivemind.utils.crypto import RSAPrivateKey
 
 from hivetrain.hivemind_compat import DiLoCoOptimizer, TrackedOptimizer
-from hivetrain.hivemind_compat.allreduce import uninstall_robust_aggregation
 from hivetrain.hivemind_compat.diloco import RESYNC_WAIT_S
 from hivetrain.protocol.training import OuterSGD, param_groups
 
@@ -36,7 +35,7 @@ def _optimizer(dht: hivemind.DHT, model: torch.nn.Module, cls: type = DiLoCoOpti
         inner_steps=INNER_STEPS, batch_size_per_step=BATCH, matchmaking_time=2.0, averaging_timeout=averaging_timeout,
         averager_opts=dict(request_timeout=1.0), tracker_opts=dict(min_refresh_period=0.2, max_refresh_period=0.5,
                           private_key=RSAPrivateKey()),  # peers in one process would share one progress record
-        load_state_timeout=30.0, **kwargs)
+        load_state_timeout=30.0, **kwargs)  # no aggregation_rule: the plain weighted mean, whose arithmetic is checked
 
 
 class Partitioned(DiLoCoOptimizer):
@@ -48,7 +47,6 @@ class Partitioned(DiLoCoOptimizer):
 
 @pytest.fixture
 def swarm():
-    uninstall_robust_aggregation()  # the plain weighted mean: the test checks the outer step's arithmetic
     first = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     peers = [str(a) for a in first.get_visible_maddrs()]
     dhts = [first] + [hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=peers)

@@ -1,6 +1,12 @@
-"""The hivemind workarounds refuse to run on a hivemind they were not written for."""
+"""The hivemind workarounds refuse to run on a hivemind they were not written for, and keep to their doors.
+
+Every override is pinned to the hivemind source it was written against; nothing replaces a hivemind
+module attribute; two averagers in one process keep their own aggregation rule and bans.
+"""
 
 from __future__ import annotations
+
+import time
 
 import hivemind
 import pytest
@@ -86,3 +92,117 @@ def test_a_progress_record_from_the_future_is_left_out_and_named():
             tracker.shutdown(timeout=5)
         for dht in dhts:
             dht.shutdown()
+
+
+def test_every_override_follows_the_hivemind_source_it_was_written_against():
+    from hivetrain.hivemind_compat.pins import PINS, moved_pins
+
+    pinned = {(pin.owner.__name__, pin.name) for pin in PINS}
+    # the doors robust aggregation goes through: the runner an averager builds, where it assigns its matchmaking,
+    # and the gradient averager hivemind.Optimizer builds
+    assert {("DecentralizedAverager", "_run_allreduce_inplace_"), ("DecentralizedAverager", "_run_internal"),
+            ("Optimizer", "_make_gradient_averager"), ("Optimizer", "_make_state_averager")} <= pinned
+    assert moved_pins() == []
+
+
+def test_a_pin_whose_hivemind_source_changed_is_named():
+    from hivemind.averaging import DecentralizedAverager
+
+    from hivetrain.hivemind_compat.pins import Pin, moved_pins
+
+    stale = Pin(DecentralizedAverager, "_run_allreduce_inplace_", "0" * 16, "RobustAveraging._run_allreduce_inplace_")
+    [moved] = moved_pins([stale])
+    assert "RobustAveraging._run_allreduce_inplace_ follows DecentralizedAverager._run_allreduce_inplace_" in moved
+
+
+def test_nothing_replaces_hivemind_module_attributes():
+    from hivemind.averaging import averager as hivemind_averager
+    from hivemind.averaging.allreduce import AllReduceRunner
+    from hivemind.averaging.matchmaking import Matchmaking
+
+    import hivetrain.hivemind_compat  # noqa: F401  (everything it imports)
+    import hivetrain.miner.optim  # noqa: F401
+
+    assert hivemind_averager.AllReduceRunner is AllReduceRunner and hivemind_averager.Matchmaking is Matchmaking
+
+
+def _built(cls, **robust):
+    """An averager object as its child holds it, without a DHT: only what the matchmaking door reads."""
+    from hivetrain.hivemind_compat import Bans
+
+    averager = cls.__new__(cls)
+    averager._parent_pid = None  # no process to shut down when it is collected
+    averager.aggregation_rule, averager.bans = robust.get("aggregation_rule"), robust.get("bans", Bans())
+    return averager
+
+
+def _drained(log) -> list:
+    """What ``log`` holds (its queue's feeder thread delivers a moment after the put)."""
+    found = []
+    for _ in range(50):
+        found += log.drain()
+        if found:
+            return found
+        time.sleep(0.1)
+    return found
+
+
+def test_two_averagers_in_one_process_keep_their_own_rule_and_bans():
+    from types import SimpleNamespace
+
+    from hivemind.averaging.matchmaking import Matchmaking
+    from hivemind.p2p import PeerID
+    from hivemind.proto import averaging_pb2
+
+    from hivetrain.aggregation import AggregationRule
+    from hivetrain.hivemind_compat import Bans, OffenceLog, RobustAverager, RobustGradientAverager
+
+    log = OffenceLog(ban_s=60.0)
+    robust = _built(RobustGradientAverager, aggregation_rule=AggregationRule(), bans=Bans(log))
+    plain = _built(RobustAverager)
+    for averager in (robust, plain):  # what hivemind's _run_internal does in each child
+        averager._matchmaking = Matchmaking.__new__(Matchmaking)
+    peer = PeerID(b"\x00\x24\x08\x01\x12\x20" + bytes(range(32)))
+    robust.bans.ban(peer.to_base58(), "robust_grad_averager", "sender", "sent NaN")
+    assert robust.bans.is_banned(peer.to_base58()) and not plain.bans.is_banned(peer.to_base58())
+    assert type(plain._matchmaking) is Matchmaking, "an averager without a rule keeps hivemind's matchmaking"
+    refused = robust._matchmaking._check_reasons_to_reject(None, SimpleNamespace(remote_id=peer))
+    assert refused.code == averaging_pb2.PROTOCOL_VIOLATION
+    assert robust._matchmaking.bans is robust.bans and plain.aggregation_rule is None
+    [offence] = _drained(log)
+    assert (offence.peer_id, offence.role) == (peer.to_base58(), "sender")
+    log.report("QmLiar", "run_progress", "progress", "claims epoch 10^9")  # caught in the parent
+    [record] = log.drain_records("QmUs")
+    assert (record.offender, record.role, record.banned_s, record.peer_id) == ("QmLiar", "progress", 60.0, "QmUs")
+
+
+def test_forked_averagers_name_offenders_to_their_owners_log_only():
+    import multiprocessing as mp
+
+    from hivetrain.hivemind_compat import Bans, OffenceLog
+
+    ours, theirs = OffenceLog(ban_s=5.0), OffenceLog()
+    # made in the parent, before the fork, as an optimizer makes its averagers'
+    bans = {"QmBad": Bans(ours), "QmOther": Bans(theirs)}
+
+    def averager_child(peer: str):  # bans, then lives on a moment as an averager does (its queue's feeder sends)
+        bans[peer].ban(peer, "run_state_averager", "state", "NaN")
+        time.sleep(1.0)
+
+    children = [mp.get_context("fork").Process(target=averager_child, args=(peer,)) for peer in bans]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(timeout=30)
+        assert child.exitcode == 0
+    time.sleep(0.5)  # both offences are in flight by now: a log shared between owners would hold both
+    assert [(o.peer_id, o.role) for o in _drained(ours)] == [("QmBad", "state")]
+    assert [o.peer_id for o in _drained(theirs)] == ["QmOther"]
+    assert not bans["QmBad"].is_banned("QmBad"), "the ban is the child's: the parent's copy stays empty"
+
+
+def test_a_negative_ban_is_refused_with_the_fix():
+    from hivetrain.hivemind_compat import OffenceLog
+
+    with pytest.raises(ValueError, match="ban_s must be >= 0"):
+        OffenceLog(ban_s=-1.0)

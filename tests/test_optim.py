@@ -9,7 +9,8 @@ from hivemind.proto import runtime_pb2
 
 from hivetrain.miner.optim import warmup_schedule
 from hivetrain.models import build_model
-from hivetrain.protocol.training import COMPRESSIONS, ClippedAdamW, install_codecs, param_groups, state_download_compression
+from hivetrain.hivemind_compat import install_codecs
+from hivetrain.protocol.training import COMPRESSIONS, ClippedAdamW, param_groups, state_download_compression
 
 
 def test_weight_decay_skips_biases_and_layernorm():

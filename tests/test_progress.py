@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from hivetrain.validator.progress import PeerProgress, ProgressLedger, fetch_progress, progress_key
+from hivetrain.hivemind_compat.progress import progress_key
+from hivetrain.validator.progress import PeerProgress, ProgressLedger, fetch_progress
 
 
 def test_progress_ledger_sums_the_best_of_each_epoch():

@@ -16,7 +16,7 @@ import torch
 from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.p2p import PeerID
 
-from hivetrain.hivemind_compat.bans import drain_offences
+from hivetrain.hivemind_compat import OffenceLog
 from hivetrain.models import build_model
 from hivetrain.protocol.training import ClippedAdamW, param_groups
 from hivetrain.validator.sync import ModelSync
@@ -82,13 +82,12 @@ def _params(model) -> list[torch.Tensor]:
 ])
 def test_a_poisoned_state_is_refused_the_model_kept_and_its_server_named(dhts, epoch, poison, why):
     serving, client, _ = dhts
-    drain_offences()
     sync = ModelSync(client, RUN, "tiny", seed=0, timeout_s=20, max_epoch=lambda: 7)
     attacker = _serve(serving, epoch, poison)
     named = []
     try:
         before = _params(sync.model)
-        assert not _sync_until(sync, lambda result: named.extend(drain_offences()) or named or result), why
+        assert not _sync_until(sync, lambda result: named.extend(sync.offences.drain()) or named or result), why
         assert [(o.peer_id, o.role) for o in named] == [(serving.peer_id.to_base58(), "state")], named
         assert sync.epoch == 0, why
         assert all(torch.equal(a, b) for a, b in zip(before, _params(sync.model))), why
@@ -113,8 +112,7 @@ def test_an_honest_state_within_the_bound_is_adopted(dhts):
 
 def test_the_next_peer_is_asked_when_the_highest_priority_state_is_poisoned(dhts):
     serving, client, second = dhts
-    drain_offences()
-    sync = ModelSync(client, RUN, "tiny", seed=0, timeout_s=20, max_epoch=lambda: 7)
+    sync = ModelSync(client, RUN, "tiny", seed=0, timeout_s=20, max_epoch=lambda: 7, offences=OffenceLog())
     attacker = _serve(serving, 6, poison=True, priority=1e9)
     honest = _serve(second, 5, poison=False, priority=5)
     try:
@@ -122,7 +120,7 @@ def test_the_next_peer_is_asked_when_the_highest_priority_state_is_poisoned(dhts
         assert _sync_until(sync, lambda result: result)
         assert sync.epoch == 5
         assert all(torch.isfinite(p).all() for p in sync.model.parameters())
-        named = drain_offences()
+        named = sync.offences.drain()
         assert {(o.peer_id, o.role) for o in named} == {(serving.peer_id.to_base58(), "state")}, named
         assert "not a finite tensor" in named[0].reason
     finally:

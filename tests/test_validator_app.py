@@ -10,14 +10,14 @@ import urllib.request
 import pytest
 from bound_peers import bound
 from bound_peers import peer_id as pid
+from validator_api import local_run
 
 from hivetrain.swarm import procs
 from hivetrain.runtime.gunicorn import WORKER_CLASS, gunicorn_argv, settings_env, start_gunicorn, stop_gunicorn
-from hivetrain.identity import Domain, load_or_create_wallet
+from hivetrain.identity import Domain
 from hivetrain.protocol.records import (
     VALIDATOR_TTL_S,
     EvalRecord,
-    Keys,
     MinerScore,
     PeerRecord,
     RoundRecord,
@@ -30,23 +30,7 @@ from hivetrain.validator.__main__ import APP_SPEC
 from hivetrain.validator.app import ROUNDS_SHOWN, create_app
 
 RUN = "vt"
-KEYS = Keys(RUN)
-DOMAIN = Domain(RUN)  # what ValidatorSettings(run_id=RUN) derives on the local chain
-
-
-@pytest.fixture(scope="module")
-def wallet_dir(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("validator-wallets"))
-
-
-@pytest.fixture(scope="module")
-def hotkey(wallet_dir) -> str:
-    """The validator's own hotkey, as create_app() will find it under wallet_dir."""
-    return load_or_create_wallet(wallet_dir, "validator").hotkey.ss58_address
-
-
-def _settings(redis_url: str, wallet_dir: str, **overrides) -> ValidatorSettings:
-    return ValidatorSettings(redis_url=redis_url, run_id=RUN, wallet_dir=wallet_dir, **overrides)
+KEYS, DOMAIN, _settings = local_run(RUN)
 
 
 @pytest.fixture

@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import collections
 import copy
+import functools
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import redis
 import torch
 from bound_peers import bound
+from post_server import PostServer
 
 from hivetrain.swarm import procs
 from hivetrain.chain import LocalChain
@@ -90,30 +91,16 @@ def make_validator(swarm, tmp_path):
         validator.shutdown()
 
 
-class MinerEndpoint:
+class MinerEndpoint(PostServer):
     """A real ``POST /challenge`` endpoint answering ``answer(challenge) -> (epoch, projection)`` signed by
     ``wallet``; with ``drip_s`` it sends its answer one byte every ``drip_s`` seconds instead."""
 
     def __init__(self, wallet, answer, drip_s: float = 0.0):
         self.wallet, self.answer, self.drip_s = wallet, answer, drip_s
-        self.sent, self.finished, self.stopping = 0, threading.Event(), threading.Event()
-        endpoint = self
+        super().__init__()
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                envelope = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                endpoint.respond(self, envelope)
-
-            def log_message(self, *args):
-                pass
-
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._httpd.server_port}"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
-        self._thread.start()
-
-    def respond(self, handler: BaseHTTPRequestHandler, envelope: dict) -> None:
+    def respond(self, handler, request: bytes) -> None:
+        envelope = json.loads(request)
         challenge = Challenge.model_validate(envelope["payload"])
         epoch, projection = self.answer(challenge)
         body = json.dumps(sign(self.wallet, DOMAIN, {"challenge_nonce": envelope["nonce"], "validator": envelope["hotkey"], "epoch": epoch,
@@ -123,30 +110,15 @@ class MinerEndpoint:
         for chunk in chunks:
             if (self.drip_s and self.stopping.wait(self.drip_s)) or self.stopping.is_set():
                 return
-            try:
-                handler.wfile.write(chunk)
-            except OSError:
+            if not self.write(handler, chunk):
                 return
-            self.sent += len(chunk)
         self.finished.set()
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self._httpd.shutdown()
-        self._httpd.server_close()
 
 
 @pytest.fixture
-def endpoints():
-    started = []
-
-    def start(*args, **kwargs) -> MinerEndpoint:
-        started.append(MinerEndpoint(*args, **kwargs))
-        return started[-1]
-
-    yield start
-    for endpoint in started:
-        endpoint.stop()
+def endpoints(start_server):
+    """``endpoints(wallet, answer, drip_s=0.0)``: a MinerEndpoint, stopped after the test."""
+    return functools.partial(start_server, MinerEndpoint)
 
 
 def _register(client, wallet, name: str, url: str = "") -> str:
@@ -165,7 +137,7 @@ def _honest(validator: Validator, hotkey: str, epoch: int | None = None, model=N
     salt = shard_salt(connect_redis(validator.settings.redis_url), validator.keys, create=False)
     s, model = validator.settings, copy.deepcopy(validator.sync.model if model is None else model)
     epoch = validator.sync.epoch if epoch is None else epoch
-    stream = BlockStream(s.dataset, s.dataset_split, s.text_key, validator.checker.tokenizer, validator.block_size,
+    stream = BlockStream(s.dataset, s.dataset_split, s.text_key, validator.checker.shards.tokenizer, validator.block_size,
                          num_shards=s.num_shards, shard=shard_for(hotkey, salt, s.num_shards), seed=s.seed)
 
     def answer(challenge: Challenge):

@@ -1,8 +1,8 @@
 """Robust aggregation inside hivemind's butterfly all-reduce, with offenders named and banned.
 
 hivemind 1.1.12 builds an ``AllReduceRunner`` per round, and its ``TensorPartReducer`` sums the
-parts every sender streams in, weighted as the sender declares. ``install_robust_aggregation``
-(called before the averagers fork) makes every averager of this process use:
+parts every sender streams in, weighted as the sender declares. An averager with an aggregation rule
+(``hivetrain.hivemind_compat.averagers.RobustAveraging``) builds instead, with its own rule and bans:
 
 * ``RobustPartReducer``: keeps each sender's part and aggregates with
   ``hivetrain.aggregation.PartStream`` (the fast path's work done as parts arrive; otherwise
@@ -11,8 +11,8 @@ parts every sender streams in, weighted as the sender declares. ``install_robust
   our own only with two senders, where no majority can outvote an attacker); a bad answer is
   replaced by our own part for that partition, as hivemind does for a reducer that failed.
 
-A sender or reducer caught is named and banned in that averager for ``ban_s`` seconds
-(``hivetrain.hivemind_compat.bans``): its parts no longer count, its answers are not applied, and
+A sender or reducer caught is named and banned in that averager (its ``Bans``,
+``hivetrain.hivemind_compat.bans``): its parts no longer count, its answers are not applied, and
 ``BanAwareMatchmaking`` keeps it out of the groups we lead or join.
 """
 
@@ -24,69 +24,61 @@ import math
 from typing import Callable, Sequence
 
 import torch
-from hivemind.averaging import averager as hivemind_averager
 from hivemind.averaging.allreduce import AllReduceRunner
 from hivemind.averaging.matchmaking import Matchmaking
-from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
+from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartContainer, TensorPartReducer
 from hivemind.proto import averaging_pb2
 
 from hivetrain.aggregation import AggregationRule, PartStream, Refusal, check_received
-from hivetrain.hivemind_compat.bans import ban, clear_bans, is_banned, prepare
+from hivetrain.hivemind_compat.bans import Bans
+from hivetrain.hivemind_compat.pins import follows
 from hivetrain.log import get_logger
 
 logger = get_logger(__name__)
 
 
-_rule: AggregationRule | None = None  # set by install_robust_aggregation, read by the forked averagers
-
-
-def install_robust_aggregation(rule: AggregationRule, ban_s: float) -> None:
-    """Make every hivemind averager of this process aggregate robustly; call before the averagers fork."""
-    global _rule
-    prepare(ban_s)
-    _rule = rule
-    hivemind_averager.AllReduceRunner = RobustAllReduceRunner  # the name _run_allreduce_inplace_ builds
-    hivemind_averager.Matchmaking = BanAwareMatchmaking  # the name the averager's child builds its matchmaking from
-
-
-def uninstall_robust_aggregation() -> None:
-    """Averagers created (forked) from now on run hivemind's own all-reduce again (tests, benchmarks)."""
-    hivemind_averager.AllReduceRunner = AllReduceRunner
-    hivemind_averager.Matchmaking = Matchmaking
-    clear_bans()
-
-
 class BanAwareMatchmaking(Matchmaking):
     """Matchmaking that keeps banned peers out of our groups: as leader we refuse their requests to
     join, as follower we do not ask them to lead. (A group another leader assembled may still hold
-    one: its parts are left out and its answers not applied, see below.)"""
+    one: its parts are left out and its answers not applied, see below.)
 
+    hivemind builds a plain ``Matchmaking``; ``RobustAveraging`` turns it into this class and sets ``bans``.
+    """
+
+    bans: Bans
+
+    @follows(Matchmaking, "_check_reasons_to_reject", "c694e8194862154f")
     def _check_reasons_to_reject(self, request, context):
-        if is_banned(context.remote_id.to_base58()):
+        if self.bans.is_banned(context.remote_id.to_base58()):
             return averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
         return super()._check_reasons_to_reject(request, context)
 
+    @follows(Matchmaking, "_request_join_group", "df823040a94d1c1d")
     async def _request_join_group(self, leader):
-        if is_banned(leader.to_base58()):
+        if self.bans.is_banned(leader.to_base58()):
             return None  # the caller asks the next potential leader
         return await super()._request_join_group(leader)
 
 
 class RobustPartReducer(TensorPartReducer):
-    """TensorPartReducer that keeps every sender's part and aggregates robustly (see the module docstring)."""
+    """TensorPartReducer that keeps every sender's part and aggregates robustly (see the module docstring)
+    with ``rule``, banning in ``bans`` the senders it catches."""
 
     def __init__(self, part_shapes: Sequence[torch.Size], num_senders: int, sender_ids: Sequence[str], own_id: str,
-                 prefix: str, own_norm: Callable[[], float] = lambda: 0.0):
+                 prefix: str, own_norm: Callable[[], float] = lambda: 0.0, *, rule: AggregationRule, bans: Bans):
+        self.rule, self.bans = rule, bans
         self._stream, self._senders = PartStream(), []  # this partition's parts so far, and who sent each
         self._banned_parts: list[tuple[int, torch.Tensor, float]] = []  # parts of banned senders: left out
         self.sender_ids, self.own_id, self.prefix = list(sender_ids), own_id, prefix
         self.own_norm = own_norm  # the norm of all our tensors together: no honest part is much larger
         super().__init__(part_shapes, num_senders)
 
+    @follows(TensorPartReducer, "reset_accumulators", "5d3dc36f344a342e")
     def reset_accumulators(self):
         self._stream, self._senders, self._banned_parts = PartStream(), [], []
         super().reset_accumulators()
 
+    @follows(TensorPartReducer, "accumulate_part", "1d64a8bd77052ac4")  # copied below
     async def accumulate_part(self, sender_index: int, part_index: int, tensor_part: torch.Tensor,
                               weight: float = 1.0) -> torch.Tensor:
         # TensorPartReducer.accumulate_part (hivemind 1.1.12), keeping the part instead of adding it
@@ -102,7 +94,7 @@ class RobustPartReducer(TensorPartReducer):
         assert part_index == self.current_part_index
         current_part_future = self.current_part_future
         if part_index < self.sender_failed_after[sender_index]:
-            if is_banned(self.sender_ids[sender_index]):
+            if self.bans.is_banned(self.sender_ids[sender_index]):
                 self._banned_parts.append((sender_index, tensor_part, float(weight)))
             else:  # the fast path's share of the work, while the other senders' parts are still on their way
                 self._stream.add(tensor_part, float(weight))
@@ -111,6 +103,7 @@ class RobustPartReducer(TensorPartReducer):
             self.check_current_part_finished()
         return await current_part_future
 
+    @follows(TensorPartReducer, "check_current_part_finished", "ec9b059c42f3ca27")  # copied below
     def check_current_part_finished(self):
         assert self.current_part_accumulated_from <= self.num_current_senders
         if self.current_part_accumulated_from == self.num_current_senders:
@@ -125,10 +118,10 @@ class RobustPartReducer(TensorPartReducer):
                 stream.add(part, weight)
         if not senders:
             return torch.zeros(self.part_shapes[self.current_part_index])
-        result = stream.aggregate(_rule, scale=self.own_norm)
+        result = stream.aggregate(self.rule, scale=self.own_norm)
         for row, reason in result.offences.items():
             if self.sender_ids[senders[row]] != self.own_id:  # outvoted is not guilty: we never ban ourselves
-                ban(self.sender_ids[senders[row]], self.prefix, "sender", reason)
+                self.bans.ban(self.sender_ids[senders[row]], self.prefix, "sender", reason)
         return result.value
 
 
@@ -153,9 +146,12 @@ def _rms(tensors: Sequence[torch.Tensor]) -> float:
 
 
 class RobustAllReduceRunner(AllReduceRunner):
-    """AllReduceRunner with ``RobustPartReducer`` and each reducer's answer checked before it is applied."""
+    """AllReduceRunner with ``RobustPartReducer`` and each reducer's answer checked before it is applied;
+    ``rule`` and ``bans`` are the averager's that runs it."""
 
-    def __init__(self, *args, tensors: Sequence[torch.Tensor], **kwargs):
+    @follows(AllReduceRunner, "__init__", "597a0c8dbbeabbe3")  # the reducer and container it builds
+    @follows(TensorPartContainer, "register_processed_part", "ff5ebad6141c4a88")  # wrapped below
+    def __init__(self, *args, tensors: Sequence[torch.Tensor], rule: AggregationRule, bans: Bans, **kwargs):
         super().__init__(*args, tensors=tensors, **kwargs)
         prefix = str(self._prefix)
         own_rms = functools.cache(lambda: _rms(tensors))  # once per round, where first needed
@@ -163,7 +159,7 @@ class RobustAllReduceRunner(AllReduceRunner):
         self.tensor_part_reducer = RobustPartReducer(
             tuple(part.shape for part in self.parts_for_local_averaging), len(self.sender_peer_ids),
             [peer.to_base58() for peer in self.sender_peer_ids], self.peer_id.to_base58(), prefix,
-            lambda: own_rms() * math.sqrt(sum(t.numel() for t in tensors)))
+            lambda: own_rms() * math.sqrt(sum(t.numel() for t in tensors)), rule=rule, bans=bans)
         container = self.tensor_part_container
         register = container.register_processed_part
 
@@ -174,11 +170,11 @@ class RobustAllReduceRunner(AllReduceRunner):
             if ourselves and len(self.sender_peer_ids) >= 3:  # our own robust aggregate, over a group with a majority
                 register(peer_index, part_index, delta)
                 return
-            banned = not ourselves and is_banned(reducer)
+            banned = not ourselves and bans.is_banned(reducer)
             refusal = Refusal("is banned", offence=False) if banned else check_received(delta, own, own_rms)
             if refusal is not None:
                 if refusal.offence and not ourselves:
-                    ban(reducer, prefix, "reducer", refusal.reason)
+                    bans.ban(reducer, prefix, "reducer", refusal.reason)
                 elif not banned:  # ourselves: two senders, maybe one of them bad, and no majority to tell which
                     whose = "our own" if ourselves else f"reducer {reducer}'s"
                     logger.info(f"{prefix}: not applying {whose} aggregate: {refusal.reason}")

@@ -1,13 +1,16 @@
-"""Peers caught misbehaving: named once (an ``Offence`` for the parent's telemetry) and banned for a while.
+"""Peers caught misbehaving: named once (an ``Offence`` for the owner's telemetry) and banned for a while.
 
-hivemind's averagers run in forked children, and what they catch (a bad all-reduce part, a bad
-answer, a poisoned state download) happens there: ``ban`` records the ban in that child and sends
-the ``Offence`` to the parent through a queue made before the fork (``prepare``). The parent
-(the miner, the validator) reads them with ``drain_offences`` and writes signed telemetry.
-Offences caught in the parent itself (an implausible progress record) go through ``report_offence``.
+Each owner of averagers (the miner's optimizer, the validator) keeps one ``OffenceLog``, made in the
+parent before its averagers fork. hivemind's averagers run in forked children, and what they catch
+(a bad all-reduce part, a bad answer, a poisoned state download) happens there: each averager holds
+its own ``Bans`` (the peers it ignores, kept in its child) over its owner's log, and ``Bans.ban``
+sends the ``Offence`` to the parent through the log's queue. Offences caught in the parent itself
+(an implausible progress record) go through ``OffenceLog.report``. The owner reads both with
+``OffenceLog.drain`` / ``drain_records`` and writes signed telemetry.
 
-Bans are per process: each averager keeps its own list, and a peer banned by the gradient
-averager is still asked by the state averager (and caught there again if it misbehaves there too).
+Nothing here is process-global: two averagers (or two optimizers) in one process ban and report
+independently, and a peer banned by the gradient averager is still asked by the state averager
+(and caught there again if it misbehaves there too).
 """
 
 from __future__ import annotations
@@ -38,68 +41,74 @@ class Offence:
     time: float
 
 
-class _Shared:
-    ban_s: float = DEFAULT_BAN_S
-    queue: "mp.Queue[Offence] | None" = None
+class OffenceLog:
+    """The offences one owner's averagers (in their forked children) and the owner itself caught.
 
+    Made in the parent before the averagers fork: its queue is how a child names an offender.
+    ``ban_s`` is how long its averagers ban a caught peer, and what its telemetry records say.
+    """
 
-_banned: dict[str, float] = {}  # peer id -> time.monotonic() its ban ends, in this process
-_local: collections.deque[Offence] = collections.deque(maxlen=10_000)
-
-
-def prepare(ban_s: float | None = None) -> None:
-    """Make the queue the averagers report through (before they fork) and set the ban length."""
-    if ban_s is not None:
+    def __init__(self, ban_s: float = DEFAULT_BAN_S):
         if not ban_s >= 0:
             raise ValueError(f"ban_s must be >= 0, got {ban_s}")
-        _Shared.ban_s = float(ban_s)
-    if _Shared.queue is None:
-        _Shared.queue = mp.get_context("fork").Queue(maxsize=10_000)
+        self.ban_s = float(ban_s)
+        self._queue: "mp.Queue[Offence]" = mp.get_context("fork").Queue(maxsize=10_000)
+        self._local: collections.deque[Offence] = collections.deque(maxlen=10_000)
 
-
-def clear_bans() -> None:
-    _banned.clear()
-
-
-def is_banned(peer_id: str, now: float | None = None) -> bool:
-    until = _banned.get(peer_id)
-    return until is not None and (time.monotonic() if now is None else now) < until
-
-
-def ban(peer_id: str, prefix: str, role: str, reason: str) -> None:
-    """Ban ``peer_id`` in this process for the configured time and name it to the parent (from an averager child)."""
-    logger.warning(f"{prefix}: {role} {peer_id} {reason}; banned for {_Shared.ban_s:.0f}s")
-    _banned[peer_id] = time.monotonic() + _Shared.ban_s
-    offence = Offence(peer_id, prefix, role, reason, time.time())
-    if _Shared.queue is None:  # nobody prepared a queue: the ban holds, the log line is the record
-        return
-    _Shared.queue.cancel_join_thread()  # an averager that exits must not wait on a parent that stopped reading
-    try:
-        _Shared.queue.put_nowait(offence)
-    except queue.Full:  # nobody drains: the ban still holds, the record is lost
-        pass
-
-
-def report_offence(peer_id: str, prefix: str, role: str, reason: str) -> None:
-    """Name an offender caught in this process (not in an averager child), e.g. by the progress tracker."""
-    logger.warning(f"{prefix}: {role} {peer_id} {reason}")
-    _local.append(Offence(peer_id, prefix, role, reason, time.time()))
-
-
-def drain_offences(limit: int = 1000) -> list[Offence]:
-    """Offences reported since the last call: by the averagers (forked children) and by this process."""
-    found: list[Offence] = []
-    while _local and len(found) < limit:
-        found.append(_local.popleft())
-    while _Shared.queue is not None and len(found) < limit:
+    def send(self, offence: Offence) -> None:
+        """Pass ``offence`` to the parent (called in an averager's child)."""
+        self._queue.cancel_join_thread()  # an averager that exits must not wait on a parent that stopped reading
         try:
-            found.append(_Shared.queue.get_nowait())
-        except queue.Empty:
-            break
-    return found
+            self._queue.put_nowait(offence)
+        except queue.Full:  # nobody drains: the ban still holds, the record is lost
+            pass
+
+    def report(self, peer_id: str, prefix: str, role: str, reason: str) -> None:
+        """Name an offender caught in this process (not in an averager child), e.g. by the progress tracker."""
+        logger.warning(f"{prefix}: {role} {peer_id} {reason}")
+        self._local.append(Offence(peer_id, prefix, role, reason, time.time()))
+
+    def drain(self, limit: int = 1000) -> list[Offence]:
+        """Offences reported since the last call: by the averagers (forked children) and by this process."""
+        found: list[Offence] = []
+        while self._local and len(found) < limit:
+            found.append(self._local.popleft())
+        while len(found) < limit:
+            try:
+                found.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return found
+
+    def drain_records(self, caught_by: str) -> list[OffenceRecord]:
+        """``drain`` as the telemetry records ``caught_by`` (our peer id) signs and writes."""
+        return [OffenceRecord(peer_id=caught_by, offender=o.peer_id, averager=o.prefix, role=o.role,
+                              reason=o.reason[:500], banned_s=self.ban_s, time=o.time) for o in self.drain()]
 
 
-def drain_offence_records(caught_by: str) -> list[OffenceRecord]:
-    """``drain_offences`` as the telemetry records ``caught_by`` (our peer id) signs and writes."""
-    return [OffenceRecord(peer_id=caught_by, offender=o.peer_id, averager=o.prefix, role=o.role, reason=o.reason[:500],
-                          banned_s=_Shared.ban_s, time=o.time) for o in drain_offences()]
+class Bans:
+    """The peers one averager ignores, and the log it names them to.
+
+    Made in the parent and handed to the averager before it forks; the child bans and checks, so
+    the parent's copy stays empty. Without a log (``Bans()``) a ban holds for ``DEFAULT_BAN_S``
+    and the log line is its only record.
+    """
+
+    def __init__(self, log: OffenceLog | None = None):
+        self.log = log
+        self.ban_s = DEFAULT_BAN_S if log is None else log.ban_s
+        self._until: dict[str, float] = {}  # peer id -> time.monotonic() its ban ends
+
+    def is_banned(self, peer_id: str, now: float | None = None) -> bool:
+        until = self._until.get(peer_id)
+        return until is not None and (time.monotonic() if now is None else now) < until
+
+    def ban(self, peer_id: str, prefix: str, role: str, reason: str) -> None:
+        """Ban ``peer_id`` for ``ban_s`` and name it to the parent (from an averager child)."""
+        logger.warning(f"{prefix}: {role} {peer_id} {reason}; banned for {self.ban_s:.0f}s")
+        self._until[peer_id] = time.monotonic() + self.ban_s
+        if self.log is not None:
+            self.log.send(Offence(peer_id, prefix, role, reason, time.time()))
+
+    def clear(self) -> None:
+        self._until.clear()

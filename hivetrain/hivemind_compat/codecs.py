@@ -13,8 +13,8 @@ class Uniform8Bit(Uniform8BitQuantization):
 
     hivemind does ``int(np.frombuffer(buffer, count=1))``, which NumPy 2 refuses: every received
     part then fails with only a warning and each peer keeps its own values, so 8-bit averaging
-    silently did not average. Decoding goes through hivemind's codec table, hence
-    ``install_codecs``.
+    silently did not average. Encoding is hivemind's (the wire format is unchanged); decoding goes
+    through hivemind's codec table, hence ``install_codecs``.
     """
 
     def extract(self, serialized_tensor) -> torch.Tensor:
@@ -28,5 +28,12 @@ class Uniform8Bit(Uniform8BitQuantization):
 
 
 def install_codecs() -> None:
-    """Make hivemind decode 8-bit tensors with ``Uniform8Bit``; call before averagers fork."""
-    hivemind_serialization._BASE_COMPRESSION_TYPES["UNIFORM_8BIT"] = Uniform8Bit()
+    """Make hivemind decode 8-bit tensors with ``Uniform8Bit``; call before averagers fork (idempotent).
+
+    The one process-wide write left in hivetrain/hivemind_compat/: hivemind decodes every received
+    tensor through a module-level table chosen by the wire's compression type, with no per-averager
+    door, so the fix cannot be per instance. It only changes how "8bit" (``UNIFORM_8BIT``, the wire
+    format of ``hivetrain.protocol.training.COMPRESSIONS["8bit"]``) is read, to what hivemind meant.
+    """
+    if not isinstance(hivemind_serialization._BASE_COMPRESSION_TYPES.get("UNIFORM_8BIT"), Uniform8Bit):
+        hivemind_serialization._BASE_COMPRESSION_TYPES["UNIFORM_8BIT"] = Uniform8Bit()

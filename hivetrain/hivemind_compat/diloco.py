@@ -33,7 +33,9 @@ from typing import Callable
 import torch
 from hivemind.optim.grad_averager import GradientAverager
 
+from hivetrain.hivemind_compat.averagers import RobustAveraging
 from hivetrain.hivemind_compat.optimizer import TrackedOptimizer
+from hivetrain.hivemind_compat.pins import follows
 from hivetrain.hivemind_compat.state import parameters_set_to
 from hivetrain.log import get_logger
 
@@ -44,12 +46,13 @@ RESYNC_TRIES = 5
 RESYNC_WAIT_S = 2.0
 
 
-class PseudoGradientAverager(GradientAverager):
+class PseudoGradientAverager(RobustAveraging, GradientAverager):
     """All-reduces Δ = θ_global - θ_local per parameter instead of accumulated gradients.
 
     ``accumulate_grads_`` only counts samples (the inner optimizer has applied each gradient
     already); ``load_accumulators_into_averager_`` writes Δ where hivemind expects the mean gradient.
-    Built with ``reuse_grad_buffers`` so hivemind allocates no accumulators.
+    Built with ``reuse_grad_buffers`` so hivemind allocates no accumulators. It aggregates with the
+    optimizer's rule and bans (``RobustAveraging``); its RPCs keep their own class name, as before.
     """
 
     def __init__(self, parameters, *, global_parameters, **kwargs):
@@ -58,17 +61,20 @@ class PseudoGradientAverager(GradientAverager):
         if len(self.global_parameters) != len(self.parameters):
             raise ValueError(f"{len(self.global_parameters)} global parameters for {len(self.parameters)} model parameters")
 
+    @follows(GradientAverager, "accumulate_grads_", "67d8ddf5c3e9c3b2")
     def accumulate_grads_(self, batch_size: int) -> None:
         self.local_samples_accumulated += batch_size
         self.local_times_accumulated += 1
 
     @torch.no_grad()
+    @follows(GradientAverager, "load_accumulators_into_averager_", "916123f43bafd6da")
     def load_accumulators_into_averager_(self) -> None:
         with self.get_tensors() as averaged:
             for delta, global_param, local in zip(averaged, self.global_parameters, self.parameters):
                 delta.copy_(global_param).sub_(local.detach().to(delta.device))  # same shape as the parameter
 
     @torch.no_grad()
+    @follows(GradientAverager, "reset_accumulated_grads_", "9222c7c084c97c07")
     def reset_accumulated_grads_(self) -> None:
         self._accumulators_used_in_step = False
         self.local_samples_accumulated = self.local_times_accumulated = 0

@@ -12,11 +12,16 @@ from typing import Callable
 
 import hivemind
 import torch
+from hivemind.optim.grad_averager import GradientAverager, GradientAveragerFactory
 from hivemind.optim.progress_tracker import LocalTrainingProgress, ProgressTracker
 from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 
+from hivetrain.aggregation import AggregationRule
+from hivetrain.hivemind_compat.averagers import RobustGradientAverager
+from hivetrain.hivemind_compat.bans import DEFAULT_BAN_S, Bans, OffenceLog
+from hivetrain.hivemind_compat.pins import follows
 from hivetrain.hivemind_compat.state import SafeStateAverager
 from hivetrain.hivemind_compat.uplink import UplinkMeter
 from hivetrain.log import get_logger
@@ -72,6 +77,7 @@ class PlausibleProgressTracker(ProgressTracker):
         self._per_peer_target = per_peer_target
         super().__init__(*args, **kwargs)
 
+    @follows(ProgressTracker, "_parse_swarm_progress_data", "1b5ad87469d3c13f")
     def _parse_swarm_progress_data(self, metadata):
         if isinstance(metadata, dict) and metadata:
             metadata = self._plausible(metadata)
@@ -114,6 +120,11 @@ class TrackedOptimizer(hivemind.Optimizer):
     take up the swarm's state after its step instead of stepping ourselves: the swarm keeps its pace,
     we keep its parameters, and our gradients do not count meanwhile, nor do our samples towards the
     swarm's target batch (gradient mode; a DiLoCo peer still counts its inner steps).
+
+    Its averagers (the state averager, the gradient one) aggregate with ``aggregation_rule`` (None:
+    hivemind's plain mean), each with its own bans lasting ``ban_s``; what they catch, and the peers
+    whose progress records are implausible (unless ``on_implausible`` is given), go to ``offences``
+    (an ``OffenceLog``, made here when not given), which the owner drains into telemetry.
     """
 
     #: Samples per reporting peer that end an epoch (DiLoCo); None: hivemind's fixed ``target_batch_size``.
@@ -121,10 +132,15 @@ class TrackedOptimizer(hivemind.Optimizer):
 
     def __init__(self, *args, on_round: Callable[[RoundInfo], None] | None = None,
                  on_implausible: Callable[[str, str], None] | None = None,
-                 on_state_loaded: Callable[[float], None] | None = None, straggler_share: float = 0.0, **kwargs):
+                 on_state_loaded: Callable[[float], None] | None = None, straggler_share: float = 0.0,
+                 aggregation_rule: AggregationRule | None = None, ban_s: float = DEFAULT_BAN_S,
+                 offences: OffenceLog | None = None, **kwargs):
         self._on_round = on_round or (lambda info: None)
         self._on_state_loaded = on_state_loaded or (lambda seconds: None)
-        self._on_implausible = on_implausible
+        # made before hivemind's __init__ builds (and forks) the averagers, which take them
+        self.aggregation_rule = aggregation_rule
+        self.offences = offences if offences is not None else OffenceLog(ban_s)
+        self._on_implausible = on_implausible or self._report_implausible
         self._round_epoch = 0
         self._round_started = time.perf_counter()
         self._last_load_s = FIRST_LOAD_ESTIMATE_S
@@ -156,6 +172,7 @@ class TrackedOptimizer(hivemind.Optimizer):
                              "the checkpoint away to start this mode afresh")
         super().load_state_dict(state_dict)
 
+    @follows(hivemind.Optimizer, "_make_state_averager", "59a43eff001c3284")  # copied below
     def _make_state_averager(self, **kwargs) -> TrainingStateAverager:
         # hivemind.Optimizer._make_state_averager, with our averager (see SafeStateAverager)
         return SafeStateAverager(
@@ -172,14 +189,27 @@ class TrackedOptimizer(hivemind.Optimizer):
             auxiliary=self.auxiliary,
             start=True,
             max_epoch=self._plausible_epoch,
+            aggregation_rule=self.aggregation_rule,
+            bans=Bans(self.offences),
             **kwargs,
         )
+
+    @follows(hivemind.Optimizer, "_make_gradient_averager", "b9a4450197c1e6fb")
+    def _make_gradient_averager(self, factory: GradientAveragerFactory | None, **kwargs) -> GradientAverager:
+        # hivemind's, with our rule and a ban list of its own; a factory (DiLoCo's) must take both arguments
+        return super()._make_gradient_averager(factory if factory is not None else RobustGradientAverager,
+                                               aggregation_rule=self.aggregation_rule, bans=Bans(self.offences),
+                                               **kwargs)
+
+    def _report_implausible(self, peer_id: str, reason: str) -> None:
+        self.offences.report(peer_id, f"{self.run_id}_progress", "progress", reason)
 
     def _plausible_epoch(self) -> int | None:
         """The highest epoch a state downloaded from peers may claim: the swarm's (plausible) epoch plus the lead."""
         tracker = getattr(self, "tracker", None)  # hivemind builds the state averager before the tracker
         return None if tracker is None else max(tracker.global_epoch, self.local_epoch) + MAX_EPOCH_LEAD
 
+    @follows(hivemind.Optimizer, "_make_progress_tracker", "a3fe70a367d732d6")  # copied below
     def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> ProgressTracker:
         # hivemind.Optimizer._make_progress_tracker, with implausible peer records left out
         return PlausibleProgressTracker(
@@ -187,6 +217,7 @@ class TrackedOptimizer(hivemind.Optimizer):
             status_loglevel=self.status_loglevel, start=True, on_implausible=self._on_implausible,
             per_peer_target=self._per_peer_target, **kwargs)
 
+    @follows(hivemind.Optimizer, "_update_global_epoch", "03a36523a3fce65e")
     def _update_global_epoch(self, grad_scaler) -> None:
         now = time.monotonic()
         if self._epoch_began is not None:
@@ -205,16 +236,19 @@ class TrackedOptimizer(hivemind.Optimizer):
     def stepping_aside(self) -> bool:
         return time.monotonic() < self._aside_until
 
+    @follows(hivemind.Optimizer, "_check_and_accumulate_gradients", "163c06c8f4909c30")
     def _check_and_accumulate_gradients(self, batch_size: int, grad_scaler) -> bool:
         if self.stepping_aside:  # our gradients would not count: not accumulated, nor counted in the swarm's epoch
             self.grad_averager.reset_accumulated_grads_()
             return True
         return super()._check_and_accumulate_gradients(batch_size, grad_scaler)
 
+    @follows(hivemind.Optimizer, "_maybe_schedule_gradient_averaging", "868f8c36bdaa41e6")
     def _maybe_schedule_gradient_averaging(self) -> None:
         if not self.stepping_aside:
             super()._maybe_schedule_gradient_averaging()
 
+    @follows(hivemind.Optimizer, "_maybe_schedule_state_averaging", "f6ba5e5eab04f4eb")
     def _maybe_schedule_state_averaging(self) -> None:
         if not self.stepping_aside:
             super()._maybe_schedule_state_averaging()
@@ -245,6 +279,7 @@ class TrackedOptimizer(hivemind.Optimizer):
             self._uplink.stop()
         super().shutdown()
 
+    @follows(hivemind.Optimizer, "load_state_from_peers", "87030a961ecf8f7f")
     def load_state_from_peers(self, **kwargs) -> None:
         # hivemind calls this from step() when the swarm has moved on without us; report every load, timed
         started = time.perf_counter()
@@ -253,6 +288,7 @@ class TrackedOptimizer(hivemind.Optimizer):
         self._last_load_s = time.perf_counter() - started
         self._on_state_loaded(self._last_load_s)
 
+    @follows(hivemind.Optimizer, "_tag_along_with_zero_weight", "a3181486ff4e2ac7")
     def _let_an_imminent_epoch_pass(self) -> None:
         """Wait (bounded) for the swarm's next epoch when it will come before a download could finish.
 
@@ -280,6 +316,7 @@ class TrackedOptimizer(hivemind.Optimizer):
         while tracker.global_epoch <= epoch and time.monotonic() < deadline and not tracker.shutdown_triggered.is_set():
             time.sleep(0.1)
 
+    @follows(hivemind.Optimizer, "_average_gradients_and_load_into_optimizer", "d95bb5ebc061749e")
     def _average_gradients_and_load_into_optimizer(self, maybe_step_control) -> None:
         super()._average_gradients_and_load_into_optimizer(maybe_step_control)
         group: tuple[str, ...] = ()

@@ -12,13 +12,15 @@ import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.compression import deserialize_torch_tensor
 from hivemind.optim.state_averager import TrainingStateAverager
-from hivemind.p2p import PeerID
+from hivemind.p2p import PeerID, ServicerBase
 from hivemind.proto import averaging_pb2
 from hivemind.utils import MPFuture, ValueWithExpiration
 from hivemind.utils.asyncio import aiter_with_timeout
 from hivemind.utils.streaming import combine_from_streaming
 
-from hivetrain.hivemind_compat.bans import ban, is_banned, prepare
+from hivetrain.hivemind_compat.averagers import RobustAveraging
+from hivetrain.hivemind_compat.bans import Bans
+from hivetrain.hivemind_compat.pins import follows
 from hivetrain.log import get_logger
 
 logger = get_logger(__name__)
@@ -78,16 +80,19 @@ class _VerifiedDownload(DecentralizedAverager):
     hivemind asks the peer with the highest self-declared priority and adopts whatever it sends. Here
     (in the averager's child process) each candidate, in the same order, is checked with
     ``check_downloaded_state`` (and must not stream more than ``_state_bytes_bound``); a candidate
-    that fails is named and banned (``bans.ban``, role "state") and the next one is asked. Banned
+    that fails is named and banned (``self.bans``, role "state") and the next one is asked. Banned
     peers are skipped. Only a state that passes comes back to the parent, which checks it once more.
     """
 
     max_epoch: Callable[[], int | None] = staticmethod(lambda: None)
+    bans: Bans  # set before the fork (RobustAveraging)
     rejected_states = 0  # downloads the parent refused (the child found them fine: the bound moved meanwhile)
     # of the last wait=True call: "none" (nobody sent an acceptable state), "behind" (the state's epoch is
     # behind ours: TrainingStateAverager quietly refuses it) or "verified" (taken up)
     last_download: str = "none"
 
+    @follows(DecentralizedAverager, "load_state_from_peers", "973fae40a3d1e16f")
+    @follows(TrainingStateAverager, "load_state_from_peers", "e4d647a9ea78cde8")  # it calls ours
     def load_state_from_peers(self, wait: bool = True, timeout: float | None = None):
         future = MPFuture()
         self._outer_pipe.send(("_load_state_from_peers", [], dict(timeout=timeout, future=future,
@@ -112,6 +117,7 @@ class _VerifiedDownload(DecentralizedAverager):
     def _local_parameters(self) -> list[torch.Tensor]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
+    @follows(DecentralizedAverager, "_load_state_from_peers", "fe7b419d01ced5fe")  # copied below
     async def _load_state_from_peers(self, future: MPFuture, timeout: float | None = None, max_epoch: int | None = None):
         # DecentralizedAverager._load_state_from_peers (hivemind 1.1.12), each candidate verified before it is returned
         if timeout is not None:
@@ -131,7 +137,7 @@ class _VerifiedDownload(DecentralizedAverager):
                 if isinstance(info, ValueWithExpiration) and isinstance(info.value, (float, int)) and peer != self.peer_id:
                     candidates[peer] = (float(info.value), random.random())  # random: the tie breaker
             for peer in sorted(candidates, key=candidates.get, reverse=True):
-                if is_banned(peer.to_base58()):
+                if self.bans.is_banned(peer.to_base58()):
                     continue
                 try:
                     loaded = await self._download_from(peer, timeout, max_bytes)
@@ -139,7 +145,7 @@ class _VerifiedDownload(DecentralizedAverager):
                         continue
                     check_downloaded_state(*loaded, local, max_epoch)
                 except StateRejected as rejected:
-                    ban(peer.to_base58(), self.prefix, "state", f"served a state we refused: {rejected}")
+                    self.bans.ban(peer.to_base58(), self.prefix, "state", f"served a state we refused: {rejected}")
                     continue
                 except Exception as error:  # this peer failed to send; the next one may not
                     logger.info(f"failed to download state from {peer}: {error!r}")
@@ -177,7 +183,7 @@ class _VerifiedDownload(DecentralizedAverager):
         return metadata, tensors
 
 
-class SafeStateAverager(TrainingStateAverager, _VerifiedDownload):
+class SafeStateAverager(RobustAveraging, TrainingStateAverager, _VerifiedDownload):
     """TrainingStateAverager that verifies what it downloads and hands peers copies of its CPU tensors.
 
     Downloads: see ``check_downloaded_state``; ``max_epoch`` (a callable, None = unbounded) bounds the
@@ -187,20 +193,24 @@ class SafeStateAverager(TrainingStateAverager, _VerifiedDownload):
     our state while we train freed memory under our own forward pass: the miner segfaulted in
     libtorch_cpu (seen with 4 CPU miners, a late joiner loading state). On GPU, ``.cpu()`` already
     copies, so this costs nothing there.
+
+    ``aggregation_rule`` and ``bans`` (``RobustAveraging``): its parameter-averaging rounds are robust
+    with a rule; peers it catches (in those rounds, or serving a state it refuses) are banned in ``bans``.
     """
 
     def __init__(self, *args, max_epoch: Callable[[], int | None] | None = None, **kwargs):
         if max_epoch is not None:
             self.max_epoch = max_epoch
         self._transition = threading.RLock()  # see step()
-        prepare()  # the queue a forked averager names the peers it caught through
         super().__init__(*args, **kwargs)
 
     @classmethod
+    @follows(ServicerBase, "_get_handle_name", "d3e13c74c5e52049")
     def _get_handle_name(cls, namespace, method_name: str) -> str:
         # RPC names carry the class name: keep hivemind's, so plain hivemind peers (and our validator) can download from us
         return TrainingStateAverager._get_handle_name(namespace, method_name)
 
+    @follows(TrainingStateAverager, "step", "c68d9335d0ccf55e")
     def step(self, *args, increment_epoch: bool = False, **kwargs):
         # hivemind raises local_epoch before the optimizer step it submits has run: a state served in
         # between carried epoch E+1 with epoch E's parameters (a validator then judged DiLoCo miners'
@@ -211,6 +221,7 @@ class SafeStateAverager(TrainingStateAverager, _VerifiedDownload):
         with self._transition:
             return super().step(*args, increment_epoch=True, **kwargs)
 
+    @follows(TrainingStateAverager, "get_current_state", "d2ee431a0a4b4074")
     def get_current_state(self):
         # no epoch transition (step) nor background optimizer step halfway through the copy
         with self._transition, self.lock_optimizer:

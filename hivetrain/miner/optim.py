@@ -4,21 +4,11 @@ from __future__ import annotations
 
 from typing import Callable
 
-import hivemind
 import torch
 
 from hivetrain.aggregation import AggregationRule
-from hivetrain.hivemind_compat import DiLoCoOptimizer, RoundInfo, TrackedOptimizer
-from hivetrain.hivemind_compat.allreduce import install_robust_aggregation, uninstall_robust_aggregation
-from hivetrain.hivemind_compat.bans import prepare, report_offence
-from hivetrain.protocol.training import (
-    COMPRESSIONS,
-    ClippedAdamW,
-    OuterSGD,
-    install_codecs,
-    param_groups,
-    state_download_compression,
-)
+from hivetrain.hivemind_compat import DHT, DiLoCoOptimizer, RoundInfo, TrackedOptimizer, install_codecs
+from hivetrain.protocol.training import COMPRESSIONS, ClippedAdamW, OuterSGD, param_groups, state_download_compression
 from hivetrain.settings import MinerSettings
 
 
@@ -30,21 +20,27 @@ def warmup_schedule(warmup_epochs: int) -> Callable[[int], float]:
     return multiplier
 
 
-def make_optimizer(model: torch.nn.Module, dht: hivemind.DHT, settings: MinerSettings,
+def aggregation_rule(settings: MinerSettings) -> AggregationRule | None:
+    """The rule the miner's averagers aggregate with; None when ``robust_aggregation`` is off."""
+    if not settings.robust_aggregation:
+        return None
+    # a peer declares the samples it accumulated since the last round: never more than the whole
+    # swarm's target (plus its last batch); 4x leaves room for a peer configured with a larger target
+    per_round = (settings.inner_steps * settings.batch_size if settings.mode == "diloco"
+                 else settings.target_batch_size)  # DiLoCo: a peer trains inner_steps batches per outer step
+    return AggregationRule(clip_factor=settings.clip_factor, max_weight=4.0 * (per_round + settings.batch_size))
+
+
+def make_optimizer(model: torch.nn.Module, dht: DHT, settings: MinerSettings,
                    on_round: Callable[[RoundInfo], None] | None = None,
                    on_state_loaded: Callable[[float], None] | None = None) -> TrackedOptimizer:
-    """hivemind.Optimizer over ``model`` configured from ``settings`` (DiLoCo's in diloco mode); averagers fork here."""
+    """hivemind.Optimizer over ``model`` configured from ``settings`` (DiLoCo's in diloco mode); averagers fork here.
+
+    Its averagers aggregate with ``aggregation_rule`` (none: hivemind's mean); peers they catch are
+    banned for ``ban_s`` (those serving a bad state whether or not aggregation is robust) and named
+    in ``opt.offences``, with the peers whose progress records are implausible.
+    """
     install_codecs()
-    prepare(settings.ban_s)  # bans of peers that serve a bad state hold whether or not aggregation is robust
-    if settings.robust_aggregation:  # before the averagers fork: their all-reduce runs in the children
-        # a peer declares the samples it accumulated since the last round: never more than the whole
-        # swarm's target (plus its last batch); 4x leaves room for a peer configured with a larger target
-        per_round = (settings.inner_steps * settings.batch_size if settings.mode == "diloco"
-                     else settings.target_batch_size)  # DiLoCo: a peer trains inner_steps batches per outer step
-        rule = AggregationRule(clip_factor=settings.clip_factor, max_weight=4.0 * (per_round + settings.batch_size))
-        install_robust_aggregation(rule, settings.ban_s)
-    else:
-        uninstall_robust_aggregation()
     # what both modes share: the swarm, the averagers' wire formats and timeouts, the reports
     common = dict(
         dht=dht,
@@ -64,8 +60,9 @@ def make_optimizer(model: torch.nn.Module, dht: hivemind.DHT, settings: MinerSet
         verbose=True,
         on_round=on_round,
         on_state_loaded=on_state_loaded,
-        on_implausible=lambda peer, reason: report_offence(peer, f"{settings.run_id}_progress", "progress", reason),
         straggler_share=settings.straggler_share,
+        aggregation_rule=aggregation_rule(settings),
+        ban_s=settings.ban_s,
     )
     clip, lr, betas = settings.grad_clip, settings.lr, (0.9, 0.95)
     # fused: one kernel for all tensors; torch's default CPU AdamW loops tensor by tensor (9x slower, BENCHMARKS.md)

@@ -14,14 +14,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import hivemind
 import torch
 
 from hivetrain.chain import make_chain
 from hivetrain.data import BlockStream, shard_for
 from hivetrain.dht import make_dht, visible_maddrs
-from hivetrain.hivemind_compat import RoundInfo, StateRoundLogHandler, TrackedOptimizer
-from hivetrain.hivemind_compat.bans import drain_offence_records
+from hivetrain.hivemind_compat import DHT, RoundInfo, StateRoundLogHandler, TrackedOptimizer
 from hivetrain.identity import load_or_create_wallet
 from hivetrain.log import get_logger
 from hivetrain.miner.challenge import ChallengeLimits, ChallengeServer
@@ -117,7 +115,7 @@ class Miner:
     def __init__(self, settings: MinerSettings, stop: threading.Event | None = None):
         self.settings = settings
         self.stop = stop or threading.Event()
-        self.dht: hivemind.DHT | None = None
+        self.dht: DHT | None = None
         self.opt: TrackedOptimizer | None = None
         self.heartbeat: Heartbeat | None = None
         self.telemetry: TelemetryWriter | None = None
@@ -323,7 +321,7 @@ class Miner:
 
     def _report_offences(self) -> None:
         """Peers our averagers caught (they run in forked children and only queue what they saw)."""
-        records = drain_offence_records(self.peer_id)
+        records = self.opt.offences.drain_records(self.peer_id)
         self.metrics.offences.inc(len(records))
         self.telemetry.put_many(records)
 

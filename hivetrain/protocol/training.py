@@ -3,7 +3,9 @@
 hivemind's state averager sends parameters and optimizer statistics tensor by tensor in the
 order of the optimizer's parameter groups, so a validator that downloads state must build the
 same groups and the same optimizer class as the miners that serve it. Wire formats of tensors
-(``COMPRESSIONS``) are agreed here too.
+(``COMPRESSIONS``) are agreed here too: hivemind's public codecs. A process that averages must
+decode "8bit" with ``hivetrain.hivemind_compat.install_codecs`` (hivemind's own decoder fails under
+NumPy 2); the wire format is the same.
 """
 
 from __future__ import annotations
@@ -11,13 +13,17 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from hivemind.compression import CompressionBase, Float16Compression, NoCompression, RoleAdaptiveCompression
+from hivemind.compression import (
+    CompressionBase,
+    Float16Compression,
+    NoCompression,
+    RoleAdaptiveCompression,
+    Uniform8BitQuantization,
+)
 
-from hivetrain.hivemind_compat import Uniform8Bit, install_codecs
 from hivetrain.log import get_logger
 
-__all__ = ["COMPRESSIONS", "ClippedAdamW", "OuterSGD", "install_codecs", "param_groups", "shared_optimizer",
-           "state_download_compression"]
+__all__ = ["COMPRESSIONS", "ClippedAdamW", "OuterSGD", "param_groups", "shared_optimizer", "state_download_compression"]
 
 logger = get_logger(__name__)
 
@@ -25,7 +31,7 @@ logger = get_logger(__name__)
 COMPRESSIONS: dict[str, Callable[[], CompressionBase]] = {
     "none": NoCompression,
     "fp16": Float16Compression,
-    "8bit": Uniform8Bit,
+    "8bit": Uniform8BitQuantization,  # UNIFORM_8BIT on the wire, decoded by hivemind_compat's Uniform8Bit
 }
 
 

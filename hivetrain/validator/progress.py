@@ -12,13 +12,13 @@ from __future__ import annotations
 import heapq
 import threading
 import time
-import weakref
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
 from pydantic import Field
 
-from hivetrain.hivemind_compat.bans import report_offence
+from hivetrain.hivemind_compat import OffenceLog
+from hivetrain.hivemind_compat.progress import live_progress_records, progress_values
 from hivetrain.log import get_logger
 from hivetrain.protocol.progress import MAX_EPOCH_LEAD, MAX_SAMPLES_PER_S, NameOnce, implausible, lower_median
 from hivetrain.protocol.records import Record
@@ -37,30 +37,6 @@ class PeerProgress(Record):
     client_mode: bool
 
 
-def progress_key(run_id: str) -> str:
-    """The DHT key hivemind.Optimizer's ProgressTracker (prefix = run_id) writes under."""
-    return f"{run_id}_progress"
-
-
-_validated: "weakref.WeakKeyDictionary[object, set[str]]" = weakref.WeakKeyDictionary()
-
-
-def install_progress_validators(dht, run_id: str) -> None:
-    """Give ``dht`` the record validators ProgressTracker uses, once per run.
-
-    The RSA validator strips the signature ProgressTracker's values carry; the schema validator
-    drops records that do not match ``TrainingProgressSchema``.
-    """
-    from hivemind.dht.crypto import RSASignatureValidator
-    from hivemind.dht.schema import SchemaValidator
-    from hivemind.optim.progress_tracker import TrainingProgressSchema
-
-    runs = _validated.setdefault(dht, set())
-    if run_id not in runs:
-        dht.add_validators([SchemaValidator(TrainingProgressSchema, prefix=run_id), RSASignatureValidator()])
-        runs.add(run_id)
-
-
 def fetch_progress(dht, run_id: str) -> dict[str, PeerProgress]:
     """Every live peer's latest training progress for ``run_id``, by peer id.
 
@@ -68,26 +44,10 @@ def fetch_progress(dht, run_id: str) -> dict[str, PeerProgress]:
     the subkey = the writer's RSA public key (not its peer id). Several records naming one peer id
     keep the most advanced (epoch, samples), so a stranger cannot erase a peer's progress.
     """
-    from hivemind.optim.progress_tracker import LocalTrainingProgress
-    from hivemind.p2p import PeerID
-
-    install_progress_validators(dht, run_id)
-    found = dht.get(progress_key(run_id), latest=True)
-    entries = found.value if found is not None and isinstance(found.value, dict) else {}
     progress: dict[str, PeerProgress] = {}
-    for subkey, entry in entries.items():
-        if getattr(entry, "value", None) is None:
-            continue  # a tracker that shut down stores None
+    for subkey, raw in live_progress_records(dht, run_id):
         try:
-            raw = LocalTrainingProgress.parse_obj(entry.value)
-            record = PeerProgress(
-                peer_id=PeerID(raw.peer_id).to_base58(),
-                epoch=raw.epoch,
-                samples_accumulated=raw.samples_accumulated,
-                samples_per_second=float(raw.samples_per_second),
-                time=float(raw.time),
-                client_mode=raw.client_mode,
-            )
+            record = PeerProgress(**progress_values(raw))
         except Exception as error:  # a stranger's record: anything malformed is skipped
             logger.warning(f"skipping a malformed progress record under {subkey!r}: {error!r}")
             continue
@@ -207,11 +167,14 @@ class ProgressPoller:
     The ledger (``ProgressLedger``) is cumulative and bounded (forward epochs only, stale peers forgotten); a
     window's count for a peer is how much that sum grew since the previous window closed, so an
     epoch that straddles two windows is split between them instead of counted twice. Records that
-    fail ``plausible`` are left out, and their peer named (``bans.report_offence``).
+    fail ``plausible`` are left out, and their peer named in ``offences`` (the validator's ``OffenceLog``;
+    one of its own when not given).
     """
 
-    def __init__(self, dht, run_id: str, interval_s: float = 1.0, max_samples_per_s: float = MAX_SAMPLES_PER_S):
+    def __init__(self, dht, run_id: str, interval_s: float = 1.0, max_samples_per_s: float = MAX_SAMPLES_PER_S,
+                 offences: OffenceLog | None = None):
         self.dht, self.run_id, self.interval_s = dht, run_id, interval_s
+        self.offences = offences if offences is not None else OffenceLog()
         self.max_samples_per_s = max_samples_per_s
         self.ledger = ProgressLedger()
         self._named = NameOnce()
@@ -227,7 +190,7 @@ class ProgressPoller:
     def _name(self, peer_id: str, reason: str) -> None:
         """Name a peer whose record is left out (an offence, for the validator's telemetry), once per ``RENAME_AFTER_S``."""
         if self._named.due(peer_id):
-            report_offence(peer_id, f"{self.run_id}_progress", "progress", f"its progress record {reason}")
+            self.offences.report(peer_id, f"{self.run_id}_progress", "progress", f"its progress record {reason}")
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):

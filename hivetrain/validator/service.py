@@ -26,7 +26,7 @@ from typing import Callable
 from hivetrain.chain import make_chain
 from hivetrain.data import validation_blocks
 from hivetrain.dht import make_dht
-from hivetrain.hivemind_compat.bans import drain_offence_records
+from hivetrain.hivemind_compat import OffenceLog
 from hivetrain.identity import Verifier, load_or_create_wallet
 from hivetrain.log import get_logger
 from hivetrain.models import model_config, num_parameters
@@ -88,9 +88,12 @@ class Validator:
             initial_peers = list(s.initial_peers) or fetch_initial_peers(s.bootstrap_url, s.bootstrap_wait_s, stop=self.stop)
             self.dht = make_dht(initial_peers, **s.dht_options(), client_mode=True)
             self._cleanup.callback(self.dht.shutdown)
-            self.poller = ProgressPoller(self.dht, s.run_id, max_samples_per_s=s.max_samples_per_s).start()
+            self.offences = OffenceLog()  # what the poller and the model sync catch, drained by _record_offences
+            self.poller = ProgressPoller(self.dht, s.run_id, max_samples_per_s=s.max_samples_per_s,
+                                         offences=self.offences).start()
             self._cleanup.callback(self.poller.stop)
-            self.sync = ModelSync(self.dht, s.run_id, s.preset, seed=s.seed, max_epoch=self.poller.plausible_epoch, mode=s.mode)
+            self.sync = ModelSync(self.dht, s.run_id, s.preset, seed=s.seed, max_epoch=self.poller.plausible_epoch,
+                                  mode=s.mode, offences=self.offences)
             self._cleanup.callback(self.sync.shutdown)
             self.parameters = num_parameters(self.sync.model)
             self.block_size = s.block_size or model_config(s.preset).n_positions
@@ -181,7 +184,7 @@ class Validator:
 
     def _record_offences(self) -> None:
         """Name, in signed telemetry, the peers whose state our model sync refused (and now skips)."""
-        for record in drain_offence_records(self.dht.peer_id.to_base58()):
+        for record in self.offences.drain_records(self.dht.peer_id.to_base58()):
             try:
                 append(self.client, self.keys, self.domain, record, signer=self.wallet)
             except Exception:  # Redis boundary: the ban holds, the record is lost

@@ -6,13 +6,12 @@ import contextlib
 import time
 from typing import Callable, Iterator
 
-import hivemind
 import torch
 
-from hivetrain.hivemind_compat import SafeStateAverager, parameters_set_to
+from hivetrain.hivemind_compat import DHT, Bans, OffenceLog, SafeStateAverager, install_codecs, parameters_set_to
 from hivetrain.log import get_logger
 from hivetrain.models import build_model
-from hivetrain.protocol.training import install_codecs, param_groups, shared_optimizer
+from hivetrain.protocol.training import param_groups, shared_optimizer
 
 logger = get_logger(__name__)
 
@@ -26,11 +25,16 @@ class ModelSync:
     a miner may answer a spot check at that epoch, and in DiLoCo mode one epoch is a whole outer
     step, too far apart to judge one epoch's answer at the other's parameters. That costs one more
     copy of the parameters in memory.
+
+    A peer that serves a state it refuses is banned (for ``offences.ban_s``) and named in ``offences`` (the
+    validator's ``OffenceLog``; one of its own when not given).
     """
 
-    def __init__(self, dht: hivemind.DHT, run_id: str, preset: str, seed: int = 0, timeout_s: float = 60.0,
-                 max_epoch: Callable[[], int | None] | None = None, mode: str = "hivemind"):
+    def __init__(self, dht: DHT, run_id: str, preset: str, seed: int = 0, timeout_s: float = 60.0,
+                 max_epoch: Callable[[], int | None] | None = None, mode: str = "hivemind",
+                 offences: OffenceLog | None = None):
         install_codecs()  # state may arrive 8-bit compressed
+        self.offences = offences if offences is not None else OffenceLog()
         self.model = build_model(preset, seed=seed)
         self.model.eval()
         self.timeout_s = timeout_s
@@ -42,6 +46,7 @@ class ModelSync:
             client_mode=True,
             start=True,
             max_epoch=max_epoch,  # a state claiming more than the swarm's progress supports is refused
+            bans=Bans(self.offences),  # made before the averager forks: its child names whom it refused here
         )
         self.synced_at = 0.0
         self.previous: tuple[int, list[torch.Tensor]] | None = None  # (epoch, parameters) held before the last new epoch
@@ -54,7 +59,7 @@ class ModelSync:
         """Load the swarm's newest state; True when parameters at an epoch >= ours arrived and were adopted.
 
         A state that fails verification (``SafeStateAverager``) is refused, its server named
-        (``bans.drain_offences``) and the next peer asked; when none passes, the model stays as it was.
+        (in ``offences``) and the next peer asked; when none passes, the model stays as it was.
         """
         before, held = time.time(), (self.epoch, [param.detach().clone() for param in self.model.parameters()])
         try:

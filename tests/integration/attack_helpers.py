@@ -88,6 +88,14 @@ def assert_checkpoints_finite(swarm: Swarm, indices) -> None:
         assert all(torch.isfinite(t).all() for t in weights.values()), f"{latest} holds NaN"
 
 
+def assert_training_survives(swarm: Swarm, honest: int) -> None:
+    """The first ``honest`` miners keep learning and their checkpoints stay finite; so does the validator's model,
+    its held-out loss falling."""
+    assert_honest_miners_learn(swarm, set(peer_ids(swarm.miners[:honest])))
+    assert_checkpoints_finite(swarm, range(honest))
+    assert_validator_model_finite_and_learning(swarm)
+
+
 def assert_validator_model_finite_and_learning(swarm: Swarm) -> None:
     def evals():
         try:
