@@ -12,7 +12,8 @@ size after compression). ``per-peer bound`` = that / loopback bandwidth, as if e
 to itself; ``shared bound`` = N times that, since on one machine every peer shares one loopback and
 its CPUs. Every round starts from the same random vectors and its result is checked against their
 true mean (``error vs mean``): hivemind finishes a round whose parts went missing with a warning only,
-so a ``PARTIAL`` row is a round that did not average everything. Loopback bandwidth is measured in the same run with a plain TCP socket (one sender
+so a ``PARTIAL`` row is a round that did not average everything. Loopback bandwidth is measured in the same run with a
+plain TCP socket (one sender
 thread, one receiver thread, 1 MiB writes).
 
 Run: ``.venv/bin/python -m bench.allreduce`` (about two minutes on 2 shared CPU cores).
@@ -90,10 +91,20 @@ def make_averagers(dhts: list[hivemind.DHT], prefix: str, numel: int, compressio
     for dht in dhts:
         tensor = torch.randn(numel, generator=generator)
         originals.append(tensor.clone())
-        averagers.append(hivemind.averaging.DecentralizedAverager(
-            [tensor], dht, prefix=prefix, target_group_size=len(dhts), min_group_size=len(dhts),
-            min_matchmaking_time=2.0, request_timeout=1.0, allreduce_timeout=300, compression=compression,
-            start=True))
+        averagers.append(
+            hivemind.averaging.DecentralizedAverager(
+                [tensor],
+                dht,
+                prefix=prefix,
+                target_group_size=len(dhts),
+                min_group_size=len(dhts),
+                min_matchmaking_time=2.0,
+                request_timeout=1.0,
+                allreduce_timeout=300,
+                compression=compression,
+                start=True,
+            )
+        )
     return averagers, originals
 
 
@@ -142,8 +153,13 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     try:
         for _ in range(max(args.peers) - 1):
-            dhts.append(hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
-                                     initial_peers=[str(a) for a in dhts[0].get_visible_maddrs()]))
+            dhts.append(
+                hivemind.DHT(
+                    start=True,
+                    host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+                    initial_peers=[str(a) for a in dhts[0].get_visible_maddrs()],
+                )
+            )
         for n in args.peers:
             for name in args.compression:
                 make, bytes_per_value = COMPRESSIONS[name]
@@ -161,9 +177,16 @@ def main(argv: list[str] | None = None) -> None:
                     for averager in averagers:
                         averager.shutdown()
                 bandwidths.append(loopback_bandwidth(args.bandwidth_mib << 20))  # interleaved with the rounds
-                results.append({"peers": n, "compression": name, "round_s": spread(times), "rel_error": max(errors),
-                                "complete": max(errors) < 0.1,
-                                "bytes_per_peer": 2 * (n - 1) / n * args.numel * bytes_per_value})
+                results.append(
+                    {
+                        "peers": n,
+                        "compression": name,
+                        "round_s": spread(times),
+                        "rel_error": max(errors),
+                        "complete": max(errors) < 0.1,
+                        "bytes_per_peer": 2 * (n - 1) / n * args.numel * bytes_per_value,
+                    }
+                )
                 logger.info(f"{n} peers, {name}: {statistics.median(times):.2f}s per round")
     finally:
         for dht in dhts:
@@ -173,20 +196,61 @@ def main(argv: list[str] | None = None) -> None:
     for r in results:
         per_peer = r["bytes_per_peer"] / bandwidth
         shared = per_peer * r["peers"]
-        r.update(per_peer_bound_s=per_peer, shared_bound_s=shared, ratio_per_peer=r["round_s"]["median"] / per_peer,
-                 ratio_shared=r["round_s"]["median"] / shared,
-                 effective_mib_s_per_peer=r["bytes_per_peer"] / r["round_s"]["median"] / 2**20)
-        rows.append([r["peers"], r["compression"], r["bytes_per_peer"] / 2**20, r["round_s"]["median"],
-                     f"[{r['round_s']['min']:.2f}, {r['round_s']['max']:.2f}]", per_peer, r["ratio_per_peer"],
-                     shared, r["ratio_shared"], r["effective_mib_s_per_peer"],
-                     f"{r['rel_error']:.1e}" + ("" if r["complete"] else " PARTIAL")])
-    print(table(["peers", "compression", "MiB sent/peer", "round s (median)", "round s [min, max]",
-                 "per-peer bound s", "x per-peer bound", "shared bound s", "x shared bound", "MiB/s/peer", "error vs mean"], rows))
-    print(f"loopback TCP: {bandwidth / 2**20:,.0f} MiB/s (median of {len(bandwidths)}, "
-          f"range {min(bandwidths) / 2**20:,.0f}-{max(bandwidths) / 2**20:,.0f}); {args.numel:,} float32 per peer")
-    path = write_result("allreduce", {"numel": args.numel, "loopback_bytes_per_s": bandwidth,
-                                      "loopback_samples_bytes_per_s": bandwidths, "rounds": args.rounds,
-                                      "results": results}, args.out)
+        r.update(
+            per_peer_bound_s=per_peer,
+            shared_bound_s=shared,
+            ratio_per_peer=r["round_s"]["median"] / per_peer,
+            ratio_shared=r["round_s"]["median"] / shared,
+            effective_mib_s_per_peer=r["bytes_per_peer"] / r["round_s"]["median"] / 2**20,
+        )
+        rows.append(
+            [
+                r["peers"],
+                r["compression"],
+                r["bytes_per_peer"] / 2**20,
+                r["round_s"]["median"],
+                f"[{r['round_s']['min']:.2f}, {r['round_s']['max']:.2f}]",
+                per_peer,
+                r["ratio_per_peer"],
+                shared,
+                r["ratio_shared"],
+                r["effective_mib_s_per_peer"],
+                f"{r['rel_error']:.1e}" + ("" if r["complete"] else " PARTIAL"),
+            ]
+        )
+    print(
+        table(
+            [
+                "peers",
+                "compression",
+                "MiB sent/peer",
+                "round s (median)",
+                "round s [min, max]",
+                "per-peer bound s",
+                "x per-peer bound",
+                "shared bound s",
+                "x shared bound",
+                "MiB/s/peer",
+                "error vs mean",
+            ],
+            rows,
+        )
+    )
+    print(
+        f"loopback TCP: {bandwidth / 2**20:,.0f} MiB/s (median of {len(bandwidths)}, "
+        f"range {min(bandwidths) / 2**20:,.0f}-{max(bandwidths) / 2**20:,.0f}); {args.numel:,} float32 per peer"
+    )
+    path = write_result(
+        "allreduce",
+        {
+            "numel": args.numel,
+            "loopback_bytes_per_s": bandwidth,
+            "loopback_samples_bytes_per_s": bandwidths,
+            "rounds": args.rounds,
+            "results": results,
+        },
+        args.out,
+    )
     print(f"wrote {path}")
 
 

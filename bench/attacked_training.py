@@ -81,7 +81,7 @@ class Peer:
     def apply(self, flat: torch.Tensor) -> None:
         offset = 0
         for param in self.model.parameters():
-            param.grad.copy_(flat[offset:offset + param.numel()].view_as(param))
+            param.grad.copy_(flat[offset : offset + param.numel()].view_as(param))
             offset += param.numel()
         self.opt.step()
 
@@ -97,7 +97,9 @@ def make_peers(shards: range, batch: int, lr: float, tokenizer, attacker: bool) 
     return peers
 
 
-def averaging_round(peers: list[Peer], tensors: list[torch.Tensor], weights: list[float], timeout: float = 60.0) -> bool:
+def averaging_round(
+    peers: list[Peer], tensors: list[torch.Tensor], weights: list[float], timeout: float = 60.0
+) -> bool:
     """Average ``tensors`` (in place) in one group of the peers that get one; False when the honest peers got none.
 
     ``peers[-1]`` is honest. A banned attacker finds no group with the honest peers (they refuse it in
@@ -106,9 +108,11 @@ def averaging_round(peers: list[Peer], tensors: list[torch.Tensor], weights: lis
     for peer, tensor in zip(peers, tensors):
         with peer.averager.get_tensors() as own:
             own[0].copy_(tensor)
-    controls = [p.averager.step(wait=False, weight=w, require_trigger=True, timeout=timeout, allow_retries=False)
-                for p, w in zip(peers, weights)]
-    honest = controls[-len([p for p in peers if p.opt is not None]):]
+    controls = [
+        p.averager.step(wait=False, weight=w, require_trigger=True, timeout=timeout, allow_retries=False)
+        for p, w in zip(peers, weights)
+    ]
+    honest = controls[-len([p for p in peers if p.opt is not None]) :]
     deadline = time.monotonic() + timeout
     while any(c.stage != AveragingStage.AWAITING_TRIGGER for c in honest):
         if time.monotonic() > deadline or any(c.done() for c in honest):
@@ -137,8 +141,11 @@ def averaging_round(peers: list[Peer], tensors: list[torch.Tensor], weights: lis
 
 def run(dhts, attack: str, args, tokenizer, blocks: torch.Tensor) -> dict:
     honest = make_peers(range(args.honest), args.batch, args.lr, tokenizer, attacker=False)
-    attacker = make_peers(range(args.honest, args.honest + 1), args.batch, args.lr, tokenizer, attacker=True) \
-        if ATTACKS[attack] else []
+    attacker = (
+        make_peers(range(args.honest, args.honest + 1), args.batch, args.lr, tokenizer, attacker=True)
+        if ATTACKS[attack]
+        else []
+    )
     numel = sum(p.numel() for p in honest[0].model.parameters())
     prefix = f"bench-attacked-{attack.split()[0].lower()}"
     everyone = attacker + honest  # the attacker first: DHT 0
@@ -149,9 +156,17 @@ def run(dhts, attack: str, args, tokenizer, blocks: torch.Tensor) -> dict:
         cls = RobustAverager if robust else hivemind.averaging.DecentralizedAverager
         options = dict(aggregation_rule=rule, bans=Bans(log)) if robust else {}
         peer.averager = cls(
-            [torch.zeros(numel)], dhts[index], prefix=prefix, target_group_size=len(everyone),
-            min_group_size=len(honest), min_matchmaking_time=1.0, request_timeout=0.5, allreduce_timeout=60, start=True,
-            **options)
+            [torch.zeros(numel)],
+            dhts[index],
+            prefix=prefix,
+            target_group_size=len(everyone),
+            min_group_size=len(honest),
+            min_matchmaking_time=1.0,
+            request_timeout=0.5,
+            allreduce_timeout=60,
+            start=True,
+            **options,
+        )
     failed, named, started = 0, {}, time.perf_counter()
     try:
         for step in range(args.steps):
@@ -165,11 +180,13 @@ def run(dhts, attack: str, args, tokenizer, blocks: torch.Tensor) -> dict:
             if not averaging_round(everyone, grads, weights):
                 failed += 1
                 grads = local
-            for peer, grad in zip(honest, grads[len(attacker):]):
+            for peer, grad in zip(honest, grads[len(attacker) :]):
                 peer.apply(grad)
             named.update({(o.peer_id, o.role): o.reason for o in log.drain()})
             if step % 10 == 0:
-                logger.info(f"{attack}: step {step}, honest train loss {sum(losses[len(attacker):]) / len(honest):.3f}")
+                logger.info(
+                    f"{attack}: step {step}, honest train loss {sum(losses[len(attacker) :]) / len(honest):.3f}"
+                )
     finally:
         for peer in everyone:
             peer.averager.shutdown()
@@ -177,11 +194,19 @@ def run(dhts, attack: str, args, tokenizer, blocks: torch.Tensor) -> dict:
     named.update({(o.peer_id, o.role): o.reason for o in log.drain()})
     attacker_id = dhts[0].peer_id.to_base58() if attacker else None
     held_out = [evaluate(peer.model.eval(), blocks, batch_size=8)[0] for peer in honest]
-    return {"attack": attack, "held_out_loss": sum(held_out) / len(held_out), "worst_held_out_loss": max(held_out),
-            "finite": all(math.isfinite(x) for x in held_out), "failed_rounds": failed, "steps": args.steps,
-            "attacker_named_as": sorted(role for peer, role in named if peer == attacker_id),
-            "honest_named": sorted(f"{peer} as {role}: {why}" for (peer, role), why in named.items() if peer != attacker_id),
-            "seconds": time.perf_counter() - started}
+    return {
+        "attack": attack,
+        "held_out_loss": sum(held_out) / len(held_out),
+        "worst_held_out_loss": max(held_out),
+        "finite": all(math.isfinite(x) for x in held_out),
+        "failed_rounds": failed,
+        "steps": args.steps,
+        "attacker_named_as": sorted(role for peer, role in named if peer == attacker_id),
+        "honest_named": sorted(
+            f"{peer} as {role}: {why}" for (peer, role), why in named.items() if peer != attacker_id
+        ),
+        "seconds": time.perf_counter() - started,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -194,12 +219,17 @@ def main(argv: list[str] | None = None) -> None:
     dhts = [hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])]
     try:
         for _ in range(args.honest):
-            dhts.append(hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
-                                     initial_peers=[str(a) for a in dhts[0].get_visible_maddrs()]))
+            dhts.append(
+                hivemind.DHT(
+                    start=True,
+                    host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+                    initial_peers=[str(a) for a in dhts[0].get_visible_maddrs()],
+                )
+            )
         runs = []
         for attack in args.attacks:
             # without an attacker the honest peers use DHTs 0..n-1; with one, it takes DHT 0
-            runs.append(run(dhts if ATTACKS[attack] else dhts[:args.honest], attack, args, tokenizer, blocks))
+            runs.append(run(dhts if ATTACKS[attack] else dhts[: args.honest], attack, args, tokenizer, blocks))
             logger.info(f"{runs[-1]}")
     finally:
         for dht in dhts:
@@ -207,10 +237,29 @@ def main(argv: list[str] | None = None) -> None:
     baseline = next((r["held_out_loss"] for r in runs if r["attack"] == "none"), None)
     for result in runs:
         result["vs_baseline"] = result["held_out_loss"] / baseline if baseline else None
-    print(table(["attacker (1 of %d peers)" % (args.honest + 1), "honest held-out loss", "vs no attacker",
-                 "failed rounds", "attacker named as", "honest peers named"],
-                [[r["attack"], r["held_out_loss"], r["vs_baseline"], f"{r['failed_rounds']}/{r['steps']}",
-                  ", ".join(r["attacker_named_as"]) or "-", len(r["honest_named"])] for r in runs]))
+    print(
+        table(
+            [
+                "attacker (1 of %d peers)" % (args.honest + 1),
+                "honest held-out loss",
+                "vs no attacker",
+                "failed rounds",
+                "attacker named as",
+                "honest peers named",
+            ],
+            [
+                [
+                    r["attack"],
+                    r["held_out_loss"],
+                    r["vs_baseline"],
+                    f"{r['failed_rounds']}/{r['steps']}",
+                    ", ".join(r["attacker_named_as"]) or "-",
+                    len(r["honest_named"]),
+                ]
+                for r in runs
+            ],
+        )
+    )
     path = write_result("attacked_training", {"args": vars(args), "runs": runs}, args.out)
     print(f"wrote {path}")
 

@@ -28,13 +28,13 @@ from pathlib import Path
 from bittensor import sp_core
 
 from bench.common import exit_on_sigterm, percentile, table, write_result
-from hivetrain.swarm import procs
 from hivetrain.identity import Domain
 from hivetrain.log import get_logger
 from hivetrain.protocol.binding import bind_identity, identity_peer_id, new_ed25519_identity
 from hivetrain.protocol.records import HEARTBEAT_INTERVAL_S, Keys, PeerRecord
-from hivetrain.swarm.redis_server import start_redis
 from hivetrain.store import Registry, connect_redis
+from hivetrain.swarm import procs
+from hivetrain.swarm.redis_server import start_redis
 
 logger = get_logger("bench.bootstrap_load")
 RUN_ID = "bench-bootstrap"
@@ -63,10 +63,16 @@ class Peers:
             identity = new_ed25519_identity()  # each peer bound to its hotkey, as real miners are
             peer_id = identity_peer_id(identity)
             peer_key, peer_signature = bind_identity(identity, registry.domain, peer_id, keypair.ss58_address)
-            record = PeerRecord(peer_id=peer_id, role="miner", hotkey=keypair.ss58_address,
-                                challenge_url=f"http://127.0.0.1:{20000 + i}",
-                                multiaddrs=[f"/ip4/127.0.0.1/tcp/{30000 + i}/p2p/{peer_id}"], started_at=now,
-                                peer_key=peer_key, peer_signature=peer_signature)
+            record = PeerRecord(
+                peer_id=peer_id,
+                role="miner",
+                hotkey=keypair.ss58_address,
+                challenge_url=f"http://127.0.0.1:{20000 + i}",
+                multiaddrs=[f"/ip4/127.0.0.1/tcp/{30000 + i}/p2p/{peer_id}"],
+                started_at=now,
+                peer_key=peer_key,
+                peer_signature=peer_signature,
+            )
             self.members.append((record, wallet))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bench-heartbeats", daemon=True)
@@ -132,23 +138,46 @@ def load(port: int, path: str, total: int, concurrency: int) -> dict:
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - started
-    return {"path": path, "concurrency": concurrency, "requests": total, "ok": len(latencies), "errors": len(errors),
-            "error_examples": sorted(set(errors))[:3], "wall_s": wall, "requests_per_s": len(latencies) / wall,
-            "p50_ms": percentile(latencies, 50) if latencies else None,
-            "p99_ms": percentile(latencies, 99) if latencies else None,
-            "max_ms": max(latencies) if latencies else None,
-            "bytes_per_response": sum(sizes) / len(sizes) if sizes else 0}
+    return {
+        "path": path,
+        "concurrency": concurrency,
+        "requests": total,
+        "ok": len(latencies),
+        "errors": len(errors),
+        "error_examples": sorted(set(errors))[:3],
+        "wall_s": wall,
+        "requests_per_s": len(latencies) / wall,
+        "p50_ms": percentile(latencies, 50) if latencies else None,
+        "p99_ms": percentile(latencies, 99) if latencies else None,
+        "max_ms": max(latencies) if latencies else None,
+        "bytes_per_response": sum(sizes) / len(sizes) if sizes else 0,
+    }
 
 
 def start_bootstrap(workdir: Path, redis_url: str, workers: int) -> tuple[procs.Service, int]:
     port = procs.free_port()
     env = dict(os.environ)
-    env.update({"HIVE_RUN_ID": RUN_ID, "HIVE_CHAIN": "local", "HIVE_REDIS_URL": redis_url, "HIVE_HTTP_HOST": "127.0.0.1",
-                "HIVE_HTTP_PORT": str(port), "HIVE_HTTP_WORKERS": str(workers), "HIVE_LOG_LEVEL": "WARNING",
-                "HIVE_HOST_MADDRS": '["/ip4/127.0.0.1/tcp/0"]', "HIVE_IDENTITY_PATH": str(workdir / "bootstrap.id"),
-                "PYTHONUNBUFFERED": "1"})
-    service = procs.start("bootstrap", [sys.executable, "-m", "hivetrain.bootstrap"], env=env,
-                          log_path=workdir / "bootstrap.log", cwd=workdir)
+    env.update(
+        {
+            "HIVE_RUN_ID": RUN_ID,
+            "HIVE_CHAIN": "local",
+            "HIVE_REDIS_URL": redis_url,
+            "HIVE_HTTP_HOST": "127.0.0.1",
+            "HIVE_HTTP_PORT": str(port),
+            "HIVE_HTTP_WORKERS": str(workers),
+            "HIVE_LOG_LEVEL": "WARNING",
+            "HIVE_HOST_MADDRS": '["/ip4/127.0.0.1/tcp/0"]',
+            "HIVE_IDENTITY_PATH": str(workdir / "bootstrap.id"),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    service = procs.start(
+        "bootstrap",
+        [sys.executable, "-m", "hivetrain.bootstrap"],
+        env=env,
+        log_path=workdir / "bootstrap.log",
+        cwd=workdir,
+    )
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         if not service.alive():
@@ -172,7 +201,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         redis_service, redis_url = start_redis(workdir / "redis", persist=False)
         bootstrap, port = start_bootstrap(workdir, redis_url, args.workers)
-        registry = Registry(connect_redis(redis_url), Keys(RUN_ID), Domain(RUN_ID))  # the bootstrap's, on the local chain
+        registry = Registry(
+            connect_redis(redis_url), Keys(RUN_ID), Domain(RUN_ID)
+        )  # the bootstrap's, on the local chain
         peers = Peers(registry, args.peers)
         register_s = peers.register_all()
         peers.start()
@@ -183,14 +214,37 @@ def main(argv: list[str] | None = None) -> None:
                 load(port, path, min(100, args.requests), concurrency)  # warm-up: connections, imports
                 runs.append(load(port, path, args.requests, concurrency))
         sample = json.loads(_get(port, "/initial_peers"))
-        rows = [[r["path"], r["concurrency"], r["ok"], r["errors"], r["requests_per_s"], r["p50_ms"], r["p99_ms"],
-                 r["max_ms"], r["bytes_per_response"]] for r in runs]
+        rows = [
+            [
+                r["path"],
+                r["concurrency"],
+                r["ok"],
+                r["errors"],
+                r["requests_per_s"],
+                r["p50_ms"],
+                r["p99_ms"],
+                r["max_ms"],
+                r["bytes_per_response"],
+            ]
+            for r in runs
+        ]
         print(table(["route", "client threads", "ok", "errors", "req/s", "p50 ms", "p99 ms", "max ms", "bytes"], rows))
-        print(f"{live} live signed peers (registered in {register_s:.1f}s, re-registered every {HEARTBEAT_INTERVAL_S}s); "
-              f"/initial_peers returns {len(sample['initial_peers'])} addresses; gunicorn workers: {args.workers}")
-        path = write_result("bootstrap_load", {"peers": args.peers, "live_peers": live, "register_all_s": register_s,
-                                               "workers": args.workers, "runs": runs,
-                                               "addresses_returned": len(sample["initial_peers"])}, args.out)
+        print(
+            f"{live} live signed peers (registered in {register_s:.1f}s, re-registered every {HEARTBEAT_INTERVAL_S}s); "
+            f"/initial_peers returns {len(sample['initial_peers'])} addresses; gunicorn workers: {args.workers}"
+        )
+        path = write_result(
+            "bootstrap_load",
+            {
+                "peers": args.peers,
+                "live_peers": live,
+                "register_all_s": register_s,
+                "workers": args.workers,
+                "runs": runs,
+                "addresses_returned": len(sample["initial_peers"]),
+            },
+            args.out,
+        )
         print(f"wrote {path}")
     finally:
         if peers is not None:

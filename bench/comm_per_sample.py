@@ -34,8 +34,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--miners", type=int, default=2)
     parser.add_argument("--duration", type=float, default=40.0, help="measured seconds per run")
-    parser.add_argument("--from-results", default="", help="reuse the default and local_updates runs of a "
-                        "bench/results/swarm_utilization.json instead of running the swarm again")
+    parser.add_argument(
+        "--from-results",
+        default="",
+        help="reuse the default and local_updates runs of a "
+        "bench/results/swarm_utilization.json instead of running the swarm again",
+    )
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/comm_per_sample.json)")
     return parser.parse_args(argv)
 
@@ -45,7 +49,11 @@ def main(argv: list[str] | None = None) -> None:
     exit_on_sigterm()
     if args.from_results:
         saved = json.loads(Path(args.from_results).read_text())["runs"]
-        runs = {r["name"]: r for r in saved if r["name"] in ("default", "local_updates") and r["miners"] == args.miners and "error" not in r}
+        runs = {
+            r["name"]: r
+            for r in saved
+            if r["name"] in ("default", "local_updates") and r["miners"] == args.miners and "error" not in r
+        }
     else:
         runs = {}
         for name in ("default", "local_updates"):
@@ -58,8 +66,11 @@ def main(argv: list[str] | None = None) -> None:
     n = args.miners
     size = 4 * num_parameters(build_model("tiny"))
     round_bytes = 2 * (n - 1) * size  # a butterfly round, all peers together
-    analytic = {"gradient averaging": 2 * round_bytes / target, "local updates": round_bytes / target,
-                "DDP-equivalent": round_bytes / (n * batch)}
+    analytic = {
+        "gradient averaging": 2 * round_bytes / target,
+        "local updates": round_bytes / target,
+        "DDP-equivalent": round_bytes / (n * batch),
+    }
     measured = {}
     for label, name in (("gradient averaging", "default"), ("local updates", "local_updates")):
         r = runs.get(name)
@@ -68,19 +79,39 @@ def main(argv: list[str] | None = None) -> None:
     # an epoch of gradient mode is one gradient round plus one parameter round; a DDP step is one gradient round
     per_round = grad["lo_bytes_net"] / grad["rounds"] / 2 if grad["rounds"] else None
     measured["DDP-equivalent"] = per_round / (n * batch) if per_round else None
-    rows = [[label, f"{measured[label] / 1e3:,.1f}" if measured[label] else "-", f"{analytic[label] / 1e3:,.1f}",
-             f"{measured[label] / analytic[label]:.2f}" if measured[label] else "-"] for label in analytic]
+    rows = [
+        [
+            label,
+            f"{measured[label] / 1e3:,.1f}" if measured[label] else "-",
+            f"{analytic[label] / 1e3:,.1f}",
+            f"{measured[label] / analytic[label]:.2f}" if measured[label] else "-",
+        ]
+        for label in analytic
+    ]
     print(table(["mode", "measured KB sent/sample", "analytic KB sent/sample", "measured / analytic"], rows))
     for name, r in runs.items():
-        print(f"{name}: {r['samples']} samples, {r['rounds']} rounds, {r['lo_bytes_net'] / 1e6:,.1f} MB on lo "
-              f"(background {r['lo_background_bytes_per_s'] / 1e3:,.1f} KB/s subtracted) in {r['window_s']:.0f}s")
+        print(
+            f"{name}: {r['samples']} samples, {r['rounds']} rounds, {r['lo_bytes_net'] / 1e6:,.1f} MB on lo "
+            f"(background {r['lo_background_bytes_per_s'] / 1e3:,.1f} KB/s subtracted) in {r['window_s']:.0f}s"
+        )
     for name in ("default", "local_updates"):
         if name not in runs:
             print(f"{name}: not measured (its miners never stepped; see bench.swarm_utilization)")
     print(f"tiny GPT-2: {size / 1e6:.1f} MB of float32 parameters; {n} miners, batch {batch}, target {target}")
-    path = write_result("comm_per_sample", {"source": args.from_results or "own runs", "miners": n, "param_bytes": size, "batch_size": batch,
-                                            "target_batch_size": target, "analytic_bytes_per_sample": analytic,
-                                            "measured_bytes_per_sample": measured, "runs": runs}, args.out)
+    path = write_result(
+        "comm_per_sample",
+        {
+            "source": args.from_results or "own runs",
+            "miners": n,
+            "param_bytes": size,
+            "batch_size": batch,
+            "target_batch_size": target,
+            "analytic_bytes_per_sample": analytic,
+            "measured_bytes_per_sample": measured,
+            "runs": runs,
+        },
+        args.out,
+    )
     print(f"wrote {path}")
 
 

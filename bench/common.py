@@ -30,9 +30,14 @@ def machine() -> dict:
     """What the numbers were measured on; the load average says how shared the CPU was."""
     import torch
 
-    info = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "loadavg_at_start": os.getloadavg()}
+    info = {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "loadavg_at_start": os.getloadavg(),
+    }
     try:
         import hivemind
 
@@ -44,6 +49,7 @@ def machine() -> dict:
 
 def table(headers: list[str], rows: list[list]) -> str:
     """A Markdown table (prints fine in a terminal and pastes into BENCHMARKS.md)."""
+
     def fmt(value) -> str:
         if isinstance(value, float):
             return f"{value:,.3f}" if abs(value) < 100 else f"{value:,.0f}"
@@ -64,7 +70,8 @@ def write_result(name: str, payload: dict, out: str | None = None) -> Path:
 
 
 def exit_on_sigterm() -> None:
-    """SIGTERM raises SystemExit, so a benchmark's ``finally`` stops what it started; forked children keep the default."""
+    """SIGTERM raises SystemExit, so a benchmark's ``finally`` stops what it started; forked children keep the
+    default."""
     import signal
     import sys
 

@@ -25,9 +25,9 @@ from bench.common import table, write_result
 from hivetrain.identity import Domain, load_or_create_wallet
 from hivetrain.protocol.binding import bind_identity, identity_peer_id, new_ed25519_identity
 from hivetrain.protocol.records import Keys, PeerRecord, StepRecord
-from hivetrain.swarm.redis_server import start_redis
 from hivetrain.settings import ValidatorSettings
 from hivetrain.store import Registry, append, connect_redis
+from hivetrain.swarm.redis_server import start_redis
 from hivetrain.validator.app import create_app
 
 RUN_ID = "bench-dashboard"
@@ -51,8 +51,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def step(peer: str, k: int, at: float) -> StepRecord:
-    return StepRecord(peer_id=peer, step=k, local_epoch=k // 10, global_epoch=k // 10, loss=6.0 - k / 100, samples=8 * k,
-                      samples_per_s=2.0, tokens_per_s=256.0, time=at)
+    return StepRecord(
+        peer_id=peer,
+        step=k,
+        local_epoch=k // 10,
+        global_epoch=k // 10,
+        loss=6.0 - k / 100,
+        samples=8 * k,
+        samples_per_s=2.0,
+        tokens_per_s=256.0,
+        time=at,
+    )
 
 
 def timed(fn) -> float:
@@ -74,8 +83,17 @@ def main(argv: list[str] | None = None) -> None:
             now = time.time()
             for peer, wallet, identity in zip(peers, wallets, identities):
                 peer_key, peer_signature = bind_identity(identity, DOMAIN, peer, wallet.hotkey.ss58_address)
-                registry.register(PeerRecord(peer_id=peer, role="miner", multiaddrs=["/ip4/127.0.0.1/tcp/1"], started_at=now,
-                                             peer_key=peer_key, peer_signature=peer_signature), wallet)
+                registry.register(
+                    PeerRecord(
+                        peer_id=peer,
+                        role="miner",
+                        multiaddrs=["/ip4/127.0.0.1/tcp/1"],
+                        started_at=now,
+                        peer_key=peer_key,
+                        peer_signature=peer_signature,
+                    ),
+                    wallet,
+                )
             for k in range(args.history):  # interleaved, as a swarm writes them
                 for peer, wallet in zip(peers, wallets):
                     append(db, keys, DOMAIN, step(peer, k, now - (args.history - k) * 3.0), signer=wallet)
@@ -92,14 +110,30 @@ def main(argv: list[str] | None = None) -> None:
             size = len(client.get("/api/dashboard").data)
         finally:
             service.stop(timeout=5)
-    rows = [["/api/dashboard, first poll of a worker", cold * 1e3, cold / statistics.median(swarm)],
-            [f"/api/dashboard, later polls ({args.miners} new steps each)", statistics.median(warm) * 1e3,
-             statistics.median(warm) / statistics.median(swarm)],
-            ["/api/swarm (baseline)", statistics.median(swarm) * 1e3, 1.0]]
+    rows = [
+        ["/api/dashboard, first poll of a worker", cold * 1e3, cold / statistics.median(swarm)],
+        [
+            f"/api/dashboard, later polls ({args.miners} new steps each)",
+            statistics.median(warm) * 1e3,
+            statistics.median(warm) / statistics.median(swarm),
+        ],
+        ["/api/swarm (baseline)", statistics.median(swarm) * 1e3, 1.0],
+    ]
     print(table(["request", "median ms", "vs /api/swarm"], rows))
     print(f"dashboard document: {size / 1e3:.0f} kB with {args.miners} miners")
-    path = write_result("dashboard_load", {"miners": args.miners, "history_per_miner": args.history, "polls": args.polls,
-                                           "cold_s": cold, "warm_s": warm, "swarm_s": swarm, "document_bytes": size}, args.out)
+    path = write_result(
+        "dashboard_load",
+        {
+            "miners": args.miners,
+            "history_per_miner": args.history,
+            "polls": args.polls,
+            "cold_s": cold,
+            "warm_s": warm,
+            "swarm_s": swarm,
+            "document_bytes": size,
+        },
+        args.out,
+    )
     print(f"written to {path}")
 
 

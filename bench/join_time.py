@@ -13,7 +13,8 @@ timestamps and from Redis:
 * ``state download``: -> ``loaded state from peers``;
 * ``first step``: -> ``step 1``; ``counted``: -> its first StepRecord readable from Redis.
 
-Run: ``.venv/bin/python -m bench.join_time`` (one to three minutes on 2 shared CPU cores: under load, imports alone took 30 s).
+Run: ``.venv/bin/python -m bench.join_time`` (one to three minutes on 2 shared CPU cores: under load, imports alone
+took 30 s).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from datetime import datetime
 from pathlib import Path
 
 from bench.common import exit_on_sigterm, table, write_result
-
 from hivetrain.log import get_logger
 from hivetrain.protocol.records import Keys, StepRecord
 from hivetrain.settings import SwarmSettings, domain_of
@@ -48,7 +48,9 @@ MILESTONES = [  # (name, pattern of the log line that ends it)
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--miners", type=int, default=2, help="miners already training when the newcomer starts")
-    parser.add_argument("--epochs", type=int, default=1, help="global epochs the swarm finishes before the newcomer starts")
+    parser.add_argument(
+        "--epochs", type=int, default=1, help="global epochs the swarm finishes before the newcomer starts"
+    )
     parser.add_argument("--timeout", type=float, default=150.0, help="give up on any wait after this many seconds")
     parser.add_argument("--keep", action="store_true", help="keep the swarm's work folder (logs)")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/join_time.json)")
@@ -89,8 +91,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     exit_on_sigterm()
     workdir = Path(tempfile.mkdtemp(prefix="bench-join-"))
-    settings = SwarmSettings(miners=args.miners, validator=False, workdir=str(workdir), bootstrap_port=0,
-                             run_id="bench-join", preset="tiny", stop_timeout=20)
+    settings = SwarmSettings(
+        miners=args.miners,
+        validator=False,
+        workdir=str(workdir),
+        bootstrap_port=0,
+        run_id="bench-join",
+        preset="tiny",
+        stop_timeout=20,
+    )
     swarm = Swarm(settings)
     try:
         swarm.start()
@@ -130,10 +139,21 @@ def main(argv: list[str] | None = None) -> None:
     rows.append(["counted in Redis", phases["counted in Redis"], counted_at - started])
     print(table(["phase", "seconds", "since process start"], rows))
     state_line = [m for _, m in events if m.startswith("loaded state from peers")]
-    print(f"newcomer joined a swarm of {args.miners} tiny miners at epoch {epoch}; "
-          f"{state_line[0] if state_line else 'it did not need to load state'}")
-    path = write_result("join_time", {"miners": args.miners, "swarm_epoch": epoch, "phases_s": phases,
-                                      "total_s": counted_at - started, "state_log": state_line[:1]}, args.out)
+    print(
+        f"newcomer joined a swarm of {args.miners} tiny miners at epoch {epoch}; "
+        f"{state_line[0] if state_line else 'it did not need to load state'}"
+    )
+    path = write_result(
+        "join_time",
+        {
+            "miners": args.miners,
+            "swarm_epoch": epoch,
+            "phases_s": phases,
+            "total_s": counted_at - started,
+            "state_log": state_line[:1],
+        },
+        args.out,
+    )
     print(f"wrote {path}")
     if not args.keep:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -94,27 +94,46 @@ class Runner:
 def miner_settings(preset: str, mode: str, batch_size: int, block_size: int) -> MinerSettings:
     base = mode.removesuffix("-copy")
     return MinerSettings(
-        preset=preset, run_id=f"bench-overhead-{preset}-{mode}", batch_size=batch_size, block_size=block_size,
-        target_batch_size=batch_size if base == "epoch" else 10_000_000, use_local_updates=base == "local",
-        reuse_grad_buffers=not mode.endswith("-copy"), matchmaking_time=2.0, averaging_timeout=10.0, warmup_epochs=0,
+        preset=preset,
+        run_id=f"bench-overhead-{preset}-{mode}",
+        batch_size=batch_size,
+        block_size=block_size,
+        target_batch_size=batch_size if base == "epoch" else 10_000_000,
+        use_local_updates=base == "local",
+        reuse_grad_buffers=not mode.endswith("-copy"),
+        matchmaking_time=2.0,
+        averaging_timeout=10.0,
+        warmup_epochs=0,
     )
 
 
-def measure(preset: str, modes: list[str], repeats: int, steps: int, device: torch.device, bf16: bool = False,
-            compiled: bool = False) -> dict:
+def measure(
+    preset: str,
+    modes: list[str],
+    repeats: int,
+    steps: int,
+    device: torch.device,
+    bf16: bool = False,
+    compiled: bool = False,
+) -> dict:
     batch_size, block_size, default_steps = PRESETS[preset]
     steps = steps or default_steps
     settings = miner_settings(preset, "plain", batch_size, block_size)
     generator = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, 50257, (batch_size, block_size), generator=generator).to(device) for _ in range(4)]
-    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 and device.type == "cuda"
-                else contextlib.nullcontext)
+    autocast = (
+        (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
+        if bf16 and device.type == "cuda"
+        else contextlib.nullcontext
+    )
     setup_started = time.perf_counter()
     dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     runners: list[Runner] = []
     try:
         model = build_model(preset, seed=settings.seed).to(device)
-        plain = torch.optim.AdamW(param_groups(model, settings.weight_decay), lr=settings.lr, betas=(0.9, 0.95), fused=True)  # as the miner
+        plain = torch.optim.AdamW(
+            param_groups(model, settings.weight_decay), lr=settings.lr, betas=(0.9, 0.95), fused=True
+        )  # as the miner
         runners.append(Runner("plain", model, plain, settings.grad_clip, device, autocast, compiled))
         for mode in modes:
             mode_settings = miner_settings(preset, mode, batch_size, block_size)
@@ -133,16 +152,26 @@ def measure(preset: str, modes: list[str], repeats: int, steps: int, device: tor
             for i in range(steps):
                 shift = (repeat * steps + i) % len(runners)
                 for runner in runners[shift:] + runners[:shift]:
-                    spent[runner.name] += runner.block(batches[i % len(batches):], 1)
+                    spent[runner.name] += runner.block(batches[i % len(batches) :], 1)
             for name, value in spent.items():
                 times[name].append(value)
         tokens = steps * batch_size * block_size
-        result = {"batch_size": batch_size, "block_size": block_size, "steps_per_block": steps, "repeats": repeats,
-                  "device": str(device), "bf16": bf16, "compile": compiled, "tokens_per_s": {}, "ratio": {},
-                  "opt_step_ms": {}, "epochs": {}}
+        result = {
+            "batch_size": batch_size,
+            "block_size": block_size,
+            "steps_per_block": steps,
+            "repeats": repeats,
+            "device": str(device),
+            "bf16": bf16,
+            "compile": compiled,
+            "tokens_per_s": {},
+            "ratio": {},
+            "opt_step_ms": {},
+            "epochs": {},
+        }
         for runner in runners:
             result["tokens_per_s"][runner.name] = spread([tokens / t for t in times[runner.name]])
-            result["opt_step_ms"][runner.name] = 1000 * runner.opt_time / ((repeats * steps + 2))
+            result["opt_step_ms"][runner.name] = 1000 * runner.opt_time / (repeats * steps + 2)
             if runner.name != "plain":
                 result["epochs"][runner.name] = runner.opt.local_epoch
                 result["ratio"][runner.name] = spread([p / t for p, t in zip(times["plain"], times[runner.name])])
@@ -162,9 +191,13 @@ def main(argv: list[str] | None = None) -> None:
     configs = [(preset, torch.device("cpu"), False, False) for preset in args.presets]
     notes = []
     if torch.cuda.is_available():
-        configs += [(preset, torch.device("cuda"), True, compiled) for preset in args.presets for compiled in (False, True)]
+        configs += [
+            (preset, torch.device("cuda"), True, compiled) for preset in args.presets for compiled in (False, True)
+        ]
     else:
-        notes.append("CUDA rows (bf16 autocast with and without torch.compile) skipped: torch.cuda.is_available() is False")
+        notes.append(
+            "CUDA rows (bf16 autocast with and without torch.compile) skipped: torch.cuda.is_available() is False"
+        )
     results, rows = [], []
     for preset, device, bf16, compiled in configs:
         repeats = args.repeats or {"tiny": 4, "seed": 3}[preset]
@@ -175,16 +208,42 @@ def main(argv: list[str] | None = None) -> None:
         plain = result["tokens_per_s"]["plain"]["median"]
         for mode in args.modes:
             ratio = result["ratio"][mode]
-            rows.append([label, f"B={result['batch_size']} T={result['block_size']}", mode, plain,
-                         result["tokens_per_s"][mode]["median"], ratio["median"],
-                         f"[{ratio['min']:.3f}, {ratio['max']:.3f}]", result["opt_step_ms"]["plain"],
-                         result["opt_step_ms"][mode]])
-    print(table(["config", "batch", "hivemind mode", "plain tok/s", "hivemind tok/s", "ratio (median)",
-                 "ratio [min, max]", "plain opt ms/step", "hivemind opt ms/step"], rows))
+            rows.append(
+                [
+                    label,
+                    f"B={result['batch_size']} T={result['block_size']}",
+                    mode,
+                    plain,
+                    result["tokens_per_s"][mode]["median"],
+                    ratio["median"],
+                    f"[{ratio['min']:.3f}, {ratio['max']:.3f}]",
+                    result["opt_step_ms"]["plain"],
+                    result["opt_step_ms"][mode],
+                ]
+            )
+    print(
+        table(
+            [
+                "config",
+                "batch",
+                "hivemind mode",
+                "plain tok/s",
+                "hivemind tok/s",
+                "ratio (median)",
+                "ratio [min, max]",
+                "plain opt ms/step",
+                "hivemind opt ms/step",
+            ],
+            rows,
+        )
+    )
     for note in notes:
         print(f"note: {note}")
-    path = write_result("miner_overhead", {"threads": torch.get_num_threads(), "results": results, "notes": notes,
-                                           "goal": "ratio >= 0.97"}, args.out)
+    path = write_result(
+        "miner_overhead",
+        {"threads": torch.get_num_threads(), "results": results, "notes": notes, "goal": "ratio >= 0.97"},
+        args.out,
+    )
     print(f"wrote {path}")
 
 

@@ -42,15 +42,14 @@ from safetensors.torch import load_file
 from bench.common import RESULTS, exit_on_sigterm, table, write_result
 from bench.plots import COLOUR_NAMES, plot
 from bench.swarm_runs import background_lo_rate, lo_bytes, per_miner, tiny_swarm
-
 from hivetrain.models import build_model, model_config
 from hivetrain.protocol.checkpoints import list_checkpoints, read_trainer_state
 from hivetrain.protocol.records import Keys, RoundRecord, StepRecord
 from hivetrain.protocol.training import param_groups
+from hivetrain.settings import domain_of
 from hivetrain.store import connect_redis, read_stream
 from hivetrain.tokenizer import load_tokenizer
 from hivetrain.validator.evaluate import evaluate
-from hivetrain.settings import domain_of
 
 BATCH = 4  # the tiny preset's
 TINY_TARGET = 96
@@ -66,8 +65,11 @@ def modes(miners: int, inner_steps: int) -> dict[str, dict[str, str]]:
         "diloco_8bit": {**diloco, "HIVE_GRAD_COMPRESSION": "8bit"},  # parameters (state rounds) stay exact
         "diloco_8bit_2h": {**longer, "HIVE_GRAD_COMPRESSION": "8bit"},
         # matchmaking shortened: with 3 s a round per step would be mostly waiting, and bytes are what it shows
-        "ddp": {"HIVE_TARGET_BATCH_SIZE": str(miners * BATCH), "HIVE_AVERAGE_STATE_EVERY": "1000000",
-                "HIVE_MATCHMAKING_TIME": "1"},
+        "ddp": {
+            "HIVE_TARGET_BATCH_SIZE": str(miners * BATCH),
+            "HIVE_AVERAGE_STATE_EVERY": "1000000",
+            "HIVE_MATCHMAKING_TIME": "1",
+        },
     }
 
 
@@ -84,8 +86,15 @@ def swarm_samples(client, keys, domain) -> int:
     return sum(latest.values())
 
 
-def run_mode(name: str, env: dict[str, str], miners: int, samples: int, checkpoint_samples: int,
-             idle_s: float = 5.0, timeout: float = 1800.0) -> dict:
+def run_mode(
+    name: str,
+    env: dict[str, str],
+    miners: int,
+    samples: int,
+    checkpoint_samples: int,
+    idle_s: float = 5.0,
+    timeout: float = 1800.0,
+) -> dict:
     """One swarm run to ``samples`` trained samples; the workdir is kept for the evaluation (returned)."""
     save_every = max(1, round(checkpoint_samples / epoch_samples(env, miners)))
     env = {**env, "HIVE_SAVE_EVERY": str(save_every), "HIVE_KEEP_CHECKPOINTS": "1000", "HIVE_AVERAGING_TIMEOUT": "20"}
@@ -117,11 +126,24 @@ def run_mode(name: str, env: dict[str, str], miners: int, samples: int, checkpoi
     figures = {peer: per_miner(records) for peer, records in by_peer.items() if len(records) > 2}
     trained = sum(max(r.samples for r in records) for records in by_peer.values())
     sent = max(0.0, bytes_after - bytes_before - background * wall)
-    shards = sorted(set(re.findall(r"data shard (\d+) of", "\n".join(
-        p.read_text(errors="replace") for p in (workdir / "logs").glob("miner-*.log")))))
+    shards = sorted(
+        set(
+            re.findall(
+                r"data shard (\d+) of",
+                "\n".join(p.read_text(errors="replace") for p in (workdir / "logs").glob("miner-*.log")),
+            )
+        )
+    )
     return {
-        "name": name, "env": env, "miners": miners, "workdir": str(workdir), "wall_s": wall, "samples": trained,
-        "bytes_sent": sent, "lo_background_bytes_per_s": background, "bytes_per_sample": sent / trained if trained else None,
+        "name": name,
+        "env": env,
+        "miners": miners,
+        "workdir": str(workdir),
+        "wall_s": wall,
+        "samples": trained,
+        "bytes_sent": sent,
+        "lo_background_bytes_per_s": background,
+        "bytes_per_sample": sent / trained if trained else None,
         "utilization": [f["utilization"] for f in figures.values()],
         "full_rounds": len({(r.kind, r.epoch) for r in rounds if r.success and r.group_size >= miners}),
         "shards": shards,
@@ -166,7 +188,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--miners", type=int, default=2)
     parser.add_argument("--samples", type=int, default=3200, help="swarm-wide samples each mode trains")
     parser.add_argument("--inner-steps", type=int, default=50)
-    parser.add_argument("--checkpoint-samples", type=int, default=400, help="checkpoint about this often (swarm samples)")
+    parser.add_argument(
+        "--checkpoint-samples", type=int, default=400, help="checkpoint about this often (swarm samples)"
+    )
     parser.add_argument("--eval-blocks", type=int, default=64)
     parser.add_argument("--modes", nargs="*", default=None, help="a subset of the modes (default: all)")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/modes.json)")
@@ -201,18 +225,50 @@ def main(argv: list[str] | None = None) -> None:
         grad = by_name.get("gradient", {}).get("bytes_per_sample")
         r["fewer_bytes_than_ddp"] = ddp / r["bytes_per_sample"] if ddp and r["bytes_per_sample"] else None
         r["fewer_bytes_than_gradient"] = grad / r["bytes_per_sample"] if grad and r["bytes_per_sample"] else None
-        rows.append([r["name"], r["samples"], round(r["wall_s"]), r["bytes_per_sample"] / 1e3, r["fewer_bytes_than_ddp"] or "-",
-                     r["fewer_bytes_than_gradient"] or "-", r["loss_at_common_samples"],
-                     min(r["utilization"]) if r["utilization"] else "-", r["full_rounds"]])
+        rows.append(
+            [
+                r["name"],
+                r["samples"],
+                round(r["wall_s"]),
+                r["bytes_per_sample"] / 1e3,
+                r["fewer_bytes_than_ddp"] or "-",
+                r["fewer_bytes_than_gradient"] or "-",
+                r["loss_at_common_samples"],
+                min(r["utilization"]) if r["utilization"] else "-",
+                r["full_rounds"],
+            ]
+        )
     print(f"held-out loss at {common} swarm samples; bytes on the loopback")
-    print(table(["mode", "samples", "wall s", "KB sent/sample", "x fewer than ddp", "x fewer than gradient",
-                 "held-out loss", "utilization (min)", "full rounds"], rows))
+    print(
+        table(
+            [
+                "mode",
+                "samples",
+                "wall s",
+                "KB sent/sample",
+                "x fewer than ddp",
+                "x fewer than gradient",
+                "held-out loss",
+                "utilization (min)",
+                "full rounds",
+            ],
+            rows,
+        )
+    )
     legend = ", ".join(f"{COLOUR_NAMES[i]} = {r['name']}" for i, r in enumerate(results))
-    for axis, path in (("samples", RESULTS / "modes-loss-vs-samples.png"), ("bytes", RESULTS / "modes-loss-vs-bytes.png")):
-        series = [[(x if axis == "samples" else x * (r["bytes_per_sample"] or 0), y) for x, y in r["loss_curve"]]
-                  for r in results]
+    for axis, path in (
+        ("samples", RESULTS / "modes-loss-vs-samples.png"),
+        ("bytes", RESULTS / "modes-loss-vs-bytes.png"),
+    ):
+        series = [
+            [(x if axis == "samples" else x * (r["bytes_per_sample"] or 0), y) for x, y in r["loss_curve"]]
+            for r in results
+        ]
         x_range, y_range = plot(series, path)
-        print(f"{path}: x = {axis} {x_range[0]:.3g}..{x_range[1]:.3g}, y = held-out loss {y_range[0]:.3g}..{y_range[1]:.3g}; {legend}")
+        print(
+            f"{path}: x = {axis} {x_range[0]:.3g}..{x_range[1]:.3g}, y = held-out loss "
+            f"{y_range[0]:.3g}..{y_range[1]:.3g}; {legend}"
+        )
     out = write_result("modes", {"args": vars(args), "common_samples": common, "runs": results}, args.out)
     print(f"wrote {out}")
 

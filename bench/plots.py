@@ -30,7 +30,7 @@ class Canvas:
     def set(self, x: int, y: int, colour: tuple[int, int, int]) -> None:
         if 0 <= x < self.width and 0 <= y < self.height:
             i = (y * self.width + x) * 3
-            self.pixels[i:i + 3] = bytes(colour)
+            self.pixels[i : i + 3] = bytes(colour)
 
     def line(self, x0: float, y0: float, x1: float, y1: float, colour, thick: int = 1) -> None:
         steps = int(max(abs(x1 - x0), abs(y1 - y0), 1))
@@ -51,13 +51,17 @@ class Canvas:
         self.line(m, m, m, h - m, (0, 0, 0))
 
     def png(self) -> bytes:
-        raw = b"".join(b"\x00" + bytes(self.pixels[y * self.width * 3:(y + 1) * self.width * 3]) for y in range(self.height))
+        raw = b"".join(
+            b"\x00" + bytes(self.pixels[y * self.width * 3 : (y + 1) * self.width * 3]) for y in range(self.height)
+        )
 
         def chunk(kind: bytes, data: bytes) -> bytes:
             return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
         header = struct.pack(">IIBBBBB", self.width, self.height, 8, 2, 0, 0, 0)
-        return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
+        return (
+            b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
+        )
 
 
 def plot(series: list[list[tuple[float, float]]], path: Path) -> tuple[tuple[float, float], tuple[float, float]]:
@@ -100,8 +104,11 @@ def main(argv: list[str] | None = None) -> None:
         for metric, column in (("loss", 1), ("tokens_per_s", 2)):
             path = Path(args.out_dir) / f"swarm-{tag}-{metric}.png"
             x_range, y_range = plot([[(p[0], p[column]) for p in m["series"]] for m in miners], path)
-            print(f"{path}: x = seconds {x_range[0]:.0f}..{x_range[1]:.0f}, y = {metric} {y_range[0]:.3g}..{y_range[1]:.3g}, "
-                  f"grid at quarters; miners: {', '.join(COLOUR_NAMES[:len(miners)])}")
+            print(
+                f"{path}: x = seconds {x_range[0]:.0f}..{x_range[1]:.0f}, y = {metric} "
+                f"{y_range[0]:.3g}..{y_range[1]:.3g}, "
+                f"grid at quarters; miners: {', '.join(COLOUR_NAMES[: len(miners)])}"
+            )
 
 
 if __name__ == "__main__":

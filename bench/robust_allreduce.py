@@ -52,15 +52,30 @@ def averagers(dhts, prefix: str, tensors: list[torch.Tensor], robust: bool, grou
     if robust:  # bans of 0 s: the same peers meet every round
         kwargs.update(aggregation_rule=AggregationRule(), bans=Bans(OffenceLog(ban_s=0.0)))
     cls = RobustAverager if robust else hivemind.averaging.DecentralizedAverager
-    return [cls([tensor], dht, prefix=prefix, target_group_size=group, min_group_size=group, min_matchmaking_time=2.0,
-                request_timeout=1.0, allreduce_timeout=300, start=True, **kwargs) for dht, tensor in zip(dhts, tensors)]
+    return [
+        cls(
+            [tensor],
+            dht,
+            prefix=prefix,
+            target_group_size=group,
+            min_group_size=group,
+            min_matchmaking_time=2.0,
+            request_timeout=1.0,
+            allreduce_timeout=300,
+            start=True,
+            **kwargs,
+        )
+        for dht, tensor in zip(dhts, tensors)
+    ]
 
 
 def measure_cost(dhts, numel: int, rounds: int) -> dict:
     generator = torch.Generator().manual_seed(0)
     originals = [torch.randn(numel, generator=generator) for _ in dhts]
-    groups = {kind: averagers(dhts, f"bench-robust-cost-{kind}", [t.clone() for t in originals], kind == "robust",
-                              len(dhts)) for kind in ("plain", "robust")}
+    groups = {
+        kind: averagers(dhts, f"bench-robust-cost-{kind}", [t.clone() for t in originals], kind == "robust", len(dhts))
+        for kind in ("plain", "robust")
+    }
     times: dict[str, list[float]] = {"plain": [], "robust": []}
     try:
         for index in range(rounds + 1):  # round 0 warms up connections and buffers
@@ -93,7 +108,9 @@ def attack_round(dhts, numel: int, attack: str, robust: bool) -> dict:
         for control in controls[1:]:
             gathered = control.result(timeout=150)
             if gathered is None or len(gathered) != len(dhts):
-                raise RuntimeError(f"{attack}: an honest peer averaged in a group of {len(gathered or ())}, not {len(dhts)}")
+                raise RuntimeError(
+                    f"{attack}: an honest peer averaged in a group of {len(gathered or ())}, not {len(dhts)}"
+                )
         cosines, sizes = [], []
         for averager in group:
             with averager.get_tensors() as tensors:
@@ -114,22 +131,56 @@ def main(argv: list[str] | None = None) -> None:
     dhts = [hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])]
     try:
         for _ in range(args.peers - 1):
-            dhts.append(hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
-                                     initial_peers=[str(a) for a in dhts[0].get_visible_maddrs()]))
+            dhts.append(
+                hivemind.DHT(
+                    start=True,
+                    host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+                    initial_peers=[str(a) for a in dhts[0].get_visible_maddrs()],
+                )
+            )
         cost = measure_cost(dhts, args.numel, args.rounds)
-        attacks = [attack_round(dhts, min(args.numel, 400_000), attack, robust)
-                   for attack in ATTACKS for robust in (False, True)]
+        attacks = [
+            attack_round(dhts, min(args.numel, 400_000), attack, robust)
+            for attack in ATTACKS
+            for robust in (False, True)
+        ]
     finally:
         for dht in dhts:
             dht.shutdown()
     ratio = cost["robust"]["median"] / cost["plain"]["median"]
-    print(table(["all-reduce", "round s (median)", "round s [min, max]", "rounds"],
-                [[kind, s["median"], f"[{s['min']:.2f}, {s['max']:.2f}]", s["n"]] for kind, s in cost.items()]))
+    print(
+        table(
+            ["all-reduce", "round s (median)", "round s [min, max]", "rounds"],
+            [[kind, s["median"], f"[{s['min']:.2f}, {s['max']:.2f}]", s["n"]] for kind, s in cost.items()],
+        )
+    )
     print(f"robust / plain round time: {ratio:.2f} ({args.peers} peers, {args.numel:,} float32 each)\n")
-    print(table(["attack (1 of %d peers)" % args.peers, "aggregation", "worst honest cosine to the honest mean", "norm ratio"],
-                [[a["attack"], "robust" if a["robust"] else "plain hivemind", a["cosine"], a["norm_ratio"]] for a in attacks]))
-    path = write_result("robust_allreduce", {"peers": args.peers, "numel": args.numel, "rounds": args.rounds,
-                                             "cost": cost, "robust_over_plain": ratio, "attacks": attacks}, args.out)
+    print(
+        table(
+            [
+                "attack (1 of %d peers)" % args.peers,
+                "aggregation",
+                "worst honest cosine to the honest mean",
+                "norm ratio",
+            ],
+            [
+                [a["attack"], "robust" if a["robust"] else "plain hivemind", a["cosine"], a["norm_ratio"]]
+                for a in attacks
+            ],
+        )
+    )
+    path = write_result(
+        "robust_allreduce",
+        {
+            "peers": args.peers,
+            "numel": args.numel,
+            "rounds": args.rounds,
+            "cost": cost,
+            "robust_over_plain": ratio,
+            "attacks": attacks,
+        },
+        args.out,
+    )
     print(f"wrote {path}")
 
 

@@ -75,7 +75,9 @@ def train_with_snapshots(model, data, steps: int, lr: float, keep: set[int]) -> 
     return snapshots
 
 
-def measure_stage(snapshots: dict, step: int, challenges: list, others: list, references: list, seeds: int, dim: int) -> dict:
+def measure_stage(
+    snapshots: dict, step: int, challenges: list, others: list, references: list, seeds: int, dim: int
+) -> dict:
     """Raw and centered cosines between the validator's answer at ``step`` and each kind of answer."""
     current = snapshots[step]
     cases: dict[str, dict[str, list[float]]] = {}
@@ -87,11 +89,17 @@ def measure_stage(snapshots: dict, step: int, challenges: list, others: list, re
             torch.set_num_threads(1)
             answers = {"honest, 1 vs default threads": projected_gradient(current, batch, seed, dim)}
             torch.set_num_threads(default_threads)
-            answers["honest, bf16 autocast"] = projected_gradient(current, batch, seed, dim, autocast_dtype=torch.bfloat16)
+            answers["honest, bf16 autocast"] = projected_gradient(
+                current, batch, seed, dim, autocast_dtype=torch.bfloat16
+            )
             for lag in LAGS:
-                answers[f"lags by {lag} step{'s' if lag > 1 else ''}"] = projected_gradient(snapshots[step - lag], batch, seed, dim)
+                answers[f"lags by {lag} step{'s' if lag > 1 else ''}"] = projected_gradient(
+                    snapshots[step - lag], batch, seed, dim
+                )
             answers["answer for a different batch"] = projected_gradient(current, other, seed, dim)
-            answers["noise"] = torch.randn(dim, generator=torch.Generator().manual_seed(seed + 1000)) * expected.norm() / dim**0.5
+            answers["noise"] = (
+                torch.randn(dim, generator=torch.Generator().manual_seed(seed + 1000)) * expected.norm() / dim**0.5
+            )
             for name, answer in answers.items():
                 case = cases.setdefault(name, {"raw": [], "centered": []})
                 case["raw"].append(cosine(expected, answer))
@@ -104,11 +112,16 @@ def summarize(values: list[float]) -> dict[str, float]:
 
 
 def print_table(results: dict, dim: int) -> None:
-    print(f"spot-check cosine to the validator's answer (dim {dim}, threshold {SPOT_CHECK_THRESHOLD}): min / median / max")
+    print(
+        f"spot-check cosine to the validator's answer (dim {dim}, threshold {SPOT_CHECK_THRESHOLD}): min / median / max"
+    )
     for stage, cases in results.items():
         print(f"\n{stage:36s}{'raw':>30s}{'centered on baseline':>30s}")
         for name, kinds in cases.items():
-            cells = "".join(f"{kinds[k]['min']:>10.4f}{kinds[k]['median']:>10.4f}{kinds[k]['max']:>10.4f}" for k in ("raw", "centered"))
+            cells = "".join(
+                f"{kinds[k]['min']:>10.4f}{kinds[k]['median']:>10.4f}{kinds[k]['max']:>10.4f}"
+                for k in ("raw", "centered")
+            )
             print(f"{name:36s}{cells}")
 
 
@@ -131,11 +144,18 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict] = {}
     for step in args.stages:
         cases = measure_stage(snapshots, step, challenges, others, references, args.seeds, args.dim)
-        results[f"step {step}"] = {name: {kind: summarize(v) for kind, v in values.items()} for name, values in cases.items()}
+        results[f"step {step}"] = {
+            name: {kind: summarize(v) for kind, v in values.items()} for name, values in cases.items()
+        }
     print_table(results, args.dim)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "threshold": SPOT_CHECK_THRESHOLD, "torch": torch.__version__, "results": results}, indent=2))
+    out.write_text(
+        json.dumps(
+            {"args": vars(args), "threshold": SPOT_CHECK_THRESHOLD, "torch": torch.__version__, "results": results},
+            indent=2,
+        )
+    )
     print(f"wrote {out} in {time.time() - started:.0f}s")
     return 0
 

@@ -32,15 +32,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--miners", type=int, default=4)
     parser.add_argument("--duration", type=float, default=120.0, help="seconds of training to record")
-    parser.add_argument("--out", default=str(RESULTS), help="folder for swarm-loss.png, swarm-tokens.png, swarm_plots.json")
+    parser.add_argument(
+        "--out", default=str(RESULTS), help="folder for swarm-loss.png, swarm-tokens.png, swarm_plots.json"
+    )
     return parser.parse_args(argv)
 
 
 def record(miners: int, duration: float) -> dict:
     """Run the swarm; return per-miner (time, loss, tokens/s) series and the validator's evaluations."""
     workdir = Path(tempfile.mkdtemp(prefix="bench-plots-"))
-    settings = SwarmSettings(miners=miners, workdir=str(workdir), preset="tiny", bootstrap_port=0, validator_port=0,
-                             run_id="plots", stop_timeout=45)
+    settings = SwarmSettings(
+        miners=miners,
+        workdir=str(workdir),
+        preset="tiny",
+        bootstrap_port=0,
+        validator_port=0,
+        run_id="plots",
+        stop_timeout=45,
+    )
     swarm = Swarm(settings, extra_env={"HIVE_SYNC_EVERY_S": "10", "HIVE_EVAL_BLOCKS": "16"})
     try:
         swarm.start()
@@ -59,8 +68,12 @@ def record(miners: int, duration: float) -> dict:
         entry["t"].append(step.time - start)
         entry["loss"].append(step.loss)
         entry["tokens_per_s"].append(step.tokens_per_s)
-    return {"miners": series, "evals": [{"t": e.time - start, "loss": e.loss, "epoch": e.epoch} for e in evals],
-            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "duration_s": duration}
+    return {
+        "miners": series,
+        "evals": [{"t": e.time - start, "loss": e.loss, "epoch": e.epoch} for e in evals],
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "duration_s": duration,
+    }
 
 
 def plot(data: dict, out: Path) -> list[Path]:
@@ -70,10 +83,18 @@ def plot(data: dict, out: Path) -> list[Path]:
     for peer, s in sorted(data["miners"].items()):
         ax.plot(s["t"], s["loss"], lw=0.8, alpha=0.8, label=names[peer])
     if data["evals"]:
-        ax.plot([e["t"] for e in data["evals"]], [e["loss"] for e in data["evals"]], "k.-", lw=1.5,
-                label="validator: held-out loss (shared model)")
-    ax.set(xlabel="seconds since the first step", ylabel="loss (nats/token)",
-           title=f"{len(names)} tiny miners on 2 CPU cores: training loss and held-out loss")
+        ax.plot(
+            [e["t"] for e in data["evals"]],
+            [e["loss"] for e in data["evals"]],
+            "k.-",
+            lw=1.5,
+            label="validator: held-out loss (shared model)",
+        )
+    ax.set(
+        xlabel="seconds since the first step",
+        ylabel="loss (nats/token)",
+        title=f"{len(names)} tiny miners on 2 CPU cores: training loss and held-out loss",
+    )
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     loss_png = out / "swarm-loss.png"
@@ -83,8 +104,11 @@ def plot(data: dict, out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for peer, s in sorted(data["miners"].items()):
         ax.plot(s["t"], s["tokens_per_s"], lw=0.8, label=names[peer])
-    ax.set(xlabel="seconds since the first step", ylabel="tokens/s (miner's EMA)",
-           title="throughput per miner (dips are epoch steps: averaging and the optimizer)")
+    ax.set(
+        xlabel="seconds since the first step",
+        ylabel="tokens/s (miner's EMA)",
+        title="throughput per miner (dips are epoch steps: averaging and the optimizer)",
+    )
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     tokens_png = out / "swarm-tokens.png"

@@ -45,14 +45,39 @@ def main(argv: list[str] | None = None) -> None:
             runs.append(result)
             figures = list(result["per_miner"].values())
             utilization = [f["utilization"] for f in figures if f["utilization"] is not None]
-            rows.append([name, miners, len(figures), result["rounds"], sum(f["epochs"] for f in figures) / max(1, len(figures)),
-                         statistics.mean(f["samples_per_s"] for f in figures) if figures else 0.0,
-                         statistics.median(f["compute_step_s"] for f in figures) if figures else 0.0,
-                         statistics.median(f["epoch_step_s"] for f in figures if f["epoch_step_s"]) if any(f["epoch_step_s"] for f in figures) else "-",
-                         statistics.mean(utilization) if utilization else "-",
-                         f"{min(utilization):.3f}-{max(utilization):.3f}" if utilization else "-"])
-    print(table(["config", "miners", "stepping", "rounds", "epochs/miner", "samples/s/miner", "compute step s",
-                 "epoch step s", "utilization (mean)", "utilization range"], rows))
+            rows.append(
+                [
+                    name,
+                    miners,
+                    len(figures),
+                    result["rounds"],
+                    sum(f["epochs"] for f in figures) / max(1, len(figures)),
+                    statistics.mean(f["samples_per_s"] for f in figures) if figures else 0.0,
+                    statistics.median(f["compute_step_s"] for f in figures) if figures else 0.0,
+                    statistics.median(f["epoch_step_s"] for f in figures if f["epoch_step_s"])
+                    if any(f["epoch_step_s"] for f in figures)
+                    else "-",
+                    statistics.mean(utilization) if utilization else "-",
+                    f"{min(utilization):.3f}-{max(utilization):.3f}" if utilization else "-",
+                ]
+            )
+    print(
+        table(
+            [
+                "config",
+                "miners",
+                "stepping",
+                "rounds",
+                "epochs/miner",
+                "samples/s/miner",
+                "compute step s",
+                "epoch step s",
+                "utilization (mean)",
+                "utilization range",
+            ],
+            rows,
+        )
+    )
     path = write_result("swarm_utilization", {"duration_s": args.duration, "runs": runs}, args.out)
     print(f"wrote {path}")
 

@@ -50,10 +50,17 @@ class AggregationRule:
     max_weight: float = math.inf  # a declared weight is samples accumulated since the last round: the miner bounds it
 
     def __post_init__(self):
-        if not (self.clip_factor > 0 and self.iterations >= 1 and self.max_weight_ratio >= 1 and self.ban_ratio > 1
-                and self.max_weight > 0):
-            raise ValueError("need clip_factor > 0, iterations >= 1, max_weight_ratio >= 1, ban_ratio > 1 and "
-                             f"max_weight > 0, got {self}")
+        if not (
+            self.clip_factor > 0
+            and self.iterations >= 1
+            and self.max_weight_ratio >= 1
+            and self.ban_ratio > 1
+            and self.max_weight > 0
+        ):
+            raise ValueError(
+                "need clip_factor > 0, iterations >= 1, max_weight_ratio >= 1, ban_ratio > 1 and "
+                f"max_weight > 0, got {self}"
+            )
 
 
 @dataclass
@@ -80,8 +87,14 @@ def coordinate_median(parts: torch.Tensor) -> torch.Tensor:
     return rows[(n - 1) // 2]
 
 
-def centered_clip(parts: torch.Tensor, weights: torch.Tensor, tau: float, iterations: int,
-                  center: torch.Tensor | None = None, tolerance: float = 1e-4) -> torch.Tensor:
+def centered_clip(
+    parts: torch.Tensor,
+    weights: torch.Tensor,
+    tau: float,
+    iterations: int,
+    center: torch.Tensor | None = None,
+    tolerance: float = 1e-4,
+) -> torch.Tensor:
     """CenteredClip of ``parts`` (n, d) with ``weights`` (n,): the (d,) point no part pulls further than ``tau``.
 
     Starts at ``center`` (default: the coordinate-wise median) and stops early once a step moves
@@ -102,7 +115,8 @@ def centered_clip(parts: torch.Tensor, weights: torch.Tensor, tau: float, iterat
 
 
 def _norms(rows: torch.Tensor) -> torch.Tensor:
-    """L2 norm of each row (float64): float32 squares of values near 1e20 overflow, so those rows are redone in float64."""
+    """L2 norm of each row (float64): float32 squares of values near 1e20 overflow, so those rows are redone in
+    float64."""
     norms = rows.norm(dim=1).double()
     if not torch.isfinite(norms).all():
         norms = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64)
@@ -159,7 +173,11 @@ class PartStream:
 
     def _mean_if_fixed_point(self, rule: AggregationRule) -> torch.Tensor | None:
         n, weights = len(self.parts), self.weights
-        if not self._fast or n < 3 or max(weights) > min(rule.max_weight, lower_median(weights) * rule.max_weight_ratio):
+        if (
+            not self._fast
+            or n < 3
+            or max(weights) > min(rule.max_weight, lower_median(weights) * rule.max_weight_ratio)
+        ):
             return None
         # n is a group's size: plain Python floats beat a dozen tiny tensor ops here
         gram = [[self._gram[max(i, j)][min(i, j)] for j in range(n)] for i in range(n)]
@@ -175,14 +193,19 @@ class PartStream:
         pulled = [sum(gram[i][j] * w[j] for j in range(n)) for i in range(n)]  # (G w)_i
         centre = sum(w[i] * pulled[i] for i in range(n))  # w^T G w: the mean's squared norm
         # squared distance of each part from the weighted mean
-        if max(squares[i] - 2 * pulled[i] + centre for i in range(n)) > rule.clip_factor ** 2 * spread2:
+        if max(squares[i] - 2 * pulled[i] + centre for i in range(n)) > rule.clip_factor**2 * spread2:
             return None
         mean, self._sum = self._sum.mul_(1.0 / total), None  # the sum is ours: no copy
         return mean.reshape(self.parts[0].shape)
 
 
-def robust_aggregate(parts: Sequence[torch.Tensor], weights: Sequence[float], rule: AggregationRule,
-                     fast_path: bool = True, scale: Callable[[], float] = lambda: 0.0) -> Aggregate:
+def robust_aggregate(
+    parts: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    rule: AggregationRule,
+    fast_path: bool = True,
+    scale: Callable[[], float] = lambda: 0.0,
+) -> Aggregate:
     """Aggregate one partition from every sender's part (index = sender index); see the module docstring.
 
     ``scale()``: a size no honest part exceeds by much (the reducer's own whole vector's norm: a
@@ -205,7 +228,8 @@ def robust_aggregate(parts: Sequence[torch.Tensor], weights: Sequence[float], ru
             continue  # tagging along: it takes the result and gives nothing
         elif not (math.isfinite(weight) and 0 < weight <= rule.max_weight):
             offences[index] = f"declared the weight {weight!r}" + (
-                f", more than the {rule.max_weight:g} samples a round can hold" if weight > rule.max_weight else "")
+                f", more than the {rule.max_weight:g} samples a round can hold" if weight > rule.max_weight else ""
+            )
         else:
             kept.append(index)
     if not kept:
@@ -277,5 +301,7 @@ def check_received(delta: torch.Tensor, own: torch.Tensor, own_rms: Callable[[],
     scale = max(scale, float(_norms(own.reshape(1, -1).float())[0]))
     if scale > 0 and size > FALLBACK_BOUND * scale:
         ratio = size / scale
-        return Refusal(f"returned an aggregate {ratio:.3g}x our part's scale away from it", offence=ratio > OFFENCE_BOUND)
+        return Refusal(
+            f"returned an aggregate {ratio:.3g}x our part's scale away from it", offence=ratio > OFFENCE_BOUND
+        )
     return None

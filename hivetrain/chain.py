@@ -130,7 +130,9 @@ class LocalChain:
             raise ValueError(f"role must be one of {sorted(DEFAULT_STAKE)}, got {role!r}")
         if not hotkey:
             raise ValueError("hotkey must be a non-empty ss58 address")
-        uid = int(self._register(keys=[self._uids, self._next_uid, self._stake], args=[hotkey, repr(DEFAULT_STAKE[role])]))
+        uid = int(
+            self._register(keys=[self._uids, self._next_uid, self._stake], args=[hotkey, repr(DEFAULT_STAKE[role])])
+        )
         # stake lives in its own hash (set_stake changes it); the stored row carries 0
         record = Neuron(uid=uid, hotkey=hotkey, endpoint=endpoint, stake=0.0, role=role, last_update=time.time())
         with self.client.pipeline(transaction=True) as pipe:
@@ -166,7 +168,9 @@ class LocalChain:
         by_hotkey = {n.hotkey: n for n in self.metagraph()}
         validator = by_hotkey.get(validator_hotkey)
         if validator is None or validator.role != "validator":
-            raise ValueError(f"{validator_hotkey} is not a registered validator; register(hotkey, endpoint, 'validator') first")
+            raise ValueError(
+                f"{validator_hotkey} is not a registered validator; register(hotkey, endpoint, 'validator') first"
+            )
         known = {n.uid for n in by_hotkey.values()}
         unknown = sorted(set(weights) - known)
         if unknown:
@@ -206,14 +210,17 @@ class BittensorChain:
         if uid is None:
             raise ChainRegistrationError(
                 f"hotkey {hotkey} is not registered on netuid {self.netuid}; registration burns TAO, so do it "
-                f"deliberately first: btcli subnets register --netuid {self.netuid} --wallet.name <name> --wallet.hotkey <hotkey>"
+                f"deliberately first: btcli subnets register --netuid {self.netuid} --wallet.name <name> "
+                "--wallet.hotkey <hotkey>"
             )
         return uid
 
     def metagraph(self) -> list[Neuron]:
         graph = self.client.subnets.metagraph(netuid=self.netuid, commitments=False)
         if graph is None:
-            raise ValueError(f"subnet {self.netuid} does not exist on {getattr(self.client, 'network', 'this network')}")
+            raise ValueError(
+                f"subnet {self.netuid} does not exist on {getattr(self.client, 'network', 'this network')}"
+            )
         now = time.time()
         return [
             Neuron(
@@ -229,7 +236,9 @@ class BittensorChain:
 
     def set_weights(self, validator_hotkey: str, weights: dict[int, float]) -> None:
         if self.wallet is None or self.wallet.hotkey.ss58_address != validator_hotkey:
-            raise ValueError(f"setting weights for {validator_hotkey} needs its wallet: BittensorChain(..., wallet=<that wallet>)")
+            raise ValueError(
+                f"setting weights for {validator_hotkey} needs its wallet: BittensorChain(..., wallet=<that wallet>)"
+            )
         normalized = normalize(weights)
         if not normalized:
             raise ValueError("all weights are zero; the chain needs at least one positive weight")
@@ -243,8 +252,15 @@ class BittensorChain:
         return dict(self.client.weights.weights(netuid=self.netuid).get(uid, {}))
 
 
-def make_chain(kind: Literal["local", "bittensor"], *, redis_client: redis.Redis | None = None, run_id: str = "", **bittensor_args: Any) -> Chain:
-    """``make_chain("local", redis_client=..., run_id=...)`` or ``make_chain("bittensor", netuid=..., network=..., wallet=...)``."""
+def make_chain(
+    kind: Literal["local", "bittensor"],
+    *,
+    redis_client: redis.Redis | None = None,
+    run_id: str = "",
+    **bittensor_args: Any,
+) -> Chain:
+    """``make_chain("local", redis_client=..., run_id=...)`` or ``make_chain("bittensor", netuid=..., network=...,
+    wallet=...)``."""
     if kind == "local":
         if redis_client is None or not run_id:
             raise ValueError("the local chain needs redis_client= and run_id= (the swarm's HIVE_RUN_ID)")
@@ -254,4 +270,3 @@ def make_chain(kind: Literal["local", "bittensor"], *, redis_client: redis.Redis
             raise ValueError("the bittensor chain needs netuid= (and usually network= and wallet=)")
         return BittensorChain(**bittensor_args)
     raise ValueError(f"chain kind must be 'local' or 'bittensor', got {kind!r}")
-

@@ -10,9 +10,17 @@ from hivetrain.log import get_logger
 logger = get_logger(__name__)
 
 
-def make_dht(initial_peers: list[str] | None = None, *, host_maddrs: list[str], announce_maddrs: list[str] = (),
-             identity_path: str = "", use_relay: bool = True, client_mode: bool = False, use_auto_relay: bool = False,
-             **kwargs) -> DHT:
+def make_dht(
+    initial_peers: list[str] | None = None,
+    *,
+    host_maddrs: list[str],
+    announce_maddrs: list[str] = (),
+    identity_path: str = "",
+    use_relay: bool = True,
+    client_mode: bool = False,
+    use_auto_relay: bool = False,
+    **kwargs,
+) -> DHT:
     """Start a DHT peer (a forked child process plus p2pd) that dials ``initial_peers``.
 
     ``host_maddrs``, ``announce_maddrs``, ``identity_path`` and ``use_relay`` are the ``HIVE_*`` settings of
@@ -58,4 +66,3 @@ def visible_maddrs(dht: DHT, latest: bool = False) -> list[str]:
         return []
     addrs = [str(addr) for addr in (dht.get_visible_maddrs(latest=True) if latest else dht.get_visible_maddrs())]
     return sorted(addrs, key=lambda a: ("/127.0.0.1/" in a or "/::1/" in a, "/p2p-circuit" not in a, a))
-

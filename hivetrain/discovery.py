@@ -23,8 +23,13 @@ class BootstrapUnavailable(RuntimeError):
     """The bootstrap never gave us peers to dial."""
 
 
-def fetch_initial_peers(bootstrap_url: str, wait_s: float = 120.0, stop: threading.Event | None = None,
-                        first_delay_s: float = 0.5, max_delay_s: float = 10.0) -> list[str]:
+def fetch_initial_peers(
+    bootstrap_url: str,
+    wait_s: float = 120.0,
+    stop: threading.Event | None = None,
+    first_delay_s: float = 0.5,
+    max_delay_s: float = 10.0,
+) -> list[str]:
     """GET ``/initial_peers`` until it lists at least one multiaddr, with exponential backoff.
 
     Raises ``BootstrapUnavailable`` after ``wait_s`` seconds, naming the URL and the last failure.
@@ -50,7 +55,8 @@ def fetch_initial_peers(bootstrap_url: str, wait_s: float = 120.0, stop: threadi
         if remaining <= 0 or (stop is not None and stop.is_set()):
             raise BootstrapUnavailable(
                 f"no initial peers from {url} after {attempt} attempts in {wait_s:.0f}s; last: {last_error}. "
-                "Check that the bootstrap runs and HIVE_BOOTSTRAP_URL points at it, or set HIVE_INITIAL_PEERS")
+                "Check that the bootstrap runs and HIVE_BOOTSTRAP_URL points at it, or set HIVE_INITIAL_PEERS"
+            )
         logger.info(f"waiting for the bootstrap at {url} (attempt {attempt}: {last_error}); retrying in {delay:.1f}s")
         if stop is not None:
             if stop.wait(min(delay, remaining)):
@@ -60,8 +66,9 @@ def fetch_initial_peers(bootstrap_url: str, wait_s: float = 120.0, stop: threadi
         delay = min(delay * 2, max_delay_s)
 
 
-def wait_for_shard_salt(client: redis.Redis, keys: Keys, wait_s: float, stop: threading.Event | None = None,
-                        poll_s: float = 1.0) -> str:
+def wait_for_shard_salt(
+    client: redis.Redis, keys: Keys, wait_s: float, stop: threading.Event | None = None, poll_s: float = 1.0
+) -> str:
     """The run's shard salt, read every ``poll_s`` until the bootstrap (or a validator) has published it.
 
     Redis errors count as not published yet. Raises ``BootstrapUnavailable`` after ``wait_s`` seconds,
@@ -81,9 +88,12 @@ def wait_for_shard_salt(client: redis.Redis, keys: Keys, wait_s: float, stop: th
         if remaining <= 0 or stop.is_set():
             raise BootstrapUnavailable(
                 f"no shard salt at {keys.shard_salt} after {wait_s:.0f}s ({last}). The bootstrap publishes it when it "
-                "starts: check that it runs with this HIVE_REDIS_URL and HIVE_RUN_ID, or wait longer with HIVE_BOOTSTRAP_WAIT_S")
+                "starts: check that it runs with this HIVE_REDIS_URL and HIVE_RUN_ID, or wait longer with "
+                "HIVE_BOOTSTRAP_WAIT_S"
+            )
         if not waiting:
-            logger.info(f"waiting for the bootstrap to publish the run's shard salt at {keys.shard_salt} "
-                        f"(up to {wait_s:.0f}s)")
+            logger.info(
+                f"waiting for the bootstrap to publish the run's shard salt at {keys.shard_salt} (up to {wait_s:.0f}s)"
+            )
             waiting = True
         stop.wait(min(poll_s, remaining))

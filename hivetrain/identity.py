@@ -77,7 +77,10 @@ def load_or_create_wallet(wallet_dir: str, name: str, hotkey: str = "default") -
             f"(or set {wallet.hotkey_file.env_var_name()} to its password)"
         )
     if created:
-        logger.info(f"created {' and '.join(created)} for wallet {name}/{hotkey} in {wallet.path}: hotkey {wallet.hotkey.ss58_address}")
+        logger.info(
+            f"created {' and '.join(created)} for wallet {name}/{hotkey} in {wallet.path}: hotkey "
+            f"{wallet.hotkey.ss58_address}"
+        )
     return wallet
 
 
@@ -109,7 +112,9 @@ class Domain:
         if not isinstance(run_id, str) or not run_id or not all(c.isprintable() and not c.isspace() for c in run_id):
             raise ValueError(f"run_id must be a non-empty word without spaces or control characters, got {run_id!r}")
         if netuid is not None and (isinstance(netuid, bool) or not isinstance(netuid, int) or netuid < 0):
-            raise ValueError(f"netuid must be a subnet uid (an int >= 0) on Bittensor, or None on the local chain; got {netuid!r}")
+            raise ValueError(
+                f"netuid must be a subnet uid (an int >= 0) on Bittensor, or None on the local chain; got {netuid!r}"
+            )
 
     def separator(self, tag: str) -> bytes:
         """``{tag}\\n{run_id}\\n{netuid or 'local'}\\n``: what opens every message signed for ``tag`` in this domain."""
@@ -123,8 +128,10 @@ class Domain:
 
 def _domain(domain: Any) -> "Domain":
     if not isinstance(domain, Domain):
-        raise ValueError(f"pass the service's identity.Domain (settings.domain_of(settings)), not {type(domain).__name__}: "
-                         "a signature must name its run and subnet")
+        raise ValueError(
+            f"pass the service's identity.Domain (settings.domain_of(settings)), not {type(domain).__name__}: "
+            "a signature must name its run and subnet"
+        )
     return domain
 
 
@@ -160,7 +167,9 @@ class SignedEnvelope(BaseModel):
     hotkey: str = Field(min_length=40, max_length=60, description="ss58 address of the signing sr25519 hotkey")
     timestamp: float = Field(description="unix time of signing")
     nonce: str = Field(pattern=r"^[0-9a-f]{16,128}$", description="random hex, unique per hotkey within the window")
-    signature: str = Field(pattern=r"^0x[0-9a-f]{128}$", description="sr25519 signature of signed_message(domain), 0x-hex")
+    signature: str = Field(
+        pattern=r"^0x[0-9a-f]{128}$", description="sr25519 signature of signed_message(domain), 0x-hex"
+    )
 
     @field_validator("timestamp")
     @classmethod
@@ -178,7 +187,9 @@ def canonical_json(value: Any) -> bytes:
     try:
         return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
     except (TypeError, ValueError) as error:
-        raise ValueError(f"payload must be JSON (str keys; str/int/float/bool/None/list/dict values, finite floats): {error}") from None
+        raise ValueError(
+            f"payload must be JSON (str keys; str/int/float/bool/None/list/dict values, finite floats): {error}"
+        ) from None
 
 
 def signed_message(domain: Domain, payload: dict, hotkey: str, timestamp: float, nonce: str) -> bytes:
@@ -188,7 +199,8 @@ def signed_message(domain: Domain, payload: dict, hotkey: str, timestamp: float,
 
 
 def sign(keypair: Any, domain: Domain, payload: dict, timestamp: float | None = None, nonce: str | None = None) -> dict:
-    """Sign ``payload`` with a hotkey for ``domain`` (valid in that run and subnet only); returns the JSON-ready envelope.
+    """Sign ``payload`` with a hotkey for ``domain`` (valid in that run and subnet only); returns the JSON-ready
+    envelope.
 
     ``keypair`` is anything ``bt.resolve_signer`` accepts for the hotkey role: a ``bt.Wallet``
     (its hotkey signs) or a keypair. ``timestamp`` and ``nonce`` are injectable for tests only.
@@ -204,7 +216,9 @@ def sign(keypair: Any, domain: Domain, payload: dict, timestamp: float | None = 
     nonce = secrets.token_hex(NONCE_BYTES) if nonce is None else nonce
     hotkey = signer.ss58_address
     signature = bytes(signer.sign(signed_message(domain, payload, hotkey, timestamp, nonce)))
-    envelope = SignedEnvelope(payload=payload, hotkey=hotkey, timestamp=timestamp, nonce=nonce, signature="0x" + signature.hex())
+    envelope = SignedEnvelope(
+        payload=payload, hotkey=hotkey, timestamp=timestamp, nonce=nonce, signature="0x" + signature.hex()
+    )
     return envelope.model_dump()
 
 
@@ -223,7 +237,9 @@ def verify_signature(envelope: SignedEnvelope | dict | str | bytes, domain: Doma
     domain = _domain(domain)
     env = _parse(envelope)
     try:
-        valid = _sr25519_verify(env.signed_message(domain), bytes.fromhex(env.signature[2:]), env.hotkey, CRYPTO_SR25519)
+        valid = _sr25519_verify(
+            env.signed_message(domain), bytes.fromhex(env.signature[2:]), env.hotkey, CRYPTO_SR25519
+        )
     except ValueError as error:  # undecodable ss58 address
         raise MalformedEnvelope(f"bad hotkey address: {error}") from None
     if not valid:
@@ -234,22 +250,29 @@ def verify_signature(envelope: SignedEnvelope | dict | str | bytes, domain: Doma
 class Verifier:
     """Checks envelopes of one ``Domain``: signature over the whole body, freshness window, one use per nonce."""
 
-    def __init__(self, nonces: NonceStore, domain: Domain, window_s: float = DEFAULT_WINDOW_S,
-                 future_skew_s: float = DEFAULT_FUTURE_SKEW_S):
+    def __init__(
+        self,
+        nonces: NonceStore,
+        domain: Domain,
+        window_s: float = DEFAULT_WINDOW_S,
+        future_skew_s: float = DEFAULT_FUTURE_SKEW_S,
+    ):
         self.domain = _domain(domain)
         if window_s <= 0 or future_skew_s < 0:
             raise ValueError(f"need window_s > 0 and future_skew_s >= 0, got {window_s} and {future_skew_s}")
         retention = getattr(nonces, "retention", None)
         if retention is not None and retention < window_s + future_skew_s:
             raise ValueError(
-                f"the nonce store forgets after {retention:g}s but records stay fresh for {window_s + future_skew_s:g}s; "
+                f"the nonce store forgets after {retention:g}s but records stay fresh for "
+                f"{window_s + future_skew_s:g}s; "
                 "replays in the gap would pass: give the store retention >= window_s + future_skew_s"
             )
         self.nonces, self.window_s, self.future_skew_s = nonces, float(window_s), float(future_skew_s)
 
     @classmethod
-    def in_memory(cls, domain: Domain, window_s: float = DEFAULT_WINDOW_S,
-                  future_skew_s: float = DEFAULT_FUTURE_SKEW_S) -> "Verifier":
+    def in_memory(
+        cls, domain: Domain, window_s: float = DEFAULT_WINDOW_S, future_skew_s: float = DEFAULT_FUTURE_SKEW_S
+    ) -> "Verifier":
         """A verifier for ``domain`` whose nonce memory is this process only (tests, single-process tools)."""
         return cls(bt.http_auth.InMemoryNonceStore(retention=window_s + future_skew_s), domain, window_s, future_skew_s)
 
@@ -260,8 +283,11 @@ class Verifier:
             raise ReplayedNonce(f"nonce {env.nonce} of {env.hotkey} was already used")
         return env.payload
 
-    def authenticate(self, envelope: SignedEnvelope | dict | str | bytes, now: float | None = None, fresh: bool = True) -> SignedEnvelope:
-        """The envelope if its signature verifies in this domain (and, with ``fresh``, is inside the window); uses up no nonce.
+    def authenticate(
+        self, envelope: SignedEnvelope | dict | str | bytes, now: float | None = None, fresh: bool = True
+    ) -> SignedEnvelope:
+        """The envelope if its signature verifies in this domain (and, with ``fresh``, is inside the window); uses up
+        no nonce.
 
         For records that are read again and again (a registration refreshed by heartbeats, a
         telemetry history), where a second read is not a replay.
@@ -273,7 +299,9 @@ class Verifier:
         if now - env.timestamp > self.window_s:
             raise StaleRecord(f"record from {env.hotkey} is {now - env.timestamp:.1f}s old (window {self.window_s:g}s)")
         if env.timestamp - now > self.future_skew_s:
-            raise StaleRecord(f"record from {env.hotkey} is {env.timestamp - now:.1f}s in the future (skew {self.future_skew_s:g}s)")
+            raise StaleRecord(
+                f"record from {env.hotkey} is {env.timestamp - now:.1f}s in the future (skew {self.future_skew_s:g}s)"
+            )
         return env
 
 
@@ -285,4 +313,6 @@ def _parse(envelope: SignedEnvelope | dict | str | bytes) -> SignedEnvelope:
             return SignedEnvelope.model_validate_json(envelope)
         return SignedEnvelope.model_validate(envelope)
     except ValidationError as error:
-        raise MalformedEnvelope(f"not a signed envelope: {error.error_count()} problem(s): {error.errors()[0]['msg']}") from None
+        raise MalformedEnvelope(
+            f"not a signed envelope: {error.error_count()} problem(s): {error.errors()[0]['msg']}"
+        ) from None

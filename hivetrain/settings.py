@@ -50,13 +50,35 @@ class ServiceSettings(BaseSettings):
         validate_default=True,
     )
 
-    run_id: str = Field("hivetrain", description="swarm name: DHT prefix, Redis namespace and signature domain; peers only meet (and trust records of) peers of the same run")
-    redis_url: str = Field(DEFAULT_REDIS_URL, description="Redis for the peer registry and telemetry (redis://[:password@]host:port/db)")
-    redis_url_file: str = Field("", description="file holding the Redis URL with its user and password, read at start in place of redis_url (Docker volumes, Kubernetes secrets); empty = use redis_url")
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level of hivetrain loggers")
-    # every service signs or verifies records of its run only: the run id and, on bittensor, the netuid are in every signature
-    chain: Literal["local", "bittensor"] = Field("local", description="where validators are listed and weights go: local (Redis metagraph) or bittensor; every service of a run must agree (signatures name the chain)")
-    netuid: int = Field(0, ge=0, description="subnet uid (bittensor chain); part of every signature there, so records of one subnet are refused in another")
+    run_id: str = Field(
+        "hivetrain",
+        description="swarm name: DHT prefix, Redis namespace and signature domain; peers only meet (and trust records "
+        "of) peers of the same run",
+    )
+    redis_url: str = Field(
+        DEFAULT_REDIS_URL, description="Redis for the peer registry and telemetry (redis://[:password@]host:port/db)"
+    )
+    redis_url_file: str = Field(
+        "",
+        description="file holding the Redis URL with its user and password, read at start in place of redis_url "
+        "(Docker volumes, Kubernetes secrets); empty = use redis_url",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="log level of hivetrain loggers"
+    )
+    # every service signs or verifies records of its run only: the run id and, on bittensor, the netuid are in every
+    # signature
+    chain: Literal["local", "bittensor"] = Field(
+        "local",
+        description="where validators are listed and weights go: local (Redis metagraph) or bittensor; every service "
+        "of a run must agree (signatures name the chain)",
+    )
+    netuid: int = Field(
+        0,
+        ge=0,
+        description="subnet uid (bittensor chain); part of every signature there, so records of one subnet are "
+        "refused in another",
+    )
 
     @field_validator("run_id")
     @classmethod
@@ -78,8 +100,10 @@ class ServiceSettings(BaseSettings):
             try:
                 url = Path(self.redis_url_file).read_text().strip()
             except OSError as error:
-                raise ValueError(f"redis_url_file: cannot read {self.redis_url_file} ({error.strerror}); "
-                                 "is the volume or secret that holds it mounted?") from None
+                raise ValueError(
+                    f"redis_url_file: cannot read {self.redis_url_file} ({error.strerror}); "
+                    "is the volume or secret that holds it mounted?"
+                ) from None
             self.redis_url = type(self)._redis_url_scheme(url)
         return self
 
@@ -89,26 +113,40 @@ class DHTSettings(ServiceSettings):
 
     host_maddrs: list[str] = Field(
         default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"],
-        description='multiaddrs to listen on, JSON list in env: \'["/ip4/0.0.0.0/tcp/31337"]\'',
+        description="multiaddrs to listen on, JSON list in env: '[\"/ip4/0.0.0.0/tcp/31337\"]'",
     )
     announce_maddrs: list[str] = Field(
         default_factory=list,
-        description="multiaddrs other peers should dial (containers: the service's DNS name or pod IP); empty = what p2pd sees",
+        description="multiaddrs other peers should dial (containers: the service's DNS name or pod IP); empty = what "
+        "p2pd sees",
     )
-    identity_path: str = Field("", description="file with the libp2p private key, so the peer id survives restarts; empty = a new id each start")
-    use_relay: bool = Field(True, description="relay connections between peers that cannot dial each other (libp2p circuit relay); keep it on where miners may sit behind NAT")
+    identity_path: str = Field(
+        "",
+        description="file with the libp2p private key, so the peer id survives restarts; empty = a new id each start",
+    )
+    use_relay: bool = Field(
+        True,
+        description="relay connections between peers that cannot dial each other (libp2p circuit relay); keep it on "
+        "where miners may sit behind NAT",
+    )
 
     def dht_options(self) -> dict:
         """The keyword arguments ``hivetrain.dht.make_dht`` takes from these settings."""
-        return dict(host_maddrs=list(self.host_maddrs), announce_maddrs=list(self.announce_maddrs),
-                    identity_path=self.identity_path, use_relay=self.use_relay)
+        return dict(
+            host_maddrs=list(self.host_maddrs),
+            announce_maddrs=list(self.announce_maddrs),
+            identity_path=self.identity_path,
+            use_relay=self.use_relay,
+        )
 
     @field_validator("host_maddrs", "announce_maddrs")
     @classmethod
     def _are_multiaddrs(cls, value: list[str]) -> list[str]:
         for addr in value:
             if not addr.startswith("/"):
-                raise ValueError(f"{addr!r} is not a multiaddr; write e.g. /ip4/0.0.0.0/tcp/31337 or /dns4/miner-0/tcp/31337")
+                raise ValueError(
+                    f"{addr!r} is not a multiaddr; write e.g. /ip4/0.0.0.0/tcp/31337 or /dns4/miner-0/tcp/31337"
+                )
         return value
 
 
@@ -119,9 +157,15 @@ class BootstrapSettings(DHTSettings):
     http_port: int = Field(8000, ge=1, le=65535, description="port of the HTTP API")
     http_workers: int = Field(2, ge=1, le=64, description="gunicorn worker processes")
     max_initial_peers: int = Field(32, ge=1, le=1000, description="cap on the addresses /initial_peers returns")
-    identity_path: str = Field("bootstrap.id", description="file with the DHT private key, so the bootstrap's peer id survives restarts")
-    ingest_per_minute: int = Field(6000, ge=1, le=10_000_000,
-                                   description="telemetry entries one hotkey may post a minute (a CPU miner sends about 60)")
+    identity_path: str = Field(
+        "bootstrap.id", description="file with the DHT private key, so the bootstrap's peer id survives restarts"
+    )
+    ingest_per_minute: int = Field(
+        6000,
+        ge=1,
+        le=10_000_000,
+        description="telemetry entries one hotkey may post a minute (a CPU miner sends about 60)",
+    )
 
 
 class IdentitySettings(ServiceSettings):
@@ -138,21 +182,43 @@ class PeerSettings(DHTSettings, IdentitySettings):
 
     # where the swarm is
     bootstrap_url: str = Field(DEFAULT_BOOTSTRAP_URL, description="bootstrap HTTP API that hands out initial peers")
-    initial_peers: list[str] = Field(default_factory=list, description="multiaddrs to dial instead of asking the bootstrap")
-    bootstrap_wait_s: float = Field(120.0, gt=0, description="give up with an error when the bootstrap has not answered (or, for a miner, not published the run's shard salt in Redis) after this long")
-    mode: Literal["hivemind", "diloco"] = Field("hivemind", description="how miners train together, the same on every miner and validator: hivemind = hivemind.Optimizer (gradient averaging, or local updates with HIVE_USE_LOCAL_UPDATES); diloco = HIVE_INNER_STEPS local AdamW steps, then an outer Nesterov step on the swarm's averaged pseudo-gradients (README: \"Training modes\")")
+    initial_peers: list[str] = Field(
+        default_factory=list, description="multiaddrs to dial instead of asking the bootstrap"
+    )
+    bootstrap_wait_s: float = Field(
+        120.0,
+        gt=0,
+        description="give up with an error when the bootstrap has not answered (or, for a miner, not published the "
+        "run's shard salt in Redis) after this long",
+    )
+    mode: Literal["hivemind", "diloco"] = Field(
+        "hivemind",
+        description="how miners train together, the same on every miner and validator: hivemind = hivemind.Optimizer "
+        "(gradient averaging, or local updates with HIVE_USE_LOCAL_UPDATES); diloco = HIVE_INNER_STEPS local AdamW "
+        'steps, then an outer Nesterov step on the swarm\'s averaged pseudo-gradients (README: "Training modes")',
+    )
     # model and data
-    preset: Literal["seed", "tiny"] = Field("seed", description="model preset: seed = the original 32.3M GPT-2, tiny = CPU tests")
+    preset: Literal["seed", "tiny"] = Field(
+        "seed", description="model preset: seed = the original 32.3M GPT-2, tiny = CPU tests"
+    )
     seed: int = Field(0, ge=0, description="init seed; every miner of a run must use the same one")
-    dataset: str = Field("bundled:sotu", description="bundled:sotu, a local json/jsonl/txt/parquet path, or an HF dataset name")
+    dataset: str = Field(
+        "bundled:sotu", description="bundled:sotu, a local json/jsonl/txt/parquet path, or an HF dataset name"
+    )
     dataset_split: str = Field("train", description="dataset split to train on")
     text_key: str = Field("text", description="field holding the text (falcon-refinedweb: content)")
     tokenizer: str = Field("bundled", description="bundled GPT-2 BPE, or an HF name such as openai-community/gpt2")
-    num_shards: int = Field(64, ge=1, description="documents are split into this many shards; each miner reads the one its hotkey and the run's shard salt (chosen by the bootstrap) pick")
+    num_shards: int = Field(
+        64,
+        ge=1,
+        description="documents are split into this many shards; each miner reads the one its hotkey and the run's "
+        "shard salt (chosen by the bootstrap) pick",
+    )
     block_size: int = Field(0, ge=0, description="tokens per sample; 0 = the preset's n_positions")
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda or cuda:N")
     torch_threads: int = Field(0, ge=0, description="CPU threads for torch; 0 = torch's default")
-    # the chain (HIVE_CHAIN, HIVE_NETUID: shared settings): who the validators are (miners answer only them), where weights go
+    # the chain (HIVE_CHAIN, HIVE_NETUID: shared settings): who the validators are (miners answer only them), where
+    # weights go
     subtensor_network: str = Field("finney", description="bittensor network name or ws:// endpoint (bittensor chain)")
 
     @field_validator("device")
@@ -182,50 +248,164 @@ class MinerSettings(PeerSettings):
     # challenges from validators
     challenge_host: str = Field("0.0.0.0", description="address the spot-check endpoint binds")
     challenge_port: int = Field(0, ge=0, le=65535, description="port of the spot-check endpoint; 0 = a free port")
-    challenge_url: str = Field("", description="URL validators use to reach the spot-check endpoint; empty = http://<challenge_host or 127.0.0.1>:<port>")
-    challenge_rate: float = Field(0.5, gt=0, description="spot checks per second one validator hotkey may ask (token bucket)")
+    challenge_url: str = Field(
+        "",
+        description="URL validators use to reach the spot-check endpoint; empty = http://<challenge_host or "
+        "127.0.0.1>:<port>",
+    )
+    challenge_rate: float = Field(
+        0.5, gt=0, description="spot checks per second one validator hotkey may ask (token bucket)"
+    )
     challenge_burst: int = Field(4, ge=1, description="spot checks one validator hotkey may ask at once")
-    challenge_pending: int = Field(2, ge=1, le=32, description="spot checks of one validator that may wait for the training loop; more get 503, so one validator cannot take another's place")
-    challenge_max_dim: int = Field(128, ge=8, le=MAX_DIM, multiple_of=8, description="largest projection a spot check may ask for (a validator's HIVE_SPOT_CHECK_DIM must fit); larger gets 400")
-    challenge_max_batch: int = Field(4, ge=1, le=MAX_BATCH, description="most blocks in a spot check's batch (a validator's HIVE_SPOT_CHECK_BATCH must fit; each costs a forward and backward pass); more gets 400")
-    challenge_stream_blocks: int = Field(64, ge=1, description="on a streamed dataset, a spot check's block_index must be below this (reading up to it streams the shard); the bundled corpus allows its shard's first 4 passes")
-    validators_refresh_s: float = Field(30.0, gt=0, description="reread the chain's validators (the only hotkeys whose spot checks are answered) this often; a failed read keeps the last list")
-    validator_min_stake: float = Field(0.0, ge=0, description="stake a listed validator needs for its spot checks to be answered")
-    health_grace_s: float = Field(900.0, gt=0, description="/healthz is healthy this long after start before the first step (joining, loading state from peers)")
-    health_stall_s: float = Field(120.0, gt=0, description="/healthz answers 503 after this long without a training step, or 10x the usual time between steps if longer")
+    challenge_pending: int = Field(
+        2,
+        ge=1,
+        le=32,
+        description="spot checks of one validator that may wait for the training loop; more get 503, so one validator "
+        "cannot take another's place",
+    )
+    challenge_max_dim: int = Field(
+        128,
+        ge=8,
+        le=MAX_DIM,
+        multiple_of=8,
+        description="largest projection a spot check may ask for (a validator's HIVE_SPOT_CHECK_DIM must fit); larger "
+        "gets 400",
+    )
+    challenge_max_batch: int = Field(
+        4,
+        ge=1,
+        le=MAX_BATCH,
+        description="most blocks in a spot check's batch (a validator's HIVE_SPOT_CHECK_BATCH must fit; each costs a "
+        "forward and backward pass); more gets 400",
+    )
+    challenge_stream_blocks: int = Field(
+        64,
+        ge=1,
+        description="on a streamed dataset, a spot check's block_index must be below this (reading up to it streams "
+        "the shard); the bundled corpus allows its shard's first 4 passes",
+    )
+    validators_refresh_s: float = Field(
+        30.0,
+        gt=0,
+        description="reread the chain's validators (the only hotkeys whose spot checks are answered) this often; a "
+        "failed read keeps the last list",
+    )
+    validator_min_stake: float = Field(
+        0.0, ge=0, description="stake a listed validator needs for its spot checks to be answered"
+    )
+    health_grace_s: float = Field(
+        900.0,
+        gt=0,
+        description="/healthz is healthy this long after start before the first step (joining, loading state from "
+        "peers)",
+    )
+    health_stall_s: float = Field(
+        120.0,
+        gt=0,
+        description="/healthz answers 503 after this long without a training step, or 10x the usual time between "
+        "steps if longer",
+    )
     # optimisation
     target_batch_size: int = Field(4096, ge=1, description="samples the whole swarm accumulates per global epoch")
     lr: float = Field(6e-4, gt=0, description="peak learning rate of AdamW")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (not on biases and LayerNorm)")
     warmup_epochs: int = Field(10, ge=0, description="global epochs of linear warmup")
-    grad_clip: float = Field(1.0, ge=0, description="clip the gradient each optimizer step applies (the swarm average in gradient mode) to this norm; 0 = off")
+    grad_clip: float = Field(
+        1.0,
+        ge=0,
+        description="clip the gradient each optimizer step applies (the swarm average in gradient mode) to this norm; "
+        "0 = off",
+    )
     # hivemind
     matchmaking_time: float = Field(5.0, gt=0, description="seconds to gather a group before an averaging round")
     averaging_timeout: float = Field(60.0, gt=0, description="give up on an averaging round after this many seconds")
     load_state_timeout: float = Field(300.0, gt=0, description="give up loading state from peers after this long")
-    delay_grad_averaging: bool = Field(False, description="average gradients in the background while the next batch computes")
+    delay_grad_averaging: bool = Field(
+        False, description="average gradients in the background while the next batch computes"
+    )
     delay_optimizer_step: bool = Field(False, description="run the optimizer step in the background")
     delay_state_averaging: bool = Field(True, description="average parameters in the background")
     offload_optimizer: bool = Field(False, description="keep optimizer state on the host, off the GPU")
-    reuse_grad_buffers: bool = Field(True, description="accumulate gradients in the model's own .grad between epochs instead of copying each step's into hivemind's accumulators (less memory, one copy fewer per step); gradient averaging only")
-    average_state_every: int = Field(1, ge=1, description="average parameters every this many epochs; diloco: every this many outer steps, right after the step (it brings back a peer whose round failed), 5 when unset")
-    grad_compression: Compression = Field("none", description="wire format of gradients in all-reduce (of pseudo-gradients in diloco mode)")
-    state_compression: Compression = Field("none", description="wire format of parameters in state averaging and downloads (optimizer statistics always go exact)")
-    use_local_updates: bool = Field(False, description="step locally every batch and average parameters instead of gradients")
+    reuse_grad_buffers: bool = Field(
+        True,
+        description="accumulate gradients in the model's own .grad between epochs instead of copying each step's into "
+        "hivemind's accumulators (less memory, one copy fewer per step); gradient averaging only",
+    )
+    average_state_every: int = Field(
+        1,
+        ge=1,
+        description="average parameters every this many epochs; diloco: every this many outer steps, right after the "
+        "step (it brings back a peer whose round failed), 5 when unset",
+    )
+    grad_compression: Compression = Field(
+        "none", description="wire format of gradients in all-reduce (of pseudo-gradients in diloco mode)"
+    )
+    state_compression: Compression = Field(
+        "none",
+        description="wire format of parameters in state averaging and downloads (optimizer statistics always go exact)",
+    )
+    use_local_updates: bool = Field(
+        False, description="step locally every batch and average parameters instead of gradients"
+    )
     # DiLoCo (HIVE_MODE=diloco)
-    inner_steps: int = Field(50, ge=1, description="diloco: local AdamW steps per miner between outer steps (the swarm's epoch ends when it has trained this many batches per peer)")
-    outer_lr: float = Field(0.7, gt=0, description="diloco: learning rate of the outer Nesterov SGD on the averaged pseudo-gradient")
-    outer_momentum: float = Field(0.9, ge=0, lt=1, description="diloco: momentum of the outer SGD (Nesterov; 0 = plain averaging steps)")
+    inner_steps: int = Field(
+        50,
+        ge=1,
+        description="diloco: local AdamW steps per miner between outer steps (the swarm's epoch ends when it has "
+        "trained this many batches per peer)",
+    )
+    outer_lr: float = Field(
+        0.7, gt=0, description="diloco: learning rate of the outer Nesterov SGD on the averaged pseudo-gradient"
+    )
+    outer_momentum: float = Field(
+        0.9, ge=0, lt=1, description="diloco: momentum of the outer SGD (Nesterov; 0 = plain averaging steps)"
+    )
     # reachability (README: "Miners behind NAT")
-    client_mode: bool = Field(False, description="dial out only (behind NAT or a firewall that refuses incoming connections): the miner joins the DHT and averaging rounds through other peers and sends its parts, but reduces none and serves no state downloads")
-    use_auto_relay: bool = Field(False, description="behind NAT without client mode: reserve a slot on reachable peers (relays; within 3 minutes) and advertise and register /p2p-circuit addresses through their public addresses, so others dial this miner through them; needs HIVE_USE_RELAY")
-    bandwidth: float = Field(0.0, ge=0, description="this miner's upload bandwidth (any unit, the same on every miner): all-reduce gives each peer a part in proportion, so a slow link gets less to reduce; 0 = equal parts")
-    straggler_share: float = Field(0.25, ge=0, description="step out of averaging rounds after a round that took at least this share of the time between epochs (and 5 s) with this miner's own uplink busy for 3/4 of it: for 10x the uplink's time (at least 60 s, doubling while still slow), taking up the swarm's state each epoch instead; loopback traffic is not counted; 0 = never")
+    client_mode: bool = Field(
+        False,
+        description="dial out only (behind NAT or a firewall that refuses incoming connections): the miner joins the "
+        "DHT and averaging rounds through other peers and sends its parts, but reduces none and serves no state "
+        "downloads",
+    )
+    use_auto_relay: bool = Field(
+        False,
+        description="behind NAT without client mode: reserve a slot on reachable peers (relays; within 3 minutes) and "
+        "advertise and register /p2p-circuit addresses through their public addresses, so others dial this miner "
+        "through them; needs HIVE_USE_RELAY",
+    )
+    bandwidth: float = Field(
+        0.0,
+        ge=0,
+        description="this miner's upload bandwidth (any unit, the same on every miner): all-reduce gives each peer a "
+        "part in proportion, so a slow link gets less to reduce; 0 = equal parts",
+    )
+    straggler_share: float = Field(
+        0.25,
+        ge=0,
+        description="step out of averaging rounds after a round that took at least this share of the time between "
+        "epochs (and 5 s) with this miner's own uplink busy for 3/4 of it: for 10x the uplink's time (at least 60 s, "
+        "doubling while still slow), taking up the swarm's state each epoch instead; loopback traffic is not counted; "
+        "0 = never",
+    )
     # robust averaging (hivetrain/aggregation.py)
-    robust_aggregation: bool = Field(True, description="aggregate each all-reduce partition robustly (non-finite parts dropped, declared weights capped, CenteredClip) and refuse bad answers from reducers; off = hivemind's weighted mean")
-    clip_factor: float = Field(1.0, gt=0, description="CenteredClip radius as a multiple of the parts' median distance from their median; larger = closer to the mean, more influence per attacker")
-    ban_s: float = Field(600.0, ge=0, description="seconds a peer caught sending or returning bad tensors, or serving "
-                                                  "a bad state, is left out of this miner's averaging and state downloads")
+    robust_aggregation: bool = Field(
+        True,
+        description="aggregate each all-reduce partition robustly (non-finite parts dropped, declared weights capped, "
+        "CenteredClip) and refuse bad answers from reducers; off = hivemind's weighted mean",
+    )
+    clip_factor: float = Field(
+        1.0,
+        gt=0,
+        description="CenteredClip radius as a multiple of the parts' median distance from their median; larger = "
+        "closer to the mean, more influence per attacker",
+    )
+    ban_s: float = Field(
+        600.0,
+        ge=0,
+        description="seconds a peer caught sending or returning bad tensors, or serving "
+        "a bad state, is left out of this miner's averaging and state downloads",
+    )
     # hardware
     compile: bool = Field(False, description="torch.compile the model (CUDA)")
     bf16: bool = Field(True, description="bf16 autocast on CUDA")
@@ -248,19 +428,28 @@ class MinerSettings(PeerSettings):
     def _hivemind_combinations(self) -> "MinerSettings":
         # hivemind asserts these deep inside Optimizer; say it here, with the fix
         if self.mode == "diloco" and (self.use_local_updates or self.delay_grad_averaging or self.delay_optimizer_step):
-            raise ValueError("diloco mode runs its own schedule: unset HIVE_USE_LOCAL_UPDATES, HIVE_DELAY_GRAD_AVERAGING "
-                             "and HIVE_DELAY_OPTIMIZER_STEP (or set HIVE_MODE=hivemind)")
+            raise ValueError(
+                "diloco mode runs its own schedule: unset HIVE_USE_LOCAL_UPDATES, HIVE_DELAY_GRAD_AVERAGING "
+                "and HIVE_DELAY_OPTIMIZER_STEP (or set HIVE_MODE=hivemind)"
+            )
         if self.use_local_updates and self.delay_grad_averaging:
-            raise ValueError("delay_grad_averaging needs gradient averaging: unset HIVE_USE_LOCAL_UPDATES or HIVE_DELAY_GRAD_AVERAGING")
+            raise ValueError(
+                "delay_grad_averaging needs gradient averaging: unset HIVE_USE_LOCAL_UPDATES or "
+                "HIVE_DELAY_GRAD_AVERAGING"
+            )
         if self.delay_grad_averaging and not self.delay_optimizer_step:
             raise ValueError("delay_grad_averaging needs delay_optimizer_step: set HIVE_DELAY_OPTIMIZER_STEP=true too")
         if self.delay_optimizer_step and not (self.offload_optimizer and self.delay_state_averaging):
-            raise ValueError("delay_optimizer_step needs offload_optimizer and delay_state_averaging: set HIVE_OFFLOAD_OPTIMIZER=true and HIVE_DELAY_STATE_AVERAGING=true")
+            raise ValueError(
+                "delay_optimizer_step needs offload_optimizer and delay_state_averaging: set "
+                "HIVE_OFFLOAD_OPTIMIZER=true and HIVE_DELAY_STATE_AVERAGING=true"
+            )
         return self
 
 
 class ValidatorSettings(PeerSettings):
-    """``python -m hivetrain.validator``: evaluates the shared model, checks miners' claims, scores them, sets weights."""
+    """``python -m hivetrain.validator``: evaluates the shared model, checks miners' claims, scores them, sets
+    weights."""
 
     wallet_name: str = Field("validator", description="wallet (coldkey) name")
     api_host: str = Field("0.0.0.0", description="address the validator API binds")
@@ -269,18 +458,59 @@ class ValidatorSettings(PeerSettings):
     sync_every_s: float = Field(30.0, gt=0, description="load the swarm's state from peers this often")
     eval_blocks: int = Field(16, ge=1, description="fixed validation blocks each evaluation uses")
     eval_batch_size: int = Field(8, ge=1, description="blocks per forward pass during evaluation")
-    check_every_s: float = Field(20.0, gt=0, description="check every live miner's claims and send it a spot check this often")
+    check_every_s: float = Field(
+        20.0, gt=0, description="check every live miner's claims and send it a spot check this often"
+    )
     weights_every_s: float = Field(60.0, gt=0, description="set weights through the chain this often")
-    spot_check_dim: int = Field(64, ge=8, le=MAX_DIM, multiple_of=8, description="size of the projected gradient a miner returns")
+    spot_check_dim: int = Field(
+        64, ge=8, le=MAX_DIM, multiple_of=8, description="size of the projected gradient a miner returns"
+    )
     spot_check_batch: int = Field(2, ge=1, le=MAX_BATCH, description="blocks in a spot-check batch")
-    spot_check_timeout_s: float = Field(30.0, gt=0, description="deadline of one spot check, all of it (connect, send, the whole answer); a miner that has not answered by then fails it")
-    spot_check_workers: int = Field(8, ge=1, le=256, description="spot checks in flight at once; a slow miner holds up one worker until its deadline")
-    spot_check_tries: int = Field(3, ge=1, description="a miner whose answers cannot be judged (an epoch the validator cannot reach) this many checks in a row fails")
-    spot_check_private_urls: bool = Field(True, description="send spot checks to loopback and private addresses (local swarms, compose, Kubernetes); false on a public subnet, so a registration cannot point the validator at internal services (link-local, multicast and reserved addresses are always refused)")
-    spot_check_threshold: float = Field(SPOT_CHECK_THRESHOLD, gt=-1, le=1, description="cosine an answer needs against the validator's own projection (bench/spot_check_threshold.py)")
-    max_samples_per_s: float = Field(10_000.0, gt=0, description="no miner is credited for more samples per second than this")
-    claim_tolerance: float = Field(1.0, ge=0, description="claims may exceed what hivemind's progress records showed by this fraction and still pass (polls miss each epoch's last samples); credit is never more than the records grew by")
-    claim_read_cap: int = Field(100_000, ge=1000, description="signed step records one poll reads at most (it reads everything new up to this; a warning says when more wait)")
+    spot_check_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="deadline of one spot check, all of it (connect, send, the whole answer); a miner that has not "
+        "answered by then fails it",
+    )
+    spot_check_workers: int = Field(
+        8,
+        ge=1,
+        le=256,
+        description="spot checks in flight at once; a slow miner holds up one worker until its deadline",
+    )
+    spot_check_tries: int = Field(
+        3,
+        ge=1,
+        description="a miner whose answers cannot be judged (an epoch the validator cannot reach) this many checks in "
+        "a row fails",
+    )
+    spot_check_private_urls: bool = Field(
+        True,
+        description="send spot checks to loopback and private addresses (local swarms, compose, Kubernetes); false on "
+        "a public subnet, so a registration cannot point the validator at internal services (link-local, multicast "
+        "and reserved addresses are always refused)",
+    )
+    spot_check_threshold: float = Field(
+        SPOT_CHECK_THRESHOLD,
+        gt=-1,
+        le=1,
+        description="cosine an answer needs against the validator's own projection (bench/spot_check_threshold.py)",
+    )
+    max_samples_per_s: float = Field(
+        10_000.0, gt=0, description="no miner is credited for more samples per second than this"
+    )
+    claim_tolerance: float = Field(
+        1.0,
+        ge=0,
+        description="claims may exceed what hivemind's progress records showed by this fraction and still pass (polls "
+        "miss each epoch's last samples); credit is never more than the records grew by",
+    )
+    claim_read_cap: int = Field(
+        100_000,
+        ge=1000,
+        description="signed step records one poll reads at most (it reads everything new up to this; a warning says "
+        "when more wait)",
+    )
     score_ema_alpha: float = Field(0.3, gt=0, le=1, description="weight of the newest round in a miner's score EMA")
 
 
@@ -298,15 +528,20 @@ class SwarmSettings(ServiceSettings):
     external_redis: bool = Field(False, description="use HIVE_REDIS_URL as it is instead of starting an embedded Redis")
     summary: str = Field("", description="write a JSON summary (rounds, losses, checkpoints) here on exit")
     stop_timeout: float = Field(45.0, gt=0, description="seconds a process gets to stop after SIGTERM before SIGKILL")
-    engine: Literal["local", "docker"] = Field("local", description="local: processes on this machine; docker: containers built from services/ (needs a Docker engine)")
+    engine: Literal["local", "docker"] = Field(
+        "local",
+        description="local: processes on this machine; docker: containers built from services/ (needs a Docker engine)",
+    )
 
     @model_validator(mode="after")
     def _docker_runs_its_own_redis(self) -> "SwarmSettings":
         # containers reach Redis as redis:6379 on the compose network; a URL that works from this
         # machine (127.0.0.1) would not work from inside them, so the two engines differ here
         if self.engine == "docker" and self.external_redis:
-            raise ValueError("--external-redis works with --engine local only: --engine docker runs the Redis of "
-                             "docker-compose.yml (users and passwords: deploy/redis/start.sh); drop --external-redis")
+            raise ValueError(
+                "--external-redis works with --engine local only: --engine docker runs the Redis of "
+                "docker-compose.yml (users and passwords: deploy/redis/start.sh); drop --external-redis"
+            )
         return self
 
 
@@ -345,9 +580,11 @@ _VALIDATOR_MODES = {"after": AfterValidator, "before": BeforeValidator, "plain":
 def _field_adapter(model: type[BaseSettings], name: str) -> TypeAdapter:
     """Validates one value of ``model.<name>``: its type, its bounds (``ge=1``...) and its field validators."""
     field = model.model_fields[name]
-    validators = [_VALIDATOR_MODES[decorator.info.mode](decorator.func)
-                  for decorator in model.__pydantic_decorators__.field_validators.values()
-                  if name in decorator.info.fields or "*" in decorator.info.fields]
+    validators = [
+        _VALIDATOR_MODES[decorator.info.mode](decorator.func)
+        for decorator in model.__pydantic_decorators__.field_validators.values()
+        if name in decorator.info.fields or "*" in decorator.info.fields
+    ]
     metadata = [*field.metadata, *validators]
     return TypeAdapter(Annotated[(field.annotation, *metadata)] if metadata else field.annotation)
 
@@ -369,8 +606,10 @@ def service_env(model: type[BaseSettings], **values: object) -> dict[str, str]:
         if name not in model.model_fields:
             close = difflib.get_close_matches(name, model.model_fields, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
-            raise ValueError(f"{model.__name__} has no setting {name!r} (nothing reads {variable}); {hint}"
-                             f"its settings are the fields of {model.__name__} in hivetrain/settings.py")
+            raise ValueError(
+                f"{model.__name__} has no setting {name!r} (nothing reads {variable}); {hint}"
+                f"its settings are the fields of {model.__name__} in hivetrain/settings.py"
+            )
         try:
             valid = _field_adapter(model, name).validate_python(value)
         except ValidationError as error:

@@ -34,7 +34,14 @@ import redis
 from hivetrain.identity import DEFAULT_FUTURE_SKEW_S, DEFAULT_WINDOW_S, Domain, VerificationError, Verifier
 from hivetrain.log import get_logger
 from hivetrain.protocol.binding import binding_problem
-from hivetrain.protocol.envelopes import STREAMS, decode_entry, parse_record, same_run, signed_registration, stream_fields
+from hivetrain.protocol.envelopes import (
+    STREAMS,
+    decode_entry,
+    parse_record,
+    same_run,
+    signed_registration,
+    stream_fields,
+)
 from hivetrain.protocol.records import (
     BOOTSTRAP_TTL_S,
     MAX_PEERS_PER_HOTKEY,
@@ -74,9 +81,15 @@ BINDINGS_KEPT = 10_000
 class RedisNonceStore:
     """Seen nonces in Redis (``SET key 1 NX EX retention``), shared by every verifier process."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, retention_s: float = DEFAULT_WINDOW_S + DEFAULT_FUTURE_SKEW_S,
-                 scope: str = ""):
-        """``scope`` keeps a separate memory under the run's keys (e.g. one per validator); '' = the run's shared one."""
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: Keys,
+        retention_s: float = DEFAULT_WINDOW_S + DEFAULT_FUTURE_SKEW_S,
+        scope: str = "",
+    ):
+        """``scope`` keeps a separate memory under the run's keys (e.g. one per validator); '' = the run's shared
+        one."""
         if retention_s <= 0:
             raise ValueError(f"retention_s must be positive, got {retention_s}")
         self.client, self.keys = client, keys
@@ -84,17 +97,24 @@ class RedisNonceStore:
         self.prefix = f"{keys.prefix}:nonce:" + (f"{scope}:" if scope else "")
 
     def key(self, hotkey_ss58: str, nonce: Any) -> str:
-        return f"{self.prefix}{hotkey_ss58}:{nonce}"  # under the run's keys: its services' Redis users may touch only those
+        # under the run's keys: its services' Redis users may touch only those
+        return f"{self.prefix}{hotkey_ss58}:{nonce}"
 
     def check_and_store(self, hotkey_ss58: str, nonce: Any) -> bool:
         return bool(self.client.set(self.key(hotkey_ss58, nonce), 1, nx=True, ex=math.ceil(self.retention)))
 
 
-def redis_verifier(client: redis.Redis, keys: Keys, domain: Domain, window_s: float = DEFAULT_WINDOW_S,
-                   future_skew_s: float = DEFAULT_FUTURE_SKEW_S) -> Verifier:
+def redis_verifier(
+    client: redis.Redis,
+    keys: Keys,
+    domain: Domain,
+    window_s: float = DEFAULT_WINDOW_S,
+    future_skew_s: float = DEFAULT_FUTURE_SKEW_S,
+) -> Verifier:
     """A ``Verifier`` for ``domain`` whose nonce memory is shared through Redis by every process of the run."""
-    return Verifier(RedisNonceStore(client, keys, window_s + future_skew_s), same_run(keys, domain), window_s,
-                    future_skew_s)
+    return Verifier(
+        RedisNonceStore(client, keys, window_s + future_skew_s), same_run(keys, domain), window_s, future_skew_s
+    )
 
 
 class Refused(ValueError):
@@ -161,8 +181,11 @@ class Registry:
         signed_at = min(envelope.timestamp, time.time())
         live = self.live_peer_ids_of(record.hotkey)
         if record.peer_id not in live and len(live) >= MAX_PEERS_PER_HOTKEY:
-            raise Refused(f"hotkey {record.hotkey} already has {len(live)} live peers, the most one hotkey may have; "
-                          "stop one or wait for its registration to expire", 429)
+            raise Refused(
+                f"hotkey {record.hotkey} already has {len(live)} live peers, the most one hotkey may have; "
+                "stop one or wait for its registration to expire",
+                429,
+            )
         self._store(record.peer_id, raw, signed_at, hotkey=record.hotkey)
         return record
 
@@ -201,7 +224,9 @@ class Registry:
     def live_peers(self, limit: int = 100, role: str | None = None) -> list[PeerRecord]:
         """The freshest live peers first; records that expired or fail validation are skipped."""
         cutoff = time.time() - self.ttl_s
-        peer_ids = self.client.zrevrangebyscore(self.keys.peer_index, "+inf", cutoff, start=0, num=max(limit * 2, limit + 8))
+        peer_ids = self.client.zrevrangebyscore(
+            self.keys.peer_index, "+inf", cutoff, start=0, num=max(limit * 2, limit + 8)
+        )
         if not peer_ids:
             return []
         raws = self.client.mget([self.keys.peer(pid.decode()) for pid in peer_ids])
@@ -228,7 +253,9 @@ class Registry:
             logger.warning(f"dropping registration of {peer_id}: {error}")
             return None
         if record.hotkey != envelope.hotkey or record.peer_id != peer_id:
-            logger.warning(f"dropping registration of {peer_id}: signed by {envelope.hotkey} for {record.hotkey}/{record.peer_id}")
+            logger.warning(
+                f"dropping registration of {peer_id}: signed by {envelope.hotkey} for {record.hotkey}/{record.peer_id}"
+            )
             return None
         # the hotkey must prove it holds the peer id's libp2p key: else anyone could claim anyone's peer id
         problem = self._binding_problem(record)
@@ -295,7 +322,7 @@ def _stored_salt(client, key: str) -> str | None:
     text = raw.decode("ascii", errors="replace") if isinstance(raw, bytes) else raw
     if is_shard_salt(text):
         return text
-    what = "a key of another type" if raw is None else f"{raw[:SHARD_SALT_HEX_CHARS + 1]!r}"
+    what = "a key of another type" if raw is None else f"{raw[: SHARD_SALT_HEX_CHARS + 1]!r}"
     logger.warning(f"ignoring the shard salt at {key}: {what} is not {SHARD_SALT_HEX_CHARS} lowercase hex characters")
     return None
 
@@ -346,7 +373,8 @@ def append(client: redis.Redis, keys: Keys, domain: Domain, record: Record, sign
 
 
 def read_stream(client: redis.Redis, keys: Keys, domain: Domain, model: type[Record], count: int | None = None) -> list:
-    """All (or the last ``count``) authentic records of one stream (signed in ``domain``, where signed), oldest first."""
+    """All (or the last ``count``) authentic records of one stream (signed in ``domain``, where signed), oldest
+    first."""
     same_run(keys, domain)
     attr, _, _ = STREAMS[model]
     if count is None:

@@ -90,12 +90,22 @@ class HttpMetrics:
 
     def __init__(self, prefix: str) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter(f"{prefix}_http_requests", "HTTP requests answered, by route and status",
-                                ["route", "status"], registry=self.registry)
-        self.latency = Histogram(f"{prefix}_http_request_duration_seconds", "time to answer an HTTP request",
-                                 ["route"], registry=self.registry, buckets=LATENCY_BUCKETS)
-        self.redis_errors = Counter(f"{prefix}_redis_errors", "requests that failed because Redis did not answer",
-                                    registry=self.registry)
+        self.requests = Counter(
+            f"{prefix}_http_requests",
+            "HTTP requests answered, by route and status",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            f"{prefix}_http_request_duration_seconds",
+            "time to answer an HTTP request",
+            ["route"],
+            registry=self.registry,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.redis_errors = Counter(
+            f"{prefix}_redis_errors", "requests that failed because Redis did not answer", registry=self.registry
+        )
 
 
 def settings_or_exit(model: type[S], settings: S | None) -> S:

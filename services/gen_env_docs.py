@@ -70,8 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 when a README is out of date; write nothing")
     args = parser.parse_args(argv)
     stale = []
-    targets = [(SERVICES_DIR / service / "README.md", lambda text, m=model: render(text, m))
-               for service, model in SERVICE_SETTINGS.items()]
+    targets = [
+        (SERVICES_DIR / service / "README.md", lambda text, m=model: render(text, m))
+        for service, model in SERVICE_SETTINGS.items()
+    ]
     targets.append((ROOT_README, render_root))
     for path, rendered in targets:
         current = path.read_text()

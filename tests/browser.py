@@ -21,7 +21,8 @@ CHROMEDRIVER = shutil.which("chromedriver")
 
 
 def require_chromium() -> None:
-    """Skip without the browser, except in CI (``CI`` set), where ``.ci/run`` installs it: there a skip would hide a gap."""
+    """Skip without the browser, except in CI (``CI`` set), where ``.ci/run`` installs it: there a skip would hide a
+    gap."""
     if not (CHROMIUM and CHROMEDRIVER):
         reason = "needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver; .ci/run does)"
         if os.environ.get("CI"):
@@ -38,9 +39,18 @@ def chromium(width: int = 1400, height: int = 1000):
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--no-first-run",
-                 "--disable-extensions", "--disable-background-networking", "--disable-sync", "--no-proxy-server",
-                 f"--window-size={width},{height}"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-extensions",
+        "--disable-background-networking",
+        "--disable-sync",
+        "--no-proxy-server",
+        f"--window-size={width},{height}",
+    ):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
@@ -64,8 +74,10 @@ def wait_for(driver, script: str, timeout: float, what: str, interval: float = 0
         if value:
             return value
         time.sleep(interval)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (last value {value!r}); "
-                f"console errors: {console_errors(driver)}")
+    pytest.fail(
+        f"timed out after {timeout:.0f}s waiting for {what} (last value {value!r}); "
+        f"console errors: {console_errors(driver)}"
+    )
 
 
 def screenshot(driver, name: str) -> Path:

@@ -24,8 +24,10 @@ def nothing_left_running():
     leftovers = {pid: _command(pid) for pid in procs.tagged(ours)}
     procs.kill_tagged(ours)
     assert not leftovers, f"processes left running by the tests: {leftovers}"
-    assert not procs.LEAKED_SEGMENTS, (f"{len(procs.LEAKED_SEGMENTS)} shared-memory segments outlived the services "
-                                       f"that made them, e.g. {procs.LEAKED_SEGMENTS[:3]}")
+    assert not procs.LEAKED_SEGMENTS, (
+        f"{len(procs.LEAKED_SEGMENTS)} shared-memory segments outlived the services "
+        f"that made them, e.g. {procs.LEAKED_SEGMENTS[:3]}"
+    )
 
 
 def _command(pid: int) -> str:

@@ -70,8 +70,14 @@ class Reply:
         return json.loads(self.body)
 
 
-def send(service: Service, method: str, target: str, headers: dict | None = None, body: bytes | None = None,
-         timeout: float = 60.0) -> Reply:
+def send(
+    service: Service,
+    method: str,
+    target: str,
+    headers: dict | None = None,
+    body: bytes | None = None,
+    timeout: float = 60.0,
+) -> Reply:
     """One request on a fresh connection; counted against ``service``."""
     conn = http.client.HTTPConnection("127.0.0.1", service.port, timeout=timeout)
     try:
@@ -104,37 +110,119 @@ def wait_healthy(port: int, popen=None, timeout: float = 180.0) -> None:
 
 # --- what is drawn ------------------------------------------------------------------------------------
 
-VARIABLE = re.compile(r"<(?:(?P<converter>[a-zA-Z_][a-zA-Z0-9_]*)(?:\((?P<args>.*?)\))?:)?(?P<name>[a-zA-Z_][a-zA-Z0-9_]*)>")
-_JUNK_SEGMENTS = ["", ".", "..", "%2e%2e", "%00", "%ff", "%", "%zz", "%2F", "\x00", "dashboard.html", "../../../../etc/passwd",
-                  "..%2f..%2fetc%2fpasswd", "a" * 300, "\u202e\u0000\uffff", "😀", "index.html%00.js", "~", "\\..\\"]
+VARIABLE = re.compile(
+    r"<(?:(?P<converter>[a-zA-Z_][a-zA-Z0-9_]*)(?:\((?P<args>.*?)\))?:)?(?P<name>[a-zA-Z_][a-zA-Z0-9_]*)>"
+)
+_JUNK_SEGMENTS = [
+    "",
+    ".",
+    "..",
+    "%2e%2e",
+    "%00",
+    "%ff",
+    "%",
+    "%zz",
+    "%2F",
+    "\x00",
+    "dashboard.html",
+    "../../../../etc/passwd",
+    "..%2f..%2fetc%2fpasswd",
+    "a" * 300,
+    "\u202e\u0000\uffff",
+    "😀",
+    "index.html%00.js",
+    "~",
+    "\\..\\",
+]
 #: Query values: huge and odd numbers, NUL bytes, unicode digits, broken escapes, the hotkeys the apps know.
-_ODD_VALUES = ["", "0", "-1", "1", "32", "1000", "1e999", "NaN", "Infinity", "-0", " 5", "5 ", "1_0", "0x10", "\u0663",
-               "\uff11\uff12", "9" * 400, "%00", "\x00", "%", "%zz", "true", "null", "[]", "{}", "a" * 1000, str(2**64),
-               str(-(2**63))]
+_ODD_VALUES = [
+    "",
+    "0",
+    "-1",
+    "1",
+    "32",
+    "1000",
+    "1e999",
+    "NaN",
+    "Infinity",
+    "-0",
+    " 5",
+    "5 ",
+    "1_0",
+    "0x10",
+    "\u0663",
+    "\uff11\uff12",
+    "9" * 400,
+    "%00",
+    "\x00",
+    "%",
+    "%zz",
+    "true",
+    "null",
+    "[]",
+    "{}",
+    "a" * 1000,
+    str(2**64),
+    str(-(2**63)),
+]
 _QUERY_NAMES = ["limit", "validator", "peer", "count", "since", "format", "callback", "", "\x00", "limit[]", "%", "ü"]
-_CONTENT_TYPES = [None, "application/json", "application/json; charset=utf-16", "text/plain", "text/html",
-                  "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "multipart/form-data",
-                  "application/octet-stream", "application/json; charset=\x7f", "*/*", "", ";;;", "a" * 500]
+_CONTENT_TYPES = [
+    None,
+    "application/json",
+    "application/json; charset=utf-16",
+    "text/plain",
+    "text/html",
+    "application/x-www-form-urlencoded",
+    "multipart/form-data; boundary=x",
+    "multipart/form-data",
+    "application/octet-stream",
+    "application/json; charset=\x7f",
+    "*/*",
+    "",
+    ";;;",
+    "a" * 500,
+]
 #: Bodies no generator is likely to hit: deep nesting, Python's int-digit limit, literals JSON does not have.
-_SPECIAL_BODIES = [b"[" * 60_000, b"{\"a\":" * 20_000, b"1" * 5000, b"NaN", b"-Infinity", b'{"hotkey": 1e999}', b"\x00",
-                   b'"\\ud800"', b"\xff\xfe{\x00}\x00", b"{\"hotkey\": \"" + b"5" * 60_000 + b"\"}", b"[]" * 1000, b"{}",
-                   b'{"hotkey": "' + b"\xc3\x28" * 10 + b'"}', b'{"payload": {}, "hotkey": null}', b" " * 60_000]
+_SPECIAL_BODIES = [
+    b"[" * 60_000,
+    b'{"a":' * 20_000,
+    b"1" * 5000,
+    b"NaN",
+    b"-Infinity",
+    b'{"hotkey": 1e999}',
+    b"\x00",
+    b'"\\ud800"',
+    b"\xff\xfe{\x00}\x00",
+    b'{"hotkey": "' + b"5" * 60_000 + b'"}',
+    b"[]" * 1000,
+    b"{}",
+    b'{"hotkey": "' + b"\xc3\x28" * 10 + b'"}',
+    b'{"payload": {}, "hotkey": null}',
+    b" " * 60_000,
+]
 
 
 def _quote(text: str) -> str:
-    """Percent-encode everything but ``%`` itself, so broken escapes (``%zz``, a lone ``%``) reach the server as sent."""
+    """Percent-encode everything but ``%`` itself, so broken escapes (``%zz``, a lone ``%``) reach the server as
+    sent."""
     return quote(text, safe="%/")
 
 
 def segment(converter: str | None) -> st.SearchStrategy[str]:
     """Junk for a path variable of werkzeug ``converter``; LookupError for a converter it does not know."""
     if converter in (None, "default", "string"):
-        return st.one_of(st.sampled_from(_JUNK_SEGMENTS), st.text(max_size=20)).map(lambda s: _quote(s.replace("/", "")) or "x")
+        return st.one_of(st.sampled_from(_JUNK_SEGMENTS), st.text(max_size=20)).map(
+            lambda s: _quote(s.replace("/", "")) or "x"
+        )
     if converter == "path":
-        return st.one_of(st.sampled_from(_JUNK_SEGMENTS + ["dashboard.js", "dashboard.css", "a/b/c"]),
-                         st.lists(st.text(max_size=12), min_size=1, max_size=4).map("/".join)).map(lambda s: _quote(s) or "x")
+        return st.one_of(
+            st.sampled_from(_JUNK_SEGMENTS + ["dashboard.js", "dashboard.css", "a/b/c"]),
+            st.lists(st.text(max_size=12), min_size=1, max_size=4).map("/".join),
+        ).map(lambda s: _quote(s) or "x")
     if converter == "int":
-        return st.one_of(st.integers(min_value=-(2**70), max_value=2**70).map(str), st.sampled_from(["00", "-0", "1e3"]))
+        return st.one_of(
+            st.integers(min_value=-(2**70), max_value=2**70).map(str), st.sampled_from(["00", "-0", "1e3"])
+        )
     if converter == "float":
         return st.one_of(st.floats().map(repr), st.sampled_from(["nan", "inf", "1e999"]))
     if converter == "uuid":
@@ -147,38 +235,62 @@ def path_for(rule) -> st.SearchStrategy[str]:
     parts: list = []
     position = 0
     for match in VARIABLE.finditer(rule.rule):
-        parts.append(st.just(rule.rule[position:match.start()]))
+        parts.append(st.just(rule.rule[position : match.start()]))
         parts.append(segment(match.group("converter")))
         position = match.end()
     parts.append(st.just(rule.rule[position:]))
     base = st.tuples(*parts).map("".join)
     # most probes reach the route (its handler is what is fuzzed), some miss it by a junk segment
-    junk = st.sampled_from([""] * 30 + ["/", "//", "/x", "/%00", "/..", "/%ff", "?", "#frag", "/" + "a" * 50, ";jsessionid=1"])
+    junk = st.sampled_from(
+        [""] * 30 + ["/", "//", "/x", "/%00", "/..", "/%ff", "?", "#frag", "/" + "a" * 50, ";jsessionid=1"]
+    )
     return st.tuples(st.sampled_from([""] * 15 + ["/"]), base, junk).map("".join)
 
 
 def queries(hotkeys: list[str]) -> st.SearchStrategy[str]:
     """Query strings: known and junk names, repeated keys, odd values (``hotkeys`` among them), broken escapes."""
-    value = st.one_of(st.sampled_from(_ODD_VALUES + hotkeys), st.integers(min_value=-(2**80), max_value=2**80).map(str),
-                      st.text(max_size=30))
+    value = st.one_of(
+        st.sampled_from(_ODD_VALUES + hotkeys),
+        st.integers(min_value=-(2**80), max_value=2**80).map(str),
+        st.text(max_size=30),
+    )
     pair = st.tuples(st.one_of(st.sampled_from(_QUERY_NAMES), st.text(max_size=8)), value)
     encoded = st.lists(pair, max_size=5).map(lambda pairs: "&".join(f"{_quote(k)}={_quote(v)}" for k, v in pairs))
-    raw = st.sampled_from(["&&", "=", "==&=", "limit", "limit=1&limit=2&limit=x", "a=%", "%=%", "&limit=1;limit=2", "+" * 10])
+    raw = st.sampled_from(
+        ["&&", "=", "==&=", "limit", "limit=1&limit=2&limit=x", "a=%", "%=%", "&limit=1;limit=2", "+" * 10]
+    )
     return st.one_of(st.just(""), encoded, raw).map(lambda q: q[:2500])
 
 
 #: JSON of random shapes: huge ints, non-finite floats (written as NaN/Infinity literals), unicode, nesting.
 _JSON = st.recursive(
-    st.one_of(st.none(), st.booleans(), st.integers(), st.integers(min_value=-(10**40), max_value=10**40),
-              st.floats(), st.text(max_size=30)),
-    lambda children: st.one_of(st.lists(children, max_size=4), st.dictionaries(st.text(max_size=10), children, max_size=4)),
-    max_leaves=12)
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(),
+        st.integers(min_value=-(10**40), max_value=10**40),
+        st.floats(),
+        st.text(max_size=30),
+    ),
+    lambda children: st.one_of(
+        st.lists(children, max_size=4), st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
+    max_leaves=12,
+)
 #: What a signed payload can hold (the signer refuses NaN): the same shapes with finite floats.
 _SIGNABLE = st.recursive(
-    st.one_of(st.none(), st.booleans(), st.integers(min_value=-(10**40), max_value=10**40),
-              st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=30)),
-    lambda children: st.one_of(st.lists(children, max_size=4), st.dictionaries(st.text(max_size=10), children, max_size=4)),
-    max_leaves=10)
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(min_value=-(10**40), max_value=10**40),
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.text(max_size=30),
+    ),
+    lambda children: st.one_of(
+        st.lists(children, max_size=4), st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
+    max_leaves=10,
+)
 
 
 def bodies() -> st.SearchStrategy[bytes | None]:
@@ -195,24 +307,46 @@ def bodies() -> st.SearchStrategy[bytes | None]:
 def envelopes(validator, miner: str, domain: Domain, limits: ChallengeLimits) -> st.SearchStrategy[bytes]:
     """What only a miner's endpoint reads: envelopes signed by ``validator`` (one the miner ``miner`` answers), by a
     stranger, for another run, tampered with, unsigned; around junk and challenge-shaped payloads."""
-    number = st.one_of(st.integers(min_value=-5, max_value=200), st.integers(min_value=-(2**80), max_value=2**80),
-                       st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=5), st.none())
+    number = st.one_of(
+        st.integers(min_value=-5, max_value=200),
+        st.integers(min_value=-(2**80), max_value=2**80),
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.text(max_size=5),
+        st.none(),
+    )
     challenge = st.fixed_dictionaries(
-        {"miner_hotkey": st.one_of(st.just(miner), st.just(validator.hotkey.ss58_address), st.text(max_size=60)),
-         "block_index": number, "batch_size": number, "seed": number, "dim": number, "epoch": number},
-        optional={"extra": _SIGNABLE})
-    near_the_bounds = st.fixed_dictionaries(  # around the limits and the wire format's bounds: answered, or refused by one
-        {"miner_hotkey": st.sampled_from([miner, miner, miner, validator.hotkey.ss58_address]),
-         "block_index": st.integers(0, limits.block_limit + 5), "batch_size": st.integers(1, limits.max_batch + 1),
-         "seed": st.integers(0, 2**63), "dim": st.integers(8, limits.max_dim + 5), "epoch": st.integers(0, 2**63)})
+        {
+            "miner_hotkey": st.one_of(st.just(miner), st.just(validator.hotkey.ss58_address), st.text(max_size=60)),
+            "block_index": number,
+            "batch_size": number,
+            "seed": number,
+            "dim": number,
+            "epoch": number,
+        },
+        optional={"extra": _SIGNABLE},
+    )
+    near_the_bounds = (
+        st.fixed_dictionaries(  # around the limits and the wire format's bounds: answered, or refused by one
+            {
+                "miner_hotkey": st.sampled_from([miner, miner, miner, validator.hotkey.ss58_address]),
+                "block_index": st.integers(0, limits.block_limit + 5),
+                "batch_size": st.integers(1, limits.max_batch + 1),
+                "seed": st.integers(0, 2**63),
+                "dim": st.integers(8, limits.max_dim + 5),
+                "epoch": st.integers(0, 2**63),
+            }
+        )
+    )
     payload = st.one_of(near_the_bounds, challenge, st.dictionaries(st.text(max_size=12), _SIGNABLE, max_size=6))
     signer = st.sampled_from([validator, validator, KeyWallet(4242)])
     signed = st.tuples(signer, payload).map(lambda sp: sign(sp[0], domain, sp[1]))
     other_run = payload.map(lambda p: sign(validator, Domain("another-run"), p))
-    tampered = st.tuples(signed, st.sampled_from(["payload", "hotkey", "timestamp", "nonce", "signature", "extra"]), _JSON).map(
-        lambda t: {**t[0], t[1]: t[2]})
+    tampered = st.tuples(
+        signed, st.sampled_from(["payload", "hotkey", "timestamp", "nonce", "signature", "extra"]), _JSON
+    ).map(lambda t: {**t[0], t[1]: t[2]})
     unsigned = st.dictionaries(st.sampled_from(["payload", "hotkey", "timestamp", "nonce", "signature"]), _JSON).map(
-        lambda d: {**d, "hotkey": validator.hotkey.ss58_address})
+        lambda d: {**d, "hotkey": validator.hotkey.ss58_address}
+    )
     return st.one_of(signed, other_run, tampered, unsigned).map(lambda e: json.dumps(e).encode())
 
 
@@ -229,8 +363,9 @@ class Probe:
         return f"Probe({self.method} {self.target[:300]!r}, headers={self.headers!r}, body={body})"
 
 
-def probes(service: Service, hotkeys: list[str], extra_bodies: st.SearchStrategy | None = None,
-           only: str | None = None) -> st.SearchStrategy[Probe]:
+def probes(
+    service: Service, hotkeys: list[str], extra_bodies: st.SearchStrategy | None = None, only: str | None = None
+) -> st.SearchStrategy[Probe]:
     """Requests to ``service``'s routes (``only`` that rule, with its own methods: a deep fuzz of one handler)."""
     rules = [rule for rule in service.fuzzed_rules() if only in (None, rule.rule)]
     body = bodies() if extra_bodies is None else st.one_of(extra_bodies, bodies())
@@ -278,10 +413,16 @@ def check(service: Service, probe: Probe, reply: Reply) -> None:
     if any(_NOT_HTTP.search(value) for value in probe.headers.values()):
         assert reply.status == 400, f"{where} -> {reply.status}: a header HTTP does not allow must be refused"
     elif service.body_limit is not None and len(probe.body or b"") > service.body_limit:
-        assert reply.status == 413, f"{where} -> {reply.status}: the server refuses bodies over its limit before the app"
+        assert reply.status == 413, (
+            f"{where} -> {reply.status}: the server refuses bodies over its limit before the app"
+        )
     elif reply.status >= 400 and probe.method != "HEAD":
-        assert reply.headers.get("content-type", "").startswith("application/json"), f"{where} -> non-JSON {reply.status}"
-        assert on_purpose(service, reply) or isinstance(reply.json().get("error"), str), f"{where} -> {reply.body[:300]!r}"
+        assert reply.headers.get("content-type", "").startswith("application/json"), (
+            f"{where} -> non-JSON {reply.status}"
+        )
+        assert on_purpose(service, reply) or isinstance(reply.json().get("error"), str), (
+            f"{where} -> {reply.body[:300]!r}"
+        )
 
 
 def fuzz(service: Service, probe: Probe, timeout: float = 60.0) -> None:
@@ -290,13 +431,21 @@ def fuzz(service: Service, probe: Probe, timeout: float = 60.0) -> None:
     check(service, probe, send(service, probe.method, probe.target, probe.headers, probe.body, timeout))
 
 
-def fuzz_test(service: Service, strategy: st.SearchStrategy[Probe], examples: int, shrink: bool = True, timeout: float = 60.0):
+def fuzz_test(
+    service: Service, strategy: st.SearchStrategy[Probe], examples: int, shrink: bool = True, timeout: float = 60.0
+):
     """A Hypothesis test sending ``examples`` probes drawn from ``strategy`` to ``service`` (call it to run them);
     the same probes on every run (derandomized, no example database)."""
 
-    @settings(max_examples=examples, deadline=None, derandomize=True, database=None, print_blob=False,
-              phases=[Phase.explicit, Phase.generate] + ([Phase.shrink] if shrink else []),
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        print_blob=False,
+        phases=[Phase.explicit, Phase.generate] + ([Phase.shrink] if shrink else []),
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+    )
     @given(probe=strategy)
     def run(probe: Probe) -> None:
         fuzz(service, probe, timeout)
@@ -402,5 +551,3 @@ class SlowClients:
         self.stop_dribbling()
         for conn in self.heads + self.idle + self.bodies:
             conn.close()
-
-

@@ -27,15 +27,18 @@ def test_honest_parts_average_to_their_mean(honest):
     assert _error(result.value, honest) < 0.02 and result.offences == {}
 
 
-@pytest.mark.parametrize("attack, named", [
-    (lambda h: torch.full_like(h[0], float("nan")), "NaN or infinite"),
-    (lambda h: torch.full_like(h[0], float("inf")), "NaN or infinite"),
-    (lambda h: h[0] * 1e30, "typical spread"),
-    (lambda h: h[0] * 1e4, "typical spread"),
-    # of a size an honest peer's hard batch can have: clipped, not named
-    (lambda h: -3 * torch.stack(h).mean(dim=0), None),
-    (lambda h: 30 * h[0], None),
-])
+@pytest.mark.parametrize(
+    "attack, named",
+    [
+        (lambda h: torch.full_like(h[0], float("nan")), "NaN or infinite"),
+        (lambda h: torch.full_like(h[0], float("inf")), "NaN or infinite"),
+        (lambda h: h[0] * 1e30, "typical spread"),
+        (lambda h: h[0] * 1e4, "typical spread"),
+        # of a size an honest peer's hard batch can have: clipped, not named
+        (lambda h: -3 * torch.stack(h).mean(dim=0), None),
+        (lambda h: 30 * h[0], None),
+    ],
+)
 def test_a_bad_part_is_named_and_barely_moves_the_result(honest, attack, named):
     result = robust_aggregate([*honest, attack(honest)], [8.0] * 4, RULE, scale=lambda: float(honest[0].norm()))
     assert torch.isfinite(result.value).all()
@@ -75,8 +78,12 @@ def test_centered_clip_bounds_one_far_point():
 
 def test_a_received_answer_is_checked_against_our_own_part():
     own = torch.ones(100)
-    assert check_received(torch.full((100,), 0.5), own, own_rms=lambda: 1.0) is None  # an honest pull towards the others
-    assert check_received(-own, own, own_rms=lambda: 1.0) is None  # a plausible wrong answer still lands (see the docstring)
+    assert (
+        check_received(torch.full((100,), 0.5), own, own_rms=lambda: 1.0) is None
+    )  # an honest pull towards the others
+    assert (
+        check_received(-own, own, own_rms=lambda: 1.0) is None
+    )  # a plausible wrong answer still lands (see the docstring)
     taken_over = check_received(-2.1 * own, own, own_rms=lambda: 1.0)  # e.g. the reducer obeyed its own huge weight
     assert taken_over is not None and not taken_over.offence and "scale away" in taken_over.reason
     assert check_received(torch.tensor([float("nan")] * 100), own, own_rms=lambda: 1.0).offence

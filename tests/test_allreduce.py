@@ -35,12 +35,23 @@ def dhts():
         dht.shutdown()
 
 
-def _averager(dht, tensor: torch.Tensor, prefix: str, cls: type = DecentralizedAverager, min_group_size: int = 4,
-              **robust) -> DecentralizedAverager:
+def _averager(
+    dht, tensor: torch.Tensor, prefix: str, cls: type = DecentralizedAverager, min_group_size: int = 4, **robust
+) -> DecentralizedAverager:
     # small parts: each peer reduces about a quarter of the vector (with hivemind's 512 KiB parts, a
     # 200k vector is two parts, and whoever gets the first reduces 65% of it)
-    return cls([tensor], dht=dht, prefix=prefix, target_group_size=4, min_group_size=min_group_size,
-               min_matchmaking_time=3.0, request_timeout=1.0, part_size_bytes=2**14, start=True, **robust)
+    return cls(
+        [tensor],
+        dht=dht,
+        prefix=prefix,
+        target_group_size=4,
+        min_group_size=min_group_size,
+        min_matchmaking_time=3.0,
+        request_timeout=1.0,
+        part_size_bytes=2**14,
+        start=True,
+        **robust,
+    )
 
 
 def _honest(log: OffenceLog) -> dict:
@@ -131,8 +142,10 @@ def test_a_banned_peer_is_left_out_of_later_groups(dhts):
     signal = torch.randn(SIZE, generator=generator)
     honest = [signal + 0.3 * torch.randn(SIZE, generator=generator) for _ in range(3)]
     attacker = _averager(dhts[0], torch.full((SIZE,), float("nan")), "banned", min_group_size=3)
-    peers = [_averager(dht, tensor.clone(), "banned", min_group_size=3, **_honest(log))
-             for dht, tensor in zip(dhts[1:], honest)]
+    peers = [
+        _averager(dht, tensor.clone(), "banned", min_group_size=3, **_honest(log))
+        for dht, tensor in zip(dhts[1:], honest)
+    ]
     honest_ids = {dht.peer_id.to_base58() for dht in dhts[1:]}
     try:
         rounds: list[list[set[str]]] = []  # per round, the group each honest peer averaged in
@@ -147,7 +160,9 @@ def test_a_banned_peer_is_left_out_of_later_groups(dhts):
             elif not any(attacker_id in group for group in rounds[-1]):
                 break
         assert any(attacker_id in group for group in rounds[0]), f"the attacker was not in the first round: {rounds}"
-        assert all(group == honest_ids for group in rounds[-1]), f"the attacker was still in a group after {len(rounds)} rounds"
+        assert all(group == honest_ids for group in rounds[-1]), (
+            f"the attacker was still in a group after {len(rounds)} rounds"
+        )
         for peer in peers:
             with peer.get_tensors() as tensors:
                 assert torch.isfinite(tensors[0]).all()

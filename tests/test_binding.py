@@ -1,4 +1,5 @@
-"""Peer-key bindings: real libp2p identities (hivemind's RSA files, Ed25519), real DHT peer ids, forged bindings refused."""
+"""Peer-key bindings: real libp2p identities (hivemind's RSA files, Ed25519), real DHT peer ids, forged bindings
+refused."""
 
 from __future__ import annotations
 
@@ -55,7 +56,10 @@ def test_a_binding_by_another_key_names_another_peer(rsa_identity, ed_identity, 
         bind(ed_identity, RUN, victim, hotkey)  # the thief's own key cannot vouch for the victim's id
     key, signature = bind(ed_identity, RUN, _peer_id(ed_identity), hotkey)
     assert "not of this peer id" in binding_problem(RUN, victim, hotkey, key, signature)
-    assert _peer_id(ed_identity).startswith("12D3KooW") and binding_problem(RUN, _peer_id(ed_identity), hotkey, key, signature) is None
+    assert (
+        _peer_id(ed_identity).startswith("12D3KooW")
+        and binding_problem(RUN, _peer_id(ed_identity), hotkey, key, signature) is None
+    )
 
 
 @pytest.mark.parametrize("kind", ["rsa", "ed25519"])

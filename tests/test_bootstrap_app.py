@@ -9,12 +9,12 @@ import pytest
 import redis
 from bound_peers import bound
 
-from hivetrain.swarm import procs
 from hivetrain.bootstrap.app import ADDRS_PER_PEER, create_app
 from hivetrain.identity import Domain, sign
 from hivetrain.protocol.records import MAX_MULTIADDRS, BootstrapRecord, Keys, PeerRecord
 from hivetrain.settings import BootstrapSettings
 from hivetrain.store import Registry, connect_redis
+from hivetrain.swarm import procs
 
 RUN = "bt"
 DOMAIN = Domain(RUN)  # what BootstrapSettings(run_id=RUN) derives on the local chain
@@ -59,13 +59,16 @@ def _register_in_order(registry: Registry, peers: list[PeerRecord]) -> None:
 
 def test_bootstraps_first_then_freshest_peers_deduplicated(redis_url, registry):
     registry.set_bootstrap(BootstrapRecord(peer_id="QmBoot", multiaddrs=BOOT))
-    _register_in_order(registry, [
-        _peer("old"),
-        _peer("val", role="validator"),
-        _peer("dup", addrs=[BOOT[1], _addr("dup")]),  # shares an address with the bootstrap
-        _peer("boot2", role="bootstrap"),  # bootstraps come from their own records only
-        _peer("new"),
-    ])
+    _register_in_order(
+        registry,
+        [
+            _peer("old"),
+            _peer("val", role="validator"),
+            _peer("dup", addrs=[BOOT[1], _addr("dup")]),  # shares an address with the bootstrap
+            _peer("boot2", role="bootstrap"),  # bootstraps come from their own records only
+            _peer("new"),
+        ],
+    )
     client = _client(redis_url)
     body = client.get("/initial_peers").get_json()
     assert body == {"initial_peers": [*BOOT, _addr("new"), _addr("dup"), _addr("val"), _addr("old")]}
@@ -92,7 +95,9 @@ def test_an_oversized_or_address_stuffed_registration_cannot_take_the_answer(red
     # and one with every address it may have: each registration puts at most ADDRS_PER_PEER in an answer
     registry.register(_peer("stuffed", addrs=[_addr("stuffed", port) for port in range(MAX_MULTIADDRS)]), other_wallet)
     answer = _client(redis_url, max_initial_peers=8).get("/initial_peers").get_json()["initial_peers"]
-    assert answer == [_addr("stuffed", port) for port in range(ADDRS_PER_PEER)] + [_addr(f"honest{i}") for i in (2, 1, 0)]
+    assert answer == [_addr("stuffed", port) for port in range(ADDRS_PER_PEER)] + [
+        _addr(f"honest{i}") for i in (2, 1, 0)
+    ]
     with pytest.raises(ValueError):
         _peer("more", addrs=[_addr("more", port) for port in range(MAX_MULTIADDRS + 1)])
     # every field within its bound, and still too big once signed and encoded (non-ASCII text): refused at the writer
@@ -112,7 +117,9 @@ def test_registrations_of_another_run_or_subnet_are_not_handed_out(redis_url, wa
     SigningRegistry(db, Keys(RUN), wallet, Domain(RUN, 1)).register(_peer("subnet1"))
     assert _client(redis_url).get("/initial_peers").get_json() == {"initial_peers": []}
     assert _client(redis_url, chain="bittensor", netuid=2).get("/initial_peers").get_json() == {"initial_peers": []}
-    assert _client(redis_url, chain="bittensor", netuid=1).get("/initial_peers").get_json() == {"initial_peers": [_addr("subnet1")]}
+    assert _client(redis_url, chain="bittensor", netuid=1).get("/initial_peers").get_json() == {
+        "initial_peers": [_addr("subnet1")]
+    }
 
 
 def test_answers_are_reused_for_a_second_per_worker(redis_url, registry):
@@ -121,7 +128,10 @@ def test_answers_are_reused_for_a_second_per_worker(redis_url, registry):
     assert cached.get("/initial_peers").get_json()["initial_peers"] == [_addr("first")]
     registry.register(_peer("second"))
     assert cached.get("/initial_peers").get_json()["initial_peers"] == [_addr("first")]  # from this worker's cache
-    assert _client(redis_url, cache_s=0).get("/initial_peers").get_json()["initial_peers"] == [_addr("second"), _addr("first")]
+    assert _client(redis_url, cache_s=0).get("/initial_peers").get_json()["initial_peers"] == [
+        _addr("second"),
+        _addr("first"),
+    ]
 
 
 @pytest.mark.parametrize("bad", ["0", "5", "-1", "abc", "1.5", "", "1_0", " 2", "99999999999"])

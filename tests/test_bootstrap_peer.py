@@ -7,12 +7,12 @@ import time
 
 import pytest
 
-from hivetrain.swarm import procs
 from hivetrain.bootstrap.peer import publish_until_stopped
 from hivetrain.identity import Domain
 from hivetrain.protocol.records import Keys
-from hivetrain.swarm.redis_server import start_redis
 from hivetrain.store import Registry, connect_redis, is_shard_salt, shard_salt
+from hivetrain.swarm import procs
+from hivetrain.swarm.redis_server import start_redis
 
 ADDR = "/ip4/127.0.0.1/tcp/31337/p2p/QmFake"
 
@@ -34,7 +34,9 @@ def test_publisher_rides_out_a_redis_outage(tmp_path):
     port = procs.free_port()
     registry = Registry(connect_redis(f"redis://127.0.0.1:{port}/0", timeout=0.5), Keys("pt"), Domain("pt"))
     stop = threading.Event()
-    thread = threading.Thread(target=publish_until_stopped, args=(FakeDHT(), registry, "QmFake", stop, 0.3), daemon=True)
+    thread = threading.Thread(
+        target=publish_until_stopped, args=(FakeDHT(), registry, "QmFake", stop, 0.3), daemon=True
+    )
     thread.start()
     redis_service = None
     try:
@@ -62,7 +64,7 @@ def test_publisher_raises_when_the_dht_dies(redis_url):
 def _wait_for(predicate, timeout: float = 10.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if (value := predicate()):
+        if value := predicate():
             return value
         time.sleep(0.05)
     pytest.fail("timed out")
@@ -74,7 +76,9 @@ def test_the_bootstrap_creates_the_shard_salt_and_puts_it_back(redis_url):
     registry = Registry(connect_redis(redis_url), Keys("pt"), Domain("pt"))
     client, key = registry.client, registry.keys.shard_salt
     stop = threading.Event()
-    thread = threading.Thread(target=publish_until_stopped, args=(FakeDHT(), registry, "QmFake", stop, 0.1), daemon=True)
+    thread = threading.Thread(
+        target=publish_until_stopped, args=(FakeDHT(), registry, "QmFake", stop, 0.1), daemon=True
+    )
     thread.start()
     try:
         salt = _wait_for(lambda: client.get(key))
@@ -93,7 +97,9 @@ def test_a_restarted_bootstrap_keeps_the_runs_salt(redis_url):
     registry = Registry(connect_redis(redis_url), Keys("pt"), Domain("pt"))
     first = shard_salt(registry.client, registry.keys, create=True)  # e.g. the bootstrap's last run, or a validator
     stop = threading.Event()
-    thread = threading.Thread(target=publish_until_stopped, args=(FakeDHT(), registry, "QmFake", stop, 0.1), daemon=True)
+    thread = threading.Thread(
+        target=publish_until_stopped, args=(FakeDHT(), registry, "QmFake", stop, 0.1), daemon=True
+    )
     thread.start()
     try:
         _wait_for(registry.bootstraps)

@@ -35,6 +35,7 @@ def serve(start_server):
 
 def _drip(prefix: bytes, dripped: bytes):
     """Send ``prefix`` at once, then ``dripped`` one byte every 0.2 s (the whole drip takes seconds)."""
+
     def respond(handler, server):
         if prefix and not server.write(handler, prefix):
             return
@@ -42,14 +43,22 @@ def _drip(prefix: bytes, dripped: bytes):
             if server.stopping.wait(0.2) or not server.write(handler, bytes([byte])):
                 return
         server.finished.set()
+
     return respond
 
 
-@pytest.mark.parametrize("prefix, dripped", [
-    (b"", OK),  # the status line itself, a byte at a time
-    (b"HTTP/1.0 200 OK\r\nContent-Length: 40\r\n\r\n", b'{"padding": "' + b"x" * 25 + b'"}'),  # a declared body
-    (b"HTTP/1.0 200 OK\r\n\r\n", b'{"padding": "' + b"x" * 25 + b'"}'),  # no length: the body ends when the socket does
-], ids=["status-line", "body", "body-without-length"])
+@pytest.mark.parametrize(
+    "prefix, dripped",
+    [
+        (b"", OK),  # the status line itself, a byte at a time
+        (b"HTTP/1.0 200 OK\r\nContent-Length: 40\r\n\r\n", b'{"padding": "' + b"x" * 25 + b'"}'),  # a declared body
+        (
+            b"HTTP/1.0 200 OK\r\n\r\n",
+            b'{"padding": "' + b"x" * 25 + b'"}',
+        ),  # no length: the body ends when the socket does
+    ],
+    ids=["status-line", "body", "body-without-length"],
+)
 def test_a_dripping_miner_fails_at_the_deadline_while_it_still_drips(serve, prefix, dripped):
     server = serve(_drip(prefix, dripped))
     with pytest.raises(RequestFailed, match="no complete answer within the deadline of 1s") as failed:
@@ -67,7 +76,9 @@ def test_a_silent_miner_fails_at_the_deadline(serve):
 
 def test_a_redirect_is_an_answer_not_a_direction(serve):
     target = serve(lambda handler, server: server.write(handler, OK))
-    redirect = f"HTTP/1.0 307 Temporary Redirect\r\nLocation: {target.url}/internal\r\nContent-Length: 0\r\n\r\n".encode()
+    redirect = (
+        f"HTTP/1.0 307 Temporary Redirect\r\nLocation: {target.url}/internal\r\nContent-Length: 0\r\n\r\n".encode()
+    )
     server = serve(lambda handler, server: server.write(handler, redirect))
     with pytest.raises(RequestFailed, match="^answered HTTP 307$"):
         post_json(server.url + "/challenge", {}, deadline_s=5.0, max_bytes=CAP)
@@ -92,13 +103,18 @@ def _flood(headers: bytes, total: int):
             if server.stopping.is_set() or not server.write(handler, chunk):
                 return
         server.finished.set()
+
     return respond
 
 
-@pytest.mark.parametrize("headers, named", [
-    (b"HTTP/1.0 200 OK\r\nContent-Length: 1000000000\r\n\r\n", "answer of 1000000000 bytes, over the cap of 65536"),
-    (b"HTTP/1.0 200 OK\r\n\r\n", "answer over the cap of 65536 bytes"),  # no length declared: read up to the cap
-], ids=["declared", "undeclared"])
+@pytest.mark.parametrize(
+    "headers, named",
+    [
+        (b"HTTP/1.0 200 OK\r\nContent-Length: 1000000000\r\n\r\n", "answer of 1000000000 bytes, over the cap of 65536"),
+        (b"HTTP/1.0 200 OK\r\n\r\n", "answer over the cap of 65536 bytes"),  # no length declared: read up to the cap
+    ],
+    ids=["declared", "undeclared"],
+)
 def test_a_huge_answer_is_cut_at_the_cap(serve, headers, named):
     server = serve(_flood(headers, total=10**9))
     with pytest.raises(RequestFailed, match=f"^{named}$"):
@@ -111,18 +127,21 @@ def test_an_honest_answer_is_read(serve):
     assert post_json(server.url + "/challenge", {"q": 1}, deadline_s=5.0, max_bytes=CAP) == b'{"ok": true}'
 
 
-@pytest.mark.parametrize("url, named", [
-    ("ftp://127.0.0.1/challenge", "not http or https"),
-    ("http:///challenge", "no host"),
-    ("http://user:secret@127.0.0.1:9/", "carries credentials"),
-    ("http://127.0.0.1:9/?next=http://elsewhere", "query or fragment"),
-    ("http://127.0.0.1:99999/", "does not parse"),
-    ("http://169.254.169.254/latest/meta-data", "link-local"),  # a cloud's metadata service
-    ("http://[::ffff:169.254.169.254]/", "link-local"),
-    ("http://0.0.0.0:8100/", "unspecified"),
-    ("http://224.0.0.1/", "multicast"),
-    ("http://no-such-host.invalid/", "does not resolve"),
-])
+@pytest.mark.parametrize(
+    "url, named",
+    [
+        ("ftp://127.0.0.1/challenge", "not http or https"),
+        ("http:///challenge", "no host"),
+        ("http://user:secret@127.0.0.1:9/", "carries credentials"),
+        ("http://127.0.0.1:9/?next=http://elsewhere", "query or fragment"),
+        ("http://127.0.0.1:99999/", "does not parse"),
+        ("http://169.254.169.254/latest/meta-data", "link-local"),  # a cloud's metadata service
+        ("http://[::ffff:169.254.169.254]/", "link-local"),
+        ("http://0.0.0.0:8100/", "unspecified"),
+        ("http://224.0.0.1/", "multicast"),
+        ("http://no-such-host.invalid/", "does not resolve"),
+    ],
+)
 def test_urls_a_miner_has_no_business_registering_are_refused(url, named):
     with pytest.raises(RequestFailed, match=named):
         vet_url(url)

@@ -25,7 +25,10 @@ def test_uids_are_sequential_and_idempotent(chain):
     assert chain.register("hk-b", "/ip4/127.0.0.1/tcp/2", "miner") == 1
     assert chain.register("hk-a", "/ip4/127.0.0.1/tcp/9", "miner") == 0  # re-register: same uid, new endpoint
     assert chain.uid_for("hk-b") == 1 and chain.uid_for("nobody") is None
-    assert [(n.uid, n.hotkey, n.endpoint) for n in chain.metagraph()] == [(0, "hk-a", "/ip4/127.0.0.1/tcp/9"), (1, "hk-b", "/ip4/127.0.0.1/tcp/2")]
+    assert [(n.uid, n.hotkey, n.endpoint) for n in chain.metagraph()] == [
+        (0, "hk-a", "/ip4/127.0.0.1/tcp/9"),
+        (1, "hk-b", "/ip4/127.0.0.1/tcp/2"),
+    ]
     with pytest.raises(ValueError):
         chain.register("hk-c", "", "bootstrap")
 
@@ -115,9 +118,13 @@ def test_make_chain_validates_arguments():
 
 def _stub_client(registered: dict[str, int]):
     def neuron(uid, hotkey, permit, stake_rao, axon):
-        return SimpleNamespace(uid=uid, hotkey=hotkey, validator_permit=permit, last_update=95, axon=axon, total_stake=bt.rao(stake_rao, 7))
+        return SimpleNamespace(
+            uid=uid, hotkey=hotkey, validator_permit=permit, last_update=95, axon=axon, total_stake=bt.rao(stake_rao, 7)
+        )
 
-    graph = SimpleNamespace(block=100, neurons=[neuron(0, "hk-m", False, 0, None), neuron(1, "hk-v", True, 2_500_000_000, "1.2.3.4:8091")])
+    graph = SimpleNamespace(
+        block=100, neurons=[neuron(0, "hk-m", False, 0, None), neuron(1, "hk-v", True, 2_500_000_000, "1.2.3.4:8091")]
+    )
     return SimpleNamespace(
         network="stub",
         neurons=SimpleNamespace(uid=lambda hotkey_ss58, netuid: registered.get(hotkey_ss58)),
@@ -129,7 +136,10 @@ def _stub_client(registered: dict[str, int]):
 def test_bittensor_chain_maps_the_sdk_metagraph():
     chain = make_chain("bittensor", netuid=7, client=_stub_client({"hk-m": 0, "hk-v": 1}))
     graph = chain.metagraph()
-    assert [(n.uid, n.role, n.stake, n.endpoint) for n in graph] == [(0, "miner", 0.0, ""), (1, "validator", 2.5, "1.2.3.4:8091")]
+    assert [(n.uid, n.role, n.stake, n.endpoint) for n in graph] == [
+        (0, "miner", 0.0, ""),
+        (1, "validator", 2.5, "1.2.3.4:8091"),
+    ]
     assert time.time() - graph[0].last_update == pytest.approx(5 * 12.0, abs=5)
     assert chain.register("hk-v", "ignored", "validator") == 1
     assert chain.weights("hk-v") == {0: 1.0} and chain.weights("hk-x") == {}

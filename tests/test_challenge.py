@@ -29,8 +29,8 @@ from hivetrain.miner.metrics import MinerMetrics
 from hivetrain.miner.train import challenge_block_limit
 from hivetrain.miner.validators import EARLY_READ_S, ValidatorList
 from hivetrain.protocol.spotcheck import CHALLENGE_PASSES, MAX_DIM
-from hivetrain.swarm.redis_server import start_redis
 from hivetrain.store import connect_redis
+from hivetrain.swarm.redis_server import start_redis
 from hivetrain.tokenizer import load_tokenizer
 
 #: The run (local chain) of the miner and its validators; a challenge signed for any other is a forgery here.
@@ -57,11 +57,28 @@ def wait_for(condition, what: str, timeout: float = 20.0) -> None:
 class Endpoint:
     """A miner's real ChallengeServer with a stand-in training loop that answers only while ``training`` is set."""
 
-    def __init__(self, wallet, validators: ValidatorList, limits: ChallengeLimits = LIMITS, health=None, prepare=None,
-                 domain: Domain = DOMAIN):
+    def __init__(
+        self,
+        wallet,
+        validators: ValidatorList,
+        limits: ChallengeLimits = LIMITS,
+        health=None,
+        prepare=None,
+        domain: Domain = DOMAIN,
+    ):
         self.metrics = MinerMetrics()
-        self.server = ChallengeServer(wallet, "127.0.0.1", 0, validators, limits, domain=domain, window_s=60.0, prepare=prepare,
-                                      health=health, metrics=self.metrics).start()
+        self.server = ChallengeServer(
+            wallet,
+            "127.0.0.1",
+            0,
+            validators,
+            limits,
+            domain=domain,
+            window_s=60.0,
+            prepare=prepare,
+            health=health,
+            metrics=self.metrics,
+        ).start()
         self.url = f"http://127.0.0.1:{self.server.port}"
         self.training = threading.Event()
         self.training.set()
@@ -162,7 +179,8 @@ def test_unsigned_forged_and_replayed_requests_are_refused(endpoint, wallet, oth
 
 @pytest.mark.parametrize("signed_in", [Domain("other-run"), Domain("challenge", 1)], ids=["another run", "a subnet"])
 def test_a_validators_challenge_signed_for_another_run_or_subnet_is_refused(endpoint, wallet, other_wallet, signed_in):
-    """A validator listed here too (one hotkey in two runs or subnets) cannot have its challenges of there answered here."""
+    """A validator listed here too (one hotkey in two runs or subnets) cannot have its challenges of there answered
+    here."""
     response = endpoint.post(other_wallet, challenge(wallet.hotkey.ss58_address), domain=signed_in)
     assert response.status_code == 401 and "InvalidSignature" in response.json()["detail"], response.text
     assert endpoint.computed == [] and endpoint.count("invalid") == 1
@@ -170,7 +188,8 @@ def test_a_validators_challenge_signed_for_another_run_or_subnet_is_refused(endp
 
 
 def test_a_miners_answer_holds_in_its_own_subnet_only(chain, validators, wallet, other_wallet):
-    """The answer of a miner of subnet 1 is signed for subnet 1: replayed at a validator of subnet 2, it is a forgery."""
+    """The answer of a miner of subnet 1 is signed for subnet 1: replayed at a validator of subnet 2, it is a
+    forgery."""
     served = Endpoint(wallet, validators, domain=Domain("challenge", 1))
     try:
         response = served.post(other_wallet, challenge(wallet.hotkey.ss58_address), domain=Domain("challenge", 1))
@@ -180,7 +199,10 @@ def test_a_miners_answer_holds_in_its_own_subnet_only(chain, validators, wallet,
     for elsewhere in (Domain("challenge", 2), Domain("challenge"), Domain("other-run", 1)):
         with pytest.raises(InvalidSignature):
             Verifier.in_memory(elsewhere).verify(response.json())
-    assert Verifier.in_memory(Domain("challenge", 1)).verify(response.json())["validator"] == other_wallet.hotkey.ss58_address
+    assert (
+        Verifier.in_memory(Domain("challenge", 1)).verify(response.json())["validator"]
+        == other_wallet.hotkey.ss58_address
+    )
 
 
 def test_a_stranger_cannot_pass_as_a_validator_by_naming_its_hotkey(endpoint, wallet, other_wallet):
@@ -199,16 +221,23 @@ def test_a_flood_of_fresh_hotkeys_does_not_stop_the_validators_challenge(endpoin
     endpoint.training.clear()  # the loop is busy with a step while the flood arrives
     flooders = [fresh_hotkey() for _ in range(40)]
     with ThreadPoolExecutor(16) as pool:
-        flood = list(pool.map(lambda key: endpoint.post(key, challenge(wallet.hotkey.ss58_address)).status_code, flooders))
+        flood = list(
+            pool.map(lambda key: endpoint.post(key, challenge(wallet.hotkey.ss58_address)).status_code, flooders)
+        )
         asked = pool.submit(endpoint.post, other_wallet, challenge(wallet.hotkey.ss58_address))
-        wait_for(lambda: endpoint.server.queue.held(other_wallet.hotkey.ss58_address) == 1, "the validator's challenge queued")
+        wait_for(
+            lambda: endpoint.server.queue.held(other_wallet.hotkey.ss58_address) == 1,
+            "the validator's challenge queued",
+        )
         endpoint.training.set()
         assert asked.result().status_code == 200
     assert flood == [403] * 40
     assert len(endpoint.computed) == 1 and endpoint.count("refused") == 40
 
 
-def test_a_second_validator_flooding_cannot_take_the_first_validators_share(endpoint, chain, wallet, other_wallet, validators):
+def test_a_second_validator_flooding_cannot_take_the_first_validators_share(
+    endpoint, chain, wallet, other_wallet, validators
+):
     rival = fresh_hotkey()
     chain.register(rival.ss58_address, "http://rival", "validator")
     assert validators.refresh() and rival.ss58_address in validators.hotkeys
@@ -217,7 +246,10 @@ def test_a_second_validator_flooding_cannot_take_the_first_validators_share(endp
         flood = [pool.submit(endpoint.post, rival, challenge(wallet.hotkey.ss58_address, seed=i)) for i in range(40)]
         wait_for(lambda: sum(f.done() for f in flood) == 40 - LIMITS.pending, "the rival's flood to be turned away")
         asked = pool.submit(endpoint.post, other_wallet, challenge(wallet.hotkey.ss58_address))
-        wait_for(lambda: endpoint.server.queue.held(other_wallet.hotkey.ss58_address) == 1, "the validator's challenge queued")
+        wait_for(
+            lambda: endpoint.server.queue.held(other_wallet.hotkey.ss58_address) == 1,
+            "the validator's challenge queued",
+        )
         endpoint.training.set()
         assert asked.result().status_code == 200
         codes = sorted(f.result().status_code for f in flood)
@@ -231,7 +263,9 @@ def test_a_validator_registered_after_the_last_read_is_answered(chain, wallet, o
     served = Endpoint(wallet, listed)
     try:
         chain.register(other_wallet.hotkey.ss58_address, "http://validator", "validator")
-        assert served.post(other_wallet, challenge(wallet.hotkey.ss58_address)).status_code == 403  # just read: no early read
+        assert (
+            served.post(other_wallet, challenge(wallet.hotkey.ss58_address)).status_code == 403
+        )  # just read: no early read
         now[0] += EARLY_READ_S
         reads = listed.reads
         assert served.post(other_wallet, challenge(wallet.hotkey.ss58_address)).status_code == 200
@@ -260,13 +294,16 @@ def test_the_validator_list_survives_a_redis_outage(tmp_path, other_wallet):
 
 
 # --- how much may be asked ----------------------------------------------------------------------
-@pytest.mark.parametrize("overrides, bound", [
-    ({"dim": 72}, "dim <= 64"),
-    ({"dim": MAX_DIM}, "dim <= 64"),
-    ({"batch_size": 3}, "batch_size <= 2"),
-    ({"block_index": 100}, "block_index < 100"),
-    ({"block_index": 10**18}, "block_index < 100"),
-])
+@pytest.mark.parametrize(
+    "overrides, bound",
+    [
+        ({"dim": 72}, "dim <= 64"),
+        ({"dim": MAX_DIM}, "dim <= 64"),
+        ({"batch_size": 3}, "batch_size <= 2"),
+        ({"block_index": 100}, "block_index < 100"),
+        ({"block_index": 10**18}, "block_index < 100"),
+    ],
+)
 def test_a_challenge_beyond_the_bounds_gets_400_naming_the_bound(endpoint, wallet, other_wallet, overrides, bound):
     response = endpoint.post(other_wallet, challenge(wallet.hotkey.ss58_address, **overrides))
     assert response.status_code == 400 and bound in response.json()["detail"], response.text
@@ -276,7 +313,9 @@ def test_a_challenge_beyond_the_bounds_gets_400_naming_the_bound(endpoint, walle
 def test_the_block_bound_is_the_shards_first_passes_when_known(tmp_path):
     tokenizer = load_tokenizer()
     bundled = BlockStream(tokenizer=tokenizer, block_size=64, num_shards=16, shard=3)
-    assert challenge_block_limit(bundled, 10) == CHALLENGE_PASSES * bundled.blocks_per_pass  # every block a validator picks
+    assert (
+        challenge_block_limit(bundled, 10) == CHALLENGE_PASSES * bundled.blocks_per_pass
+    )  # every block a validator picks
     texts = tmp_path / "train.jsonl"
     texts.write_text("".join(json.dumps({"text": f"document {i} " * 50}) + "\n" for i in range(20)))
     streamed = BlockStream(str(texts), tokenizer=tokenizer, block_size=64)
@@ -303,7 +342,9 @@ def test_the_batch_is_read_off_the_training_loop(wallet, validators, other_walle
         assert reading.is_set() and response.status_code == 503 and response.json()["error"] == "timeout"
         assert served.server.answer_pending(lambda asked, batch: (0, [0.0] * 8)) == 0  # the loop did not wait for it
         stuck.set()
-        wait_for(lambda: served.server.queue.held(other_wallet.hotkey.ss58_address) == 0, "the expired challenge dropped")
+        wait_for(
+            lambda: served.server.queue.held(other_wallet.hotkey.ss58_address) == 0, "the expired challenge dropped"
+        )
         assert served.computed == []
     finally:
         stuck.set()
@@ -327,24 +368,36 @@ def test_token_bucket_refills():
 
 # --- the server ---------------------------------------------------------------------------------
 def test_a_one_megabyte_body_gets_413(endpoint):
-    response = requests.post(f"{endpoint.url}/challenge", data=b"{" + b" " * (1 << 20) + b"}",
-                             headers={"Content-Type": "application/json"}, timeout=30)
+    response = requests.post(
+        f"{endpoint.url}/challenge",
+        data=b"{" + b" " * (1 << 20) + b"}",
+        headers={"Content-Type": "application/json"},
+        timeout=30,
+    )
     assert response.status_code == 413
 
 
 @pytest.mark.parametrize("junk", ["[" * 60_000, '{"hotkey": "' + "5" * 60_000 + '"}', '{"hotkey": 1e999}', "\u0000"])
 def test_junk_under_the_limit_gets_a_4xx_never_a_500(endpoint, junk):
-    response = requests.post(f"{endpoint.url}/challenge", data=junk, headers={"Content-Type": "application/json"}, timeout=30)
+    response = requests.post(
+        f"{endpoint.url}/challenge", data=junk, headers={"Content-Type": "application/json"}, timeout=30
+    )
     assert 400 <= response.status_code < 500 and response.json()["error"], response.text
     assert endpoint.computed == []
 
 
 def test_a_chunked_body_over_the_limit_gets_413(endpoint):
-    head = (b"POST /challenge HTTP/1.1\r\nHost: miner\r\nContent-Type: application/json\r\n"
-            b"Transfer-Encoding: chunked\r\n\r\n")
+    head = (
+        b"POST /challenge HTTP/1.1\r\nHost: miner\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
     chunk = b"%x\r\n%s\r\n" % (16384, b" " * 16384)
-    answer = raw_exchange(endpoint.server.port, head, timeout=20.0,
-                          body_parts=[chunk] * (2 * MAX_BODY_BYTES // 16384 + 1) + [b"0\r\n\r\n"])
+    answer = raw_exchange(
+        endpoint.server.port,
+        head,
+        timeout=20.0,
+        body_parts=[chunk] * (2 * MAX_BODY_BYTES // 16384 + 1) + [b"0\r\n\r\n"],
+    )
     assert status_of(answer) == 413
     assert requests.get(f"{endpoint.url}/healthz", timeout=10).status_code == 200
 
@@ -352,18 +405,26 @@ def test_a_chunked_body_over_the_limit_gets_413(endpoint):
 def test_a_lying_content_length_gets_a_4xx_never_a_500(endpoint, wallet, other_wallet):
     body = json.dumps(sign(other_wallet, DOMAIN, challenge(wallet.hotkey.ss58_address))).encode()
     head = b"POST /challenge HTTP/1.1\r\nHost: miner\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
-    short = raw_exchange(endpoint.server.port, head % 40, timeout=20.0, body_parts=[body, b" " * (1 << 20)])  # more than it said
+    short = raw_exchange(
+        endpoint.server.port, head % 40, timeout=20.0, body_parts=[body, b" " * (1 << 20)]
+    )  # more than it said
     assert status_of(short) == 400 and b" 500 " not in short
-    long = raw_exchange(endpoint.server.port, head % (1 << 20), timeout=20.0, body_parts=[body])  # less than it said, and too much
+    long = raw_exchange(
+        endpoint.server.port, head % (1 << 20), timeout=20.0, body_parts=[body]
+    )  # less than it said, and too much
     assert status_of(long) == 413
     assert endpoint.computed == [] and requests.get(f"{endpoint.url}/healthz", timeout=10).status_code == 200
 
 
 def test_slow_clients_hold_no_thread(endpoint, wallet, other_wallet):
     body = json.dumps(sign(other_wallet, DOMAIN, challenge(wallet.hotkey.ss58_address))).encode()
-    head = (b"POST /challenge HTTP/1.1\r\nHost: miner\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n\r\n" % len(body))
-    slow = [socket.create_connection(("127.0.0.1", endpoint.server.port), timeout=10) for _ in range(2 * SERVER_THREADS)]
+    head = (
+        b"POST /challenge HTTP/1.1\r\nHost: miner\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    )
+    slow = [
+        socket.create_connection(("127.0.0.1", endpoint.server.port), timeout=10) for _ in range(2 * SERVER_THREADS)
+    ]
     try:
         for conn in slow:  # each sends its headers and a first byte of the body, then drips
             conn.sendall(head + body[:1])

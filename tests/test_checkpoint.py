@@ -8,7 +8,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from hivetrain.miner.checkpoint import CheckpointError, load_checkpoint, recover_leftovers, resume_checkpoint, save_checkpoint
+from hivetrain.miner.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    recover_leftovers,
+    resume_checkpoint,
+    save_checkpoint,
+)
 from hivetrain.models import build_model
 from hivetrain.protocol.checkpoints import TrainerState, latest_checkpoint, list_checkpoints
 from hivetrain.protocol.training import ClippedAdamW, param_groups
@@ -24,7 +30,9 @@ def _trained(seed: int = 0):
 
 
 def _state(epoch: int) -> TrainerState:
-    return TrainerState(peer_id="QmPeer", preset="tiny", epoch=epoch, step=10 * epoch, samples=40 * epoch, next_block=40 * epoch)
+    return TrainerState(
+        peer_id="QmPeer", preset="tiny", epoch=epoch, step=10 * epoch, samples=40 * epoch, next_block=40 * epoch
+    )
 
 
 def test_save_load_round_trip_and_transformers_loads_it(tmp_path):
@@ -141,7 +149,9 @@ def full_disk(tmp_path):
     """A 2 MiB tmpfs the test mounts (root only): too small for a checkpoint of the tiny model."""
     mount = tmp_path / "small"
     mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True, text=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True, text=True
+    )
     if result.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.strip()}")
     try:

@@ -16,12 +16,22 @@ from hivetrain.validator.evaluate import evaluate
 
 
 def _step(peer_id: str, samples: int) -> StepRecord:
-    return StepRecord(peer_id=peer_id, step=samples // 4, local_epoch=1, global_epoch=1, loss=5.0, samples=samples,
-                      samples_per_s=4.0, tokens_per_s=256.0)
+    return StepRecord(
+        peer_id=peer_id,
+        step=samples // 4,
+        local_epoch=1,
+        global_epoch=1,
+        loss=5.0,
+        samples=samples,
+        samples_per_s=4.0,
+        tokens_per_s=256.0,
+    )
 
 
 def _registration(peer_id: str, wallet) -> PeerRecord:
-    return PeerRecord(peer_id=peer_id, role="miner", hotkey=wallet.hotkey.ss58_address, multiaddrs=[], started_at=time.time())
+    return PeerRecord(
+        peer_id=peer_id, role="miner", hotkey=wallet.hotkey.ss58_address, multiaddrs=[], started_at=time.time()
+    )
 
 
 def test_claims_are_windows_of_verified_records(redis_url, wallet, other_wallet):

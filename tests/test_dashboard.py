@@ -15,8 +15,6 @@ from bound_peers import peer_id as pid
 from browser import chromium, console_errors, require_chromium, screenshot, wait_for
 from validator_api import local_run
 
-from hivetrain.swarm import procs
-from hivetrain.runtime.gunicorn import start_gunicorn, stop_gunicorn
 from hivetrain.protocol.records import (
     VALIDATOR_TTL_S,
     EvalRecord,
@@ -28,7 +26,9 @@ from hivetrain.protocol.records import (
     StepRecord,
     ValidatorStatus,
 )
+from hivetrain.runtime.gunicorn import start_gunicorn, stop_gunicorn
 from hivetrain.store import Registry, append, connect_redis
+from hivetrain.swarm import procs
 from hivetrain.validator.__main__ import APP_SPEC
 from hivetrain.validator.app import create_app
 from hivetrain.validator.dashboard import BUCKET_S, SERIES_SHOWN
@@ -58,41 +58,151 @@ def populate(redis_url: str, validator: str, now: float) -> list[KeyWallet]:
     wallets = [KeyWallet(i + 1) for i in range(MINERS)]
     for i, w in enumerate(wallets):
         device = HOSTILE if i == 5 else ("cuda:0" if i % 3 == 0 else "cpu")
-        record = PeerRecord(peer_id=peer_id(i), role="miner", multiaddrs=[f"/ip4/127.0.0.1/tcp/{4000 + i}"],
-                            device=device, preset="tiny", started_at=now - 600)
+        record = PeerRecord(
+            peer_id=peer_id(i),
+            role="miner",
+            multiaddrs=[f"/ip4/127.0.0.1/tcp/{4000 + i}"],
+            device=device,
+            preset="tiny",
+            started_at=now - 600,
+        )
         registry.register(bound(record, w.hotkey.ss58_address, DOMAIN, name=f"miner-{i:03d}"), w)
         for k, age in enumerate((2 * BUCKET_S, BUCKET_S, 0.0)):
-            append(db, KEYS, DOMAIN, StepRecord(peer_id=peer_id(i), step=k, local_epoch=k, global_epoch=k, loss=6.0 - k + i / 1000,
-                                        samples=8 * (k + 1), samples_per_s=1.0, tokens_per_s=100.0 + i,
-                                        checkpoint_epoch=k - 1, time=now - age), signer=w)
+            append(
+                db,
+                KEYS,
+                DOMAIN,
+                StepRecord(
+                    peer_id=peer_id(i),
+                    step=k,
+                    local_epoch=k,
+                    global_epoch=k,
+                    loss=6.0 - k + i / 1000,
+                    samples=8 * (k + 1),
+                    samples_per_s=1.0,
+                    tokens_per_s=100.0 + i,
+                    checkpoint_epoch=k - 1,
+                    time=now - age,
+                ),
+                signer=w,
+            )
     # an impostor's step for miner 0 (validly signed, by the wrong hotkey): must draw nothing
-    append(db, KEYS, DOMAIN, StepRecord(peer_id=peer_id(0), step=9, local_epoch=9, global_epoch=9, loss=1e6, samples=10**9,
-                                samples_per_s=1.0, tokens_per_s=1e9, time=now), signer=wallets[1])
+    append(
+        db,
+        KEYS,
+        DOMAIN,
+        StepRecord(
+            peer_id=peer_id(0),
+            step=9,
+            local_epoch=9,
+            global_epoch=9,
+            loss=1e6,
+            samples=10**9,
+            samples_per_s=1.0,
+            tokens_per_s=1e9,
+            time=now,
+        ),
+        signer=wallets[1],
+    )
     for epoch in range(1, 4):
         for member in (0, 1, 2):
-            append(db, KEYS, DOMAIN, RoundRecord(peer_id=peer_id(member), epoch=epoch, group_size=3, duration_s=0.2 * epoch,
-                                         group=[peer_id(0), peer_id(1), peer_id(2)], success=True, time=now - 30 + epoch),
-                   signer=wallets[member])
-    append(db, KEYS, DOMAIN, OffenceRecord(peer_id=peer_id(1), offender=peer_id(7), averager="run_grad", role="sender",
-                                   reason="non-finite part", banned_s=600.0, time=now - 5), signer=wallets[1])
+            append(
+                db,
+                KEYS,
+                DOMAIN,
+                RoundRecord(
+                    peer_id=peer_id(member),
+                    epoch=epoch,
+                    group_size=3,
+                    duration_s=0.2 * epoch,
+                    group=[peer_id(0), peer_id(1), peer_id(2)],
+                    success=True,
+                    time=now - 30 + epoch,
+                ),
+                signer=wallets[member],
+            )
+    append(
+        db,
+        KEYS,
+        DOMAIN,
+        OffenceRecord(
+            peer_id=peer_id(1),
+            offender=peer_id(7),
+            averager="run_grad",
+            role="sender",
+            reason="non-finite part",
+            banned_s=600.0,
+            time=now - 5,
+        ),
+        signer=wallets[1],
+    )
     # a "ban" by a peer that is not registered: no one is framed by it
-    append(db, KEYS, DOMAIN, OffenceRecord(peer_id="QmNobody", offender=peer_id(8), averager="run_grad", role="sender",
-                                   reason="forged", banned_s=600.0, time=now - 5), signer=KeyWallet(9999))
-    miners = [MinerScore(hotkey=w.hotkey.ss58_address, uid=i, peer_id=peer_id(i), score=(MINERS - i) / MINERS,
-                         weight=(MINERS - i) / (MINERS * (MINERS + 1) / 2),
-                         evidence=[{"claimed_samples": 24, "verified_samples": 24 if i != 9 else 0,
-                                    "reasons": [f"claim: ok ({i})", "spot check pass: cosine 0.98"],
-                                    "checks": [{"verdict": "pass", "cosine": 0.98}, {"verdict": "fail", "cosine": 0.1}]}])
-              for i, w in enumerate(wallets)]
-    db.set(KEYS.scores(validator), ScoreBoard(validator=validator, uid=0, epoch=2, rounds=4, weights_set_at=now - 3,
-                                               miners=miners).to_json())
+    append(
+        db,
+        KEYS,
+        DOMAIN,
+        OffenceRecord(
+            peer_id="QmNobody",
+            offender=peer_id(8),
+            averager="run_grad",
+            role="sender",
+            reason="forged",
+            banned_s=600.0,
+            time=now - 5,
+        ),
+        signer=KeyWallet(9999),
+    )
+    miners = [
+        MinerScore(
+            hotkey=w.hotkey.ss58_address,
+            uid=i,
+            peer_id=peer_id(i),
+            score=(MINERS - i) / MINERS,
+            weight=(MINERS - i) / (MINERS * (MINERS + 1) / 2),
+            evidence=[
+                {
+                    "claimed_samples": 24,
+                    "verified_samples": 24 if i != 9 else 0,
+                    "reasons": [f"claim: ok ({i})", "spot check pass: cosine 0.98"],
+                    "checks": [{"verdict": "pass", "cosine": 0.98}, {"verdict": "fail", "cosine": 0.1}],
+                }
+            ],
+        )
+        for i, w in enumerate(wallets)
+    ]
+    db.set(
+        KEYS.scores(validator),
+        ScoreBoard(validator=validator, uid=0, epoch=2, rounds=4, weights_set_at=now - 3, miners=miners).to_json(),
+    )
     for k in range(3):
-        append(db, KEYS, DOMAIN, EvalRecord(validator=validator, epoch=k, loss=7.0 - k, perplexity=math.exp(7.0 - k), blocks=4,
-                                    tokens=1024, duration_s=0.5, time=now - 30 + 10 * k))
-    append(db, KEYS, DOMAIN, EvalRecord(validator="5SomeoneElse", epoch=9, loss=0.1, perplexity=1.1, blocks=4, tokens=1024,
-                                duration_s=0.5, time=now))
-    db.set(KEYS.validator_alive(validator), ValidatorStatus(validator=validator, preset="tiny", parameters=3_300_000,
-                                                            epoch=2, synced_at=now - 4).to_json(), ex=VALIDATOR_TTL_S)
+        append(
+            db,
+            KEYS,
+            DOMAIN,
+            EvalRecord(
+                validator=validator,
+                epoch=k,
+                loss=7.0 - k,
+                perplexity=math.exp(7.0 - k),
+                blocks=4,
+                tokens=1024,
+                duration_s=0.5,
+                time=now - 30 + 10 * k,
+            ),
+        )
+    append(
+        db,
+        KEYS,
+        DOMAIN,
+        EvalRecord(
+            validator="5SomeoneElse", epoch=9, loss=0.1, perplexity=1.1, blocks=4, tokens=1024, duration_s=0.5, time=now
+        ),
+    )
+    db.set(
+        KEYS.validator_alive(validator),
+        ValidatorStatus(validator=validator, preset="tiny", parameters=3_300_000, epoch=2, synced_at=now - 4).to_json(),
+        ex=VALIDATOR_TTL_S,
+    )
     return wallets
 
 
@@ -121,8 +231,15 @@ def test_dashboard_data_for_200_miners(redis_url, wallet_dir, hotkey):
     assert swarm["epoch"] == 2 and swarm["newest_checkpoint"] == 1 and swarm["miners_with_it"] == MINERS
     assert swarm["tokens_per_s"] == pytest.approx(sum(100.0 + i for i in range(MINERS)))
     assert body["validator"] | {"synced_at": None, "weights_set_at": None} == {
-        "hotkey": hotkey, "running": True, "preset": "tiny", "parameters": 3_300_000, "epoch": 2,
-        "synced_at": None, "weights_set_at": None, "scoring_rounds": 4}
+        "hotkey": hotkey,
+        "running": True,
+        "preset": "tiny",
+        "parameters": 3_300_000,
+        "epoch": 2,
+        "synced_at": None,
+        "weights_set_at": None,
+        "scoring_rounds": 4,
+    }
 
     charts = body["charts"]
     assert [p[1] for p in charts["eval_loss"]] == [7.0, 6.0, 5.0]  # only this validator's evaluations
@@ -134,15 +251,47 @@ def test_dashboard_data_for_200_miners(redis_url, wallet_dir, hotkey):
 
     # the next poll reads only what is new
     db = connect_redis(redis_url)
-    append(db, KEYS, DOMAIN, StepRecord(peer_id=peer_id(3), step=3, local_epoch=3, global_epoch=3, loss=2.5, samples=32,
-                                samples_per_s=1.0, tokens_per_s=50.0, time=now + BUCKET_S), signer=wallets[3])
+    append(
+        db,
+        KEYS,
+        DOMAIN,
+        StepRecord(
+            peer_id=peer_id(3),
+            step=3,
+            local_epoch=3,
+            global_epoch=3,
+            loss=2.5,
+            samples=32,
+            samples_per_s=1.0,
+            tokens_per_s=50.0,
+            time=now + BUCKET_S,
+        ),
+        signer=wallets[3],
+    )
     again = {row["peer_id"]: row for row in client.get("/api/dashboard").get_json()["miners"]}
     assert again[peer_id(3)]["loss"] == 2.5 and again[peer_id(3)]["global_epoch"] == 3
     # a flushed stream is read afresh, not waited on forever
     db.delete(KEYS.steps)
-    append(db, KEYS, DOMAIN, StepRecord(peer_id=peer_id(4), step=0, local_epoch=0, global_epoch=0, loss=3.25, samples=8,
-                                samples_per_s=1.0, tokens_per_s=50.0, time=now + 2 * BUCKET_S), signer=wallets[4])
-    assert {row["peer_id"]: row for row in client.get("/api/dashboard").get_json()["miners"]}[peer_id(4)]["loss"] == 3.25
+    append(
+        db,
+        KEYS,
+        DOMAIN,
+        StepRecord(
+            peer_id=peer_id(4),
+            step=0,
+            local_epoch=0,
+            global_epoch=0,
+            loss=3.25,
+            samples=8,
+            samples_per_s=1.0,
+            tokens_per_s=50.0,
+            time=now + 2 * BUCKET_S,
+        ),
+        signer=wallets[4],
+    )
+    assert {row["peer_id"]: row for row in client.get("/api/dashboard").get_json()["miners"]}[peer_id(4)][
+        "loss"
+    ] == 3.25
 
 
 def test_an_empty_swarm_and_a_malformed_status(redis_url, wallet_dir, hotkey):
@@ -189,7 +338,8 @@ def test_the_page_stays_readable_with_200_miners(served, redis_url, hotkey):
             wait_for(driver, f"Number(document.getElementById('{chart}').dataset.points) > 0", 10, f"data in {chart}")
         lines = driver.execute_script("return document.querySelectorAll('#chart-loss polyline').length")
         assert lines == SERIES_SHOWN + 1, "each shown miner and the median, not 200 lines"
-        layout = driver.execute_script("""
+        layout = driver.execute_script(
+            """
             const wrap = document.querySelector('.table-wrap');
             return {overflow: document.documentElement.scrollWidth - window.innerWidth,
                     tableScrolls: wrap.scrollHeight > wrap.clientHeight,
@@ -198,7 +348,9 @@ def test_the_page_stays_readable_with_200_miners(served, redis_url, hotkey):
                     hostile: [...document.querySelectorAll('#miners td')].some(td => td.textContent === arguments[0]),
                     images: document.querySelectorAll('#miners img').length,
                     banned: document.querySelectorAll('#miners td.status.banned').length,
-                    connection: document.getElementById('connection').dataset.state};""", HOSTILE)
+                    connection: document.getElementById('connection').dataset.state};""",
+            HOSTILE,
+        )
         assert layout["overflow"] <= 0, f"page is {layout['overflow']}px wider than the window"
         assert layout["tableScrolls"] and layout["tableHeight"] <= layout["viewport"], layout
         assert layout["xss"] is None and layout["hostile"] and layout["images"] == 0, "a peer's string ran as markup"

@@ -30,20 +30,18 @@ import requests
 import yaml
 from pydantic import ValidationError
 
-from hivetrain.swarm import procs
 from hivetrain.identity import Domain
-from hivetrain.swarm.redis_server import ROLES, role_rules
 from hivetrain.settings import (
-    domain_of,
     SERVICE_SETTINGS,
     MinerSettings,
     SwarmSettings,
     ValidatorSettings,
+    domain_of,
     env_names,
     format_errors,
     load_settings,
 )
-from hivetrain.swarm import docker_engine
+from hivetrain.swarm import docker_engine, procs
 from hivetrain.swarm.docker_engine import (
     ComposeSwarm,
     ComposeUnavailable,
@@ -58,13 +56,17 @@ from hivetrain.swarm.launcher import (
     miner_threads,
     preset_env,
 )
+from hivetrain.swarm.redis_server import ROLES, role_rules
 
 pytestmark = pytest.mark.deploy
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = sorted(ROOT.glob("services/*/Dockerfile"))
-COMPOSE_VARIANTS = {"default": ["docker-compose.yml"], "gpu": ["docker-compose.yml", "docker-compose.gpu.yml"],
-                    "local": ["docker-compose.yml", "docker-compose.local.yml"]}
+COMPOSE_VARIANTS = {
+    "default": ["docker-compose.yml"],
+    "gpu": ["docker-compose.yml", "docker-compose.gpu.yml"],
+    "local": ["docker-compose.yml", "docker-compose.local.yml"],
+}
 K8S_VARIANTS = ["k8s", "k8s/overlays/cpu", "k8s/overlays/gpu", "k8s/overlays/monitoring"]
 #: Workloads of the monitoring component (k8s/components/monitoring); tests/test_monitoring.py checks them further.
 MONITORING_WORKLOADS = {"prometheus", "grafana"}
@@ -158,7 +160,8 @@ def test_every_service_reads_hive_prefixed_env():
     for service, model in SERVICE_SETTINGS.items():
         assert model.model_config.get("env_prefix") == "HIVE_", (
             f"{model.__name__} reads env_prefix={model.model_config.get('env_prefix')!r}, so it ignores every HIVE_* "
-            "variable the deployment sets; give it model_config with env_prefix='HIVE_' (check the bases' model_config)")
+            "variable the deployment sets; give it model_config with env_prefix='HIVE_' (check the bases' model_config)"
+        )
         assert all(name.startswith("HIVE_") for name in env_names(model))
 
 
@@ -173,12 +176,17 @@ def test_hadolint(dockerfile):
 def test_image_rules(dockerfile, monkeypatch):
     text = dockerfile.read_text()
     service = dockerfile.parent.name
-    assert not re.search(r"^# *syntax=", text, re.M | re.I), "no `# syntax=` line: BuildKit would fetch that frontend from Docker Hub"
+    assert not re.search(r"^# *syntax=", text, re.M | re.I), (
+        "no `# syntax=` line: BuildKit would fetch that frontend from Docker Hub"
+    )
     for base in re.findall(r"^FROM\s+(\S+)", text, re.M):
-        assert base in ("base", "${BASE_IMAGE}") or (":" in base and not base.endswith(":latest")), f"{base}: pin the base by tag"
+        assert base in ("base", "${BASE_IMAGE}") or (":" in base and not base.endswith(":latest")), (
+            f"{base}: pin the base by tag"
+        )
     default_base = re.search(r"^ARG BASE_IMAGE=(\S+)$", text, re.M)
-    assert default_base and re.fullmatch(r"[\w./-]+:[\w.-]+@sha256:[0-9a-f]{64}", default_base.group(1)), \
+    assert default_base and re.fullmatch(r"[\w./-]+:[\w.-]+@sha256:[0-9a-f]{64}", default_base.group(1)), (
         "the base is a build argument whose default is a public image pinned by tag and digest"
+    )
     # every Python package from the hashed lock, from the wheelhouse when one is given
     lock = re.search(r"^ARG LOCK=(\S+)$", text, re.M)
     copied = "${LOCK}" if lock else "services/requirements.lock"
@@ -198,7 +206,8 @@ def test_image_rules(dockerfile, monkeypatch):
 
 
 def _dockerignore_pattern(line: str) -> tuple[re.Pattern, bool]:
-    """(regex, is_exception) of one .dockerignore line, as moby's patternmatcher reads it (Go filepath.Match plus **)."""
+    """(regex, is_exception) of one .dockerignore line, as moby's patternmatcher reads it (Go filepath.Match plus
+    **)."""
     exception = line.startswith("!")
     pattern = os.path.normpath(line[1:].strip() if exception else line).lstrip("/")
     regex, i = "", 0
@@ -215,7 +224,7 @@ def _dockerignore_pattern(line: str) -> tuple[re.Pattern, bool]:
             regex, i = regex + re.escape(pattern[i + 1]), i + 2
         elif pattern[i] == "[":
             end = pattern.index("]", i + 1)
-            body = pattern[i + 1:end]
+            body = pattern[i + 1 : end]
             regex, i = regex + "[" + ("^" + body[1:] if body.startswith("^") else body) + "]", end + 1
         else:
             regex, i = regex + re.escape(pattern[i]), i + 1
@@ -224,7 +233,9 @@ def _dockerignore_pattern(line: str) -> tuple[re.Pattern, bool]:
 
 def _dockerignored(path: str, lines: list[str]) -> bool:
     """Whether the build context leaves ``path`` out: the last pattern matching it or a folder above it wins."""
-    patterns = [_dockerignore_pattern(line) for line in (raw.strip() for raw in lines) if line and not line.startswith("#")]
+    patterns = [
+        _dockerignore_pattern(line) for line in (raw.strip() for raw in lines) if line and not line.startswith("#")
+    ]
     parts = Path(path).parts
     candidates = ["/".join(parts[:n]) for n in range(1, len(parts) + 1)]
     excluded = False
@@ -234,25 +245,29 @@ def _dockerignored(path: str, lines: list[str]) -> bool:
     return excluded
 
 
-@pytest.mark.parametrize("path, lines, excluded", [
-    ("tests/test_x.py", ["tests"], True),
-    ("hivetrain/__pycache__/a.pyc", ["**/__pycache__"], True),
-    ("__pycache__/a.pyc", ["**/__pycache__"], True),
-    ("hivetrain/x.egg-info", ["*.egg-info"], False),  # no ** : the root only, unlike .gitignore
-    ("docs/a.md", ["docs", "!docs/a.md"], False),
-    ("docs/a.md", ["!docs/a.md", "docs"], True),  # the last match wins
-    ("services/wheels/README.md", ["/services/wheels/*", "!services/wheels/README.md"], False),
-    ("services/wheels/torch.whl", ["services/wheels/*", "!services/wheels/README.md"], True),
-    ("a/b/c.key", ["**/*.key"], True),
-    ("a.id", ["?.id"], True),
-    ("ab.id", ["?.id"], False),
-])
+@pytest.mark.parametrize(
+    "path, lines, excluded",
+    [
+        ("tests/test_x.py", ["tests"], True),
+        ("hivetrain/__pycache__/a.pyc", ["**/__pycache__"], True),
+        ("__pycache__/a.pyc", ["**/__pycache__"], True),
+        ("hivetrain/x.egg-info", ["*.egg-info"], False),  # no ** : the root only, unlike .gitignore
+        ("docs/a.md", ["docs", "!docs/a.md"], False),
+        ("docs/a.md", ["!docs/a.md", "docs"], True),  # the last match wins
+        ("services/wheels/README.md", ["/services/wheels/*", "!services/wheels/README.md"], False),
+        ("services/wheels/torch.whl", ["services/wheels/*", "!services/wheels/README.md"], True),
+        ("a/b/c.key", ["**/*.key"], True),
+        ("a.id", ["?.id"], True),
+        ("ab.id", ["?.id"], False),
+    ],
+)
 def test_dockerignore_matching(path, lines, excluded):
     assert _dockerignored(path, lines) is excluded
 
 
 def _copy_sources(dockerfile: Path, args: dict[str, str]) -> list[str]:
-    """Context paths the COPY instructions read (not --from= stages), with $VAR/${VAR} from ARG defaults and ``args``."""
+    """Context paths the COPY instructions read (not --from= stages), with $VAR/${VAR} from ARG defaults and
+    ``args``."""
     text = re.sub(r"\\\n", " ", dockerfile.read_text())
     values: dict[str, str] = {}
     sources = []
@@ -271,10 +286,12 @@ def _copy_sources(dockerfile: Path, args: dict[str, str]) -> list[str]:
             rest = re.sub(r"--\S+\s*", "", rest).strip()
             paths = json.loads(rest) if rest.startswith("[") else rest.split()
             for source in paths[:-1]:
+
                 def expand(match: re.Match) -> str:
                     name = match.group(1) or match.group(2)
                     assert values.get(name), f"{dockerfile}: COPY {source} uses ${name}, which has no value"
                     return values[name]
+
                 sources.append(re.sub(r"\$\{(\w+)\}|\$(\w+)", expand, source))
     return sources
 
@@ -300,10 +317,14 @@ def test_every_copy_source_is_in_the_build_context(dockerfile):
     for args in _build_args(dockerfile):
         for source in _copy_sources(dockerfile, args):
             found = sorted(ROOT.glob(source)) if re.search(r"[*?\[]", source) else [ROOT / source]
-            assert found and all(p.exists() for p in found), f"{dockerfile} (args {args}): COPY {source}: no such path in the repo"
+            assert found and all(p.exists() for p in found), (
+                f"{dockerfile} (args {args}): COPY {source}: no such path in the repo"
+            )
             for p in found:
                 relative = p.relative_to(ROOT).as_posix()
-                assert not _dockerignored(relative, ignore), f"{dockerfile} (args {args}): COPY {source}: .dockerignore leaves it out"
+                assert not _dockerignored(relative, ignore), (
+                    f"{dockerfile} (args {args}): COPY {source}: .dockerignore leaves it out"
+                )
             checked.add(source)
     assert "hivetrain" in checked and "services/requirements.lock" in checked, checked
     if dockerfile.parent.name == "miner":
@@ -355,19 +376,33 @@ def test_miner_entrypoint_claims_slots_and_announces_its_ip(tmp_path):
     fake.mkdir()
     (fake / "hostname").write_text("#!/bin/sh\necho 172.18.0.7 fd00::7\n")
     (fake / "hostname").chmod(0o755)
-    env = {"PATH": f"{fake}:{os.environ['PATH']}", "MINER_DATA_DIR": str(tmp_path / "data"),
-           "HIVE_HOST_MADDRS": '["/ip4/0.0.0.0/tcp/31337"]', "HIVE_CHALLENGE_PORT": "8200"}
+    env = {
+        "PATH": f"{fake}:{os.environ['PATH']}",
+        "MINER_DATA_DIR": str(tmp_path / "data"),
+        "HIVE_HOST_MADDRS": '["/ip4/0.0.0.0/tcp/31337"]',
+        "HIVE_CHALLENGE_PORT": "8200",
+    }
     show = "env | grep ^HIVE_ | sort"
     done = tmp_path / "done"  # the first miner holds its slot until the second has claimed one
-    first = subprocess.Popen(["sh", str(entrypoint), "sh", "-c", f"{show}; while [ ! -e {done} ]; do sleep 0.05; done"],
-                             env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = subprocess.Popen(
+        ["sh", str(entrypoint), "sh", "-c", f"{show}; while [ ! -e {done} ]; do sleep 0.05; done"],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 10
         while not (tmp_path / "data" / "slot-0" / "lock").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(0.2)
-        second = subprocess.run(["sh", str(entrypoint), "sh", "-c", show], env={**env, "HIVE_CHALLENGE_URL": "http://x:1"},
-                                capture_output=True, text=True, timeout=10)
+        second = subprocess.run(
+            ["sh", str(entrypoint), "sh", "-c", show],
+            env={**env, "HIVE_CHALLENGE_URL": "http://x:1"},
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     finally:
         done.touch()
         out, err = first.communicate(timeout=10)
@@ -378,7 +413,9 @@ def test_miner_entrypoint_claims_slots_and_announces_its_ip(tmp_path):
     assert got["HIVE_CHECKPOINT_DIR"] == str(tmp_path / "data" / "slot-0" / "checkpoints")
     assert got["HIVE_WALLET_DIR"] == str(tmp_path / "data" / "slot-0" / "wallets")
     got2 = dict(line.split("=", 1) for line in second.stdout.splitlines() if line.startswith("HIVE_"))
-    assert got2["HIVE_CHECKPOINT_DIR"] == str(tmp_path / "data" / "slot-1" / "checkpoints"), "a live slot is never shared"
+    assert got2["HIVE_CHECKPOINT_DIR"] == str(tmp_path / "data" / "slot-1" / "checkpoints"), (
+        "a live slot is never shared"
+    )
     assert got2["HIVE_CHALLENGE_URL"] == "http://x:1", "what is set wins"
 
 
@@ -400,17 +437,23 @@ def test_compose_services(variant):
     assert int(miner["shm_size"]) >= 2**30
     assert miner["stop_grace_period"] in ("1m30s", "90s")
     for name in ("bootstrap", "validator"):
-        assert services[name]["depends_on"]["redis" if name == "bootstrap" else "bootstrap"]["condition"] == "service_healthy"
+        assert (
+            services[name]["depends_on"]["redis" if name == "bootstrap" else "bootstrap"]["condition"]
+            == "service_healthy"
+        )
         assert services[name]["healthcheck"]["test"][0] == "CMD"
     if variant == "local":  # what `make images` tags, never pulled
-        assert {name: svc["image"] for name, svc in services.items()} == {name: f"hivetrain-{name}:local" for name in services}
+        assert {name: svc["image"] for name, svc in services.items()} == {
+            name: f"hivetrain-{name}:local" for name in services
+        }
         assert {svc.get("pull_policy") for svc in services.values()} == {"never"}
     else:
         assert services["redis"]["image"].startswith("redis:7.") and services["redis"]["image"].endswith("-alpine")
     published = {(name, int(p["target"])) for name, svc in services.items() for p in svc.get("ports", [])}
     assert published == {("bootstrap", 8000), ("validator", 8100)}
-    assert {p.get("host_ip") for svc in services.values() for p in svc.get("ports", [])} == {"127.0.0.1"}, \
+    assert {p.get("host_ip") for svc in services.values() for p in svc.get("ports", [])} == {"127.0.0.1"}, (
         "host ports are on loopback unless HIVE_PUBLISH_ADDRESS opens them"
+    )
     devices = miner.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
     assert bool(devices) == (variant == "gpu")
     if variant == "gpu":  # CUDA torch, from its own lock, under its own tag
@@ -427,8 +470,14 @@ def test_the_compose_file_reads_only_swarm_settings_and_its_own_variables():
 
 def test_compose_publishes_on_the_address_asked_for():
     env = {key: value for key, value in os.environ.items() if not key.startswith("HIVE_")}
-    result = subprocess.run([_compose_binary(), "config", "--format", "json"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=120, env={**env, "HIVE_PUBLISH_ADDRESS": "0.0.0.0", "HIVE_BOOTSTRAP_PORT": "18000"})
+    result = subprocess.run(
+        [_compose_binary(), "config", "--format", "json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**env, "HIVE_PUBLISH_ADDRESS": "0.0.0.0", "HIVE_BOOTSTRAP_PORT": "18000"},
+    )
     assert result.returncode == 0, result.stderr
     ports = {name: svc["ports"] for name, svc in json.loads(result.stdout)["services"].items() if svc.get("ports")}
     assert {(p["host_ip"], p["published"]) for p in ports["bootstrap"]} == {("0.0.0.0", "18000")}
@@ -438,8 +487,14 @@ def test_compose_publishes_on_the_address_asked_for():
 def test_compose_limits_each_miner_to_the_cpus_asked_for():
     env = {key: value for key, value in os.environ.items() if not key.startswith("HIVE_")}
     assert "cpus" not in _compose_config("default")["services"]["miner"], "no limit unless asked for"
-    result = subprocess.run([_compose_binary(), "config", "--format", "json"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=120, env={**env, "HIVE_MINER_CPUS": "2"})
+    result = subprocess.run(
+        [_compose_binary(), "config", "--format", "json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**env, "HIVE_MINER_CPUS": "2"},
+    )
     assert result.returncode == 0, result.stderr
     assert float(json.loads(result.stdout)["services"]["miner"]["cpus"]) == 2.0
 
@@ -451,8 +506,11 @@ def test_compose_env_is_what_each_service_reads(service, monkeypatch):
     _assert_valid(service, _hive(env), monkeypatch, "docker-compose.yml")
     assert "HIVE_REDIS_URL" not in env and env["HIVE_REDIS_URL_FILE"] == "/run/hive-redis/url"
     # the role's own Redis user, and no other: only its redis-auth volume is mounted
-    auth = [(v["source"], v["target"], v.get("read_only")) for v in _compose_config("default")["services"][service]["volumes"]
-            if v["source"].startswith("redis-auth-")]
+    auth = [
+        (v["source"], v["target"], v.get("read_only"))
+        for v in _compose_config("default")["services"][service]["volumes"]
+        if v["source"].startswith("redis-auth-")
+    ]
     assert auth == [(f"redis-auth-{service}", "/run/hive-redis", True)]
     assert set(_compose_config("default")["services"]["redis"]["environment"]) == {"HIVE_RUN_ID"}
 
@@ -465,18 +523,31 @@ def test_redis_start_script_gives_each_role_the_launchers_rules():
     for role in ROLES:
         (rules,) = re.findall(rf'^rules_{role}="(.*)"$', script, re.M)
         assert rules == role_rules(role, "$run"), f"deploy/redis/start.sh: the rules of {role} differ from role_rules()"
-    assert (ROOT / "k8s" / "base" / "redis" / "start.sh").read_bytes() == REDIS_START.read_bytes(), \
+    assert (ROOT / "k8s" / "base" / "redis" / "start.sh").read_bytes() == REDIS_START.read_bytes(), (
         "k8s/base/redis/start.sh must be a copy of deploy/redis/start.sh (kustomize reads files below k8s/ only)"
+    )
 
 
 def _start_script(tmp_path: Path, port: int, **env: str) -> subprocess.Popen:
     folders = {"AUTH_DIR": tmp_path / "auth", "REDIS_DATA_DIR": tmp_path / "data"}
     for role in ROLES:  # as compose mounts the three volumes
         (folders["AUTH_DIR"] / role).mkdir(parents=True, exist_ok=True)
-    full = {"PATH": os.environ["PATH"], "HIVE_RUN_ID": "deploy", "REDIS_HOST": "127.0.0.1", "REDIS_PORT": str(port),
-            **{key: str(value) for key, value in folders.items()}, **env}
-    return subprocess.Popen(["sh", str(REDIS_START), "--bind", "127.0.0.1", "--save", ""], env=full,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    full = {
+        "PATH": os.environ["PATH"],
+        "HIVE_RUN_ID": "deploy",
+        "REDIS_HOST": "127.0.0.1",
+        "REDIS_PORT": str(port),
+        **{key: str(value) for key, value in folders.items()},
+        **env,
+    }
+    return subprocess.Popen(
+        ["sh", str(REDIS_START), "--bind", "127.0.0.1", "--save", ""],
+        env=full,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def test_redis_start_script_runs_one_user_per_role_and_a_miners_only_reads(tmp_path):
@@ -490,10 +561,15 @@ def test_redis_start_script_runs_one_user_per_role_and_a_miners_only_reads(tmp_p
         while len(urls) < len(ROLES):
             assert server.poll() is None, server.stdout.read()
             assert time.monotonic() < deadline, "the Redis of deploy/redis/start.sh did not come up"
-            urls = {role: (tmp_path / "auth" / role / "url").read_text().strip() for role in ROLES
-                    if (tmp_path / "auth" / role / "url").exists()}
+            urls = {
+                role: (tmp_path / "auth" / role / "url").read_text().strip()
+                for role in ROLES
+                if (tmp_path / "auth" / role / "url").exists()
+            }
             time.sleep(0.1)
-        assert all(url.startswith(f"redis://{role}:") and url.endswith(f"@127.0.0.1:{port}/0") for role, url in urls.items())
+        assert all(
+            url.startswith(f"redis://{role}:") and url.endswith(f"@127.0.0.1:{port}/0") for role, url in urls.items()
+        )
         assert len({url for url in urls.values()}) == 3, "one password per role"
         clients = {role: redis_py.Redis.from_url(url, socket_timeout=2) for role, url in urls.items()}
         deadline = time.monotonic() + 30
@@ -505,8 +581,12 @@ def test_redis_start_script_runs_one_user_per_role_and_a_miners_only_reads(tmp_p
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
         assert clients["miner"].get("hive:deploy:peers-test") == b"1"
-        for attack in (lambda: clients["miner"].set("hive:deploy:x", "1"), lambda: clients["miner"].zadd("hive:deploy:peers", {"a": 1}),
-                       lambda: clients["validator"].flushall(), lambda: clients["bootstrap"].get("hive:other-run:x")):
+        for attack in (
+            lambda: clients["miner"].set("hive:deploy:x", "1"),
+            lambda: clients["miner"].zadd("hive:deploy:peers", {"a": 1}),
+            lambda: clients["validator"].flushall(),
+            lambda: clients["bootstrap"].get("hive:other-run:x"),
+        ):
             with pytest.raises(redis_py.exceptions.NoPermissionError):
                 attack()
         admin = (tmp_path / "data" / "admin-password").read_text()
@@ -528,8 +608,10 @@ def test_redis_start_script_runs_one_user_per_role_and_a_miners_only_reads(tmp_p
         server.wait(timeout=10)
 
 
-@pytest.mark.parametrize("password, why", [("change-me-miner", "placeholder"), ("short", "shorter than 16"),
-                                           ("has spaces in it too", "may only use")])
+@pytest.mark.parametrize(
+    "password, why",
+    [("change-me-miner", "placeholder"), ("short", "shorter than 16"), ("has spaces in it too", "may only use")],
+)
 def test_redis_start_script_refuses_a_placeholder_or_weak_password(tmp_path, password, why):
     server = _start_script(tmp_path, procs.free_port(), REDIS_MINER_PASSWORD=password)
     try:
@@ -547,9 +629,26 @@ def test_redis_start_script_refuses_a_placeholder_or_weak_password(tmp_path, pas
 #: the Redis URL of each role is in the file its Redis user's volume holds (HIVE_REDIS_URL_FILE).
 LEFT_TO_THE_IMAGE = {
     "bootstrap": {"HIVE_HTTP_HOST", "HIVE_REDIS_URL"},
-    "miner": {"HIVE_REDIS_URL", "HIVE_CHALLENGE_HOST", "HIVE_ANNOUNCE_MADDRS", "HIVE_CHALLENGE_URL", "HIVE_WALLET_DIR",
-              "HIVE_CHECKPOINT_DIR", "HIVE_IDENTITY_PATH", "HIVE_INITIAL_PEERS", "HIVE_WALLET_NAME", "HIVE_WALLET_HOTKEY"},
-    "validator": {"HIVE_REDIS_URL", "HIVE_API_HOST", "HIVE_INITIAL_PEERS", "HIVE_WALLET_NAME", "HIVE_WALLET_HOTKEY", "HIVE_TORCH_THREADS"},
+    "miner": {
+        "HIVE_REDIS_URL",
+        "HIVE_CHALLENGE_HOST",
+        "HIVE_ANNOUNCE_MADDRS",
+        "HIVE_CHALLENGE_URL",
+        "HIVE_WALLET_DIR",
+        "HIVE_CHECKPOINT_DIR",
+        "HIVE_IDENTITY_PATH",
+        "HIVE_INITIAL_PEERS",
+        "HIVE_WALLET_NAME",
+        "HIVE_WALLET_HOTKEY",
+    },
+    "validator": {
+        "HIVE_REDIS_URL",
+        "HIVE_API_HOST",
+        "HIVE_INITIAL_PEERS",
+        "HIVE_WALLET_NAME",
+        "HIVE_WALLET_HOTKEY",
+        "HIVE_TORCH_THREADS",
+    },
 }
 
 
@@ -559,10 +658,14 @@ def test_compose_lists_every_setting_or_leaves_it_to_the_image(service):
     # otherwise `HIVE_NEW=... python -m hivetrain.swarm --engine docker` would silently not reach it
     listed = {key for key in _compose_config("default")["services"][service]["environment"] if key.startswith("HIVE_")}
     left = LEFT_TO_THE_IMAGE[service]
-    assert not listed & left, f"docker-compose.yml lists {sorted(listed & left)}, which {service} must get from its image or entrypoint"
+    assert not listed & left, (
+        f"docker-compose.yml lists {sorted(listed & left)}, which {service} must get from its image or entrypoint"
+    )
     missing = sorted(env_names(SERVICE_SETTINGS[service]) - listed - left)
-    assert not missing, (f"docker-compose.yml does not list {missing} for {service}: add `NAME:` (passed through) to its "
-                         "environment, or add them to LEFT_TO_THE_IMAGE with the reason")
+    assert not missing, (
+        f"docker-compose.yml does not list {missing} for {service}: add `NAME:` (passed through) to its "
+        "environment, or add them to LEFT_TO_THE_IMAGE with the reason"
+    )
 
 
 @pytest.mark.parametrize("service", sorted(SERVICE_SETTINGS))
@@ -571,16 +674,22 @@ def test_compose_passes_through_nothing_the_image_sets(service):
     # image ENV of that name (moby's ReplaceOrAppendEnvValues): the image's value would be lost
     image = (ROOT / "services" / service / "Dockerfile").read_text()
     image_env = set(re.findall(r"^\s+(HIVE_[A-Z_]+)=", image, re.M))
-    passed = {key for key, value in _compose_config("default")["services"][service]["environment"].items() if value is None}
-    assert not image_env & passed, (f"services/{service}/Dockerfile sets {sorted(image_env & passed)}, which "
-                                    "docker-compose.yml passes through: fix the value in compose, or drop it from the image")
+    passed = {
+        key for key, value in _compose_config("default")["services"][service]["environment"].items() if value is None
+    }
+    assert not image_env & passed, (
+        f"services/{service}/Dockerfile sets {sorted(image_env & passed)}, which "
+        "docker-compose.yml passes through: fix the value in compose, or drop it from the image"
+    )
 
 
 def test_compose_sets_no_tunable_by_itself():
     # without the variables (plain `docker compose up`), pass-throughs stay unset: image and model defaults apply
     services = _compose_config("default")["services"]
     miner = services["miner"]["environment"]
-    assert all(miner[key] is None for key in preset_env(MinerSettings, "tiny")), "a tiny default leaked into the compose file"
+    assert all(miner[key] is None for key in preset_env(MinerSettings, "tiny")), (
+        "a tiny default leaked into the compose file"
+    )
     for name, service in services.items():
         unset = {key for key, value in (service.get("environment") or {}).items() if value is None}
         assert name == "redis" or {"HIVE_RUN_ID", "HIVE_LOG_LEVEL"} <= unset
@@ -596,8 +705,14 @@ def test_kustomize_output_validates_strictly(path):
 
 
 def test_kubernetes_validate_rejects_unknown_fields_offline():
-    bad = yaml.safe_dump({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x"},
-                          "spec": {"ports": [{"port": 80}], "portz": 1}})
+    bad = yaml.safe_dump(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "x"},
+            "spec": {"ports": [{"port": 80}], "portz": 1},
+        }
+    )
     result = _run([*_kubernetes_validate(), "--strict", "--quiet", "-"], stdin=bad)
     assert result.returncode != 0, "kubernetes-validate --strict accepted an unknown field"
 
@@ -635,7 +750,9 @@ def test_k8s_env_is_what_each_service_reads(path, monkeypatch):
     for name, workload in workloads.items():
         env = _pod_env(workload, config_maps)
         if name not in SERVICE_SETTINGS:  # Redis's users may touch the run's keys only: it needs the run id
-            assert {key for key in env if key.startswith("HIVE_")} <= ({"HIVE_RUN_ID"} if name == "redis" else set()), name
+            assert {key for key in env if key.startswith("HIVE_")} <= ({"HIVE_RUN_ID"} if name == "redis" else set()), (
+                name
+            )
             continue
         _assert_known(name, env, path)
         hive = {key: value for key, value in env.items() if key.startswith("HIVE_")}
@@ -665,8 +782,9 @@ def test_k8s_workloads(path):
         assert workloads[name]["spec"]["strategy"]["type"] == "Recreate", name
     claims = {doc["metadata"]["name"] for doc in docs if doc["kind"] == "PersistentVolumeClaim"}
     volumes = workloads["bootstrap"]["spec"]["template"]["spec"]["volumes"]
-    assert [v["persistentVolumeClaim"]["claimName"] for v in volumes] == ["bootstrap-data"] and "bootstrap-data" in claims, \
-        "the bootstrap keeps its peer id across restarts"
+    assert [v["persistentVolumeClaim"]["claimName"] for v in volumes] == [
+        "bootstrap-data"
+    ] and "bootstrap-data" in claims, "the bootstrap keeps its peer id across restarts"
     budgets = {doc["metadata"]["name"]: doc["spec"] for doc in docs if doc["kind"] == "PodDisruptionBudget"}
     assert budgets["miner"] == {"maxUnavailable": 1, "selector": {"matchLabels": {"app.kubernetes.io/name": "miner"}}}
     assert miner["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 60
@@ -674,7 +792,10 @@ def test_k8s_workloads(path):
     assert env["HIVE_ANNOUNCE_MADDRS"] == '["/dns4/$(POD_NAME).miner.$(POD_NAMESPACE).svc.cluster.local/tcp/31337"]'
     for name in ("bootstrap", "validator"):
         probes = workloads[name]["spec"]["template"]["spec"]["containers"][0]
-        assert probes["readinessProbe"]["httpGet"]["path"] == "/readyz" and probes["livenessProbe"]["httpGet"]["path"] == "/healthz"
+        assert (
+            probes["readinessProbe"]["httpGet"]["path"] == "/readyz"
+            and probes["livenessProbe"]["httpGet"]["path"] == "/healthz"
+        )
     container = miner["spec"]["template"]["spec"]["containers"][0]
     gpus = container["resources"]["limits"].get("nvidia.com/gpu")
     tolerations = miner["spec"]["template"]["spec"].get("tolerations", [])
@@ -689,13 +810,16 @@ def test_k8s_pods_hold_no_api_token_and_only_the_roles_reach_redis(path):
     docs = _k8s_docs(path)
     for name in ("redis", "bootstrap", "miner", "validator"):
         assert _workloads(docs)[name]["spec"]["template"]["spec"]["automountServiceAccountToken"] is False, name
-    (policy,) = [doc for doc in docs if doc["kind"] == "NetworkPolicy" and doc["metadata"]["name"] == "redis-clients-only"]
+    (policy,) = [
+        doc for doc in docs if doc["kind"] == "NetworkPolicy" and doc["metadata"]["name"] == "redis-clients-only"
+    ]
     assert policy["spec"]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "redis"}
     assert policy["spec"]["policyTypes"] == ["Ingress"]
     (rule,) = policy["spec"]["ingress"]
     (source,) = rule["from"]
     assert source["podSelector"]["matchExpressions"] == [
-        {"key": "app.kubernetes.io/name", "operator": "In", "values": ["bootstrap", "miner", "validator"]}]
+        {"key": "app.kubernetes.io/name", "operator": "In", "values": ["bootstrap", "miner", "validator"]}
+    ]
     assert rule["ports"] == [{"protocol": "TCP", "port": 6379}]
 
 
@@ -719,11 +843,16 @@ def test_k8s_service_target_ports_are_container_ports(path):
         for port in spec["ports"]:
             target, protocol = port.get("targetPort", port["port"]), port.get("protocol", "TCP")
             for workload in selected:
-                declared = [(p.get("name"), p["containerPort"]) for c in workload["spec"]["template"]["spec"]["containers"]
-                            for p in c.get("ports", []) if p.get("protocol", "TCP") == protocol]
+                declared = [
+                    (p.get("name"), p["containerPort"])
+                    for c in workload["spec"]["template"]["spec"]["containers"]
+                    for p in c.get("ports", [])
+                    if p.get("protocol", "TCP") == protocol
+                ]
                 assert any(target in (port_name, number) for port_name, number in declared), (
                     f"{path}: Service {name} port {port.get('name', port['port'])} targets {target!r}/{protocol}, "
-                    f"but {workload['metadata']['name']} declares only {declared}")
+                    f"but {workload['metadata']['name']} declares only {declared}"
+                )
 
 
 # --- the local launcher -------------------------------------------------------------------------
@@ -736,15 +865,27 @@ def test_launcher_env_is_what_each_service_reads(service, tmp_path, monkeypatch)
         monkeypatch.setenv("HIVE_LR", "0.01")
     swarm = Swarm(SwarmSettings(preset="tiny", miners=2, workdir=str(tmp_path)))
     swarm.bootstrap_url = "http://127.0.0.1:18000"  # _start_bootstrap sets it in a real swarm
-    env = _hive({"bootstrap": lambda: swarm.bootstrap_env(18000), "miner": lambda: swarm.miner_env(1),
-                 "validator": lambda: swarm.validator_env(18100)}[service]())
+    env = _hive(
+        {
+            "bootstrap": lambda: swarm.bootstrap_env(18000),
+            "miner": lambda: swarm.miner_env(1),
+            "validator": lambda: swarm.validator_env(18100),
+        }[service]()
+    )
     _assert_known(service, env, "launcher")
     settings = _assert_valid(service, env, monkeypatch, "launcher")
     assert settings.run_id == "hivetrain" and settings.host_maddrs == ["/ip4/127.0.0.1/tcp/0"]
     if service == "miner":
-        expected = {**PRESET_MINER_DEFAULTS["tiny"], "lr": 0.01, "preset": "tiny", "challenge_host": "127.0.0.1",
-                    "checkpoint_dir": str(tmp_path / "miner-1"), "torch_threads": miner_threads(os.cpu_count(), 2),
-                    "bootstrap_url": "http://127.0.0.1:18000", "wallet_dir": str(tmp_path / "miner-1" / "wallets")}
+        expected = {
+            **PRESET_MINER_DEFAULTS["tiny"],
+            "lr": 0.01,
+            "preset": "tiny",
+            "challenge_host": "127.0.0.1",
+            "checkpoint_dir": str(tmp_path / "miner-1"),
+            "torch_threads": miner_threads(os.cpu_count(), 2),
+            "bootstrap_url": "http://127.0.0.1:18000",
+            "wallet_dir": str(tmp_path / "miner-1" / "wallets"),
+        }
         assert {name: getattr(settings, name) for name in expected} == expected
     elif service == "validator":
         assert (settings.num_shards, settings.api_port, settings.torch_threads) == (16, 18100, 1)
@@ -760,7 +901,11 @@ def test_every_service_of_a_swarm_derives_its_signature_domain(tmp_path, monkeyp
     settings = SwarmSettings(preset="tiny", miners=1, workdir=str(tmp_path), run_id="dom", chain="bittensor", netuid=3)
     swarm = Swarm(settings)
     swarm.bootstrap_url = "http://127.0.0.1:18000"
-    launched = {"bootstrap": swarm.bootstrap_env(18000), "miner": swarm.miner_env(0), "validator": swarm.validator_env(18100)}
+    launched = {
+        "bootstrap": swarm.bootstrap_env(18000),
+        "miner": swarm.miner_env(0),
+        "validator": swarm.validator_env(18100),
+    }
     for service, env in launched.items():
         assert domain_of(_assert_valid(service, _hive(env), monkeypatch, "launcher")) == Domain("dom", 3), service
     composed = docker_engine.compose_env(settings.model_copy(update={"engine": "docker"}), {})
@@ -785,7 +930,9 @@ def test_k8s_cpu_overlay_is_the_tiny_preset(monkeypatch):
     miner = _assert_valid("miner", _hive(_pod_env(workloads["miner"], config_maps)), monkeypatch, "k8s/overlays/cpu")
     assert {name: getattr(miner, name) for name in PRESET_MINER_DEFAULTS["tiny"]} == PRESET_MINER_DEFAULTS["tiny"]
     assert miner.preset == "tiny"
-    validator = _assert_valid("validator", _hive(_pod_env(workloads["validator"], config_maps)), monkeypatch, "k8s/overlays/cpu")
+    validator = _assert_valid(
+        "validator", _hive(_pod_env(workloads["validator"], config_maps)), monkeypatch, "k8s/overlays/cpu"
+    )
     assert validator.num_shards == PRESET_MINER_DEFAULTS["tiny"]["num_shards"]
 
 
@@ -793,9 +940,15 @@ def test_k8s_cpu_overlay_is_the_tiny_preset(monkeypatch):
 def test_compose_gets_the_swarm_settings(monkeypatch):
     # what `python -m hivetrain.swarm --engine docker --preset tiny` hands compose, through the real binary
     settings = SwarmSettings(preset="tiny", miners=2, run_id="t1", bootstrap_port=0, engine="docker")
-    environ = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"),
-               "HIVE_LR": "0.01", "HIVE_HTTP_WORKERS": "3", "HIVE_CHECKPOINT_DIR": "/elsewhere", "HIVE_MINERS": "9",
-               "HIVE_PUBLISH_ADDRESS": "0.0.0.0"}
+    environ = {
+        "PATH": os.environ["PATH"],
+        "HOME": os.environ.get("HOME", "/tmp"),
+        "HIVE_LR": "0.01",
+        "HIVE_HTTP_WORKERS": "3",
+        "HIVE_CHECKPOINT_DIR": "/elsewhere",
+        "HIVE_MINERS": "9",
+        "HIVE_PUBLISH_ADDRESS": "0.0.0.0",
+    }
     swarm = ComposeSwarm(settings, [_compose_binary()], client=None, environ=environ)
     config = swarm.config()
     services = config["services"]
@@ -822,7 +975,9 @@ def test_compose_gets_the_swarm_settings(monkeypatch):
 def test_docker_engine_refuses_an_external_redis():
     # containers cannot reach the Redis of a URL that works from this machine, e.g. 127.0.0.1
     with pytest.raises(SystemExit, match="--external-redis works with --engine local only"):
-        load_settings(SwarmSettings, ["--engine", "docker", "--external-redis", "--redis-url", "redis://127.0.0.1:6379/0"])
+        load_settings(
+            SwarmSettings, ["--engine", "docker", "--external-redis", "--redis-url", "redis://127.0.0.1:6379/0"]
+        )
     assert load_settings(SwarmSettings, ["--external-redis"]).external_redis  # the local engine takes it
 
 
@@ -873,12 +1028,19 @@ def test_compose_command_says_how_to_install_one(tmp_path, monkeypatch):
 class _FakeContainer:
     """What ComposeSwarm reads of a docker-py Container: name, labels, attrs, reload(), logs()."""
 
-    def __init__(self, service: str, number: int, health: str = "healthy", status: str = "running",
-                 ports: dict | None = None):
+    def __init__(
+        self, service: str, number: int, health: str = "healthy", status: str = "running", ports: dict | None = None
+    ):
         self.name = f"t1-{service}-{number}"
-        self.labels = {docker_engine.PROJECT_LABEL: "t1", docker_engine.SERVICE_LABEL: service,
-                       docker_engine.NUMBER_LABEL: str(number)}
-        self.attrs = {"State": {"Status": status, "Health": {"Status": health}}, "NetworkSettings": {"Ports": ports or {}}}
+        self.labels = {
+            docker_engine.PROJECT_LABEL: "t1",
+            docker_engine.SERVICE_LABEL: service,
+            docker_engine.NUMBER_LABEL: str(number),
+        }
+        self.attrs = {
+            "State": {"Status": status, "Health": {"Status": health}},
+            "NetworkSettings": {"Ports": ports or {}},
+        }
 
     def reload(self) -> None:
         pass
@@ -902,8 +1064,11 @@ class _FakeClient:
 
 def _stack(healths: dict[str, list[str]]) -> list[_FakeContainer]:
     ports = {"bootstrap": {"8000/tcp": [{"HostIp": "0.0.0.0", "HostPort": "49153"}]}}
-    return [_FakeContainer(service, number, health, ports=ports.get(service))
-            for service, states in healths.items() for number, health in enumerate(states, 1)]
+    return [
+        _FakeContainer(service, number, health, ports=ports.get(service))
+        for service, states in healths.items()
+        for number, health in enumerate(states, 1)
+    ]
 
 
 def _fake_compose(tmp_path: Path, body: str = "") -> tuple[list[str], Path]:
@@ -915,7 +1080,9 @@ def _fake_compose(tmp_path: Path, body: str = "") -> tuple[list[str], Path]:
 
 def test_compose_swarm_runs_up_stop_and_down(tmp_path):
     compose, calls = _fake_compose(tmp_path)
-    healthy = _stack({"redis": ["healthy"], "bootstrap": ["healthy"], "miner": ["healthy", "healthy"], "validator": ["healthy"]})
+    healthy = _stack(
+        {"redis": ["healthy"], "bootstrap": ["healthy"], "miner": ["healthy", "healthy"], "validator": ["healthy"]}
+    )
     settings = SwarmSettings(miners=2, run_id="t1", workdir=str(tmp_path / "run"), engine="docker")
     swarm = ComposeSwarm(settings, compose, _FakeClient(healthy), environ={"PATH": os.environ["PATH"]})
     swarm.up(threading.Event())
@@ -927,18 +1094,29 @@ def test_compose_swarm_runs_up_stop_and_down(tmp_path):
     assert calls.read_text().splitlines() == [
         f"--project-name t1 -f {compose_file} up --detach --build --remove-orphans --scale miner=2 --scale validator=1",
         f"--project-name t1 -f {compose_file} stop",
-        f"--project-name t1 -f {compose_file} down --remove-orphans"]
+        f"--project-name t1 -f {compose_file} down --remove-orphans",
+    ]
     assert (tmp_path / "run" / "logs" / "t1-miner-2.log").read_text() == "log of t1-miner-2\n"
 
 
 def test_compose_swarm_says_which_container_failed(tmp_path):
-    broken = _stack({"redis": ["healthy"], "bootstrap": ["healthy"], "miner": ["healthy", "unhealthy"], "validator": ["starting"]})
-    swarm = ComposeSwarm(SwarmSettings(miners=2, run_id="t1", engine="docker"), ["compose"], _FakeClient(broken), environ={})
-    with pytest.raises(DockerSwarmError, match="t1-miner-2 is unhealthy, not healthy; its last log lines:\nlog of t1-miner-2"):
+    broken = _stack(
+        {"redis": ["healthy"], "bootstrap": ["healthy"], "miner": ["healthy", "unhealthy"], "validator": ["starting"]}
+    )
+    swarm = ComposeSwarm(
+        SwarmSettings(miners=2, run_id="t1", engine="docker"), ["compose"], _FakeClient(broken), environ={}
+    )
+    with pytest.raises(
+        DockerSwarmError, match="t1-miner-2 is unhealthy, not healthy; its last log lines:\nlog of t1-miner-2"
+    ):
         swarm.wait_healthy(threading.Event())
     exited = _stack({"redis": ["healthy"], "bootstrap": ["exited"]})
-    swarm = ComposeSwarm(SwarmSettings(miners=0, validator=False, run_id="t1", engine="docker"), ["compose"],
-                         _FakeClient(exited), environ={})
+    swarm = ComposeSwarm(
+        SwarmSettings(miners=0, validator=False, run_id="t1", engine="docker"),
+        ["compose"],
+        _FakeClient(exited),
+        environ={},
+    )
     with pytest.raises(DockerSwarmError, match="t1-bootstrap-1 is exited"):
         swarm.wait_healthy(threading.Event())
 
@@ -946,8 +1124,12 @@ def test_compose_swarm_says_which_container_failed(tmp_path):
 def test_compose_swarm_stops_waiting_when_asked(tmp_path):
     compose, _ = _fake_compose(tmp_path, "sleep 30\n")
     starting = _stack({"redis": ["healthy"], "bootstrap": ["starting"]})
-    swarm = ComposeSwarm(SwarmSettings(miners=0, run_id="t1", engine="docker"), compose, _FakeClient(starting),
-                         environ={"PATH": os.environ["PATH"]})
+    swarm = ComposeSwarm(
+        SwarmSettings(miners=0, run_id="t1", engine="docker"),
+        compose,
+        _FakeClient(starting),
+        environ={"PATH": os.environ["PATH"]},
+    )
     stop = threading.Event()
     threading.Timer(0.5, stop.set).start()
     began = time.monotonic()
@@ -960,8 +1142,9 @@ def test_compose_swarm_stops_waiting_when_asked(tmp_path):
 
 def test_compose_swarm_reports_a_failed_compose(tmp_path):
     compose, _ = _fake_compose(tmp_path, "exit 3\n")
-    swarm = ComposeSwarm(SwarmSettings(run_id="t1", engine="docker"), compose, _FakeClient([]),
-                         environ={"PATH": os.environ["PATH"]})
+    swarm = ComposeSwarm(
+        SwarmSettings(run_id="t1", engine="docker"), compose, _FakeClient([]), environ={"PATH": os.environ["PATH"]}
+    )
     with pytest.raises(DockerSwarmError, match=r"compose up failed \(exit code 3\)"):
         swarm.up(threading.Event())
 
@@ -997,8 +1180,9 @@ def test_docker_engine_end_to_end(tmp_path):
     except ComposeUnavailable as error:
         pytest.skip(str(error))
     run_id = f"deploytest-{uuid.uuid4().hex[:6]}"
-    settings = SwarmSettings(miners=2, run_id=run_id, workdir=str(tmp_path), bootstrap_port=0, validator_port=0,
-                             engine="docker")
+    settings = SwarmSettings(
+        miners=2, run_id=run_id, workdir=str(tmp_path), bootstrap_port=0, validator_port=0, engine="docker"
+    )
     project = {"label": f"{docker_engine.PROJECT_LABEL}={run_id}"}
     swarm = ComposeSwarm(settings, compose, client)
     try:

@@ -26,16 +26,27 @@ class Toy(torch.nn.Module):
         self.bias = torch.nn.Parameter(torch.zeros(3))
 
 
-def _optimizer(dht: hivemind.DHT, model: torch.nn.Module, cls: type = DiLoCoOptimizer, averaging_timeout: float = 30.0,
-               **kwargs) -> DiLoCoOptimizer:
+def _optimizer(
+    dht: hivemind.DHT, model: torch.nn.Module, cls: type = DiLoCoOptimizer, averaging_timeout: float = 30.0, **kwargs
+) -> DiLoCoOptimizer:
     return cls(
-        dht=dht, run_id="diloco_test", params=param_groups(model, 0.0),
+        dht=dht,
+        run_id="diloco_test",
+        params=param_groups(model, 0.0),
         optimizer=lambda params: OuterSGD(params, lr=OUTER_LR, momentum=MOMENTUM),
-        inner_params=param_groups(model, 0.0), inner_optimizer=lambda params: torch.optim.SGD(params, lr=INNER_LR),
-        inner_steps=INNER_STEPS, batch_size_per_step=BATCH, matchmaking_time=2.0, averaging_timeout=averaging_timeout,
-        averager_opts=dict(request_timeout=1.0), tracker_opts=dict(min_refresh_period=0.2, max_refresh_period=0.5,
-                          private_key=RSAPrivateKey()),  # peers in one process would share one progress record
-        load_state_timeout=30.0, **kwargs)  # no aggregation_rule: the plain weighted mean, whose arithmetic is checked
+        inner_params=param_groups(model, 0.0),
+        inner_optimizer=lambda params: torch.optim.SGD(params, lr=INNER_LR),
+        inner_steps=INNER_STEPS,
+        batch_size_per_step=BATCH,
+        matchmaking_time=2.0,
+        averaging_timeout=averaging_timeout,
+        averager_opts=dict(request_timeout=1.0),
+        tracker_opts=dict(
+            min_refresh_period=0.2, max_refresh_period=0.5, private_key=RSAPrivateKey()
+        ),  # peers in one process would share one progress record
+        load_state_timeout=30.0,
+        **kwargs,
+    )  # no aggregation_rule: the plain weighted mean, whose arithmetic is checked
 
 
 class Partitioned(DiLoCoOptimizer):
@@ -49,8 +60,9 @@ class Partitioned(DiLoCoOptimizer):
 def swarm():
     first = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     peers = [str(a) for a in first.get_visible_maddrs()]
-    dhts = [first] + [hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=peers)
-                      for _ in range(2)]
+    dhts = [first] + [
+        hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=peers) for _ in range(2)
+    ]
     optimizers: list[DiLoCoOptimizer] = []
     yield dhts, optimizers
     for opt in optimizers:
@@ -87,10 +99,14 @@ def _all_take_one_outer_step(optimizers: list, models: list, grads: list) -> lis
         opt.step()
     for opt in optimizers:  # a peer that saw no other would take its outer step alone
         _wait_for(lambda: opt.tracker.global_progress.num_peers == len(optimizers), "every peer's progress record")
-        assert opt.tracker.target_batch_size == len(optimizers) * INNER_STEPS * BATCH, "the epoch's target is inner steps per peer"
+        assert opt.tracker.target_batch_size == len(optimizers) * INNER_STEPS * BATCH, (
+            "the epoch's target is inner steps per peer"
+        )
     steps: list[list[int]] = [[] for _ in optimizers]
-    threads = [threading.Thread(target=_train_one_outer_step, args=(opt, model, grad, taken))
-               for opt, model, grad, taken in zip(optimizers, models, grads, steps)]
+    threads = [
+        threading.Thread(target=_train_one_outer_step, args=(opt, model, grad, taken))
+        for opt, model, grad, taken in zip(optimizers, models, grads, steps)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -123,17 +139,25 @@ def test_two_peers_take_one_outer_step_on_their_weighted_pseudo_gradients_and_a_
     assert joiner.local_epoch == 1
     assert torch.allclose(joiner_model.weight.detach(), expected, atol=1e-5)
     momentum = [joiner.state_averager.optimizer.state[p]["momentum_buffer"] for p in joiner._global_parameters()]
-    theirs = [optimizers[0].state_averager.optimizer.state[p]["momentum_buffer"] for p in optimizers[0]._global_parameters()]
+    theirs = [
+        optimizers[0].state_averager.optimizer.state[p]["momentum_buffer"] for p in optimizers[0]._global_parameters()
+    ]
     assert all(torch.allclose(a, b) for a, b in zip(momentum, theirs)) and momentum[0].abs().sum() > 0
 
 
 def _assert_takes_up_the_swarms_parameters(missed: DiLoCoOptimizer, model: Toy, reference: DiLoCoOptimizer) -> None:
-    """``missed`` (out of line with the swarm after its outer step) downloads ``reference``'s θ and momentum at its next steps."""
+    """``missed`` (out of line with the swarm after its outer step) downloads ``reference``'s θ and momentum at its
+    next steps."""
     taken_up = []  # what the missed peer held right after each download (before the rest of that step)
-    missed._on_state_loaded = lambda seconds: taken_up.append((
-        missed.state_averager.last_download, missed.local_epoch, [p.detach().clone() for p in missed._global_parameters()],
-        model.weight.detach().clone(),
-        [missed.state_averager.optimizer.state[p]["momentum_buffer"].clone() for p in missed._global_parameters()]))
+    missed._on_state_loaded = lambda seconds: taken_up.append(
+        (
+            missed.state_averager.last_download,
+            missed.local_epoch,
+            [p.detach().clone() for p in missed._global_parameters()],
+            model.weight.detach().clone(),
+            [missed.state_averager.optimizer.state[p]["momentum_buffer"].clone() for p in missed._global_parameters()],
+        )
+    )
     # one step per try (the peer tries every RESYNC_WAIT_S): stepping faster, it would reach the next outer step
     # alone (the others are idle) and be ahead of every state served; bounded: 10 tries, about 20 s
     for _ in range(10):
@@ -148,17 +172,26 @@ def _assert_takes_up_the_swarms_parameters(missed: DiLoCoOptimizer, model: Toy, 
     theirs = reference._global_parameters()
     assert epoch == 1 and all(torch.equal(a, b) for a, b in zip(ours, theirs)), "the peer kept a θ of its own"
     assert torch.equal(weight, theirs[0]), "the model restarts its inner steps from the swarm's θ"
-    assert all(torch.equal(a, reference.state_averager.optimizer.state[b]["momentum_buffer"]) for a, b in zip(momentum, theirs))
+    assert all(
+        torch.equal(a, reference.state_averager.optimizer.state[b]["momentum_buffer"]) for a, b in zip(momentum, theirs)
+    )
 
 
 def test_a_peer_that_missed_the_outer_round_takes_up_the_swarms_global_parameters(swarm):
     dhts, optimizers = swarm
     models = [Toy(), Toy(), Toy()]
     rounds = []
-    optimizers += [_optimizer(dhts[0], models[0], cls=Partitioned, averaging_timeout=5.0, on_round=rounds.append,
-                              average_state_every=5)]  # no state round after the outer step (DiLoCo's default)
+    optimizers += [
+        _optimizer(
+            dhts[0], models[0], cls=Partitioned, averaging_timeout=5.0, on_round=rounds.append, average_state_every=5
+        )
+    ]  # no state round after the outer step (DiLoCo's default)
     optimizers += [_optimizer(dht, model, average_state_every=5) for dht, model in zip(dhts[1:], models[1:])]
-    grads = [torch.tensor([[1.0, 0, 0], [0, 0, 0]]), torch.tensor([[0, 0, 0], [0, 2.0, 0]]), torch.tensor([[0, 0, 3.0], [0, 0, 0]])]
+    grads = [
+        torch.tensor([[1.0, 0, 0], [0, 0, 0]]),
+        torch.tensor([[0, 0, 0], [0, 2.0, 0]]),
+        torch.tensor([[0, 0, 3.0], [0, 0, 0]]),
+    ]
     _all_take_one_outer_step(optimizers, models, grads)
     assert [r.success for r in rounds] == [False], rounds  # the partitioned peer stepped with its Δ alone
     theta = [[p.detach().clone() for p in opt._global_parameters()] for opt in optimizers]
@@ -176,7 +209,9 @@ def test_a_checkpoint_holds_the_global_parameters_apart_from_the_inner_ones(swar
     model.weight.grad = torch.ones(2, 3)
     opt.step()  # one inner step: θ_i moves, θ does not
     saved = opt.state_dict()
-    assert torch.equal(saved["global"][0], torch.zeros(2, 3)) and not torch.equal(model.weight.detach(), torch.zeros(2, 3))
+    assert torch.equal(saved["global"][0], torch.zeros(2, 3)) and not torch.equal(
+        model.weight.detach(), torch.zeros(2, 3)
+    )
     with opt.at_global_parameters(model):
         assert torch.equal(model.weight.detach(), torch.zeros(2, 3))
     assert torch.allclose(model.weight.detach(), torch.full((2, 3), -INNER_LR))

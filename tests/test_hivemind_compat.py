@@ -20,7 +20,9 @@ def test_the_installed_hivemind_is_the_one_the_workarounds_were_written_for():
 
 
 def test_another_hivemind_release_is_refused_with_the_fix():
-    with pytest.raises(ImportError, match=rf"written for hivemind {HIVEMIND_VERSION}, found 1\.2\.0: install hivemind=="):
+    with pytest.raises(
+        ImportError, match=rf"written for hivemind {HIVEMIND_VERSION}, found 1\.2\.0: install hivemind=="
+    ):
         check_hivemind("1.2.0")
 
 
@@ -53,8 +55,16 @@ def _tracker(cls, dht, **kwargs):
     from hivemind.utils.crypto import RSAPrivateKey
 
     # a key of its own, as each peer's process has (trackers in one process share one by default)
-    return cls(dht, prefix="plausible", target_batch_size=10_000, min_refresh_period=0.1, max_refresh_period=0.5,
-               private_key=RSAPrivateKey(), start=True, **kwargs)
+    return cls(
+        dht,
+        prefix="plausible",
+        target_batch_size=10_000,
+        min_refresh_period=0.1,
+        max_refresh_period=0.5,
+        private_key=RSAPrivateKey(),
+        start=True,
+        **kwargs,
+    )
 
 
 def test_a_progress_record_from_the_future_is_left_out_and_named():
@@ -100,8 +110,12 @@ def test_every_override_follows_the_hivemind_source_it_was_written_against():
     pinned = {(pin.owner.__name__, pin.name) for pin in PINS}
     # the doors robust aggregation goes through: the runner an averager builds, where it assigns its matchmaking,
     # and the gradient averager hivemind.Optimizer builds
-    assert {("DecentralizedAverager", "_run_allreduce_inplace_"), ("DecentralizedAverager", "_run_internal"),
-            ("Optimizer", "_make_gradient_averager"), ("Optimizer", "_make_state_averager")} <= pinned
+    assert {
+        ("DecentralizedAverager", "_run_allreduce_inplace_"),
+        ("DecentralizedAverager", "_run_internal"),
+        ("Optimizer", "_make_gradient_averager"),
+        ("Optimizer", "_make_state_averager"),
+    } <= pinned
     assert moved_pins() == []
 
 

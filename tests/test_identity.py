@@ -26,8 +26,8 @@ from hivetrain.identity import (
     verify_signature,
 )
 from hivetrain.protocol.records import Keys
-from hivetrain.store import redis_verifier
 from hivetrain.settings import SERVICE_SETTINGS, SwarmSettings, domain_of, load_settings
+from hivetrain.store import redis_verifier
 
 ALICE = Keypair.create_from_uri("//Alice")
 BOB = Keypair.create_from_uri("//Bob")
@@ -189,13 +189,21 @@ def test_a_version_1_envelope_without_run_or_subnet_is_refused():
     timestamp, nonce = time.time(), "cd" * 16
     body = canonical_json({"hotkey": ALICE.ss58_address, "nonce": nonce, "payload": PAYLOAD, "timestamp": timestamp})
     signature = ALICE.sign(b"hivetrain-envelope/1\n" + body)
-    old = {"payload": PAYLOAD, "hotkey": ALICE.ss58_address, "timestamp": timestamp, "nonce": nonce, "signature": "0x" + signature.hex()}
+    old = {
+        "payload": PAYLOAD,
+        "hotkey": ALICE.ss58_address,
+        "timestamp": timestamp,
+        "nonce": nonce,
+        "signature": "0x" + signature.hex(),
+    }
     with pytest.raises(InvalidSignature):
         Verifier.in_memory(DOMAIN).verify(old)
 
 
-@pytest.mark.parametrize("run_id, netuid", [("", None), ("run\nlocal", None), ("a b", None), (5, None), ("r", -1),
-                                            ("r", True), ("r", "1"), ("r", 1.0)])
+@pytest.mark.parametrize(
+    "run_id, netuid",
+    [("", None), ("run\nlocal", None), ("a b", None), (5, None), ("r", -1), ("r", True), ("r", "1"), ("r", 1.0)],
+)
 def test_a_domain_is_one_run_and_at_most_one_subnet(run_id, netuid):
     with pytest.raises(ValueError):
         Domain(run_id, netuid)
@@ -215,8 +223,10 @@ def test_signing_and_verifying_need_a_domain():
             verify_signature(sign(ALICE, DOMAIN, PAYLOAD), not_a_domain)
 
 
-@pytest.mark.parametrize("chain, netuid, expected", [("local", 7, Domain("swarm")), ("bittensor", 7, Domain("swarm", 7)),
-                                                     ("bittensor", 0, Domain("swarm", 0))])
+@pytest.mark.parametrize(
+    "chain, netuid, expected",
+    [("local", 7, Domain("swarm")), ("bittensor", 7, Domain("swarm", 7)), ("bittensor", 0, Domain("swarm", 0))],
+)
 def test_every_service_derives_the_same_domain_from_the_same_environment(monkeypatch, chain, netuid, expected):
     for key in list(os.environ):
         if key.startswith("HIVE_"):

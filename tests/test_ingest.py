@@ -14,16 +14,16 @@ import pytest
 import redis
 from bound_peers import bound, peer_id
 
-from hivetrain.swarm import procs
 from hivetrain.bootstrap.app import create_app
 from hivetrain.chain import make_chain
-from hivetrain.runtime.gunicorn import start_gunicorn, stop_gunicorn
 from hivetrain.identity import Domain, SignedEnvelope, sign
-from hivetrain.protocol.records import MAX_PEERS_PER_HOTKEY, Departure, Keys, PeerRecord, StepRecord
-from hivetrain.swarm.redis_server import ROLES, acl_file, role_url, start_redis
 from hivetrain.miner.reporting import BootstrapRegistry, BootstrapSink, TelemetryWriter
+from hivetrain.protocol.records import MAX_PEERS_PER_HOTKEY, Departure, Keys, PeerRecord, StepRecord
+from hivetrain.runtime.gunicorn import start_gunicorn, stop_gunicorn
 from hivetrain.settings import BootstrapSettings
 from hivetrain.store import Registry, connect_redis, read_stream, shard_salt
+from hivetrain.swarm import procs
+from hivetrain.swarm.redis_server import ROLES, acl_file, role_url, start_redis
 
 RUN = "ing"
 DOMAIN = Domain(RUN)
@@ -34,8 +34,9 @@ KEYS = Keys(RUN)
 def acl_redis(tmp_path_factory):
     """A redis-server with the launcher's users: yields {"admin": url, role: url, ...}."""
     admin, passwords = "admin-" + "a" * 20, {role: f"{role}-" + "b" * 20 for role in ROLES}
-    service, url = start_redis(tmp_path_factory.mktemp("acl-redis"), persist=False, password=admin,
-                               users=acl_file(admin, passwords, RUN))
+    service, url = start_redis(
+        tmp_path_factory.mktemp("acl-redis"), persist=False, password=admin, users=acl_file(admin, passwords, RUN)
+    )
     try:
         yield {"admin": url, **{role: role_url(url, role, password) for role, password in passwords.items()}}
     finally:
@@ -57,7 +58,9 @@ def test_a_miners_credential_reads_its_run_and_cannot_write_or_administer(acl_re
     assert [n.role for n in make_chain("local", redis_client=miner, run_id=RUN).metagraph()] == ["validator"]
     attacks = {
         "junk in the live-peer index": lambda: miner.zadd(KEYS.peer_index, {f"junk{i}": 1e12 for i in range(100)}),
-        "a stream pinned by the largest explicit id": lambda: miner.xadd(KEYS.steps, {"env": "{}"}, id="18446744073709551615-18446744073709551615"),
+        "a stream pinned by the largest explicit id": lambda: miner.xadd(
+            KEYS.steps, {"env": "{}"}, id="18446744073709551615-18446744073709551615"
+        ),
         "registering as a validator in the local chain": lambda: miner.hset(f"{KEYS.prefix}:chain:neurons", "0", "{}"),
         "a forged bootstrap record": lambda: miner.set(KEYS.bootstrap("QmEvil"), "{}"),
         "deleting a peer": lambda: miner.delete(KEYS.peer("QmVictim")),
@@ -91,21 +94,37 @@ def test_weak_or_odd_passwords_are_refused_when_the_acl_file_is_written():
 
 # --- the bootstrap's ingest ---------------------------------------------------------------------
 
+
 @pytest.fixture
 def app(redis_url):
     return create_app(BootstrapSettings(redis_url=redis_url, run_id=RUN, ingest_per_minute=50), cache_s=0).test_client()
 
 
 def _registration(name: str, signer, domain: Domain = DOMAIN, role: str = "miner", hotkey: str | None = None) -> bytes:
-    record = PeerRecord(peer_id=name, role=role, multiaddrs=[f"/ip4/127.0.0.1/tcp/1/p2p/{name}"], started_at=time.time())
+    record = PeerRecord(
+        peer_id=name, role=role, multiaddrs=[f"/ip4/127.0.0.1/tcp/1/p2p/{name}"], started_at=time.time()
+    )
     record = bound(record, hotkey or signer.hotkey.ss58_address, domain, name=name)
-    envelope = sign(signer, domain, record.model_copy(update={"hotkey": hotkey or signer.hotkey.ss58_address}).model_dump(mode="json"))
+    envelope = sign(
+        signer,
+        domain,
+        record.model_copy(update={"hotkey": hotkey or signer.hotkey.ss58_address}).model_dump(mode="json"),
+    )
     return SignedEnvelope.model_validate(envelope).model_dump_json().encode()
 
 
 def _entry(signer, name: str, step: int, domain: Domain = DOMAIN, when: float | None = None) -> dict:
-    record = StepRecord(peer_id=peer_id(name), step=step, local_epoch=0, global_epoch=0, loss=5.0, samples=step * 8,
-                        samples_per_s=1.0, tokens_per_s=100.0, time=when or time.time())
+    record = StepRecord(
+        peer_id=peer_id(name),
+        step=step,
+        local_epoch=0,
+        global_epoch=0,
+        loss=5.0,
+        samples=step * 8,
+        samples_per_s=1.0,
+        tokens_per_s=100.0,
+        time=when or time.time(),
+    )
     envelope = sign(signer, domain, record.model_dump(mode="json"), timestamp=record.time)
     return {"stream": "steps", "env": SignedEnvelope.model_validate(envelope).model_dump_json()}
 
@@ -116,7 +135,10 @@ def test_registrations_through_the_bootstrap_are_checked_before_they_are_stored(
     assert answer.status_code == 200, answer.get_json()
     assert [p.peer_id for p in registry.live_peers()] == [peer_id("honest")]
     refused = {
-        "a victim's peer id under the thief's hotkey": (_registration("honest", other_wallet, hotkey=wallet.hotkey.ss58_address), 401),
+        "a victim's peer id under the thief's hotkey": (
+            _registration("honest", other_wallet, hotkey=wallet.hotkey.ss58_address),
+            401,
+        ),
         "signed for another run": (_registration("elsewhere", wallet, domain=Domain("other-run")), 401),
         "a validator registering through the miners' door": (_registration("validator", wallet, role="validator"), 403),
         "junk": (b'{"payload": {}}', 401),
@@ -142,7 +164,8 @@ def test_registrations_through_the_bootstrap_are_checked_before_they_are_stored(
 
 
 def test_telemetry_is_stored_as_signed_under_redis_ids_and_forgeries_replays_and_floods_are_refused(
-        app, redis_url, wallet, other_wallet):
+    app, redis_url, wallet, other_wallet
+):
     client = connect_redis(redis_url)
     assert app.post("/v1/peers", data=_registration("writer", wallet)).status_code == 200
     # a peer that is not registered (yet) waits: nothing is lost, nothing is stored
@@ -150,7 +173,9 @@ def test_telemetry_is_stored_as_signed_under_redis_ids_and_forgeries_replays_and
     assert early.status_code == 409 and "not registered" in early.get_json()["message"]
     good = [_entry(wallet, "writer", step) for step in range(1, 4)]
     forged = dict(good[0], env=good[0]["env"].replace('"loss":5.0', '"loss":0.1'))
-    answer = app.post("/v1/telemetry", json={"entries": [*good, forged, _entry(wallet, "writer", 9, domain=Domain("x"))]})
+    answer = app.post(
+        "/v1/telemetry", json={"entries": [*good, forged, _entry(wallet, "writer", 9, domain=Domain("x"))]}
+    )
     assert answer.status_code == 200
     assert answer.get_json()["stored"] == 3
     assert [r["index"] for r in answer.get_json()["refused"]] == [3, 4]
@@ -167,8 +192,12 @@ def test_telemetry_is_stored_as_signed_under_redis_ids_and_forgeries_replays_and
     flood = [_entry(wallet, "writer", 100 + i) for i in range(60)]
     assert app.post("/v1/telemetry", json={"entries": flood}).status_code == 429
     assert client.xlen(KEYS.steps) == 3
-    for body, status in [({"entries": []}, 400), ({"entries": [{"stream": "evals", "env": "{}"}]}, 200),
-                         ({"entries": [good[0]] * 501}, 413), ([1, 2], 400)]:
+    for body, status in [
+        ({"entries": []}, 400),
+        ({"entries": [{"stream": "evals", "env": "{}"}]}, 200),
+        ({"entries": [good[0]] * 501}, 413),
+        ([1, 2], 400),
+    ]:
         assert app.post("/v1/telemetry", json=body).status_code == status, body
     assert app.post("/v1/telemetry", data=b"[" * 50_000, content_type="application/json").status_code == 400
 
@@ -181,8 +210,11 @@ def test_a_miner_registers_writes_and_leaves_through_real_http(redis_url, wallet
     writer = None
     try:
         registrar = BootstrapRegistry(url, DOMAIN)
-        record = bound(PeerRecord(peer_id="http", role="miner", multiaddrs=["/ip4/127.0.0.1/tcp/1"], started_at=time.time()),
-                       wallet.hotkey.ss58_address, DOMAIN)
+        record = bound(
+            PeerRecord(peer_id="http", role="miner", multiaddrs=["/ip4/127.0.0.1/tcp/1"], started_at=time.time()),
+            wallet.hotkey.ss58_address,
+            DOMAIN,
+        )
         deadline = time.monotonic() + 120
         while True:  # gunicorn starts slowly on a busy machine
             try:
@@ -192,8 +224,19 @@ def test_a_miner_registers_writes_and_leaves_through_real_http(redis_url, wallet
                 assert popen.poll() is None and time.monotonic() < deadline, "the bootstrap did not come up"
                 time.sleep(0.3)
         writer = TelemetryWriter(BootstrapSink(url), DOMAIN, wallet)
-        writer.put_many(StepRecord(peer_id=record.peer_id, step=i, local_epoch=0, global_epoch=0, loss=4.0, samples=i,
-                                   samples_per_s=1.0, tokens_per_s=1.0) for i in range(1, 701))  # two posts' worth
+        writer.put_many(
+            StepRecord(
+                peer_id=record.peer_id,
+                step=i,
+                local_epoch=0,
+                global_epoch=0,
+                loss=4.0,
+                samples=i,
+                samples_per_s=1.0,
+                tokens_per_s=1.0,
+            )
+            for i in range(1, 701)
+        )  # two posts' worth
         writer.close(timeout=60)
         assert writer.written == 700 and writer.dropped == 0
         client = connect_redis(redis_url)
@@ -219,9 +262,16 @@ def test_a_post_sent_again_after_its_answer_was_lost_is_known_as_stored_not_as_a
     answer = app.post("/v1/telemetry", json={"entries": again}).get_json()
     assert answer == {"stored": 1, "refused": [], "duplicates": [0, 1, 2]}
     # and once more (that answer lost too): all four were in the last post
-    assert app.post("/v1/telemetry", json={"entries": again}).get_json() == {"stored": 0, "refused": [], "duplicates": [0, 1, 2, 3]}
+    assert app.post("/v1/telemetry", json={"entries": again}).get_json() == {
+        "stored": 0,
+        "refused": [],
+        "duplicates": [0, 1, 2, 3],
+    }
     # a new post, then the first one replayed: it was not the last post any more, so it is a replay
-    assert app.post("/v1/telemetry", json={"entries": [_entry(wallet, "writer", 5, when=now + 5)]}).get_json()["stored"] == 1
+    assert (
+        app.post("/v1/telemetry", json={"entries": [_entry(wallet, "writer", 5, when=now + 5)]}).get_json()["stored"]
+        == 1
+    )
     replay = app.post("/v1/telemetry", json={"entries": first}).get_json()
     assert replay["stored"] == 0 and replay["duplicates"] == [] and [r["index"] for r in replay["refused"]] == [0, 1, 2]
     assert [r.step for r in read_stream(client, KEYS, DOMAIN, StepRecord)] == [1, 2, 3, 4, 5]

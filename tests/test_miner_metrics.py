@@ -10,16 +10,16 @@ import time
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
+from redis_sink import RedisSink
 
 from hivetrain.chain import LocalChain
 from hivetrain.hivemind_compat import RoundInfo
 from hivetrain.identity import Domain, sign
 from hivetrain.miner.challenge import ChallengeLimits, ChallengeServer
 from hivetrain.miner.metrics import MinerMetrics
+from hivetrain.miner.reporting import TelemetryWriter
 from hivetrain.miner.validators import ValidatorList
 from hivetrain.protocol.records import Keys, StepRecord
-from hivetrain.miner.reporting import TelemetryWriter
-from redis_sink import RedisSink
 from hivetrain.store import connect_redis
 
 
@@ -28,8 +28,11 @@ def scrape(url: str) -> dict[tuple[str, tuple], float]:
     response = requests.get(url, timeout=5)
     assert response.status_code == 200
     assert response.headers["Content-Type"].startswith("text/plain; version=")
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(response.text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(response.text)
+        for s in family.samples
+    }
 
 
 def types(url: str) -> dict[str, str]:
@@ -52,8 +55,16 @@ def validators(redis_url, other_wallet):
 
 @pytest.fixture
 def server(wallet, metrics, validators):
-    server = ChallengeServer(wallet, "127.0.0.1", 0, validators, ChallengeLimits(rate=100.0, burst=10, timeout_s=5.0),
-                             domain=Domain("metrics"), window_s=60.0, metrics=metrics).start()
+    server = ChallengeServer(
+        wallet,
+        "127.0.0.1",
+        0,
+        validators,
+        ChallengeLimits(rate=100.0, burst=10, timeout_s=5.0),
+        domain=Domain("metrics"),
+        window_s=60.0,
+        metrics=metrics,
+    ).start()
     try:
         yield server
     finally:
@@ -65,15 +76,25 @@ def _url(server: ChallengeServer) -> str:
 
 
 def _step(index: int) -> StepRecord:
-    return StepRecord(peer_id="QmMiner", step=index, local_epoch=0, global_epoch=0, loss=5.0, samples=4 * index,
-                      samples_per_s=2.0, tokens_per_s=128.0)
+    return StepRecord(
+        peer_id="QmMiner",
+        step=index,
+        local_epoch=0,
+        global_epoch=0,
+        loss=5.0,
+        samples=4 * index,
+        samples_per_s=2.0,
+        tokens_per_s=128.0,
+    )
 
 
 def test_training_and_averaging_show_up_in_a_scrape(server, metrics):
     metrics.describe("QmMiner", "5Hotkey", "tiny", "cpu")
     metrics.record_step(4, 256, 1000.0, 3.5, local_epoch=2, global_epoch=3)
     metrics.record_step(4, 256, 1200.0, 3.25, local_epoch=2, global_epoch=3)
-    metrics.record_round(RoundInfo(epoch=2, kind="gradients", group=("a", "b"), group_size=2, duration_s=4.0, success=True))
+    metrics.record_round(
+        RoundInfo(epoch=2, kind="gradients", group=("a", "b"), group_size=2, duration_s=4.0, success=True)
+    )
     metrics.record_round(RoundInfo(epoch=3, kind="gradients", group=(), group_size=0, duration_s=15.0, success=False))
     metrics.record_round(RoundInfo(epoch=3, kind="state", group=(), group_size=3, duration_s=0.0, success=True))
     metrics.record_state_load(12.0)
@@ -85,17 +106,27 @@ def test_training_and_averaging_show_up_in_a_scrape(server, metrics):
     assert got[("hive_miner_tokens_per_second", ())] == 1200.0 and got[("hive_miner_loss", ())] == 3.25
     assert (got[("hive_miner_local_epoch", ())], got[("hive_miner_global_epoch", ())]) == (2, 3)
     rounds = {labels: value for (name, labels), value in got.items() if name == "hive_miner_averaging_rounds_total"}
-    assert rounds == {(("kind", "gradients"), ("outcome", "success")): 1, (("kind", "gradients"), ("outcome", "failed")): 1,
-                      (("kind", "state"), ("outcome", "success")): 1, (("kind", "state"), ("outcome", "failed")): 0}
+    assert rounds == {
+        (("kind", "gradients"), ("outcome", "success")): 1,
+        (("kind", "gradients"), ("outcome", "failed")): 1,
+        (("kind", "state"), ("outcome", "success")): 1,
+        (("kind", "state"), ("outcome", "failed")): 0,
+    }
     # only gradient rounds are timed: state rounds come from a log line with no duration
     assert got[("hive_miner_gradient_round_duration_seconds_count", ())] == 2
     assert got[("hive_miner_gradient_round_duration_seconds_sum", ())] == 19.0
     assert got[("hive_miner_gradient_round_duration_seconds_bucket", (("le", "5.0"),))] == 1
-    assert got[("hive_miner_state_loads_total", ())] == 1 and got[("hive_miner_state_load_duration_seconds_sum", ())] == 12.0
+    assert (
+        got[("hive_miner_state_loads_total", ())] == 1
+        and got[("hive_miner_state_load_duration_seconds_sum", ())] == 12.0
+    )
     assert got[("hive_miner_checkpoints_total", (("outcome", "saved"),))] == 1
     assert got[("hive_miner_checkpoints_total", (("outcome", "failed"),))] == 0
     assert got[("hive_miner_offences_reported_total", ())] == 2
-    assert got[("hive_miner_info", (("device", "cpu"), ("hotkey", "5Hotkey"), ("peer_id", "QmMiner"), ("preset", "tiny")))] == 1
+    assert (
+        got[("hive_miner_info", (("device", "cpu"), ("hotkey", "5Hotkey"), ("peer_id", "QmMiner"), ("preset", "tiny")))]
+        == 1
+    )
     kinds = types(_url(server))
     assert kinds["hive_miner_steps"] == "counter" and kinds["hive_miner_loss"] == "gauge"
     assert kinds["hive_miner_gradient_round_duration_seconds"] == "histogram"
@@ -133,7 +164,9 @@ def test_telemetry_queue_and_drops_while_redis_is_away(server, metrics, wallet):
     with socket.socket() as probe:  # a port nothing listens on: Redis is down
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    writer = TelemetryWriter(RedisSink(connect_redis(f"redis://127.0.0.1:{port}/0"), Keys("metrics")), Domain("metrics"), wallet, max_queue=3)
+    writer = TelemetryWriter(
+        RedisSink(connect_redis(f"redis://127.0.0.1:{port}/0"), Keys("metrics")), Domain("metrics"), wallet, max_queue=3
+    )
     metrics.watch_telemetry(writer)
     try:
         writer.put_many(_step(i) for i in range(1, 6))
@@ -146,7 +179,14 @@ def test_telemetry_queue_and_drops_while_redis_is_away(server, metrics, wallet):
 
 
 def test_spot_checks_are_counted_by_outcome(server, wallet, other_wallet):
-    body = {"miner_hotkey": wallet.hotkey.ss58_address, "block_index": 3, "batch_size": 2, "seed": 7, "dim": 8, "epoch": 5}
+    body = {
+        "miner_hotkey": wallet.hotkey.ss58_address,
+        "block_index": 3,
+        "batch_size": 2,
+        "seed": 7,
+        "dim": 8,
+        "epoch": 5,
+    }
     answers = iter([(5, [0.5] * 8), ValueError("block out of range")])
     stop = threading.Event()
 
@@ -167,7 +207,9 @@ def test_spot_checks_are_counted_by_outcome(server, wallet, other_wallet):
         url = f"http://127.0.0.1:{server.port}/challenge"
         assert requests.post(url, json=sign(other_wallet, Domain("metrics"), body), timeout=10).status_code == 200
         assert requests.post(url, json=sign(other_wallet, Domain("metrics"), body), timeout=10).status_code == 500
-        assert requests.post(url, json=sign(wallet, Domain("metrics"), body), timeout=10).status_code == 403  # not a validator
+        assert (
+            requests.post(url, json=sign(wallet, Domain("metrics"), body), timeout=10).status_code == 403
+        )  # not a validator
     finally:
         stop.set()
         thread.join()

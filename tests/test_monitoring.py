@@ -14,14 +14,14 @@ import pytest
 import yaml
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from redis_sink import RedisSink
 from test_deploy import ROOT, _compose_binary, _compose_config, _k8s_docs, _run, _workloads
 
 from hivetrain.bootstrap.app import create_app as bootstrap_app
 from hivetrain.identity import Domain
 from hivetrain.miner.metrics import MinerMetrics
-from hivetrain.protocol.records import Keys
 from hivetrain.miner.reporting import TelemetryWriter
-from redis_sink import RedisSink
+from hivetrain.protocol.records import Keys
 from hivetrain.settings import BootstrapSettings, ValidatorSettings
 from hivetrain.store import connect_redis
 from hivetrain.validator.app import create_app as validator_app
@@ -44,7 +44,9 @@ METRICS_PORTS = {"bootstrap": "http", "validator": "api", "miner": "challenge"}
 
 @lru_cache(maxsize=None)
 def _compose_monitoring() -> dict:
-    result = _run([_compose_binary(), "-f", "docker-compose.yml", "--profile", "monitoring", "config", "--format", "json"])
+    result = _run(
+        [_compose_binary(), "-f", "docker-compose.yml", "--profile", "monitoring", "config", "--format", "json"]
+    )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -62,7 +64,9 @@ def test_the_monitoring_profile_adds_prometheus_and_grafana():
         assert ":" in service["image"] and not service["image"].endswith(":latest"), f"{name}: pin the image by tag"
         assert [port["host_ip"] for port in service["ports"]] == ["127.0.0.1"], f"{name}: publish on loopback only"
         binds = [mount for mount in service["volumes"] if mount["type"] == "bind"]
-        assert binds and all(Path(m["source"]).exists() and m["read_only"] for m in binds), f"{name}: read-only deploy/ files"
+        assert binds and all(Path(m["source"]).exists() and m["read_only"] for m in binds), (
+            f"{name}: read-only deploy/ files"
+        )
         assert service["healthcheck"]["test"][0] == "CMD"
     assert config["services"]["grafana"]["depends_on"]["prometheus"]["condition"] == "service_healthy"
 
@@ -104,7 +108,8 @@ def test_grafana_provisioning_matches_the_mounts():
 @pytest.mark.parametrize("source, copy", GRAFANA_COPIES.items())
 def test_the_k8s_grafana_files_are_copies_of_deploy(source, copy):
     assert (COMPONENT / "grafana" / copy).read_bytes() == (DEPLOY / "grafana" / source).read_bytes(), (
-        f"out of date: cp deploy/grafana/{source} k8s/components/monitoring/grafana/{copy}")
+        f"out of date: cp deploy/grafana/{source} k8s/components/monitoring/grafana/{copy}"
+    )
 
 
 def test_k8s_pods_ask_to_be_scraped_on_their_metrics_port():
@@ -114,7 +119,9 @@ def test_k8s_pods_ask_to_be_scraped_on_their_metrics_port():
         annotations = template["metadata"]["annotations"]
         ports = {port["name"]: port["containerPort"] for port in template["spec"]["containers"][0]["ports"]}
         assert (annotations["prometheus.io/scrape"], annotations["prometheus.io/path"]) == ("true", "/metrics")
-        assert int(annotations["prometheus.io/port"]) == ports[port_name], f"{name} serves /metrics on its {port_name} port"
+        assert int(annotations["prometheus.io/port"]) == ports[port_name], (
+            f"{name} serves /metrics on its {port_name} port"
+        )
     base = _workloads(_k8s_docs("k8s"))
     assert not any("annotations" in w["spec"]["template"]["metadata"] for w in base.values()), "the base is unchanged"
 
@@ -125,9 +132,13 @@ def test_k8s_prometheus_finds_pods_of_its_namespace_by_annotation():
     (discovery,) = jobs["hivetrain"]["kubernetes_sd_configs"]
     assert discovery == {"role": "pod", "namespaces": {"own_namespace": True}}
     relabel = {rule.get("target_label"): rule for rule in jobs["hivetrain"]["relabel_configs"]}
-    assert relabel["job"]["source_labels"] == ["__meta_kubernetes_pod_label_app_kubernetes_io_name"], "job as in compose"
+    assert relabel["job"]["source_labels"] == ["__meta_kubernetes_pod_label_app_kubernetes_io_name"], (
+        "job as in compose"
+    )
     prometheus = _workloads(docs)["prometheus"]["spec"]["template"]["spec"]
-    (role,) = [doc for doc in docs if doc["kind"] == "Role" and doc["metadata"]["name"] == prometheus["serviceAccountName"]]
+    (role,) = [
+        doc for doc in docs if doc["kind"] == "Role" and doc["metadata"]["name"] == prometheus["serviceAccountName"]
+    ]
     assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
     (binding,) = [doc for doc in docs if doc["kind"] == "RoleBinding"]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "prometheus", "namespace": "hivetrain"}]
@@ -139,8 +150,11 @@ def test_k8s_grafana_mounts_what_its_provisioning_names():
     config_maps = {doc["metadata"]["name"]: doc["data"] for doc in docs if doc["kind"] == "ConfigMap"}
     pod = _workloads(docs)["grafana"]["spec"]["template"]["spec"]
     volumes = {v["name"]: v["configMap"]["name"] for v in pod["volumes"] if "configMap" in v}
-    mounted = {m["mountPath"]: config_maps[volumes[m["name"]]]
-               for m in pod["containers"][0]["volumeMounts"] if m["name"] in volumes}
+    mounted = {
+        m["mountPath"]: config_maps[volumes[m["name"]]]
+        for m in pod["containers"][0]["volumeMounts"]
+        if m["name"] in volumes
+    }
     provider = yaml.safe_load(mounted["/etc/grafana/provisioning/dashboards"]["hiveminer.yml"])["providers"][0]
     assert json.loads(mounted[provider["options"]["path"]]["hiveminer.json"]) == json.loads(DASHBOARD.read_text())
     assert "datasources" in yaml.safe_load(mounted["/etc/grafana/provisioning/datasources"]["prometheus.yml"])
@@ -176,8 +190,10 @@ def test_dashboard_panels_are_well_formed():
 def _served_names(redis_url: str, wallet, wallet_dir: str) -> set[str]:
     """Sample names of a real scrape of the bootstrap app, the validator app and a miner's metrics."""
     texts = []
-    for app in (bootstrap_app(BootstrapSettings(redis_url=redis_url, run_id="mon")),
-                validator_app(ValidatorSettings(redis_url=redis_url, run_id="mon", wallet_dir=wallet_dir))):
+    for app in (
+        bootstrap_app(BootstrapSettings(redis_url=redis_url, run_id="mon")),
+        validator_app(ValidatorSettings(redis_url=redis_url, run_id="mon", wallet_dir=wallet_dir)),
+    ):
         client = app.test_client()
         client.get("/healthz")  # request counters have samples once a request was counted
         texts.append(client.get("/metrics").text)
@@ -189,16 +205,24 @@ def _served_names(redis_url: str, wallet, wallet_dir: str) -> set[str]:
         texts.append(generate_latest(metrics.registry).decode())
     finally:
         writer.close()
-    return {sample.name for text in texts for family in text_string_to_metric_families(text) for sample in family.samples}
+    return {
+        sample.name for text in texts for family in text_string_to_metric_families(text) for sample in family.samples
+    }
 
 
 def test_every_metric_the_dashboard_queries_is_served(redis_url, wallet, tmp_path):
     served = _served_names(redis_url, wallet, str(tmp_path))
     # our metric names all start with hive_; PromQL functions, label names and values do not
     queried = {name for expr in _queries(_dashboard()) for name in re.findall(r"\bhive_[a-z0-9_]+", expr)}
-    assert {"hive_miner_tokens_total", "hive_validator_latest_eval_loss", "hive_bootstrap_http_requests_total"} <= queried
+    assert {
+        "hive_miner_tokens_total",
+        "hive_validator_latest_eval_loss",
+        "hive_bootstrap_http_requests_total",
+    } <= queried
     assert not sorted(queried - served), f"the dashboard queries metrics no service serves: {sorted(queried - served)}"
     # and every miner metric has a panel (samples: the tokens counter shows the same work)
-    families = {re.sub(r"_(total|bucket|sum|count|created)$", "", name) for name in served if name.startswith("hive_miner_")}
+    families = {
+        re.sub(r"_(total|bucket|sum|count|created)$", "", name) for name in served if name.startswith("hive_miner_")
+    }
     unshown = sorted(f for f in families - {"hive_miner_samples"} if not any(name.startswith(f) for name in queried))
     assert not unshown, f"miner metrics no panel shows: {unshown}"

@@ -7,9 +7,9 @@ import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.proto import runtime_pb2
 
+from hivetrain.hivemind_compat import install_codecs
 from hivetrain.miner.optim import warmup_schedule
 from hivetrain.models import build_model
-from hivetrain.hivemind_compat import install_codecs
 from hivetrain.protocol.training import COMPRESSIONS, ClippedAdamW, param_groups, state_download_compression
 
 
@@ -60,7 +60,9 @@ def test_codecs_round_trip_through_hivemind(name, tolerance):
     assert restored.shape == tensor.shape
     assert (restored - tensor).abs().mean() <= tolerance * tensor.abs().mean() + 1e-7
     if name == "8bit":
-        assert wire.compression == runtime_pb2.UNIFORM_8BIT and len(wire.buffer) < tensor.numel() * 1.1  # a byte per value, not four
+        assert (
+            wire.compression == runtime_pb2.UNIFORM_8BIT and len(wire.buffer) < tensor.numel() * 1.1
+        )  # a byte per value, not four
 
 
 @pytest.mark.parametrize("name", ["fp16", "8bit"])
@@ -78,10 +80,15 @@ def test_a_joiner_gets_the_optimizer_statistics_exact_and_the_parameters_as_conf
 
     assert torch.equal(served(second_moments, TensorRole.OPTIMIZER), second_moments)
     wire = COMPRESSIONS[name]().compression_type
-    assert compression.compress(parameters, CompressionInfo.from_tensor(parameters, key=0, role=TensorRole.PARAMETER)).compression == wire
+    assert (
+        compression.compress(
+            parameters, CompressionInfo.from_tensor(parameters, key=0, role=TensorRole.PARAMETER)
+        ).compression
+        == wire
+    )
     # what the codec alone does to the statistics: the reason they are sent exact
     lossy = served(second_moments, TensorRole.PARAMETER)
-    step_ratio = (second_moments.sqrt() / lossy.clamp_min(0).sqrt().add(1e-8))
+    step_ratio = second_moments.sqrt() / lossy.clamp_min(0).sqrt().add(1e-8)
     assert not torch.allclose(step_ratio, torch.ones_like(step_ratio), rtol=0.5)
 
 
@@ -95,8 +102,15 @@ def test_gradients_accumulate_in_the_model_until_the_epoch_when_its_buffers_are_
 
     dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     model = build_model("tiny")
-    settings = MinerSettings(preset="tiny", run_id="reuse", batch_size=2, target_batch_size=6, warmup_epochs=0,
-                             matchmaking_time=1.0, averaging_timeout=5.0)
+    settings = MinerSettings(
+        preset="tiny",
+        run_id="reuse",
+        batch_size=2,
+        target_batch_size=6,
+        warmup_epochs=0,
+        matchmaking_time=1.0,
+        averaging_timeout=5.0,
+    )
     opt = make_optimizer(model, dht, settings)
     try:
         batch = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -108,7 +122,9 @@ def test_gradients_accumulate_in_the_model_until_the_epoch_when_its_buffers_are_
             opt.step()
             opt.zero_grad()  # what the miner's loop calls: a no-op here
         assert opt.local_epoch == 1, f"no epoch after {len(grads)} steps"
-        assert len(grads) >= 2 and torch.allclose(grads[1], 2 * grads[0], rtol=1e-4, atol=1e-8), "not accumulated in .grad"
+        assert len(grads) >= 2 and torch.allclose(grads[1], 2 * grads[0], rtol=1e-4, atol=1e-8), (
+            "not accumulated in .grad"
+        )
         assert not torch.equal(weight.detach(), before), "the epoch's step did not move the parameters"
         assert weight.grad.abs().sum() == 0, "hivemind did not clear the buffers after the epoch"
     finally:

@@ -8,8 +8,8 @@ import pytest
 from flask import Flask, jsonify
 from werkzeug.serving import make_server
 
-from hivetrain.swarm import procs
 from hivetrain.discovery import BootstrapUnavailable, fetch_initial_peers
+from hivetrain.swarm import procs
 
 
 @pytest.fixture

@@ -12,7 +12,9 @@ from hivetrain.validator.progress import PeerProgress, ProgressLedger, fetch_pro
 
 def test_progress_ledger_sums_the_best_of_each_epoch():
     def record(epoch: int, samples: int) -> PeerProgress:
-        return PeerProgress(peer_id="QmA", epoch=epoch, samples_accumulated=samples, samples_per_second=1.0, time=0.0, client_mode=False)
+        return PeerProgress(
+            peer_id="QmA", epoch=epoch, samples_accumulated=samples, samples_per_second=1.0, time=0.0, client_mode=False
+        )
 
     ledger = ProgressLedger()
     for epoch, samples in [(0, 32), (0, 96), (1, 16), (0, 64), (1, 48)]:
@@ -21,7 +23,9 @@ def test_progress_ledger_sums_the_best_of_each_epoch():
 
 
 def _record(peer: str, epoch: int, samples: int) -> PeerProgress:
-    return PeerProgress(peer_id=peer, epoch=epoch, samples_accumulated=samples, samples_per_second=1.0, time=0.0, client_mode=False)
+    return PeerProgress(
+        peer_id=peer, epoch=epoch, samples_accumulated=samples, samples_per_second=1.0, time=0.0, client_mode=False
+    )
 
 
 def test_a_window_is_what_the_total_grew_by_since_the_last_one():
@@ -46,7 +50,9 @@ def test_the_ledger_stays_bounded_under_ever_new_epochs_and_peers():
         sybils = {f"sybil-{wave}-{i}": _record(f"sybil-{wave}-{i}", 5_000, 1) for i in range(100)}
         ledger.observe({"honest": _record("honest", 5_000, 500 + wave), **sybils}, now=10.0 + wave)
     assert len(ledger) == 100 and ledger.samples("honest") == 509
-    ledger.observe({"honest": _record("honest", 5_001, 7)}, now=100.0)  # everyone else absent for over a minute: forgotten
+    ledger.observe(
+        {"honest": _record("honest", 5_001, 7)}, now=100.0
+    )  # everyone else absent for over a minute: forgotten
     assert len(ledger) == 1 and ledger.samples("honest") == 509 + 7
 
 
@@ -58,13 +64,20 @@ def test_fetch_progress_reads_a_real_progress_tracker():
     miner_dht = validator_dht = tracker = None
     try:
         miner_dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-        validator_dht = hivemind.DHT(start=True, client_mode=True, initial_peers=[str(a) for a in miner_dht.get_visible_maddrs()])
+        validator_dht = hivemind.DHT(
+            start=True, client_mode=True, initial_peers=[str(a) for a in miner_dht.get_visible_maddrs()]
+        )
         assert progress_key(run_id) == "checks_test_progress"
         assert fetch_progress(validator_dht, run_id) == {}
-        tracker = ProgressTracker(miner_dht, prefix=run_id, target_batch_size=10_000, min_refresh_period=0.1, start=True)
+        tracker = ProgressTracker(
+            miner_dht, prefix=run_id, target_batch_size=10_000, min_refresh_period=0.1, start=True
+        )
         tracker.report_local_progress(local_epoch=0, samples_accumulated=96)
-        progress = _wait_for(lambda: fetch_progress(validator_dht, run_id), lambda p: p and next(iter(p.values())).samples_accumulated == 96)
-        (peer_id, record), = progress.items()
+        progress = _wait_for(
+            lambda: fetch_progress(validator_dht, run_id),
+            lambda p: p and next(iter(p.values())).samples_accumulated == 96,
+        )
+        ((peer_id, record),) = progress.items()
         assert peer_id == record.peer_id == miner_dht.peer_id.to_base58()
         assert (record.epoch, record.client_mode) == (0, False) and record.time > 0
         tracker.report_local_progress(local_epoch=0, samples_accumulated=160)
@@ -96,10 +109,16 @@ def test_the_plausible_epoch_ignores_a_minority_that_inflates_its_records():
     assert lower_median([], MAX_EPOCH_LEAD) is None
 
     def record(peer: str, epoch: int, speed: float = 10.0) -> PeerProgress:
-        return PeerProgress(peer_id=peer, epoch=epoch, samples_accumulated=8, samples_per_second=speed, time=0.0,
-                            client_mode=False)
+        return PeerProgress(
+            peer_id=peer, epoch=epoch, samples_accumulated=8, samples_per_second=speed, time=0.0, client_mode=False
+        )
 
-    progress = {"a": record("a", 5), "b": record("b", 6), "liar": record("liar", 10**9), "fast": record("fast", 5, 1e12)}
+    progress = {
+        "a": record("a", 5),
+        "b": record("b", 6),
+        "liar": record("liar", 10**9),
+        "fast": record("fast", 5, 1e12),
+    }
     named = {}
     assert sorted(plausible(progress, max_samples_per_s=1e4, on_implausible=named.__setitem__)) == ["a", "b"]
     assert sorted(named) == ["fast", "liar"]

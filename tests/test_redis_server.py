@@ -8,13 +8,13 @@ import time
 import pytest
 from bound_peers import bound, peer_id
 
-from hivetrain.swarm import procs
 from hivetrain.bootstrap.app import create_app
 from hivetrain.identity import Domain, SignedEnvelope, sign
 from hivetrain.protocol.records import Keys, PeerRecord, StepRecord
-from hivetrain.swarm.redis_server import ROLES, acl_file, role_url, start_redis
 from hivetrain.settings import BootstrapSettings
 from hivetrain.store import connect_redis, read_stream
+from hivetrain.swarm import procs
+from hivetrain.swarm.redis_server import ROLES, acl_file, role_url, start_redis
 
 RUN = "crash"
 DOMAIN, KEYS = Domain(RUN), Keys(RUN)
@@ -60,19 +60,34 @@ def test_every_acknowledged_write_and_every_user_survive_a_crash(persisted):
 
 
 def _entry(signer, step: int) -> dict:
-    record = StepRecord(peer_id=peer_id("crash-writer"), step=step, local_epoch=0, global_epoch=0, loss=5.0, samples=step,
-                        samples_per_s=1.0, tokens_per_s=1.0)
+    record = StepRecord(
+        peer_id=peer_id("crash-writer"),
+        step=step,
+        local_epoch=0,
+        global_epoch=0,
+        loss=5.0,
+        samples=step,
+        samples_per_s=1.0,
+        tokens_per_s=1.0,
+    )
     envelope = sign(signer, DOMAIN, record.model_dump(mode="json"), timestamp=record.time)
     return {"stream": "steps", "env": SignedEnvelope.model_validate(envelope).model_dump_json()}
 
 
-def test_the_ingest_answers_503_while_redis_is_down_and_then_keeps_registry_telemetry_and_replay_marks(persisted, wallet):
+def test_the_ingest_answers_503_while_redis_is_down_and_then_keeps_registry_telemetry_and_replay_marks(
+    persisted, wallet
+):
     server, url = persisted()
     bootstrap_url = role_url(url, "bootstrap", PASSWORDS["bootstrap"])
     app = create_app(BootstrapSettings(redis_url=bootstrap_url, run_id=RUN), cache_s=0).test_client()
-    record = bound(PeerRecord(peer_id="crash-writer", role="miner", multiaddrs=["/ip4/127.0.0.1/tcp/1"],
-                              started_at=time.time()), wallet.hotkey.ss58_address, DOMAIN)
-    envelope = sign(wallet, DOMAIN, record.model_copy(update={"hotkey": wallet.hotkey.ss58_address}).model_dump(mode="json"))
+    record = bound(
+        PeerRecord(peer_id="crash-writer", role="miner", multiaddrs=["/ip4/127.0.0.1/tcp/1"], started_at=time.time()),
+        wallet.hotkey.ss58_address,
+        DOMAIN,
+    )
+    envelope = sign(
+        wallet, DOMAIN, record.model_copy(update={"hotkey": wallet.hotkey.ss58_address}).model_dump(mode="json")
+    )
     assert app.post("/v1/peers", data=SignedEnvelope.model_validate(envelope).model_dump_json()).status_code == 200
     taken = [_entry(wallet, step) for step in range(1, 4)]
     assert app.post("/v1/telemetry", json={"entries": taken[:2]}).get_json()["stored"] == 2

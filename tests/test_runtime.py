@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from hivetrain.swarm import procs
 from hivetrain.runtime import RESTART_LIMIT, RestartBudget, Runtime, describe_exit, install_stop_handlers, usable_cpus
 from hivetrain.settings import BootstrapSettings
+from hivetrain.swarm import procs
 
 APP_SPEC = "hivetrain.bootstrap.app:create_app()"
 BROKEN_SPEC = "hivetrain.no_such_module:create_app()"  # a worker cannot import it: gunicorn exits on boot
@@ -54,7 +54,8 @@ def body(runtime):
     if what == "fork":
         pid = os.fork()
         if pid == 0:
-            ok = signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            ok = (signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+                  and signal.getsignal(signal.SIGINT) is signal.SIG_IGN)
             os._exit(0 if ok else 1)
         say(f"child exit {os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])}")
         return None
@@ -75,8 +76,13 @@ def _env() -> dict[str, str]:
 def _probe(tmp_path: Path, *args: str) -> subprocess.Popen:
     stderr = open(tmp_path / "probe.log", "wb")
     try:
-        return subprocess.Popen([sys.executable, "-c", _PROBE, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=stderr, env=_env())
+        return subprocess.Popen(
+            [sys.executable, "-c", _PROBE, *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            env=_env(),
+        )
     finally:
         stderr.close()
 
@@ -113,6 +119,7 @@ def _run_probe(tmp_path: Path, *args: str) -> tuple[int, str, str]:
 
 # --- exit codes -----------------------------------------------------------------------------------
 
+
 def test_a_value_error_is_a_configuration_error(tmp_path):
     code, out, log = _run_probe(tmp_path, "config", "interrupt")
     assert code == 2 and "configuration error: HIVE_SOMETHING is wrong; set it to 3" in log
@@ -138,6 +145,7 @@ def test_a_child_that_keeps_dying_fails_the_service_with_exit_1(tmp_path):
 
 
 # --- signals --------------------------------------------------------------------------------------
+
 
 def test_sigterm_stops_cleanly_with_exit_0(tmp_path):
     popen = _probe(tmp_path, "wait", "ignore")
@@ -187,6 +195,7 @@ def test_install_stop_handlers_refuses_an_unknown_mode():
 
 # --- restart budget -------------------------------------------------------------------------------
 
+
 def test_restart_budget_counts_within_its_window():
     budget = RestartBudget(limit=3, window_s=60)
     assert [budget.spend(now) for now in (0, 1, 2, 3)] == [True, True, True, False]
@@ -203,16 +212,13 @@ def test_describe_exit():
 
 # --- supervising a real gunicorn ------------------------------------------------------------------
 
+
 def _healthz(port: int) -> int | None:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
             return response.status if json.loads(response.read()) == {"status": "ok"} else None
     except OSError:
         return None
-
-
-
-
 
 
 def _wait(predicate, what: str, timeout: float = WAIT_S):
@@ -286,15 +292,18 @@ def _cgroup(tmp_path, v2: str | None = None, v1: tuple[str, str] | None = None):
     return tmp_path
 
 
-@pytest.mark.parametrize("v2, v1, expected", [
-    ("150000 100000", None, 2),   # compose `cpus: 1.5` under cgroup v2: 2 threads
-    ("100000 100000", None, 1),
-    (None, ("50000", "100000"), 1),  # cgroup v1 (this machine's kind), half a CPU
-    ("max 100000", None, None),   # no quota: the affinity decides
-    (None, ("-1", "100000"), None),
-    (None, None, None),           # no cgroup files at all
-    ("garbage", None, None),
-])
+@pytest.mark.parametrize(
+    "v2, v1, expected",
+    [
+        ("150000 100000", None, 2),  # compose `cpus: 1.5` under cgroup v2: 2 threads
+        ("100000 100000", None, 1),
+        (None, ("50000", "100000"), 1),  # cgroup v1 (this machine's kind), half a CPU
+        ("max 100000", None, None),  # no quota: the affinity decides
+        (None, ("-1", "100000"), None),
+        (None, None, None),  # no cgroup files at all
+        ("garbage", None, None),
+    ],
+)
 def test_usable_cpus_respects_a_cgroup_quota(tmp_path, v2, v1, expected):
     affinity = len(os.sched_getaffinity(0))
     got = usable_cpus(_cgroup(tmp_path, v2, v1))

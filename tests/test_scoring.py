@@ -14,7 +14,9 @@ FAIL = SpotCheckResult("fail", "cosine 0.10 below threshold 0.95", 0.10)
 
 def claim(verified: int, claimed: int | None = None, ok: bool = True) -> ClaimCheckResult:
     reason = f"claims {claimed if claimed is not None else verified}"
-    return ClaimCheckResult("pass" if ok else "fail", reason, verified_samples=verified if ok else 0, claimed_samples=claimed or verified)
+    return ClaimCheckResult(
+        "pass" if ok else "fail", reason, verified_samples=verified if ok else 0, claimed_samples=claimed or verified
+    )
 
 
 def test_round_score_is_share_times_pass_rate():
@@ -70,7 +72,11 @@ def test_evidence_keeps_the_inputs():
         "alpha": 0.5,
         "previous_ema": 0.2,
         "new_ema": pytest.approx(0.35),
-        "reasons": ["claim: claims 42", "spot check pass: cosine 0.99 >= 0.95", "spot check fail: cosine 0.10 below threshold 0.95"],
+        "reasons": [
+            "claim: claims 42",
+            "spot check pass: cosine 0.99 >= 0.95",
+            "spot check fail: cosine 0.10 below threshold 0.95",
+        ],
         "checks": [{"verdict": "pass", "cosine": 0.99}, {"verdict": "fail", "cosine": 0.10}],
     }
     assert ScoreEvidence.model_validate_json(evidence.model_dump_json()) == evidence

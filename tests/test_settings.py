@@ -32,8 +32,10 @@ def test_every_field_has_help_text(model):
 def test_flag_wins_over_env(monkeypatch):
     monkeypatch.setenv("HIVE_TARGET_BATCH_SIZE", "100")
     monkeypatch.setenv("HIVE_BOOTSTRAP_URL", "http://boot:8000/")
-    settings = load_settings(MinerSettings, ["--target-batch-size", "7", "--delay-grad-averaging",
-                                             "--delay-optimizer-step", "--offload-optimizer"])
+    settings = load_settings(
+        MinerSettings,
+        ["--target-batch-size", "7", "--delay-grad-averaging", "--delay-optimizer-step", "--offload-optimizer"],
+    )
     assert settings.target_batch_size == 7
     assert settings.delay_grad_averaging and settings.offload_optimizer
     assert settings.bootstrap_url == "http://boot:8000"
@@ -54,23 +56,32 @@ def test_errors_name_env_var_flag_and_value(monkeypatch):
     assert "redis://" in message
 
 
-@pytest.mark.parametrize("flags, fix", [
-    (["--use-local-updates", "--delay-grad-averaging", "--delay-optimizer-step", "--offload-optimizer"], "HIVE_USE_LOCAL_UPDATES"),
-    (["--delay-grad-averaging"], "HIVE_DELAY_OPTIMIZER_STEP=true"),
-    (["--delay-optimizer-step"], "HIVE_OFFLOAD_OPTIMIZER=true"),
-])
+@pytest.mark.parametrize(
+    "flags, fix",
+    [
+        (
+            ["--use-local-updates", "--delay-grad-averaging", "--delay-optimizer-step", "--offload-optimizer"],
+            "HIVE_USE_LOCAL_UPDATES",
+        ),
+        (["--delay-grad-averaging"], "HIVE_DELAY_OPTIMIZER_STEP=true"),
+        (["--delay-optimizer-step"], "HIVE_OFFLOAD_OPTIMIZER=true"),
+    ],
+)
 def test_hivemind_combinations_are_checked_up_front(flags, fix):
     with pytest.raises(SystemExit, match=fix):
         load_settings(MinerSettings, flags)
 
 
-@pytest.mark.parametrize("model, field, value", [
-    (MinerSettings, "run_id", "has space"),
-    (MinerSettings, "host_maddrs", '["0.0.0.0:31337"]'),
-    (BootstrapSettings, "http_port", "70000"),
-    (ValidatorSettings, "chain", "ethereum"),
-    (SwarmSettings, "miners", "-2"),
-])
+@pytest.mark.parametrize(
+    "model, field, value",
+    [
+        (MinerSettings, "run_id", "has space"),
+        (MinerSettings, "host_maddrs", '["0.0.0.0:31337"]'),
+        (BootstrapSettings, "http_port", "70000"),
+        (ValidatorSettings, "chain", "ethereum"),
+        (SwarmSettings, "miners", "-2"),
+    ],
+)
 def test_bad_values_are_rejected(model, field, value, monkeypatch):
     monkeypatch.setenv(f"HIVE_{field.upper()}", value)
     with pytest.raises(SystemExit, match=f"HIVE_{field.upper()}"):
@@ -84,11 +95,23 @@ def test_env_names_cover_shared_fields():
 
 
 def test_service_env_writes_what_the_settings_read_back(monkeypatch):
-    env = service_env(MinerSettings, batch_size=4, lr=0.003, delay_state_averaging=False, preset="tiny",
-                      host_maddrs=["/ip4/127.0.0.1/tcp/0"], bootstrap_url="http://boot:8000/")
-    assert env == {"HIVE_BATCH_SIZE": "4", "HIVE_LR": "0.003", "HIVE_DELAY_STATE_AVERAGING": "false",
-                   "HIVE_PRESET": "tiny", "HIVE_HOST_MADDRS": '["/ip4/127.0.0.1/tcp/0"]',
-                   "HIVE_BOOTSTRAP_URL": "http://boot:8000"}  # validated: the field validator strips the slash
+    env = service_env(
+        MinerSettings,
+        batch_size=4,
+        lr=0.003,
+        delay_state_averaging=False,
+        preset="tiny",
+        host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+        bootstrap_url="http://boot:8000/",
+    )
+    assert env == {
+        "HIVE_BATCH_SIZE": "4",
+        "HIVE_LR": "0.003",
+        "HIVE_DELAY_STATE_AVERAGING": "false",
+        "HIVE_PRESET": "tiny",
+        "HIVE_HOST_MADDRS": '["/ip4/127.0.0.1/tcp/0"]',
+        "HIVE_BOOTSTRAP_URL": "http://boot:8000",
+    }  # validated: the field validator strips the slash
     for key in list(env_names(MinerSettings)):
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
@@ -105,14 +128,21 @@ def test_service_env_rejects_a_misspelt_setting():
         service_env(BootstrapSettings, batch_size=4)  # a miner setting is not the bootstrap's
 
 
-@pytest.mark.parametrize("model, values, message", [
-    (MinerSettings, {"batch_size": 0}, r"MinerSettings.batch_size \(HIVE_BATCH_SIZE\): Input should be greater than or equal to 1"),
-    (MinerSettings, {"target_batch_size": "many"}, "HIVE_TARGET_BATCH_SIZE.*valid integer"),
-    (MinerSettings, {"device": "tpu"}, "HIVE_DEVICE.*use auto, cpu, cuda or cuda:N"),  # a field validator
-    (MinerSettings, {"host_maddrs": ["0.0.0.0:31337"]}, "is not a multiaddr"),
-    (ValidatorSettings, {"spot_check_dim": 12}, "multiple of 8"),
-    (SwarmSettings, {"preset": "huge"}, "HIVE_PRESET.*'seed' or 'tiny'"),
-])
+@pytest.mark.parametrize(
+    "model, values, message",
+    [
+        (
+            MinerSettings,
+            {"batch_size": 0},
+            r"MinerSettings.batch_size \(HIVE_BATCH_SIZE\): Input should be greater than or equal to 1",
+        ),
+        (MinerSettings, {"target_batch_size": "many"}, "HIVE_TARGET_BATCH_SIZE.*valid integer"),
+        (MinerSettings, {"device": "tpu"}, "HIVE_DEVICE.*use auto, cpu, cuda or cuda:N"),  # a field validator
+        (MinerSettings, {"host_maddrs": ["0.0.0.0:31337"]}, "is not a multiaddr"),
+        (ValidatorSettings, {"spot_check_dim": 12}, "multiple of 8"),
+        (SwarmSettings, {"preset": "huge"}, "HIVE_PRESET.*'seed' or 'tiny'"),
+    ],
+)
 def test_service_env_rejects_an_invalid_value(model, values, message):
     with pytest.raises(ValueError, match=message):
         service_env(model, **values)

@@ -54,13 +54,22 @@ def _peer(hotkey: str, url: str) -> PeerRecord:
 
 
 def _ask(validator_wallet, miner_wallet, url: str, dim: int = 8, domain: Domain = DOMAIN) -> SpotCheckAnswer:
-    asked = Challenge(miner_hotkey=miner_wallet.hotkey.ss58_address, block_index=3, batch_size=1, seed=5, dim=dim, epoch=2)
-    return ask_miner(validator_wallet, Verifier.in_memory(domain), _peer(miner_wallet.hotkey.ss58_address, url), asked, 5.0)
+    asked = Challenge(
+        miner_hotkey=miner_wallet.hotkey.ss58_address, block_index=3, batch_size=1, seed=5, dim=dim, epoch=2
+    )
+    return ask_miner(
+        validator_wallet, Verifier.in_memory(domain), _peer(miner_wallet.hotkey.ss58_address, url), asked, 5.0
+    )
 
 
 def _answer(envelope: dict, **overrides) -> dict:
-    payload = {"challenge_nonce": envelope["nonce"], "validator": envelope["hotkey"], "epoch": 2,
-               "block_index": 3, "projection": [0.25] * 8}
+    payload = {
+        "challenge_nonce": envelope["nonce"],
+        "validator": envelope["hotkey"],
+        "epoch": 2,
+        "block_index": 3,
+        "projection": [0.25] * 8,
+    }
     return {**payload, **overrides}
 
 
@@ -68,7 +77,9 @@ def test_the_miners_own_endpoint_answers_with_the_typed_answer(wallet, other_wal
     chain = LocalChain(redis.Redis.from_url(redis_url), "spot")
     chain.register(other_wallet.hotkey.ss58_address, "", "validator")  # the miner answers validators only
     validators = ValidatorList(chain).start()
-    server = ChallengeServer(wallet, "127.0.0.1", 0, validators, ChallengeLimits(rate=10.0), domain=DOMAIN, window_s=60.0).start()
+    server = ChallengeServer(
+        wallet, "127.0.0.1", 0, validators, ChallengeLimits(rate=10.0), domain=DOMAIN, window_s=60.0
+    ).start()
     stop = threading.Event()
 
     def training_loop():  # Miner.train answers between steps; here: an epoch-2 model whose projection is all 0.5
@@ -94,16 +105,19 @@ def test_a_well_formed_answer_from_the_right_miner_is_accepted(hostile, wallet, 
     assert answer.projection == [0.25] * 8 and answer.epoch == 2
 
 
-@pytest.mark.parametrize("overrides, named", [
-    ({"projection": "0.5, 0.5"}, "malformed answer: projection"),
-    ({"projection": [0.5] * (MAX_DIM + 1)}, "malformed answer: projection"),
-    ({"projection": [True] * 8}, "malformed answer: projection.0"),
-    ({"epoch": -1}, "malformed answer: epoch"),
-    ({"epoch": "10"}, "malformed answer: epoch"),
-    ({"weight": 1e30}, "malformed answer: an unexpected field"),  # a name the miner chose is not repeated
-    ({"challenge_nonce": "0" * 32}, "for another challenge"),
-    ({"validator": "5Fsomeoneelse"}, "for another challenge"),
-])
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        ({"projection": "0.5, 0.5"}, "malformed answer: projection"),
+        ({"projection": [0.5] * (MAX_DIM + 1)}, "malformed answer: projection"),
+        ({"projection": [True] * 8}, "malformed answer: projection.0"),
+        ({"epoch": -1}, "malformed answer: epoch"),
+        ({"epoch": "10"}, "malformed answer: epoch"),
+        ({"weight": 1e30}, "malformed answer: an unexpected field"),  # a name the miner chose is not repeated
+        ({"challenge_nonce": "0" * 32}, "for another challenge"),
+        ({"validator": "5Fsomeoneelse"}, "for another challenge"),
+    ],
+)
 def test_a_bad_answer_is_refused_and_named(hostile, wallet, other_wallet, overrides, named):
     hostile.respond = lambda envelope: sign(wallet, DOMAIN, _answer(envelope, **overrides))
     with pytest.raises(AnswerRejected, match=named):
@@ -122,7 +136,9 @@ def test_an_answer_missing_a_field_is_refused(hostile, wallet, other_wallet):
 
 
 def test_an_answer_signed_by_another_hotkey_or_unsigned_is_refused(hostile, wallet, other_wallet):
-    hostile.respond = lambda envelope: sign(other_wallet, DOMAIN, _answer(envelope))  # not the challenged miner's hotkey
+    hostile.respond = lambda envelope: sign(
+        other_wallet, DOMAIN, _answer(envelope)
+    )  # not the challenged miner's hotkey
     with pytest.raises(AnswerRejected, match="another hotkey"):
         _ask(other_wallet, wallet, hostile.url)
     hostile.respond = lambda envelope: _answer(envelope)  # no envelope at all
@@ -136,7 +152,9 @@ def test_an_answer_signed_for_another_run_or_subnet_is_refused(hostile, wallet, 
         hostile.respond = lambda envelope: sign(wallet, elsewhere, _answer(envelope))
         with pytest.raises(AnswerRejected, match="not authentic: InvalidSignature"):
             _ask(other_wallet, wallet, hostile.url)
-    in_its_own_run = _ask(other_wallet, wallet, hostile.url, domain=Domain("other-run"))  # what it signed there holds there
+    in_its_own_run = _ask(
+        other_wallet, wallet, hostile.url, domain=Domain("other-run")
+    )  # what it signed there holds there
     assert in_its_own_run.projection == [0.25] * 8
 
 
@@ -144,8 +162,9 @@ def test_the_miners_own_endpoint_refuses_a_validator_of_another_subnet(wallet, o
     chain = LocalChain(redis.Redis.from_url(redis_url), "spot")
     chain.register(other_wallet.hotkey.ss58_address, "", "validator")
     validators = ValidatorList(chain).start()
-    server = ChallengeServer(wallet, "127.0.0.1", 0, validators, ChallengeLimits(rate=10.0), domain=Domain("spot", 1),
-                             window_s=60.0).start()
+    server = ChallengeServer(
+        wallet, "127.0.0.1", 0, validators, ChallengeLimits(rate=10.0), domain=Domain("spot", 1), window_s=60.0
+    ).start()
     try:
         with pytest.raises(AnswerRejected, match="401"):
             _ask(other_wallet, wallet, f"http://127.0.0.1:{server.port}", domain=Domain("spot", 2))

@@ -1,4 +1,5 @@
-"""The gradient spot check on the tiny GPT-2: the projection both sides compute, the validator's verdict, the wire models."""
+"""The gradient spot check on the tiny GPT-2: the projection both sides compute, the validator's verdict, the wire
+models."""
 
 from __future__ import annotations
 

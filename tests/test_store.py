@@ -10,14 +10,12 @@ import pytest
 import redis
 from bound_peers import bound
 from bound_peers import peer_id as pid
-
-from hivetrain.swarm import procs
-from hivetrain.identity import Domain, InvalidSignature
-from hivetrain.discovery import BootstrapUnavailable, wait_for_shard_salt
-from hivetrain.protocol.records import BootstrapRecord, Keys, PeerRecord, RoundRecord, StepRecord
-from hivetrain.swarm.redis_server import start_redis
-from hivetrain.miner.reporting import TelemetryWriter
 from redis_sink import RedisSink
+
+from hivetrain.discovery import BootstrapUnavailable, wait_for_shard_salt
+from hivetrain.identity import Domain, InvalidSignature
+from hivetrain.miner.reporting import TelemetryWriter
+from hivetrain.protocol.records import BootstrapRecord, Keys, PeerRecord, RoundRecord, StepRecord
 from hivetrain.settings import BootstrapSettings, MinerSettings, ValidatorSettings, domain_of
 from hivetrain.store import (
     Registry,
@@ -28,10 +26,14 @@ from hivetrain.store import (
     redacted,
     shard_salt,
 )
+from hivetrain.swarm import procs
+from hivetrain.swarm.redis_server import start_redis
 
 
 def _peer(peer_id: str, role: str = "miner") -> PeerRecord:
-    return PeerRecord(peer_id=peer_id, role=role, multiaddrs=[f"/ip4/127.0.0.1/tcp/1/p2p/{peer_id}"], started_at=time.time())
+    return PeerRecord(
+        peer_id=peer_id, role=role, multiaddrs=[f"/ip4/127.0.0.1/tcp/1/p2p/{peer_id}"], started_at=time.time()
+    )
 
 
 def _register(registry: Registry, name: str, signer, role: str = "miner") -> None:
@@ -40,7 +42,16 @@ def _register(registry: Registry, name: str, signer, role: str = "miner") -> Non
 
 
 def _step(peer_id: str, step: int) -> StepRecord:
-    return StepRecord(peer_id=peer_id, step=step, local_epoch=0, global_epoch=0, loss=1.0, samples=step, samples_per_s=1.0, tokens_per_s=1.0)
+    return StepRecord(
+        peer_id=peer_id,
+        step=step,
+        local_epoch=0,
+        global_epoch=0,
+        loss=1.0,
+        samples=step,
+        samples_per_s=1.0,
+        tokens_per_s=1.0,
+    )
 
 
 def test_registry_lists_freshest_first_and_expires(redis_url, wallet):
@@ -85,7 +96,13 @@ def test_streams_are_signed_and_typed(redis_url, wallet):
     client, keys, domain = connect_redis(redis_url), Keys("t"), Domain("t")
     for i in range(5):
         append(client, keys, domain, _step("a", i), wallet)
-    append(client, keys, domain, RoundRecord(peer_id="a", epoch=1, group_size=2, group=["a", "b"], duration_s=0.5, success=True), wallet)
+    append(
+        client,
+        keys,
+        domain,
+        RoundRecord(peer_id="a", epoch=1, group_size=2, group=["a", "b"], duration_s=0.5, success=True),
+        wallet,
+    )
     with pytest.raises(ValueError, match="signed"):
         append(client, keys, domain, _step("a", 9))
     assert [r.step for r in read_stream(client, keys, domain, StepRecord)] == [0, 1, 2, 3, 4]
@@ -96,7 +113,9 @@ def test_streams_are_signed_and_typed(redis_url, wallet):
 def test_telemetry_survives_redis_restart(tmp_path, wallet):
     port = procs.free_port()
     server, url = start_redis(tmp_path / "r1", port=port, persist=False)
-    writer = TelemetryWriter(RedisSink(connect_redis(url, timeout=0.5), Keys("t")), Domain("t"), signer=wallet, max_backoff_s=0.3)
+    writer = TelemetryWriter(
+        RedisSink(connect_redis(url, timeout=0.5), Keys("t")), Domain("t"), signer=wallet, max_backoff_s=0.3
+    )
     try:
         writer.put(_step("a", 0))
         server.stop(timeout=5)
@@ -126,7 +145,9 @@ def test_telemetry_drops_oldest_when_full(redis_url, wallet):
 
 def test_record_schemas_are_strict():
     with pytest.raises(ValueError):
-        StepRecord(peer_id="a", step="1", local_epoch=0, global_epoch=0, loss=1.0, samples=0, samples_per_s=0, tokens_per_s=0)
+        StepRecord(
+            peer_id="a", step="1", local_epoch=0, global_epoch=0, loss=1.0, samples=0, samples_per_s=0, tokens_per_s=0
+        )
     with pytest.raises(ValueError):
         PeerRecord.from_json('{"peer_id": "a", "role": "miner", "multiaddrs": [], "started_at": 1.0, "extra": 1}')
     with pytest.raises(ValueError):
@@ -180,7 +201,9 @@ def test_a_password_protected_redis_refuses_anonymous_clients(tmp_path):
         with pytest.raises(redis.AuthenticationError):
             anonymous.ping()
         config = tmp_path / "r" / "auth.conf"  # given to redis-server as a file, not as a command-line argument
-        assert "s3cret-for-this-test" in config.read_text() and config.stat().st_mode & 0o077 == 0  # only we can read it
+        assert (
+            "s3cret-for-this-test" in config.read_text() and config.stat().st_mode & 0o077 == 0
+        )  # only we can read it
     finally:
         server.stop(timeout=5)
 
@@ -201,7 +224,8 @@ def test_a_hotkey_cannot_register_a_peer_id_whose_key_it_does_not_hold(redis_url
         "the victim's binding copied": victim,
         "no binding": victim.model_copy(update={"peer_key": "", "peer_signature": ""}),
         "the thief's own key": bound(_peer("thief"), other_wallet.hotkey.ss58_address, Domain("t")).model_copy(
-            update={"peer_id": victim.peer_id}),
+            update={"peer_id": victim.peer_id}
+        ),
     }
     for attempt, record in attempts.items():
         registry.register(record, other_wallet)  # signed by the thief: its hotkey goes into the record
@@ -338,13 +362,19 @@ def test_a_miner_waits_for_the_shard_salt_then_gives_up_saying_why(redis_url, ca
     with caplog.at_level("INFO"):
         assert wait_for_shard_salt(client, keys, wait_s=30, poll_s=0.2) == "b" * 32
     assert 1.4 < time.monotonic() - started < 10
-    assert caplog.text.count("waiting for the bootstrap to publish the run's shard salt") == 1  # said once, not per poll
-    with pytest.raises(BootstrapUnavailable, match=r"no shard salt at hive:late:shard_salt after 1s .*HIVE_BOOTSTRAP_WAIT_S"):
+    assert (
+        caplog.text.count("waiting for the bootstrap to publish the run's shard salt") == 1
+    )  # said once, not per poll
+    with pytest.raises(
+        BootstrapUnavailable, match=r"no shard salt at hive:late:shard_salt after 1s .*HIVE_BOOTSTRAP_WAIT_S"
+    ):
         wait_for_shard_salt(client, Keys("late"), wait_s=1.0, poll_s=0.2)
     stop = threading.Event()
     stop.set()
     with pytest.raises(BootstrapUnavailable):  # a stop signal ends the wait at once
         wait_for_shard_salt(client, Keys("late"), wait_s=3600, stop=stop)
     nowhere = connect_redis(f"redis://127.0.0.1:{procs.free_port()}/0", timeout=0.2)
-    with pytest.raises(BootstrapUnavailable, match="Redis: ConnectionError: .*refused"):  # unreachable Redis: still waiting, then this
+    with pytest.raises(
+        BootstrapUnavailable, match="Redis: ConnectionError: .*refused"
+    ):  # unreachable Redis: still waiting, then this
         wait_for_shard_salt(nowhere, keys, wait_s=1.0, poll_s=0.2)

@@ -16,7 +16,9 @@ def _ruff(*args: str) -> subprocess.CompletedProcess:
     binary = Path(sys.executable).parent / "ruff"
     if not binary.exists():
         pytest.fail(f"{binary} is missing; install the dev dependencies: .venv/bin/pip install -r requirements-dev.txt")
-    return subprocess.run([str(binary), *args, "--no-cache", "."], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [str(binary), *args, "--no-cache", "."], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_ruff_checks_pass():

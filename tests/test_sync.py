@@ -43,8 +43,13 @@ def _serve(dht, epoch: int, poison: bool, priority: float = 1e9) -> TrainingStat
         with torch.no_grad():
             for param in model.parameters():
                 param.fill_(float("nan"))
-    averager = TrainingStateAverager(dht=dht, prefix=f"{RUN}_state_averager", optimizer=lambda p: ClippedAdamW(p, lr=1e-3),
-                                     params=param_groups(model, 0.0), start=True)
+    averager = TrainingStateAverager(
+        dht=dht,
+        prefix=f"{RUN}_state_averager",
+        optimizer=lambda p: ClippedAdamW(p, lr=1e-3),
+        params=param_groups(model, 0.0),
+        start=True,
+    )
     averager.local_epoch = epoch
     averager.state_sharing_priority = priority
     return averager
@@ -76,10 +81,13 @@ def _params(model) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("epoch, poison, why", [
-    (10**9, True, "NaN parameters at epoch 10^9"),
-    (10**9, False, "an epoch the swarm's progress does not support"),
-])
+@pytest.mark.parametrize(
+    "epoch, poison, why",
+    [
+        (10**9, True, "NaN parameters at epoch 10^9"),
+        (10**9, False, "an epoch the swarm's progress does not support"),
+    ],
+)
 def test_a_poisoned_state_is_refused_the_model_kept_and_its_server_named(dhts, epoch, poison, why):
     serving, client, _ = dhts
     sync = ModelSync(client, RUN, "tiny", seed=0, timeout_s=20, max_epoch=lambda: 7)

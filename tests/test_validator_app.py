@@ -12,8 +12,6 @@ from bound_peers import bound
 from bound_peers import peer_id as pid
 from validator_api import local_run
 
-from hivetrain.swarm import procs
-from hivetrain.runtime.gunicorn import WORKER_CLASS, gunicorn_argv, settings_env, start_gunicorn, stop_gunicorn
 from hivetrain.identity import Domain
 from hivetrain.protocol.records import (
     VALIDATOR_TTL_S,
@@ -24,8 +22,10 @@ from hivetrain.protocol.records import (
     ScoreBoard,
     StepRecord,
 )
+from hivetrain.runtime.gunicorn import WORKER_CLASS, gunicorn_argv, settings_env, start_gunicorn, stop_gunicorn
 from hivetrain.settings import ValidatorSettings
 from hivetrain.store import Registry, append, connect_redis
+from hivetrain.swarm import procs
 from hivetrain.validator.__main__ import APP_SPEC
 from hivetrain.validator.app import ROUNDS_SHOWN, create_app
 
@@ -44,8 +44,14 @@ def db(redis_url):
 
 
 def _peer(name: str, role: str = "miner") -> PeerRecord:
-    return PeerRecord(peer_id=name, role=role, multiaddrs=[f"/ip4/127.0.0.1/tcp/1/p2p/{name}"], device="cpu",
-                      preset="tiny", started_at=time.time())
+    return PeerRecord(
+        peer_id=name,
+        role=role,
+        multiaddrs=[f"/ip4/127.0.0.1/tcp/1/p2p/{name}"],
+        device="cpu",
+        preset="tiny",
+        started_at=time.time(),
+    )
 
 
 def _register(registry: Registry, name: str, signer, role: str = "miner") -> None:
@@ -54,19 +60,39 @@ def _register(registry: Registry, name: str, signer, role: str = "miner") -> Non
 
 
 def _step(name: str, step: int, tokens_per_s: float, global_epoch: int = 0, loss: float = 5.0) -> StepRecord:
-    return StepRecord(peer_id=pid(name), step=step, local_epoch=global_epoch, global_epoch=global_epoch, loss=loss,
-                      samples=8 * (step + 1), samples_per_s=1.0, tokens_per_s=tokens_per_s)
+    return StepRecord(
+        peer_id=pid(name),
+        step=step,
+        local_epoch=global_epoch,
+        global_epoch=global_epoch,
+        loss=loss,
+        samples=8 * (step + 1),
+        samples_per_s=1.0,
+        tokens_per_s=tokens_per_s,
+    )
 
 
 def _eval(epoch: int, loss: float = 4.0) -> EvalRecord:
-    return EvalRecord(validator="5Val", epoch=epoch, loss=loss, perplexity=math.exp(loss),
-                      blocks=4, tokens=1024, duration_s=0.5)
+    return EvalRecord(
+        validator="5Val", epoch=epoch, loss=loss, perplexity=math.exp(loss), blocks=4, tokens=1024, duration_s=0.5
+    )
 
 
 def _board(hotkey: str) -> ScoreBoard:
-    evidence = {"miner": "5Miner", "verified_samples": 64, "claimed_samples": 64, "share": 1.0, "passes": 2, "fails": 0,
-                "pass_rate": 1.0, "round_score": 1.0, "alpha": 0.3, "previous_ema": 0.0, "new_ema": 0.3,
-                "reasons": ["claimed samples match hivemind progress", "spot check 1 passed"]}
+    evidence = {
+        "miner": "5Miner",
+        "verified_samples": 64,
+        "claimed_samples": 64,
+        "share": 1.0,
+        "passes": 2,
+        "fails": 0,
+        "pass_rate": 1.0,
+        "round_score": 1.0,
+        "alpha": 0.3,
+        "previous_ema": 0.0,
+        "new_ema": 0.3,
+        "reasons": ["claimed samples match hivemind progress", "spot check 1 passed"],
+    }
     miner = MinerScore(hotkey="5Miner", uid=1, peer_id=pid("QmA"), score=0.3, weight=1.0, evidence=[evidence])
     return ScoreBoard(validator=hotkey, uid=0, epoch=3, rounds=1, weights_set_at=time.time(), miners=[miner])
 
@@ -76,15 +102,36 @@ def test_swarm_lists_live_peers_latest_steps_throughput_and_rounds(client, db, w
     _register(registry, "QmA", wallet)
     _register(registry, "QmB", other_wallet)
     _register(registry, "QmV", other_wallet, role="validator")
-    for record, signer in [(_step("QmA", 0, 100.0, global_epoch=2), wallet), (_step("QmA", 1, 120.0, global_epoch=3), wallet),
-                           (_step("QmB", 0, 80.0, global_epoch=3), other_wallet),
-                           (_step("QmGone", 0, 999.0, global_epoch=9), wallet)]:  # not registered: not counted
+    for record, signer in [
+        (_step("QmA", 0, 100.0, global_epoch=2), wallet),
+        (_step("QmA", 1, 120.0, global_epoch=3), wallet),
+        (_step("QmB", 0, 80.0, global_epoch=3), other_wallet),
+        (_step("QmGone", 0, 999.0, global_epoch=9), wallet),
+    ]:  # not registered: not counted
         append(db, KEYS, DOMAIN, record, signer=signer)
     for epoch in range(1, ROUNDS_SHOWN + 3):
         for member in (pid("QmA"), pid("QmB")):
-            append(db, KEYS, DOMAIN, RoundRecord(peer_id=member, epoch=epoch, group_size=2, group=[pid("QmA"), pid("QmB")], duration_s=0.5,
-                                         success=True), signer=wallet)
-    append(db, KEYS, DOMAIN, RoundRecord(peer_id=pid("QmA"), epoch=99, group_size=2, duration_s=1.0, success=False), signer=wallet)
+            append(
+                db,
+                KEYS,
+                DOMAIN,
+                RoundRecord(
+                    peer_id=member,
+                    epoch=epoch,
+                    group_size=2,
+                    group=[pid("QmA"), pid("QmB")],
+                    duration_s=0.5,
+                    success=True,
+                ),
+                signer=wallet,
+            )
+    append(
+        db,
+        KEYS,
+        DOMAIN,
+        RoundRecord(peer_id=pid("QmA"), epoch=99, group_size=2, duration_s=1.0, success=False),
+        signer=wallet,
+    )
 
     response = client.get("/api/swarm")
     assert response.status_code == 200 and response.headers["Cache-Control"] == "no-store"
@@ -92,10 +139,29 @@ def test_swarm_lists_live_peers_latest_steps_throughput_and_rounds(client, db, w
     assert set(body) == {"run_id", "validator_time", "peers", "global_epoch", "throughput_tokens_per_s", "rounds"}
     peers = {peer["peer_id"]: peer for peer in body["peers"]}
     assert set(peers) == {pid("QmA"), pid("QmB"), pid("QmV")}
-    assert peers[pid("QmA")]["hotkey"] == wallet.hotkey.ss58_address and peers[pid("QmB")]["hotkey"] == other_wallet.hotkey.ss58_address
-    assert set(peers[pid("QmA")]) == {"peer_id", "role", "hotkey", "device", "preset", "multiaddrs", "last_seen", "latest_step"}
-    assert peers[pid("QmA")]["latest_step"] == {"step": 1, "local_epoch": 3, "global_epoch": 3, "loss": 5.0, "samples": 16,
-                                          "tokens_per_s": 120.0, "time": pytest.approx(time.time(), abs=30)}
+    assert (
+        peers[pid("QmA")]["hotkey"] == wallet.hotkey.ss58_address
+        and peers[pid("QmB")]["hotkey"] == other_wallet.hotkey.ss58_address
+    )
+    assert set(peers[pid("QmA")]) == {
+        "peer_id",
+        "role",
+        "hotkey",
+        "device",
+        "preset",
+        "multiaddrs",
+        "last_seen",
+        "latest_step",
+    }
+    assert peers[pid("QmA")]["latest_step"] == {
+        "step": 1,
+        "local_epoch": 3,
+        "global_epoch": 3,
+        "loss": 5.0,
+        "samples": 16,
+        "tokens_per_s": 120.0,
+        "time": pytest.approx(time.time(), abs=30),
+    }
     assert peers[pid("QmV")]["role"] == "validator" and peers[pid("QmV")]["latest_step"] is None
     assert body["throughput_tokens_per_s"] == 200.0 and body["global_epoch"] == 3
     rounds = body["rounds"]
@@ -128,9 +194,20 @@ def test_a_validator_of_another_subnet_sees_none_of_this_subnets_records(redis_u
     registry = Registry(db, KEYS, subnet_1)
     registry.register(bound(_peer("QmA"), wallet.hotkey.ss58_address, subnet_1), wallet)
     append(db, KEYS, subnet_1, _step("QmA", 0, 100.0, global_epoch=4), signer=wallet)
-    append(db, KEYS, subnet_1, RoundRecord(peer_id=pid("QmA"), epoch=4, group_size=2, duration_s=0.5, success=True), signer=wallet)
-    views = {netuid: create_app(_settings(redis_url, wallet_dir, chain="bittensor", netuid=netuid)).test_client().get("/api/swarm").get_json()
-             for netuid in (1, 2)}
+    append(
+        db,
+        KEYS,
+        subnet_1,
+        RoundRecord(peer_id=pid("QmA"), epoch=4, group_size=2, duration_s=0.5, success=True),
+        signer=wallet,
+    )
+    views = {
+        netuid: create_app(_settings(redis_url, wallet_dir, chain="bittensor", netuid=netuid))
+        .test_client()
+        .get("/api/swarm")
+        .get_json()
+        for netuid in (1, 2)
+    }
     assert [(p["peer_id"], p["latest_step"]["step"]) for p in views[1]["peers"]] == [(pid("QmA"), 0)]
     assert views[1]["global_epoch"] == 4 and len(views[1]["rounds"]) == 1
     assert views[2]["peers"] == [] and views[2]["rounds"] == [] and views[2]["global_epoch"] is None
@@ -153,7 +230,12 @@ def test_scores_404_before_the_first_board_then_the_board_with_evidence(client, 
     body = client.get("/api/scores").get_json()
     assert body["validator"] == hotkey and body["rounds"] == 1 and body["epoch"] == 3
     (miner,) = body["miners"]
-    assert {k: miner[k] for k in ("hotkey", "uid", "score", "weight")} == {"hotkey": "5Miner", "uid": 1, "score": 0.3, "weight": 1.0}
+    assert {k: miner[k] for k in ("hotkey", "uid", "score", "weight")} == {
+        "hotkey": "5Miner",
+        "uid": 1,
+        "score": 0.3,
+        "weight": 1.0,
+    }
     assert miner["evidence"][0]["round_score"] == 1.0 and miner["evidence"][0]["reasons"]
 
     other = other_wallet.hotkey.ss58_address
@@ -162,7 +244,9 @@ def test_scores_404_before_the_first_board_then_the_board_with_evidence(client, 
     assert client.get("/api/scores", query_string={"validator": other}).get_json()["validator"] == other
 
 
-@pytest.mark.parametrize("bad", ["", "short", "5" * 61, "5GrwvaEF5zXb26Fz9rcQpDWS57CtERHpNehXCPcNoHGKutQ!", "../../etc/passwd" * 3])
+@pytest.mark.parametrize(
+    "bad", ["", "short", "5" * 61, "5GrwvaEF5zXb26Fz9rcQpDWS57CtERHpNehXCPcNoHGKutQ!", "../../etc/passwd" * 3]
+)
 def test_scores_reject_implausible_hotkeys(client, bad):
     response = client.get("/api/scores", query_string={"validator": bad})
     assert response.status_code == 400 and "ss58 hotkey" in response.get_json()["message"]
@@ -181,13 +265,18 @@ def test_evals_oldest_first_with_limit_and_latest(client, db):
     body = client.get("/api/evals").get_json()
     assert [e["epoch"] for e in body["evals"]] == [0, 1, 2, 3, 4] and body["count"] == 5
     body = client.get("/api/evals?limit=2").get_json()
-    assert [e["epoch"] for e in body["evals"]] == [3, 4] and body["latest"]["epoch"] == 4 and body["latest"]["loss"] == 1.0
+    assert (
+        [e["epoch"] for e in body["evals"]] == [3, 4] and body["latest"]["epoch"] == 4 and body["latest"]["loss"] == 1.0
+    )
 
 
 def test_non_finite_floats_are_null_so_the_answer_stays_json(client):
     # a diverged loss or an overflowed perplexity must not produce NaN/Infinity, which JSON parsers reject
     assert json.loads(client.application.json.dumps({"loss": math.nan, "ppl": [math.inf], "ok": 1.5})) == {
-        "loss": None, "ppl": [None], "ok": 1.5}
+        "loss": None,
+        "ppl": [None],
+        "ok": 1.5,
+    }
 
 
 @pytest.mark.parametrize("bad", ["0", "10001", "-1", "x", "", "1.5", " 3", "9999999"])
@@ -266,10 +355,6 @@ def test_gunicorn_argv_and_env(redis_url, wallet_dir, monkeypatch):
         if name.startswith("HIVE_"):
             monkeypatch.setenv(name, value)
     assert ValidatorSettings() == settings  # what the workers rebuild is what the service holds
-
-
-
-
 
 
 @pytest.mark.integration

@@ -23,7 +23,6 @@ import torch
 from bound_peers import bound
 from post_server import PostServer
 
-from hivetrain.swarm import procs
 from hivetrain.chain import LocalChain
 from hivetrain.data import BlockStream, shard_for
 from hivetrain.identity import Domain, load_or_create_wallet, sign
@@ -32,9 +31,10 @@ from hivetrain.protocol.projection import projected_gradient
 from hivetrain.protocol.records import Keys, PeerRecord
 from hivetrain.protocol.spotcheck import Challenge
 from hivetrain.protocol.training import param_groups, shared_optimizer
-from hivetrain.swarm.redis_server import start_redis
 from hivetrain.settings import ValidatorSettings
 from hivetrain.store import Registry, connect_redis, shard_salt
+from hivetrain.swarm import procs
+from hivetrain.swarm.redis_server import start_redis
 from hivetrain.validator.service import Validator
 from hivetrain.validator.verdicts import SpotCheckResult
 
@@ -77,9 +77,21 @@ def make_validator(swarm, tmp_path):
 
     def make(redis_url: str, **overrides) -> Validator:
         settings = ValidatorSettings(
-            redis_url=redis_url, run_id=RUN_ID, preset="tiny", wallet_dir=str(tmp_path / "wallets"),
-            initial_peers=swarm, api_host="127.0.0.1", api_port=9, eval_blocks=2, torch_threads=1,
-            sync_every_s=3600.0, spot_check_timeout_s=2.0, spot_check_workers=4, spot_check_tries=2, **overrides)
+            redis_url=redis_url,
+            run_id=RUN_ID,
+            preset="tiny",
+            wallet_dir=str(tmp_path / "wallets"),
+            initial_peers=swarm,
+            api_host="127.0.0.1",
+            api_port=9,
+            eval_blocks=2,
+            torch_threads=1,
+            sync_every_s=3600.0,
+            spot_check_timeout_s=2.0,
+            spot_check_workers=4,
+            spot_check_tries=2,
+            **overrides,
+        )
         validator = Validator(settings)
         made.append(validator)
         wait_until(lambda: validator.poller.plausible_epoch() == 2, "the swarm's progress record")
@@ -103,9 +115,23 @@ class MinerEndpoint(PostServer):
         envelope = json.loads(request)
         challenge = Challenge.model_validate(envelope["payload"])
         epoch, projection = self.answer(challenge)
-        body = json.dumps(sign(self.wallet, DOMAIN, {"challenge_nonce": envelope["nonce"], "validator": envelope["hotkey"], "epoch": epoch,
-                                                     "block_index": challenge.block_index, "projection": projection})).encode()
-        response = b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        body = json.dumps(
+            sign(
+                self.wallet,
+                DOMAIN,
+                {
+                    "challenge_nonce": envelope["nonce"],
+                    "validator": envelope["hotkey"],
+                    "epoch": epoch,
+                    "block_index": challenge.block_index,
+                    "projection": projection,
+                },
+            )
+        ).encode()
+        response = b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
+            len(body),
+            body,
+        )
         chunks = [response] if not self.drip_s else [bytes([b]) for b in response]
         for chunk in chunks:
             if (self.drip_s and self.stopping.wait(self.drip_s)) or self.stopping.is_set():
@@ -122,9 +148,16 @@ def endpoints(start_server):
 
 
 def _register(client, wallet, name: str, url: str = "") -> str:
-    """Register the test peer called ``name`` (peer id ``bound_peers.peer_id(name)``) for ``wallet``; returns its hotkey."""
-    record = PeerRecord(peer_id=name, role="miner", hotkey=wallet.hotkey.ss58_address, challenge_url=url, multiaddrs=[],
-                        started_at=time.time())
+    """Register the test peer called ``name`` (peer id ``bound_peers.peer_id(name)``) for ``wallet``; returns its
+    hotkey."""
+    record = PeerRecord(
+        peer_id=name,
+        role="miner",
+        hotkey=wallet.hotkey.ss58_address,
+        challenge_url=url,
+        multiaddrs=[],
+        started_at=time.time(),
+    )
     Registry(client, Keys(RUN_ID), DOMAIN).register(bound(record, wallet.hotkey.ss58_address, DOMAIN), signer=wallet)
     return wallet.hotkey.ss58_address
 
@@ -137,28 +170,43 @@ def _honest(validator: Validator, hotkey: str, epoch: int | None = None, model=N
     salt = shard_salt(connect_redis(validator.settings.redis_url), validator.keys, create=False)
     s, model = validator.settings, copy.deepcopy(validator.sync.model if model is None else model)
     epoch = validator.sync.epoch if epoch is None else epoch
-    stream = BlockStream(s.dataset, s.dataset_split, s.text_key, validator.checker.shards.tokenizer, validator.block_size,
-                         num_shards=s.num_shards, shard=shard_for(hotkey, salt, s.num_shards), seed=s.seed)
+    stream = BlockStream(
+        s.dataset,
+        s.dataset_split,
+        s.text_key,
+        validator.checker.shards.tokenizer,
+        validator.block_size,
+        num_shards=s.num_shards,
+        shard=shard_for(hotkey, salt, s.num_shards),
+        seed=s.seed,
+    )
 
     def answer(challenge: Challenge):
         batch = stream.get_batch(challenge.block_index, challenge.batch_size)  # (B, T)
         return epoch, projected_gradient(model, batch, challenge.seed, challenge.dim).tolist()
+
     return answer
 
 
-def test_one_round_checks_every_miner_at_once_and_nobody_evades(redis_url, make_validator, endpoints, wallet, other_wallet, tmp_path):
+def test_one_round_checks_every_miner_at_once_and_nobody_evades(
+    redis_url, make_validator, endpoints, wallet, other_wallet, tmp_path
+):
     validator = make_validator(redis_url)
     client = connect_redis(redis_url)
-    ahead_wallet, behind_wallet = (load_or_create_wallet(str(tmp_path / "miners"), name) for name in ("ahead", "unreachable"))
+    ahead_wallet, behind_wallet = (
+        load_or_create_wallet(str(tmp_path / "miners"), name) for name in ("ahead", "unreachable")
+    )
     noise = lambda epoch: lambda challenge: (epoch, [0.5] * challenge.dim)  # noqa: E731
     honest = endpoints(wallet, _honest(validator, wallet.hotkey.ss58_address))
     dripping = endpoints(other_wallet, noise(0), drip_s=0.2)  # its answer would take minutes
     ahead = endpoints(ahead_wallet, noise(10**9))  # forces a sync, then "cannot judge", forever (before)
     unreachable = endpoints(behind_wallet, noise(2))  # plausible, but no peer serves that epoch's state
-    miners = {"honest": _register(client, wallet, "QmHonest", honest.url),
-              "dripping": _register(client, other_wallet, "QmDrip", dripping.url),
-              "ahead": _register(client, ahead_wallet, "QmAhead", ahead.url),
-              "unreachable": _register(client, behind_wallet, "QmBehind", unreachable.url)}
+    miners = {
+        "honest": _register(client, wallet, "QmHonest", honest.url),
+        "dripping": _register(client, other_wallet, "QmDrip", dripping.url),
+        "ahead": _register(client, ahead_wallet, "QmAhead", ahead.url),
+        "unreachable": _register(client, behind_wallet, "QmBehind", unreachable.url),
+    }
 
     validator.check_miners()
     checks = {name: validator.spot_checks.get(hotkey, []) for name, hotkey in miners.items()}
@@ -189,8 +237,13 @@ def serve_state(swarm):
     def serve(mode: str, epoch: int, seed: int):
         dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=swarm)
         model = build_model("tiny", seed=seed)
-        averager = TrainingStateAverager(dht=dht, prefix=f"{RUN_ID}_state_averager", optimizer=shared_optimizer(mode),
-                                         params=param_groups(model, 0.0), start=True)
+        averager = TrainingStateAverager(
+            dht=dht,
+            prefix=f"{RUN_ID}_state_averager",
+            optimizer=shared_optimizer(mode),
+            params=param_groups(model, 0.0),
+            start=True,
+        )
         averager.local_epoch, averager.state_sharing_priority = epoch, float(epoch)
         started.append((dht, averager))
         return model
@@ -202,12 +255,15 @@ def serve_state(swarm):
 
 
 def _synced_to(validator: Validator, epoch: int) -> None:
-    wait_until(lambda: validator.sync.sync() and validator.sync.epoch == epoch, f"the validator's sync to epoch {epoch}")
+    wait_until(
+        lambda: validator.sync.sync() and validator.sync.epoch == epoch, f"the validator's sync to epoch {epoch}"
+    )
 
 
 @pytest.mark.parametrize("mode", ["hivemind", "diloco"])
-def test_an_answer_is_judged_at_the_parameters_of_its_own_epoch(redis_url, make_validator, endpoints, serve_state, tmp_path,
-                                                                 mode):
+def test_an_answer_is_judged_at_the_parameters_of_its_own_epoch(
+    redis_url, make_validator, endpoints, serve_state, tmp_path, mode
+):
     """The validator holds epoch 1 (model A) and then 2 (model B): an answer at 1 is judged at A, one at 2 at B.
 
     A second validator that went from 0 straight to 2 holds no parameters of epoch 1: it judges an
@@ -220,17 +276,22 @@ def test_an_answer_is_judged_at_the_parameters_of_its_own_epoch(redis_url, make_
     _synced_to(validator, 2)
     wallets = {name: load_or_create_wallet(str(tmp_path / "miners"), name) for name in ("current", "previous", "mixed")}
     hotkeys = {name: w.hotkey.ss58_address for name, w in wallets.items()}
-    answers = {"current": _honest(validator, hotkeys["current"], 2, model_b),
-               "previous": _honest(validator, hotkeys["previous"], 1, model_a),
-               "mixed": _honest(validator, hotkeys["mixed"], 1, model_b)}  # says epoch 1, computed at epoch 2's
+    answers = {
+        "current": _honest(validator, hotkeys["current"], 2, model_b),
+        "previous": _honest(validator, hotkeys["previous"], 1, model_a),
+        "mixed": _honest(validator, hotkeys["mixed"], 1, model_b),
+    }  # says epoch 1, computed at epoch 2's
     for name, w in wallets.items():
         _register(client, w, f"Qm{name}", endpoints(w, answers[name]).url)
 
     validator.check_miners()
-    verdicts = {name: [c.result.verdict for c in validator.spot_checks.get(hotkey, [])] for name, hotkey in hotkeys.items()}
+    verdicts = {
+        name: [c.result.verdict for c in validator.spot_checks.get(hotkey, [])] for name, hotkey in hotkeys.items()
+    }
     assert verdicts == {"current": ["pass"], "previous": ["pass"], "mixed": ["fail"]}, verdicts
-    assert validator.sync.epoch == 2 and all(torch.equal(p, q) for p, q in zip(validator.sync.model.parameters(),
-                                                                                 model_b.parameters()))
+    assert validator.sync.epoch == 2 and all(
+        torch.equal(p, q) for p, q in zip(validator.sync.model.parameters(), model_b.parameters())
+    )
 
     straight = make_validator(redis_url, mode=mode)  # declared states: 1 and 2; the download takes 2's
     _synced_to(straight, 2)
@@ -243,7 +304,9 @@ def test_an_answer_is_judged_at_the_parameters_of_its_own_epoch(redis_url, make_
         straight.check_miners()
         behind = straight.spot_checks[hotkeys["mixed"]]
         assert [c.result.verdict for c in behind] == ["fail"]
-        assert "not judged 2 times in a row" in behind[0].result.reason and "whole outer step" in behind[0].result.reason
+        assert (
+            "not judged 2 times in a row" in behind[0].result.reason and "whole outer step" in behind[0].result.reason
+        )
 
 
 def test_the_loop_rides_out_a_flush_and_a_redis_outage(make_validator, tmp_path):
@@ -262,16 +325,20 @@ def test_the_loop_rides_out_a_flush_and_a_redis_outage(make_validator, tmp_path)
         wait_until(lambda: weights_set_since(0.0), "the first weights")
         flushed_at = time.time()
         client.flushall()  # the registration, the heartbeat and the saved state are gone
-        wait_until(lambda: weights_set_since(flushed_at) and chain.uid_for(validator.hotkey) is not None,
-                   "weights after the flush (registered again)")
+        wait_until(
+            lambda: weights_set_since(flushed_at) and chain.uid_for(validator.hotkey) is not None,
+            "weights after the flush (registered again)",
+        )
 
         service.stop(timeout=5)  # Redis goes away under the running loop
         wait_until(lambda: validator.failures["weights"] >= 2 and validator.failures["heartbeat"] >= 2, "failed steps")
         assert loop.is_alive()
         service, _ = start_redis(tmp_path / "redis", port=port, persist=False)  # back, and empty
         back_at = time.time()
-        wait_until(lambda: weights_set_since(back_at) and client.exists(keys.validator_alive(validator.hotkey)),
-                   "weights and a heartbeat after Redis came back")
+        wait_until(
+            lambda: weights_set_since(back_at) and client.exists(keys.validator_alive(validator.hotkey)),
+            "weights and a heartbeat after Redis came back",
+        )
         wait_until(lambda: not validator.failures, "every step working again")
         assert loop.is_alive()
         validator.stop.set()
@@ -286,7 +353,9 @@ def test_a_restarted_validator_resumes_its_scores_and_checks(redis_url, make_val
     miner = _register(client, wallet, "QmHonest")  # live, so its score is kept
     first = make_validator(redis_url)
     first.scores = {miner: 0.5}
-    first.check_history = {miner: collections.deque([SpotCheckResult("pass", "cosine 0.9990 >= 0.95", 0.999)], maxlen=10)}
+    first.check_history = {
+        miner: collections.deque([SpotCheckResult("pass", "cosine 0.9990 >= 0.95", 0.999)], maxlen=10)
+    }
     first.checker.unjudged[miner] = 1
     first.score_and_set_weights()  # a window without claims: the EMA decays to 0.35, and is saved
     assert first.scores[miner] == pytest.approx(0.35)

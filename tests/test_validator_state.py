@@ -1,4 +1,5 @@
-"""The validator's saved state in a real Redis: read back as written; a record it did not write is deleted, not trusted."""
+"""The validator's saved state in a real Redis: read back as written; a record it did not write is deleted, not
+trusted."""
 
 from __future__ import annotations
 
@@ -17,8 +18,12 @@ DOMAIN = Domain("st")
 
 
 def _state(hotkey: str):
-    history = {"5Miner": collections.deque([SpotCheckResult("pass", "cosine 0.99", 0.99),
-                                            SpotCheckResult("fail", "no answer", float("nan"))], maxlen=10)}
+    history = {
+        "5Miner": collections.deque(
+            [SpotCheckResult("pass", "cosine 0.99", 0.99), SpotCheckResult("fail", "no answer", float("nan"))],
+            maxlen=10,
+        )
+    }
     return state_of(hotkey, rounds=7, scores={"5Miner": 0.42}, history=history, unjudged={"5Miner": 2, "5Other": 0})
 
 
@@ -33,15 +38,28 @@ def test_a_saved_state_reads_back(redis_url, wallet):
     assert history.maxlen == 10 and client.ttl(keys.validator_state(hotkey)) > 0
 
 
-@pytest.mark.parametrize("forge", ["junk", "signed by another hotkey", "for another validator", "out of range",
-                                   "saved in another run", "saved in another subnet"])
+@pytest.mark.parametrize(
+    "forge",
+    [
+        "junk",
+        "signed by another hotkey",
+        "for another validator",
+        "out of range",
+        "saved in another run",
+        "saved in another subnet",
+    ],
+)
 def test_a_record_the_validator_did_not_write_is_deleted(redis_url, wallet, other_wallet, forge):
     client, keys, hotkey = connect_redis(redis_url), Keys("st"), wallet.hotkey.ss58_address
     payload = _state(hotkey).model_dump(mode="json")
     raw = {
         "junk": b"\x00not json",
-        "signed by another hotkey": json.dumps(sign(other_wallet, DOMAIN, {**payload, "scores": {other_wallet.hotkey.ss58_address: 1.0}})),
-        "for another validator": json.dumps(sign(wallet, DOMAIN, {**payload, "validator": other_wallet.hotkey.ss58_address})),
+        "signed by another hotkey": json.dumps(
+            sign(other_wallet, DOMAIN, {**payload, "scores": {other_wallet.hotkey.ss58_address: 1.0}})
+        ),
+        "for another validator": json.dumps(
+            sign(wallet, DOMAIN, {**payload, "validator": other_wallet.hotkey.ss58_address})
+        ),
         "out of range": json.dumps(sign(wallet, DOMAIN, {**payload, "scores": {"5Miner": 1e9}})),
         # its own hotkey's state, with the scores it had elsewhere: resuming it would carry them over
         "saved in another run": json.dumps(sign(wallet, Domain("other-run"), payload)),

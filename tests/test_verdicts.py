@@ -36,10 +36,14 @@ def test_credit_is_the_smaller_of_the_claim_and_the_dht_growth_whatever_the_tole
     # the default tolerance, 1.0: claiming 1,990 against 1,000 in the DHT passes (polls miss samples), and earns 1,000
     inflated = judge_claims(1990, 1000, 1990, 1000, elapsed_s=100, max_samples_per_s=10_000, tolerance=1.0)
     assert (inflated.verdict, inflated.verified_samples, inflated.claimed_samples) == ("pass", 1000, 1990)
-    assert judge_claims(800, 1000, 800, 1000, 100, 10_000, 1.0).verified_samples == 800  # an honest under-claim: its claim
+    assert (
+        judge_claims(800, 1000, 800, 1000, 100, 10_000, 1.0).verified_samples == 800
+    )  # an honest under-claim: its claim
     # the totals since first seen pass, but this window's DHT growth is smaller: the window's growth bounds the credit
     assert judge_claims(500, 200, 1500, 1500, 100, 10_000, 1.0).verified_samples == 200
     assert judge_claims(500, None, 1500, 1500, 100, 10_000, 1.0).verified_samples == 0  # nothing in the DHT this window
     beyond = judge_claims(2100, 1000, 2100, 1000, 100, 10_000, 1.0)  # above the tolerance: a failure, no credit
-    assert (beyond.verdict, beyond.verified_samples) == ("fail", 0) and "DHT progress records show 1000" in beyond.reason
-
+    assert (beyond.verdict, beyond.verified_samples) == (
+        "fail",
+        0,
+    ) and "DHT progress records show 1000" in beyond.reason

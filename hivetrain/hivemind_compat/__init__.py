@@ -41,15 +41,30 @@ from hivemind.p2p import PeerID
 HIVEMIND_VERSION = "1.1.12"
 
 _HOOKS = {
-    Optimizer: ("_make_state_averager", "_update_global_epoch", "_average_gradients_and_load_into_optimizer",
-                "load_state_from_peers", "_tag_along_with_zero_weight",
-                "_check_and_accumulate_gradients", "_make_progress_tracker", "_make_gradient_averager",
-                "_maybe_schedule_gradient_averaging", "_maybe_schedule_state_averaging"),
+    Optimizer: (
+        "_make_state_averager",
+        "_update_global_epoch",
+        "_average_gradients_and_load_into_optimizer",
+        "load_state_from_peers",
+        "_tag_along_with_zero_weight",
+        "_check_and_accumulate_gradients",
+        "_make_progress_tracker",
+        "_make_gradient_averager",
+        "_maybe_schedule_gradient_averaging",
+        "_maybe_schedule_state_averaging",
+    ),
     GradientAverager: ("accumulate_grads_", "load_accumulators_into_averager_", "reset_accumulated_grads_"),
     ProgressTracker: ("_parse_swarm_progress_data",),
     TrainingStateAverager: ("_get_handle_name", "get_current_state", "load_state_from_peers"),
-    DecentralizedAverager: ("load_state_from_peers", "_load_state_from_peers", "get_stub", "_run_allreduce_inplace_",
-                            "_run_internal", "_matchmaking", "_get_handle_name"),
+    DecentralizedAverager: (
+        "load_state_from_peers",
+        "_load_state_from_peers",
+        "get_stub",
+        "_run_allreduce_inplace_",
+        "_run_internal",
+        "_matchmaking",
+        "_get_handle_name",
+    ),
     TensorPartReducer: ("accumulate_part", "check_current_part_finished", "reset_accumulators", "on_sender_failed"),
     TensorPartContainer: ("register_processed_part", "get_raw_input_parts"),
     Matchmaking: ("_check_reasons_to_reject", "_request_join_group"),
@@ -59,11 +74,17 @@ _HOOKS = {
 def check_hivemind(version: str = hivemind.__version__) -> None:
     """Raise ``ImportError`` when hivemind is not the release these workarounds were written for."""
     if version != HIVEMIND_VERSION:
-        raise ImportError(f"hivetrain's hivemind workarounds (hivetrain/hivemind_compat/) were written for hivemind "
-                          f"{HIVEMIND_VERSION}, found {version}: install hivemind=={HIVEMIND_VERSION} "
-                          "(requirements.txt), or re-check each override in that package against the new release")
-    missing = [f"{getattr(owner, '__name__', owner)}.{name}" for owner, names in _HOOKS.items() for name in names
-               if not hasattr(owner, name) and name not in getattr(owner, "__annotations__", {})]
+        raise ImportError(
+            f"hivetrain's hivemind workarounds (hivetrain/hivemind_compat/) were written for hivemind "
+            f"{HIVEMIND_VERSION}, found {version}: install hivemind=={HIVEMIND_VERSION} "
+            "(requirements.txt), or re-check each override in that package against the new release"
+        )
+    missing = [
+        f"{getattr(owner, '__name__', owner)}.{name}"
+        for owner, names in _HOOKS.items()
+        for name in names
+        if not hasattr(owner, name) and name not in getattr(owner, "__annotations__", {})
+    ]
     if missing:
         raise ImportError(f"hivemind {version} lacks {', '.join(missing)}, which hivetrain/hivemind_compat/ overrides")
 
@@ -79,8 +100,27 @@ from hivetrain.hivemind_compat.optimizer import STATE_AVERAGER_LOGGER, RoundInfo
 from hivetrain.hivemind_compat.state import SafeStateAverager, StateRejected, check_downloaded_state, parameters_set_to  # noqa: E402
 
 __all__ = [
-    "DEFAULT_BAN_S", "DHT", "Bans", "DiLoCoOptimizer", "HIVEMIND_VERSION", "Offence", "OffenceLog", "Optimizer",
-    "PeerID", "RobustAverager", "RobustAveraging", "RobustGradientAverager", "RoundInfo", "STATE_AVERAGER_LOGGER",
-    "SafeStateAverager", "StateRejected", "StateRoundLogHandler", "TrackedOptimizer", "Uniform8Bit",
-    "check_downloaded_state", "check_hivemind", "install_codecs", "parameters_set_to",
+    "DEFAULT_BAN_S",
+    "DHT",
+    "Bans",
+    "DiLoCoOptimizer",
+    "HIVEMIND_VERSION",
+    "Offence",
+    "OffenceLog",
+    "Optimizer",
+    "PeerID",
+    "RobustAverager",
+    "RobustAveraging",
+    "RobustGradientAverager",
+    "RoundInfo",
+    "STATE_AVERAGER_LOGGER",
+    "SafeStateAverager",
+    "StateRejected",
+    "StateRoundLogHandler",
+    "TrackedOptimizer",
+    "Uniform8Bit",
+    "check_downloaded_state",
+    "check_hivemind",
+    "install_codecs",
+    "parameters_set_to",
 ]

@@ -64,8 +64,18 @@ class RobustPartReducer(TensorPartReducer):
     """TensorPartReducer that keeps every sender's part and aggregates robustly (see the module docstring)
     with ``rule``, banning in ``bans`` the senders it catches."""
 
-    def __init__(self, part_shapes: Sequence[torch.Size], num_senders: int, sender_ids: Sequence[str], own_id: str,
-                 prefix: str, own_norm: Callable[[], float] = lambda: 0.0, *, rule: AggregationRule, bans: Bans):
+    def __init__(
+        self,
+        part_shapes: Sequence[torch.Size],
+        num_senders: int,
+        sender_ids: Sequence[str],
+        own_id: str,
+        prefix: str,
+        own_norm: Callable[[], float] = lambda: 0.0,
+        *,
+        rule: AggregationRule,
+        bans: Bans,
+    ):
         self.rule, self.bans = rule, bans
         self._stream, self._senders = PartStream(), []  # this partition's parts so far, and who sent each
         self._banned_parts: list[tuple[int, torch.Tensor, float]] = []  # parts of banned senders: left out
@@ -79,8 +89,9 @@ class RobustPartReducer(TensorPartReducer):
         super().reset_accumulators()
 
     @follows(TensorPartReducer, "accumulate_part", "1d64a8bd77052ac4")  # copied below
-    async def accumulate_part(self, sender_index: int, part_index: int, tensor_part: torch.Tensor,
-                              weight: float = 1.0) -> torch.Tensor:
+    async def accumulate_part(
+        self, sender_index: int, part_index: int, tensor_part: torch.Tensor, weight: float = 1.0
+    ) -> torch.Tensor:
         # TensorPartReducer.accumulate_part (hivemind 1.1.12), keeping the part instead of adding it
         assert 0 <= sender_index < self.num_senders, "invalid sender index"
         assert 0 <= part_index < self.num_parts, "invalid part index"
@@ -141,7 +152,7 @@ def _rms(tensors: Sequence[torch.Tensor]) -> float:
         norm = float(torch.linalg.vector_norm(tensor.detach()))  # in the tensor's dtype: no float64 copy
         if not math.isfinite(norm):  # NaN, or squares beyond float32
             norm = float(torch.linalg.vector_norm(tensor.detach(), dtype=torch.float64))
-        squares += norm ** 2
+        squares += norm**2
     return math.sqrt(squares / max(1, total))
 
 
@@ -157,9 +168,15 @@ class RobustAllReduceRunner(AllReduceRunner):
         own_rms = functools.cache(lambda: _rms(tensors))  # once per round, where first needed
         self.tensor_part_reducer.finalize()  # the plain reducer hivemind built is replaced before any part arrives
         self.tensor_part_reducer = RobustPartReducer(
-            tuple(part.shape for part in self.parts_for_local_averaging), len(self.sender_peer_ids),
-            [peer.to_base58() for peer in self.sender_peer_ids], self.peer_id.to_base58(), prefix,
-            lambda: own_rms() * math.sqrt(sum(t.numel() for t in tensors)), rule=rule, bans=bans)
+            tuple(part.shape for part in self.parts_for_local_averaging),
+            len(self.sender_peer_ids),
+            [peer.to_base58() for peer in self.sender_peer_ids],
+            self.peer_id.to_base58(),
+            prefix,
+            lambda: own_rms() * math.sqrt(sum(t.numel() for t in tensors)),
+            rule=rule,
+            bans=bans,
+        )
         container = self.tensor_part_container
         register = container.register_processed_part
 

@@ -65,15 +65,24 @@ class RobustAveraging(DecentralizedAverager):
         self._built_matchmaking = matchmaking
 
     @follows(DecentralizedAverager, "_run_allreduce_inplace_", "914d57cffc7d69e1")  # copied below
-    async def _run_allreduce_inplace_(self, tensors: Sequence[torch.Tensor], group_info: GroupInfo,
-                                      group_id: Optional[bytes] = None, **kwargs):
+    async def _run_allreduce_inplace_(
+        self, tensors: Sequence[torch.Tensor], group_info: GroupInfo, group_id: Optional[bytes] = None, **kwargs
+    ):
         if self.aggregation_rule is None:
             return await super()._run_allreduce_inplace_(tensors, group_info, group_id, **kwargs)
         # DecentralizedAverager._run_allreduce_inplace_ (hivemind 1.1.12), building our runner with our rule and bans
         group_id = group_info.group_id if group_id is None else group_id
         runner = RobustAllReduceRunner(
-            p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, tensors=tensors, group_id=group_id,
-            ordered_peer_ids=group_info.peer_ids, rule=self.aggregation_rule, bans=self.bans, **kwargs)
+            p2p=self._p2p,
+            servicer_type=type(self),
+            prefix=self.prefix,
+            tensors=tensors,
+            group_id=group_id,
+            ordered_peer_ids=group_info.peer_ids,
+            rule=self.aggregation_rule,
+            bans=self.bans,
+            **kwargs,
+        )
         assert group_id in self._running_groups, f"Group id {group_id} was not registered in _register_allreduce_group"
         self._running_groups[group_id].set_result(runner)
         if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:

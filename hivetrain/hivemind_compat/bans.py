@@ -82,8 +82,18 @@ class OffenceLog:
 
     def drain_records(self, caught_by: str) -> list[OffenceRecord]:
         """``drain`` as the telemetry records ``caught_by`` (our peer id) signs and writes."""
-        return [OffenceRecord(peer_id=caught_by, offender=o.peer_id, averager=o.prefix, role=o.role,
-                              reason=o.reason[:500], banned_s=self.ban_s, time=o.time) for o in self.drain()]
+        return [
+            OffenceRecord(
+                peer_id=caught_by,
+                offender=o.peer_id,
+                averager=o.prefix,
+                role=o.role,
+                reason=o.reason[:500],
+                banned_s=self.ban_s,
+                time=o.time,
+            )
+            for o in self.drain()
+        ]
 
 
 class Bans:

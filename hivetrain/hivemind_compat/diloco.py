@@ -59,7 +59,9 @@ class PseudoGradientAverager(RobustAveraging, GradientAverager):
         self.global_parameters = tuple(global_parameters)
         super().__init__(parameters, **kwargs)
         if len(self.global_parameters) != len(self.parameters):
-            raise ValueError(f"{len(self.global_parameters)} global parameters for {len(self.parameters)} model parameters")
+            raise ValueError(
+                f"{len(self.global_parameters)} global parameters for {len(self.parameters)} model parameters"
+            )
 
     @follows(GradientAverager, "accumulate_grads_", "67d8ddf5c3e9c3b2")
     def accumulate_grads_(self, batch_size: int) -> None:
@@ -89,20 +91,44 @@ class DiLoCoOptimizer(TrackedOptimizer):
     ``inner_scheduler`` factories build it. ``zero_grad`` clears the model's gradients.
     """
 
-    def __init__(self, *, inner_params: list[dict], inner_optimizer: Callable, inner_steps: int,
-                 inner_scheduler: Callable | None = None, batch_size_per_step: int, **kwargs):
+    def __init__(
+        self,
+        *,
+        inner_params: list[dict],
+        inner_optimizer: Callable,
+        inner_steps: int,
+        inner_scheduler: Callable | None = None,
+        batch_size_per_step: int,
+        **kwargs,
+    ):
         if inner_steps < 1:
             raise ValueError(f"inner_steps is {inner_steps}: take at least one inner step per outer step")
         self.inner_steps = inner_steps
         self._per_peer_target = inner_steps * batch_size_per_step  # the tracker's target: per reporting peer
-        for fixed in ("offload_optimizer", "reuse_grad_buffers", "use_local_updates", "delay_grad_averaging",
-                      "delay_optimizer_step", "delay_state_averaging", "grad_averager_factory", "target_batch_size"):
+        for fixed in (
+            "offload_optimizer",
+            "reuse_grad_buffers",
+            "use_local_updates",
+            "delay_grad_averaging",
+            "delay_optimizer_step",
+            "delay_state_averaging",
+            "grad_averager_factory",
+            "target_batch_size",
+        ):
             if fixed in kwargs:
                 raise ValueError(f"DiLoCoOptimizer sets {fixed} itself")
-        super().__init__(target_batch_size=inner_steps * batch_size_per_step, batch_size_per_step=batch_size_per_step,
-                         offload_optimizer=True, reuse_grad_buffers=True, use_local_updates=False,
-                         delay_grad_averaging=False, delay_optimizer_step=False, delay_state_averaging=False,
-                         grad_averager_factory=self._pseudo_gradient_averager, **kwargs)
+        super().__init__(
+            target_batch_size=inner_steps * batch_size_per_step,
+            batch_size_per_step=batch_size_per_step,
+            offload_optimizer=True,
+            reuse_grad_buffers=True,
+            use_local_updates=False,
+            delay_grad_averaging=False,
+            delay_optimizer_step=False,
+            delay_state_averaging=False,
+            grad_averager_factory=self._pseudo_gradient_averager,
+            **kwargs,
+        )
         self.inner = inner_optimizer(inner_params)
         self.inner_scheduler = inner_scheduler(self.inner) if inner_scheduler is not None else None
         self._resync_tries, self._resync_at = 0, 0.0  # after a missed outer round: tries left, when the next may run
@@ -133,8 +159,10 @@ class DiLoCoOptimizer(TrackedOptimizer):
         super()._average_gradients_and_load_into_optimizer(maybe_step_control)
         if not self._last_round_success and self.tracker.global_progress.num_peers > 1:
             # hivemind now steps θ with our Δ alone; the others step with theirs averaged
-            logger.warning(f"outer step {self._round_epoch} without the swarm's pseudo-gradients: taking up its "
-                           "global parameters once it has stepped")
+            logger.warning(
+                f"outer step {self._round_epoch} without the swarm's pseudo-gradients: taking up its "
+                "global parameters once it has stepped"
+            )
             self._resync_tries, self._resync_at = RESYNC_TRIES, time.monotonic() + RESYNC_WAIT_S
 
     def step(self, *args, **kwargs):
@@ -150,8 +178,10 @@ class DiLoCoOptimizer(TrackedOptimizer):
             self._resync_tries = 0
             logger.info(f"took up the swarm's global parameters at epoch {self.local_epoch}")
         elif not self._resync_tries:
-            logger.warning("no peer served the swarm's global parameters at our epoch: the next state round "
-                           f"(every {self.average_state_every} outer steps) brings ours back in line")
+            logger.warning(
+                "no peer served the swarm's global parameters at our epoch: the next state round "
+                f"(every {self.average_state_every} outer steps) brings ours back in line"
+            )
 
     def at_global_parameters(self, model: torch.nn.Module) -> contextlib.AbstractContextManager:
         """Run a block with ``model`` at the global parameters θ (spot checks are asked there), then restore θ_i."""
@@ -160,14 +190,19 @@ class DiLoCoOptimizer(TrackedOptimizer):
     # --- checkpoints ------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """The outer optimizer (hivemind's, with the epoch), the inner one, and θ: the model holds θ_i."""
-        return {"outer": super().state_dict(), "inner": self.inner.state_dict(),
-                "inner_scheduler": self.inner_scheduler.state_dict() if self.inner_scheduler is not None else None,
-                "global": [param.detach().clone() for param in self._global_parameters()]}
+        return {
+            "outer": super().state_dict(),
+            "inner": self.inner.state_dict(),
+            "inner_scheduler": self.inner_scheduler.state_dict() if self.inner_scheduler is not None else None,
+            "global": [param.detach().clone() for param in self._global_parameters()],
+        }
 
     def load_state_dict(self, state_dict: dict) -> None:
         if not isinstance(state_dict, dict) or set(state_dict) != {"outer", "inner", "inner_scheduler", "global"}:
-            raise ValueError("not a DiLoCo optimizer state: the checkpoint is of HIVE_MODE=hivemind; resume it in "
-                             "that mode, or move it away to start DiLoCo afresh")
+            raise ValueError(
+                "not a DiLoCo optimizer state: the checkpoint is of HIVE_MODE=hivemind; resume it in "
+                "that mode, or move it away to start DiLoCo afresh"
+            )
         saved, ours = state_dict["global"], self._global_parameters()
         if len(saved) != len(ours) or any(s.shape != o.shape for s, o in zip(saved, ours)):
             raise ValueError("the checkpoint's global parameters do not fit the model")

@@ -70,8 +70,13 @@ class PlausibleProgressTracker(ProgressTracker):
     (DiLoCo: inner steps times the batch), not a fixed total.
     """
 
-    def __init__(self, *args, on_implausible: Callable[[str, str], None] | None = None,
-                 per_peer_target: int | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        on_implausible: Callable[[str, str], None] | None = None,
+        per_peer_target: int | None = None,
+        **kwargs,
+    ):
         self._on_implausible = on_implausible or (lambda peer_id, reason: None)
         self._named = NameOnce()
         self._per_peer_target = per_peer_target
@@ -82,22 +87,31 @@ class PlausibleProgressTracker(ProgressTracker):
         if isinstance(metadata, dict) and metadata:
             metadata = self._plausible(metadata)
         if self._per_peer_target is not None:
-            peers = sum(1 for entry in metadata.values() if entry.value is not None) if isinstance(metadata, dict) else 0
+            peers = (
+                sum(1 for entry in metadata.values() if entry.value is not None) if isinstance(metadata, dict) else 0
+            )
             self.target_batch_size = self._per_peer_target * max(1, peers)
         return super()._parse_swarm_progress_data(metadata)
 
     def _plausible(self, metadata: dict) -> dict:
         own = self.local_progress.peer_id
-        records = {key: LocalTrainingProgress.parse_obj(entry.value) for key, entry in metadata.items()
-                   if entry.value is not None}
+        records = {
+            key: LocalTrainingProgress.parse_obj(entry.value)
+            for key, entry in metadata.items()
+            if entry.value is not None
+        }
         # our own epoch is left out: a late joiner at epoch 0 must still believe the swarm ahead of it
-        bound = lower_median([r.epoch for r in records.values() if not r.client_mode and r.peer_id != own],
-                             MAX_EPOCH_LEAD)
+        bound = lower_median(
+            [r.epoch for r in records.values() if not r.client_mode and r.peer_id != own], MAX_EPOCH_LEAD
+        )
         kept = {}
         for key, entry in metadata.items():
             record = records.get(key)
-            reason = None if record is None or record.peer_id == own else \
-                implausible(record.epoch, record.samples_per_second, bound)
+            reason = (
+                None
+                if record is None or record.peer_id == own
+                else implausible(record.epoch, record.samples_per_second, bound)
+            )
             if reason is None:
                 kept[key] = entry
                 continue
@@ -130,11 +144,18 @@ class TrackedOptimizer(hivemind.Optimizer):
     #: Samples per reporting peer that end an epoch (DiLoCo); None: hivemind's fixed ``target_batch_size``.
     _per_peer_target: int | None = None
 
-    def __init__(self, *args, on_round: Callable[[RoundInfo], None] | None = None,
-                 on_implausible: Callable[[str, str], None] | None = None,
-                 on_state_loaded: Callable[[float], None] | None = None, straggler_share: float = 0.0,
-                 aggregation_rule: AggregationRule | None = None, ban_s: float = DEFAULT_BAN_S,
-                 offences: OffenceLog | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        on_round: Callable[[RoundInfo], None] | None = None,
+        on_implausible: Callable[[str, str], None] | None = None,
+        on_state_loaded: Callable[[float], None] | None = None,
+        straggler_share: float = 0.0,
+        aggregation_rule: AggregationRule | None = None,
+        ban_s: float = DEFAULT_BAN_S,
+        offences: OffenceLog | None = None,
+        **kwargs,
+    ):
         self._on_round = on_round or (lambda info: None)
         self._on_state_loaded = on_state_loaded or (lambda seconds: None)
         # made before hivemind's __init__ builds (and forks) the averagers, which take them
@@ -168,8 +189,10 @@ class TrackedOptimizer(hivemind.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         if isinstance(state_dict, dict) and "outer" in state_dict and "inner" in state_dict:
-            raise ValueError("this optimizer state is DiLoCo's (HIVE_MODE=diloco); resume it in that mode, or move "
-                             "the checkpoint away to start this mode afresh")
+            raise ValueError(
+                "this optimizer state is DiLoCo's (HIVE_MODE=diloco); resume it in that mode, or move "
+                "the checkpoint away to start this mode afresh"
+            )
         super().load_state_dict(state_dict)
 
     @follows(hivemind.Optimizer, "_make_state_averager", "59a43eff001c3284")  # copied below
@@ -197,9 +220,12 @@ class TrackedOptimizer(hivemind.Optimizer):
     @follows(hivemind.Optimizer, "_make_gradient_averager", "b9a4450197c1e6fb")
     def _make_gradient_averager(self, factory: GradientAveragerFactory | None, **kwargs) -> GradientAverager:
         # hivemind's, with our rule and a ban list of its own; a factory (DiLoCo's) must take both arguments
-        return super()._make_gradient_averager(factory if factory is not None else RobustGradientAverager,
-                                               aggregation_rule=self.aggregation_rule, bans=Bans(self.offences),
-                                               **kwargs)
+        return super()._make_gradient_averager(
+            factory if factory is not None else RobustGradientAverager,
+            aggregation_rule=self.aggregation_rule,
+            bans=Bans(self.offences),
+            **kwargs,
+        )
 
     def _report_implausible(self, peer_id: str, reason: str) -> None:
         self.offences.report(peer_id, f"{self.run_id}_progress", "progress", reason)
@@ -213,9 +239,16 @@ class TrackedOptimizer(hivemind.Optimizer):
     def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> ProgressTracker:
         # hivemind.Optimizer._make_progress_tracker, with implausible peer records left out
         return PlausibleProgressTracker(
-            dht=self.dht, prefix=self.run_id, target_batch_size=target_batch_size, client_mode=self.client_mode,
-            status_loglevel=self.status_loglevel, start=True, on_implausible=self._on_implausible,
-            per_peer_target=self._per_peer_target, **kwargs)
+            dht=self.dht,
+            prefix=self.run_id,
+            target_batch_size=target_batch_size,
+            client_mode=self.client_mode,
+            status_loglevel=self.status_loglevel,
+            start=True,
+            on_implausible=self._on_implausible,
+            per_peer_target=self._per_peer_target,
+            **kwargs,
+        )
 
     @follows(hivemind.Optimizer, "_update_global_epoch", "03a36523a3fce65e")
     def _update_global_epoch(self, grad_scaler) -> None:
@@ -224,8 +257,10 @@ class TrackedOptimizer(hivemind.Optimizer):
             self._epoch_periods.append(now - self._epoch_began)
         self._epoch_began = now
         if self.stepping_aside:
-            logger.info(f"sitting out epoch {self.local_epoch}'s averaging (our uplink is the swarm's straggler): "
-                        "taking up the swarm's state after its step")
+            logger.info(
+                f"sitting out epoch {self.local_epoch}'s averaging (our uplink is the swarm's straggler): "
+                "taking up the swarm's state after its step"
+            )
             self.load_state_from_peers()
             return
         # remembered here because with delay_grad_averaging the round ends after the epoch has moved on
@@ -270,9 +305,11 @@ class TrackedOptimizer(hivemind.Optimizer):
         seconds = min(ASIDE_MAX_S, max(ASIDE_S, ASIDE_PER_LINK_S * link_s) * 2 ** min(self._asides, 16))
         self._asides += 1
         self._aside_until = now + seconds
-        logger.warning(f"our uplink took {link_s:.1f}s to send our part of epoch {self._round_epoch}'s round "
-                       f"({took:.1f}s; epochs come every {period:.1f}s): the swarm's "
-                       f"straggler, stepping out of averaging rounds for {seconds:.0f}s")
+        logger.warning(
+            f"our uplink took {link_s:.1f}s to send our part of epoch {self._round_epoch}'s round "
+            f"({took:.1f}s; epochs come every {period:.1f}s): the swarm's "
+            f"straggler, stepping out of averaging rounds for {seconds:.0f}s"
+        )
 
     def shutdown(self) -> None:
         if self._uplink is not None:
@@ -326,10 +363,16 @@ class TrackedOptimizer(hivemind.Optimizer):
                 group = tuple(sorted(peer.to_base58() for peer in maybe_step_control.result()))
                 success = True
         self._last_round_success = success
-        self._on_round(RoundInfo(
-            epoch=self._round_epoch, kind="gradients", group=group, group_size=len(group),
-            duration_s=time.perf_counter() - self._round_started, success=success,
-        ))
+        self._on_round(
+            RoundInfo(
+                epoch=self._round_epoch,
+                kind="gradients",
+                group=group,
+                group_size=len(group),
+                duration_s=time.perf_counter() - self._round_started,
+                success=success,
+            )
+        )
         self._judge_our_link(len(group))
 
 
@@ -359,6 +402,10 @@ class StateRoundLogHandler(logging.Handler):
         message = record.getMessage()
         if match := self._AVERAGED.search(message):
             size = int(match.group(1))
-            self._on_round(RoundInfo(epoch=self._epoch(), kind="state", group=(), group_size=size, duration_s=0.0, success=True))
+            self._on_round(
+                RoundInfo(epoch=self._epoch(), kind="state", group=(), group_size=size, duration_s=0.0, success=True)
+            )
         elif self._FAILED.search(message):
-            self._on_round(RoundInfo(epoch=self._epoch(), kind="state", group=(), group_size=0, duration_s=0.0, success=False))
+            self._on_round(
+                RoundInfo(epoch=self._epoch(), kind="state", group=(), group_size=0, duration_s=0.0, success=False)
+            )

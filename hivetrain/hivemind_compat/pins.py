@@ -42,6 +42,7 @@ def source_sha(owner: type, name: str) -> str:
 
 def follows(owner: type, name: str, sha: str) -> Callable[[F], F]:
     """Record that the decorated override follows ``owner.name`` of the hivemind release it was written for."""
+
     def record(function: F) -> F:
         PINS.append(Pin(owner, name, sha, function.__qualname__))
         return function
@@ -51,6 +52,9 @@ def follows(owner: type, name: str, sha: str) -> Callable[[F], F]:
 
 def moved_pins(pins: list[Pin] | None = None) -> list[str]:
     """What each pin whose hivemind source changed says to re-read; empty when every pin holds."""
-    return [f"{pin.where} follows {pin.owner.__qualname__}.{pin.name}, whose source changed "
-            f"(sha {source_sha(pin.owner, pin.name)}, written against {pin.sha}): re-read the override"
-            for pin in (PINS if pins is None else pins) if source_sha(pin.owner, pin.name) != pin.sha]
+    return [
+        f"{pin.where} follows {pin.owner.__qualname__}.{pin.name}, whose source changed "
+        f"(sha {source_sha(pin.owner, pin.name)}, written against {pin.sha}): re-read the override"
+        for pin in (PINS if pins is None else pins)
+        if source_sha(pin.owner, pin.name) != pin.sha
+    ]

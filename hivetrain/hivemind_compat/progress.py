@@ -51,6 +51,11 @@ def live_progress_records(dht, run_id: str) -> list[tuple[Any, Any]]:
 def progress_values(raw) -> dict[str, Any]:
     """One raw progress record as plain values (peer id in base58); raises on a malformed record."""
     record = LocalTrainingProgress.parse_obj(raw)
-    return dict(peer_id=PeerID(record.peer_id).to_base58(), epoch=record.epoch,
-                samples_accumulated=record.samples_accumulated, samples_per_second=float(record.samples_per_second),
-                time=float(record.time), client_mode=record.client_mode)
+    return dict(
+        peer_id=PeerID(record.peer_id).to_base58(),
+        epoch=record.epoch,
+        samples_accumulated=record.samples_accumulated,
+        samples_per_second=float(record.samples_per_second),
+        time=float(record.time),
+        client_mode=record.client_mode,
+    )

@@ -95,8 +95,9 @@ class _VerifiedDownload(DecentralizedAverager):
     @follows(TrainingStateAverager, "load_state_from_peers", "e4d647a9ea78cde8")  # it calls ours
     def load_state_from_peers(self, wait: bool = True, timeout: float | None = None):
         future = MPFuture()
-        self._outer_pipe.send(("_load_state_from_peers", [], dict(timeout=timeout, future=future,
-                                                                   max_epoch=self.max_epoch())))
+        self._outer_pipe.send(
+            ("_load_state_from_peers", [], dict(timeout=timeout, future=future, max_epoch=self.max_epoch()))
+        )
         if not wait:
             return future
         self.last_download = "none"
@@ -118,14 +119,18 @@ class _VerifiedDownload(DecentralizedAverager):
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     @follows(DecentralizedAverager, "_load_state_from_peers", "fe7b419d01ced5fe")  # copied below
-    async def _load_state_from_peers(self, future: MPFuture, timeout: float | None = None, max_epoch: int | None = None):
+    async def _load_state_from_peers(
+        self, future: MPFuture, timeout: float | None = None, max_epoch: int | None = None
+    ):
         # DecentralizedAverager._load_state_from_peers (hivemind 1.1.12), each candidate verified before it is returned
         if timeout is not None:
             timeout = self.next_chunk_timeout if self.next_chunk_timeout is not None else self.request_timeout
         try:
             local = self._local_parameters()
             max_bytes = _state_bytes_bound(local)
-            priorities, _ = self.dht.get(f"{self._matchmaking.group_key_manager.prefix}.all_averagers", latest=True) or ({}, None)
+            priorities, _ = self.dht.get(
+                f"{self._matchmaking.group_key_manager.prefix}.all_averagers", latest=True
+            ) or ({}, None)
             if not isinstance(priorities, dict):
                 priorities = {}
             candidates = {}
@@ -134,7 +139,11 @@ class _VerifiedDownload(DecentralizedAverager):
                     peer = PeerID(peer_id)
                 except Exception:  # a DHT subkey is whatever the writer chose
                     continue
-                if isinstance(info, ValueWithExpiration) and isinstance(info.value, (float, int)) and peer != self.peer_id:
+                if (
+                    isinstance(info, ValueWithExpiration)
+                    and isinstance(info.value, (float, int))
+                    and peer != self.peer_id
+                ):
                     candidates[peer] = (float(info.value), random.random())  # random: the tie breaker
             for peer in sorted(candidates, key=candidates.get, reverse=True):
                 if self.bans.is_banned(peer.to_base58()):
@@ -159,7 +168,8 @@ class _VerifiedDownload(DecentralizedAverager):
                 future.set_result(None)
 
     async def _download_from(self, peer: PeerID, timeout: float | None, max_bytes: int):
-        """(metadata, tensors) as ``peer`` streams them, or None when it sent no state; StateRejected past ``max_bytes``."""
+        """(metadata, tensors) as ``peer`` streams them, or None when it sent no state; StateRejected past
+        ``max_bytes``."""
         started = time.monotonic()
         stub = self.get_stub(self._p2p, peer, namespace=self.prefix)
         stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
@@ -207,7 +217,8 @@ class SafeStateAverager(RobustAveraging, TrainingStateAverager, _VerifiedDownloa
     @classmethod
     @follows(ServicerBase, "_get_handle_name", "d3e13c74c5e52049")
     def _get_handle_name(cls, namespace, method_name: str) -> str:
-        # RPC names carry the class name: keep hivemind's, so plain hivemind peers (and our validator) can download from us
+        # RPC names carry the class name: keep hivemind's, so plain hivemind peers (and our validator) can download from
+        # us
         return TrainingStateAverager._get_handle_name(namespace, method_name)
 
     @follows(TrainingStateAverager, "step", "c68d9335d0ccf55e")

@@ -37,7 +37,9 @@ def transmitted_bytes(net_dev: str) -> int:
     return total
 
 
-def sent_and_peak(samples: list[tuple[float, int]], since: float, until: float, window_s: float = WINDOW_S) -> tuple[int, float]:
+def sent_and_peak(
+    samples: list[tuple[float, int]], since: float, until: float, window_s: float = WINDOW_S
+) -> tuple[int, float]:
     """Bytes sent between ``since`` and ``until``, and the highest rate (bytes/s) over any ``window_s`` in between."""
     inside = [(t, b) for t, b in samples if since <= t <= until]
     if len(inside) < 2:

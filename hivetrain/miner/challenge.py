@@ -201,9 +201,15 @@ class ChallengeQueue:
             self._thread.join(timeout=5)
 
 
-def create_challenge_app(hotkey_ss58: str, verifier: Verifier, validators: ValidatorList, limits: ChallengeLimits,
-                         challenges: ChallengeQueue, health: TrainingHealth | None = None,
-                         metrics: MinerMetrics | None = None) -> Flask:
+def create_challenge_app(
+    hotkey_ss58: str,
+    verifier: Verifier,
+    validators: ValidatorList,
+    limits: ChallengeLimits,
+    challenges: ChallengeQueue,
+    health: TrainingHealth | None = None,
+    metrics: MinerMetrics | None = None,
+) -> Flask:
     """Flask app with ``POST /challenge`` (listed validators only), ``GET /healthz`` (503 when training
     stalls, given ``health``) and, given ``metrics``, ``GET /metrics`` (Prometheus text format)."""
     app = Flask("hivetrain.miner.challenge")
@@ -216,6 +222,7 @@ def create_challenge_app(hotkey_ss58: str, verifier: Verifier, validators: Valid
         return jsonify(error=error, detail=detail), status
 
     if metrics is not None:
+
         @app.get("/metrics")
         def prometheus_metrics():
             return Response(generate_latest(metrics.registry), mimetype=CONTENT_TYPE_LATEST)
@@ -243,10 +250,16 @@ def create_challenge_app(hotkey_ss58: str, verifier: Verifier, validators: Valid
         if not isinstance(claimed, str):
             return refuse(401, "invalid", "rejected", "not a signed envelope: no hotkey")
         if not validators.allows(claimed):  # before the signature: costs a set lookup, stores no nonce
-            return refuse(403, "refused", "not a validator",
-                          f"{claimed[:64]!r} is not a validator on the chain; only validators send spot checks")
+            return refuse(
+                403,
+                "refused",
+                "not a validator",
+                f"{claimed[:64]!r} is not a validator on the chain; only validators send spot checks",
+            )
         if nests_deeper(body, MAX_NESTING):  # parsed, but re-encoding it for the signature check could blow the stack
-            return refuse(400, "invalid", "bad request", f"body nests deeper than {MAX_NESTING} levels: not a signed challenge")
+            return refuse(
+                400, "invalid", "bad request", f"body nests deeper than {MAX_NESTING} levels: not a signed challenge"
+            )
         try:
             asked = Challenge.model_validate(verifier.verify(body))
         except VerificationError as error:
@@ -258,7 +271,9 @@ def create_challenge_app(hotkey_ss58: str, verifier: Verifier, validators: Valid
         if (beyond := limits.refusal(asked)) is not None:
             return refuse(400, "invalid", "bad challenge", beyond)
         if not limiter.allow(claimed):
-            return refuse(429, "limited", "rate limited", f"more than {limits.rate:g} challenges per second from this validator")
+            return refuse(
+                429, "limited", "rate limited", f"more than {limits.rate:g} challenges per second from this validator"
+            )
         item = PendingChallenge(asked, claimed, body["nonce"])
         if not challenges.submit(item):
             return refuse(503, "limited", "busy", f"{limits.pending} challenges of this validator are already waiting")
@@ -275,23 +290,46 @@ def create_challenge_app(hotkey_ss58: str, verifier: Verifier, validators: Valid
 
 
 class ChallengeServer:
-    """Serves the challenge app with waitress from a thread; the training loop calls ``answer_pending`` between steps."""
+    """Serves the challenge app with waitress from a thread; the training loop calls ``answer_pending`` between
+    steps."""
 
-    def __init__(self, wallet, host: str, port: int, validators: ValidatorList, limits: ChallengeLimits = ChallengeLimits(),
-                 *, domain: Domain, window_s: float = 120.0, prepare: Callable[[Challenge], Any] | None = None,
-                 health: TrainingHealth | None = None, metrics: MinerMetrics | None = None):
+    def __init__(
+        self,
+        wallet,
+        host: str,
+        port: int,
+        validators: ValidatorList,
+        limits: ChallengeLimits = ChallengeLimits(),
+        *,
+        domain: Domain,
+        window_s: float = 120.0,
+        prepare: Callable[[Challenge], Any] | None = None,
+        health: TrainingHealth | None = None,
+        metrics: MinerMetrics | None = None,
+    ):
         self.wallet = wallet
-        self.verifier = Verifier.in_memory(domain, window_s=window_s)  # challenges of other runs and subnets are refused
+        self.verifier = Verifier.in_memory(
+            domain, window_s=window_s
+        )  # challenges of other runs and subnets are refused
         self.hotkey = wallet.hotkey.ss58_address
         self.metrics = metrics
         self.queue = ChallengeQueue(limits.pending, prepare)
-        app = create_challenge_app(self.hotkey, self.verifier, validators, limits, self.queue,
-                                   health=health, metrics=metrics)
+        app = create_challenge_app(
+            self.hotkey, self.verifier, validators, limits, self.queue, health=health, metrics=metrics
+        )
         self.app = app  # what it serves: its routes are in app.url_map
         self._server = waitress.create_server(
-            app, host=host, port=port, threads=SERVER_THREADS, connection_limit=MAX_CONNECTIONS,
-            channel_timeout=CONNECTION_TIMEOUT_S, max_request_body_size=MAX_BODY_BYTES,
-            max_request_header_size=MAX_BODY_BYTES, ident="hivetrain-miner", expose_tracebacks=False)
+            app,
+            host=host,
+            port=port,
+            threads=SERVER_THREADS,
+            connection_limit=MAX_CONNECTIONS,
+            channel_timeout=CONNECTION_TIMEOUT_S,
+            max_request_body_size=MAX_BODY_BYTES,
+            max_request_header_size=MAX_BODY_BYTES,
+            ident="hivetrain-miner",
+            expose_tracebacks=False,
+        )
         self.port = self._server.effective_port
         self._thread = threading.Thread(target=self._server.run, name="challenge-http", daemon=True)
 
@@ -301,7 +339,8 @@ class ChallengeServer:
         return self
 
     def answer_pending(self, compute: Callable[[Challenge, Any], tuple[int, list[float]]]) -> int:
-        """Answer every queued challenge with ``compute(challenge, batch) -> (epoch, projection list)``; returns how many."""
+        """Answer every queued challenge with ``compute(challenge, batch) -> (epoch, projection list)``; returns how
+        many."""
         answered = 0
         while (item := self.queue.take()) is not None:
             try:
@@ -309,8 +348,13 @@ class ChallengeServer:
                     continue  # its request gave up waiting
                 try:
                     epoch, projection = compute(item.challenge, item.batch)
-                    answer = SpotCheckAnswer(challenge_nonce=item.nonce, validator=item.validator, epoch=epoch,
-                                             block_index=item.challenge.block_index, projection=projection)
+                    answer = SpotCheckAnswer(
+                        challenge_nonce=item.nonce,
+                        validator=item.validator,
+                        epoch=epoch,
+                        block_index=item.challenge.block_index,
+                        projection=projection,
+                    )
                     item.future.set_result(sign(self.wallet, self.verifier.domain, answer.model_dump(mode="json")))
                     outcome = "answered"
                 except Exception as error:  # a bad challenge must not stop training

@@ -38,7 +38,16 @@ class CheckpointError(RuntimeError):
 #: What a failed write raises: OSError from Python, SafetensorError from safetensors, RuntimeError from torch.save.
 _UNWRITABLE = (OSError, RuntimeError, SafetensorError)
 #: What reading a damaged, truncated or foreign checkpoint raises (safetensors, torch.load, JSON, our checks).
-_UNREADABLE = (OSError, ValueError, RuntimeError, EOFError, KeyError, TypeError, pickle.UnpicklingError, SafetensorError)
+_UNREADABLE = (
+    OSError,
+    ValueError,
+    RuntimeError,
+    EOFError,
+    KeyError,
+    TypeError,
+    pickle.UnpicklingError,
+    SafetensorError,
+)
 
 
 def save_checkpoint(root: str | Path, model, optimizer, state: TrainerState, keep: int = 2) -> Path:
@@ -59,8 +68,9 @@ def save_checkpoint(root: str | Path, model, optimizer, state: TrainerState, kee
         _replace(root, tmp, final)
     except _UNWRITABLE as error:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"could not write {final}: {error}; free space there or point HIVE_CHECKPOINT_DIR "
-                              "at a volume with room") from error
+        raise CheckpointError(
+            f"could not write {final}: {error}; free space there or point HIVE_CHECKPOINT_DIR at a volume with room"
+        ) from error
     for stale in list_checkpoints(root)[:-keep]:
         shutil.rmtree(stale, ignore_errors=True)
     logger.info(f"checkpoint saved: {final}")
@@ -101,7 +111,8 @@ def recover_leftovers(root: str | Path) -> None:
 
 
 def load_checkpoint(path: str | Path, model, map_location: str = "cpu") -> tuple[dict, TrainerState]:
-    """Load weights into ``model``; return the optimizer state dict (to load after the Optimizer exists) and TrainerState.
+    """Load weights into ``model``; return the optimizer state dict (to load after the Optimizer exists) and
+    TrainerState.
 
     Every part is read and checked before ``model`` changes, so a damaged checkpoint leaves it as it
     was. Nothing is unpickled: weights are safetensors and the optimizer state loads with
@@ -122,12 +133,16 @@ def _check_weights(path: Path, model, weights: dict[str, torch.Tensor]) -> None:
     missing = [k for k in expected if k not in weights and k != "lm_head.weight"]
     unexpected = [k for k in weights if k not in expected]
     if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}; "
-                         "was it written with another preset? Move it away or pick the matching HIVE_PRESET")
+        raise ValueError(
+            f"checkpoint {path} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}; "
+            "was it written with another preset? Move it away or pick the matching HIVE_PRESET"
+        )
     for name, tensor in weights.items():
         if tensor.shape != expected[name].shape:
-            raise ValueError(f"checkpoint {path}: {name} has shape {tuple(tensor.shape)}, the model "
-                             f"{tuple(expected[name].shape)}; was it written with another preset?")
+            raise ValueError(
+                f"checkpoint {path}: {name} has shape {tuple(tensor.shape)}, the model "
+                f"{tuple(expected[name].shape)}; was it written with another preset?"
+            )
         if not torch.isfinite(tensor).all():
             raise ValueError(f"checkpoint {path}: {name} holds NaN or infinite values")
 
@@ -147,8 +162,10 @@ def resume_checkpoint(root: str | Path, model, preset: str) -> tuple[Path, dict,
             logger.warning(f"skipping checkpoint {path}: its {TRAINER_FILE} is unreadable ({error!r})")
             continue
         if written_for != preset:
-            raise ValueError(f"checkpoint {path} was written for the {written_for} preset, this miner trains {preset}: "
-                             f"set HIVE_PRESET={written_for} or point HIVE_CHECKPOINT_DIR at another folder")
+            raise ValueError(
+                f"checkpoint {path} was written for the {written_for} preset, this miner trains {preset}: "
+                f"set HIVE_PRESET={written_for} or point HIVE_CHECKPOINT_DIR at another folder"
+            )
         try:
             optimizer_state, state = load_checkpoint(path, model)
         except _UNREADABLE as error:

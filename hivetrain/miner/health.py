@@ -54,14 +54,30 @@ class TrainingHealth:
         if last is None:
             waited = now - self.started
             if waited <= self.grace_s:
-                return True, {"status": "starting", "steps": 0, "since_start_s": round(waited, 1), "grace_s": self.grace_s}
-            return False, {"status": "stalled", "steps": 0,
-                           "reason": f"no training step {waited:.0f}s after start (start-up grace {self.grace_s:.0f}s)"}
+                return True, {
+                    "status": "starting",
+                    "steps": 0,
+                    "since_start_s": round(waited, 1),
+                    "grace_s": self.grace_s,
+                }
+            return False, {
+                "status": "stalled",
+                "steps": 0,
+                "reason": f"no training step {waited:.0f}s after start (start-up grace {self.grace_s:.0f}s)",
+            }
         idle, limit = now - last, self.stall_limit()
-        report = {"steps": steps, "since_last_step_s": round(idle, 1), "step_interval_s": interval, "stall_limit_s": limit}
+        report = {
+            "steps": steps,
+            "since_last_step_s": round(idle, 1),
+            "step_interval_s": interval,
+            "stall_limit_s": limit,
+        }
         if idle <= limit:
             return True, {"status": "ok", **report}
         usual = "n/a" if interval is None else f"{interval:.1f}s"
-        return False, {"status": "stalled", **report,
-                       "reason": f"no training step for {idle:.0f}s (limit {limit:.0f}s: the larger of {self.min_stall_s:.0f}s "
-                                 f"and {STALL_FACTOR:g}x the usual {usual} between steps)"}
+        return False, {
+            "status": "stalled",
+            **report,
+            "reason": f"no training step for {idle:.0f}s (limit {limit:.0f}s: the larger of {self.min_stall_s:.0f}s "
+            f"and {STALL_FACTOR:g}x the usual {usual} between steps)",
+        }

@@ -48,14 +48,18 @@ class TelemetryCollector(Collector):
         writer = self.writer
         if writer is None:
             return
-        yield GaugeMetricFamily("hive_miner_telemetry_queue_depth", "telemetry records not yet written to Redis",
-                                value=writer.queued)
+        yield GaugeMetricFamily(
+            "hive_miner_telemetry_queue_depth", "telemetry records not yet written to Redis", value=writer.queued
+        )
         # the writer's counts only grow, so they are counters: Prometheus applies rate() and resets to them
-        yield CounterMetricFamily("hive_miner_telemetry_written", "telemetry records written to Redis",
-                                  value=writer.written)
-        yield CounterMetricFamily("hive_miner_telemetry_dropped",
-                                  "telemetry records dropped (queue full while Redis was away, or unserialisable)",
-                                  value=writer.dropped)
+        yield CounterMetricFamily(
+            "hive_miner_telemetry_written", "telemetry records written to Redis", value=writer.written
+        )
+        yield CounterMetricFamily(
+            "hive_miner_telemetry_dropped",
+            "telemetry records dropped (queue full while Redis was away, or unserialisable)",
+            value=writer.dropped,
+        )
 
 
 class MinerMetrics:
@@ -68,25 +72,48 @@ class MinerMetrics:
         self.steps = Counter("hive_miner_steps", "local training steps (one batch each)", registry=r)
         self.samples = Counter("hive_miner_samples", "samples (blocks of tokens) trained on", registry=r)
         self.tokens = Counter("hive_miner_tokens", "tokens trained on", registry=r)
-        self.tokens_per_s = Gauge("hive_miner_tokens_per_second", "training speed (moving average over steps)", registry=r)
+        self.tokens_per_s = Gauge(
+            "hive_miner_tokens_per_second", "training speed (moving average over steps)", registry=r
+        )
         self.loss = Gauge("hive_miner_loss", "training loss of the last step (NaN when it was not finite)", registry=r)
-        self.nonfinite_losses = Counter("hive_miner_nonfinite_losses", "steps whose loss was NaN or infinite", registry=r)
+        self.nonfinite_losses = Counter(
+            "hive_miner_nonfinite_losses", "steps whose loss was NaN or infinite", registry=r
+        )
         self.local_epoch = Gauge("hive_miner_local_epoch", "epoch this miner's parameters are at", registry=r)
         self.global_epoch = Gauge("hive_miner_global_epoch", "epoch of the swarm as this miner sees it", registry=r)
-        self.rounds = Counter("hive_miner_averaging_rounds", "averaging rounds by kind and outcome (failed: failed or ran alone)",
-                              ["kind", "outcome"], registry=r)
-        self.round_duration = Histogram("hive_miner_gradient_round_duration_seconds",
-                                        "time from the epoch's end to averaged gradients (state rounds are not timed)",
-                                        registry=r, buckets=ROUND_BUCKETS)
+        self.rounds = Counter(
+            "hive_miner_averaging_rounds",
+            "averaging rounds by kind and outcome (failed: failed or ran alone)",
+            ["kind", "outcome"],
+            registry=r,
+        )
+        self.round_duration = Histogram(
+            "hive_miner_gradient_round_duration_seconds",
+            "time from the epoch's end to averaged gradients (state rounds are not timed)",
+            registry=r,
+            buckets=ROUND_BUCKETS,
+        )
         self.state_loads = Counter("hive_miner_state_loads", "downloads of the shared state from peers", registry=r)
-        self.state_load_duration = Histogram("hive_miner_state_load_duration_seconds", "time to load state from peers",
-                                             registry=r, buckets=STATE_LOAD_BUCKETS)
-        self.checkpoints = Counter("hive_miner_checkpoints", "checkpoints by outcome (saved or failed)", ["outcome"], registry=r)
-        self.challenges = Counter("hive_miner_challenges", "spot-check requests by outcome: answered, failed (on our side), "
-                                  "refused (not a listed validator, or for another miner), invalid (unsigned, replayed, "
-                                  "malformed, beyond the bounds), limited (rate or queue share), expired (not answered in time)",
-                                  ["outcome"], registry=r)
-        self.offences = Counter("hive_miner_offences_reported", "peers our averagers caught misbehaving, reported", registry=r)
+        self.state_load_duration = Histogram(
+            "hive_miner_state_load_duration_seconds",
+            "time to load state from peers",
+            registry=r,
+            buckets=STATE_LOAD_BUCKETS,
+        )
+        self.checkpoints = Counter(
+            "hive_miner_checkpoints", "checkpoints by outcome (saved or failed)", ["outcome"], registry=r
+        )
+        self.challenges = Counter(
+            "hive_miner_challenges",
+            "spot-check requests by outcome: answered, failed (on our side), "
+            "refused (not a listed validator, or for another miner), invalid (unsigned, replayed, "
+            "malformed, beyond the bounds), limited (rate or queue share), expired (not answered in time)",
+            ["outcome"],
+            registry=r,
+        )
+        self.offences = Counter(
+            "hive_miner_offences_reported", "peers our averagers caught misbehaving, reported", registry=r
+        )
         self.telemetry = TelemetryCollector()
         r.register(self.telemetry)
         for kind in ROUND_KINDS:
@@ -103,8 +130,9 @@ class MinerMetrics:
     def watch_telemetry(self, writer: QueueStats) -> None:
         self.telemetry.writer = writer
 
-    def record_step(self, samples: int, tokens: int, tokens_per_s: float, loss: float, local_epoch: int,
-                    global_epoch: int) -> None:
+    def record_step(
+        self, samples: int, tokens: int, tokens_per_s: float, loss: float, local_epoch: int, global_epoch: int
+    ) -> None:
         self.steps.inc()
         self.samples.inc(samples)
         self.tokens.inc(tokens)

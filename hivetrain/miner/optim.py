@@ -14,6 +14,7 @@ from hivetrain.settings import MinerSettings
 
 def warmup_schedule(warmup_epochs: int) -> Callable[[int], float]:
     """LR multiplier per global epoch: linear from 1/(warmup+1) to 1, then constant."""
+
     def multiplier(epoch: int) -> float:
         return min(1.0, (epoch + 1) / (warmup_epochs + 1))
 
@@ -26,14 +27,19 @@ def aggregation_rule(settings: MinerSettings) -> AggregationRule | None:
         return None
     # a peer declares the samples it accumulated since the last round: never more than the whole
     # swarm's target (plus its last batch); 4x leaves room for a peer configured with a larger target
-    per_round = (settings.inner_steps * settings.batch_size if settings.mode == "diloco"
-                 else settings.target_batch_size)  # DiLoCo: a peer trains inner_steps batches per outer step
+    per_round = (
+        settings.inner_steps * settings.batch_size if settings.mode == "diloco" else settings.target_batch_size
+    )  # DiLoCo: a peer trains inner_steps batches per outer step
     return AggregationRule(clip_factor=settings.clip_factor, max_weight=4.0 * (per_round + settings.batch_size))
 
 
-def make_optimizer(model: torch.nn.Module, dht: DHT, settings: MinerSettings,
-                   on_round: Callable[[RoundInfo], None] | None = None,
-                   on_state_loaded: Callable[[float], None] | None = None) -> TrackedOptimizer:
+def make_optimizer(
+    model: torch.nn.Module,
+    dht: DHT,
+    settings: MinerSettings,
+    on_round: Callable[[RoundInfo], None] | None = None,
+    on_state_loaded: Callable[[float], None] | None = None,
+) -> TrackedOptimizer:
     """hivemind.Optimizer over ``model`` configured from ``settings`` (DiLoCo's in diloco mode); averagers fork here.
 
     Its averagers aggregate with ``aggregation_rule`` (none: hivemind's mean); peers they catch are
@@ -54,7 +60,9 @@ def make_optimizer(model: torch.nn.Module, dht: DHT, settings: MinerSettings,
         state_averaging_compression=COMPRESSIONS[settings.state_compression](),
         load_state_compression=state_download_compression(settings.state_compression),
         # request_timeout below min_matchmaking_time avoids hivemind's deadlock warning (and the deadlock)
-        averager_opts=dict(request_timeout=min(3.0, settings.matchmaking_time / 2), bandwidth=settings.bandwidth or None),
+        averager_opts=dict(
+            request_timeout=min(3.0, settings.matchmaking_time / 2), bandwidth=settings.bandwidth or None
+        ),
         client_mode=settings.client_mode,
         tracker_opts=dict(min_refresh_period=0.5, max_refresh_period=5.0),
         verbose=True,

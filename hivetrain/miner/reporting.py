@@ -61,7 +61,9 @@ class BootstrapSink:
         if response.status_code in (408, 409, 429) or response.status_code >= 500:
             raise SinkUnavailable(f"bootstrap answered {response.status_code}: {response.text[:200]}")
         # our own entries refused as a whole: a bug or a misconfigured run; retrying would not help
-        logger.error(f"the bootstrap refused {len(entries)} telemetry entries ({response.status_code}): {response.text[:300]}")
+        logger.error(
+            f"the bootstrap refused {len(entries)} telemetry entries ({response.status_code}): {response.text[:300]}"
+        )
         return list(range(len(entries)))
 
 
@@ -80,8 +82,13 @@ class BootstrapRegistry:
         self._signer = None
 
     def _post(self, path: str, body: bytes) -> None:
-        response = self.session.post(f"{self.base}{path}", data=body, timeout=self.timeout, allow_redirects=False,
-                                     headers={"Content-Type": "application/json"})
+        response = self.session.post(
+            f"{self.base}{path}",
+            data=body,
+            timeout=self.timeout,
+            allow_redirects=False,
+            headers={"Content-Type": "application/json"},
+        )
         if response.status_code != 200:
             raise RuntimeError(f"the bootstrap refused {path} ({response.status_code}): {response.text[:300]}")
 
@@ -103,8 +110,9 @@ class TelemetryWriter:
     first and are counted in ``dropped``, as are records the sink refuses.
     """
 
-    def __init__(self, sink: TelemetrySink, domain: Domain, signer, max_queue: int = 10_000,
-                 max_backoff_s: float = 5.0):
+    def __init__(
+        self, sink: TelemetrySink, domain: Domain, signer, max_queue: int = 10_000, max_backoff_s: float = 5.0
+    ):
         self.sink, self.signer, self.max_backoff_s = sink, signer, max_backoff_s
         self.domain = domain
         self._queue: collections.deque = collections.deque(maxlen=max_queue)
@@ -151,7 +159,9 @@ class TelemetryWriter:
             except SinkUnavailable as error:
                 if self._stopping:
                     return
-                logger.warning(f"telemetry write failed ({error}); {len(batch)} records wait, retrying in {backoff:.1f}s")
+                logger.warning(
+                    f"telemetry write failed ({error}); {len(batch)} records wait, retrying in {backoff:.1f}s"
+                )
                 with self._wake:
                     self._wake.wait(timeout=backoff)
                 backoff = min(backoff * 2, self.max_backoff_s)

@@ -19,6 +19,7 @@ import torch
 from hivetrain.chain import make_chain
 from hivetrain.data import BlockStream, shard_for
 from hivetrain.dht import make_dht, visible_maddrs
+from hivetrain.discovery import fetch_initial_peers, wait_for_shard_salt
 from hivetrain.hivemind_compat import DHT, RoundInfo, StateRoundLogHandler, TrackedOptimizer
 from hivetrain.identity import load_or_create_wallet
 from hivetrain.log import get_logger
@@ -27,6 +28,7 @@ from hivetrain.miner.checkpoint import CheckpointError, resume_checkpoint, save_
 from hivetrain.miner.health import TrainingHealth
 from hivetrain.miner.metrics import MinerMetrics
 from hivetrain.miner.optim import make_optimizer
+from hivetrain.miner.reporting import BootstrapRegistry, BootstrapSink, TelemetryWriter
 from hivetrain.miner.validators import ValidatorList
 from hivetrain.models import build_model, model_config, num_parameters
 from hivetrain.protocol.binding import bind
@@ -34,10 +36,8 @@ from hivetrain.protocol.checkpoints import TrainerState
 from hivetrain.protocol.projection import projected_gradient
 from hivetrain.protocol.records import HEARTBEAT_INTERVAL_S, MAX_MULTIADDRS, Keys, PeerRecord, RoundRecord, StepRecord
 from hivetrain.protocol.spotcheck import CHALLENGE_PASSES, Challenge
-from hivetrain.miner.reporting import BootstrapRegistry, BootstrapSink, TelemetryWriter
 from hivetrain.runtime import set_torch_threads
 from hivetrain.settings import MinerSettings, domain_of
-from hivetrain.discovery import fetch_initial_peers, wait_for_shard_salt
 from hivetrain.store import connect_redis
 from hivetrain.tokenizer import load_tokenizer
 
@@ -63,13 +63,20 @@ def challenge_block_limit(stream: BlockStream, stream_blocks: int) -> int:
 
 
 class Heartbeat:
-    """Registers the peer (through the bootstrap) every HEARTBEAT_INTERVAL_S from a thread; outages are logged, not fatal.
+    """Registers the peer (through the bootstrap) every HEARTBEAT_INTERVAL_S from a thread; outages are logged, not
+    fatal.
 
     ``addrs``: asked before each registration for the peer's addresses, when they change while it runs
     (a relayed miner's /p2p-circuit addresses appear once a relay has reserved a slot)."""
 
-    def __init__(self, registry: BootstrapRegistry, record: PeerRecord, wallet, interval_s: float = HEARTBEAT_INTERVAL_S,
-                 addrs: Callable[[], list[str]] | None = None):
+    def __init__(
+        self,
+        registry: BootstrapRegistry,
+        record: PeerRecord,
+        wallet,
+        interval_s: float = HEARTBEAT_INTERVAL_S,
+        addrs: Callable[[], list[str]] | None = None,
+    ):
         self.registry, self.record, self.wallet, self.interval_s = registry, record, wallet, interval_s
         self.addrs = addrs
         self._stop = threading.Event()
@@ -136,8 +143,10 @@ class Miner:
         self.config = model_config(s.preset)
         self.block_size = s.block_size or self.config.n_positions
         if self.block_size > self.config.n_positions:
-            raise ValueError(f"HIVE_BLOCK_SIZE={self.block_size} exceeds the {s.preset} preset's n_positions "
-                             f"({self.config.n_positions}); use 0 for the default")
+            raise ValueError(
+                f"HIVE_BLOCK_SIZE={self.block_size} exceeds the {s.preset} preset's n_positions "
+                f"({self.config.n_positions}); use 0 for the default"
+            )
         self.checkpoint_dir = Path(s.checkpoint_dir)
         self.wallet = load_or_create_wallet(s.wallet_dir, s.wallet_name, s.wallet_hotkey)
         self._make_dht()
@@ -154,8 +163,12 @@ class Miner:
         if not s.identity_path:
             # a restarted miner keeps its peer id: the identity lives next to its checkpoints
             s = self.settings = s.model_copy(update={"identity_path": str(self.checkpoint_dir / "identity.key")})
-        initial_peers = list(s.initial_peers) or fetch_initial_peers(s.bootstrap_url, s.bootstrap_wait_s, stop=self.stop)
-        self.dht = make_dht(initial_peers, **s.dht_options(), client_mode=s.client_mode, use_auto_relay=s.use_auto_relay)
+        initial_peers = list(s.initial_peers) or fetch_initial_peers(
+            s.bootstrap_url, s.bootstrap_wait_s, stop=self.stop
+        )
+        self.dht = make_dht(
+            initial_peers, **s.dht_options(), client_mode=s.client_mode, use_auto_relay=s.use_auto_relay
+        )
         self.peer_id = self.dht.peer_id.to_base58()
         self.maddrs = visible_maddrs(self.dht)  # none in client mode: nobody can dial it
         logger.info(f"DHT up: peer {self.peer_id}, {len(initial_peers)} initial peers, visible at {self.maddrs}")
@@ -173,7 +186,9 @@ class Miner:
         self.train_model = self.model
         if self.settings.compile and self.device.type == "cuda":
             self.train_model = torch.compile(self.model)
-        logger.info(f"model {self.settings.preset}: {num_parameters(self.model) / 1e6:.1f}M parameters on {self.device}")
+        logger.info(
+            f"model {self.settings.preset}: {num_parameters(self.model) / 1e6:.1f}M parameters on {self.device}"
+        )
 
     def _make_data(self) -> None:
         s = self.settings
@@ -184,21 +199,44 @@ class Miner:
         logger.info(f"data shard {self.shard} of {s.num_shards}: from hotkey {hotkey} and the run's shard salt {salt}")
         self.tokenizer = load_tokenizer(s.tokenizer)
         if len(self.tokenizer) > self.config.vocab_size:
-            raise ValueError(f"tokenizer {s.tokenizer!r} has {len(self.tokenizer)} tokens, more than the model's "
-                             f"vocabulary ({self.config.vocab_size}); use a GPT-2 tokenizer")
-        self.stream = BlockStream(s.dataset, s.dataset_split, s.text_key, self.tokenizer, self.block_size,
-                                  num_shards=s.num_shards, shard=self.shard, seed=s.seed)
+            raise ValueError(
+                f"tokenizer {s.tokenizer!r} has {len(self.tokenizer)} tokens, more than the model's "
+                f"vocabulary ({self.config.vocab_size}); use a GPT-2 tokenizer"
+            )
+        self.stream = BlockStream(
+            s.dataset,
+            s.dataset_split,
+            s.text_key,
+            self.tokenizer,
+            self.block_size,
+            num_shards=s.num_shards,
+            shard=self.shard,
+            seed=s.seed,
+        )
         self.batches = self.stream.batches(s.batch_size, start_index=self.next_block)
         logger.info(f"data: {self.stream!r}, starting at block {self.next_block}")
         # spot checks read their batches on a thread of their own: their own stream and tokenizer
-        self.challenge_stream = BlockStream(s.dataset, s.dataset_split, s.text_key, load_tokenizer(s.tokenizer),
-                                            self.block_size, num_shards=s.num_shards, shard=self.shard, seed=s.seed)
+        self.challenge_stream = BlockStream(
+            s.dataset,
+            s.dataset_split,
+            s.text_key,
+            load_tokenizer(s.tokenizer),
+            self.block_size,
+            num_shards=s.num_shards,
+            shard=self.shard,
+            seed=s.seed,
+        )
 
     def _challenge_limits(self) -> ChallengeLimits:
         s = self.settings
-        return ChallengeLimits(max_dim=s.challenge_max_dim, max_batch=s.challenge_max_batch,
-                               block_limit=challenge_block_limit(self.challenge_stream, s.challenge_stream_blocks),
-                               rate=s.challenge_rate, burst=s.challenge_burst, pending=s.challenge_pending)
+        return ChallengeLimits(
+            max_dim=s.challenge_max_dim,
+            max_batch=s.challenge_max_batch,
+            block_limit=challenge_block_limit(self.challenge_stream, s.challenge_stream_blocks),
+            rate=s.challenge_rate,
+            burst=s.challenge_burst,
+            pending=s.challenge_pending,
+        )
 
     def _make_reporting(self) -> None:
         s = self.settings
@@ -210,24 +248,53 @@ class Miner:
         bittensor = {} if s.chain == "local" else {"netuid": s.netuid, "network": s.subtensor_network}
         chain = make_chain(s.chain, redis_client=client, run_id=s.run_id, **bittensor)
         self.validators = ValidatorList(chain, s.validator_min_stake, s.validators_refresh_s).start()
-        self.challenges = ChallengeServer(self.wallet, s.challenge_host, s.challenge_port, self.validators,
-                                          self._challenge_limits(), domain=domain, window_s=s.record_window_s,
-                                          prepare=self._challenge_batch, health=self.health, metrics=self.metrics).start()
+        self.challenges = ChallengeServer(
+            self.wallet,
+            s.challenge_host,
+            s.challenge_port,
+            self.validators,
+            self._challenge_limits(),
+            domain=domain,
+            window_s=s.record_window_s,
+            prepare=self._challenge_batch,
+            health=self.health,
+            metrics=self.metrics,
+        ).start()
         host = "127.0.0.1" if s.challenge_host in ("0.0.0.0", "::", "") else s.challenge_host
         challenge_url = s.challenge_url or f"http://{host}:{self.challenges.port}"
         hotkey = self.wallet.hotkey.ss58_address
-        peer_key, peer_signature = bind(s.identity_path, domain, self.peer_id, hotkey)  # our DHT key vouches for the hotkey
-        record = PeerRecord(peer_id=self.peer_id, role="miner", hotkey=hotkey, challenge_url=challenge_url,
-                            multiaddrs=self.maddrs, device=str(self.device), preset=s.preset, started_at=self.started_at,
-                            peer_key=peer_key, peer_signature=peer_signature)
+        peer_key, peer_signature = bind(
+            s.identity_path, domain, self.peer_id, hotkey
+        )  # our DHT key vouches for the hotkey
+        record = PeerRecord(
+            peer_id=self.peer_id,
+            role="miner",
+            hotkey=hotkey,
+            challenge_url=challenge_url,
+            multiaddrs=self.maddrs,
+            device=str(self.device),
+            preset=s.preset,
+            started_at=self.started_at,
+            peer_key=peer_key,
+            peer_signature=peer_signature,
+        )
         relayed = s.use_auto_relay and not s.client_mode  # its reachable addresses come later, through relays
-        self.heartbeat = Heartbeat(BootstrapRegistry(s.bootstrap_url, domain), record, self.wallet,
-                                   addrs=(lambda: visible_maddrs(self.dht, latest=True)) if relayed else None).start()
+        self.heartbeat = Heartbeat(
+            BootstrapRegistry(s.bootstrap_url, domain),
+            record,
+            self.wallet,
+            addrs=(lambda: visible_maddrs(self.dht, latest=True)) if relayed else None,
+        ).start()
         logger.info(f"hotkey {self.wallet.hotkey.ss58_address}, spot checks at {challenge_url}")
 
     def _make_optimizer(self) -> None:
-        self.opt = make_optimizer(self.model, self.dht, self.settings, on_round=self._record_round,
-                                  on_state_loaded=self.metrics.record_state_load)
+        self.opt = make_optimizer(
+            self.model,
+            self.dht,
+            self.settings,
+            on_round=self._record_round,
+            on_state_loaded=self.metrics.record_state_load,
+        )
         if self.settings.use_local_updates:
             self._state_log_handler = StateRoundLogHandler(lambda: self.opt.local_epoch, self._record_round).attach()
 
@@ -239,17 +306,24 @@ class Miner:
         tracker = self.opt.tracker
         tracker.fetched_global_progress_this_epoch.wait(timeout=min(30.0, self.settings.load_state_timeout))
         if tracker.global_epoch > self.opt.local_epoch:
-            logger.info(f"swarm is at epoch {tracker.global_epoch}, we are at {self.opt.local_epoch}: loading state from peers")
+            logger.info(
+                f"swarm is at epoch {tracker.global_epoch}, we are at {self.opt.local_epoch}: loading state from peers"
+            )
             started = time.perf_counter()
             self.opt.load_state_from_peers()
-            logger.info(f"loaded state from peers in {time.perf_counter() - started:.1f}s: now at epoch {self.opt.local_epoch}")
+            logger.info(
+                f"loaded state from peers in {time.perf_counter() - started:.1f}s: now at epoch {self.opt.local_epoch}"
+            )
         self.last_saved_epoch = self.opt.local_epoch
 
     # --- training -------------------------------------------------------------------------
     def train(self) -> None:
         s = self.settings
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" and s.bf16
-                    else contextlib.nullcontext())
+        autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if self.device.type == "cuda" and s.bf16
+            else contextlib.nullcontext()
+        )
         speed = None  # EMA of samples/s
         self.model.train()
         while not self.stop.is_set():
@@ -270,17 +344,32 @@ class Miner:
             speed = rate if speed is None else 0.9 * speed + 0.1 * rate
             if not math.isfinite(loss_value):
                 logger.warning(f"step {self.step}: loss is {loss_value}")
-            self.telemetry.put(StepRecord(
-                peer_id=self.peer_id, step=self.step, local_epoch=self.opt.local_epoch,
-                global_epoch=self.opt.tracker.global_epoch, loss=loss_value if math.isfinite(loss_value) else 1e9,
-                samples=self.samples, samples_per_s=speed, tokens_per_s=speed * self.block_size,
-                checkpoint_epoch=self.checkpoint_epoch,
-            ))
+            self.telemetry.put(
+                StepRecord(
+                    peer_id=self.peer_id,
+                    step=self.step,
+                    local_epoch=self.opt.local_epoch,
+                    global_epoch=self.opt.tracker.global_epoch,
+                    loss=loss_value if math.isfinite(loss_value) else 1e9,
+                    samples=self.samples,
+                    samples_per_s=speed,
+                    tokens_per_s=speed * self.block_size,
+                    checkpoint_epoch=self.checkpoint_epoch,
+                )
+            )
             if self.step % 50 == 0 or self.step == 1:
-                logger.info(f"step {self.step} epoch {self.opt.local_epoch} loss {loss_value:.4f} "
-                            f"{speed * self.block_size:,.0f} tokens/s")
-            self.metrics.record_step(batch.shape[0], batch.numel(), speed * self.block_size, loss_value,
-                                     self.opt.local_epoch, self.opt.tracker.global_epoch)
+                logger.info(
+                    f"step {self.step} epoch {self.opt.local_epoch} loss {loss_value:.4f} "
+                    f"{speed * self.block_size:,.0f} tokens/s"
+                )
+            self.metrics.record_step(
+                batch.shape[0],
+                batch.numel(),
+                speed * self.block_size,
+                loss_value,
+                self.opt.local_epoch,
+                self.opt.tracker.global_epoch,
+            )
             self.health.step_done()
             self._report_offences()
             self.challenges.answer_pending(self._answer_challenge)
@@ -294,7 +383,8 @@ class Miner:
         return self.challenge_stream.get_batch(challenge.block_index, challenge.batch_size)
 
     def _answer_challenge(self, challenge: Challenge, batch: torch.Tensor) -> tuple[int, list[float]]:
-        """A validator's spot check, computed between two steps at the parameters we train with (DiLoCo: the global ones)."""
+        """A validator's spot check, computed between two steps at the parameters we train with (DiLoCo: the global
+        ones)."""
         dtype = torch.bfloat16 if self.device.type == "cuda" and self.settings.bf16 else None
         with self.opt.at_global_parameters(self.model):  # DiLoCo: the validator holds those, not our inner ones
             projection = projected_gradient(self.model, batch, challenge.seed, challenge.dim, autocast_dtype=dtype)
@@ -313,8 +403,14 @@ class Miner:
 
     def save(self) -> Path:
         self.last_saved_epoch = self.opt.local_epoch
-        state = TrainerState(peer_id=self.peer_id, preset=self.settings.preset, epoch=self.opt.local_epoch,
-                             step=self.step, samples=self.samples, next_block=self.next_block)
+        state = TrainerState(
+            peer_id=self.peer_id,
+            preset=self.settings.preset,
+            epoch=self.opt.local_epoch,
+            step=self.step,
+            samples=self.samples,
+            next_block=self.next_block,
+        )
         path = save_checkpoint(self.checkpoint_dir, self.model, self.opt, state, keep=self.settings.keep_checkpoints)
         self.checkpoint_epoch = state.epoch
         return path
@@ -328,14 +424,24 @@ class Miner:
     def _record_round(self, info: RoundInfo) -> None:
         self.metrics.record_round(info)
         if info.success:
-            logger.info(f"averaging round for epoch {info.epoch} ({info.kind}): {info.group_size} peers, "
-                        f"{info.duration_s:.2f}s")
+            logger.info(
+                f"averaging round for epoch {info.epoch} ({info.kind}): {info.group_size} peers, {info.duration_s:.2f}s"
+            )
         else:
             logger.info(f"averaging round for epoch {info.epoch} ({info.kind}) failed or ran alone")
         if self.telemetry is not None:
-            self.telemetry.put(RoundRecord(peer_id=self.peer_id, epoch=info.epoch, kind=info.kind,
-                                           group_size=info.group_size, group=list(info.group),
-                                           duration_s=info.duration_s, success=info.success, time=info.time))
+            self.telemetry.put(
+                RoundRecord(
+                    peer_id=self.peer_id,
+                    epoch=info.epoch,
+                    kind=info.kind,
+                    group_size=info.group_size,
+                    group=list(info.group),
+                    duration_s=info.duration_s,
+                    success=info.success,
+                    time=info.time,
+                )
+            )
 
     # --- shutdown -------------------------------------------------------------------------
     def shutdown(self) -> None:

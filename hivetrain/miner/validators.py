@@ -29,7 +29,8 @@ EARLY_READ_WAIT_S = 2.0
 
 
 def validator_hotkeys(neurons: list[Neuron], min_stake: float) -> frozenset[str]:
-    """Hotkeys of the neurons with the validator role and ``min_stake`` or more (the top ``MAX_VALIDATORS`` by stake)."""
+    """Hotkeys of the neurons with the validator role and ``min_stake`` or more (the top ``MAX_VALIDATORS`` by
+    stake)."""
     validators = sorted((n for n in neurons if n.role == "validator" and n.stake >= min_stake), key=lambda n: -n.stake)
     return frozenset(n.hotkey for n in validators[:MAX_VALIDATORS])
 
@@ -37,8 +38,9 @@ def validator_hotkeys(neurons: list[Neuron], min_stake: float) -> frozenset[str]
 class ValidatorList:
     """The chain's validators, reread in the background (see the module docstring); ``allows(hotkey)`` for requests."""
 
-    def __init__(self, chain: Chain, min_stake: float = 0.0, refresh_s: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self, chain: Chain, min_stake: float = 0.0, refresh_s: float = 30.0, clock: Callable[[], float] = time.monotonic
+    ):
         if refresh_s <= 0 or min_stake < 0:
             raise ValueError(f"need refresh_s > 0 and min_stake >= 0, got {refresh_s} and {min_stake}")
         self.chain, self.min_stake, self.refresh_s, self._clock = chain, float(min_stake), float(refresh_s), clock
@@ -55,7 +57,8 @@ class ValidatorList:
         return self._hotkeys
 
     def start(self, wait_s: float = EARLY_READ_WAIT_S) -> "ValidatorList":
-        """Start rereading; waits up to ``wait_s`` for the first read (an outage leaves the list empty until one succeeds)."""
+        """Start rereading; waits up to ``wait_s`` for the first read (an outage leaves the list empty until one
+        succeeds)."""
         self._thread.start()
         with self._cond:
             self._cond.wait_for(lambda: self._completed >= 1, timeout=wait_s)
@@ -88,8 +91,10 @@ class ValidatorList:
             target = self._started + 1  # a read that begins after this call
             self._wanted = max(self._wanted, target)
             self._cond.notify_all()
-            return self._cond.wait_for(lambda: self._completed >= target or self._stopped, timeout=wait_s) \
+            return (
+                self._cond.wait_for(lambda: self._completed >= target or self._stopped, timeout=wait_s)
                 and self._completed >= target
+            )
 
     def _run(self) -> None:
         while True:
@@ -112,13 +117,18 @@ class ValidatorList:
         except Exception:  # chain or Redis boundary: keep the last list, try again at the next read
             self.failures += 1
             if self.failures == 1 or self.failures % 10 == 0:
-                logger.warning(f"could not read the validators from the chain ({self.failures} in a row); "
-                               f"keeping the last {len(self._hotkeys)}", exc_info=True)
+                logger.warning(
+                    f"could not read the validators from the chain ({self.failures} in a row); "
+                    f"keeping the last {len(self._hotkeys)}",
+                    exc_info=True,
+                )
             return None
         if self.failures:
             logger.info(f"validators read from the chain again after {self.failures} failed reads")
         self.failures = 0
         if listed != self._hotkeys:
-            logger.info(f"{len(listed)} validators may send spot checks "
-                        f"(+{len(listed - self._hotkeys)} -{len(self._hotkeys - listed)})")
+            logger.info(
+                f"{len(listed)} validators may send spot checks "
+                f"(+{len(listed - self._hotkeys)} -{len(self._hotkeys - listed)})"
+            )
         return listed

@@ -61,7 +61,9 @@ def load_identity(identity: bytes):
         raise ValueError(f"not a libp2p private key: {error}") from None
     if proto.key_type == crypto_pb2.RSA:
         key = serialization.load_der_private_key(proto.data, password=None)
-        public = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        public = key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
     elif proto.key_type == crypto_pb2.Ed25519:
         key = ed25519.Ed25519PrivateKey.from_private_bytes(proto.data[:32])
         public = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
@@ -78,13 +80,19 @@ def bind(identity_path: str | Path, domain: Domain, peer_id: str, hotkey: str) -
     return bind_identity(Path(identity_path).read_bytes(), domain, peer_id, hotkey, where=str(identity_path))
 
 
-def bind_identity(identity: bytes, domain: Domain, peer_id: str, hotkey: str, where: str = "the identity") -> tuple[str, str]:
+def bind_identity(
+    identity: bytes, domain: Domain, peer_id: str, hotkey: str, where: str = "the identity"
+) -> tuple[str, str]:
     """``bind`` for an identity file's bytes."""
     key, public = load_identity(identity)
     if peer_id_of(public) != peer_id:
         raise ValueError(f"{where} is the identity of {peer_id_of(public)}, not of {peer_id}")
     message = binding_message(domain, peer_id, hotkey)
-    signature = key.sign(message, padding.PKCS1v15(), hashes.SHA256()) if isinstance(key, rsa.RSAPrivateKey) else key.sign(message)
+    signature = (
+        key.sign(message, padding.PKCS1v15(), hashes.SHA256())
+        if isinstance(key, rsa.RSAPrivateKey)
+        else key.sign(message)
+    )
     return base64.b64encode(public).decode(), base64.b64encode(signature).decode()
 
 

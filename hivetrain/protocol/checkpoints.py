@@ -31,7 +31,7 @@ def _epoch_of(path: Path) -> int | None:
     if not path.name.startswith(PREFIX) or not path.is_dir():
         return None
     try:
-        return int(path.name[len(PREFIX):])
+        return int(path.name[len(PREFIX) :])
     except ValueError:
         return None
 

@@ -54,8 +54,10 @@ def same_run(keys: Keys, domain: Domain) -> Domain:
     if not isinstance(domain, Domain):
         raise ValueError(f"pass the run's identity.Domain (settings.domain_of(settings)), not {type(domain).__name__}")
     if domain.run_id != keys.run_id:
-        raise ValueError(f"keys of run {keys.run_id!r} with the signature domain of run {domain.run_id!r}: "
-                         "build both from the same settings (Keys(s.run_id), domain_of(s))")
+        raise ValueError(
+            f"keys of run {keys.run_id!r} with the signature domain of run {domain.run_id!r}: "
+            "build both from the same settings (Keys(s.run_id), domain_of(s))"
+        )
     return domain
 
 
@@ -70,8 +72,10 @@ def signed_registration(record: PeerRecord, signer, domain: Domain) -> tuple[byt
     record = record.model_copy(update={"last_seen": now, "hotkey": signer.hotkey.ss58_address})
     envelope = _envelope_bytes(signer, domain, record.model_dump(mode="json"), timestamp=now)
     if len(envelope) > MAX_REGISTRATION_BYTES:
-        raise ValueError(f"registration of {record.peer_id} is {len(envelope)} bytes, over {MAX_REGISTRATION_BYTES}: "
-                         "readers would drop it; register fewer or shorter addresses")
+        raise ValueError(
+            f"registration of {record.peer_id} is {len(envelope)} bytes, over {MAX_REGISTRATION_BYTES}: "
+            "readers would drop it; register fewer or shorter addresses"
+        )
     return envelope, now
 
 
@@ -81,7 +85,8 @@ def signed_departure(peer_id: str, signer, domain: Domain) -> bytes:
 
 
 def parse_record(model: type[Record], raw: bytes | None):
-    """``raw`` (unsigned JSON, at most ``MAX_REGISTRATION_BYTES``) as a ``model``, or None (logged) when it is not one."""
+    """``raw`` (unsigned JSON, at most ``MAX_REGISTRATION_BYTES``) as a ``model``, or None (logged) when it is not
+    one."""
     if raw is None:
         return None
     if len(raw) > MAX_REGISTRATION_BYTES:

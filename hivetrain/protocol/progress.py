@@ -29,8 +29,9 @@ def lower_median(values: Sequence[float], lead: float = 0) -> float | None:
     return sorted(values)[(len(values) - 1) // 2] + lead
 
 
-def implausible(epoch: int, samples_per_second: float, epoch_bound: int | None,
-                max_samples_per_s: float = MAX_SAMPLES_PER_S) -> str | None:
+def implausible(
+    epoch: int, samples_per_second: float, epoch_bound: int | None, max_samples_per_s: float = MAX_SAMPLES_PER_S
+) -> str | None:
     """Why a progress record cannot be believed, or None. ``epoch_bound`` from ``lower_median(..., MAX_EPOCH_LEAD)``."""
     if epoch_bound is not None and epoch > epoch_bound:
         return f"claims epoch {epoch}, beyond the {epoch_bound} the other peers' progress supports"

@@ -21,7 +21,12 @@ PROJECTION_CHUNK = 1 << 16
 
 
 def projected_gradient(
-    model: torch.nn.Module, input_ids: torch.Tensor, seed: int, dim: int = 64, *, autocast_dtype: torch.dtype | None = None
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    seed: int,
+    dim: int = 64,
+    *,
+    autocast_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """The LM-loss gradient of ``input_ids`` at the model's current parameters, projected to ``(dim,)``.
 
@@ -35,7 +40,9 @@ def projected_gradient(
         raise ValueError(f"dim must be a positive multiple of 8, got {dim}")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("the model has no trainable parameters; unfreeze them (requires_grad=True) before a spot check")
+        raise ValueError(
+            "the model has no trainable parameters; unfreeze them (requires_grad=True) before a spot check"
+        )
     device = params[0].device
     was_training = model.training
     model.eval()
@@ -57,7 +64,9 @@ def _project(flat: torch.Tensor, seed: int, dim: int) -> torch.Tensor:
     for index, start in enumerate(range(0, flat.numel(), PROJECTION_CHUNK)):
         block = flat[start : start + PROJECTION_CHUNK]  # (c,)
         generator.manual_seed(_block_seed(seed, index))
-        packed = torch.empty((dim // 8, block.numel()), dtype=torch.uint8).random_(0, 256, generator=generator)  # (dim/8, c)
+        packed = torch.empty((dim // 8, block.numel()), dtype=torch.uint8).random_(
+            0, 256, generator=generator
+        )  # (dim/8, c)
         ones = torch.empty(dim // 8, 8)  # (dim/8, 8): row 8*r + k of R is bit k of byte row r
         for bit in range(8):
             ones[:, bit] = ((packed >> bit) & 1).to(torch.float32) @ block  # one bit plane at a time: fast on CPU
@@ -66,7 +75,9 @@ def _project(flat: torch.Tensor, seed: int, dim: int) -> torch.Tensor:
 
 
 def _block_seed(seed: int, index: int) -> int:
-    return int.from_bytes(hashlib.sha256(f"hivetrain-projection/{seed}/{index}".encode()).digest()[:8], "little") & (2**63 - 1)
+    return int.from_bytes(hashlib.sha256(f"hivetrain-projection/{seed}/{index}".encode()).digest()[:8], "little") & (
+        2**63 - 1
+    )
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -76,7 +87,9 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return 0.0 if denom == 0 else float(a @ b / denom)
 
 
-def baseline_projection(model: torch.nn.Module, reference_batches: Iterable[torch.Tensor], seed: int, dim: int = 64) -> torch.Tensor:
+def baseline_projection(
+    model: torch.nn.Module, reference_batches: Iterable[torch.Tensor], seed: int, dim: int = 64
+) -> torch.Tensor:
     """The mean projected gradient of ``reference_batches`` (validator-chosen): the direction all batches share.
 
     Gradients of different batches share a large common component (the cosine of two answers

@@ -120,7 +120,8 @@ class Keys:
     @property
     def shard_salt(self) -> str:
         """The run's shard salt: 32 lowercase hex characters, written once by the bootstrap or a validator
-        and never expiring. A miner's data shard follows from its hotkey and this salt (``hivetrain.data.shard_for``)."""
+        and never expiring. A miner's data shard follows from its hotkey and this salt
+        (``hivetrain.data.shard_for``)."""
         return f"{self.prefix}:shard_salt"
 
 
@@ -152,14 +153,18 @@ class PeerRecord(Record):
     role: PeerRole
     hotkey: str = Field(default="", max_length=64, description="ss58 hotkey that signs this peer's records")
     challenge_url: str = Field(default="", max_length=512, description="where validators send spot checks (miners)")
-    multiaddrs: list[Multiaddr] = Field(max_length=MAX_MULTIADDRS,
-                                        description="addresses other peers can dial (announce addrs when set)")
+    multiaddrs: list[Multiaddr] = Field(
+        max_length=MAX_MULTIADDRS, description="addresses other peers can dial (announce addrs when set)"
+    )
     device: str = Field(default="cpu", max_length=64, description="cpu, cuda, cuda:0, ...")
     preset: str = Field(default="", max_length=64, description="model preset the peer trains")
     peer_key: str = Field(default="", max_length=1200, description="base64 libp2p public key whose hash is peer_id")
-    peer_signature: str = Field(default="", max_length=800,
-                                description="base64 signature by that key over (run id, peer id, hotkey): "
-                                            "hivetrain.protocol.binding; readers drop registrations without a valid one")
+    peer_signature: str = Field(
+        default="",
+        max_length=800,
+        description="base64 signature by that key over (run id, peer id, hotkey): "
+        "hivetrain.protocol.binding; readers drop registrations without a valid one",
+    )
     started_at: float = Field(description="unix time the process started")
     last_seen: float = Field(default_factory=time.time, description="unix time of the last heartbeat")
 
@@ -199,7 +204,9 @@ class StepRecord(Record):
     samples: int = Field(ge=0, description="samples this miner has trained on since it started")
     samples_per_s: float = Field(ge=0)
     tokens_per_s: float = Field(ge=0)
-    checkpoint_epoch: int = Field(default=-1, ge=-1, description="epoch of this miner's newest checkpoint; -1 before the first")
+    checkpoint_epoch: int = Field(
+        default=-1, ge=-1, description="epoch of this miner's newest checkpoint; -1 before the first"
+    )
     time: float = Field(default_factory=time.time)
 
 
@@ -228,7 +235,8 @@ class OffenceRecord(Record):
     averager: str = Field(min_length=1, description="the DHT prefix of the averager or progress key that saw it")
     role: Literal["sender", "reducer", "state", "progress"] = Field(
         description="sender: its all-reduce part was bad; reducer: its answer was; state: the training state it "
-                    "served; progress: its DHT progress record")
+        "served; progress: its DHT progress record"
+    )
     reason: str = Field(min_length=1, max_length=500)
     banned_s: float = Field(ge=0, description="how long this miner ignores the offender")
     time: float = Field(default_factory=time.time)
@@ -256,7 +264,9 @@ class ValidatorStatus(Record):
     preset: str = Field(min_length=1, description="model preset of the shared model")
     parameters: int = Field(ge=0, description="parameters of the shared model")
     epoch: int = Field(ge=0, description="global epoch of the parameters the validator holds")
-    synced_at: float = Field(ge=0, description="unix time it last adopted a verified state from peers; 0 before the first")
+    synced_at: float = Field(
+        ge=0, description="unix time it last adopted a verified state from peers; 0 before the first"
+    )
     time: float = Field(default_factory=time.time)
 
 
@@ -299,8 +309,13 @@ class ValidatorState(Record):
     schema_version: int = SCHEMA_VERSION
     validator: str = Field(min_length=1, description="hotkey of the validator (the one that signed this)")
     rounds: int = Field(ge=0, description="scoring rounds so far")
-    scores: dict[str, Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]] = Field(default_factory=dict, max_length=MAX_SAVED_MINERS)
-    checks: dict[str, Annotated[list[SavedCheck], Field(max_length=MAX_SAVED_CHECKS)]] = Field(default_factory=dict, max_length=MAX_SAVED_MINERS)
-    unjudged: dict[str, Annotated[int, Field(ge=0)]] = Field(default_factory=dict, max_length=MAX_SAVED_MINERS,
-                                                             description="spot checks in a row that could not be judged")
+    scores: dict[str, Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]] = Field(
+        default_factory=dict, max_length=MAX_SAVED_MINERS
+    )
+    checks: dict[str, Annotated[list[SavedCheck], Field(max_length=MAX_SAVED_CHECKS)]] = Field(
+        default_factory=dict, max_length=MAX_SAVED_MINERS
+    )
+    unjudged: dict[str, Annotated[int, Field(ge=0)]] = Field(
+        default_factory=dict, max_length=MAX_SAVED_MINERS, description="spot checks in a row that could not be judged"
+    )
     saved_at: float = Field(default_factory=time.time)

@@ -20,8 +20,18 @@ def rounds_from_records(records: list[RoundRecord]) -> list[dict]:
             continue
         group = tuple(sorted(record.group))
         key = (record.kind, record.epoch, group) if group else (record.kind, record.epoch, record.group_size)
-        entry = rounds.setdefault(key, {"kind": record.kind, "epoch": record.epoch, "group_size": record.group_size,
-                                        "peers": list(group), "reported_by": [], "duration_s": 0.0, "time": record.time})
+        entry = rounds.setdefault(
+            key,
+            {
+                "kind": record.kind,
+                "epoch": record.epoch,
+                "group_size": record.group_size,
+                "peers": list(group),
+                "reported_by": [],
+                "duration_s": 0.0,
+                "time": record.time,
+            },
+        )
         entry["reported_by"].append(record.peer_id)
         entry["duration_s"] = max(entry["duration_s"], record.duration_s)
         entry["time"] = min(entry["time"], record.time)

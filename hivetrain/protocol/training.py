@@ -78,8 +78,10 @@ class ClippedAdamW(torch.optim.AdamW):
             norm = torch.nn.utils.get_total_norm([p.grad for p in params])
             if not torch.isfinite(norm):
                 self.skipped_steps += 1
-                logger.warning(f"skipping an optimizer step: the gradient norm is {float(norm)} "
-                               f"({self.skipped_steps} skipped so far)")
+                logger.warning(
+                    f"skipping an optimizer step: the gradient norm is {float(norm)} "
+                    f"({self.skipped_steps} skipped so far)"
+                )
                 return None
             if self.max_grad_norm > 0:
                 torch.nn.utils.clip_grads_with_norm_(params, self.max_grad_norm, norm)

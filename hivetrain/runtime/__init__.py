@@ -28,9 +28,9 @@ from typing import Callable, Generic, Literal, TypeVar
 
 from pydantic_settings import BaseSettings
 
-from hivetrain.runtime.gunicorn import start_gunicorn, stop_gunicorn
-from hivetrain.log import get_logger
 from hivetrain.discovery import BootstrapUnavailable
+from hivetrain.log import get_logger
+from hivetrain.runtime.gunicorn import start_gunicorn, stop_gunicorn
 from hivetrain.settings import load_settings
 
 logger = get_logger(__name__)
@@ -55,8 +55,9 @@ _fork_reset_registered = False
 _fork_reset_lock = threading.Lock()
 
 
-def install_stop_handlers(stop: threading.Event, repeat_sigint: RepeatSigint = "interrupt",
-                          log: logging.Logger | None = None) -> None:
+def install_stop_handlers(
+    stop: threading.Event, repeat_sigint: RepeatSigint = "interrupt", log: logging.Logger | None = None
+) -> None:
     """SIGTERM/SIGINT set ``stop``; once stopping, a SIGINT does what ``repeat_sigint`` says.
 
     Call from the main thread (Python runs signal handlers there only).
@@ -72,7 +73,10 @@ def install_stop_handlers(stop: threading.Event, repeat_sigint: RepeatSigint = "
                 raise KeyboardInterrupt
             log.info(f"{name} received again; already stopping cleanly")
             return
-        log.info(f"{name} received; stopping cleanly" + (" (Ctrl-C again to interrupt)" if repeat_sigint == "interrupt" else ""))
+        log.info(
+            f"{name} received; stopping cleanly"
+            + (" (Ctrl-C again to interrupt)" if repeat_sigint == "interrupt" else "")
+        )
         stop.set()
 
     signal.signal(signal.SIGTERM, _handle)
@@ -110,7 +114,8 @@ def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
 
 
 def _cgroup_cpu_quota(root: Path) -> float | None:
-    """The CPU quota in CPUs (cgroup v2 ``cpu.max``, else v1 ``cpu.cfs_quota_us``/``cpu.cfs_period_us``); None if unlimited."""
+    """The CPU quota in CPUs (cgroup v2 ``cpu.max``, else v1 ``cpu.cfs_quota_us``/``cpu.cfs_period_us``); None if
+    unlimited."""
     try:
         quota, period = (root / "cpu.max").read_text().split()[:2]
         return None if quota == "max" else int(quota) / int(period)
@@ -178,8 +183,15 @@ class SupervisedChild:
     then the child.
     """
 
-    def __init__(self, name: str, start: Callable[[], subprocess.Popen], stop: Callable[[subprocess.Popen | None], None],
-                 runtime: "Runtime", budget: RestartBudget | None = None, poll_s: float = POLL_INTERVAL_S):
+    def __init__(
+        self,
+        name: str,
+        start: Callable[[], subprocess.Popen],
+        stop: Callable[[subprocess.Popen | None], None],
+        runtime: "Runtime",
+        budget: RestartBudget | None = None,
+        poll_s: float = POLL_INTERVAL_S,
+    ):
         self.name, self._start, self._stop, self._runtime = name, start, stop, runtime
         self._budget = budget or RestartBudget()
         self._poll_s = poll_s
@@ -216,11 +228,15 @@ class SupervisedChild:
         """Start the child again; False (and the runtime failed) when the budget is spent or it cannot start."""
         how = describe_exit(dead.returncode)
         if not self._budget.spend():
-            self._runtime.fail(f"{self.name} exited with {how}, after {self._budget.limit} restarts within "
-                               f"{self._budget.window_s:.0f}s; giving up (see its log above)")
+            self._runtime.fail(
+                f"{self.name} exited with {how}, after {self._budget.limit} restarts within "
+                f"{self._budget.window_s:.0f}s; giving up (see its log above)"
+            )
             return False
-        self._runtime.log.error(f"{self.name} (pid {dead.pid}) exited with {how}; restarting it ({self._budget.used} "
-                                f"of {self._budget.limit} restarts allowed within {self._budget.window_s:.0f}s)")
+        self._runtime.log.error(
+            f"{self.name} (pid {dead.pid}) exited with {how}; restarting it ({self._budget.used} "
+            f"of {self._budget.limit} restarts allowed within {self._budget.window_s:.0f}s)"
+        )
         with self._lock:
             if self._closing.is_set() or self._runtime.stop.is_set():  # the service began stopping meanwhile
                 return False
@@ -268,11 +284,24 @@ class Runtime(Generic[S]):
             self.log.error(f"{reason}; stopping the {self.name} (exit code 1)")
         self.stop.set()
 
-    def serve(self, app_spec: str, host: str, port: int, workers: int, budget: RestartBudget | None = None,
-              poll_s: float = POLL_INTERVAL_S) -> SupervisedChild:
+    def serve(
+        self,
+        app_spec: str,
+        host: str,
+        port: int,
+        workers: int,
+        budget: RestartBudget | None = None,
+        poll_s: float = POLL_INTERVAL_S,
+    ) -> SupervisedChild:
         """Serve ``app_spec`` with a gunicorn child (settings passed as ``HIVE_*``), restarted if it dies."""
-        child = SupervisedChild(f"gunicorn {app_spec}", lambda: start_gunicorn(app_spec, self.settings, host, port, workers),
-                                stop_gunicorn, self, budget, poll_s)
+        child = SupervisedChild(
+            f"gunicorn {app_spec}",
+            lambda: start_gunicorn(app_spec, self.settings, host, port, workers),
+            stop_gunicorn,
+            self,
+            budget,
+            poll_s,
+        )
         self.children.append(child)
         return child
 
@@ -293,8 +322,14 @@ class Runtime(Generic[S]):
                 self.fail(f"cleanup failed: {error!r}")
 
 
-def run_service(model: type[S], body: Callable[[Runtime[S]], int | None], argv: list[str] | None = None, *,
-                name: str, repeat_sigint: RepeatSigint = "interrupt") -> int:
+def run_service(
+    model: type[S],
+    body: Callable[[Runtime[S]], int | None],
+    argv: list[str] | None = None,
+    *,
+    name: str,
+    repeat_sigint: RepeatSigint = "interrupt",
+) -> int:
     """Run ``body(runtime)`` as the service ``name`` and return its exit code (0, 1 or 2, see the module doc).
 
     ``body`` returns when the service is done (usually once ``runtime.stop`` is set) or returns a

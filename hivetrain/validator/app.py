@@ -59,8 +59,10 @@ STEP_FIELDS = ("step", "local_epoch", "global_epoch", "loss", "samples", "tokens
 PEER_FIELDS = ("peer_id", "role", "hotkey", "device", "preset", "multiaddrs", "last_seen")
 _HOTKEY = re.compile(r"[A-Za-z0-9]{40,60}")
 #: The page loads only its own script, style and data: no CDN, no inline code, no framing.
-DASHBOARD_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
-                 "frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
+DASHBOARD_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
+    "frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+)
 
 
 class Metrics(HttpMetrics):
@@ -68,13 +70,18 @@ class Metrics(HttpMetrics):
 
     def __init__(self) -> None:
         super().__init__("hive_validator")
-        self.eval_loss = Gauge("hive_validator_latest_eval_loss", "loss of the newest evaluation in the evals stream (NaN before the first)",
-                               registry=self.registry)
+        self.eval_loss = Gauge(
+            "hive_validator_latest_eval_loss",
+            "loss of the newest evaluation in the evals stream (NaN before the first)",
+            registry=self.registry,
+        )
         self.eval_loss.set(math.nan)
-        self.scored_miners = Gauge("hive_validator_scored_miners", "miners on this validator's score board",
-                                   registry=self.registry)
-        self.live_miners = Gauge("hive_validator_live_miners", "miners whose signed registration has not expired",
-                                 registry=self.registry)
+        self.scored_miners = Gauge(
+            "hive_validator_scored_miners", "miners on this validator's score board", registry=self.registry
+        )
+        self.live_miners = Gauge(
+            "hive_validator_live_miners", "miners whose signed registration has not expired", registry=self.registry
+        )
 
 
 class _FiniteJSON(DefaultJSONProvider):
@@ -95,17 +102,25 @@ def _finite(value):
 
 
 def create_app(settings: ValidatorSettings | None = None, cache_s: float = ANSWER_CACHE_S) -> Flask:
-    """Build the app; with no ``settings`` they come from the ``HIVE_*`` environment (exits with a fix-it message if invalid).
+    """Build the app; with no ``settings`` they come from the ``HIVE_*`` environment (exits with a fix-it message if
+    invalid).
 
     ``/api/swarm`` answers (thousands of signature checks each) are reused for ``cache_s`` seconds per worker.
     """
     settings = settings_or_exit(ValidatorSettings, settings)
-    hotkey = load_or_create_wallet(settings.wallet_dir, settings.wallet_name, settings.wallet_hotkey).hotkey.ss58_address
+    hotkey = load_or_create_wallet(
+        settings.wallet_dir, settings.wallet_name, settings.wallet_hotkey
+    ).hotkey.ss58_address
     app = Flask(__name__)
     app.json = _FiniteJSON(app)
     registry = Registry(connect_redis(settings.redis_url), Keys(settings.run_id), domain_of(settings))
     metrics = Metrics()
-    app.extensions["hivetrain.validator"] = {"settings": settings, "hotkey": hotkey, "registry": registry, "metrics": metrics}
+    app.extensions["hivetrain.validator"] = {
+        "settings": settings,
+        "hotkey": hotkey,
+        "registry": registry,
+        "metrics": metrics,
+    }
     install(app, metrics, "validator")
     app.after_request(_no_store)
     _register_api_routes(app, registry, hotkey, AnswerCache(cache_s))
@@ -172,16 +187,23 @@ def _register_api_routes(app: Flask, registry: Registry, hotkey: str, cache: Ans
             board = read_board(client, keys, validator)
         except ValueError as error:  # a writer bug, not the caller's: say so without a 500
             logger.error(f"score board of {validator} in Redis does not match ScoreBoard: {error}")
-            return jsonify(error="score board unreadable", message="the stored score board is malformed; it is rewritten when weights are next set"), 503
+            return jsonify(
+                error="score board unreadable",
+                message="the stored score board is malformed; it is rewritten when weights are next set",
+            ), 503
         if board is None:
-            raise NotFound(f"validator {validator} has not scored yet in run {keys.run_id}: "
-                           "its score board appears once it first sets weights")
+            raise NotFound(
+                f"validator {validator} has not scored yet in run {keys.run_id}: "
+                "its score board appears once it first sets weights"
+            )
         return jsonify(board.model_dump(mode="json"))
 
     @app.get("/api/evals")
     def evals():
         limit = int_arg("limit", DEFAULT_EVALS, 1, MAX_EVALS)
-        records = [record.model_dump(mode="json") for record in read_stream(client, keys, domain, EvalRecord, count=limit)]
+        records = [
+            record.model_dump(mode="json") for record in read_stream(client, keys, domain, EvalRecord, count=limit)
+        ]
         return jsonify(evals=records, latest=records[-1] if records else None, count=len(records))
 
 
@@ -211,7 +233,9 @@ def _register_dashboard_routes(app: Flask, registry: Registry, hotkey: str) -> N
             board = read_board(client, keys, hotkey)
         except ValueError:  # a malformed board is logged by /api/scores; the page shows no scores meanwhile
             board = None
-        evals = [e for e in read_stream(client, keys, domain, EvalRecord, count=DASHBOARD_EVALS) if e.validator == hotkey]
+        evals = [
+            e for e in read_stream(client, keys, domain, EvalRecord, count=DASHBOARD_EVALS) if e.validator == hotkey
+        ]
         peers = registry.live_peers(limit=MAX_PEERS)
         return jsonify(history.view(peers, board, evals, read_status(client, keys, hotkey), hotkey))
 
@@ -228,7 +252,10 @@ def _register_ops_routes(app: Flask, registry: Registry, hotkey: str, metrics: M
             metrics.redis_errors.inc()
             return jsonify(status="unavailable", reason=f"redis did not answer: {error}"), 503
         if not alive:
-            return jsonify(status="unavailable", reason=f"validator {hotkey} is not running: its alive key has expired or was never set"), 503
+            return jsonify(
+                status="unavailable",
+                reason=f"validator {hotkey} is not running: its alive key has expired or was never set",
+            ), 503
         return jsonify(status="ok", validator=hotkey)
 
     @app.get("/metrics")

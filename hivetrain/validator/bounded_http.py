@@ -53,7 +53,9 @@ def _refused_address(address: str, allow_private: bool) -> str | None:
         ip = ip.ipv4_mapped
     special = ip.is_link_local or ip.is_multicast or ip.is_unspecified or ip.is_reserved
     if ip.is_loopback or not (special or ip.is_global):
-        return None if allow_private else "a loopback or private address (allowed with HIVE_SPOT_CHECK_PRIVATE_URLS=true)"
+        return (
+            None if allow_private else "a loopback or private address (allowed with HIVE_SPOT_CHECK_PRIVATE_URLS=true)"
+        )
     return "a link-local, multicast, unspecified or reserved address" if special else None
 
 
@@ -106,7 +108,9 @@ class _Exchange:
         """A socket to the pinned address (TLS verified against the URL's host for https), watched from now on."""
         sock = socket.create_connection((target.address, target.port), self.remaining())
         if target.scheme == "https":
-            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=target.host, do_handshake_on_connect=False)
+            sock = ssl.create_default_context().wrap_socket(
+                sock, server_hostname=target.host, do_handshake_on_connect=False
+            )
         with self._lock:
             self._sock = sock
             expired = self.expired
@@ -154,8 +158,12 @@ def post_json(url: str, payload: dict, deadline_s: float, max_bytes: int, allow_
     try:
         target = vet_url(url, allow_private)
         conn = _PinnedConnection(target, exchange)
-        conn.request("POST", target.path, body=json.dumps(payload).encode(),
-                     headers={"Content-Type": "application/json", "Connection": "close"})
+        conn.request(
+            "POST",
+            target.path,
+            body=json.dumps(payload).encode(),
+            headers={"Content-Type": "application/json", "Connection": "close"},
+        )
         response = conn.getresponse()
         if response.status != 200:
             raise RequestFailed(f"answered HTTP {response.status}")

@@ -54,8 +54,15 @@ class ClaimReader:
     for ``forget_after_s`` is forgotten (its baseline and first sighting), so memory stays bounded.
     """
 
-    def __init__(self, client: redis.Redis, keys: Keys, verifier: Verifier, batch: int = 1000,
-                 cap: int = STEPS_STREAM_MAXLEN, forget_after_s: float = FORGET_AFTER_S):
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: Keys,
+        verifier: Verifier,
+        batch: int = 1000,
+        cap: int = STEPS_STREAM_MAXLEN,
+        forget_after_s: float = FORGET_AFTER_S,
+    ):
         if batch < 1 or cap < 1:
             raise ValueError(f"need batch >= 1 and cap >= 1, got {batch} and {cap}")
         self.client, self.keys, self.verifier, self.batch, self.cap = client, keys, verifier, batch, cap
@@ -86,8 +93,10 @@ class ClaimReader:
             if len(entries) < asked:
                 return read
         if self.client.xrange(self.keys.steps, min=f"({self.last_id}", count=1):
-            logger.warning(f"read {read} step records in one poll, the cap (HIVE_CLAIM_READ_CAP); the rest waits for "
-                           "the next poll (a burst of junk or a long outage)")
+            logger.warning(
+                f"read {read} step records in one poll, the cap (HIVE_CLAIM_READ_CAP); the rest waits for "
+                "the next poll (a burst of junk or a long outage)"
+            )
         return read
 
     def _consume(self, fields: dict, registrations: dict[str, PeerRecord]) -> None:

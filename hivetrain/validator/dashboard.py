@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import redis
 
 from hivetrain.identity import Domain
+from hivetrain.protocol.envelopes import decode_entry
 from hivetrain.protocol.records import (
     EvalRecord,
     Keys,
@@ -33,7 +34,6 @@ from hivetrain.protocol.records import (
     StepRecord,
     ValidatorStatus,
 )
-from hivetrain.protocol.envelopes import decode_entry
 from hivetrain.protocol.rounds import rounds_from_records
 
 #: Newest entries of each stream the first request reads.
@@ -62,8 +62,15 @@ def _stream_id(raw: bytes) -> tuple[int, int]:
 class StreamTail:
     """The authentic entries of one stream added since the last read, oldest first, each decoded once."""
 
-    def __init__(self, client: redis.Redis, key: str, model: type[Record], domain: Domain, backfill: int = BACKFILL,
-                 per_read: int = READ_PER_REFRESH):
+    def __init__(
+        self,
+        client: redis.Redis,
+        key: str,
+        model: type[Record],
+        domain: Domain,
+        backfill: int = BACKFILL,
+        per_read: int = READ_PER_REFRESH,
+    ):
         self.client, self.key, self.model, self.backfill, self.per_read = client, key, model, backfill, per_read
         self.domain = domain
         self.last: bytes | None = None
@@ -135,8 +142,15 @@ class TelemetryHistory:
             self.rounds.extend(self._rounds_tail.read_new())
             self.offences.extend(self._offences_tail.read_new())
 
-    def view(self, peers: list[PeerRecord], board: ScoreBoard | None, evals: list[EvalRecord],
-             status: ValidatorStatus | None, validator: str, now: float | None = None) -> dict:
+    def view(
+        self,
+        peers: list[PeerRecord],
+        board: ScoreBoard | None,
+        evals: list[EvalRecord],
+        status: ValidatorStatus | None,
+        validator: str,
+        now: float | None = None,
+    ) -> dict:
         """The dashboard document for the live ``peers``, this validator's ``board``, ``evals`` and ``status``."""
         now = time.time() if now is None else now
         registered = {peer.peer_id: peer.hotkey for peer in peers}
@@ -144,8 +158,11 @@ class TelemetryHistory:
         with self._lock:
             series = {peer.peer_id: self.series.get((peer.peer_id, peer.hotkey)) for peer in miners}
             rounds = [r for r, signer in self.rounds if registered.get(r.peer_id) == signer]
-            offences = [o for o, signer in self.offences
-                        if registered.get(o.peer_id) == signer or (signer == validator and signer)]
+            offences = [
+                o
+                for o, signer in self.offences
+                if registered.get(o.peer_id) == signer or (signer == validator and signer)
+            ]
             points = {peer_id: list(s.points) for peer_id, s in series.items() if s is not None}
             latest = {peer_id: s.latest for peer_id, s in series.items() if s is not None}
         scores = {m.hotkey: m for m in board.miners} if board is not None else {}
@@ -170,19 +187,30 @@ class TelemetryHistory:
                 "eval_loss": [[e.time, e.loss, e.epoch] for e in evals],
                 "train_loss": _chart(points, shown, rows, value=1),
                 "tokens_per_s": _chart(points, shown, rows, value=2),
-                "rounds": [{key: r[key] for key in ("time", "epoch", "kind", "group_size", "duration_s")}
-                           for r in rounds_from_records(rounds)[-ROUNDS_SHOWN:]],
+                "rounds": [
+                    {key: r[key] for key in ("time", "epoch", "kind", "group_size", "duration_s")}
+                    for r in rounds_from_records(rounds)[-ROUNDS_SHOWN:]
+                ],
             },
             "miners": rows,
         }
 
 
 def _validator_view(hotkey: str, status: ValidatorStatus | None, board: ScoreBoard | None) -> dict:
-    view = {"hotkey": hotkey, "running": status is not None, "preset": None, "parameters": None, "epoch": None,
-            "synced_at": None, "weights_set_at": None, "scoring_rounds": 0}
+    view = {
+        "hotkey": hotkey,
+        "running": status is not None,
+        "preset": None,
+        "parameters": None,
+        "epoch": None,
+        "synced_at": None,
+        "weights_set_at": None,
+        "scoring_rounds": 0,
+    }
     if status is not None:
-        view.update(preset=status.preset, parameters=status.parameters, epoch=status.epoch,
-                    synced_at=status.synced_at or None)
+        view.update(
+            preset=status.preset, parameters=status.parameters, epoch=status.epoch, synced_at=status.synced_at or None
+        )
     if board is not None:
         view.update(weights_set_at=board.weights_set_at, scoring_rounds=board.rounds)
     return view
@@ -197,8 +225,14 @@ def _chart(points: dict[str, list], shown: list[str], rows: list[dict], value: i
             by_bucket[point[0]].append(point[value])
     buckets = sorted(by_bucket)
     return {
-        "miners": [{"peer_id": peer_id, "label": labels.get(peer_id, peer_id[:8]),
-                    "points": [[p[0], p[value]] for p in points[peer_id]]} for peer_id in shown],
+        "miners": [
+            {
+                "peer_id": peer_id,
+                "label": labels.get(peer_id, peer_id[:8]),
+                "points": [[p[0], p[value]] for p in points[peer_id]],
+            }
+            for peer_id in shown
+        ],
         "median": [[b, statistics.median(by_bucket[b])] for b in buckets],
         "low": [[b, min(by_bucket[b])] for b in buckets],
         "high": [[b, max(by_bucket[b])] for b in buckets],
@@ -229,7 +263,15 @@ def _miner_row(peer: PeerRecord, step: StepRecord | None, score, offences: list[
         "score": 0.0 if score is None else score.score,
         "weight": 0.0 if score is None else score.weight,
         "banned": bool(banning),
-        "offences": [{"role": o.role, "reason": o.reason, "caught_by": o.peer_id, "time": o.time,
-                      "banned_until": o.time + o.banned_s} for o in against[-5:]],
+        "offences": [
+            {
+                "role": o.role,
+                "reason": o.reason,
+                "caught_by": o.peer_id,
+                "time": o.time,
+                "banned_until": o.time + o.banned_s,
+            }
+            for o in against[-5:]
+        ],
         "named_by": len({o.peer_id for o in banning}),
     }

@@ -106,7 +106,9 @@ class ProgressLedger:
         for peer_id, record in progress.items():
             tally = self._peers.get(peer_id)
             if tally is None:
-                tally = self._peers[peer_id] = PeerTally(record.epoch, record.samples_accumulated, first=record.samples_accumulated)
+                tally = self._peers[peer_id] = PeerTally(
+                    record.epoch, record.samples_accumulated, first=record.samples_accumulated
+                )
             elif record.epoch > tally.epoch:
                 tally.finished += tally.current
                 tally.epoch, tally.current = record.epoch, record.samples_accumulated
@@ -123,7 +125,9 @@ class ProgressLedger:
             dropped = heapq.nsmallest(excess, self._peers, key=lambda p: (self._peers[p].seen_at, self._peers[p].total))
             for peer_id in dropped:
                 del self._peers[peer_id]
-            logger.warning(f"progress records name more than {self.max_peers} peers; forgot the {excess} seen least recently")
+            logger.warning(
+                f"progress records name more than {self.max_peers} peers; forgot the {excess} seen least recently"
+            )
 
     def samples(self, peer_id: str) -> int | None:
         """Samples seen for the peer, None if it never appeared (or was forgotten)."""
@@ -141,15 +145,20 @@ class ProgressLedger:
         return window, since_seen
 
 
-def plausible(progress: Mapping[str, PeerProgress], max_samples_per_s: float = MAX_SAMPLES_PER_S,
-              on_implausible: Callable[[str, str], None] | None = None) -> dict[str, PeerProgress]:
+def plausible(
+    progress: Mapping[str, PeerProgress],
+    max_samples_per_s: float = MAX_SAMPLES_PER_S,
+    on_implausible: Callable[[str, str], None] | None = None,
+) -> dict[str, PeerProgress]:
     """``progress`` without the records no honest peer could publish (``hivetrain.protocol.progress``).
 
     Each one left out is passed to ``on_implausible(peer_id, reason)`` (default: logged).
     """
     if on_implausible is None:
+
         def on_implausible(peer_id: str, reason: str) -> None:
             logger.warning(f"ignoring the progress record of {peer_id}: it {reason}")
+
     bound = lower_median([record.epoch for record in progress.values() if not record.client_mode], MAX_EPOCH_LEAD)
     kept = {}
     for peer_id, record in progress.items():
@@ -171,8 +180,14 @@ class ProgressPoller:
     one of its own when not given).
     """
 
-    def __init__(self, dht, run_id: str, interval_s: float = 1.0, max_samples_per_s: float = MAX_SAMPLES_PER_S,
-                 offences: OffenceLog | None = None):
+    def __init__(
+        self,
+        dht,
+        run_id: str,
+        interval_s: float = 1.0,
+        max_samples_per_s: float = MAX_SAMPLES_PER_S,
+        offences: OffenceLog | None = None,
+    ):
         self.dht, self.run_id, self.interval_s = dht, run_id, interval_s
         self.offences = offences if offences is not None else OffenceLog()
         self.max_samples_per_s = max_samples_per_s
@@ -188,7 +203,8 @@ class ProgressPoller:
         return self
 
     def _name(self, peer_id: str, reason: str) -> None:
-        """Name a peer whose record is left out (an offence, for the validator's telemetry), once per ``RENAME_AFTER_S``."""
+        """Name a peer whose record is left out (an offence, for the validator's telemetry), once per
+        ``RENAME_AFTER_S``."""
         if self._named.due(peer_id):
             self.offences.report(peer_id, f"{self.run_id}_progress", "progress", f"its progress record {reason}")
 

@@ -28,7 +28,9 @@ class CheckSummary(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
 
     verdict: Literal["pass", "fail"]
-    cosine: float | None = Field(description="cosine with the validator's projection; None when there was no usable answer")
+    cosine: float | None = Field(
+        description="cosine with the validator's projection; None when there was no usable answer"
+    )
 
 
 class ScoreEvidence(BaseModel):
@@ -42,8 +44,12 @@ class ScoreEvidence(BaseModel):
     share: float = Field(ge=0, le=1, description="verified_samples / all miners' verified samples")
     passes: int = Field(ge=0, description="recent gradient spot checks passed")
     fails: int = Field(ge=0, description="recent gradient spot checks failed")
-    pass_rate: float = Field(ge=0, le=1, description="passes / (passes + fails) over recent spot checks; 0 when never checked")
-    round_score: float = Field(ge=0, le=1, description="share x pass_rate, 0 when nothing verified or every check failed")
+    pass_rate: float = Field(
+        ge=0, le=1, description="passes / (passes + fails) over recent spot checks; 0 when never checked"
+    )
+    round_score: float = Field(
+        ge=0, le=1, description="share x pass_rate, 0 when nothing verified or every check failed"
+    )
     alpha: float = Field(gt=0, le=1)
     previous_ema: float = Field(ge=0)
     new_ema: float = Field(ge=0)

@@ -26,12 +26,20 @@ from typing import Callable
 from hivetrain.chain import make_chain
 from hivetrain.data import validation_blocks
 from hivetrain.dht import make_dht
+from hivetrain.discovery import fetch_initial_peers
 from hivetrain.hivemind_compat import OffenceLog
 from hivetrain.identity import Verifier, load_or_create_wallet
 from hivetrain.log import get_logger
 from hivetrain.models import model_config, num_parameters
-from hivetrain.discovery import fetch_initial_peers
-from hivetrain.protocol.records import VALIDATOR_TTL_S, EvalRecord, Keys, MinerScore, PeerRecord, ScoreBoard, ValidatorStatus
+from hivetrain.protocol.records import (
+    VALIDATOR_TTL_S,
+    EvalRecord,
+    Keys,
+    MinerScore,
+    PeerRecord,
+    ScoreBoard,
+    ValidatorStatus,
+)
 from hivetrain.runtime import set_torch_threads
 from hivetrain.settings import ValidatorSettings, domain_of
 from hivetrain.store import RedisNonceStore, Registry, append, connect_redis, shard_salt
@@ -74,7 +82,10 @@ class Validator:
             set_torch_threads(s.torch_threads)  # 0: torch's default, within the container's CPU limit
             self.wallet = load_or_create_wallet(s.wallet_dir, s.wallet_name, s.wallet_hotkey)
             self.hotkey = self.wallet.hotkey.ss58_address
-            self.keys, self.domain = Keys(s.run_id), domain_of(s)  # records of other runs and subnets fail their signatures
+            self.keys, self.domain = (
+                Keys(s.run_id),
+                domain_of(s),
+            )  # records of other runs and subnets fail their signatures
             self.client = connect_redis(s.redis_url)
             self._cleanup.callback(self._clear_heartbeat)
             self.registry = Registry(self.client, self.keys, self.domain)
@@ -85,15 +96,25 @@ class Validator:
             self.endpoint = f"http://{s.api_host}:{s.api_port}"
             self.uid = self.chain.register(self.hotkey, self.endpoint, "validator")
             self.claims = self._make_claim_reader()
-            initial_peers = list(s.initial_peers) or fetch_initial_peers(s.bootstrap_url, s.bootstrap_wait_s, stop=self.stop)
+            initial_peers = list(s.initial_peers) or fetch_initial_peers(
+                s.bootstrap_url, s.bootstrap_wait_s, stop=self.stop
+            )
             self.dht = make_dht(initial_peers, **s.dht_options(), client_mode=True)
             self._cleanup.callback(self.dht.shutdown)
             self.offences = OffenceLog()  # what the poller and the model sync catch, drained by _record_offences
-            self.poller = ProgressPoller(self.dht, s.run_id, max_samples_per_s=s.max_samples_per_s,
-                                         offences=self.offences).start()
+            self.poller = ProgressPoller(
+                self.dht, s.run_id, max_samples_per_s=s.max_samples_per_s, offences=self.offences
+            ).start()
             self._cleanup.callback(self.poller.stop)
-            self.sync = ModelSync(self.dht, s.run_id, s.preset, seed=s.seed, max_epoch=self.poller.plausible_epoch,
-                                  mode=s.mode, offences=self.offences)
+            self.sync = ModelSync(
+                self.dht,
+                s.run_id,
+                s.preset,
+                seed=s.seed,
+                max_epoch=self.poller.plausible_epoch,
+                mode=s.mode,
+                offences=self.offences,
+            )
             self._cleanup.callback(self.sync.shutdown)
             self.parameters = num_parameters(self.sync.model)
             self.block_size = s.block_size or model_config(s.preset).n_positions
@@ -105,14 +126,19 @@ class Validator:
         except BaseException:
             self._cleanup.close()
             raise
-        logger.info(f"validator {self.hotkey} (uid {self.uid}) joined the DHT as a client via {len(initial_peers)} initial peers")
+        logger.info(
+            f"validator {self.hotkey} (uid {self.uid}) joined the DHT as a client via {len(initial_peers)} initial "
+            "peers"
+        )
 
     def _make_claim_reader(self) -> ClaimReader:
         """The reader of miners' signed telemetry, started."""
         s = self.settings
         # telemetry nonces are remembered per validator: two validators each read every record once
         nonces = RedisNonceStore(self.client, self.keys, s.record_window_s + 5.0, scope=f"validator-{self.hotkey}")
-        claims = ClaimReader(self.client, self.keys, Verifier(nonces, self.domain, s.record_window_s), cap=s.claim_read_cap)
+        claims = ClaimReader(
+            self.client, self.keys, Verifier(nonces, self.domain, s.record_window_s), cap=s.claim_read_cap
+        )
         claims.start()
         return claims
 
@@ -120,13 +146,28 @@ class Validator:
         """The spot checker, judging at our model copy, with each miner's shard rebuilt from the run's salt."""
         s = self.settings
         rules = SpotCheckRules(
-            batch=s.spot_check_batch, dim=s.spot_check_dim, threshold=s.spot_check_threshold,
-            timeout_s=s.spot_check_timeout_s, workers=s.spot_check_workers, tries=s.spot_check_tries,
-            private_urls=s.spot_check_private_urls, window_s=s.record_window_s, diloco=s.mode == "diloco")
-        shards = MinerShards(s.dataset, s.dataset_split, s.text_key, tokenizer, self.block_size, s.num_shards, s.seed,
-                             self.shard_salt)
-        return SpotChecker(self.wallet, self.domain, self.sync, rules, shards, self.eval_blocks,
-                           plausible_epoch=self.poller.plausible_epoch)
+            batch=s.spot_check_batch,
+            dim=s.spot_check_dim,
+            threshold=s.spot_check_threshold,
+            timeout_s=s.spot_check_timeout_s,
+            workers=s.spot_check_workers,
+            tries=s.spot_check_tries,
+            private_urls=s.spot_check_private_urls,
+            window_s=s.record_window_s,
+            diloco=s.mode == "diloco",
+        )
+        shards = MinerShards(
+            s.dataset, s.dataset_split, s.text_key, tokenizer, self.block_size, s.num_shards, s.seed, self.shard_salt
+        )
+        return SpotChecker(
+            self.wallet,
+            self.domain,
+            self.sync,
+            rules,
+            shards,
+            self.eval_blocks,
+            plausible_epoch=self.poller.plausible_epoch,
+        )
 
     def _resume(self) -> None:
         """Take up the scores, EMA and spot-check history our last run saved (nothing if there is none)."""
@@ -136,7 +177,9 @@ class Validator:
         self.scores, self.rounds = dict(state.scores), state.rounds
         self.check_history = history_of(state, CHECKS_KEPT)
         self.checker.unjudged.update(state.unjudged)
-        logger.info(f"resumed the state saved at round {state.rounds}: {len(state.scores)} miners' scores and spot checks")
+        logger.info(
+            f"resumed the state saved at round {state.rounds}: {len(state.scores)} miners' scores and spot checks"
+        )
 
     def _bittensor_args(self) -> dict:
         s = self.settings
@@ -146,8 +189,11 @@ class Validator:
     def run(self) -> None:
         """The three schedules until ``stop`` is set; a failing step is tried again with backoff, the loop goes on."""
         s = self.settings
-        steps = {"sync": (s.sync_every_s, self.sync_and_evaluate), "check": (s.check_every_s, self.check_miners),
-                 "weights": (s.weights_every_s, self.score_and_set_weights)}
+        steps = {
+            "sync": (s.sync_every_s, self.sync_and_evaluate),
+            "check": (s.check_every_s, self.check_miners),
+            "weights": (s.weights_every_s, self.score_and_set_weights),
+        }
         now = time.monotonic()
         due = {"sync": now, "check": now + s.check_every_s / 2, "weights": now + s.weights_every_s}
         while not self.stop.is_set():
@@ -167,8 +213,10 @@ class Validator:
             self.failures[name] += 1
             count = self.failures[name]
             if count & (count - 1) == 0:  # 1, 2, 4, 8...: an outage is logged as it goes on, not once a second
-                logger.warning(f"{name} failed ({count} in a row, trying again): {type(error).__name__}: {error}",
-                               exc_info=count == 1)
+                logger.warning(
+                    f"{name} failed ({count} in a row, trying again): {type(error).__name__}: {error}",
+                    exc_info=count == 1,
+                )
             return False
         if self.failures.pop(name, 0):
             logger.info(f"{name} works again")
@@ -178,8 +226,13 @@ class Validator:
         return min(RETRY_LONGEST_S, RETRY_FIRST_S * 2 ** max(0, self.failures[name] - 1))
 
     def _beat(self) -> None:
-        status = ValidatorStatus(validator=self.hotkey, preset=self.settings.preset, parameters=self.parameters,
-                                 epoch=self.sync.epoch, synced_at=self.sync.synced_at)
+        status = ValidatorStatus(
+            validator=self.hotkey,
+            preset=self.settings.preset,
+            parameters=self.parameters,
+            epoch=self.sync.epoch,
+            synced_at=self.sync.synced_at,
+        )
         self.client.set(self.keys.validator_alive(self.hotkey), status.to_json(), ex=VALIDATOR_TTL_S)
 
     def _record_offences(self) -> None:
@@ -196,9 +249,15 @@ class Validator:
             return
         started = time.perf_counter()
         loss, perplexity = evaluate(self.sync.model, self.eval_blocks, self.settings.eval_batch_size)
-        record = EvalRecord(validator=self.hotkey, epoch=self.sync.epoch, loss=loss, perplexity=perplexity,
-                            blocks=self.eval_blocks.shape[0], tokens=self.eval_blocks.numel(),
-                            duration_s=time.perf_counter() - started)
+        record = EvalRecord(
+            validator=self.hotkey,
+            epoch=self.sync.epoch,
+            loss=loss,
+            perplexity=perplexity,
+            blocks=self.eval_blocks.shape[0],
+            tokens=self.eval_blocks.numel(),
+            duration_s=time.perf_counter() - started,
+        )
         logger.info(f"eval at epoch {record.epoch}: loss {loss:.4f}, perplexity {perplexity:.1f}")
         try:
             append(self.client, self.keys, self.domain, record)
@@ -232,16 +291,24 @@ class Validator:
         self.claims.poll(miners)
         claims, (progress, progress_since_seen) = self.claims.close_window(), self.poller.close_window()
         self.window_started = time.time()
-        verdicts = {hotkey: self._claim_verdict(c, progress.get(c.peer_id), progress_since_seen.get(c.peer_id))
-                    for hotkey, c in claims.items()}
+        verdicts = {
+            hotkey: self._claim_verdict(c, progress.get(c.peer_id), progress_since_seen.get(c.peer_id))
+            for hotkey, c in claims.items()
+        }
         # each miner's recent checks, not just this window's: an unlucky window without a check
         # neither erases a cheater's failures nor, for a miner never checked, verifies anything
         for hotkey, found in self.spot_checks.items():
             history = self.check_history.setdefault(hotkey, collections.deque(maxlen=CHECKS_KEPT))
             history.extend(SpotCheckResult(c.result.verdict, c.explain(), c.result.cosine) for c in found)
         self.spot_checks = {}
-        results = {hotkey: list(history) for hotkey, history in self.check_history.items() if hotkey in miners or hotkey in claims}
-        evidence = score_round(verdicts, results, {k: v for k, v in self.scores.items() if k in miners or k in claims}, s.score_ema_alpha)
+        results = {
+            hotkey: list(history)
+            for hotkey, history in self.check_history.items()
+            if hotkey in miners or hotkey in claims
+        }
+        evidence = score_round(
+            verdicts, results, {k: v for k, v in self.scores.items() if k in miners or k in claims}, s.score_ema_alpha
+        )
         self.scores = {hotkey: e.new_ema for hotkey, e in evidence.items()}
         for hotkey, item in evidence.items():
             self.evidence[hotkey] = (self.evidence.get(hotkey, []) + [item.model_dump(mode="json")])[-EVIDENCE_KEPT:]
@@ -260,11 +327,15 @@ class Validator:
         try:
             if self.chain.uid_for(self.hotkey) is None:
                 self.uid = self.chain.register(self.hotkey, self.endpoint, "validator")
-                logger.warning(f"our chain registration was gone (a flushed Redis?): registered again as uid {self.uid}")
+                logger.warning(
+                    f"our chain registration was gone (a flushed Redis?): registered again as uid {self.uid}"
+                )
             uids = {hotkey: self.chain.uid_for(hotkey) for hotkey in weights}
             self.chain.set_weights(self.hotkey, {uids[h]: w for h, w in weights.items() if uids[h] is not None})
         except Exception:  # chain boundary (Redis, on the local chain)
-            logger.warning("setting weights failed; the scores are kept and the next window sets weights again", exc_info=True)
+            logger.warning(
+                "setting weights failed; the scores are kept and the next window sets weights again", exc_info=True
+            )
             return {}
         return uids
 
@@ -279,15 +350,34 @@ class Validator:
         """Pass or fail on what the miner claimed since we first saw it; credit min(this window's claim, DHT growth)."""
         s = self.settings
         elapsed = max(1e-3, time.time() - claims.seen_since)
-        return judge_claims(claims.claimed, dht_window, claims.claimed_since_seen, dht_since_seen, elapsed,
-                            s.max_samples_per_s, s.claim_tolerance)
+        return judge_claims(
+            claims.claimed,
+            dht_window,
+            claims.claimed_since_seen,
+            dht_since_seen,
+            elapsed,
+            s.max_samples_per_s,
+            s.claim_tolerance,
+        )
 
     def _publish(self, weights: dict[str, float], uids: dict[str, int | None], miners: dict[str, PeerRecord]) -> None:
         board = ScoreBoard(
-            validator=self.hotkey, uid=self.uid, epoch=self.sync.epoch, rounds=self.rounds, weights_set_at=time.time(),
-            miners=[MinerScore(hotkey=h, uid=uids.get(h), peer_id=miners[h].peer_id if h in miners else "",
-                               score=self.scores[h], weight=weights.get(h, 0.0), evidence=self.evidence.get(h, []))
-                    for h in sorted(self.scores)],
+            validator=self.hotkey,
+            uid=self.uid,
+            epoch=self.sync.epoch,
+            rounds=self.rounds,
+            weights_set_at=time.time(),
+            miners=[
+                MinerScore(
+                    hotkey=h,
+                    uid=uids.get(h),
+                    peer_id=miners[h].peer_id if h in miners else "",
+                    score=self.scores[h],
+                    weight=weights.get(h, 0.0),
+                    evidence=self.evidence.get(h, []),
+                )
+                for h in sorted(self.scores)
+            ],
             rejected=dict(Counter(self.claims.rejected)),
         )
         summary = ", ".join(f"{m.hotkey[:8]}={m.weight:.2f}" for m in board.miners)

@@ -61,7 +61,9 @@ class SpotCheck:
     answer: torch.Tensor | None = None
 
     def explain(self) -> str:
-        lag = "" if self.answer_epoch is None else f", answer at epoch {self.answer_epoch} vs ours {self.validator_epoch}"
+        lag = (
+            "" if self.answer_epoch is None else f", answer at epoch {self.answer_epoch} vs ours {self.validator_epoch}"
+        )
         return f"blocks {self.block_index}+ seed {self.seed}{lag}: {self.result.reason}"
 
 
@@ -75,7 +77,9 @@ class AnswerRejected(Exception):
 def send_challenge(miner: PeerRecord, challenge: dict, deadline_s: float, allow_private: bool = True) -> bytes:
     """POST the signed ``challenge`` to the miner's endpoint; the raw answer, else ``AnswerRejected``."""
     try:
-        return post_json(f"{miner.challenge_url.rstrip('/')}/challenge", challenge, deadline_s, MAX_ANSWER_BYTES, allow_private)
+        return post_json(
+            f"{miner.challenge_url.rstrip('/')}/challenge", challenge, deadline_s, MAX_ANSWER_BYTES, allow_private
+        )
     except RequestFailed as failed:
         raise AnswerRejected(str(failed)) from None
 
@@ -96,14 +100,20 @@ def read_answer(body: bytes, challenge: dict, verifier: Verifier, miner: PeerRec
         known = bool(problem["loc"]) and problem["loc"][0] in SpotCheckAnswer.model_fields
         where = ".".join(map(str, problem["loc"])) if known else "an unexpected field"  # never a name the miner chose
         raise AnswerRejected(f"malformed answer: {where}: {problem['msg']}") from None
-    if envelope.get("hotkey") != miner.hotkey or answered.challenge_nonce != challenge["nonce"] or answered.validator != validator:
+    if (
+        envelope.get("hotkey") != miner.hotkey
+        or answered.challenge_nonce != challenge["nonce"]
+        or answered.validator != validator
+    ):
         raise AnswerRejected("answer signed by another hotkey or for another challenge")
     return answered
 
 
-def ask_miner(wallet, verifier: Verifier, miner: PeerRecord, asked: Challenge, deadline_s: float,
-              allow_private: bool = True) -> SpotCheckAnswer:
-    """Sign ``asked`` for the miner in ``verifier``'s domain, send it, read the answer: ``send_challenge``, ``read_answer``."""
+def ask_miner(
+    wallet, verifier: Verifier, miner: PeerRecord, asked: Challenge, deadline_s: float, allow_private: bool = True
+) -> SpotCheckAnswer:
+    """Sign ``asked`` for the miner in ``verifier``'s domain, send it, read the answer: ``send_challenge``,
+    ``read_answer``."""
     challenge = sign(wallet, verifier.domain, asked.model_dump(mode="json"))
     body = send_challenge(miner, challenge, deadline_s, allow_private)
     return read_answer(body, challenge, verifier, miner, wallet.hotkey.ss58_address)
@@ -130,8 +140,17 @@ class MinerShards:
     The shard follows from the miner's hotkey and the run's shard salt, read once (``hivetrain.data.shard_for``).
     """
 
-    def __init__(self, dataset: str, split: str, text_key: str, tokenizer, block_size: int, num_shards: int,
-                 seed: int, shard_salt: str):
+    def __init__(
+        self,
+        dataset: str,
+        split: str,
+        text_key: str,
+        tokenizer,
+        block_size: int,
+        num_shards: int,
+        seed: int,
+        shard_salt: str,
+    ):
         self.dataset, self.split, self.text_key, self.tokenizer = dataset, split, text_key, tokenizer
         self.block_size, self.num_shards, self.seed, self.shard_salt = block_size, num_shards, seed, shard_salt
         self._streams: dict[int, BlockStream] = {}
@@ -139,21 +158,39 @@ class MinerShards:
     def stream_for(self, hotkey: str) -> BlockStream:
         shard = shard_for(hotkey, self.shard_salt, self.num_shards)
         if shard not in self._streams:
-            self._streams[shard] = BlockStream(self.dataset, self.split, self.text_key, self.tokenizer, self.block_size,
-                                               num_shards=self.num_shards, shard=shard, seed=self.seed)
+            self._streams[shard] = BlockStream(
+                self.dataset,
+                self.split,
+                self.text_key,
+                self.tokenizer,
+                self.block_size,
+                num_shards=self.num_shards,
+                shard=shard,
+                seed=self.seed,
+            )
         return self._streams[shard]
 
 
 class SpotChecker:
     """Sends signed challenges and judges the answers against the validator's own computation."""
 
-    def __init__(self, wallet, domain: Domain, sync: ModelSync, rules: SpotCheckRules, shards: MinerShards,
-                 reference_blocks: torch.Tensor, plausible_epoch: Callable[[], int | None] = lambda: None):
+    def __init__(
+        self,
+        wallet,
+        domain: Domain,
+        sync: ModelSync,
+        rules: SpotCheckRules,
+        shards: MinerShards,
+        reference_blocks: torch.Tensor,
+        plausible_epoch: Callable[[], int | None] = lambda: None,
+    ):
         self.wallet, self.sync, self.rules, self.shards = wallet, sync, rules, shards
         # the direction every batch's gradient shares, measured on blocks only the validator picks;
         # cosines are taken after removing it (an answer for some other batch is then far off)
-        self.reference = [reference_blocks[i : i + rules.batch]
-                          for i in range(0, min(len(reference_blocks), 4 * rules.batch), rules.batch)]
+        self.reference = [
+            reference_blocks[i : i + rules.batch]
+            for i in range(0, min(len(reference_blocks), 4 * rules.batch), rules.batch)
+        ]
         self._baseline: tuple[tuple[int, int], torch.Tensor] | None = None
         self.hotkey = wallet.hotkey.ss58_address
         self.plausible_epoch = plausible_epoch
@@ -171,13 +208,16 @@ class SpotChecker:
         return projected_gradient(self.sync.model, batch, seed, self.rules.dim)
 
     def baseline(self, seed: int, epoch: int) -> torch.Tensor:
-        """Mean projection of the reference batches at the model's parameters, which are ``epoch``'s (cached per seed and epoch)."""
+        """Mean projection of the reference batches at the model's parameters, which are ``epoch``'s (cached per seed
+        and epoch)."""
         key = (seed, epoch)
         if self._baseline is None or self._baseline[0] != key:
             self._baseline = (key, baseline_projection(self.sync.model, self.reference, seed, self.rules.dim))
         return self._baseline[1]
 
-    def check_round(self, miners: list[PeerRecord], seed: int, stop: threading.Event | None = None) -> dict[str, SpotCheck]:
+    def check_round(
+        self, miners: list[PeerRecord], seed: int, stop: threading.Event | None = None
+    ) -> dict[str, SpotCheck]:
         """Challenge every miner at once, then judge each answer here; by miner hotkey.
 
         A miner whose answer could not be judged is left out, until that happened ``spot_check_tries``
@@ -185,11 +225,16 @@ class SpotChecker:
         """
         challenges = {miner.hotkey: self._challenge(miner, seed) for miner in miners}
         domain = self.answers.domain  # challenges and answers: this run and subnet only
-        signed = {hotkey: sign(self.wallet, domain, asked.model_dump(mode="json")) for hotkey, asked in challenges.items()}
+        signed = {
+            hotkey: sign(self.wallet, domain, asked.model_dump(mode="json")) for hotkey, asked in challenges.items()
+        }
         bodies = self._send_all({miner.hotkey: miner for miner in miners}, signed)
         answers = {miner.hotkey: self._read(bodies[miner.hotkey], signed[miner.hotkey], miner) for miner in miners}
-        projections = {hotkey: torch.tensor(a.projection, dtype=torch.float32) for hotkey, a in answers.items()  # (dim,)
-                       if isinstance(a, SpotCheckAnswer) and len(a.projection) == self.rules.dim}
+        projections = {
+            hotkey: torch.tensor(a.projection, dtype=torch.float32)
+            for hotkey, a in answers.items()  # (dim,)
+            if isinstance(a, SpotCheckAnswer) and len(a.projection) == self.rules.dim
+        }
         checks, self._synced = {}, False
         for miner in random.sample(miners, len(miners)):
             if stop is not None and stop.is_set():
@@ -203,14 +248,22 @@ class SpotChecker:
     def _challenge(self, miner: PeerRecord, seed: int) -> Challenge:
         stream = self.stream_for(miner.hotkey)
         block_index = self._rng.randrange(0, max(1, (stream.blocks_per_pass or 1) * CHALLENGE_PASSES))
-        return Challenge(miner_hotkey=miner.hotkey, block_index=block_index, batch_size=self.rules.batch,
-                         seed=seed, dim=self.rules.dim, epoch=self.sync.epoch)
+        return Challenge(
+            miner_hotkey=miner.hotkey,
+            block_index=block_index,
+            batch_size=self.rules.batch,
+            seed=seed,
+            dim=self.rules.dim,
+            epoch=self.sync.epoch,
+        )
 
     def _send_all(self, miners: dict[str, PeerRecord], signed: dict[str, dict]) -> dict[str, bytes | AnswerRejected]:
         """Every miner's raw answer, sent from the pool; each exchange ends by its own deadline."""
         rules = self.rules
-        futures = {self.pool.submit(send_challenge, miners[hotkey], challenge, rules.timeout_s,
-                                    rules.private_urls): hotkey for hotkey, challenge in signed.items()}
+        futures = {
+            self.pool.submit(send_challenge, miners[hotkey], challenge, rules.timeout_s, rules.private_urls): hotkey
+            for hotkey, challenge in signed.items()
+        }
         # every exchange ends by its deadline; this bound only covers what no socket deadline reaches (a slow DNS)
         waves = math.ceil(len(futures) / rules.workers)
         done, late = concurrent.futures.wait(futures, timeout=waves * rules.timeout_s + 5.0)
@@ -229,7 +282,9 @@ class SpotChecker:
                 bodies[hotkey] = AnswerRejected(f"no answer: {type(error).__name__}")
         return bodies
 
-    def _read(self, body: bytes | AnswerRejected, challenge: dict, miner: PeerRecord) -> SpotCheckAnswer | AnswerRejected:
+    def _read(
+        self, body: bytes | AnswerRejected, challenge: dict, miner: PeerRecord
+    ) -> SpotCheckAnswer | AnswerRejected:
         if isinstance(body, AnswerRejected):
             return body
         try:
@@ -237,16 +292,28 @@ class SpotChecker:
         except AnswerRejected as rejected:
             return rejected
 
-    def _judge(self, miner: PeerRecord, asked: Challenge, answered: SpotCheckAnswer | AnswerRejected,
-               others: dict[str, torch.Tensor]) -> SpotCheck | None:
+    def _judge(
+        self,
+        miner: PeerRecord,
+        asked: Challenge,
+        answered: SpotCheckAnswer | AnswerRejected,
+        others: dict[str, torch.Tensor],
+    ) -> SpotCheck | None:
         """The verdict on one answer; ``others`` are this round's answers of other miners (copy detection)."""
         rules = self.rules
         epoch = self.sync.epoch
 
         def verdict(ok: bool, reason: str, answer_epoch=None, answer=None) -> SpotCheck:
             self.unjudged.pop(miner.hotkey, None)
-            return SpotCheck(miner.hotkey, SpotCheckResult("pass" if ok else "fail", reason), asked.block_index, asked.seed,
-                             epoch, answer_epoch, answer)
+            return SpotCheck(
+                miner.hotkey,
+                SpotCheckResult("pass" if ok else "fail", reason),
+                asked.block_index,
+                asked.seed,
+                epoch,
+                answer_epoch,
+                answer,
+            )
 
         if isinstance(answered, AnswerRejected):
             return verdict(False, str(answered))
@@ -254,8 +321,12 @@ class SpotChecker:
         answer = torch.tensor(answered.projection, dtype=torch.float32)  # (dim,)
         bound = self.plausible_epoch()
         if bound is not None and answer_epoch > bound:  # no sync for it: the swarm's records say no state is there
-            return verdict(False, f"answered at epoch {answer_epoch}, beyond the swarm's progress (at most {bound})",
-                           answer_epoch, answer)
+            return verdict(
+                False,
+                f"answered at epoch {answer_epoch}, beyond the swarm's progress (at most {bound})",
+                answer_epoch,
+                answer,
+            )
         if answer_epoch > epoch and not self._synced:
             self._synced = True  # once per round: the swarm moved on while we asked, judge at its epoch if we can
             self.sync.sync()
@@ -264,24 +335,36 @@ class SpotChecker:
             why = f"answered at epoch {answer_epoch}, the validator holds {epoch} and could not sync to it"
             return self._not_judged(miner, asked, epoch, answer_epoch, answer, why)
         if answer_epoch < epoch - MAX_LAG_EPOCHS:
-            return verdict(False, f"lags: answered at epoch {answer_epoch}, the swarm is at {epoch}", answer_epoch, answer)
+            return verdict(
+                False, f"lags: answered at epoch {answer_epoch}, the swarm is at {epoch}", answer_epoch, answer
+            )
         # judged at the answer's own epoch where the validator holds it; else, within the lag, at ours:
         # in DiLoCo mode one epoch is a whole outer step, so there a mismatch cannot be judged
         judged_at = answer_epoch if self.sync.holds(answer_epoch) else epoch
         if judged_at != answer_epoch and rules.diloco:
-            why = (f"answered at epoch {answer_epoch}, the validator holds the parameters of {epoch}"
-                   f"{'' if self.sync.previous is None else f' and {self.sync.previous[0]}'} (one DiLoCo epoch is a whole outer step)")
+            why = (
+                f"answered at epoch {answer_epoch}, the validator holds the parameters of {epoch}"
+                f"{'' if self.sync.previous is None else f' and {self.sync.previous[0]}'} (one DiLoCo epoch is a "
+                "whole outer step)"
+            )
             return self._not_judged(miner, asked, epoch, answer_epoch, answer, why)
         batch = self.stream_for(miner.hotkey).get_batch(asked.block_index, rules.batch)  # (B, T), the miner's blocks
         with self.sync.parameters_at(judged_at):
-            result = judge_spot_check(self.expected(batch, asked.seed), answer, rules.threshold, others,
-                                      baseline=self.baseline(asked.seed, judged_at))
+            result = judge_spot_check(
+                self.expected(batch, asked.seed),
+                answer,
+                rules.threshold,
+                others,
+                baseline=self.baseline(asked.seed, judged_at),
+            )
         self.unjudged.pop(miner.hotkey, None)
         return SpotCheck(miner.hotkey, result, asked.block_index, asked.seed, epoch, answer_epoch, answer)
 
-    def _not_judged(self, miner: PeerRecord, asked: Challenge, epoch: int, answer_epoch: int, answer: torch.Tensor,
-                    why: str) -> SpotCheck | None:
-        """None while the validator cannot judge (``why``); a failure once that happened ``spot_check_tries`` times in a row."""
+    def _not_judged(
+        self, miner: PeerRecord, asked: Challenge, epoch: int, answer_epoch: int, answer: torch.Tensor, why: str
+    ) -> SpotCheck | None:
+        """None while the validator cannot judge (``why``); a failure once that happened ``spot_check_tries`` times in
+        a row."""
         tries, limit = self.unjudged[miner.hotkey] + 1, self.rules.tries
         if tries < limit:
             self.unjudged[miner.hotkey] = tries

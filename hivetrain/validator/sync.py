@@ -30,9 +30,17 @@ class ModelSync:
     validator's ``OffenceLog``; one of its own when not given).
     """
 
-    def __init__(self, dht: DHT, run_id: str, preset: str, seed: int = 0, timeout_s: float = 60.0,
-                 max_epoch: Callable[[], int | None] | None = None, mode: str = "hivemind",
-                 offences: OffenceLog | None = None):
+    def __init__(
+        self,
+        dht: DHT,
+        run_id: str,
+        preset: str,
+        seed: int = 0,
+        timeout_s: float = 60.0,
+        max_epoch: Callable[[], int | None] | None = None,
+        mode: str = "hivemind",
+        offences: OffenceLog | None = None,
+    ):
         install_codecs()  # state may arrive 8-bit compressed
         self.offences = offences if offences is not None else OffenceLog()
         self.model = build_model(preset, seed=seed)
@@ -49,7 +57,9 @@ class ModelSync:
             bans=Bans(self.offences),  # made before the averager forks: its child names whom it refused here
         )
         self.synced_at = 0.0
-        self.previous: tuple[int, list[torch.Tensor]] | None = None  # (epoch, parameters) held before the last new epoch
+        self.previous: tuple[int, list[torch.Tensor]] | None = (
+            None  # (epoch, parameters) held before the last new epoch
+        )
 
     @property
     def epoch(self) -> int:
@@ -81,7 +91,8 @@ class ModelSync:
 
     @contextlib.contextmanager
     def parameters_at(self, epoch: int) -> Iterator[None]:
-        """Run a block with the model at ``epoch``'s parameters (``holds(epoch)`` must be true), then restore the current ones."""
+        """Run a block with the model at ``epoch``'s parameters (``holds(epoch)`` must be true), then restore the
+        current ones."""
         if epoch == self.epoch:
             yield
             return

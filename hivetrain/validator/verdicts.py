@@ -71,7 +71,9 @@ def judge_spot_check(
         if isinstance(other, torch.Tensor) and other.shape == answer.shape:
             copied = cosine(other - center, answer - center)
             if copied >= copy_threshold and copied > similarity:
-                return SpotCheckResult("fail", f"answer copies {who}'s answer for another batch (cosine {copied:.4f})", similarity)
+                return SpotCheckResult(
+                    "fail", f"answer copies {who}'s answer for another batch (cosine {copied:.4f})", similarity
+                )
     if not math.isfinite(similarity):  # NaN < threshold is False: without this a NaN model would pass every answer
         return SpotCheckResult("fail", "cosine is not finite (the validator's own projection is not finite)")
     if similarity < threshold:
@@ -102,11 +104,20 @@ def check_claimed_samples(
         return verdict(False, f"claims {claimed} samples but has no progress records in the DHT")
     if claimed > dht_progress_samples * (1 + tolerance):
         return verdict(False, f"claims {claimed} samples, DHT progress records show {dht_progress_samples}")
-    return verdict(True, f"claims {claimed} samples, DHT shows {dht_progress_samples}", min(claimed, dht_progress_samples))
+    return verdict(
+        True, f"claims {claimed} samples, DHT shows {dht_progress_samples}", min(claimed, dht_progress_samples)
+    )
 
 
-def judge_claims(claimed_window: int, dht_window: int | None, claimed_total: int, dht_total: int | None,
-                 elapsed_s: float, max_samples_per_s: float, tolerance: float) -> ClaimCheckResult:
+def judge_claims(
+    claimed_window: int,
+    dht_window: int | None,
+    claimed_total: int,
+    dht_total: int | None,
+    elapsed_s: float,
+    max_samples_per_s: float,
+    tolerance: float,
+) -> ClaimCheckResult:
     """One scoring window's claim verdict: pass or fail on the totals, credit from the window.
 
     Pass or fail is decided on everything claimed since the validator first saw the miner against
@@ -116,8 +127,10 @@ def judge_claims(claimed_window: int, dht_window: int | None, claimed_total: int
     (with the default 1.0, a claim of 1,990 against 1,000 in the DHT passes and earns 1,000).
     """
     total = check_claimed_samples(claimed_total, dht_total, elapsed_s, max_samples_per_s, tolerance)
-    window = (f"this window: claims {claimed_window}, DHT shows {dht_window if dht_window is not None else 'nothing'}; "
-              f"since first seen {elapsed_s:.0f}s ago: ")
+    window = (
+        f"this window: claims {claimed_window}, DHT shows {dht_window if dht_window is not None else 'nothing'}; "
+        f"since first seen {elapsed_s:.0f}s ago: "
+    )
     if not total.passed:
         return ClaimCheckResult("fail", window + total.reason, claimed_samples=claimed_window)
     credit = min(claimed_window, max(0, dht_window or 0))

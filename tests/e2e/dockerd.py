@@ -30,16 +30,26 @@ class Dockerd:
         self.dir = Path(tempfile.mkdtemp(prefix="hive-dockerd-", dir="/tmp"))
         self.host = f"unix://{self.dir}/docker.sock"
         self.log_path = self.dir / "dockerd.log"
-        self.argv = [path, "--data-root", str(self.dir / "root"), "--exec-root", str(self.dir / "exec"),
-                     "-H", self.host, "--pidfile", str(self.dir / "dockerd.pid")]
+        self.argv = [
+            path,
+            "--data-root",
+            str(self.dir / "root"),
+            "--exec-root",
+            str(self.dir / "exec"),
+            "-H",
+            self.host,
+            "--pidfile",
+            str(self.dir / "dockerd.pid"),
+        ]
         self.process: subprocess.Popen | None = None
         # dockerd makes the docker0 bridge and leaves it behind; removed at stop when it made it
         self.made_bridge = not Path("/sys/class/net/docker0").exists()
 
     def start(self) -> None:
         with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            start_new_session=True)
+            self.process = subprocess.Popen(
+                self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
         deadline = time.monotonic() + START_TIMEOUT_S
         env = {**os.environ, "DOCKER_HOST": self.host}
         while time.monotonic() < deadline:
@@ -92,8 +102,11 @@ class Dockerd:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)
-        mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()
-                  if line.split()[1].startswith(str(self.dir))]
+        mounts = [
+            line.split()[1]
+            for line in Path("/proc/mounts").read_text().splitlines()
+            if line.split()[1].startswith(str(self.dir))
+        ]
         for mount in sorted(mounts, key=len, reverse=True):
             subprocess.run(["umount", "-l", mount], capture_output=True, timeout=30)
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -62,8 +62,10 @@ def engine(request):
     Prints the summary line at the very end."""
     given = os.environ.get("HIVE_E2E_DOCKER_HOST")
     if os.environ.get("HIVE_E2E_COMPOSE") != "1" and not given:
-        pytest.skip("the compose end-to-end test runs with HIVE_E2E_COMPOSE=1 (make e2e-compose, as root) "
-                    "or HIVE_E2E_DOCKER_HOST=<engine>")
+        pytest.skip(
+            "the compose end-to-end test runs with HIVE_E2E_COMPOSE=1 (make e2e-compose, as root) "
+            "or HIVE_E2E_DOCKER_HOST=<engine>"
+        )
     started = time.monotonic()
     daemon = None
     try:
@@ -87,14 +89,20 @@ def images(engine):
     """services/build-local.sh against ``engine``: {image: size in MB}."""
     started = time.monotonic()
     env = {**os.environ, "DOCKER_HOST": engine}
-    result = subprocess.run(["bash", "services/build-local.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=BUILD_TIMEOUT_S)
+    result = subprocess.run(
+        ["bash", "services/build-local.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S
+    )
     assert result.returncode == 0, f"build-local.sh failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     FIGURES["build_s"] = round(time.monotonic() - started)
     sizes = {}
     for service in ("redis", "bootstrap", "validator", "miner"):
-        out = subprocess.run(["docker", "image", "inspect", "-f", "{{.Size}}", f"hivetrain-{service}:{IMAGE_TAG}"], env=env,
-                             capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            ["docker", "image", "inspect", "-f", "{{.Size}}", f"hivetrain-{service}:{IMAGE_TAG}"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert out.returncode == 0, out.stderr
         sizes[service] = round(int(out.stdout) / 1e6)
     FIGURES["image_mb"] = sizes
@@ -108,9 +116,21 @@ def stack(engine, images, tmp_path_factory):
     started = time.monotonic()
     client = docker.DockerClient(base_url=engine, timeout=120)
     run_id = f"e2e-{uuid.uuid4().hex[:6]}"
-    settings = SwarmSettings(miners=MINERS, run_id=run_id, preset="tiny", workdir=str(tmp_path_factory.mktemp("e2e")),
-                             bootstrap_port=0, validator_port=0, engine="docker")
-    environ = {**os.environ, **TEST_ENV, "DOCKER_HOST": engine, "COMPOSE_FILE": "docker-compose.yml:docker-compose.local.yml"}
+    settings = SwarmSettings(
+        miners=MINERS,
+        run_id=run_id,
+        preset="tiny",
+        workdir=str(tmp_path_factory.mktemp("e2e")),
+        bootstrap_port=0,
+        validator_port=0,
+        engine="docker",
+    )
+    environ = {
+        **os.environ,
+        **TEST_ENV,
+        "DOCKER_HOST": engine,
+        "COMPOSE_FILE": "docker-compose.yml:docker-compose.local.yml",
+    }
     swarm = ComposeSwarm(settings, compose_command(), client, environ=environ)
     project = {"label": f"{docker_engine.PROJECT_LABEL}={run_id}"}
     try:
@@ -120,9 +140,11 @@ def stack(engine, images, tmp_path_factory):
         yield swarm
     finally:
         swarm.down(volumes=True)
-        left = {"containers": [c.name for c in client.containers.list(all=True, filters=project)],
-                "networks": [n.name for n in client.networks.list(filters=project)],
-                "volumes": [v.name for v in client.volumes.list(filters=project)]}
+        left = {
+            "containers": [c.name for c in client.containers.list(all=True, filters=project)],
+            "networks": [n.name for n in client.networks.list(filters=project)],
+            "volumes": [v.name for v in client.volumes.list(filters=project)],
+        }
         client.close()
         FIGURES["stack_s"] = round(time.monotonic() - started)
         assert not any(left.values()), f"compose down --volumes left {left}"
@@ -162,8 +184,9 @@ def slot_in(log: str) -> int | None:
 
 
 def test_four_container_miners_register_with_distinct_identities(stack):
-    miners = wait_until(lambda: len(m := live_miners(stack)) == MINERS and m, timeout=300,
-                        what=f"{MINERS} live miners in the registry")
+    miners = wait_until(
+        lambda: len(m := live_miners(stack)) == MINERS and m, timeout=300, what=f"{MINERS} live miners in the registry"
+    )
     assert len({m["hotkey"] for m in miners.values()}) == MINERS, miners
     containers = stack.containers("miner")
     assert len(containers) == MINERS
@@ -185,7 +208,9 @@ def test_rounds_with_all_four_container_miners(stack):
                 seen[(r["epoch"], tuple(r["peers"]))] = r
         return len(seen) >= ROUNDS
 
-    wait_until(full_rounds, timeout=900, what=f"{ROUNDS} gradient rounds with all {MINERS} container miners", interval=5)
+    wait_until(
+        full_rounds, timeout=900, what=f"{ROUNDS} gradient rounds with all {MINERS} container miners", interval=5
+    )
     epochs = sorted(epoch for epoch, _ in seen)
     FIGURES["full_rounds"] = f"{len(seen)} (epochs {epochs[0]}..{epochs[-1]})"
 
@@ -197,7 +222,9 @@ def test_validator_loss_falls_and_every_miner_scores(stack):
 
     evals = wait_until(evaluated, timeout=600, what="3 evaluations 3 epochs apart", interval=5)
     assert evals[-1]["loss"] < evals[0]["loss"] - 0.05, [(e["epoch"], e["loss"]) for e in evals]
-    FIGURES["heldout_loss"] = f"{evals[0]['loss']:.3f}->{evals[-1]['loss']:.3f} (epochs {evals[0]['epoch']}->{evals[-1]['epoch']})"
+    FIGURES["heldout_loss"] = (
+        f"{evals[0]['loss']:.3f}->{evals[-1]['loss']:.3f} (epochs {evals[0]['epoch']}->{evals[-1]['epoch']})"
+    )
 
     hotkeys = {m["hotkey"] for m in live_miners(stack).values()}
 
@@ -214,8 +241,12 @@ def test_validator_loss_falls_and_every_miner_scores(stack):
 def test_restarted_miner_keeps_its_identity_and_resumes(stack):
     miners = live_miners(stack)
     container = stack.containers("miner")[1]
-    wait_until(lambda: "checkpoint saved" in container_log(container), timeout=600,
-               what=f"a checkpoint of {container.name}", interval=5)
+    wait_until(
+        lambda: "checkpoint saved" in container_log(container),
+        timeout=600,
+        what=f"a checkpoint of {container.name}",
+        interval=5,
+    )
     log = container_log(container)
     peer_id, slot = peer_id_in(log), slot_in(log)
     hotkey = miners[peer_id]["hotkey"]
@@ -227,10 +258,15 @@ def test_restarted_miner_keeps_its_identity_and_resumes(stack):
         match = re.search(r"resuming from \S+ \(epoch (\d+), step (\d+)\)", after)
         return match and peer_id_in(after) and (match, after)
 
-    match, after = wait_until(resumed, timeout=300, what=f"{container.name} to restart and load its checkpoint", interval=3)
+    match, after = wait_until(
+        resumed, timeout=300, what=f"{container.name} to restart and load its checkpoint", interval=3
+    )
     assert peer_id_in(after) == peer_id and slot_in(after) == slot
     assert int(match.group(1)) > 0, "it resumed from a trained checkpoint"
-    back = wait_until(lambda: (m := live_miners(stack).get(peer_id)) and m["last_seen"] > since and m, timeout=180,
-                      what=f"{container.name} registered again")
+    back = wait_until(
+        lambda: (m := live_miners(stack).get(peer_id)) and m["last_seen"] > since and m,
+        timeout=180,
+        what=f"{container.name} registered again",
+    )
     assert back["hotkey"] == hotkey
     FIGURES["restart"] = f"same hotkey and peer id, resumed at epoch {match.group(1)} step {match.group(2)}"

@@ -70,7 +70,11 @@ class Namespace:
             _run(*self.exec("ip", "link", "set", "lo", "up"))
             if self.dial_out_only:  # what a NAT or a stateful firewall leaves: replies in, nothing new
                 _run(*self.exec("iptables", "-A", "INPUT", "-i", "lo", "-j", "ACCEPT"))
-                _run(*self.exec("iptables", "-A", "INPUT", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"))
+                _run(
+                    *self.exec(
+                        "iptables", "-A", "INPUT", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"
+                    )
+                )
                 _run(*self.exec("iptables", "-P", "INPUT", "DROP"))
             if self.rate_mbit:
                 self.limit(self.rate_mbit)
@@ -81,8 +85,23 @@ class Namespace:
 
     def limit(self, rate_mbit: float) -> None:
         """Rate-limit the namespace's uplink (``tc tbf``), now or again."""
-        _run(*self.exec("tc", "qdisc", "replace", "dev", self.ns_if, "root", "tbf", "rate", f"{rate_mbit}mbit",
-                        "burst", "32kbit", "latency", "400ms"))
+        _run(
+            *self.exec(
+                "tc",
+                "qdisc",
+                "replace",
+                "dev",
+                self.ns_if,
+                "root",
+                "tbf",
+                "rate",
+                f"{rate_mbit}mbit",
+                "burst",
+                "32kbit",
+                "latency",
+                "400ms",
+            )
+        )
         self.rate_mbit = rate_mbit
 
     def exec(self, *argv: str) -> list[str]:
@@ -91,14 +110,17 @@ class Namespace:
 
     def close(self) -> None:
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True, timeout=30)
-        subprocess.run(["ip", "link", "del", self.host_if], capture_output=True, timeout=30)  # gone with the netns, normally
+        subprocess.run(
+            ["ip", "link", "del", self.host_if], capture_output=True, timeout=30
+        )  # gone with the netns, normally
 
     def __exit__(self, *exc) -> None:
         self.close()
 
 
 class Forward:
-    """Relays TCP connections to ``host:port`` (``listen_ip``:``self.port`` -> 127.0.0.1:``target_port``), from a thread."""
+    """Relays TCP connections to ``host:port`` (``listen_ip``:``self.port`` -> 127.0.0.1:``target_port``), from a
+    thread."""
 
     def __init__(self, listen_ip: str, target_port: int, target_host: str = "127.0.0.1"):
         self.target = (target_host, target_port)
@@ -164,9 +186,16 @@ def reaching_the_swarm(swarm, ns: Namespace):
     """The environment of a miner inside ``ns``: the swarm's bootstrap and Redis, which listen on this
     machine's loopback, relayed to ``ns.host_ip`` for as long as the block runs."""
     redis = urllib.parse.urlsplit(swarm.role_urls["miner"])
-    with Forward(ns.host_ip, urllib.parse.urlsplit(swarm.bootstrap_url).port) as boot, Forward(ns.host_ip, redis.port) as store:
-        yield {"HIVE_BOOTSTRAP_URL": f"http://{ns.host_ip}:{boot.port}",
-               "HIVE_REDIS_URL": swarm.role_urls["miner"].replace(f"@127.0.0.1:{redis.port}/", f"@{ns.host_ip}:{store.port}/")}
+    with (
+        Forward(ns.host_ip, urllib.parse.urlsplit(swarm.bootstrap_url).port) as boot,
+        Forward(ns.host_ip, redis.port) as store,
+    ):
+        yield {
+            "HIVE_BOOTSTRAP_URL": f"http://{ns.host_ip}:{boot.port}",
+            "HIVE_REDIS_URL": swarm.role_urls["miner"].replace(
+                f"@127.0.0.1:{redis.port}/", f"@{ns.host_ip}:{store.port}/"
+            ),
+        }
 
 
 @contextlib.contextmanager
@@ -174,8 +203,15 @@ def fault_swarm(ns: Namespace, tmp_path, run_id: str, miners: int, env: dict, li
     """A tiny swarm of ``miners`` (no validator) whose DHT peers listen at ``listen_ip`` (``ns.host_ip`` unless
     given), where ``ns`` reaches them; yields it, started, and the environment a miner inside ``ns`` needs
     (``reaching_the_swarm``). Stopped at the end, and checked to have left nothing behind."""
-    settings = SwarmSettings(miners=miners, workdir=str(tmp_path), preset="tiny", bootstrap_port=0, validator=False,
-                             run_id=run_id, stop_timeout=45)
+    settings = SwarmSettings(
+        miners=miners,
+        workdir=str(tmp_path),
+        preset="tiny",
+        bootstrap_port=0,
+        validator=False,
+        run_id=run_id,
+        stop_timeout=45,
+    )
     swarm = Swarm(settings, extra_env={**env, "HIVE_HOST_MADDRS": f'["/ip4/{listen_ip or ns.host_ip}/tcp/0"]'})
     try:
         swarm.start()

@@ -21,8 +21,10 @@ BASE_ENV = {"HIVE_TORCH_THREADS": "1", "HIVE_AVERAGING_TIMEOUT": "15", "HIVE_SAV
 _BEGINS = re.compile(rb"Beginning optimizer step #(\d+)")
 _PARTIAL = re.compile(r"Averaging: received ([\d.]+)% results")
 #: and the miner logs how each round ended (hivetrain.miner.train)
-_OUTCOME = re.compile(r"^(\S+ \S+) INFO \[hivetrain\.miner\.train\] averaging round for epoch \d+ \(gradients\)"
-                      r"(?:: (\d+) peers|( failed or ran alone))")
+_OUTCOME = re.compile(
+    r"^(\S+ \S+) INFO \[hivetrain\.miner\.train\] averaging round for epoch \d+ \(gradients\)"
+    r"(?:: (\d+) peers|( failed or ran alone))"
+)
 
 
 def _kill_when_its_next_round_begins(victim, timeout: float) -> tuple[int, float]:
@@ -39,7 +41,7 @@ def _kill_when_its_next_round_begins(victim, timeout: float) -> tuple[int, float
                 killed_at = time.time()
                 victim.popen.wait(timeout=10)
                 return int(match.group(1)), killed_at
-            pending = pending[pending.rfind(b"\n") + 1:]
+            pending = pending[pending.rfind(b"\n") + 1 :]
             time.sleep(0.02)
     pytest.fail(f"the victim began no averaging round within {timeout:.0f}s")
 
@@ -62,8 +64,15 @@ def _round_outcomes_since(miner, since: float) -> list[str]:
 
 
 def test_a_miner_killed_mid_round_is_failed_over(tmp_path, report):
-    settings = SwarmSettings(miners=3, workdir=str(tmp_path), preset="tiny", bootstrap_port=0, validator=False,
-                             run_id="kill-mid-round", stop_timeout=45)
+    settings = SwarmSettings(
+        miners=3,
+        workdir=str(tmp_path),
+        preset="tiny",
+        bootstrap_port=0,
+        validator=False,
+        run_id="kill-mid-round",
+        stop_timeout=45,
+    )
     swarm = Swarm(settings, extra_env=BASE_ENV)
     try:
         swarm.start()
@@ -73,20 +82,33 @@ def test_a_miner_killed_mid_round_is_failed_over(tmp_path, report):
         alive = {peer_id_of(m) for m in survivors}
 
         def rounds(since: float, group: set[str]):
-            return [r for r in swarm.summary()["rounds"] if r["kind"] == "gradients" and r["time"] >= since
-                    and set(r["peers"]) == group]
+            return [
+                r
+                for r in swarm.summary()["rounds"]
+                if r["kind"] == "gradients" and r["time"] >= since and set(r["peers"]) == group
+            ]
 
         wait_until(lambda: rounds(0.0, alive | {dead}), timeout=300, what="a gradient round of all 3 miners")
         epoch, killed_at = _kill_when_its_next_round_begins(victim, timeout=120)
         logged = [m.log_path.stat().st_size for m in survivors]
-        after = wait_until(lambda: rounds(killed_at, alive), timeout=180, what="a round of the 2 survivors after the kill")
-        wait_until(lambda: len(rounds(killed_at, alive)) >= 2, timeout=180, what="2 rounds of the survivors after the kill")
+        after = wait_until(
+            lambda: rounds(killed_at, alive), timeout=180, what="a round of the 2 survivors after the kill"
+        )
+        wait_until(
+            lambda: len(rounds(killed_at, alive)) >= 2, timeout=180, what="2 rounds of the survivors after the kill"
+        )
         assert all(m.alive() for m in survivors), "a survivor died with the victim"
         outcomes = {peer_id_of(m)[:12]: _round_outcomes_since(m, killed_at)[:3] for m in survivors}
         # an all-reduce the victim was in when it died ends with the parts it held missing (hivemind logs the share)
-        partial = sorted({share for m, offset in zip(survivors, logged) for share in _PARTIAL.findall(_log_since(m, offset))})
-        report("kill mid-round (1 of 3 miners SIGKILLed as its round began)", epoch=epoch,
-               first_round_without_it_s=round(min(r["time"] for r in after) - killed_at, 1),
-               survivors_next_rounds=outcomes, partial_all_reduce_results_pct=partial)
+        partial = sorted(
+            {share for m, offset in zip(survivors, logged) for share in _PARTIAL.findall(_log_since(m, offset))}
+        )
+        report(
+            "kill mid-round (1 of 3 miners SIGKILLed as its round began)",
+            epoch=epoch,
+            first_round_without_it_s=round(min(r["time"] for r in after) - killed_at, 1),
+            survivors_next_rounds=outcomes,
+            partial_all_reduce_results_pct=partial,
+        )
     finally:
         stop_and_check(swarm)

@@ -19,12 +19,23 @@ BASE_ENV = {"HIVE_TORCH_THREADS": "1", "HIVE_AVERAGING_TIMEOUT": "15", "HIVE_SAV
 
 
 def _nothing_dials_in(ns: Namespace) -> None:
-    """The firewall holds (test set-up): a listener inside the namespace is not reachable from here, and it can dial out."""
-    listener = subprocess.Popen(ns.exec(sys.executable, "-c", (
-        "import socket,sys; s=socket.create_server(('0.0.0.0', 47000)); s.settimeout(8); "
-        "c=socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5); c.close()\n"
-        "try: s.accept(); print('accepted')\nexcept OSError: print('nothing came in')"), ns.host_ip, "47001"),
-        stdout=subprocess.PIPE, text=True)
+    """The firewall holds (test set-up): a listener inside the namespace is not reachable from here, and it can dial
+    out."""
+    listener = subprocess.Popen(
+        ns.exec(
+            sys.executable,
+            "-c",
+            (
+                "import socket,sys; s=socket.create_server(('0.0.0.0', 47000)); s.settimeout(8); "
+                "c=socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5); c.close()\n"
+                "try: s.accept(); print('accepted')\nexcept OSError: print('nothing came in')"
+            ),
+            ns.host_ip,
+            "47001",
+        ),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     probe = socket.create_server((ns.host_ip, 47001))
     try:
         probe.settimeout(10)
@@ -45,16 +56,23 @@ def _public_address(ns: Namespace) -> str:
     so the relays, the swarm's peers, listen on one. 11.0.0.0/8 is public space; the /32 lives only on the veth this
     test made, so what is sent to it stays on this machine (and that one address is unreachable meanwhile)."""
     address = "11." + ns.host_ip.split(".", 1)[1]
-    subprocess.run(["ip", "addr", "add", f"{address}/32", "dev", ns.host_if], check=True, capture_output=True, timeout=30)
-    subprocess.run(ns.exec("ip", "route", "add", f"{address}/32", "dev", ns.ns_if), check=True, capture_output=True, timeout=30)
+    subprocess.run(
+        ["ip", "addr", "add", f"{address}/32", "dev", ns.host_if], check=True, capture_output=True, timeout=30
+    )
+    subprocess.run(
+        ns.exec("ip", "route", "add", f"{address}/32", "dev", ns.ns_if), check=True, capture_output=True, timeout=30
+    )
     return address
 
 
 def _joint_gradient_rounds(swarm, behind) -> list[dict]:
     """Gradient rounds of the two miners, reported by both."""
     assert behind.alive(), f"the miner behind NAT exited; see {behind.log_path}"
-    return [r for r in swarm.summary()["rounds"]
-            if r["kind"] == "gradients" and r["group_size"] == 2 and len(r["reported_by"]) == 2]
+    return [
+        r
+        for r in swarm.summary()["rounds"]
+        if r["kind"] == "gradients" and r["group_size"] == 2 and len(r["reported_by"]) == 2
+    ]
 
 
 def test_a_miner_that_can_only_dial_out_trains_with_the_swarm_in_client_mode(tmp_path, report):
@@ -65,13 +83,19 @@ def test_a_miner_that_can_only_dial_out_trains_with_the_swarm_in_client_mode(tmp
             env = {"HIVE_CLIENT_MODE": "true", **reached}
             started = time.time()
             behind = swarm.add_miner(env=env, argv=ns.exec(sys.executable, "-m", "hivetrain.miner"))
-            rounds = wait_until(lambda: _joint_gradient_rounds(swarm, behind), timeout=300,
-                                what="gradient rounds that the miner behind NAT took part in")
+            rounds = wait_until(
+                lambda: _joint_gradient_rounds(swarm, behind),
+                timeout=300,
+                what="gradient rounds that the miner behind NAT took part in",
+            )
             miners = swarm.summary()["miners"]
             assert behind.alive() and len(miners) == 2 and all(m["samples"] > 0 for m in miners.values())
-            report("miner behind NAT (client mode)", joint_rounds=len(rounds),
-                   first_joint_round_s=round(min(r["time"] for r in rounds) - started, 1),
-                   samples_behind_nat=miners[peer_id_of(behind)]["samples"])
+            report(
+                "miner behind NAT (client mode)",
+                joint_rounds=len(rounds),
+                first_joint_round_s=round(min(r["time"] for r in rounds) - started, 1),
+                samples_behind_nat=miners[peer_id_of(behind)]["samples"],
+            )
 
 
 def test_a_miner_behind_nat_is_dialled_through_a_relay_and_averages_as_a_full_peer(tmp_path, report):
@@ -96,19 +120,34 @@ def test_a_miner_behind_nat_is_dialled_through_a_relay_and_averages_as_a_full_pe
                     records = [p for p in swarm.registry().live_peers(role="miner") if p.peer_id == peer_id]
                     return [a for r in records for a in r.multiaddrs if "/p2p-circuit/" in a]
 
-                circuits = wait_until(relayed_addrs, timeout=330, what="the miner behind NAT registering a relayed address")
+                circuits = wait_until(
+                    relayed_addrs, timeout=330, what="the miner behind NAT registering a relayed address"
+                )
                 relayed_s = time.time() - started
-                assert all(a.endswith(f"/p2p/{peer_id_of(behind)}") and f"/ip4/{public}/" in a for a in circuits), circuits
+                assert all(a.endswith(f"/p2p/{peer_id_of(behind)}") and f"/ip4/{public}/" in a for a in circuits), (
+                    circuits
+                )
                 # a peer it never dialled reaches it, knowing only a relayed address: the DHT pings it through the relay
                 probe = hivemind.DHT(initial_peers=circuits[:1], client_mode=True, start=True)
-                rounds = wait_until(lambda: [r for r in swarm.summary()["rounds"] if r["kind"] == "gradients"
-                                             and peer_id_of(behind) in r["peers"] and len(r["reported_by"]) >= 2],
-                                    timeout=180, what="gradient rounds that the relayed miner took part in")
+                rounds = wait_until(
+                    lambda: [
+                        r
+                        for r in swarm.summary()["rounds"]
+                        if r["kind"] == "gradients" and peer_id_of(behind) in r["peers"] and len(r["reported_by"]) >= 2
+                    ],
+                    timeout=180,
+                    what="gradient rounds that the relayed miner took part in",
+                )
                 miners = swarm.summary()["miners"]
                 assert behind.alive() and len(miners) == 4 and all(m["samples"] > 0 for m in miners.values())
-                report("miner behind NAT (relayed)", joint_rounds=len(rounds), relayed_after_s=round(relayed_s, 1),
-                       first_joint_round_s=round(min(r["time"] for r in rounds) - started, 1),
-                       relayed_addrs=len(circuits), samples_behind_nat=miners[peer_id_of(behind)]["samples"])
+                report(
+                    "miner behind NAT (relayed)",
+                    joint_rounds=len(rounds),
+                    relayed_after_s=round(relayed_s, 1),
+                    first_joint_round_s=round(min(r["time"] for r in rounds) - started, 1),
+                    relayed_addrs=len(circuits),
+                    samples_behind_nat=miners[peer_id_of(behind)]["samples"],
+                )
             finally:
                 if probe is not None:
                     probe.shutdown()

@@ -16,7 +16,9 @@ pytestmark = pytest.mark.integration
 
 BASE_ENV = {"HIVE_TORCH_THREADS": "1", "HIVE_AVERAGING_TIMEOUT": "15", "HIVE_SAVE_EVERY": "0"}
 CUT_S = 30
-_LOADED = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+) INFO \[hivetrain\.hivemind_compat\.state\] verified the state from", re.M)
+_LOADED = re.compile(
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+) INFO \[hivetrain\.hivemind_compat\.state\] verified the state from", re.M
+)
 
 
 def _state_loads_since(log_path, since: float) -> int:
@@ -32,13 +34,21 @@ def test_a_miner_cut_off_for_30_s_is_averaged_around_and_rejoins(tmp_path, repor
         def rounds(size: int, after: float, with_cut: bool):
             assert cut.alive(), f"the miner in the namespace exited; see {cut.log_path}"
             them = peer_id_of(cut)
-            return [r for r in swarm.summary()["rounds"] if r["kind"] == "gradients" and r["group_size"] == size
-                    and r["time"] >= after and (them in r["peers"]) == with_cut]
+            return [
+                r
+                for r in swarm.summary()["rounds"]
+                if r["kind"] == "gradients"
+                and r["group_size"] == size
+                and r["time"] >= after
+                and (them in r["peers"]) == with_cut
+            ]
 
         wait_until(lambda: rounds(4, 0.0, True), timeout=300, what="a gradient round of all 4 miners")
         cut_at = time.time()
         subprocess.run(["ip", "link", "set", ns.host_if, "down"], check=True, timeout=30)
-        around = wait_until(lambda: rounds(3, cut_at, False), timeout=120, what="a round of the 3 without the cut-off miner")
+        around = wait_until(
+            lambda: rounds(3, cut_at, False), timeout=120, what="a round of the 3 without the cut-off miner"
+        )
         time.sleep(max(0.0, cut_at + CUT_S - time.time()))
         subprocess.run(["ip", "link", "set", ns.host_if, "up"], check=True, timeout=30)
         restored_at = time.time()
@@ -46,11 +56,15 @@ def test_a_miner_cut_off_for_30_s_is_averaged_around_and_rejoins(tmp_path, repor
         # it stays in: two more full rounds, and how many state downloads it took to get there
         wait_until(lambda: len(rounds(4, restored_at, True)) >= 3, timeout=240, what="3 full rounds after the cut")
         reloads = _state_loads_since(cut.log_path, restored_at)
-        figures = {"cut_s": CUT_S, "first_round_without_it_s": round(min(r["time"] for r in around) - cut_at, 1),
-                   "back_in_a_full_round_s": round(min(r["time"] for r in back) - restored_at, 1),
-                   "state_reloads_after_restore": reloads,
-                   "state_reloads_of_the_other_3": sum(_state_loads_since(m.log_path, restored_at)
-                                                       for m in swarm.miners if m is not cut)}
+        figures = {
+            "cut_s": CUT_S,
+            "first_round_without_it_s": round(min(r["time"] for r in around) - cut_at, 1),
+            "back_in_a_full_round_s": round(min(r["time"] for r in back) - restored_at, 1),
+            "state_reloads_after_restore": reloads,
+            "state_reloads_of_the_other_3": sum(
+                _state_loads_since(m.log_path, restored_at) for m in swarm.miners if m is not cut
+            ),
+        }
         report("partition (1 of 4 miners cut off)", **figures)
         # the flip-flop (a reload, a missed epoch, a reload...) is worked around (TrackedOptimizer); the goal is
         # <= 1 reload, and a second one can still come from a straggling round on a loaded machine

@@ -27,9 +27,13 @@ TELEMETRY_STREAMS = ("steps", "rounds", "offences")
 
 
 def _telemetry(values: dict[str, float]) -> dict[str, int]:
-    return {name: int(values.get(f"hive_miner_telemetry_{name}_total", values.get(f"hive_miner_telemetry_{name}", 0)))
-            for name in ("written", "dropped")} | {"queued": int(values.get("hive_miner_telemetry_queue_depth", 0)),
-                                                  "steps": int(values.get("hive_miner_steps_total", 0))}
+    return {
+        name: int(values.get(f"hive_miner_telemetry_{name}_total", values.get(f"hive_miner_telemetry_{name}", 0)))
+        for name in ("written", "dropped")
+    } | {
+        "queued": int(values.get("hive_miner_telemetry_queue_depth", 0)),
+        "steps": int(values.get("hive_miner_steps_total", 0)),
+    }
 
 
 def _stored(swarm: Swarm, until: float) -> dict[str, dict]:
@@ -55,8 +59,11 @@ def _account(swarm: Swarm, urls: dict[str, str]) -> dict:
     The counters are read first, then the streams up to that moment: a record counts as written
     only after the bootstrap stored it, so stored >= written unless records were lost.
     """
-    wait_until(lambda: all(_telemetry(metrics_at(url))["queued"] == 0 for url in urls.values()), timeout=120,
-               what="every miner's telemetry queue to drain")
+    wait_until(
+        lambda: all(_telemetry(metrics_at(url))["queued"] == 0 for url in urls.values()),
+        timeout=120,
+        what="every miner's telemetry queue to drain",
+    )
     counters = {peer: _telemetry(metrics_at(url)) for peer, url in urls.items()}
     stored = _stored(swarm, until=time.time())
     figures = {"written": 0, "dropped": 0, "stored": 0, "lost": 0, "step_gaps": 0, "duplicates": 0}
@@ -75,8 +82,14 @@ def _account(swarm: Swarm, urls: dict[str, str]) -> dict:
 
 
 def _gradient_rounds(swarm: Swarm, after: float, with_peer: str | None = None, size: int | None = None) -> list[dict]:
-    return [r for r in swarm.summary()["rounds"] if r["kind"] == "gradients" and r["time"] >= after
-            and (size is None or r["group_size"] == size) and (with_peer is None or with_peer in r["peers"])]
+    return [
+        r
+        for r in swarm.summary()["rounds"]
+        if r["kind"] == "gradients"
+        and r["time"] >= after
+        and (size is None or r["group_size"] == size)
+        and (with_peer is None or with_peer in r["peers"])
+    ]
 
 
 def _steps(urls: dict[str, str]) -> dict[str, int]:
@@ -84,8 +97,15 @@ def _steps(urls: dict[str, str]) -> dict[str, int]:
 
 
 def test_redis_crash_and_bootstrap_restart_lose_no_telemetry_and_miners_still_join(tmp_path, report):
-    settings = SwarmSettings(miners=2, workdir=str(tmp_path), preset="tiny", bootstrap_port=0, validator=False,
-                             run_id="restarts", stop_timeout=45)
+    settings = SwarmSettings(
+        miners=2,
+        workdir=str(tmp_path),
+        preset="tiny",
+        bootstrap_port=0,
+        validator=False,
+        run_id="restarts",
+        stop_timeout=45,
+    )
     swarm = Swarm(settings, extra_env=BASE_ENV)
     try:
         swarm.start()
@@ -103,8 +123,11 @@ def test_redis_crash_and_bootstrap_restart_lose_no_telemetry_and_miners_still_jo
         swarm.restart_redis()
         redis_back_at = time.time()
         assert swarm.bootstrap.alive(), f"the bootstrap exited while Redis was away; see {swarm.bootstrap.log_path}"
-        wait_until(lambda: _gradient_rounds(swarm, redis_back_at, size=2), timeout=240,
-                   what="a gradient round of both miners after Redis came back")
+        wait_until(
+            lambda: _gradient_rounds(swarm, redis_back_at, size=2),
+            timeout=240,
+            what="a gradient round of both miners after Redis came back",
+        )
         after_redis = _account(swarm, urls)
 
         # 2. the bootstrap stops and comes back (same HTTP port, identity and DHT address); then a new miner joins
@@ -117,14 +140,21 @@ def test_redis_crash_and_bootstrap_restart_lose_no_telemetry_and_miners_still_jo
         bootstrap_down_s = time.time() - stopped_at
         swarm.restart_bootstrap()
         bootstrap_back_at = time.time()
-        assert sorted(a for b in swarm.registry().bootstraps() for a in b.multiaddrs) == bootstrap_addrs, \
+        assert sorted(a for b in swarm.registry().bootstraps() for a in b.multiaddrs) == bootstrap_addrs, (
             "the restarted bootstrap's DHT is not where it was (its identity or its address changed)"
+        )
         newcomer = swarm.add_miner()
         new_peer = wait_until(lambda: peer_id_of(newcomer), timeout=180, what="the new miner's DHT to come up")
-        joined = wait_until(lambda: _gradient_rounds(swarm, bootstrap_back_at, with_peer=new_peer), timeout=300,
-                            what="a gradient round with the miner that started after the bootstrap came back")
-        urls[new_peer] = wait_until(lambda: {p.peer_id: p.challenge_url for p in swarm.registry().live_peers(role="miner")
-                                             }.get(new_peer), timeout=60, what="the new miner's registration")
+        joined = wait_until(
+            lambda: _gradient_rounds(swarm, bootstrap_back_at, with_peer=new_peer),
+            timeout=300,
+            what="a gradient round with the miner that started after the bootstrap came back",
+        )
+        urls[new_peer] = wait_until(
+            lambda: {p.peer_id: p.challenge_url for p in swarm.registry().live_peers(role="miner")}.get(new_peer),
+            timeout=60,
+            what="the new miner's registration",
+        )
         after_bootstrap = _account(swarm, urls)
 
         figures = {
@@ -132,21 +162,28 @@ def test_redis_crash_and_bootstrap_restart_lose_no_telemetry_and_miners_still_jo
             "steps_during_redis_outage": [during_redis[p] - before[p] for p in sorted(before)],
             "bootstrap_down_s": round(bootstrap_down_s, 1),
             "bootstrap_ready_again_s": round(bootstrap_back_at - stopped_at, 1),  # down, then starting until /readyz
-            "steps_during_bootstrap_outage": [during_bootstrap[p] - before_bootstrap[p] for p in sorted(before_bootstrap)],
+            "steps_during_bootstrap_outage": [
+                during_bootstrap[p] - before_bootstrap[p] for p in sorted(before_bootstrap)
+            ],
             "new_miner_first_round_s": round(min(r["time"] for r in joined) - bootstrap_back_at, 1),
             **{f"after_redis_{k}": v for k, v in after_redis.items()},
             **{f"end_{k}": v for k, v in after_bootstrap.items()},
         }
         report("restarts (Redis SIGKILL, bootstrap stop; 2 miners + 1 late)", **figures)
         for moment, counted in [("after the Redis crash", after_redis), ("at the end", after_bootstrap)]:
-            assert counted["lost"] == 0 and counted["step_gaps"] == 0 and counted["dropped"] == 0, \
+            assert counted["lost"] == 0 and counted["step_gaps"] == 0 and counted["dropped"] == 0, (
                 f"telemetry lost {moment}: {counted}"
+            )
         # the swarm trained through each outage (one miner may spend a whole outage in an averaging round of up to
         # HIVE_AVERAGING_TIMEOUT), and every miner trained on after it
-        for what, start, end in [("Redis", before, during_redis), ("the bootstrap", before_bootstrap, during_bootstrap)]:
+        for what, start, end in [
+            ("Redis", before, during_redis),
+            ("the bootstrap", before_bootstrap, during_bootstrap),
+        ]:
             assert any(end[p] > start[p] for p in start), f"no miner trained while {what} was away: {start} -> {end}"
         later = _steps(urls)
-        assert all(later[p] > during_bootstrap[p] > during_redis[p] for p in before), \
+        assert all(later[p] > during_bootstrap[p] > during_redis[p] for p in before), (
             f"a miner stopped training: {before} -> {during_redis} -> {during_bootstrap} -> {later}"
+        )
     finally:
         stop_and_check(swarm)

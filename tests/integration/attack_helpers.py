@@ -12,7 +12,6 @@ import torch
 from safetensors.torch import load_file
 from swarm_helpers import peer_id_of, stop_and_check, wait_until
 
-
 from hivetrain.protocol.checkpoints import latest_checkpoint
 from hivetrain.protocol.records import Keys, OffenceRecord
 from hivetrain.settings import SwarmSettings, domain_of
@@ -37,8 +36,15 @@ def attacked_swarm(workdir: Path, run_id: str, honest: int, attackers: list[str]
     Attackers run hivemind's own all-reduce (an attacker does not run our defences for us). ``env``
     adds to every service's environment.
     """
-    settings = SwarmSettings(miners=honest, workdir=str(workdir), preset="tiny", bootstrap_port=0, validator_port=0,
-                             run_id=run_id, stop_timeout=45)
+    settings = SwarmSettings(
+        miners=honest,
+        workdir=str(workdir),
+        preset="tiny",
+        bootstrap_port=0,
+        validator_port=0,
+        run_id=run_id,
+        stop_timeout=45,
+    )
     swarm = Swarm(settings, extra_env={**TEST_ENV, **(env or {})})
     try:
         swarm.start()
@@ -50,19 +56,25 @@ def attacked_swarm(workdir: Path, run_id: str, honest: int, attackers: list[str]
 
 
 def offences(swarm: Swarm) -> list[OffenceRecord]:
-    return read_stream(connect_redis(swarm.redis_url), Keys(swarm.settings.run_id), domain_of(swarm.settings), OffenceRecord)
+    return read_stream(
+        connect_redis(swarm.redis_url), Keys(swarm.settings.run_id), domain_of(swarm.settings), OffenceRecord
+    )
 
 
 def peer_ids(services) -> list[str]:
     """Each service's DHT peer id, once every one has logged it."""
-    return wait_until(lambda: (ids := [peer_id_of(s) for s in services]) and all(ids) and ids, timeout=120,
-                      what="the peers' DHTs")
+    return wait_until(
+        lambda: (ids := [peer_id_of(s) for s in services]) and all(ids) and ids, timeout=120, what="the peers' DHTs"
+    )
 
 
 def wait_named(swarm: Swarm, offender: str, role: str | None, timeout: float = 300) -> list[OffenceRecord]:
     """Offence records naming ``offender`` (in ``role``, if given), once there is one."""
-    return wait_until(lambda: [o for o in offences(swarm) if o.offender == offender and role in (None, o.role)],
-                      timeout=timeout, what=f"an honest peer to name {offender} ({role or 'any role'})")
+    return wait_until(
+        lambda: [o for o in offences(swarm) if o.offender == offender and role in (None, o.role)],
+        timeout=timeout,
+        what=f"an honest peer to name {offender} ({role or 'any role'})",
+    )
 
 
 def assert_no_honest_peer_named(swarm: Swarm, honest: set[str]) -> None:
@@ -82,8 +94,11 @@ def assert_honest_miners_learn(swarm: Swarm, honest: set[str], by: float = 0.3) 
 
 def assert_checkpoints_finite(swarm: Swarm, indices) -> None:
     for index in indices:
-        latest = wait_until(lambda: latest_checkpoint(Path(swarm.workdir) / f"miner-{index}"), timeout=120,
-                            what=f"a checkpoint of miner-{index}")
+        latest = wait_until(
+            lambda: latest_checkpoint(Path(swarm.workdir) / f"miner-{index}"),
+            timeout=120,
+            what=f"a checkpoint of miner-{index}",
+        )
         weights = load_file(latest / "model.safetensors")
         assert all(torch.isfinite(t).all() for t in weights.values()), f"{latest} holds NaN"
 

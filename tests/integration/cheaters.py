@@ -35,11 +35,11 @@ from hivemind.averaging import DecentralizedAverager
 
 from hivetrain.hivemind_compat import DiLoCoOptimizer, SafeStateAverager
 from hivetrain.identity import load_or_create_wallet
+from hivetrain.miner.reporting import BootstrapRegistry
 from hivetrain.miner.train import Miner
 from hivetrain.protocol.binding import bind, identity_peer_id, new_ed25519_identity
 from hivetrain.protocol.records import Keys, PeerRecord, StepRecord
 from hivetrain.protocol.spotcheck import Challenge
-from hivetrain.miner.reporting import BootstrapRegistry
 from hivetrain.runtime import install_stop_handlers, reset_signal_handlers_in_children
 from hivetrain.settings import MinerSettings, domain_of, load_settings
 from hivetrain.store import connect_redis
@@ -52,8 +52,9 @@ class InflatingMiner(Miner):
 
         def inflated(record):
             if isinstance(record, StepRecord):
-                record = record.model_copy(update={"samples": record.samples * 10,
-                                                   "samples_per_s": record.samples_per_s * 10})
+                record = record.model_copy(
+                    update={"samples": record.samples * 10, "samples_per_s": record.samples_per_s * 10}
+                )
             put(record)
 
         self.telemetry.put = inflated
@@ -67,8 +68,12 @@ class LazyMiner(Miner):
 class PoisoningMiner(Miner):
     """Trains as usual, but poisons its gradients right before hivemind accumulates and sends them."""
 
-    POISON = {"nan": lambda grad: grad.fill_(float("nan")), "scaled": lambda grad: grad.mul_(1e30),
-              "flip": lambda grad: grad.mul_(-3.0), "weight": lambda grad: grad.mul_(-1.0)}
+    POISON = {
+        "nan": lambda grad: grad.fill_(float("nan")),
+        "scaled": lambda grad: grad.mul_(1e30),
+        "flip": lambda grad: grad.mul_(-3.0),
+        "weight": lambda grad: grad.mul_(-1.0),
+    }
     kind = "nan"
 
     def _make_optimizer(self) -> None:
@@ -114,7 +119,9 @@ class PoisonedStateMiner(Miner):
 
         SafeStateAverager.get_current_state = poisoned_state
         SafeStateAverager.state_sharing_priority = property(
-            lambda averager: 1e9, lambda averager, value: DecentralizedAverager.state_sharing_priority.fset(averager, 1e9))
+            lambda averager: 1e9,
+            lambda averager, value: DecentralizedAverager.state_sharing_priority.fset(averager, 1e9),
+        )
         super()._make_optimizer()
         self.opt.state_averager.state_sharing_priority = 0  # declares 1e9
 
@@ -133,10 +140,20 @@ def publish_progress(settings: MinerSettings, stop: threading.Event) -> None:
     tracker = ProgressTracker(dht, settings.run_id, settings.target_batch_size, start=False)
     try:
         while not stop.wait(2.0):
-            record = LocalTrainingProgress(peer_id=dht.peer_id.to_bytes(), epoch=10**9, samples_accumulated=1,
-                                           samples_per_second=10.0, time=get_dht_time(), client_mode=False)
-            dht.store(tracker.training_progress_key, subkey=tracker._local_public_key, value=record.dict(),
-                      expiration_time=get_dht_time() + 30)
+            record = LocalTrainingProgress(
+                peer_id=dht.peer_id.to_bytes(),
+                epoch=10**9,
+                samples_accumulated=1,
+                samples_per_second=10.0,
+                time=get_dht_time(),
+                client_mode=False,
+            )
+            dht.store(
+                tracker.training_progress_key,
+                subkey=tracker._local_public_key,
+                value=record.dict(),
+                expiration_time=get_dht_time() + 30,
+            )
     finally:
         dht.shutdown()
 
@@ -154,8 +171,14 @@ def replay(settings: MinerSettings, stop: threading.Event) -> None:
         identity.write_bytes(new_ed25519_identity())
     peer_id = identity_peer_id(identity.read_bytes())
     peer_key, peer_signature = bind(identity, domain, peer_id, wallet.hotkey.ss58_address)
-    me = PeerRecord(peer_id=peer_id, role="miner", multiaddrs=[], started_at=time.time(), peer_key=peer_key,
-                    peer_signature=peer_signature)
+    me = PeerRecord(
+        peer_id=peer_id,
+        role="miner",
+        multiaddrs=[],
+        started_at=time.time(),
+        peer_key=peer_key,
+        peer_signature=peer_signature,
+    )
     info = client.xrevrange(keys.steps, count=1)
     last_id = info[0][0].decode() if info else "0-0"
     last_beat = 0.0
@@ -176,8 +199,11 @@ def replay(settings: MinerSettings, stop: threading.Event) -> None:
             entries += [raw.decode(), _claim_as(raw, me.peer_id).decode()]  # replayed as it is; rewritten to credit us
         if not entries:
             continue
-        answer = requests.post(f"{settings.bootstrap_url}/v1/telemetry", timeout=10,
-                               json={"entries": [{"stream": "steps", "env": env} for env in entries]})
+        answer = requests.post(
+            f"{settings.bootstrap_url}/v1/telemetry",
+            timeout=10,
+            json={"entries": [{"stream": "steps", "env": env} for env in entries]},
+        )
         refusals["posted"] += len(entries)
         if answer.status_code == 200:
             body = answer.json()
@@ -210,7 +236,9 @@ def main() -> int:
     if kind in ("replay", "progress"):
         {"replay": replay, "progress": publish_progress}[kind](settings, stop)
         return 0
-    miner = {"inflate": InflatingMiner, "lazy": LazyMiner, "state": PoisonedStateMiner}.get(kind, PoisoningMiner)(settings, stop)
+    miner = {"inflate": InflatingMiner, "lazy": LazyMiner, "state": PoisonedStateMiner}.get(kind, PoisoningMiner)(
+        settings, stop
+    )
     if isinstance(miner, PoisoningMiner):
         miner.kind = kind
     try:

@@ -31,8 +31,13 @@ def bench():
     blocks = validation_blocks(tokenizer, 64, ARGS.eval_blocks)
     first = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     peers = [str(a) for a in first.get_visible_maddrs()]
-    dhts = [first, *(hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=peers)
-                     for _ in range(ARGS.honest))]
+    dhts = [
+        first,
+        *(
+            hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=peers)
+            for _ in range(ARGS.honest)
+        ),
+    ]
     try:
         yield dhts, tokenizer, blocks
     finally:
@@ -43,7 +48,7 @@ def bench():
 @pytest.fixture(scope="module")
 def baseline(bench):
     dhts, tokenizer, blocks = bench
-    return run(dhts[:ARGS.honest], "none", ARGS, tokenizer, blocks)
+    return run(dhts[: ARGS.honest], "none", ARGS, tokenizer, blocks)
 
 
 @pytest.mark.parametrize("attack", ["NaN parts", "1e30-scaled parts", "weight 1e30 (flipped)", "sign-flipped (-3x)"])

@@ -17,11 +17,11 @@ import hivemind
 import pytest
 from hivemind.utils import get_dht_time
 
-from hivetrain.swarm import procs
 from hivetrain.identity import Domain
 from hivetrain.protocol.records import Keys
 from hivetrain.runtime import RESTART_LIMIT
 from hivetrain.store import Registry, connect_redis
+from hivetrain.swarm import procs
 
 pytestmark = pytest.mark.integration
 
@@ -39,10 +39,19 @@ def _get(url: str) -> tuple[int, dict]:
 
 
 def _start(tmp_path: Path, redis_url: str, http_port: int, dht_port: int) -> procs.Service:
-    env = {**os.environ, "HIVE_REDIS_URL": redis_url, "HIVE_RUN_ID": "it", "HIVE_HTTP_HOST": "127.0.0.1",
-           "HIVE_HTTP_PORT": str(http_port), "HIVE_HTTP_WORKERS": "1", "HIVE_IDENTITY_PATH": str(tmp_path / "bootstrap.id"),
-           "HIVE_HOST_MADDRS": json.dumps([f"/ip4/127.0.0.1/tcp/{dht_port}"])}
-    return procs.start("bootstrap", [sys.executable, "-m", "hivetrain.bootstrap"], env=env, log_path=tmp_path / "bootstrap.log")
+    env = {
+        **os.environ,
+        "HIVE_REDIS_URL": redis_url,
+        "HIVE_RUN_ID": "it",
+        "HIVE_HTTP_HOST": "127.0.0.1",
+        "HIVE_HTTP_PORT": str(http_port),
+        "HIVE_HTTP_WORKERS": "1",
+        "HIVE_IDENTITY_PATH": str(tmp_path / "bootstrap.id"),
+        "HIVE_HOST_MADDRS": json.dumps([f"/ip4/127.0.0.1/tcp/{dht_port}"]),
+    }
+    return procs.start(
+        "bootstrap", [sys.executable, "-m", "hivetrain.bootstrap"], env=env, log_path=tmp_path / "bootstrap.log"
+    )
 
 
 def _wait_ready(service: procs.Service, base: str) -> None:
@@ -128,7 +137,9 @@ def test_bootstrap_exits_1_when_its_api_cannot_come_up(tmp_path, redis_url):
         try:
             code = service.popen.wait(timeout=GIVE_UP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"bootstrap still running after {GIVE_UP_TIMEOUT_S:.0f}s:\n{service.log_path.read_text()[-3000:]}")
+            pytest.fail(
+                f"bootstrap still running after {GIVE_UP_TIMEOUT_S:.0f}s:\n{service.log_path.read_text()[-3000:]}"
+            )
         finally:
             service.stop(timeout=10)
     log = service.log_path.read_text()

@@ -12,16 +12,29 @@ from hivetrain.swarm.launcher import Swarm
 pytestmark = pytest.mark.integration
 
 MINERS = 2
-TEST_ENV = {"HIVE_TORCH_THREADS": "1", "HIVE_SYNC_EVERY_S": "8", "HIVE_CHECK_EVERY_S": "8", "HIVE_WEIGHTS_EVERY_S": "20",
-            "HIVE_EVAL_BLOCKS": "4", "HIVE_SAVE_EVERY": "1"}
+TEST_ENV = {
+    "HIVE_TORCH_THREADS": "1",
+    "HIVE_SYNC_EVERY_S": "8",
+    "HIVE_CHECK_EVERY_S": "8",
+    "HIVE_WEIGHTS_EVERY_S": "20",
+    "HIVE_EVAL_BLOCKS": "4",
+    "HIVE_SAVE_EVERY": "1",
+}
 
 
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory):
     require_chromium()  # before starting anything
     workdir = tmp_path_factory.mktemp("dswarm")
-    settings = SwarmSettings(miners=MINERS, workdir=str(workdir), preset="tiny", bootstrap_port=0, validator_port=0,
-                             run_id="dtest", stop_timeout=45)
+    settings = SwarmSettings(
+        miners=MINERS,
+        workdir=str(workdir),
+        preset="tiny",
+        bootstrap_port=0,
+        validator_port=0,
+        run_id="dtest",
+        stop_timeout=45,
+    )
     swarm = Swarm(settings, extra_env=TEST_ENV)
     try:
         swarm.start()
@@ -42,9 +55,15 @@ def test_the_dashboard_shows_the_live_swarm(swarm):
         # the validator needs a synced state for its evaluations and a scoring window for claims; the
         # miners need an averaging round: wait for each chart and for both miners' verified samples
         wait_for(driver, "Number(document.getElementById('chart-eval').dataset.points) >= 2", 240, "two evaluations")
-        wait_for(driver, "Number(document.getElementById('chart-rounds').dataset.points) > 0", 240, "an averaging round")
-        table = wait_for(driver, f"(r => r.filter(m => /^[1-9][0-9.kM]* \\/ [1-9]/.test(m.samples)).length === {MINERS} && r)({rows})",
-                         300, "both miners with claimed and verified samples")
+        wait_for(
+            driver, "Number(document.getElementById('chart-rounds').dataset.points) > 0", 240, "an averaging round"
+        )
+        table = wait_for(
+            driver,
+            f"(r => r.filter(m => /^[1-9][0-9.kM]* \\/ [1-9]/.test(m.samples)).length === {MINERS} && r)({rows})",
+            300,
+            "both miners with claimed and verified samples",
+        )
         facts = driver.execute_script("return [...document.querySelectorAll('.fact .value')].map(v => v.textContent)")
         assert "tiny" in " ".join(facts) and "–" not in facts[:3], facts
         errors = console_errors(driver)

@@ -22,12 +22,20 @@ from hivetrain.swarm.launcher import Swarm
 pytestmark = pytest.mark.integration
 
 ENV = {
-    "HIVE_MODE": "diloco", "HIVE_INNER_STEPS": "10", "HIVE_BATCH_SIZE": "4", "HIVE_LR": "0.001",
-    "HIVE_SAVE_EVERY": "1", "HIVE_KEEP_CHECKPOINTS": "50", "HIVE_TORCH_THREADS": "1", "HIVE_AVERAGING_TIMEOUT": "15",
-    "HIVE_SYNC_EVERY_S": "10", "HIVE_CHECK_EVERY_S": "8", "HIVE_WEIGHTS_EVERY_S": "20", "HIVE_SPOT_CHECK_TIMEOUT_S": "20",
+    "HIVE_MODE": "diloco",
+    "HIVE_INNER_STEPS": "10",
+    "HIVE_BATCH_SIZE": "4",
+    "HIVE_LR": "0.001",
+    "HIVE_SAVE_EVERY": "1",
+    "HIVE_KEEP_CHECKPOINTS": "50",
+    "HIVE_TORCH_THREADS": "1",
+    "HIVE_AVERAGING_TIMEOUT": "15",
+    "HIVE_SYNC_EVERY_S": "10",
+    "HIVE_CHECK_EVERY_S": "8",
+    "HIVE_WEIGHTS_EVERY_S": "20",
+    "HIVE_SPOT_CHECK_TIMEOUT_S": "20",
     "HIVE_EVAL_BLOCKS": "8",
 }
-
 
 
 def _global_parameters(folder, epoch: int) -> torch.Tensor:
@@ -41,8 +49,15 @@ def _full_rounds(swarm: Swarm, size: int) -> list[dict]:
 
 
 def test_diloco_miners_average_pseudo_gradients_agree_and_are_scored(tmp_path):
-    settings = SwarmSettings(miners=3, workdir=str(tmp_path), preset="tiny", bootstrap_port=0, validator_port=0,
-                             run_id="diloco", stop_timeout=45)
+    settings = SwarmSettings(
+        miners=3,
+        workdir=str(tmp_path),
+        preset="tiny",
+        bootstrap_port=0,
+        validator_port=0,
+        run_id="diloco",
+        stop_timeout=45,
+    )
     swarm = Swarm(settings, extra_env=ENV)
     try:
         swarm.start()
@@ -52,8 +67,10 @@ def test_diloco_miners_average_pseudo_gradients_agree_and_are_scored(tmp_path):
         assert joiner.alive()
         assert "loaded state from peers" in (tmp_path / "logs" / "miner-3.log").read_text(errors="replace")
 
-        hotkeys = {load_or_create_wallet(str(tmp_path / f"miner-{i}" / "wallets"), "miner").hotkey.ss58_address
-                   for i in range(4)}
+        hotkeys = {
+            load_or_create_wallet(str(tmp_path / f"miner-{i}" / "wallets"), "miner").hotkey.ss58_address
+            for i in range(4)
+        }
 
         def scored():
             board = validator_get(swarm, "/api/scores")
@@ -66,7 +83,9 @@ def test_diloco_miners_average_pseudo_gradients_agree_and_are_scored(tmp_path):
         evidence = [r for m in board["miners"] for e in m["evidence"] for r in e["reasons"]]
         assert any("spot check pass" in r for r in evidence), evidence
         evals = validator_get(swarm, "/api/evals")["evals"]
-        assert len(evals) >= 2 and evals[-1]["epoch"] > evals[0]["epoch"] and evals[-1]["loss"] < evals[0]["loss"], evals
+        assert len(evals) >= 2 and evals[-1]["epoch"] > evals[0]["epoch"] and evals[-1]["loss"] < evals[0]["loss"], (
+            evals
+        )
     finally:
         stop_and_check(swarm)
 
@@ -78,4 +97,6 @@ def test_diloco_miners_average_pseudo_gradients_agree_and_are_scored(tmp_path):
     thetas = [_global_parameters(folder, epoch) for folder in folders]
     moved = (thetas[0] - init).abs().mean().item()
     apart = max((theta - thetas[0]).abs().mean().item() for theta in thetas[1:])
-    assert moved > 1e-4 and apart < 0.05 * moved, f"at epoch {epoch} the global parameters are {apart:.2e} apart, moved {moved:.2e}"
+    assert moved > 1e-4 and apart < 0.05 * moved, (
+        f"at epoch {epoch} the global parameters are {apart:.2e} apart, moved {moved:.2e}"
+    )

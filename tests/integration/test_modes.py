@@ -16,12 +16,24 @@ from hivetrain.swarm.launcher import Swarm
 
 pytestmark = pytest.mark.integration
 
-BASE_ENV = {"HIVE_SAVE_EVERY": "1", "HIVE_KEEP_CHECKPOINTS": "50", "HIVE_TORCH_THREADS": "1", "HIVE_AVERAGING_TIMEOUT": "15"}
+BASE_ENV = {
+    "HIVE_SAVE_EVERY": "1",
+    "HIVE_KEEP_CHECKPOINTS": "50",
+    "HIVE_TORCH_THREADS": "1",
+    "HIVE_AVERAGING_TIMEOUT": "15",
+}
 
 
 def _swarm(tmp_path: Path, run_id: str, env: dict[str, str]) -> Swarm:
-    settings = SwarmSettings(miners=2, workdir=str(tmp_path), preset="tiny", bootstrap_port=0, validator=False,
-                             run_id=run_id, stop_timeout=45)
+    settings = SwarmSettings(
+        miners=2,
+        workdir=str(tmp_path),
+        preset="tiny",
+        bootstrap_port=0,
+        validator=False,
+        run_id=run_id,
+        stop_timeout=45,
+    )
     return Swarm(settings, extra_env={**BASE_ENV, **env})
 
 
@@ -42,21 +54,31 @@ def test_local_updates_average_parameters(tmp_path):
     swarm = _swarm(tmp_path, "local", {"HIVE_USE_LOCAL_UPDATES": "true"})
     try:
         swarm.start()
-        wait_until(lambda: len([r for r in swarm.summary()["rounds"] if r["kind"] == "state" and r["group_size"] == 2]) >= 4,
-                   timeout=240, what="4 parameter-averaging rounds of both miners")
+        wait_until(
+            lambda: len([r for r in swarm.summary()["rounds"] if r["kind"] == "state" and r["group_size"] == 2]) >= 4,
+            timeout=240,
+            what="4 parameter-averaging rounds of both miners",
+        )
     finally:
         stop_and_check(swarm)
     diff, moved = _disagreement(tmp_path)
     # each steps on its own, averaging keeps them close
-    assert moved > 1e-4 and diff < 0.25 * moved, f"mean |difference| {diff:.2e} is {diff / moved:.2f} of the movement {moved:.2e}"
+    assert moved > 1e-4 and diff < 0.25 * moved, (
+        f"mean |difference| {diff:.2e} is {diff / moved:.2f} of the movement {moved:.2e}"
+    )
 
 
 def test_8bit_compression_still_averages(tmp_path):
     swarm = _swarm(tmp_path, "eightbit", {"HIVE_GRAD_COMPRESSION": "8bit", "HIVE_STATE_COMPRESSION": "8bit"})
     try:
         swarm.start()
-        wait_until(lambda: len([r for r in swarm.summary()["rounds"] if r["kind"] == "gradients" and r["group_size"] == 2]) >= 3,
-                   timeout=240, what="3 gradient rounds of both miners")
+        wait_until(
+            lambda: (
+                len([r for r in swarm.summary()["rounds"] if r["kind"] == "gradients" and r["group_size"] == 2]) >= 3
+            ),
+            timeout=240,
+            what="3 gradient rounds of both miners",
+        )
     finally:
         stop_and_check(swarm)
     diff, moved = _disagreement(tmp_path)
@@ -64,25 +86,50 @@ def test_8bit_compression_still_averages(tmp_path):
     for log in (tmp_path / "logs").glob("miner-*.log"):
         assert "only 0-dimensional arrays" not in log.read_text(errors="replace")
     # 8-bit parts, and shutdown at different steps, leave a little apart
-    assert moved > 1e-4 and diff < 0.3 * moved, f"mean |difference| {diff:.2e} is {diff / moved:.2f} of the movement {moved:.2e}"
+    assert moved > 1e-4 and diff < 0.3 * moved, (
+        f"mean |difference| {diff:.2e} is {diff / moved:.2f} of the movement {moved:.2e}"
+    )
 
 
 def test_a_miner_in_client_mode_takes_part_in_gradient_rounds(tmp_path):
-    """A miner that only dials out (HIVE_CLIENT_MODE, as behind NAT) sends its parts to the full peer and steps with it."""
-    settings = SwarmSettings(miners=1, workdir=str(tmp_path), preset="tiny", bootstrap_port=0, validator=False,
-                             run_id="client", stop_timeout=45)
+    """A miner that only dials out (HIVE_CLIENT_MODE, as behind NAT) sends its parts to the full peer and steps with
+    it."""
+    settings = SwarmSettings(
+        miners=1,
+        workdir=str(tmp_path),
+        preset="tiny",
+        bootstrap_port=0,
+        validator=False,
+        run_id="client",
+        stop_timeout=45,
+    )
     swarm = Swarm(settings, extra_env=BASE_ENV)
     try:
         swarm.start()
         client = swarm.add_miner(env={"HIVE_CLIENT_MODE": "true"})
-        wait_until(lambda: len([r for r in swarm.summary()["rounds"] if r["kind"] == "gradients" and r["group_size"] == 2
-                                and len(r["reported_by"]) == 2]) >= 2,
-                   timeout=240, what="2 gradient rounds both miners report")
+        wait_until(
+            lambda: (
+                len(
+                    [
+                        r
+                        for r in swarm.summary()["rounds"]
+                        if r["kind"] == "gradients" and r["group_size"] == 2 and len(r["reported_by"]) == 2
+                    ]
+                )
+                >= 2
+            ),
+            timeout=240,
+            what="2 gradient rounds both miners report",
+        )
         registered = {p.peer_id: p for p in swarm.registry().live_peers()}
         assert len(registered) == 2
-        (client_peer,) = [p for p in registered.values() if not p.multiaddrs]  # nothing to dial: it announces no address
+        (client_peer,) = [
+            p for p in registered.values() if not p.multiaddrs
+        ]  # nothing to dial: it announces no address
         assert client.alive() and swarm.summary()["miners"][client_peer.peer_id]["samples"] > 0
     finally:
         stop_and_check(swarm)
     diff, moved = _disagreement(tmp_path)
-    assert moved > 1e-4 and diff < 0.25 * moved, f"mean |difference| {diff:.2e} is {diff / moved:.2f} of the movement {moved:.2e}"
+    assert moved > 1e-4 and diff < 0.25 * moved, (
+        f"mean |difference| {diff:.2e} is {diff / moved:.2f} of the movement {moved:.2e}"
+    )

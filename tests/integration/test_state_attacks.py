@@ -36,11 +36,14 @@ def swarm(tmp_path_factory):
 
 def test_the_poisoned_state_server_and_the_forged_progress_are_named(swarm):
     honest = set(peer_ids(swarm.miners[:HONEST]))
-    poisoner, forger = peer_ids(swarm.miners[HONEST:HONEST + 2])
+    poisoner, forger = peer_ids(swarm.miners[HONEST : HONEST + 2])
     refused = wait_named(swarm, poisoner, "state")  # by the validator's model sync, the first to download
     assert all("not a finite tensor" in o.reason for o in refused), refused
-    forged = wait_until(lambda: (found := wait_named(swarm, forger, "progress")) and {o.peer_id for o in found} & honest
-                        and found, timeout=120, what="an honest miner to name the forged progress record")
+    forged = wait_until(
+        lambda: (found := wait_named(swarm, forger, "progress")) and {o.peer_id for o in found} & honest and found,
+        timeout=120,
+        what="an honest miner to name the forged progress record",
+    )
     assert all("epoch 1000000000" in o.reason for o in forged), forged
     assert_no_honest_peer_named(swarm, honest)
     epochs = [m["last_epoch"] for p, m in swarm.summary()["miners"].items() if p in honest]
@@ -54,15 +57,24 @@ def test_the_honest_miners_and_the_validator_keep_learning(swarm):
 def test_a_late_joiner_refuses_the_poisoned_state_and_loads_an_honest_one(swarm):
     poisoner = peer_id_of(swarm.miners[HONEST])
     wait_named(swarm, poisoner, "state")  # it has declared its priority: a joiner's download asks it first
-    wait_until(lambda: max((m["last_epoch"] or 0 for m in swarm.summary()["miners"].values()), default=0) >= 1,
-               timeout=240, what="the swarm to reach epoch 1 (so that a joiner must load state)")
+    wait_until(
+        lambda: max((m["last_epoch"] or 0 for m in swarm.summary()["miners"].values()), default=0) >= 1,
+        timeout=240,
+        what="the swarm to reach epoch 1 (so that a joiner must load state)",
+    )
     joiner = swarm.add_miner()
     joiner_id = peer_ids([joiner])[0]
-    wait_until(lambda: [o for o in wait_named(swarm, poisoner, "state") if o.peer_id == joiner_id], timeout=240,
-               what="the late joiner to refuse the poisoned state")
+    wait_until(
+        lambda: [o for o in wait_named(swarm, poisoner, "state") if o.peer_id == joiner_id],
+        timeout=240,
+        what="the late joiner to refuse the poisoned state",
+    )
     honest = peer_ids(swarm.miners[:HONEST])
-    log = wait_until(lambda: "loaded state from peers" in (text := joiner.log_path.read_text(errors="replace")) and text,
-                     timeout=120, what="the late joiner to load a state")
+    log = wait_until(
+        lambda: "loaded state from peers" in (text := joiner.log_path.read_text(errors="replace")) and text,
+        timeout=120,
+        what="the late joiner to load a state",
+    )
     adopted = re.findall(r"verified the state from (\w+)", log)  # a refused one is named instead
     assert adopted and set(adopted) <= set(honest), f"the late joiner adopted the state of {adopted}, not of {honest}"
     assert_checkpoints_finite(swarm, [len(swarm.miners) - 1])

@@ -17,10 +17,10 @@ import torch
 from safetensors.torch import load_file
 from swarm_helpers import miner_metrics, peer_id_of, stop_and_check, wait_until
 
-from hivetrain.swarm import procs
 from hivetrain.models import build_model
 from hivetrain.protocol.checkpoints import list_checkpoints
 from hivetrain.settings import SwarmSettings
+from hivetrain.swarm import procs
 from hivetrain.swarm.launcher import Swarm
 
 pytestmark = pytest.mark.integration
@@ -65,14 +65,23 @@ def crash(service: procs.Service) -> None:
 
 def full_rounds(summary: dict, peers: set[str], since: float = 0.0) -> list[dict]:
     """Gradient rounds whose group is exactly ``peers``, started after ``since``."""
-    return [r for r in summary["rounds"] if r["kind"] == "gradients" and set(r["peers"]) == peers and r["time"] >= since]
+    return [
+        r for r in summary["rounds"] if r["kind"] == "gradients" and set(r["peers"]) == peers and r["time"] >= since
+    ]
 
 
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("swarm")
-    settings = SwarmSettings(miners=MINERS, workdir=str(workdir), preset="tiny", bootstrap_port=0,
-                             run_id="itest", stop_timeout=45, validator=False)
+    settings = SwarmSettings(
+        miners=MINERS,
+        workdir=str(workdir),
+        preset="tiny",
+        bootstrap_port=0,
+        run_id="itest",
+        stop_timeout=45,
+        validator=False,
+    )
     swarm = Swarm(settings, extra_env=TEST_ENV)
     try:
         swarm.start()
@@ -88,8 +97,11 @@ def test_four_miners_average_and_learn(swarm):
 
     peers = wait_until(all_peer_ids, timeout=120, what="all miners to start their DHT")
     assert len(peers) == MINERS
-    rounds = wait_until(lambda: (r := full_rounds(swarm.summary(), peers)) and len(r) >= 3 and r,
-                        timeout=300, what="3 averaging rounds with all 4 miners")
+    rounds = wait_until(
+        lambda: (r := full_rounds(swarm.summary(), peers)) and len(r) >= 3 and r,
+        timeout=300,
+        what="3 averaging rounds with all 4 miners",
+    )
     assert len({r["epoch"] for r in rounds}) >= 3
     assert all(set(r["reported_by"]) <= peers for r in rounds)
 
@@ -124,7 +136,9 @@ def test_checkpoints_agree_after_averaging(swarm):
     # Miners training apart on their own shards would differ by about the whole movement.
     for other in flat[1:]:
         diff = (other - flat[0]).abs()
-        assert diff.mean().item() < 0.1 * moved, f"miners disagree: mean |diff| {diff.mean():.2e} vs movement {moved:.2e}"
+        assert diff.mean().item() < 0.1 * moved, (
+            f"miners disagree: mean |diff| {diff.mean():.2e} vs movement {moved:.2e}"
+        )
         assert diff.max().item() < 0.05
 
 
@@ -135,8 +149,11 @@ def test_sigkilled_miner_does_not_stop_the_others(swarm):
     crash(victim)
     assert not victim.group_alive()
     killed_at = time.time()
-    rounds = wait_until(lambda: (r := full_rounds(swarm.summary(), survivors, since=killed_at)) and len(r) >= 2 and r,
-                        timeout=240, what="2 rounds among the 3 surviving miners after the SIGKILL")
+    rounds = wait_until(
+        lambda: (r := full_rounds(swarm.summary(), survivors, since=killed_at)) and len(r) >= 2 and r,
+        timeout=240,
+        what="2 rounds among the 3 surviving miners after the SIGKILL",
+    )
     assert all(dead not in r["peers"] for r in rounds)
     assert all(m.alive() for m in swarm.miners if m is not victim)
 
@@ -156,5 +173,8 @@ def test_late_joiner_loads_state_and_catches_up(swarm):
     assert record["first_epoch"] >= swarm_epoch
     assert "loaded state from peers" in joiner.log_path.read_text(errors="replace")
     assert miner_metrics(swarm, joiner_id)["hive_miner_state_loads_total"] >= 1
-    wait_until(lambda: any(joiner_id in r["peers"] for r in swarm.summary()["rounds"]),
-               timeout=180, what="an averaging round that includes the late joiner")
+    wait_until(
+        lambda: any(joiner_id in r["peers"] for r in swarm.summary()["rounds"]),
+        timeout=180,
+        what="an averaging round that includes the late joiner",
+    )

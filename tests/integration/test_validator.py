@@ -41,12 +41,18 @@ def hotkey_of(swarm: Swarm, index: int) -> str:
     return load_or_create_wallet(str(swarm.workdir / f"miner-{index}" / "wallets"), "miner").hotkey.ss58_address
 
 
-
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("vswarm")
-    settings = SwarmSettings(miners=HONEST, workdir=str(workdir), preset="tiny", bootstrap_port=0, validator_port=0,
-                             run_id="vtest", stop_timeout=45)
+    settings = SwarmSettings(
+        miners=HONEST,
+        workdir=str(workdir),
+        preset="tiny",
+        bootstrap_port=0,
+        validator_port=0,
+        run_id="vtest",
+        stop_timeout=45,
+    )
     swarm = Swarm(settings, extra_env=TEST_ENV)
     try:
         swarm.start()
@@ -83,16 +89,24 @@ def test_honest_miners_earn_weight_and_cheaters_none(swarm):
     assert any("DHT progress records show" in r for r in inflated), inflated
     lazy = [r for e in miners[cheaters["lazy"]]["evidence"] for r in e["reasons"]]
     assert any("spot check fail" in r for r in lazy) and not any("spot check pass" in r for r in lazy), lazy
-    # the replayer posted copies of other miners' records through the bootstrap: refused there, so none reached the validator
-    tally = json.loads((swarm.workdir / f"miner-{HONEST + CHEATERS.index('replay')}" / "replay-refusals.json").read_text())
+    # the replayer posted copies of other miners' records through the bootstrap: refused there, so none reached the
+    # validator
+    tally = json.loads(
+        (swarm.workdir / f"miner-{HONEST + CHEATERS.index('replay')}" / "replay-refusals.json").read_text()
+    )
     assert tally["replay"] > 0 and tally["forgery"] > 0 and tally["stored"] == 0, tally
-    assert board["rejected"].get("ReplayedNonce", 0) == 0 and board["rejected"].get("InvalidSignature", 0) == 0, board["rejected"]
+    assert board["rejected"].get("ReplayedNonce", 0) == 0 and board["rejected"].get("InvalidSignature", 0) == 0, board[
+        "rejected"
+    ]
     assert all(miners[h]["evidence"][-1]["passes"] >= 1 for h in honest if miners[h]["evidence"][-1]["fails"] == 0)
 
 
 def test_evaluation_loss_falls_and_api_answers(swarm):
-    evals = wait_until(lambda: (e := validator_get(swarm, "/api/evals")) and len(e["evals"]) >= 3 and e, timeout=120,
-                       what="3 evaluations")["evals"]
+    evals = wait_until(
+        lambda: (e := validator_get(swarm, "/api/evals")) and len(e["evals"]) >= 3 and e,
+        timeout=120,
+        what="3 evaluations",
+    )["evals"]
     assert evals[-1]["epoch"] > evals[0]["epoch"]
     assert evals[-1]["loss"] < evals[0]["loss"] - 0.05
     status = validator_get(swarm, "/api/swarm")
