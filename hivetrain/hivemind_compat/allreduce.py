@@ -158,11 +158,14 @@ def _rms(tensors: Sequence[torch.Tensor]) -> float:
 
 class RobustAllReduceRunner(AllReduceRunner):
     """AllReduceRunner with ``RobustPartReducer`` and each reducer's answer checked before it is applied;
-    ``rule`` and ``bans`` are the averager's that runs it."""
+    ``rule`` and ``bans`` are the averager's that runs it; ``fallbacks`` (a shared counter, or None) counts the
+    partitions where our own part was kept instead of a reducer's answer."""
 
     @follows(AllReduceRunner, "__init__", "597a0c8dbbeabbe3")  # the reducer and container it builds
     @follows(TensorPartContainer, "register_processed_part", "ff5ebad6141c4a88")  # wrapped below
-    def __init__(self, *args, tensors: Sequence[torch.Tensor], rule: AggregationRule, bans: Bans, **kwargs):
+    def __init__(
+        self, *args, tensors: Sequence[torch.Tensor], rule: AggregationRule, bans: Bans, fallbacks=None, **kwargs
+    ):
         super().__init__(*args, tensors=tensors, **kwargs)
         prefix = str(self._prefix)
         own_rms = functools.cache(lambda: _rms(tensors))  # once per round, where first needed
@@ -196,6 +199,9 @@ class RobustAllReduceRunner(AllReduceRunner):
                     whose = "our own" if ourselves else f"reducer {reducer}'s"
                     logger.info(f"{prefix}: not applying {whose} aggregate: {refusal.reason}")
                 delta = torch.zeros_like(own)  # our own part for this partition, as for a failed reducer
+                if fallbacks is not None:
+                    with fallbacks.get_lock():
+                        fallbacks.value += 1
             register(peer_index, part_index, delta)
 
         container.register_processed_part = register_checked

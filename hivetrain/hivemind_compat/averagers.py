@@ -14,6 +14,7 @@ so they answer under hivemind's names: peers running plain hivemind still reach 
 
 from __future__ import annotations
 
+import multiprocessing
 from typing import Optional, Sequence
 
 import torch
@@ -44,6 +45,9 @@ class RobustAveraging(DecentralizedAverager):
     def __init__(self, *args, aggregation_rule: AggregationRule | None = None, bans: Bans | None = None, **kwargs):
         self.aggregation_rule = aggregation_rule
         self.bans = bans if bans is not None else Bans()
+        # partitions where a round applied our own part instead of a reducer's aggregate (counted in the child,
+        # read by the owner): a peer that kept its own part no longer holds what the rest of its group holds
+        self.fallbacks = multiprocessing.get_context("fork").Value("q", 0)
         install_codecs()  # what peers send 8-bit is decoded in the child, through hivemind's codec table
         super().__init__(*args, **kwargs)
 
@@ -81,6 +85,7 @@ class RobustAveraging(DecentralizedAverager):
             ordered_peer_ids=group_info.peer_ids,
             rule=self.aggregation_rule,
             bans=self.bans,
+            fallbacks=self.fallbacks,
             **kwargs,
         )
         assert group_id in self._running_groups, f"Group id {group_id} was not registered in _register_allreduce_group"

@@ -18,10 +18,12 @@ matchmaking, robust all-reduce, state sharing for joiners) we keep:
   never in the background: hivemind copies a background round's result into the model when it
   lands, which would wipe the inner steps taken meanwhile. Members of one round leave it with the
   same θ; the state round brings back into line a peer who stepped alone;
-* a peer whose outer round failed while others train applied only its own Δ: its θ has left the
-  swarm's. It downloads the swarm's θ (and momentum) at its next steps, once the others have taken
-  theirs (up to ``RESYNC_TRIES`` tries ``RESYNC_WAIT_S`` apart), rather than train on a θ of its own
-  until the next state round, failing every spot check meanwhile.
+* a peer whose outer round failed while others train applied only its own Δ, and so did one that kept
+  its own Δ on some partitions (a reducer's answer failed its check: a joiner's first Δ, from a few
+  warm-up steps, is often far smaller than the group's): its θ has left the swarm's. It downloads
+  the swarm's θ (and momentum) at its next steps, once the others have taken theirs (up to
+  ``RESYNC_TRIES`` tries ``RESYNC_WAIT_S`` apart), rather than train on a θ of its own until the
+  next state round, failing every spot check meanwhile.
 """
 
 from __future__ import annotations
@@ -156,11 +158,15 @@ class DiLoCoOptimizer(TrackedOptimizer):
 
     # --- an outer round we missed -----------------------------------------------------------
     def _average_gradients_and_load_into_optimizer(self, maybe_step_control) -> None:
+        fallbacks = self.grad_averager.fallbacks
+        kept_before = fallbacks.value
         super()._average_gradients_and_load_into_optimizer(maybe_step_control)
-        if not self._last_round_success and self.tracker.global_progress.num_peers > 1:
-            # hivemind now steps θ with our Δ alone; the others step with theirs averaged
+        kept = fallbacks.value - kept_before  # partitions where we applied our own Δ, not the group's
+        if (not self._last_round_success or kept) and self.tracker.global_progress.num_peers > 1:
+            # hivemind now steps θ with our Δ alone (on ``kept`` partitions, or all); the others with theirs averaged
+            why = f"kept our own on {kept} partitions" if self._last_round_success else "the round failed"
             logger.warning(
-                f"outer step {self._round_epoch} without the swarm's pseudo-gradients: taking up its "
+                f"outer step {self._round_epoch} without the swarm's pseudo-gradients ({why}): taking up its "
                 "global parameters once it has stepped"
             )
             self._resync_tries, self._resync_at = RESYNC_TRIES, time.monotonic() + RESYNC_WAIT_S

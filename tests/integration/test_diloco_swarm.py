@@ -1,12 +1,15 @@
 """A DiLoCo swarm (HIVE_MODE=diloco): 3 miners, a late joiner, a validator that scores them.
 
-Checked: outer rounds with all 4 miners; their global parameters agree at a common epoch (each
-checkpoint keeps them, apart from the inner ones); the joiner downloads them and catches up;
+Checked: outer rounds with all 4 miners; their global parameters agree, to rounding, at a common
+epoch (each checkpoint keeps them, apart from the inner ones), the joiner's included: a miner that
+stepped with its own pseudo-gradient takes up the swarm's; the joiner downloads them and catches up;
 the validator's held-out loss falls and every miner earns weight (spot checks at the global
 parameters pass).
 """
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
@@ -86,17 +89,30 @@ def test_diloco_miners_average_pseudo_gradients_agree_and_are_scored(tmp_path):
         assert len(evals) >= 2 and evals[-1]["epoch"] > evals[0]["epoch"] and evals[-1]["loss"] < evals[0]["loss"], (
             evals
         )
+        # stopping the miners one by one breaks the rounds under way: a peer left alone steps with its own
+        # pseudo-gradient and keeps that θ, as it should. Compare where all 4 had averaged before the stop.
+        together = max(r["epoch"] for r in _full_rounds(swarm, 4) if len(r["reported_by"]) == 4)
     finally:
         stop_and_check(swarm)
 
     folders = [tmp_path / f"miner-{i}" for i in range(4)]
     epochs = set.intersection(*({int(p.name.split("-")[1]) for p in list_checkpoints(f)} for f in folders))
-    assert epochs, "the 4 miners saved no checkpoint of a common epoch"
+    # a miner that stepped without the group's average (its round failed, or it kept its own Δ on some
+    # partitions) saves that epoch's checkpoint before it takes up the swarm's θ: those are known to differ
+    missed = {
+        int(step) + 1
+        for i in range(4)
+        for step in re.findall(
+            r"outer step (\d+) without the swarm's", (tmp_path / "logs" / f"miner-{i}.log").read_text(errors="replace")
+        )
+    }
+    epochs = {e for e in epochs if e <= together and e not in missed}
+    assert epochs, f"no common checkpoint up to epoch {together} (their last round together) but {sorted(missed)}"
     epoch = max(epochs)
     init = torch.cat([p.flatten() for group in param_groups(build_model("tiny"), 0.0) for p in group["params"]])
     thetas = [_global_parameters(folder, epoch) for folder in folders]
     moved = (thetas[0] - init).abs().mean().item()
     apart = max((theta - thetas[0]).abs().mean().item() for theta in thetas[1:])
-    assert moved > 1e-4 and apart < 0.05 * moved, (
+    assert moved > 1e-4 and apart < 1e-5 * moved, (
         f"at epoch {epoch} the global parameters are {apart:.2e} apart, moved {moved:.2e}"
     )
