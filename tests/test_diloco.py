@@ -45,6 +45,7 @@ def _optimizer(
             min_refresh_period=0.2, max_refresh_period=0.5, private_key=RSAPrivateKey()
         ),  # peers in one process would share one progress record
         load_state_timeout=30.0,
+        average_opt_statistics=("momentum_buffer",),
         **kwargs,
     )  # no aggregation_rule: the plain weighted mean, whose arithmetic is checked
 
@@ -56,12 +57,20 @@ class Partitioned(DiLoCoOptimizer):
         return super()._pseudo_gradient_averager(**{**kwargs, "prefix": "elsewhere_grad_averager"})
 
 
+class OtherGroup(DiLoCoOptimizer):
+    """A peer whose pseudo-gradient rounds meet only others of its class: matchmaking split the swarm in two groups."""
+
+    def _pseudo_gradient_averager(self, **kwargs):
+        return super()._pseudo_gradient_averager(**{**kwargs, "prefix": "other_group_grad_averager"})
+
+
 @pytest.fixture
-def swarm():
+def swarm(request):
     first = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     peers = [str(a) for a in first.get_visible_maddrs()]
     dhts = [first] + [
-        hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=peers) for _ in range(2)
+        hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=peers)
+        for _ in range(getattr(request, "param", 3) - 1)
     ]
     optimizers: list[DiLoCoOptimizer] = []
     yield dhts, optimizers
@@ -147,31 +156,55 @@ def test_two_peers_take_one_outer_step_on_their_weighted_pseudo_gradients_and_a_
 
 def _assert_takes_up_the_swarms_parameters(missed: DiLoCoOptimizer, model: Toy, reference: DiLoCoOptimizer) -> None:
     """``missed`` (out of line with the swarm after its outer step) downloads ``reference``'s θ and momentum at its
-    next steps."""
-    taken_up = []  # what the missed peer held right after each download (before the rest of that step)
-    missed._on_state_loaded = lambda seconds: taken_up.append(
-        (
-            missed.state_averager.last_download,
-            missed.local_epoch,
-            [p.detach().clone() for p in missed._global_parameters()],
-            model.weight.detach().clone(),
-            [missed.state_averager.optimizer.state[p]["momentum_buffer"].clone() for p in missed._global_parameters()],
+    next steps, and goes on with the inner steps it took since its outer step from there."""
+    taken_up = []  # what the missed peer held right after each try to take up the swarm's θ (before that step's own)
+    inner_steps = 0
+    take_up = missed._take_up_the_swarms_parameters
+
+    def recorded() -> None:
+        take_up()
+        ours = missed._global_parameters()
+        taken_up.append(
+            (
+                missed.state_averager.last_download,
+                missed.local_epoch,
+                [p.detach().clone() for p in ours],
+                model.bias.detach().clone(),
+                missed.grad_averager.local_samples_accumulated,
+                inner_steps,
+                [missed.state_averager.optimizer.state[p]["momentum_buffer"].clone() for p in ours],
+            )
         )
-    )
-    # one step per try (the peer tries every RESYNC_WAIT_S): stepping faster, it would reach the next outer step
-    # alone (the others are idle) and be ahead of every state served; bounded: 10 tries, about 20 s
+
+    missed._take_up_the_swarms_parameters = recorded
+
+    def inner_step() -> None:
+        nonlocal inner_steps
+        model.weight.grad, model.bias.grad = torch.zeros(2, 3), torch.ones(3)  # inner steps move the bias only
+        missed.step()
+        inner_steps += 1
+
+    for _ in range(3):  # inner steps before its first try, RESYNC_WAIT_S after its outer step
+        inner_step()
+        time.sleep(0.1)
+    # one step per try: stepping faster, it would reach the next outer step alone (the others are idle) and be
+    # ahead of every state served; bounded: 10 tries, about 20 s
     for _ in range(10):
         time.sleep(RESYNC_WAIT_S + 0.1)
-        model.weight.grad, model.bias.grad = torch.zeros(2, 3), torch.zeros(3)
-        missed.step()
+        inner_step()
         if any(download == "verified" for download, *_ in taken_up):
             break
     verified = [t for t in taken_up if t[0] == "verified"]
     assert verified, f"no download taken up: {[t[0] for t in taken_up]}"
-    _, epoch, ours, weight, momentum = verified[0]
+    _, epoch, ours, bias, samples, before, momentum = verified[0]
     theirs = reference._global_parameters()
     assert epoch == 1 and all(torch.equal(a, b) for a, b in zip(ours, theirs)), "the peer kept a θ of its own"
-    assert torch.equal(weight, theirs[0]), "the model restarts its inner steps from the swarm's θ"
+    # the inner steps it took since its outer step go on from the swarm's θ, and their samples still count
+    [swarms] = [theta for theta in theirs if theta.shape == (3,)]
+    assert before >= 3 and torch.allclose(bias, swarms - INNER_LR * before, atol=1e-6), (
+        f"after {before} inner steps the bias is {bias}, the swarm's θ {swarms}"
+    )
+    assert samples == before * BATCH
     assert all(
         torch.equal(a, reference.state_averager.optimizer.state[b]["momentum_buffer"]) for a, b in zip(momentum, theirs)
     )
@@ -199,6 +232,35 @@ def test_a_peer_that_missed_the_outer_round_takes_up_the_swarms_global_parameter
     assert not torch.allclose(theta[0][0], theta[1][0]), "the missed round made no difference: the test shows nothing"
 
     _assert_takes_up_the_swarms_parameters(optimizers[0], models[0], optimizers[1])
+
+
+@pytest.mark.parametrize("swarm", [4], indirect=True)
+def test_an_outer_round_split_into_two_groups_is_followed_by_a_parameter_round_that_joins_them(swarm):
+    dhts, optimizers = swarm
+    models = [Toy() for _ in dhts]
+    rounds = []
+    optimizers += [
+        _optimizer(dht, model, cls=cls, on_round=rounds.append, average_state_every=5)
+        for dht, model, cls in zip(dhts, models, [DiLoCoOptimizer, DiLoCoOptimizer, OtherGroup, OtherGroup])
+    ]  # no state round is due after the first outer step
+    grads = [torch.zeros(2, 3) for _ in dhts]
+    for i, grad in enumerate(grads):
+        grad.view(-1)[i] = i + 1.0  # four directions
+    steps = _all_take_one_outer_step(optimizers, models, grads)
+    assert sorted(r.group_size for r in rounds) == [2, 2, 2, 2] and all(r.success for r in rounds), rounds
+
+    # each group stepped θ with its own Δ (weighted by samples, Nesterov's first step: (1 + m) Δ)
+    def theta(group):
+        delta = sum(INNER_LR * steps[i] * grads[i] * (steps[i] + 1) for i in group) / sum(steps[i] + 1 for i in group)
+        return -OUTER_LR * (1 + MOMENTUM) * delta
+
+    joined = (theta([0, 1]) + theta([2, 3])) / 2
+    assert not torch.allclose(theta([0, 1]), joined, atol=1e-3), "the groups stepped alike: the test shows nothing"
+    weights = [model.weight.detach() for model in models]
+    assert all(torch.equal(w, weights[0]) for w in weights[1:]), f"the groups left the split apart: {weights}"
+    assert torch.allclose(weights[0], joined, atol=1e-5), f"{weights[0]} != the mean of the groups' θ {joined}"
+    momentum = [o.state_averager.optimizer.state[o._global_parameters()[0]]["momentum_buffer"] for o in optimizers]
+    assert all(torch.equal(m, momentum[0]) for m in momentum[1:]), "the groups' outer momentum stayed apart"
 
 
 def test_a_checkpoint_holds_the_global_parameters_apart_from_the_inner_ones(swarm):

@@ -23,7 +23,15 @@ matchmaking, robust all-reduce, state sharing for joiners) we keep:
   warm-up steps, is often far smaller than the group's): its θ has left the swarm's. It downloads
   the swarm's θ (and momentum) at its next steps, once the others have taken theirs (up to
   ``RESYNC_TRIES`` tries ``RESYNC_WAIT_S`` apart), rather than train on a θ of its own until the
-  next state round, failing every spot check meanwhile.
+  next state round, failing every spot check meanwhile. It keeps the inner steps it took since its
+  outer step (θ_i moves with θ, and its samples still count), so its next Δ is not cut short: cut
+  short, it would fail the next round's check as well, and the next, one resync after another;
+* a round that succeeded in a group smaller than the swarm (hivemind's matchmaking split the swarm
+  into groups, or some peers missed it) left each group with a θ of its own. Every peer that saw
+  such a round averages parameters right after its outer step, as at a scheduled state round, so
+  the groups meet again at once (a peer joining or leaving costs the others one parameter round).
+  Built with ``average_opt_statistics=("momentum_buffer",)``, that round also joins the outer momentum,
+  without which the groups' next outer steps would part their θ again.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import contextlib
 import time
 from typing import Callable
 
+import hivemind
 import torch
 from hivemind.optim.grad_averager import GradientAverager
 
@@ -93,6 +102,8 @@ class DiLoCoOptimizer(TrackedOptimizer):
     ``inner_scheduler`` factories build it. ``zero_grad`` clears the model's gradients.
     """
 
+    _state_round_now = False  # this epoch's outer round split: average parameters after its step (set per round)
+
     def __init__(
         self,
         *,
@@ -135,6 +146,15 @@ class DiLoCoOptimizer(TrackedOptimizer):
         self.inner_scheduler = inner_scheduler(self.inner) if inner_scheduler is not None else None
         self._resync_tries, self._resync_at = 0, 0.0  # after a missed outer round: tries left, when the next may run
 
+    @property
+    def average_state_every(self) -> int:
+        """hivemind's: average parameters after every this many outer steps, and after this one when its round split."""
+        return 1 if self._state_round_now else self._average_state_every
+
+    @average_state_every.setter
+    def average_state_every(self, value: int) -> None:
+        self._average_state_every = value
+
     # --- the pieces hivemind builds ---------------------------------------------------------
     def _global_parameters(self) -> list[torch.Tensor]:
         return [param for group in self.state_averager.optimizer.param_groups for param in group["params"]]
@@ -162,7 +182,14 @@ class DiLoCoOptimizer(TrackedOptimizer):
         kept_before = fallbacks.value
         super()._average_gradients_and_load_into_optimizer(maybe_step_control)
         kept = fallbacks.value - kept_before  # partitions where we applied our own Δ, not the group's
-        if (not self._last_round_success or kept) and self.tracker.global_progress.num_peers > 1:
+        peers = self.tracker.global_progress.num_peers
+        if self._last_round_success and 1 < self._last_round_size < peers:
+            logger.info(
+                f"outer step {self._round_epoch} in a group of {self._last_round_size} of the swarm's {peers} "
+                "peers: averaging parameters right after it"
+            )
+            self._state_round_now = True  # read by hivemind's _update_global_epoch, which called us
+        if (not self._last_round_success or kept) and peers > 1:
             # hivemind now steps θ with our Δ alone (on ``kept`` partitions, or all); the others with theirs averaged
             why = f"kept our own on {kept} partitions" if self._last_round_success else "the round failed"
             logger.warning(
@@ -171,17 +198,34 @@ class DiLoCoOptimizer(TrackedOptimizer):
             )
             self._resync_tries, self._resync_at = RESYNC_TRIES, time.monotonic() + RESYNC_WAIT_S
 
+    @follows(hivemind.Optimizer, "_update_global_epoch", "03a36523a3fce65e")  # reads average_state_every after us
+    def _update_global_epoch(self, grad_scaler) -> None:
+        try:
+            super()._update_global_epoch(grad_scaler)
+        finally:
+            self._state_round_now = False
+
     def step(self, *args, **kwargs):
         if self._resync_tries and time.monotonic() >= self._resync_at:
             self._take_up_the_swarms_parameters()
         return super().step(*args, **kwargs)
 
+    @torch.no_grad()
     def _take_up_the_swarms_parameters(self) -> None:
         self._resync_tries -= 1
         self._resync_at = time.monotonic() + RESYNC_WAIT_S
-        self.load_state_from_peers()
+        epoch, averager = self.local_epoch, self.grad_averager
+        local = self.state_averager.main_parameters  # θ_i, the model's
+        progress = [param.detach() - theta for param, theta in zip(local, self._global_parameters())]  # -Δ so far
+        samples, times = averager.local_samples_accumulated, averager.local_times_accumulated
+        self.load_state_from_peers()  # sets θ_i to the downloaded θ and our samples to 0
         if self.state_averager.last_download == "verified":
             self._resync_tries = 0
+            if self.local_epoch == epoch:  # the inner steps since our outer step go on from the swarm's θ
+                for param, theta, step in zip(local, self._global_parameters(), progress):
+                    param.copy_(theta + step)
+                averager.local_samples_accumulated, averager.local_times_accumulated = samples, times
+                self.tracker.report_local_progress(self.local_epoch, samples)
             logger.info(f"took up the swarm's global parameters at epoch {self.local_epoch}")
         elif not self._resync_tries:
             logger.warning(

@@ -165,7 +165,7 @@ class TrackedOptimizer(hivemind.Optimizer):
         self._round_epoch = 0
         self._round_started = time.perf_counter()
         self._last_load_s = FIRST_LOAD_ESTIMATE_S
-        self._last_round_success = False
+        self._last_round_success, self._last_round_size = False, 0
         if not straggler_share >= 0:
             raise ValueError(f"straggler_share must be >= 0, got {straggler_share}")
         self._straggler_share = straggler_share
@@ -362,7 +362,7 @@ class TrackedOptimizer(hivemind.Optimizer):
             if maybe_step_control.exception() is None:
                 group = tuple(sorted(peer.to_base58() for peer in maybe_step_control.result()))
                 success = True
-        self._last_round_success = success
+        self._last_round_success, self._last_round_size = success, len(group)
         self._on_round(
             RoundInfo(
                 epoch=self._round_epoch,

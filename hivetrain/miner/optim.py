@@ -86,6 +86,8 @@ def make_optimizer(
             inner_optimizer=adamw,
             inner_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, warmup),
             inner_steps=settings.inner_steps,
+            # a parameter round after a split round (or a missed one) joins θ and the momentum that steps it
+            average_opt_statistics=("momentum_buffer",) if momentum > 0 else (),
             **common,
         )
     return TrackedOptimizer(
