@@ -302,6 +302,7 @@ def test_the_validator_list_survives_a_redis_outage(tmp_path, other_wallet):
         ({"batch_size": 3}, "batch_size <= 2"),
         ({"block_index": 100}, "block_index < 100"),
         ({"block_index": 10**18}, "block_index < 100"),
+        ({"dim": 9}, "multiple of 8"),  # within the bounds, but the projection takes multiples of 8 only (was a 500)
     ],
 )
 def test_a_challenge_beyond_the_bounds_gets_400_naming_the_bound(endpoint, wallet, other_wallet, overrides, bound):

@@ -60,7 +60,9 @@ class Challenge(_Wire):
     block_index: int = Field(ge=0, description="first block of the batch in the miner's shard")
     batch_size: int = Field(ge=1, le=MAX_BATCH)
     seed: int = Field(ge=0, lt=2**63, description="projection seed")
-    dim: int = Field(ge=8, le=MAX_DIM)
+    dim: int = Field(
+        ge=8, le=MAX_DIM, multiple_of=8, description="projection size (the projection's blocks are 8 wide)"
+    )
     epoch: int = Field(ge=0, description="the global epoch the validator holds")
 
 
