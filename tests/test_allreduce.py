@@ -16,6 +16,7 @@ import hivemind
 import pytest
 import torch
 from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.averager import compute_schema_hash
 
 from hivetrain.aggregation import AggregationRule
 from hivetrain.hivemind_compat import Bans, OffenceLog, RobustAverager
@@ -36,11 +37,19 @@ def dhts():
 
 
 def _averager(
-    dht, tensor: torch.Tensor, prefix: str, cls: type = DecentralizedAverager, min_group_size: int = 4, **robust
+    dht,
+    tensor: torch.Tensor,
+    prefix: str,
+    cls: type = DecentralizedAverager,
+    min_group_size: int = 4,
+    part_size_bytes: int = 2**14,
+    claims: torch.Tensor | None = None,
+    **robust,
 ) -> DecentralizedAverager:
+    """An averager of ``tensor``; ``claims``: the tensor whose schema it declares in matchmaking (an attacker's lie)."""
     # small parts: each peer reduces about a quarter of the vector (with hivemind's 512 KiB parts, a
     # 200k vector is two parts, and whoever gets the first reduces 65% of it)
-    return cls(
+    averager = cls(
         [tensor],
         dht=dht,
         prefix=prefix,
@@ -48,10 +57,14 @@ def _averager(
         min_group_size=min_group_size,
         min_matchmaking_time=3.0,
         request_timeout=1.0,
-        part_size_bytes=2**14,
-        start=True,
+        part_size_bytes=part_size_bytes,
+        start=claims is None,
         **robust,
     )
+    if claims is not None:  # the schema hash goes into matchmaking when the averager starts
+        averager.schema_hash = compute_schema_hash([claims])
+        averager.run_in_background(await_ready=True)
+    return averager
 
 
 def _honest(log: OffenceLog) -> dict:
@@ -59,12 +72,14 @@ def _honest(log: OffenceLog) -> dict:
     return dict(cls=RobustAverager, aggregation_rule=AggregationRule(), bans=Bans(log))
 
 
-def _round(dhts, attacker_tensor: torch.Tensor, attacker_weight: float, prefix: str, log: OffenceLog | None):
+def _round(
+    dhts, attacker_tensor: torch.Tensor, attacker_weight: float, prefix: str, log: OffenceLog | None, **attacker_opts
+):
     """One averaging round of the attacker and three honest peers (robust with ``log``); their results and mean."""
     generator = torch.Generator().manual_seed(1)
     signal = torch.randn(SIZE, generator=generator)
     honest = [signal + 0.3 * torch.randn(SIZE, generator=generator) for _ in range(3)]
-    attacker = _averager(dhts[0], attacker_tensor(signal), prefix)  # plain hivemind
+    attacker = _averager(dhts[0], attacker_tensor(signal), prefix, **attacker_opts)  # plain hivemind
     robust = _honest(log) if log is not None else {}
     peers = [_averager(dht, tensor.clone(), prefix, **robust) for dht, tensor in zip(dhts[1:], honest)]
     try:
@@ -115,6 +130,37 @@ def test_one_attacker_among_four_cannot_poison_the_average(dhts, attack):
         time.sleep(1.0)  # what the averagers may still be reporting
         wrongly = {offence.peer_id for offence in log.drain()} - {dhts[0].peer_id.to_base58()}
         assert not wrongly, f"{attack}: honest peers were named: {wrongly}"
+
+
+#: parts that are not the partition's: the attacker declares the honest peers' schema (float32, SIZE) in
+#: matchmaking, then streams int8 parts of the partition's size, or float32 parts of half its size
+MALFORMED = {
+    "int8 parts": (lambda signal: (signal * 30).clamp(-127, 127).to(torch.int8), 2**12, "dtype torch.int8"),
+    "wrong-size parts": (lambda signal: signal.clone(), 2**13, "sent a part of shape (2048,)"),
+}
+
+
+@pytest.mark.parametrize("attack", sorted(MALFORMED))
+def test_a_malformed_part_names_its_sender_and_nobody_else(dhts, attack):
+    log = OffenceLog(ban_s=60.0)
+    make, part_size_bytes, reason = MALFORMED[attack]
+    attacker_opts = dict(part_size_bytes=part_size_bytes, claims=torch.zeros(SIZE))
+    results, mean = _round(dhts, make, 8.0, f"malformed-{attack.split()[0]}", log, **attacker_opts)
+    for result in results:  # the attacker's partition is its own answer, or our own part where that fails
+        similarity = float(torch.nn.functional.cosine_similarity(result, mean, dim=0))
+        assert torch.isfinite(result).all() and similarity > 0.75, f"{attack}: cosine {similarity:.3f}"
+    attacker = dhts[0].peer_id.to_base58()
+    reasons: dict[str, set[str]] = {}
+    deadline = time.monotonic() + 20.0
+    while attacker not in reasons and time.monotonic() < deadline:
+        for offence in log.drain():
+            reasons.setdefault(offence.peer_id, set()).add(offence.reason)
+        time.sleep(0.2)
+    time.sleep(0.5)  # and what is still in flight
+    for offence in log.drain():
+        reasons.setdefault(offence.peer_id, set()).add(offence.reason)
+    assert set(reasons) == {attacker}, f"{attack}: named {reasons}, the attacker is {attacker}"
+    assert any(reason in r for r in reasons[attacker]), reasons[attacker]
 
 
 def _peers_named(log: OffenceLog, until: str, timeout: float = 20.0) -> set[str]:

@@ -4,7 +4,8 @@ hivemind 1.1.12 builds an ``AllReduceRunner`` per round, and its ``TensorPartRed
 parts every sender streams in, weighted as the sender declares. An averager with an aggregation rule
 (``hivetrain.hivemind_compat.averagers.RobustAveraging``) builds instead, with its own rule and bans:
 
-* ``RobustPartReducer``: keeps each sender's part and aggregates with
+* ``RobustPartReducer``: refuses a part whose shape or dtype is not the partition's (its sender is
+  named, and the round goes on without it), keeps each sender's part and aggregates with
   ``hivetrain.aggregation.PartStream`` (the fast path's work done as parts arrive; otherwise
   ``robust_aggregate``: non-finite parts dropped, weights capped, CenteredClip);
 * ``RobustAllReduceRunner``: checks each reducer's answer before it is applied (``check_received``;
@@ -75,8 +76,10 @@ class RobustPartReducer(TensorPartReducer):
         *,
         rule: AggregationRule,
         bans: Bans,
+        part_dtypes: Sequence[torch.dtype] | None = None,
     ):
         self.rule, self.bans = rule, bans
+        self.part_dtypes = tuple(part_dtypes) if part_dtypes is not None else None  # None: any floating dtype
         self._stream, self._senders = PartStream(), []  # this partition's parts so far, and who sent each
         self._banned_parts: list[tuple[int, torch.Tensor, float]] = []  # parts of banned senders: left out
         self.sender_ids, self.own_id, self.prefix = list(sender_ids), own_id, prefix
@@ -103,6 +106,13 @@ class RobustPartReducer(TensorPartReducer):
         if self.sender_failed_after[sender_index] != float("inf"):
             raise BannedException(f"sender {sender_index} was banned in background")
         assert part_index == self.current_part_index
+        if (problem := self._malformed(part_index, tensor_part)) is not None:
+            # out of the round from this part on: hivemind's own handler of this sender's stream calls
+            # on_sender_failed, which leaves out the parts not received, this one now included
+            self.num_parts_received[sender_index] -= 1
+            if self.sender_ids[sender_index] != self.own_id:
+                self.bans.ban(self.sender_ids[sender_index], self.prefix, "sender", problem)
+            raise BannedException(f"sender {sender_index} {problem}")
         current_part_future = self.current_part_future
         if part_index < self.sender_failed_after[sender_index]:
             if self.bans.is_banned(self.sender_ids[sender_index]):
@@ -113,6 +123,22 @@ class RobustPartReducer(TensorPartReducer):
             self.current_part_accumulated_from += 1
             self.check_current_part_finished()
         return await current_part_future
+
+    @follows(AllReduceRunner, "_accumulate_parts_streaming", "6c5a3c7266060303")  # bans the sender we raise for
+    def _malformed(self, part_index: int, part: torch.Tensor) -> str | None:
+        """Why ``part`` cannot be this partition's part ``part_index`` (its shape, its dtype), or None.
+
+        hivemind deserializes a part as its sender declares it: a wrong size failed the aggregate of the
+        whole partition (and hivemind then blamed the senders whose parts came after), and an int8 part
+        that came first turned the aggregate int8, zeroing most of it.
+        """
+        expected = self.part_shapes[part_index]
+        if part.shape != expected:
+            return f"sent a part of shape {tuple(part.shape)} where the partition's is {tuple(expected)}"
+        dtype = self.part_dtypes[part_index] if self.part_dtypes is not None else None
+        if (part.dtype != dtype) if dtype is not None else not part.dtype.is_floating_point:
+            return f"sent a part of dtype {part.dtype} where the partition's is {dtype or 'floating point'}"
+        return None
 
     @follows(TensorPartReducer, "check_current_part_finished", "ec9b059c42f3ca27")  # copied below
     def check_current_part_finished(self):
@@ -179,6 +205,7 @@ class RobustAllReduceRunner(AllReduceRunner):
             lambda: own_rms() * math.sqrt(sum(t.numel() for t in tensors)),
             rule=rule,
             bans=bans,
+            part_dtypes=tuple(part.dtype for part in self.parts_for_local_averaging),
         )
         container = self.tensor_part_container
         register = container.register_processed_part
