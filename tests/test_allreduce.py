@@ -10,6 +10,7 @@ honest peers' mean points, and the attacker must be named.
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import time
 
 import hivemind
@@ -247,3 +248,45 @@ def test_a_robust_and_a_plain_averager_in_one_process_keep_their_own_rule_and_ba
     finally:
         for averager in [attacker, *robust, plain]:
             averager.shutdown()
+
+
+class FractionsSeen(RobustAverager):
+    """A robust averager that reports the share of the vector each group member reduces, as it computed it."""
+
+    seen = None  # a fork-context queue, set before the averagers fork
+
+    def _peer_fractions(self, bandwidths, modes, min_vector_size):
+        fractions = super()._peer_fractions(bandwidths, modes, min_vector_size)
+        self.seen.put((self.peer_id.to_base58(), list(bandwidths), tuple(fractions)))
+        return fractions
+
+
+def test_a_peer_declaring_a_huge_bandwidth_reduces_at_most_four_times_the_median_share(dhts):
+    FractionsSeen.seen = multiprocessing.get_context("fork").Queue()
+    declared = [1.0, 1.0, 1.0, 100.0]  # the last one's claim: hivemind hands it 97% of the vector to reduce
+    generator = torch.Generator().manual_seed(2)
+    peers = [
+        _averager(
+            dht,
+            torch.randn(SIZE, generator=generator),
+            "bandwidth",
+            cls=FractionsSeen,
+            bandwidth=bandwidth,
+            aggregation_rule=AggregationRule(),
+            bans=Bans(OffenceLog(ban_s=60.0)),
+        )
+        for dht, bandwidth in zip(dhts, declared)
+    ]
+    try:
+        controls = [peer.step(wait=False, timeout=60) for peer in peers]
+        for control in controls:
+            assert control.result(timeout=90) is not None, "the round failed"
+        seen = [FractionsSeen.seen.get(timeout=10) for _ in peers]
+    finally:
+        for peer in peers:
+            peer.shutdown()
+    _, bandwidths, fractions = seen[0]
+    assert all(other[1:] == (bandwidths, fractions) for other in seen), f"the members split the vector apart: {seen}"
+    big = fractions[bandwidths.index(100.0)]
+    honest = [f for b, f in zip(bandwidths, fractions) if b != 100.0]
+    assert big <= 4 * min(honest) + len(fractions) and big / SIZE < 0.6, f"it reduces {big / SIZE:.1%} of the vector"

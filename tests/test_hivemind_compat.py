@@ -220,3 +220,13 @@ def test_a_negative_ban_is_refused_with_the_fix():
 
     with pytest.raises(ValueError, match="ban_s must be >= 0"):
         OffenceLog(ban_s=-1.0)
+
+
+def test_declared_bandwidths_count_at_most_four_times_their_median_and_junk_counts_as_unspecified():
+    from hivetrain.hivemind_compat.averagers import bounded_bandwidths
+
+    assert bounded_bandwidths([1.0, 1.0, 1.0, 100.0]) == [1.0, 1.0, 1.0, 4.0]
+    assert bounded_bandwidths([2.0, 0.0, None, 3.0]) == [2.0, 0.0, None, 3.0]  # a client (0), an unspecified peer
+    junk = [float("nan"), float("inf"), -1.0, "fast", True, [1.0]]
+    assert bounded_bandwidths([1.0, *junk]) == [1.0] + [None] * len(junk)
+    assert bounded_bandwidths([None, None]) == [None, None]

@@ -14,24 +14,52 @@ so they answer under hivemind's names: peers running plain hivemind still reach 
 
 from __future__ import annotations
 
+import asyncio
+import math
 import multiprocessing
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AveragingMode
 from hivemind.averaging.group_info import GroupInfo
-from hivemind.averaging.matchmaking import Matchmaking
+from hivemind.averaging.load_balancing import hagenbach_bishoff
+from hivemind.averaging.matchmaking import Matchmaking, MatchmakingException
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.p2p import ServicerBase
 from hivemind.utils import get_dht_time
-from hivemind.utils.asyncio import as_aiter, azip
+from hivemind.utils.asyncio import as_aiter, azip, enter_asynchronously
 
 from hivetrain.aggregation import AggregationRule
 from hivetrain.hivemind_compat.allreduce import BanAwareMatchmaking, RobustAllReduceRunner
 from hivetrain.hivemind_compat.bans import Bans
 from hivetrain.hivemind_compat.codecs import install_codecs
 from hivetrain.hivemind_compat.pins import follows
+from hivetrain.log import get_logger
+from hivetrain.protocol.progress import lower_median
+
+logger = get_logger(__name__)
+
+#: A declared download bandwidth counts at most this many times the lower median of the group's declared
+#: ones: hivemind hands each peer a share of the vector to reduce in proportion to what it declares, and
+#: one peer declaring 100x the others' was handed 99.4% of it (its answers land wherever they are plausible).
+MAX_BANDWIDTH_RATIO = 4.0
+
+
+def bounded_bandwidths(declared: Sequence[Any], ratio: float = MAX_BANDWIDTH_RATIO) -> list[float | None]:
+    """Peers' declared bandwidths as load balancing may use them: each capped at ``ratio`` x the lower median
+    of the positive ones; 0 (a client) stays 0; anything else that is not a finite number >= 0 (NaN, a
+    string: hivemind's load balancing failed the round on it) counts as unspecified (None), which hivemind
+    resolves to the mean of the others."""
+    numbers = [
+        float(b) if isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) and b >= 0 else None
+        for b in declared
+    ]
+    positive = [b for b in numbers if b is not None and b > 0]
+    if not positive:
+        return numbers
+    cap = lower_median(positive) * ratio
+    return [min(b, cap) if b is not None else None for b in numbers]
 
 
 class RobustAveraging(DecentralizedAverager):
@@ -67,6 +95,45 @@ class RobustAveraging(DecentralizedAverager):
             matchmaking.__class__ = BanAwareMatchmaking
             matchmaking.bans = self.bans
         self._built_matchmaking = matchmaking
+
+    @follows(DecentralizedAverager, "_aggregate_with_group", "c297d8a435ce2b1c")  # copied below
+    async def _aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int, **kwargs):
+        if self.aggregation_rule is None:
+            return await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
+        # DecentralizedAverager._aggregate_with_group (hivemind 1.1.12), with the declared bandwidths bounded
+        try:
+            bandwidths, mode_ids, user_gathered_bytes = zip(*map(self.serializer.loads, group_info.gathered))
+            user_gathered = dict(zip(group_info.peer_ids, map(self.serializer.loads, user_gathered_bytes)))
+            modes = tuple(map(AveragingMode, mode_ids))
+            peer_fractions = await asyncio.get_event_loop().run_in_executor(
+                None, self._peer_fractions, bandwidths, modes, min_vector_size
+            )
+            async with enter_asynchronously(self.get_tensors()) as local_tensors:
+                await self._run_allreduce_inplace_(local_tensors, group_info, peer_fractions=peer_fractions, **kwargs)
+                return user_gathered
+        except BaseException as e:
+            if isinstance(e, Exception):
+                logger.exception(e)
+            raise MatchmakingException(f"Unable to run All-Reduce: {e}")
+
+    def _peer_fractions(self, bandwidths: Sequence[Any], modes: Sequence[AveragingMode], min_vector_size: int):
+        """How many elements of the vector each member of the group reduces: in proportion to its bounded
+        bandwidth (``bounded_bandwidths``; unspecified: the others' mean; clients none), every member
+        computing the same. hivemind's linear program is not proportional: it hands the whole vector to a
+        peer 4x faster than three others, so bounding the claim alone would not bound the share."""
+        bounded = bounded_bandwidths(bandwidths)
+        specified = [b for b in bounded if b is not None and b > 0]
+        default = sum(specified) / len(specified) if specified else 1.0
+        scores = [
+            0.0 if mode == AveragingMode.CLIENT else default if b is None else b for b, mode in zip(bounded, modes)
+        ]
+        total = sum(scores)
+        if min_vector_size and total > 0:  # as hivemind: a peer that would reduce fewer elements reduces none
+            small = [0.0 if self.total_size * score / total < min_vector_size else score for score in scores]
+            scores = small if sum(small) > 0 else scores
+        if not sum(scores) > 0:
+            raise ValueError(f"no member of the group can reduce (bandwidths {list(bandwidths)}, modes {modes})")
+        return tuple(hagenbach_bishoff(self.total_size, scores))
 
     @follows(DecentralizedAverager, "_run_allreduce_inplace_", "914d57cffc7d69e1")  # copied below
     async def _run_allreduce_inplace_(
