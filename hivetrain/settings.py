@@ -2,14 +2,18 @@
 
 Each field is read from an environment variable ``HIVE_<FIELD>`` (what containers set) and
 from a command-line flag ``--<field-with-dashes>`` (what people type); a flag wins over the
-environment. Values are validated on load, and a bad value exits with a message that names
-both spellings and says what is accepted.
+environment. A list setting takes JSON (``["a", "b"]``) or comma-separated values (``a,b``) in
+both. Values are validated on load: a bad value or an unknown flag raises ``ConfigError`` with a
+message that names both spellings and says what is accepted (the services exit 2 with it), and
+a ``HIVE_*`` variable that nothing reads is named in a warning, with the closest setting.
 """
 
 from __future__ import annotations
 
 import difflib
 import json
+import os
+import re
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -27,16 +31,40 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import to_jsonable_python
-from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    CliApp,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
+from hivetrain import __version__
+from hivetrain.log import get_logger
 from hivetrain.protocol.spotcheck import MAX_BATCH, MAX_DIM, SPOT_CHECK_THRESHOLD
 
 if TYPE_CHECKING:
     from hivetrain.identity import Domain
 
+logger = get_logger(__name__)
+
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_BOOTSTRAP_URL = "http://127.0.0.1:8000"
 Compression = Literal["none", "fp16", "8bit"]
+
+
+class ConfigError(ValueError):
+    """Settings that cannot be used; the message names each variable and flag, and what is accepted."""
+
+
+class _EnvSource(EnvSettingsSource):
+    """``HIVE_*`` variables; a list setting also reads comma-separated values (``a,b``) besides JSON (``["a","b"]``)."""
+
+    def prepare_field_value(self, field_name, field, value, value_is_complex):
+        if isinstance(value, str) and field.annotation == list[str] and not value.lstrip().startswith("["):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return super().prepare_field_value(field_name, field, value, value_is_complex)
 
 
 class ServiceSettings(BaseSettings):
@@ -49,6 +77,17 @@ class ServiceSettings(BaseSettings):
         extra="forbid",
         validate_default=True,
     )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, _EnvSource(settings_cls), dotenv_settings, file_secret_settings
 
     run_id: str = Field(
         "hivetrain",
@@ -113,7 +152,7 @@ class DHTSettings(ServiceSettings):
 
     host_maddrs: list[str] = Field(
         default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"],
-        description="multiaddrs to listen on, JSON list in env: '[\"/ip4/0.0.0.0/tcp/31337\"]'",
+        description="multiaddrs to listen on: a JSON list ('[\"/ip4/0.0.0.0/tcp/31337\"]') or comma-separated",
     )
     announce_maddrs: list[str] = Field(
         default_factory=list,
@@ -152,6 +191,8 @@ class DHTSettings(ServiceSettings):
 
 class BootstrapSettings(DHTSettings):
     """``python -m hivetrain.bootstrap``: the long-lived DHT peer plus the /initial_peers HTTP API."""
+
+    model_config = SettingsConfigDict(cli_prog_name="python -m hivetrain.bootstrap")
 
     http_host: str = Field("0.0.0.0", description="address gunicorn binds")
     http_port: int = Field(8000, ge=1, le=65535, description="port of the HTTP API")
@@ -242,6 +283,8 @@ DILOCO_AVERAGE_STATE_EVERY = 5
 
 class MinerSettings(PeerSettings):
     """``python -m hivetrain.miner``: trains the shared GPT-2 with hivemind.Optimizer."""
+
+    model_config = SettingsConfigDict(cli_prog_name="python -m hivetrain.miner")
 
     wallet_name: str = Field("miner", description="wallet (coldkey) name")
     batch_size: int = Field(8, ge=1, description="samples per local step")
@@ -451,6 +494,8 @@ class ValidatorSettings(PeerSettings):
     """``python -m hivetrain.validator``: evaluates the shared model, checks miners' claims, scores them, sets
     weights."""
 
+    model_config = SettingsConfigDict(cli_prog_name="python -m hivetrain.validator")
+
     wallet_name: str = Field("validator", description="wallet (coldkey) name")
     api_host: str = Field("0.0.0.0", description="address the validator API binds")
     api_port: int = Field(8100, ge=1, le=65535, description="port of the validator API")
@@ -516,6 +561,8 @@ class ValidatorSettings(PeerSettings):
 
 class SwarmSettings(ServiceSettings):
     """``python -m hivetrain.swarm``: Redis, the bootstrap and N miners as local processes."""
+
+    model_config = SettingsConfigDict(cli_prog_name="python -m hivetrain.swarm")
 
     miners: int = Field(4, ge=0, le=64, description="number of miners to start")
     duration: float = Field(0.0, ge=0, description="stop everything after this many seconds; 0 = until Ctrl-C")
@@ -631,9 +678,76 @@ def format_errors(model: type[BaseSettings], error: ValidationError) -> str:
     return "\n".join(lines)
 
 
+#: ``HIVE_*`` variables that are no setting but are read all the same: by compose and the Makefile
+#: (image tags, the miners' CPU share, the published address) and by the tests.
+OTHER_VARIABLES = frozenset(
+    {
+        "HIVE_E2E_COMPOSE",
+        "HIVE_E2E_DOCKER_HOST",
+        "HIVE_IMAGE_CACHE",
+        "HIVE_IMAGE_TAG",
+        "HIVE_MINER_CPUS",
+        "HIVE_PUBLISH_ADDRESS",
+        "HIVE_TEST_ARTIFACTS",
+    }
+)
+
+
+def _settings_models(root: type[BaseSettings]) -> list[type[BaseSettings]]:
+    return [root] + [model for sub in root.__subclasses__() for model in _settings_models(sub)]
+
+
+def known_variables() -> set[str]:
+    """Every ``HIVE_*`` variable something here reads: the settings of every service, and ``OTHER_VARIABLES``."""
+    return set(OTHER_VARIABLES).union(*(env_names(model) for model in _settings_models(ServiceSettings)))
+
+
+def unread_variables(environ: dict[str, str] | None = None) -> list[str]:
+    """One line per ``HIVE_*`` variable in ``environ`` that nothing reads (a misspelling), with the closest name."""
+    known = known_variables()
+    lines = []
+    for name in sorted(os.environ if environ is None else environ):
+        if name.startswith("HIVE_") and name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            lines.append(f"{name} is set but no setting reads it" + (f"; did you mean {close[0]}?" if close else ""))
+    return lines
+
+
+def _flag_problem(model: type[BaseSettings], args: list[str]) -> str | None:
+    """Why a flag in ``args`` is none of ``model``'s (with the closest one), or None; argparse would print its usage."""
+    flags = {"help", "h"}
+    for name, field in model.model_fields.items():
+        flag = name.replace("_", "-")
+        flags |= {flag, f"no-{flag}"} if field.annotation is bool else {flag}
+    for arg in args:
+        if arg == "--":
+            return None
+        if arg.startswith("--") and (flag := arg[2:].split("=", 1)[0]) not in flags:
+            close = difflib.get_close_matches(flag, flags, n=1)
+            hint = f"did you mean --{close[0]}? " if close else ""
+            return f"{model.__name__} has no flag --{flag}; {hint}--help lists them"
+    return None
+
+
 def load_settings(model: type[S], argv: list[str] | None = None) -> S:
-    """Build ``model`` from the environment and ``argv`` (flags); exit with a fix-it message when invalid."""
+    """Build ``model`` from the environment and ``argv`` (flags).
+
+    Raises ``ConfigError`` with a fix-it message when a setting is invalid or a flag unknown; logs a
+    warning for each ``HIVE_*`` variable nothing reads; ``--version`` prints the version and exits.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--version" in args:
+        print(f"hivetrain {__version__}")
+        raise SystemExit(0)
+    if (problem := _flag_problem(model, args)) is not None:
+        raise ConfigError(problem)
+    for line in unread_variables():
+        logger.warning(line)
     try:
-        return CliApp.run(model, cli_args=list(sys.argv[1:] if argv is None else argv))
+        return CliApp.run(model, cli_args=args)
     except ValidationError as error:
-        raise SystemExit(format_errors(model, error)) from None
+        raise ConfigError(format_errors(model, error)) from None
+    except SettingsError as error:  # a value the environment source cannot even parse (JSON)
+        field = match.group(1) if (match := re.search(r'field "(\w+)"', str(error))) else None
+        where = f"{model.model_config.get('env_prefix', '')}{field}".upper() if field else "a HIVE_* variable"
+        raise ConfigError(f"invalid {model.__name__}:\n  {where}: cannot parse its value ({error})") from None

@@ -33,6 +33,7 @@ from pydantic import ValidationError
 from hivetrain.identity import Domain
 from hivetrain.settings import (
     SERVICE_SETTINGS,
+    ConfigError,
     MinerSettings,
     SwarmSettings,
     ValidatorSettings,
@@ -974,7 +975,7 @@ def test_compose_gets_the_swarm_settings(monkeypatch):
 
 def test_docker_engine_refuses_an_external_redis():
     # containers cannot reach the Redis of a URL that works from this machine, e.g. 127.0.0.1
-    with pytest.raises(SystemExit, match="--external-redis works with --engine local only"):
+    with pytest.raises(ConfigError, match="--external-redis works with --engine local only"):
         load_settings(
             SwarmSettings, ["--engine", "docker", "--external-redis", "--redis-url", "redis://127.0.0.1:6379/0"]
         )

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from hivetrain.settings import (
     SERVICE_SETTINGS,
     BootstrapSettings,
+    ConfigError,
     MinerSettings,
     SwarmSettings,
     ValidatorSettings,
     env_names,
+    known_variables,
     load_settings,
     service_env,
+    unread_variables,
 )
 
 
@@ -46,9 +54,73 @@ def test_list_settings_from_env_json(monkeypatch):
     assert load_settings(MinerSettings, []).initial_peers == ["/ip4/127.0.0.1/tcp/1/p2p/Qm1"]
 
 
+def test_list_settings_from_env_comma_separated(monkeypatch):
+    # was a SettingsError traceback: pydantic-settings parses a list variable as JSON only
+    monkeypatch.setenv("HIVE_HOST_MADDRS", "/ip4/0.0.0.0/tcp/1, /ip4/0.0.0.0/tcp/2")
+    monkeypatch.setenv("HIVE_ANNOUNCE_MADDRS", "")
+    settings = load_settings(MinerSettings, [])
+    assert settings.host_maddrs == ["/ip4/0.0.0.0/tcp/1", "/ip4/0.0.0.0/tcp/2"] and settings.announce_maddrs == []
+
+
+def test_a_misspelt_flag_names_the_closest_one():
+    with pytest.raises(ConfigError, match=r"MinerSettings has no flag --batchsize; did you mean --batch-size\?"):
+        load_settings(MinerSettings, ["--batchsize", "4"])
+    with pytest.raises(ConfigError, match="no flag --miner"):
+        load_settings(BootstrapSettings, ["--miner=3"])
+    assert load_settings(MinerSettings, ["--no-use-relay"]).use_relay is False  # a boolean's negation is a flag
+
+
+def test_a_hive_variable_nothing_reads_is_named_with_the_closest_setting():
+    lines = unread_variables({"HIVE_BATCHSIZE": "4", "HIVE_BATCH_SIZE": "4", "HIVE_IMAGE_TAG": "x", "PATH": "/bin"})
+    assert lines == ["HIVE_BATCHSIZE is set but no setting reads it; did you mean HIVE_BATCH_SIZE?"]
+
+
+def test_every_hive_variable_the_repo_names_is_read_by_something():
+    root = Path(__file__).resolve().parents[1]
+    files = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True).stdout.split()
+    named = {}
+    for name in files:
+        path = root / name
+        if name.startswith("tests/") or not path.is_file() or path.suffix in {".png", ".ico", ".gz", ".pdf"}:
+            continue
+        for variable in re.findall(r"\bHIVE_[A-Z0-9_]*[A-Z0-9]\b", path.read_text(errors="replace")):
+            named.setdefault(variable, name)
+    unknown = {variable: where for variable, where in named.items() if variable not in known_variables()}
+    assert not unknown, f"named but read by nothing (a setting, or settings.OTHER_VARIABLES): {unknown}"
+
+
+def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "hivetrain.miner", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin", **(env or {})},
+    )
+
+
+def test_the_cli_exits_2_on_a_configuration_error_naming_the_setting():
+    bad = _cli(env={"HIVE_BATCH_SIZE": "abc"})
+    assert bad.returncode == 2 and "HIVE_BATCH_SIZE / --batch-size" in bad.stderr, bad.stderr[-2000:]
+    assert "Traceback" not in bad.stderr
+    typo = _cli("--batchsize", "4")
+    assert typo.returncode == 2 and "did you mean --batch-size?" in typo.stderr and "usage:" not in typo.stderr
+    version = _cli("--version")
+    assert version.returncode == 0 and re.fullmatch(r"hivetrain \d+\.\d+\.\d+\n", version.stdout)
+    helped = _cli("--help", env={"HIVE_BATCHSIZE": "4"})
+    assert helped.returncode == 0 and "did you mean HIVE_BATCH_SIZE?" in helped.stderr
+
+
+def test_a_swarm_of_no_miners_is_refused_on_the_command_line():
+    refused = subprocess.run(
+        [sys.executable, "-m", "hivetrain.swarm", "--miners", "0"], capture_output=True, text=True, timeout=120
+    )
+    assert refused.returncode == 2 and "--miners 0 (HIVE_MINERS=0) starts a swarm without miners" in refused.stderr
+
+
 def test_errors_name_env_var_flag_and_value(monkeypatch):
     monkeypatch.setenv("HIVE_BATCH_SIZE", "-1")
-    with pytest.raises(SystemExit) as error:
+    with pytest.raises(ConfigError) as error:
         load_settings(MinerSettings, ["--device", "tpu", "--redis-url", "http://x"])
     message = str(error.value)
     assert "HIVE_BATCH_SIZE / --batch-size" in message and "'-1'" in message
@@ -68,7 +140,7 @@ def test_errors_name_env_var_flag_and_value(monkeypatch):
     ],
 )
 def test_hivemind_combinations_are_checked_up_front(flags, fix):
-    with pytest.raises(SystemExit, match=fix):
+    with pytest.raises(ConfigError, match=fix):
         load_settings(MinerSettings, flags)
 
 
@@ -84,7 +156,7 @@ def test_hivemind_combinations_are_checked_up_front(flags, fix):
 )
 def test_bad_values_are_rejected(model, field, value, monkeypatch):
     monkeypatch.setenv(f"HIVE_{field.upper()}", value)
-    with pytest.raises(SystemExit, match=f"HIVE_{field.upper()}"):
+    with pytest.raises(ConfigError, match=f"HIVE_{field.upper()}"):
         load_settings(model, [])
 
 

@@ -5,9 +5,6 @@ First SIGTERM/SIGINT: finish the step, checkpoint and leave. A second SIGINT int
 
 from __future__ import annotations
 
-import transformers
-
-from hivetrain.miner.train import Miner
 from hivetrain.runtime import Runtime, run_service
 from hivetrain.settings import MinerSettings
 
@@ -18,6 +15,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(runtime: Runtime[MinerSettings]) -> None:
+    import transformers  # torch, hivemind and transformers load here: --help and --version answer before them
+
+    from hivetrain.miner.train import Miner
+
     transformers.utils.logging.disable_progress_bar()  # no tqdm bars in service logs
     miner = Miner(runtime.settings, runtime.stop)
     runtime.on_cleanup(miner.shutdown)

@@ -10,7 +10,8 @@ Exit codes, decided here only:
 * 0 — stopped cleanly (a signal, or the body returned);
 * 1 — something the service supervises failed (``runtime.fail``), e.g. its gunicorn child kept
   dying; the orchestrator (compose ``restart: unless-stopped``, Kubernetes) restarts us;
-* 2 — configuration error: ``BootstrapUnavailable``, or a ``ValueError`` raised by the body.
+* 2 — configuration error: invalid settings or an unknown flag (``ConfigError``), ``BootstrapUnavailable``,
+  or a ``ValueError`` raised by the body.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import math
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections import deque
@@ -28,10 +30,9 @@ from typing import Callable, Generic, Literal, TypeVar
 
 from pydantic_settings import BaseSettings
 
-from hivetrain.discovery import BootstrapUnavailable
 from hivetrain.log import get_logger
 from hivetrain.runtime.gunicorn import start_gunicorn, stop_gunicorn
-from hivetrain.settings import load_settings
+from hivetrain.settings import ConfigError, load_settings
 
 logger = get_logger(__name__)
 S = TypeVar("S", bound=BaseSettings)
@@ -335,7 +336,13 @@ def run_service(
     ``body`` returns when the service is done (usually once ``runtime.stop`` is set) or returns a
     non-zero exit code of its own. Settings come from ``HIVE_*`` variables and ``argv`` flags.
     """
-    settings = load_settings(model, argv)
+    try:
+        settings = load_settings(model, argv)
+    except ConfigError as error:  # before logging is set up: the message alone, on stderr
+        print(error, file=sys.stderr)
+        return EXIT_CONFIG
+    from hivetrain.discovery import BootstrapUnavailable  # imports hivemind: not before --help and --version
+
     logging.getLogger("hivetrain").setLevel(settings.log_level)
     runtime = Runtime(settings, threading.Event(), name)
     install_stop_handlers(runtime.stop, repeat_sigint, runtime.log)

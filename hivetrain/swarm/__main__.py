@@ -7,12 +7,14 @@ processes go, and a second Ctrl-C must not cut that short.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from hivetrain.log import get_logger
 from hivetrain.runtime import Runtime, run_service
 from hivetrain.settings import SwarmSettings
-from hivetrain.store import redacted
-from hivetrain.swarm.launcher import Swarm, SwarmError
+
+if TYPE_CHECKING:
+    from hivetrain.swarm.launcher import Swarm
 
 logger = get_logger("hivetrain.swarm")
 STATUS_EVERY_S = 15.0
@@ -25,10 +27,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(runtime: Runtime[SwarmSettings]) -> int | None:
     settings = runtime.settings
+    if settings.miners == 0:  # the launcher can (tests add miners later); from the command line it is a mistake
+        raise ValueError("--miners 0 (HIVE_MINERS=0) starts a swarm without miners: give 1 to 64")
     if settings.engine == "docker":  # the same services as containers; see docker_engine.py
         from hivetrain.swarm.docker_engine import run_docker
 
         return run_docker(settings, runtime.stop)
+    from hivetrain.swarm.launcher import Swarm, SwarmError  # hivemind loads here: not before --help and --version
+
     swarm = Swarm(settings)
     runtime.on_cleanup(lambda: _stop(swarm))
     try:
@@ -67,6 +73,8 @@ def _watch(swarm: Swarm, runtime: Runtime) -> None:
 
 
 def _print_where_to_look(swarm: Swarm) -> None:
+    from hivetrain.store import redacted
+
     if swarm.validator_url:
         logger.info(f"swarm is up: open the dashboard at {swarm.validator_url}/")
     else:

@@ -7,8 +7,6 @@ if it keeps dying. On shutdown the API stops first, then the validator.
 
 from __future__ import annotations
 
-import transformers
-
 from hivetrain.runtime import Runtime, run_service
 from hivetrain.settings import ValidatorSettings
 
@@ -21,7 +19,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(runtime: Runtime[ValidatorSettings]) -> None:
-    from hivetrain.validator.service import Validator  # imports hivemind and torch: only when we run
+    import transformers  # with hivemind and torch: only when we run
+
+    from hivetrain.validator.service import Validator
 
     settings = runtime.settings
     transformers.utils.logging.disable_progress_bar()
