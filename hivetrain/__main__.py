@@ -4,6 +4,7 @@
     hivetrain miner [flags]        one miner
     hivetrain validator [flags]    one validator and its API
     hivetrain bootstrap [flags]    the bootstrap peer and its API
+    hivetrain status [flags]       one miner's standing, from the validator's API (exit 1: something is wrong)
     hivetrain --version
 
 Each command is ``python -m hivetrain.<command>`` (those keep working), with the same flags and
@@ -25,6 +26,7 @@ COMMANDS = {
     "miner": ("hivetrain.miner.__main__", "one miner"),
     "validator": ("hivetrain.validator.__main__", "one validator and its API"),
     "bootstrap": ("hivetrain.bootstrap.__main__", "the bootstrap peer and its API"),
+    "status": ("hivetrain.status", "one miner's standing, from the validator's API"),
 }
 EXIT_CONFIG = 2  # hivetrain.runtime's, without importing it before a command is chosen
 

@@ -84,6 +84,17 @@ def load_or_create_wallet(wallet_dir: str, name: str, hotkey: str = "default") -
     return wallet
 
 
+def existing_hotkey(wallet_dir: str, name: str, hotkey: str = "default") -> str:
+    """The ss58 address of the hotkey ``name``/``hotkey`` under ``wallet_dir``, which must exist (nothing is
+    created); raises ``ValueError`` naming the file otherwise."""
+    wallet = bt.Wallet(name=name, hotkey=hotkey, path=str(Path(wallet_dir).expanduser()))
+    if not wallet.hotkey_file.exists_on_device():
+        raise ValueError(f"no hotkey at {wallet.hotkey_file.path}: give the miner's hotkey, or its wallet folder")
+    if wallet.hotkey_file.is_encrypted():
+        raise ValueError(f"hotkey {wallet.hotkey_file.path} is encrypted: give the miner's hotkey (ss58) instead")
+    return wallet.hotkey.ss58_address
+
+
 def _create(make, what: str, created: list[str]) -> None:
     try:
         make(use_password=False, overwrite=False, suppress=True)

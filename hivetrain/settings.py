@@ -594,7 +594,38 @@ class SwarmSettings(ServiceSettings):
 
 S = TypeVar("S", bound=BaseSettings)
 
+
 #: Every service's settings model, by the name of its image; deployment files are checked against these.
+class StatusSettings(BaseSettings):
+    """``hivetrain status``: one miner's standing, as the validator's API shows it (a client: no Redis, no DHT)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="HIVE_",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        extra="forbid",
+        validate_default=True,
+        cli_prog_name="hivetrain status",
+    )
+
+    validator_url: str = Field(
+        "http://127.0.0.1:8100", description="the validator's API, where its dashboard is (make swarm prints it)"
+    )
+    hotkey: str = Field("", description="the miner's hotkey (ss58); empty = the hotkey of the wallet below")
+    wallet_dir: str = Field("wallets", description="folder of bittensor wallets (read, never created here)")
+    wallet_name: str = Field("miner", description="wallet (coldkey) name")
+    wallet_hotkey: str = Field("default", description="hotkey name inside the wallet")
+    as_json: bool = Field(False, description="print the standing as JSON, for scripts (--json for short)")
+    timeout_s: float = Field(10.0, gt=0, description="deadline of the request to the validator")
+
+    @field_validator("validator_url")
+    @classmethod
+    def _is_http(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"{value!r} is not an HTTP URL; write e.g. http://127.0.0.1:8100")
+        return value.rstrip("/")
+
+
 SERVICE_SETTINGS: dict[str, type[ServiceSettings]] = {
     "bootstrap": BootstrapSettings,
     "miner": MinerSettings,
@@ -699,7 +730,8 @@ def _settings_models(root: type[BaseSettings]) -> list[type[BaseSettings]]:
 
 def known_variables() -> set[str]:
     """Every ``HIVE_*`` variable something here reads: the settings of every service, and ``OTHER_VARIABLES``."""
-    return set(OTHER_VARIABLES).union(*(env_names(model) for model in _settings_models(ServiceSettings)))
+    models = [*_settings_models(ServiceSettings), StatusSettings]
+    return set(OTHER_VARIABLES).union(*(env_names(model) for model in models))
 
 
 def unread_variables(environ: dict[str, str] | None = None) -> list[str]:
@@ -717,7 +749,7 @@ def _flag_problem(model: type[BaseSettings], args: list[str]) -> str | None:
     """Why a flag in ``args`` is none of ``model``'s (with the closest one), or None; argparse would print its usage."""
     flags = {"help", "h"}
     for name, field in model.model_fields.items():
-        flag = name.replace("_", "-")
+        flag = (field.alias or name).replace("_", "-")
         flags |= {flag, f"no-{flag}"} if field.annotation is bool else {flag}
     for arg in args:
         if arg == "--":

@@ -32,6 +32,6 @@ def test_an_unknown_or_missing_command_exits_2_with_the_usage():
     wrong = _run("minr")
     assert wrong.returncode == 2 and "no command 'minr'; did you mean 'miner'?" in wrong.stderr
     bare = _run()
-    assert bare.returncode == 2 and "usage: hivetrain {swarm,miner,validator,bootstrap}" in bare.stderr
+    assert bare.returncode == 2 and "usage: hivetrain {swarm,miner,validator,bootstrap,status}" in bare.stderr
     listed = _run("--help")
     assert listed.returncode == 0 and all(command in listed.stdout for command in ("swarm", "miner", "validator"))

@@ -3,10 +3,8 @@ page served by real gunicorn and drawn by headless Chromium (layout, live data, 
 
 from __future__ import annotations
 
-import json
 import math
 import time
-import urllib.request
 
 import pytest
 from bittensor.sp_core import Keypair
@@ -14,6 +12,7 @@ from bound_peers import bound
 from bound_peers import peer_id as pid
 from browser import chromium, console_errors, require_chromium, screenshot, wait_for
 from validator_api import local_run
+from validator_api import served as serve_api
 
 from hivetrain.protocol.records import (
     VALIDATOR_TTL_S,
@@ -26,10 +25,7 @@ from hivetrain.protocol.records import (
     StepRecord,
     ValidatorStatus,
 )
-from hivetrain.runtime.gunicorn import start_gunicorn, stop_gunicorn
 from hivetrain.store import Registry, append, connect_redis
-from hivetrain.swarm import procs
-from hivetrain.validator.__main__ import APP_SPEC
 from hivetrain.validator.app import create_app
 from hivetrain.validator.dashboard import BUCKET_S, SERIES_SHOWN
 
@@ -310,23 +306,8 @@ def test_an_empty_swarm_and_a_malformed_status(redis_url, wallet_dir, hotkey):
 def served(redis_url, wallet_dir):
     """The validator's API under real gunicorn (2 workers, so polls land on separate per-worker histories)."""
     require_chromium()
-    port = procs.free_port()
-    settings = _settings(redis_url, wallet_dir, api_host="127.0.0.1", api_port=port, api_workers=2)
-    popen = start_gunicorn(APP_SPEC, settings, settings.api_host, settings.api_port, settings.api_workers)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert popen.poll() is None, f"gunicorn exited with {popen.returncode}"
-            try:
-                with urllib.request.urlopen(url + "healthz", timeout=5) as response:
-                    if json.loads(response.read()) == {"status": "ok"}:
-                        break
-            except OSError:
-                time.sleep(0.2)
+    with serve_api(_settings, redis_url, wallet_dir, workers=2) as url:
         yield url
-    finally:
-        stop_gunicorn(popen)
 
 
 def test_the_page_stays_readable_with_200_miners(served, redis_url, hotkey):
