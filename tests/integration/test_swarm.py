@@ -122,9 +122,11 @@ def test_checkpoints_agree_after_averaging(swarm):
     def common_epoch():
         epochs = [{int(p.name.split("-")[1]) for p in list_checkpoints(f)} for f in folders]
         common = set.intersection(*epochs)
-        return max(common) if common and max(common) >= 2 else None
+        # not the first checkpoint (epoch 2): a miner that started slowly and joined the swarm's epoch-2 round as
+        # its own epoch 1 saves it without epoch 1's update, before the state round pulls it back (seen in CI)
+        return max(common) if common and max(common) >= 4 else None
 
-    epoch = wait_until(common_epoch, timeout=120, what="a checkpoint epoch that all miners saved")
+    epoch = wait_until(common_epoch, timeout=180, what="a checkpoint epoch of 4 or more that all miners saved")
     weights = [load_file(f / f"epoch-{epoch:06d}" / "model.safetensors") for f in folders]
     init = build_model("tiny").state_dict()
     keys = sorted(weights[0])
