@@ -67,16 +67,20 @@ class _EnvSource(EnvSettingsSource):
         return super().prepare_field_value(field_name, field, value, value_is_complex)
 
 
+#: How every settings model here reads: ``HIVE_*`` variables and kebab-case flags, nothing unknown, defaults validated.
+SETTINGS_CONFIG = SettingsConfigDict(
+    env_prefix="HIVE_",
+    cli_kebab_case=True,
+    cli_implicit_flags=True,
+    extra="forbid",
+    validate_default=True,
+)
+
+
 class ServiceSettings(BaseSettings):
     """Settings every service shares."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="HIVE_",
-        cli_kebab_case=True,
-        cli_implicit_flags=True,
-        extra="forbid",
-        validate_default=True,
-    )
+    model_config = SettingsConfigDict(**SETTINGS_CONFIG)
 
     @classmethod
     def settings_customise_sources(
@@ -592,21 +596,10 @@ class SwarmSettings(ServiceSettings):
         return self
 
 
-S = TypeVar("S", bound=BaseSettings)
-
-
-#: Every service's settings model, by the name of its image; deployment files are checked against these.
 class StatusSettings(BaseSettings):
     """``hivetrain status``: one miner's standing, as the validator's API shows it (a client: no Redis, no DHT)."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="HIVE_",
-        cli_kebab_case=True,
-        cli_implicit_flags=True,
-        extra="forbid",
-        validate_default=True,
-        cli_prog_name="hivetrain status",
-    )
+    model_config = SettingsConfigDict(**SETTINGS_CONFIG, cli_prog_name="hivetrain status")
 
     validator_url: str = Field(
         "http://127.0.0.1:8100", description="the validator's API, where its dashboard is (make swarm prints it)"
@@ -626,6 +619,10 @@ class StatusSettings(BaseSettings):
         return value.rstrip("/")
 
 
+S = TypeVar("S", bound=BaseSettings)
+
+
+#: Every service's settings model, by the name of its image; deployment files are checked against these.
 SERVICE_SETTINGS: dict[str, type[ServiceSettings]] = {
     "bootstrap": BootstrapSettings,
     "miner": MinerSettings,
