@@ -17,9 +17,10 @@ from typing import Any
 import requests
 
 from hivetrain.identity import existing_hotkey
+from hivetrain.runtime import EXIT_CONFIG
 from hivetrain.settings import ConfigError, StatusSettings, load_settings
 
-EXIT_OK, EXIT_PROBLEM, EXIT_CONFIG = 0, 1, 2
+EXIT_OK, EXIT_PROBLEM = 0, 1
 #: How many epochs a miner may trail the swarm's newest before it counts as behind (one is a transition).
 BEHIND_EPOCHS = 1
 

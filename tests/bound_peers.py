@@ -9,6 +9,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from bittensor.sp_core import Keypair
+
 from hivetrain.identity import Domain
 from hivetrain.protocol.binding import bind, identity_peer_id, new_ed25519_identity
 from hivetrain.protocol.records import PeerRecord
@@ -37,3 +39,10 @@ def bound(record: PeerRecord, hotkey: str, domain: Domain, name: str | None = No
     real = peer_id(name)
     key, signature = bind(identity(name), domain, real, hotkey)
     return record.model_copy(update={"peer_id": real, "hotkey": hotkey, "peer_key": key, "peer_signature": signature})
+
+
+class KeyWallet:
+    """A wallet-shaped signer around one keypair from ``seed``: 200 wallets on disk would take seconds each."""
+
+    def __init__(self, seed: int):
+        self.hotkey = self.coldkey = self.coldkeypub = Keypair.create_from_seed(seed.to_bytes(2, "big") * 16)

@@ -7,8 +7,7 @@ import math
 import time
 
 import pytest
-from bittensor.sp_core import Keypair
-from bound_peers import bound
+from bound_peers import KeyWallet, bound
 from bound_peers import peer_id as pid
 from browser import chromium, console_errors, require_chromium, screenshot, wait_for
 from validator_api import local_run
@@ -34,13 +33,6 @@ KEYS, DOMAIN, _settings = local_run(RUN)
 MINERS = 200
 CHARTS = ("chart-eval", "chart-loss", "chart-swarm", "chart-tokens", "chart-rounds", "chart-durations")
 HOSTILE = '<img src=x onerror="window.__xss=1">'
-
-
-class KeyWallet:
-    """A wallet-shaped signer around one keypair: 200 wallets on disk would take seconds each."""
-
-    def __init__(self, seed: int):
-        self.hotkey = self.coldkey = self.coldkeypub = Keypair.create_from_seed(seed.to_bytes(2, "big") * 16)
 
 
 def peer_id(i: int) -> str:

@@ -8,8 +8,7 @@ import subprocess
 import sys
 import time
 
-from bittensor.sp_core import Keypair
-from bound_peers import bound
+from bound_peers import KeyWallet, bound
 from bound_peers import peer_id as pid
 from validator_api import local_run, served
 
@@ -19,11 +18,6 @@ from hivetrain.store import Registry, append, connect_redis
 
 RUN = "status"
 KEYS, DOMAIN, _settings = local_run(RUN)
-
-
-class KeyWallet:
-    def __init__(self, seed: int):
-        self.hotkey = self.coldkey = self.coldkeypub = Keypair.create_from_seed(seed.to_bytes(2, "big") * 16)
 
 
 def _populate(redis_url: str, validator: str) -> tuple[str, str]:
