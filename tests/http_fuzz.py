@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
-from bittensor.sp_core import Keypair
+from bound_peers import KeyWallet
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -28,13 +28,6 @@ from hivetrain.miner.challenge import ChallengeLimits
 METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS")
 #: Rules the fuzzer leaves alone, by (service, rule), with the reason (none so far: every route is fuzzed).
 SKIPPED: dict[tuple[str, str], str] = {}
-
-
-class KeyWallet:
-    """A wallet-shaped signer around one keypair (a wallet on disk per miner would take seconds each)."""
-
-    def __init__(self, seed: int):
-        self.hotkey = self.coldkey = self.coldkeypub = Keypair.create_from_seed(seed.to_bytes(2, "big") * 16)
 
 
 # --- sending ---------------------------------------------------------------------------------------

@@ -29,11 +29,10 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 
 import pytest
-from bound_peers import bound
+from bound_peers import KeyWallet, bound
 from bound_peers import peer_id as bound_peer_id
 from http_fuzz import (
     VARIABLE,
-    KeyWallet,
     Probe,
     Service,
     SlowClients,
