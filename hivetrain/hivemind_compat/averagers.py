@@ -49,8 +49,8 @@ MAX_BANDWIDTH_RATIO = 4.0
 def bounded_bandwidths(declared: Sequence[Any], ratio: float = MAX_BANDWIDTH_RATIO) -> list[float | None]:
     """Peers' declared bandwidths as load balancing may use them: each capped at ``ratio`` x the lower median
     of the positive ones; 0 (a client) stays 0; anything else that is not a finite number >= 0 (NaN, a
-    string: hivemind's load balancing failed the round on it) counts as unspecified (None), which hivemind
-    resolves to the mean of the others."""
+    string: hivemind's load balancing failed the round on it) counts as unspecified (None), which
+    ``RobustAveraging._peer_fractions`` resolves to the mean of the others."""
     numbers = [
         float(b) if isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) and b >= 0 else None
         for b in declared
