@@ -534,10 +534,12 @@ class ValidatorSettings(PeerSettings):
         "a row fails",
     )
     spot_check_private_urls: bool = Field(
-        True,
-        description="send spot checks to loopback and private addresses (local swarms, compose, Kubernetes); false on "
-        "a public subnet, so a registration cannot point the validator at internal services (link-local, multicast "
-        "and reserved addresses are always refused)",
+        False,
+        description="send spot checks to any loopback or private address (a swarm on one machine: make swarm sets "
+        "it); false: only to the address a miner's registration came from, as the bootstrap saw it, never loopback, "
+        "so a registration cannot point the validator at internal services or at anyone else (compose and Kubernetes "
+        "miners register from the address they serve on; link-local, multicast and reserved addresses are always "
+        "refused)",
     )
     spot_check_threshold: float = Field(
         SPOT_CHECK_THRESHOLD,

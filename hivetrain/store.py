@@ -22,6 +22,7 @@ verifier of a run: ``RedisNonceStore``.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 import secrets
@@ -145,9 +146,15 @@ class Registry:
         envelope, now = signed_registration(record, signer, self.domain)
         self._store(record.peer_id, envelope, now)
 
-    def _store(self, peer_id: str, envelope: bytes, signed_at: float, hotkey: str | None = None) -> None:
+    def _store(
+        self, peer_id: str, envelope: bytes, signed_at: float, hotkey: str | None = None, source: str = ""
+    ) -> None:
         with self.client.pipeline(transaction=True) as pipe:
             pipe.set(self.keys.peer(peer_id), envelope, ex=int(self.ttl_s))
+            if source:
+                pipe.set(self.keys.peer_source(peer_id), source, ex=int(self.ttl_s))
+            else:
+                pipe.delete(self.keys.peer_source(peer_id))
             pipe.zadd(self.keys.peer_index, {peer_id: signed_at})
             pipe.zremrangebyscore(self.keys.peer_index, "-inf", signed_at - self.ttl_s)
             pipe.expire(self.keys.peer_index, int(self.ttl_s) * 4)
@@ -158,17 +165,20 @@ class Registry:
 
     def deregister(self, peer_id: str) -> None:
         with self.client.pipeline(transaction=True) as pipe:
-            pipe.delete(self.keys.peer(peer_id))
+            pipe.delete(self.keys.peer(peer_id), self.keys.peer_source(peer_id))
             pipe.zrem(self.keys.peer_index, peer_id)
             pipe.execute()
 
-    def store_signed(self, raw: bytes, roles: tuple[str, ...] = ("miner",)) -> PeerRecord:
-        """Store a registration its peer signed (the bootstrap's ``POST /v1/peers``); ``Refused`` says why not.
+    def store_signed(self, raw: bytes, roles: tuple[str, ...] = ("miner",), source: str = "") -> PeerRecord:
+        """Store a registration its peer signed (the bootstrap's ``POST /v1/peers``), received from the address
+        ``source``; ``Refused`` says why not.
 
         Refused: a body over ``MAX_REGISTRATION_BYTES`` (413); a bad, stale or other-run signature,
         a record naming another hotkey, a peer id its libp2p key does not bind (401); a role not in
-        ``roles`` (403); a new peer id for a hotkey that already has ``MAX_PEERS_PER_HOTKEY`` live (429).
-        A replayed registration is stored as it was signed: it ages out with the signature's window.
+        ``roles`` (403); a registration signed no later than the one stored for its peer id (409: a
+        replay, which would otherwise move the peer's ``registered_from`` to the replayer's address);
+        a new peer id for a hotkey that already has ``MAX_PEERS_PER_HOTKEY`` live (429). The stored
+        registration itself, sent again, is answered as stored and changes nothing.
         """
         envelope, record = self._signed(raw, PeerRecord, "registration")
         if record.hotkey != envelope.hotkey:
@@ -179,6 +189,11 @@ class Registry:
         if record.role not in roles:
             raise Refused(f"role {record.role!r} cannot register through the bootstrap (only {', '.join(roles)})", 403)
         signed_at = min(envelope.timestamp, time.time())
+        newest = self.client.zscore(self.keys.peer_index, record.peer_id)
+        if newest is not None and signed_at <= newest:
+            if self.client.get(self.keys.peer(record.peer_id)) == raw:
+                return record  # the same registration again (its answer was lost): nothing changes
+            raise Refused(f"registration of {record.peer_id} refused: signed no later than the one stored", 409)
         live = self.live_peer_ids_of(record.hotkey)
         if record.peer_id not in live and len(live) >= MAX_PEERS_PER_HOTKEY:
             raise Refused(
@@ -186,8 +201,8 @@ class Registry:
                 "stop one or wait for its registration to expire",
                 429,
             )
-        self._store(record.peer_id, raw, signed_at, hotkey=record.hotkey)
-        return record
+        self._store(record.peer_id, raw, signed_at, hotkey=record.hotkey, source=_address(source))
+        return record.seen_from(_address(source))
 
     def _signed(self, raw: bytes, model: type[Record], what: str):
         """(envelope, record) of a fresh envelope signed in this run, or ``Refused`` (413 when too big, else 401)."""
@@ -206,7 +221,7 @@ class Registry:
         if stored is not None and stored.hotkey != envelope.hotkey:
             raise Refused(f"departure refused: {departure.peer_id} is registered by another hotkey", 403)
         with self.client.pipeline(transaction=True) as pipe:
-            pipe.delete(self.keys.peer(departure.peer_id))
+            pipe.delete(self.keys.peer(departure.peer_id), self.keys.peer_source(departure.peer_id))
             pipe.zrem(self.keys.peer_index, departure.peer_id)
             pipe.zrem(self.keys.hotkey_peers(envelope.hotkey), departure.peer_id)
             pipe.execute()
@@ -222,19 +237,24 @@ class Registry:
         return {m.decode() for m in members}
 
     def live_peers(self, limit: int = 100, role: str | None = None) -> list[PeerRecord]:
-        """The freshest live peers first; records that expired or fail validation are skipped."""
+        """The freshest live peers first, each with the address its registration came from (``registered_from``);
+        records that expired or fail validation are skipped."""
         cutoff = time.time() - self.ttl_s
-        peer_ids = self.client.zrevrangebyscore(
-            self.keys.peer_index, "+inf", cutoff, start=0, num=max(limit * 2, limit + 8)
-        )
+        peer_ids = [
+            pid.decode()
+            for pid in self.client.zrevrangebyscore(
+                self.keys.peer_index, "+inf", cutoff, start=0, num=max(limit * 2, limit + 8)
+            )
+        ]
         if not peer_ids:
             return []
-        raws = self.client.mget([self.keys.peer(pid.decode()) for pid in peer_ids])
+        raws = self.client.mget([self.keys.peer(pid) for pid in peer_ids])
+        sources = self.client.mget([self.keys.peer_source(pid) for pid in peer_ids])
         peers = []
-        for pid, raw in zip(peer_ids, raws):
-            record = self._authentic_peer(pid.decode(), raw)
+        for pid, raw, source in zip(peer_ids, raws, sources):
+            record = self._authentic_peer(pid, raw)
             if record is not None and (role is None or record.role == role):
-                peers.append(record)
+                peers.append(record.seen_from(_address(source)))
             if len(peers) >= limit:
                 break
         return peers
@@ -295,6 +315,18 @@ class Registry:
             return []
         raws = self.client.mget([self.keys.bootstrap(pid.decode()) for pid in ids])
         return [r for r in (parse_record(BootstrapRecord, raw) for raw in raws) if r is not None]
+
+
+def _address(value: str | bytes | None) -> str:
+    """``value`` as a canonical IP address ('' when absent or not an address: a Redis value is checked before use)."""
+    if isinstance(value, bytes):
+        value = value.decode("ascii", errors="replace")
+    try:
+        ip = ipaddress.ip_address((value or "").split("%", 1)[0])
+    except ValueError:
+        return ""
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return str(mapped or ip)
 
 
 _SALT = re.compile(r"[0-9a-f]{%d}" % SHARD_SALT_HEX_CHARS)

@@ -147,14 +147,43 @@ def test_urls_a_miner_has_no_business_registering_are_refused(url, named):
         vet_url(url)
 
 
-def test_loopback_and_private_addresses_only_where_allowed(serve):
-    assert vet_url("http://127.0.0.1:8080/miner").address == "127.0.0.1"
-    assert vet_url("http://10.1.2.3:8080").path == "/"
-    assert vet_url("http://8.8.8.8/", allow_private=False).address == "8.8.8.8"  # vetted, not contacted
-    for url in ("http://127.0.0.1:8080", "http://10.1.2.3", "http://[::1]:80", "http://localhost:80"):
-        with pytest.raises(RequestFailed, match="loopback or private"):
+def test_any_loopback_or_private_address_only_where_allowed(serve):
+    assert vet_url("http://127.0.0.1:8080/miner", allow_private=True).address == "127.0.0.1"
+    assert vet_url("http://10.1.2.3:8080", allow_private=True).path == "/"
+    for url in ("http://10.1.2.3", "http://8.8.8.8/"):  # registered from nowhere known
+        with pytest.raises(RequestFailed, match="not the address the miner's registration came from"):
             vet_url(url, allow_private=False)
+    for url in ("http://127.0.0.1:8080", "http://[::1]:80", "http://localhost:80"):
+        with pytest.raises(RequestFailed, match="loopback"):
+            vet_url(url, allow_private=False, registered_from="127.0.0.1")  # not even from loopback itself
     server = serve(lambda handler, server: server.write(handler, OK))
     with pytest.raises(RequestFailed, match="refused URL"):
         post_json(server.url + "/challenge", {}, deadline_s=5.0, max_bytes=CAP, allow_private=False)
     assert server.hits == 0  # refused before a byte was sent
+
+
+@pytest.mark.parametrize(
+    "url, registered_from",
+    [
+        ("http://10.1.2.3:8200", "10.1.2.3"),  # a compose or Kubernetes miner, seen by the bootstrap as it serves
+        ("http://8.8.8.8/", "8.8.8.8"),  # a miner on a public address (vetted here, never contacted)
+        ("http://10.1.2.3:8200", "::ffff:10.1.2.3"),  # the bootstrap listening on IPv6 sees IPv4 mapped
+        ("http://[2001:db8::7]:8200", "2001:db8:0::7"),
+    ],
+)
+def test_a_url_on_the_address_the_registration_came_from_is_vetted(url, registered_from):
+    assert vet_url(url, allow_private=False, registered_from=registered_from).port in (80, 8200)
+
+
+@pytest.mark.parametrize(
+    "url, registered_from",
+    [
+        ("http://10.0.0.5:6379/", "10.0.0.9"),  # another machine of the miner's network: Redis, say
+        ("http://8.8.8.8/", "10.0.0.9"),  # somebody else's server on the internet
+        ("http://10.0.0.5/", "not an address"),
+    ],
+)
+def test_a_url_elsewhere_than_the_registration_came_from_is_refused_without_naming_it(url, registered_from):
+    with pytest.raises(RequestFailed) as refused:
+        vet_url(url, allow_private=False, registered_from=registered_from)
+    assert str(refused.value) == "refused URL: its host is not the address the miner's registration came from"

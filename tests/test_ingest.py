@@ -202,6 +202,36 @@ def test_telemetry_is_stored_as_signed_under_redis_ids_and_forgeries_replays_and
     assert app.post("/v1/telemetry", data=b"[" * 50_000, content_type="application/json").status_code == 400
 
 
+def test_a_registration_carries_where_it_came_from_and_a_replay_from_elsewhere_cannot_move_it(app, redis_url, wallet):
+    registry = Registry(connect_redis(redis_url), KEYS, DOMAIN)
+    earlier = _registration("sourced", wallet)  # signed first, sent last: what a replayer might hold
+    time.sleep(0.01)
+    stored = _registration("sourced", wallet)
+    assert app.post("/v1/peers", data=stored, environ_base={"REMOTE_ADDR": "10.0.0.7"}).status_code == 200
+    assert [p.registered_from for p in registry.live_peers()] == ["10.0.0.7"]
+    # the attacker reads registrations with its miner's Redis credential and sends them from its own address:
+    # the stored one again is answered as stored, an older one is refused; neither moves the address
+    again = app.post("/v1/peers", data=stored, environ_base={"REMOTE_ADDR": "10.6.6.6"})
+    assert again.status_code == 200, again.get_json()
+    replay = app.post("/v1/peers", data=earlier, environ_base={"REMOTE_ADDR": "10.6.6.6"})
+    assert replay.status_code == 409 and "no later than the one stored" in replay.get_json()["message"]
+    assert [p.registered_from for p in registry.live_peers()] == ["10.0.0.7"]
+    # the miner's own next heartbeat, from wherever it now is, moves it
+    moved = app.post(
+        "/v1/peers", data=_registration("sourced", wallet), environ_base={"REMOTE_ADDR": "::ffff:10.0.0.8"}
+    )
+    assert moved.status_code == 200
+    assert [p.registered_from for p in registry.live_peers()] == ["10.0.0.8"]
+    # no payload can say where it came from: the field does not exist on the wire
+    record = PeerRecord(peer_id="liar", role="miner", multiaddrs=["/ip4/127.0.0.1/tcp/1"], started_at=time.time())
+    payload = {
+        **bound(record, wallet.hotkey.ss58_address, DOMAIN, name="liar").model_dump(mode="json"),
+        "registered_from": "10.0.0.5",
+    }
+    lie = SignedEnvelope.model_validate(sign(wallet, DOMAIN, payload)).model_dump_json().encode()
+    assert app.post("/v1/peers", data=lie).status_code == 401
+
+
 def test_a_miner_registers_writes_and_leaves_through_real_http(redis_url, wallet):
     port = procs.free_port()
     settings = BootstrapSettings(redis_url=redis_url, run_id=RUN, http_host="127.0.0.1", http_port=port)
@@ -242,7 +272,7 @@ def test_a_miner_registers_writes_and_leaves_through_real_http(redis_url, wallet
         client = connect_redis(redis_url)
         assert [r.step for r in read_stream(client, KEYS, DOMAIN, StepRecord)] == list(range(1, 701))
         registry = Registry(client, KEYS, DOMAIN)
-        assert [p.peer_id for p in registry.live_peers()] == [record.peer_id]
+        assert [(p.peer_id, p.registered_from) for p in registry.live_peers()] == [(record.peer_id, "127.0.0.1")]
         registrar.deregister(record.peer_id)
         assert registry.live_peers() == []
     finally:

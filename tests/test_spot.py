@@ -174,6 +174,22 @@ def test_the_miners_own_endpoint_refuses_a_validator_of_another_subnet(wallet, o
         validators.stop()
 
 
+def test_a_validator_on_a_public_subnet_sends_nothing_to_loopback_or_where_the_miner_did_not_register_from(
+    hostile, wallet, other_wallet
+):
+    asked_at = []
+    hostile.respond = lambda envelope: asked_at.append(envelope) or sign(wallet, DOMAIN, _answer(envelope))
+    asked = Challenge(miner_hotkey=wallet.hotkey.ss58_address, block_index=3, batch_size=1, seed=5, dim=8, epoch=2)
+    miner = _peer(wallet.hotkey.ss58_address, hostile.url)
+    for registered_from, named in [("", "loopback"), ("127.0.0.1", "loopback"), ("10.0.0.9", "loopback")]:
+        with pytest.raises(AnswerRejected, match=named):
+            ask_miner(other_wallet, Verifier.in_memory(DOMAIN), miner.seen_from(registered_from), asked, 5.0, False)
+    assert asked_at == []  # refused before a byte was sent
+    # a swarm on one machine says so, and then its loopback miners are asked
+    answered = ask_miner(other_wallet, Verifier.in_memory(DOMAIN), miner, asked, 5.0, True)
+    assert answered.projection == [0.25] * 8 and len(asked_at) == 1
+
+
 def test_an_unreachable_miner_is_named(wallet, other_wallet):
     with pytest.raises(AnswerRejected, match="no answer: ConnectionRefusedError"):
         _ask(other_wallet, wallet, "http://127.0.0.1:9")

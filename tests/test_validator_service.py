@@ -90,6 +90,7 @@ def make_validator(swarm, tmp_path):
             spot_check_timeout_s=2.0,
             spot_check_workers=4,
             spot_check_tries=2,
+            spot_check_private_urls=True,  # every miner here serves on loopback
             **overrides,
         )
         validator = Validator(settings)

@@ -96,7 +96,9 @@ def _register_ingest(app: Flask, registry: Registry, ingest: TelemetryIngest, me
     @app.post("/v1/peers")
     def register_peer():
         try:
-            record = registry.store_signed(request.get_data(cache=False)[: MAX_REGISTRATION_BYTES + 1])
+            record = registry.store_signed(
+                request.get_data(cache=False)[: MAX_REGISTRATION_BYTES + 1], source=request.remote_addr or ""
+            )
         except Refused as error:
             return refused(error)
         return jsonify(status="registered", peer_id=record.peer_id, ttl_s=registry.ttl_s)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 SCHEMA_VERSION = 1
 
@@ -58,6 +58,10 @@ class Keys:
     def peer_index(self) -> str:
         """Sorted set peer_id -> last heartbeat time, to list the freshest peers without SCAN."""
         return f"{self.prefix}:peers"
+
+    def peer_source(self, peer_id: str) -> str:
+        """The address the bootstrap received a peer's newest registration from (expires with the registration)."""
+        return f"{self.prefix}:from:{peer_id}"
 
     def hotkey_peers(self, hotkey: str) -> str:
         """Sorted set of the live peer ids one hotkey registered through the bootstrap -> time signed."""
@@ -167,6 +171,21 @@ class PeerRecord(Record):
     )
     started_at: float = Field(description="unix time the process started")
     last_seen: float = Field(default_factory=time.time, description="unix time of the last heartbeat")
+    # the address the bootstrap saw the registration come from: the registry attaches it as it reads;
+    # it is no field, so no payload can carry it (an unknown field is refused) and no signature covers it
+    _registered_from: str = PrivateAttr(default="")
+
+    @property
+    def registered_from(self) -> str:
+        """The address the bootstrap received this registration from ('' when not known): where a validator may
+        send spot checks on a public subnet (``hivetrain.validator.bounded_http``)."""
+        return self._registered_from
+
+    def seen_from(self, address: str) -> PeerRecord:
+        """This record, as received from ``address``."""
+        copy = self.model_copy()
+        copy._registered_from = address
+        return copy
 
 
 #: Peers one hotkey may have registered through the bootstrap at once (one machine runs a few at most).

@@ -243,7 +243,8 @@ class Swarm:
         """Environment of the validator (once the bootstrap is up), its API on 127.0.0.1:``port``."""
         env = self._peer_env("validator", ValidatorSettings)
         env.update(service_env(ValidatorSettings, api_host="127.0.0.1", api_port=port))
-        _set_defaults(env, service_env(ValidatorSettings, torch_threads=1))
+        # every miner of a local swarm serves on loopback
+        _set_defaults(env, service_env(ValidatorSettings, torch_threads=1, spot_check_private_urls=True))
         return env
 
     def _start_validator(self) -> None:

@@ -11,8 +11,12 @@ the validator published whatever a non-200 body said. Here:
 * the URL is vetted before anything is sent: http or https, a host, no credentials, no query;
   the host is resolved once and the connection pinned to that address (a second DNS answer
   cannot point elsewhere), and link-local (cloud metadata), multicast, unspecified and reserved
-  addresses are refused. Loopback and private networks are allowed unless ``allow_private`` is
-  off: local swarms, compose and Kubernetes reach their miners there.
+  addresses are refused. With ``allow_private`` (a swarm on one machine: ``make swarm``, the
+  tests) loopback and private networks are allowed. Without it (the default), a URL must resolve
+  to the address its miner's registration came from (``PeerRecord.registered_from``, as the
+  bootstrap saw it) and never to loopback: a registration can point the validator at the machine
+  that sent it and nowhere else, so it cannot make the validator a scanner of internal services
+  or of anyone else's. Compose and Kubernetes miners register from the address they serve on.
 
 Failures raise ``RequestFailed`` whose message names the cause (a status code, an error class,
 the deadline), never text the peer sent.
@@ -46,21 +50,36 @@ class Target:
     path: str
 
 
-def _refused_address(address: str, allow_private: bool) -> str | None:
+def _ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``address`` as an IP (IPv4-mapped IPv6 as IPv4, no zone); None when it is none."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return None
+    return getattr(ip, "ipv4_mapped", None) or ip
+
+
+def _refused_address(address: str, allow_private: bool, registered_from: str) -> str | None:
     """Why the validator will not send a request to ``address``; None when it will."""
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if getattr(ip, "ipv4_mapped", None) is not None:
-        ip = ip.ipv4_mapped
-    special = ip.is_link_local or ip.is_multicast or ip.is_unspecified or ip.is_reserved
-    if ip.is_loopback or not (special or ip.is_global):
-        return (
-            None if allow_private else "a loopback or private address (allowed with HIVE_SPOT_CHECK_PRIVATE_URLS=true)"
-        )
-    return "a link-local, multicast, unspecified or reserved address" if special else None
+    ip = _ip(address)
+    if ip is None:
+        return "not an IP address"
+    if ip.is_loopback:  # before the reserved ranges, which hold ::1
+        return None if allow_private else "a loopback address (allowed with HIVE_SPOT_CHECK_PRIVATE_URLS=true)"
+    if ip.is_link_local or ip.is_multicast or ip.is_unspecified or ip.is_reserved:
+        return "a link-local, multicast, unspecified or reserved address"
+    if allow_private:
+        return None
+    if ip != _ip(registered_from):  # never the address itself: score reasons are public
+        return "not the address the miner's registration came from"
+    return None
 
 
-def vet_url(url: str, allow_private: bool = True) -> Target:
-    """``url`` parsed, checked and resolved; ``RequestFailed`` naming what is wrong with it."""
+def vet_url(url: str, allow_private: bool = True, registered_from: str = "") -> Target:
+    """``url`` parsed, checked and resolved; ``RequestFailed`` naming what is wrong with it.
+
+    ``registered_from``: where the miner's registration came from; without ``allow_private`` the URL must
+    resolve to it and only to it."""
     try:
         parts = urllib.parse.urlsplit(url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -80,7 +99,7 @@ def vet_url(url: str, allow_private: bool = True) -> Target:
         raise RequestFailed(f"refused URL: its host does not resolve ({type(error).__name__})") from None
     addresses = [info[4][0] for info in found]
     for address in addresses:
-        reason = _refused_address(address, allow_private)
+        reason = _refused_address(address, allow_private, registered_from)
         if reason is not None:
             raise RequestFailed(f"refused URL: its host is {reason}")
     if not addresses:
@@ -148,15 +167,18 @@ class _PinnedConnection(http.client.HTTPConnection):
         self.sock = self.exchange.open(self.target)
 
 
-def post_json(url: str, payload: dict, deadline_s: float, max_bytes: int, allow_private: bool = True) -> bytes:
+def post_json(
+    url: str, payload: dict, deadline_s: float, max_bytes: int, allow_private: bool = True, registered_from: str = ""
+) -> bytes:
     """POST ``payload`` as JSON to ``url``; the body of a 200 answer of at most ``max_bytes``, received
-    (resolution, connection, request and the whole body) within ``deadline_s``. ``RequestFailed`` otherwise."""
+    (resolution, connection, request and the whole body) within ``deadline_s``. ``RequestFailed`` otherwise.
+    ``allow_private`` and ``registered_from``: which addresses it may go to (``vet_url``)."""
     if deadline_s <= 0 or max_bytes < 1:
         raise ValueError(f"need deadline_s > 0 and max_bytes >= 1, got {deadline_s} and {max_bytes}")
     exchange = _Exchange(deadline_s)
     conn = None
     try:
-        target = vet_url(url, allow_private)
+        target = vet_url(url, allow_private, registered_from)
         conn = _PinnedConnection(target, exchange)
         conn.request(
             "POST",

@@ -78,7 +78,12 @@ def send_challenge(miner: PeerRecord, challenge: dict, deadline_s: float, allow_
     """POST the signed ``challenge`` to the miner's endpoint; the raw answer, else ``AnswerRejected``."""
     try:
         return post_json(
-            f"{miner.challenge_url.rstrip('/')}/challenge", challenge, deadline_s, MAX_ANSWER_BYTES, allow_private
+            f"{miner.challenge_url.rstrip('/')}/challenge",
+            challenge,
+            deadline_s,
+            MAX_ANSWER_BYTES,
+            allow_private,
+            miner.registered_from,
         )
     except RequestFailed as failed:
         raise AnswerRejected(str(failed)) from None
@@ -129,7 +134,7 @@ class SpotCheckRules:
     timeout_s: float  # one deadline for each whole exchange
     workers: int  # exchanges in flight at once
     tries: int  # checks in a row that cannot be judged before that counts as a failure
-    private_urls: bool  # whether challenges may go to loopback and private addresses
+    private_urls: bool  # challenges may go to loopback and private addresses; else only where a registration came from
     window_s: float  # how fresh a signed answer must be
     diloco: bool  # one epoch is a whole outer step: answers one epoch apart cannot be judged
 
