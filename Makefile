@@ -10,14 +10,11 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-# torch first and alone: an unpinned resolve would fetch a multi-GB CUDA build.
-$(STAMP): pyproject.toml requirements.txt requirements-dev.txt
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
-	$(PY) -m pip install -q --no-deps -e .
-	$(PY) -m pip check
+# Python 3.11+ checked; torch first and alone, the CPU build unless an NVIDIA GPU is here (TORCH=auto|cpu|cuda):
+# an unpinned resolve would fetch PyPI's multi-GB CUDA build (deploy/setup-venv.sh)
+TORCH ?= auto
+$(STAMP): pyproject.toml requirements.txt requirements-dev.txt deploy/setup-venv.sh
+	PYTHON=$(PYTHON) VENV=$(VENV) TORCH=$(TORCH) sh deploy/setup-venv.sh
 	touch $(STAMP)
 
 swarm: $(STAMP)
