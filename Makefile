@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup swarm test test-unit test-faults images lock e2e-compose clean
+.PHONY: setup swarm test test-unit test-faults images k8s-secrets lock e2e-compose clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,10 @@ test-faults: $(STAMP)
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q -m "not integration" $(PYTEST_ARGS)
+
+# random Redis passwords for kubectl apply -k k8s/overlays/dev, in its git-ignored redis.env (kept when there)
+k8s-secrets:
+	sh deploy/k8s-secrets.sh k8s/overlays/dev
 
 images:
 	services/build-local.sh

@@ -10,6 +10,7 @@ runs end to end where a Docker engine is reachable.
 
 from __future__ import annotations
 
+import base64
 import importlib.util
 import json
 import os
@@ -68,7 +69,10 @@ COMPOSE_VARIANTS = {
     "gpu": ["docker-compose.yml", "docker-compose.gpu.yml"],
     "local": ["docker-compose.yml", "docker-compose.local.yml"],
 }
-K8S_VARIANTS = ["k8s", "k8s/overlays/cpu", "k8s/overlays/gpu", "k8s/overlays/monitoring"]
+K8S_VARIANTS = ["k8s", "k8s/overlays/cpu", "k8s/overlays/gpu", "k8s/overlays/monitoring", "k8s/overlays/dev"]
+#: Overlays that render only once ``make k8s-secrets`` wrote their git-ignored redis.env: rendered from a copy of
+#: k8s/ where deploy/k8s-secrets.sh wrote one.
+NEEDS_SECRETS = {"k8s/overlays/dev"}
 #: Workloads of the monitoring component (k8s/components/monitoring); tests/test_monitoring.py checks them further.
 MONITORING_WORKLOADS = {"prometheus", "grafana"}
 INSTALL_HINT = "install the dev dependencies: .venv/bin/pip install -r requirements-dev.txt (make setup does it)"
@@ -112,9 +116,21 @@ def _compose_config(variant: str) -> dict:
 
 @lru_cache(maxsize=None)
 def _kustomize(path: str) -> str:
-    result = _run([_binary("kubectl"), "kustomize", path])
-    assert result.returncode == 0, f"kubectl kustomize {path}:\n{result.stderr}"
+    if path not in NEEDS_SECRETS:
+        result = _run([_binary("kubectl"), "kustomize", path])
+        assert result.returncode == 0, f"kubectl kustomize {path}:\n{result.stderr}"
+        return result.stdout
+    with tempfile.TemporaryDirectory(prefix="k8s-") as where:
+        overlay = _k8s_copy(Path(where)) / Path(path).relative_to("k8s")
+        assert _run(["sh", "deploy/k8s-secrets.sh", str(overlay)]).returncode == 0
+        result = _run([_binary("kubectl"), "kustomize", str(overlay)])
+    assert result.returncode == 0, f"kubectl kustomize {path} (with make k8s-secrets' file):\n{result.stderr}"
     return result.stdout
+
+
+def _k8s_copy(where: Path) -> Path:
+    """A copy of k8s/ under ``where`` without any redis.env a developer's ``make k8s-secrets`` left in the tree."""
+    return Path(shutil.copytree(ROOT / "k8s", where / "k8s", ignore=shutil.ignore_patterns("redis.env")))
 
 
 def _k8s_docs(path: str) -> list[dict]:
@@ -621,6 +637,41 @@ def test_redis_start_script_refuses_a_placeholder_or_weak_password(tmp_path, pas
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGKILL)
     assert server.returncode == 2 and why in output and "miner" in output
+
+
+def test_the_dev_overlay_starts_with_random_passwords_that_redis_accepts(tmp_path):
+    overlay = _k8s_copy(tmp_path) / "overlays" / "dev"
+    refused = _run([_binary("kubectl"), "kustomize", str(overlay)])
+    assert refused.returncode != 0 and "redis.env" in refused.stderr  # no placeholder to fall back on
+    made = _run(["sh", "deploy/k8s-secrets.sh", str(overlay)])
+    assert made.returncode == 0 and f"kubectl apply -k {overlay}" in made.stdout, made.stderr
+    written = (overlay / "redis.env").read_text()
+    assert oct((overlay / "redis.env").stat().st_mode & 0o777) == "0o600"
+    kept = _run(["sh", "deploy/k8s-secrets.sh", str(overlay)])
+    assert kept.returncode == 0 and "kept" in kept.stdout and (overlay / "redis.env").read_text() == written
+    rendered = _run([_binary("kubectl"), "kustomize", str(overlay)])
+    assert rendered.returncode == 0, rendered.stderr
+    [secret] = [
+        doc
+        for doc in yaml.safe_load_all(rendered.stdout)
+        if doc and doc["kind"] == "Secret" and doc["metadata"]["name"].startswith("redis-auth")
+    ]
+    passwords = {key: base64.b64decode(value).decode() for key, value in secret["data"].items()}
+    assert sorted(passwords) == sorted(f"{role}-password" for role in ("admin", *ROLES))
+    assert len(set(passwords.values())) == 4
+    # Redis's own start (deploy/redis/start.sh, as the pod runs it) takes them: every role's URL appears
+    env = {f"REDIS_{key.split('-')[0].upper()}_PASSWORD": value for key, value in passwords.items()}
+    server = _start_script(tmp_path, procs.free_port(), **env)
+    try:
+        deadline = time.monotonic() + 60
+        while not all((tmp_path / "auth" / role / "url").exists() for role in ROLES):
+            assert server.poll() is None, server.stdout.read()
+            assert time.monotonic() < deadline, "Redis did not take the dev overlay's passwords"
+            time.sleep(0.1)
+        assert all(passwords[f"{role}-password"] in (tmp_path / "auth" / role / "url").read_text() for role in ROLES)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=10)
 
 
 #: Settings docker-compose.yml deliberately does not list, each for a reason: the image's default

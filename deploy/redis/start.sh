@@ -40,7 +40,7 @@ password() {  # the role's password: from REDIS_<ROLE>_PASSWORD, else kept in $a
     secret=$(cat "$auth/$role/password")
   fi
   case "$secret" in
-    change-me*) echo "the Redis password of $role is the placeholder '$secret': set REDIS_$(echo "$role" | tr a-z A-Z)_PASSWORD (docs/deploy.md#secrets)" >&2; exit 2 ;;
+    change-me*) echo "the Redis password of $role is the placeholder '$secret': set REDIS_$(echo "$role" | tr a-z A-Z)_PASSWORD; on Kubernetes: make k8s-secrets, then kubectl apply -k k8s/overlays/dev (docs/deploy.md#secrets-to-change)" >&2; exit 2 ;;
     *[!A-Za-z0-9_.~-]*) echo "the Redis password of $role may only use A-Z a-z 0-9 _ - . ~" >&2; exit 2 ;;
   esac
   if [ "${#secret}" -lt 16 ]; then
