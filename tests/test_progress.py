@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from hivetrain.hivemind_compat.progress import progress_key
+from hivetrain.hivemind_compat.progress import identity_signing_key, progress_key, progress_signer
 from hivetrain.validator.progress import PeerProgress, ProgressLedger, fetch_progress
 
 
@@ -56,21 +56,27 @@ def test_the_ledger_stays_bounded_under_ever_new_epochs_and_peers():
     assert len(ledger) == 1 and ledger.samples("honest") == 509 + 7
 
 
-def test_fetch_progress_reads_a_real_progress_tracker():
+def _identity_dht(hivemind, path, **kwargs):
+    """A DHT peer with an identity file (RSA, made by hivemind at start, as a miner's) and its signing key."""
+    dht = hivemind.DHT(start=True, identity_path=str(path), host_maddrs=["/ip4/127.0.0.1/tcp/0"], **kwargs)
+    return dht, identity_signing_key(path.read_bytes())
+
+
+def test_fetch_progress_reads_a_real_progress_tracker(tmp_path):
     hivemind = pytest.importorskip("hivemind")
     from hivemind.optim.progress_tracker import ProgressTracker
 
     run_id = "checks_test"
     miner_dht = validator_dht = tracker = None
     try:
-        miner_dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+        miner_dht, key = _identity_dht(hivemind, tmp_path / "miner.key")
         validator_dht = hivemind.DHT(
             start=True, client_mode=True, initial_peers=[str(a) for a in miner_dht.get_visible_maddrs()]
         )
         assert progress_key(run_id) == "checks_test_progress"
         assert fetch_progress(validator_dht, run_id) == {}
         tracker = ProgressTracker(
-            miner_dht, prefix=run_id, target_batch_size=10_000, min_refresh_period=0.1, start=True
+            miner_dht, prefix=run_id, target_batch_size=10_000, min_refresh_period=0.1, start=True, private_key=key
         )
         tracker.report_local_progress(local_epoch=0, samples_accumulated=96)
         progress = _wait_for(
@@ -88,6 +94,70 @@ def test_fetch_progress_reads_a_real_progress_tracker():
         for dht in (validator_dht, miner_dht):
             if dht is not None:
                 dht.shutdown()
+
+
+def test_a_progress_record_counts_only_for_the_peer_whose_key_signed_it(tmp_path):
+    """Framing (issue 24): a record naming a victim at a later epoch with no samples took the victim's place."""
+    hivemind = pytest.importorskip("hivemind")
+    from hivemind.optim.progress_tracker import LocalTrainingProgress, ProgressTracker
+    from hivemind.utils import get_dht_time
+    from hivemind.utils.crypto import RSAPrivateKey
+
+    run_id = "framed"
+    dhts, trackers = [], []
+    try:
+        victim_dht, key = _identity_dht(hivemind, tmp_path / "victim.key")
+        dhts.append(victim_dht)
+        peers = [str(a) for a in victim_dht.get_visible_maddrs()]
+        forger_dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=peers)
+        keyless_dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=peers)
+        validator_dht = hivemind.DHT(start=True, client_mode=True, initial_peers=peers)
+        dhts += [forger_dht, keyless_dht, validator_dht]
+        victim = ProgressTracker(
+            victim_dht, prefix=run_id, target_batch_size=10_000, min_refresh_period=0.1, start=True, private_key=key
+        )
+        # a peer signing with hivemind's own per-process key, as every peer did before: it speaks for nobody
+        keyless = ProgressTracker(
+            keyless_dht, prefix=run_id, target_batch_size=10_000, min_refresh_period=0.1, start=True
+        )
+        forger = ProgressTracker(  # a key of its own: anyone's is free
+            forger_dht, prefix=run_id, target_batch_size=10_000, start=False, private_key=RSAPrivateKey()
+        )
+        trackers += [victim, keyless, forger]
+        victim.report_local_progress(local_epoch=3, samples_accumulated=96)
+        keyless.report_local_progress(local_epoch=3, samples_accumulated=50)
+        victim_id = victim_dht.peer_id.to_base58()
+        framed = LocalTrainingProgress(
+            peer_id=victim_dht.peer_id.to_bytes(),
+            epoch=5,  # the swarm's epoch + 2, nothing accumulated
+            samples_accumulated=0,
+            samples_per_second=1.0,
+            time=get_dht_time(),
+            client_mode=False,
+        )
+        assert forger_dht.store(
+            forger.training_progress_key,
+            subkey=forger._local_public_key,
+            value=framed.dict(),
+            expiration_time=get_dht_time() + 60,
+        )
+        named = []
+        both_seen = _wait_for(
+            lambda: (named.clear(), fetch_progress(validator_dht, run_id, lambda *offence: named.append(offence)))[1],
+            lambda p: victim_id in p and any(victim_id in reason for _, reason in named),
+        )
+        assert list(both_seen) == [victim_id]  # the keyless peer's own record is left out too
+        assert (both_seen[victim_id].epoch, both_seen[victim_id].samples_accumulated) == (3, 96)
+        # each is named by the key it signed with, never by the peer id it names
+        forger_key_id, keyless_key_id = (progress_signer(t._local_public_key) for t in (forger, keyless))
+        assert (forger_key_id, f"names {victim_id}, whose key did not sign it") in named
+        assert {signer for signer, _ in named} == {forger_key_id, keyless_key_id}
+        assert not {victim_id, keyless_dht.peer_id.to_base58()} & {forger_key_id, keyless_key_id}
+    finally:
+        for tracker in trackers:
+            tracker.shutdown(timeout=5)
+        for dht in dhts:
+            dht.shutdown()
 
 
 def _wait_for(fetch, ready, timeout: float = 20.0):

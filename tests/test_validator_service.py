@@ -25,6 +25,7 @@ from post_server import PostServer
 
 from hivetrain.chain import LocalChain
 from hivetrain.data import BlockStream, shard_for
+from hivetrain.hivemind_compat.progress import identity_signing_key
 from hivetrain.identity import Domain, load_or_create_wallet, sign
 from hivetrain.models import build_model
 from hivetrain.protocol.projection import projected_gradient
@@ -56,13 +57,17 @@ def wait_until(predicate, what: str, timeout: float = 90.0):
 
 
 @pytest.fixture(scope="module")
-def swarm():
+def swarm(tmp_path_factory):
     """A DHT peer whose progress record says epoch 0; yields the addresses validators join through."""
     hivemind = pytest.importorskip("hivemind")
     from hivemind.optim.progress_tracker import ProgressTracker
 
-    dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-    tracker = ProgressTracker(dht, prefix=RUN_ID, target_batch_size=10_000, min_refresh_period=0.1, start=True)
+    identity = tmp_path_factory.mktemp("swarm") / "identity.key"
+    dht = hivemind.DHT(start=True, identity_path=str(identity), host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    key = identity_signing_key(identity.read_bytes())  # signed as a miner signs: the record counts for its peer
+    tracker = ProgressTracker(
+        dht, prefix=RUN_ID, target_batch_size=10_000, min_refresh_period=0.1, start=True, private_key=key
+    )
     try:
         tracker.report_local_progress(local_epoch=0, samples_accumulated=8)  # (0 samples are not published)
         yield [str(addr) for addr in dht.get_visible_maddrs()]

@@ -8,13 +8,24 @@ record claims are the validator's (``hivetrain.validator.progress``).
 
 from __future__ import annotations
 
+import re
 import weakref
 from typing import Any
 
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.schema import SchemaValidator
 from hivemind.optim.progress_tracker import LocalTrainingProgress, TrainingProgressSchema
 from hivemind.p2p import PeerID
+from hivemind.proto import crypto_pb2
+from hivemind.utils.crypto import RSAPrivateKey
+
+from hivetrain.protocol.binding import load_identity, peer_id_of
+
+#: hivemind's owner mark on a signed record's subkey (``RSASignatureValidator.PUBLIC_KEY_FORMAT``).
+_OWNER = re.compile(rb"\[owner:(.+?)\]", re.DOTALL)
 
 _validated: "weakref.WeakKeyDictionary[object, set[str]]" = weakref.WeakKeyDictionary()
 
@@ -59,3 +70,44 @@ def progress_values(raw) -> dict[str, Any]:
         time=float(record.time),
         client_mode=record.client_mode,
     )
+
+
+class IdentityKey(RSAPrivateKey):
+    """hivemind's RSA signing key, made from the peer's libp2p identity rather than fresh for the process.
+
+    hivemind signs progress records with a key of their own (``RSAPrivateKey.process_wide()``), so a
+    record's signer says nothing about the peer id it names. Signed with the identity's key, the
+    signer's peer id is the record's own, and a reader can refuse a record that speaks for another
+    peer (``progress_signer``).
+    """
+
+    def __init__(self, key: rsa.RSAPrivateKey):  # no super().__init__(): it would generate a new key
+        self._private_key = key
+
+
+def identity_signing_key(identity: bytes) -> RSAPrivateKey:
+    """The signing key for ``ProgressTracker(private_key=...)`` of a libp2p identity file's bytes (RSA: what
+    hivemind generates); ``ValueError`` for another key type."""
+    key, _ = load_identity(identity)
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise ValueError(
+            "progress records are signed with the DHT identity's key, and hivemind signs with RSA only: "
+            "this identity is not RSA (delete it and hivemind makes an RSA one at the next start)"
+        )
+    return IdentityKey(key)
+
+
+def progress_signer(subkey: Any) -> str | None:
+    """The peer id whose key signed the progress record stored under ``subkey`` (hivemind's ``[owner:<key>]``
+    mark); None when the subkey carries no RSA key."""
+    found = _OWNER.fullmatch(subkey) if isinstance(subkey, bytes) else None
+    if found is None:
+        return None
+    try:
+        key = serialization.load_ssh_public_key(found.group(1))
+    except (ValueError, UnsupportedAlgorithm):
+        return None
+    if not isinstance(key, rsa.RSAPublicKey):
+        return None
+    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return peer_id_of(crypto_pb2.PublicKey(key_type=crypto_pb2.RSA, data=der).SerializeToString())

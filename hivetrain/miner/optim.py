@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import torch
 
 from hivetrain.aggregation import AggregationRule
 from hivetrain.hivemind_compat import DHT, DiLoCoOptimizer, RoundInfo, TrackedOptimizer, install_codecs
+from hivetrain.hivemind_compat.progress import identity_signing_key
 from hivetrain.protocol.training import COMPRESSIONS, ClippedAdamW, OuterSGD, param_groups, state_download_compression
 from hivetrain.settings import MinerSettings
 
@@ -31,6 +33,15 @@ def aggregation_rule(settings: MinerSettings) -> AggregationRule | None:
         settings.inner_steps * settings.batch_size if settings.mode == "diloco" else settings.target_batch_size
     )  # DiLoCo: a peer trains inner_steps batches per outer step
     return AggregationRule(clip_factor=settings.clip_factor, max_weight=4.0 * (per_round + settings.batch_size))
+
+
+def _progress_signing(settings: MinerSettings) -> dict:
+    """The tracker's signing key: our DHT identity's, so our progress records speak for our peer id and validators
+    credit them (``hivetrain.validator.progress.fetch_progress``); hivemind's own per-process key without one."""
+    identity = Path(settings.identity_path) if settings.identity_path else None
+    if identity is None or not identity.is_file():
+        return {}
+    return dict(private_key=identity_signing_key(identity.read_bytes()))
 
 
 def make_optimizer(
@@ -64,7 +75,7 @@ def make_optimizer(
             request_timeout=min(3.0, settings.matchmaking_time / 2), bandwidth=settings.bandwidth or None
         ),
         client_mode=settings.client_mode,
-        tracker_opts=dict(min_refresh_period=0.5, max_refresh_period=5.0),
+        tracker_opts=dict(min_refresh_period=0.5, max_refresh_period=5.0, **_progress_signing(settings)),
         verbose=True,
         on_round=on_round,
         on_state_loaded=on_state_loaded,

@@ -18,7 +18,7 @@ from typing import Callable, Mapping
 from pydantic import Field
 
 from hivetrain.hivemind_compat import OffenceLog
-from hivetrain.hivemind_compat.progress import live_progress_records, progress_values
+from hivetrain.hivemind_compat.progress import live_progress_records, progress_signer, progress_values
 from hivetrain.log import get_logger
 from hivetrain.protocol.progress import MAX_EPOCH_LEAD, MAX_SAMPLES_PER_S, NameOnce, implausible, lower_median
 from hivetrain.protocol.records import Record
@@ -37,19 +37,26 @@ class PeerProgress(Record):
     client_mode: bool
 
 
-def fetch_progress(dht, run_id: str) -> dict[str, PeerProgress]:
+def fetch_progress(dht, run_id: str, on_forged: Callable[[str, str], None] | None = None) -> dict[str, PeerProgress]:
     """Every live peer's latest training progress for ``run_id``, by peer id.
 
     ProgressTracker stores ``LocalTrainingProgress.dict()`` under ``f"{run_id}_progress"`` with
-    the subkey = the writer's RSA public key (not its peer id). Several records naming one peer id
-    keep the most advanced (epoch, samples), so a stranger cannot erase a peer's progress.
+    the subkey = the writer's RSA public key. A record counts only for the peer whose key signed it
+    (miners sign with their DHT identity's key: ``hivemind_compat.progress.IdentityKey``); one that
+    names another peer id is left out, and its signer named through ``on_forged(signer, reason)``.
+    Several records of one peer keep the most advanced (epoch, samples).
     """
     progress: dict[str, PeerProgress] = {}
     for subkey, raw in live_progress_records(dht, run_id):
         try:
             record = PeerProgress(**progress_values(raw))
         except Exception as error:  # a stranger's record: anything malformed is skipped
-            logger.warning(f"skipping a malformed progress record under {subkey!r}: {error!r}")
+            logger.warning(f"skipping a malformed progress record under {str(subkey)[:80]!r}: {error!r}")
+            continue
+        signer = progress_signer(subkey)
+        if signer != record.peer_id:  # someone's record about someone else: it speaks for nobody
+            if signer is not None and on_forged is not None:
+                on_forged(signer, f"names {record.peer_id}, whose key did not sign it")
             continue
         held = progress.get(record.peer_id)
         if held is None or (record.epoch, record.samples_accumulated) > (held.epoch, held.samples_accumulated):
@@ -211,7 +218,9 @@ class ProgressPoller:
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             try:
-                progress = plausible(fetch_progress(self.dht, self.run_id), self.max_samples_per_s, self._name)
+                progress = plausible(
+                    fetch_progress(self.dht, self.run_id, self._name), self.max_samples_per_s, self._name
+                )
             except Exception:  # DHT boundary: a missed poll only delays what we see
                 logger.debug("progress poll failed", exc_info=True)
                 continue

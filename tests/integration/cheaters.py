@@ -133,11 +133,17 @@ def publish_progress(settings: MinerSettings, stop: threading.Event) -> None:
 
     from hivetrain.dht import make_dht
     from hivetrain.discovery import fetch_initial_peers
+    from hivetrain.hivemind_compat.progress import identity_signing_key
 
+    # signed with the DHT identity's key, as a miner signs: the record speaks for this peer and only the epoch lies
+    identity = Path(settings.checkpoint_dir) / "progress-identity.key"
+    identity.parent.mkdir(parents=True, exist_ok=True)
+    settings = settings.model_copy(update={"identity_path": str(identity)})
     dht = make_dht(fetch_initial_peers(settings.bootstrap_url, stop=stop), **settings.dht_options())
     print(f"DHT up: peer {dht.peer_id.to_base58()}", flush=True)  # how the tests learn a peer id
     # an unstarted tracker registers the record schema and our signing key with the DHT
-    tracker = ProgressTracker(dht, settings.run_id, settings.target_batch_size, start=False)
+    key = identity_signing_key(identity.read_bytes())
+    tracker = ProgressTracker(dht, settings.run_id, settings.target_batch_size, start=False, private_key=key)
     try:
         while not stop.wait(2.0):
             record = LocalTrainingProgress(
