@@ -22,6 +22,7 @@ from hivemind.p2p import PeerID
 from hivemind.proto import crypto_pb2
 from hivemind.utils.crypto import RSAPrivateKey
 
+from hivetrain.hivemind_compat.pins import follows
 from hivetrain.protocol.binding import load_identity, peer_id_of
 
 #: hivemind's owner mark on a signed record's subkey (``RSASignatureValidator.PUBLIC_KEY_FORMAT``).
@@ -81,6 +82,7 @@ class IdentityKey(RSAPrivateKey):
     peer (``progress_signer``).
     """
 
+    @follows(RSAPrivateKey, "__init__", "eaaa16a881cbadc6")  # sign, to_bytes and get_public_key read _private_key
     def __init__(self, key: rsa.RSAPrivateKey):  # no super().__init__(): it would generate a new key
         self._private_key = key
 
