@@ -201,8 +201,9 @@ class Registry:
                 "stop one or wait for its registration to expire",
                 429,
             )
-        self._store(record.peer_id, raw, signed_at, hotkey=record.hotkey, source=_address(source))
-        return record.seen_from(_address(source))
+        source = _address(source)
+        self._store(record.peer_id, raw, signed_at, hotkey=record.hotkey, source=source)
+        return record.seen_from(source)
 
     def _signed(self, raw: bytes, model: type[Record], what: str):
         """(envelope, record) of a fresh envelope signed in this run, or ``Refused`` (413 when too big, else 401)."""
@@ -248,8 +249,11 @@ class Registry:
         ]
         if not peer_ids:
             return []
-        raws = self.client.mget([self.keys.peer(pid) for pid in peer_ids])
-        sources = self.client.mget([self.keys.peer_source(pid) for pid in peer_ids])
+        # one round trip: every registration, then the address each came from
+        found = self.client.mget(
+            [self.keys.peer(pid) for pid in peer_ids] + [self.keys.peer_source(pid) for pid in peer_ids]
+        )
+        raws, sources = found[: len(peer_ids)], found[len(peer_ids) :]
         peers = []
         for pid, raw, source in zip(peer_ids, raws, sources):
             record = self._authentic_peer(pid, raw)

@@ -8,6 +8,7 @@ record claims are the validator's (``hivetrain.validator.progress``).
 
 from __future__ import annotations
 
+import functools
 import re
 import weakref
 from typing import Any
@@ -102,7 +103,12 @@ def identity_signing_key(identity: bytes) -> RSAPrivateKey:
 def progress_signer(subkey: Any) -> str | None:
     """The peer id whose key signed the progress record stored under ``subkey`` (hivemind's ``[owner:<key>]``
     mark); None when the subkey carries no RSA key."""
-    found = _OWNER.fullmatch(subkey) if isinstance(subkey, bytes) else None
+    return _signer_of(subkey) if isinstance(subkey, bytes) else None
+
+
+@functools.lru_cache(maxsize=4096)  # a validator asks for every record each second: parse each key once
+def _signer_of(subkey: bytes) -> str | None:
+    found = _OWNER.fullmatch(subkey)
     if found is None:
         return None
     try:
