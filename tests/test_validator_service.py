@@ -81,6 +81,7 @@ def make_validator(swarm, tmp_path):
     made = []
 
     def make(redis_url: str, **overrides) -> Validator:
+        options = {"spot_check_timeout_s": 20.0, **overrides}  # answers computed on a loaded CI machine (2 s was short)
         settings = ValidatorSettings(
             redis_url=redis_url,
             run_id=RUN_ID,
@@ -92,11 +93,10 @@ def make_validator(swarm, tmp_path):
             eval_blocks=2,
             torch_threads=1,
             sync_every_s=3600.0,
-            spot_check_timeout_s=2.0,
             spot_check_workers=4,
             spot_check_tries=2,
             spot_check_private_urls=True,  # every miner here serves on loopback
-            **overrides,
+            **options,
         )
         validator = Validator(settings)
         made.append(validator)
@@ -197,7 +197,7 @@ def _honest(validator: Validator, hotkey: str, epoch: int | None = None, model=N
 def test_one_round_checks_every_miner_at_once_and_nobody_evades(
     redis_url, make_validator, endpoints, wallet, other_wallet, tmp_path
 ):
-    validator = make_validator(redis_url)
+    validator = make_validator(redis_url, spot_check_timeout_s=10.0)
     client = connect_redis(redis_url)
     ahead_wallet, behind_wallet = (
         load_or_create_wallet(str(tmp_path / "miners"), name) for name in ("ahead", "unreachable")
@@ -219,7 +219,7 @@ def test_one_round_checks_every_miner_at_once_and_nobody_evades(
     assert not dripping.finished.is_set() and dripping.sent > 0  # judged while the miner was still dripping
     assert [c.result.verdict for c in checks["honest"]] == ["pass"], checks["honest"][0].explain()
     assert [c.result.verdict for c in checks["dripping"]] == ["fail"]
-    assert "no complete answer within the deadline of 2s" in checks["dripping"][0].result.reason
+    assert "no complete answer within the deadline of 10s" in checks["dripping"][0].result.reason
     assert [c.result.verdict for c in checks["ahead"]] == ["fail"]
     assert "epoch 1000000000, beyond the swarm's progress (at most 2)" in checks["ahead"][0].result.reason
     assert checks["unreachable"] == []  # the validator may be the one behind: not judged yet
@@ -294,7 +294,8 @@ def test_an_answer_is_judged_at_the_parameters_of_its_own_epoch(
     verdicts = {
         name: [c.result.verdict for c in validator.spot_checks.get(hotkey, [])] for name, hotkey in hotkeys.items()
     }
-    assert verdicts == {"current": ["pass"], "previous": ["pass"], "mixed": ["fail"]}, verdicts
+    reasons = {name: [c.result.reason for c in validator.spot_checks.get(h, [])] for name, h in hotkeys.items()}
+    assert verdicts == {"current": ["pass"], "previous": ["pass"], "mixed": ["fail"]}, reasons
     assert validator.sync.epoch == 2 and all(
         torch.equal(p, q) for p, q in zip(validator.sync.model.parameters(), model_b.parameters())
     )
