@@ -15,7 +15,7 @@ Bytes are measured on the wire: the loopback interface's sent-bytes counter over
 byte counted once, as sent), less the background rate measured just before; the loopback also
 carries DHT records, Redis telemetry and heartbeats, which every mode pays alike. Samples come from
 the miners' signed step records. Utilization is ``bench.swarm_runs.per_miner``'s: the share of
-wall time a miner spent computing.
+wall time a miner spent computing, by the miner's own timers (``StepRecord.compute_s``).
 
 Held-out loss: every checkpoint of miner 0 is evaluated on the validation split (the validator's
 ``evaluate`` on the first ``--eval-blocks`` blocks); in DiLoCo mode at the global parameters its

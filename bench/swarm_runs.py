@@ -7,9 +7,11 @@ Used by ``bench.swarm_utilization`` and ``bench.comm_per_sample``. One run: Redi
 
 Per miner, from its StepRecords in the window: steps, samples, and the interval between consecutive
 records. A step whose record shows a new local epoch is an *epoch step* (it may have waited for
-matchmaking, all-reduce and the optimizer step); the others are *compute steps*. Compute time is
-steps x the median compute-step interval, so ``utilization = compute time / wall time`` is the
-fraction of the window the miner would have spent computing had no step waited on the swarm.
+matchmaking, all-reduce and the optimizer step); the others are *compute steps*. Utilization is
+measured by the miner itself: ``StepRecord.compute_s`` counts the seconds inside forward, backward
+and the (inner) optimizer step, not epoch updates (averaging rounds) nor state downloads, so
+``utilization = compute seconds / wall seconds`` over the window. (Until 2026-12-07 it was computed
+as steps x the median compute-step interval / wall time.)
 
 Loopback bytes come from ``psutil.net_io_counters(pernic=True)['lo']`` over the window (every byte
 counted once, as sent), minus the background rate measured over ``idle_s`` just before the swarm
@@ -72,7 +74,8 @@ def tiny_swarm(
 
 
 def per_miner(steps: list[StepRecord]) -> dict:
-    """Steps, samples, throughput and compute utilization of one miner's records (oldest first)."""
+    """Steps, samples, throughput and compute utilization of one miner's records (oldest first): compute seconds
+    (``StepRecord.compute_s``, the miner's own timers) over wall seconds between its first and last record."""
     steps = sorted(steps, key=lambda s: s.step)
     intervals, epoch_intervals = [], []
     for previous, current in zip(steps, steps[1:]):
@@ -90,7 +93,8 @@ def per_miner(steps: list[StepRecord]) -> dict:
         "compute_step_s": step_s,
         "epoch_steps": len(epoch_intervals),
         "epoch_step_s": statistics.median(epoch_intervals) if epoch_intervals else None,
-        "utilization": count * step_s / wall if wall else None,
+        # measured: the miner's own timer of forward, backward and (inner) optimizer steps over the window's wall time
+        "utilization": (steps[-1].compute_s - steps[0].compute_s) / wall if wall else None,
         "epochs": (steps[-1].local_epoch - steps[0].local_epoch),
     }
 

@@ -3,9 +3,10 @@
 For each configuration (``default`` gradient averaging; ``delayed``: delay_grad_averaging +
 delay_optimizer_step + offload_optimizer; ``local_updates``) a local swarm of ``--miners`` tiny
 miners runs on 127.0.0.1 and a window of ``--duration`` seconds is measured from the miners' step
-telemetry in Redis (see ``bench.swarm_runs``): utilization = steps x median compute-step interval
-/ wall time, i.e. the share of the window not spent waiting at epoch boundaries (matchmaking,
-all-reduce, the optimizer step). samples/s per miner is reported next to it, since background
+telemetry in Redis (see ``bench.swarm_runs``): utilization = the seconds the miners' own timers
+spent in forward, backward and (inner) optimizer steps / wall time, i.e. the share of the window
+not spent waiting at epoch boundaries (matchmaking, all-reduce, the global step) or loading state.
+samples/s per miner is reported next to it, since background
 averaging can hide waiting while slowing every step down.
 
 Run: ``.venv/bin/python -m bench.swarm_utilization`` (3 runs of about a minute each on 2 shared CPU

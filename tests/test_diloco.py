@@ -93,7 +93,11 @@ def _train_one_outer_step(opt: DiLoCoOptimizer, model: Toy, grad: torch.Tensor, 
     while opt.local_epoch == 0 and taken < 200:  # bounded: 200 steps is 40 times what one outer step needs
         model.weight.grad = grad.clone()
         model.bias.grad = torch.zeros(3)
+        started, waited = time.perf_counter(), opt.swarm_wait_s
         opt.step()
+        # the miner's utilization: only the step of the outer round spends time on the swarm, and less than it took
+        on_the_swarm, took = opt.swarm_wait_s - waited, time.perf_counter() - started
+        assert (0 < on_the_swarm <= took) if opt.local_epoch else on_the_swarm == 0, (on_the_swarm, took)
         opt.zero_grad()
         taken += 1
         time.sleep(0.1)  # let the progress records of both peers reach the DHT
@@ -144,7 +148,9 @@ def test_two_peers_take_one_outer_step_on_their_weighted_pseudo_gradients_and_a_
     joiner_model = Toy()
     joiner = _optimizer(dhts[2], joiner_model)
     optimizers.append(joiner)
+    started = time.perf_counter()
     joiner.load_state_from_peers()
+    assert 0 < joiner.swarm_wait_s <= time.perf_counter() - started  # a download is time on the swarm, not compute
     assert joiner.local_epoch == 1
     assert torch.allclose(joiner_model.weight.detach(), expected, atol=1e-5)
     momentum = [joiner.state_averager.optimizer.state[p]["momentum_buffer"] for p in joiner._global_parameters()]

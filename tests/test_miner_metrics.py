@@ -100,7 +100,10 @@ def test_training_and_averaging_show_up_in_a_scrape(server, metrics):
     metrics.record_state_load(12.0)
     metrics.checkpoints.labels(outcome="saved").inc()
     metrics.offences.inc(2)
+    metrics.record_compute(3.0, 4.0)  # the miner's own timers: 6 s of compute in 10 s of training
+    metrics.record_compute(6.0, 10.0)
     got = scrape(_url(server))
+    assert got[("hive_miner_compute_seconds_total", ())] == 6.0 and got[("hive_miner_utilization", ())] == 0.6
     assert got[("hive_miner_steps_total", ())] == 2
     assert got[("hive_miner_samples_total", ())] == 8 and got[("hive_miner_tokens_total", ())] == 512
     assert got[("hive_miner_tokens_per_second", ())] == 1200.0 and got[("hive_miner_loss", ())] == 3.25

@@ -173,7 +173,22 @@ class TrackedOptimizer(hivemind.Optimizer):
         self._epoch_began: float | None = None  # time.monotonic() our last epoch update began
         self._epoch_periods: collections.deque[float] = collections.deque(maxlen=8)  # seconds between our epoch updates
         self._aside_until, self._asides = 0.0, 0  # stepping out of rounds until; times in a row
+        self.swarm_wait_s = 0.0  # seconds inside step() spent on the swarm: epoch updates (rounds), state downloads
+        self._waiting = 0  # nesting depth of _on_the_swarm (a reload inside an epoch update is counted once)
         super().__init__(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _on_the_swarm(self):
+        """Time the block as spent on the swarm, not on training (``swarm_wait_s``): the miner's utilization is the
+        rest of its step time over wall time."""
+        self._waiting += 1
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._waiting -= 1
+            if not self._waiting:
+                self.swarm_wait_s += time.perf_counter() - started
 
     def at_global_parameters(self, model: torch.nn.Module) -> contextlib.AbstractContextManager:
         """A block run at the swarm's parameters (spot checks are asked there): the model's own here;
@@ -252,6 +267,10 @@ class TrackedOptimizer(hivemind.Optimizer):
 
     @follows(hivemind.Optimizer, "_update_global_epoch", "03a36523a3fce65e")
     def _update_global_epoch(self, grad_scaler) -> None:
+        with self._on_the_swarm():
+            self._update_epoch_with_the_swarm(grad_scaler)
+
+    def _update_epoch_with_the_swarm(self, grad_scaler) -> None:
         now = time.monotonic()
         if self._epoch_began is not None:
             self._epoch_periods.append(now - self._epoch_began)
@@ -320,8 +339,9 @@ class TrackedOptimizer(hivemind.Optimizer):
     def load_state_from_peers(self, **kwargs) -> None:
         # hivemind calls this from step() when the swarm has moved on without us; report every load, timed
         started = time.perf_counter()
-        self._let_an_imminent_epoch_pass()
-        super().load_state_from_peers(**kwargs)
+        with self._on_the_swarm():
+            self._let_an_imminent_epoch_pass()
+            super().load_state_from_peers(**kwargs)
         self._last_load_s = time.perf_counter() - started
         self._on_state_loaded(self._last_load_s)
 

@@ -79,6 +79,15 @@ class MinerMetrics:
         self.nonfinite_losses = Counter(
             "hive_miner_nonfinite_losses", "steps whose loss was NaN or infinite", registry=r
         )
+        self.compute_seconds = Counter(
+            "hive_miner_compute_seconds",
+            "seconds inside forward, backward and the (inner) optimizer step; not averaging rounds nor state loads",
+            registry=r,
+        )
+        self._compute_counted = 0.0
+        self.utilization = Gauge(
+            "hive_miner_utilization", "compute seconds over wall seconds since training began (measured)", registry=r
+        )
         self.local_epoch = Gauge("hive_miner_local_epoch", "epoch this miner's parameters are at", registry=r)
         self.global_epoch = Gauge("hive_miner_global_epoch", "epoch of the swarm as this miner sees it", registry=r)
         self.rounds = Counter(
@@ -144,6 +153,12 @@ class MinerMetrics:
             self.nonfinite_losses.inc()
         self.local_epoch.set(local_epoch)
         self.global_epoch.set(global_epoch)
+
+    def record_compute(self, compute_s: float, wall_s: float) -> None:
+        """Seconds of forward, backward and (inner) optimizer steps so far, out of ``wall_s`` of training."""
+        self.compute_seconds.inc(max(0.0, compute_s - self._compute_counted))
+        self._compute_counted = max(self._compute_counted, compute_s)
+        self.utilization.set(compute_s / wall_s if wall_s > 0 else 0.0)
 
     def record_round(self, info: RoundInfo) -> None:
         self.rounds.labels(kind=info.kind, outcome="success" if info.success else "failed").inc()

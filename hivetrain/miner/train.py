@@ -131,6 +131,7 @@ class Miner:
         self._state_log_handler: StateRoundLogHandler | None = None
         self.metrics = MinerMetrics()
         self.step = self.samples = self.next_block = 0
+        self.compute_s = 0.0  # seconds inside forward, backward and the (inner) optimizer step (this process)
         self.last_saved_epoch = -1
         self.checkpoint_epoch = -1  # epoch of the newest checkpoint on disk (telemetry shows it)
 
@@ -326,10 +327,11 @@ class Miner:
         )
         speed = None  # EMA of samples/s
         self.model.train()
+        began = time.perf_counter()  # utilization: compute time over the wall time since
         while not self.stop.is_set():
             first_block, batch = next(self.batches)
             batch = batch.to(self.device, non_blocking=True)  # (B, T)
-            started = time.perf_counter()
+            started, waited = time.perf_counter(), self.opt.swarm_wait_s
             with autocast:
                 loss = self.train_model(input_ids=batch, labels=batch).loss
             loss.backward()
@@ -337,6 +339,8 @@ class Miner:
             self.opt.zero_grad()
             loss_value = loss.item()
             elapsed = time.perf_counter() - started
+            # forward, backward and the (inner) optimizer step: the step's time less what it spent on the swarm
+            self.compute_s += max(0.0, elapsed - (self.opt.swarm_wait_s - waited))
             self.step += 1
             self.samples += batch.shape[0]
             self.next_block = first_block + batch.shape[0]
@@ -355,6 +359,7 @@ class Miner:
                     samples_per_s=speed,
                     tokens_per_s=speed * self.block_size,
                     checkpoint_epoch=self.checkpoint_epoch,
+                    compute_s=self.compute_s,
                 )
             )
             if self.step % 50 == 0 or self.step == 1:
@@ -370,6 +375,7 @@ class Miner:
                 self.opt.local_epoch,
                 self.opt.tracker.global_epoch,
             )
+            self.metrics.record_compute(self.compute_s, time.perf_counter() - began)
             self.health.step_done()
             self._report_offences()
             self.challenges.answer_pending(self._answer_challenge)

@@ -226,6 +226,12 @@ class StepRecord(Record):
     checkpoint_epoch: int = Field(
         default=-1, ge=-1, description="epoch of this miner's newest checkpoint; -1 before the first"
     )
+    compute_s: float = Field(
+        default=0.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="seconds inside forward, backward and the (inner) optimizer step since this process began training",
+    )
     time: float = Field(default_factory=time.time)
 
 
