@@ -525,7 +525,9 @@ class ValidatorSettings(PeerSettings):
         8,
         ge=1,
         le=256,
-        description="spot checks in flight at once; a slow miner holds up one worker until its deadline",
+        description="spot checks in flight at once, and the most miners one check round asks (so a round takes one "
+        "deadline, however many registered: miners whose last check passed get half, least recently checked first; "
+        "the others, oldest first, the rest); a miner whose endpoint stalls is not asked again for a while",
     )
     spot_check_tries: int = Field(
         3,

@@ -20,7 +20,7 @@ import time
 import pytest
 import redis
 import torch
-from bound_peers import bound
+from bound_peers import KeyWallet, bound
 from post_server import PostServer
 
 from hivetrain.chain import LocalChain
@@ -81,7 +81,8 @@ def make_validator(swarm, tmp_path):
     made = []
 
     def make(redis_url: str, **overrides) -> Validator:
-        options = {"spot_check_timeout_s": 20.0, **overrides}  # answers computed on a loaded CI machine (2 s was short)
+        # 20 s: answers computed on a loaded CI machine (2 s was short)
+        options = {"spot_check_timeout_s": 20.0, "spot_check_workers": 4, **overrides}
         settings = ValidatorSettings(
             redis_url=redis_url,
             run_id=RUN_ID,
@@ -93,7 +94,6 @@ def make_validator(swarm, tmp_path):
             eval_blocks=2,
             torch_threads=1,
             sync_every_s=3600.0,
-            spot_check_workers=4,
             spot_check_tries=2,
             spot_check_private_urls=True,  # every miner here serves on loopback
             **options,
@@ -229,6 +229,60 @@ def test_one_round_checks_every_miner_at_once_and_nobody_evades(
     assert [c.result.verdict for c in unreachable_checks] == ["fail"]
     assert "not judged 2 times in a row" in unreachable_checks[0].result.reason
     assert [c.result.verdict for c in validator.spot_checks[miners["honest"]]] == ["pass", "pass"]
+
+
+class Tarpit(PostServer):
+    """A challenge endpoint that reads each challenge, notes which miner it was for, and never answers."""
+
+    def __init__(self):
+        self.asked: list[str] = []
+        super().__init__()
+
+    def respond(self, handler, request: bytes) -> None:
+        self.asked.append(json.loads(request)["payload"]["miner_hotkey"])
+        self.stopping.wait(60)
+
+
+def test_a_crowd_of_stalling_miners_costs_one_deadline_a_round_and_is_benched(
+    redis_url, make_validator, endpoints, start_server, wallet
+):
+    # 20 registrations (fresh hotkeys, properly bound) whose endpoint never answers, beside one honest miner
+    validator = make_validator(redis_url, spot_check_timeout_s=8.0, spot_check_workers=4)
+    client = connect_redis(redis_url)
+    tarpit = start_server(Tarpit)
+    answer = _honest(validator, wallet.hotkey.ss58_address)
+    answer(Challenge(miner_hotkey="x", block_index=0, batch_size=2, seed=1, dim=64, epoch=0))  # its data, read once
+    honest = endpoints(wallet, answer)
+
+    def live() -> set[str]:  # every miner registers again before each round, as live miners do (30 s records)
+        _register(client, wallet, "QmHonest", honest.url)
+        return {_register(client, KeyWallet(1000 + i), f"QmTarpit{i}", tarpit.url) for i in range(20)}
+
+    crowd = live()
+    asked_per_round = []
+    for _ in range(8):  # 21 miners, 4 a round: every one asked by the 6th round
+        before = (len(tarpit.asked), honest.hits)
+        live()
+        validator.check_miners()
+        asked_per_round.append(len(tarpit.asked) - before[0] + honest.hits - before[1])
+        if set(tarpit.asked) == crowd and validator.spot_checks.get(wallet.hotkey.ss58_address):
+            break
+    assert max(asked_per_round) <= 4, f"a round asked {asked_per_round} miners: its cost grows with registrations"
+    assert set(tarpit.asked) == crowd and sorted(collections.Counter(tarpit.asked).values()) == [1] * 20, (
+        "each stalling miner is asked once, then benched"
+    )
+    for hotkey in crowd:  # named: a failed check saying why, and left out for a while
+        assert [c.result.verdict for c in validator.spot_checks[hotkey]] == ["fail"]
+        assert "deadline" in validator.spot_checks[hotkey][0].result.reason
+    assert set(validator.schedule.benched) == crowd
+
+    # the next round asks the honest miner alone, and it passes again: the crowd costs it nothing more
+    hits, asked, checked = honest.hits, len(tarpit.asked), len(validator.spot_checks[wallet.hotkey.ss58_address])
+    live()
+    validator.check_miners()
+    assert (honest.hits - hits, len(tarpit.asked) - asked) == (1, 0)
+    checks = validator.spot_checks[wallet.hotkey.ss58_address]
+    assert len(checks) == checked + 1 and {c.result.verdict for c in checks} == {"pass"}, [c.explain() for c in checks]
 
 
 @pytest.fixture

@@ -39,6 +39,10 @@ class RequestFailed(Exception):
     """No usable answer; the message says why in the validator's words, never in the peer's."""
 
 
+class NoAnswer(RequestFailed):
+    """The peer did not answer: no connection, or no complete answer by the deadline (it stalled)."""
+
+
 @dataclass(frozen=True)
 class Target:
     """A vetted URL: where to connect (``address``, pinned) and what to ask for."""
@@ -202,8 +206,8 @@ def post_json(
         raise
     except (OSError, http.client.HTTPException, ValueError) as error:
         if exchange.expired or isinstance(error, TimeoutError):  # the socket's own timeout is the time left, too
-            raise RequestFailed(f"no complete answer within the deadline of {deadline_s:g}s") from None
-        raise RequestFailed(f"no answer: {type(error).__name__}") from None
+            raise NoAnswer(f"no complete answer within the deadline of {deadline_s:g}s") from None
+        raise NoAnswer(f"no answer: {type(error).__name__}") from None
     finally:
         exchange.finish()
         if conn is not None:

@@ -48,7 +48,7 @@ from hivetrain.validator.claims import ClaimReader
 from hivetrain.validator.evaluate import evaluate
 from hivetrain.validator.progress import ProgressPoller
 from hivetrain.validator.scoring import normalize_weights, score_round
-from hivetrain.validator.spot import MinerShards, SpotCheck, SpotChecker, SpotCheckRules
+from hivetrain.validator.spot import CheckSchedule, MinerShards, SpotCheck, SpotChecker, SpotCheckRules
 from hivetrain.validator.state import history_of, load_state, save_state, state_of
 from hivetrain.validator.sync import ModelSync
 from hivetrain.validator.verdicts import ClaimCheckResult, SpotCheckResult, judge_claims
@@ -121,6 +121,7 @@ class Validator:
             tokenizer = load_tokenizer(s.tokenizer)
             self.eval_blocks = validation_blocks(tokenizer, self.block_size, s.eval_blocks)  # (N, T), fixed for the run
             self.checker = self._make_checker(tokenizer)
+            self.schedule = CheckSchedule(per_round=settings.spot_check_workers)
             self._cleanup.callback(self.checker.close)
             self._resume()
         except BaseException:
@@ -276,11 +277,15 @@ class Validator:
         """Read new telemetry, then spot-check every live miner that serves challenges, all at once."""
         miners = self.live_miners()
         self.claims.poll(miners)
-        reachable = [peer for _, peer in sorted(miners.items()) if peer.challenge_url]
-        if not reachable:
+        self.schedule.forget(set(miners))
+        # at most one wave of exchanges: a round costs one deadline however many miners registered
+        asked = self.schedule.pick([peer for _, peer in sorted(miners.items()) if peer.challenge_url])
+        if not asked:
             return
         self.sync.sync()  # challenge at the swarm's current parameters
-        for hotkey, check in self.checker.check_round(reachable, random.getrandbits(62), self.stop).items():
+        checks = self.checker.check_round(asked, random.getrandbits(62), self.stop)
+        self.schedule.record(asked, checks, self.checker.stalled)
+        for hotkey, check in checks.items():
             self.spot_checks.setdefault(hotkey, []).append(check)
             logger.info(f"spot check {hotkey[:10]}: {check.result.verdict} ({check.explain()})")
 

@@ -25,6 +25,7 @@ import json
 import math
 import random
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
@@ -38,7 +39,7 @@ from hivetrain.log import get_logger
 from hivetrain.protocol.projection import baseline_projection, projected_gradient
 from hivetrain.protocol.records import PeerRecord
 from hivetrain.protocol.spotcheck import CHALLENGE_PASSES, MAX_LAG_EPOCHS, Challenge, SpotCheckAnswer
-from hivetrain.validator.bounded_http import RequestFailed, post_json
+from hivetrain.validator.bounded_http import NoAnswer, RequestFailed, post_json
 from hivetrain.validator.sync import ModelSync
 from hivetrain.validator.verdicts import SpotCheckResult, judge_spot_check
 
@@ -70,8 +71,13 @@ class SpotCheck:
 class AnswerRejected(Exception):
     """A miner's answer that is no answer: unreachable, not authentic, not for this challenge, malformed.
 
-    The message names the cause in the validator's words; nothing the miner sent is repeated.
+    The message names the cause in the validator's words; nothing the miner sent is repeated. ``stalled``: the
+    endpoint did not answer at all (no connection, or nothing complete by the deadline).
     """
+
+    def __init__(self, message: str, stalled: bool = False):
+        super().__init__(message)
+        self.stalled = stalled
 
 
 def send_challenge(miner: PeerRecord, challenge: dict, deadline_s: float, allow_private: bool = True) -> bytes:
@@ -86,7 +92,7 @@ def send_challenge(miner: PeerRecord, challenge: dict, deadline_s: float, allow_
             miner.registered_from,
         )
     except RequestFailed as failed:
-        raise AnswerRejected(str(failed)) from None
+        raise AnswerRejected(str(failed), stalled=isinstance(failed, NoAnswer)) from None
 
 
 def read_answer(body: bytes, challenge: dict, verifier: Verifier, miner: PeerRecord, validator: str) -> SpotCheckAnswer:
@@ -137,6 +143,76 @@ class SpotCheckRules:
     private_urls: bool  # challenges may go to loopback and private addresses; else only where a registration came from
     window_s: float  # how fresh a signed answer must be
     diloco: bool  # one epoch is a whole outer step: answers one epoch apart cannot be judged
+
+
+#: A miner whose endpoint stalled is not asked again for this long, doubling each time in a row, up to BENCH_MAX_S
+BENCH_FIRST_S = 60.0
+BENCH_MAX_S = 3600.0
+
+
+class CheckSchedule:
+    """Which miners a check round asks: at most ``per_round`` (one wave of exchanges, so a round costs one deadline
+    whatever the number of registrations), none whose endpoint stalled lately.
+
+    Half the round (rounded up) goes to miners whose last check passed, least recently checked first; the rest to
+    the others, longest known to this validator first, so a crowd of fresh registrations waits behind the miners that
+    were here before it (each is asked in turn; a stalled one is benched). Slots one side leaves go to the other.
+    A miner whose endpoint stalled (``benched``) is left out for ``BENCH_FIRST_S``, doubled each time in a row, up to
+    ``BENCH_MAX_S``; an answer of any kind ends its run.
+    """
+
+    def __init__(self, per_round: int, clock: Callable[[], float] = time.monotonic):
+        if per_round < 1:
+            raise ValueError(f"per_round must be >= 1, got {per_round}")
+        self.per_round, self.clock = per_round, clock
+        self.first_seen: dict[str, float] = {}
+        self.last_checked: dict[str, float] = {}
+        self.passed: set[str] = set()  # miners whose last judged check passed
+        self.benched: dict[str, tuple[float, int]] = {}  # miner -> (left out until, stalls in a row)
+        self._rng = random.Random()
+
+    def pick(self, miners: list[PeerRecord]) -> list[PeerRecord]:
+        now = self.clock()
+        for miner in miners:
+            self.first_seen.setdefault(miner.hotkey, now)
+        eligible = [m for m in miners if self.benched.get(m.hotkey, (0.0, 0))[0] <= now]
+        proven = sorted(
+            (m for m in eligible if m.hotkey in self.passed), key=lambda m: self.last_checked.get(m.hotkey, -1.0)
+        )
+        others = [m for m in eligible if m.hotkey not in self.passed]
+        self._rng.shuffle(others)  # equals in age are taken in random order
+        others.sort(key=lambda m: self.first_seen[m.hotkey])
+        take_proven = min(len(proven), max((self.per_round + 1) // 2, self.per_round - len(others)))
+        return proven[:take_proven] + others[: self.per_round - take_proven]
+
+    def record(self, asked: list[PeerRecord], checks: dict[str, SpotCheck], stalled: set[str]) -> None:
+        """What a round found: judged verdicts, and the endpoints that did not answer (benched, and logged)."""
+        now = self.clock()
+        for miner in asked:
+            hotkey = miner.hotkey
+            self.last_checked[hotkey] = now
+            if hotkey in checks:
+                (self.passed.add if checks[hotkey].result.verdict == "pass" else self.passed.discard)(hotkey)
+            if hotkey not in stalled:
+                self.benched.pop(hotkey, None)
+                continue
+            stalls = self.benched.get(hotkey, (0.0, 0))[1] + 1
+            seconds = min(BENCH_MAX_S, BENCH_FIRST_S * 2 ** min(stalls - 1, 16))
+            self.benched[hotkey] = (now + seconds, stalls)
+            logger.warning(
+                f"miner {hotkey[:10]}'s endpoint did not answer its spot check ({stalls} in a row): "
+                f"not asked again for {seconds:.0f}s"
+            )
+
+    def forget(self, live: set[str]) -> None:
+        """Drop what is kept about miners no longer registered (bounded memory under a flood of registrations)."""
+        now = self.clock()
+        for table in (self.first_seen, self.last_checked):
+            for hotkey in [h for h in table if h not in live]:
+                del table[hotkey]
+        for hotkey in [h for h, (until, _) in self.benched.items() if h not in live and until <= now]:
+            del self.benched[hotkey]  # a bench outlives the registration: leaving and coming back does not end it
+        self.passed &= live
 
 
 class MinerShards:
@@ -203,6 +279,7 @@ class SpotChecker:
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=rules.workers, thread_name_prefix="spot-check")
         self.unjudged: Counter[str] = Counter()  # miner -> checks in a row whose answer could not be judged
         self._synced = False  # whether this round already synced for an answer ahead of us
+        self.stalled: set[str] = set()  # miners whose endpoint did not answer in the last round
         self._rng = random.Random()
 
     def stream_for(self, hotkey: str) -> BlockStream:
@@ -234,6 +311,7 @@ class SpotChecker:
             hotkey: sign(self.wallet, domain, asked.model_dump(mode="json")) for hotkey, asked in challenges.items()
         }
         bodies = self._send_all({miner.hotkey: miner for miner in miners}, signed)
+        self.stalled = {hotkey for hotkey, body in bodies.items() if isinstance(body, AnswerRejected) and body.stalled}
         answers = {miner.hotkey: self._read(bodies[miner.hotkey], signed[miner.hotkey], miner) for miner in miners}
         projections = {
             hotkey: torch.tensor(a.projection, dtype=torch.float32)
@@ -276,7 +354,7 @@ class SpotChecker:
         for future, hotkey in futures.items():
             if future in late:
                 future.cancel()
-                bodies[hotkey] = AnswerRejected(f"no answer within the deadline of {rules.timeout_s:g}s")
+                bodies[hotkey] = AnswerRejected(f"no answer within the deadline of {rules.timeout_s:g}s", stalled=True)
                 continue
             try:
                 bodies[hotkey] = future.result()
