@@ -7,6 +7,8 @@ import json
 import logging
 import re
 import socket
+import subprocess
+import sys
 from collections import Counter
 
 import datasets
@@ -163,7 +165,8 @@ def test_bundled_splits_load_offline_and_are_disjoint_by_year(no_network):
         rows = list(datasets.load_dataset("json", data_files=str(sotu_file(split)), split="train", streaming=True))
         assert all(row["text"] and row["name"] for row in rows)
         years[split] = [row["year"] for row in rows]
-        assert len(list(load_texts(BUNDLED_DATASET, split))) == len(rows)
+        # read without datasets (a second of imports saved at every start): the same documents in the same order
+        assert list(load_texts(BUNDLED_DATASET, split)) == [row["text"] for row in rows]
     assert (len(years["train"]), len(years["validation"])) == (219, 14)
     assert max(years["train"]) < min(years["validation"])
     assert years["train"][0] == 1790 and years["validation"][-1] == 2021
@@ -307,3 +310,17 @@ def test_validation_blocks_stop_at_the_end_of_a_short_split(corpus, tokenizer):
     assert 0 < blocks.shape[0] < 1000
     with pytest.raises(ValueError, match="max_blocks"):
         validation_blocks(tokenizer, 16, 0)
+
+
+def test_a_miner_on_the_bundled_corpus_does_not_import_datasets():
+    # issue 27 (join time): datasets costs a second of imports, and only data other than the bundled corpus needs it
+    code = (
+        "import sys\n"
+        "from hivetrain.data import BUNDLED_DATASET, load_texts\n"
+        "import hivetrain.miner.train, hivetrain.validator.service\n"
+        "assert next(iter(load_texts(BUNDLED_DATASET, 'train')))\n"
+        "print('datasets' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
