@@ -25,6 +25,7 @@ from hivetrain.hivemind_compat import Bans, OffenceLog, RobustAverager
 pytestmark = pytest.mark.integration
 
 SIZE = 200_000
+START_TIMEOUT_S = 120.0
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +51,7 @@ def _averager(
     """An averager of ``tensor``; ``claims``: the tensor whose schema it declares in matchmaking (an attacker's lie)."""
     # small parts: each peer reduces about a quarter of the vector (with hivemind's 512 KiB parts, a
     # 200k vector is two parts, and whoever gets the first reduces 65% of it)
+    assert dht.is_alive(), f"the DHT peer {dht.peer_id} this averager needs has exited"  # else its start never ends
     averager = cls(
         [tensor],
         dht=dht,
@@ -59,12 +61,13 @@ def _averager(
         min_matchmaking_time=3.0,
         request_timeout=1.0,
         part_size_bytes=part_size_bytes,
-        start=claims is None,
+        start=False,
         **robust,
     )
     if claims is not None:  # the schema hash goes into matchmaking when the averager starts
         averager.schema_hash = compute_schema_hash([claims])
-        averager.run_in_background(await_ready=True)
+    # bounded: hivemind's own start (start=True) waits for the averager's child forever (a CI run hung there 14 min)
+    averager.run_in_background(await_ready=True, timeout=START_TIMEOUT_S)
     return averager
 
 
