@@ -28,6 +28,11 @@ with a baseline passes every honest answer (thread counts, bf16, one step behind
 fails the wrong batch and noise by a wide margin, and fails a model 10 steps (several epochs)
 behind at both stages; without a baseline it still separates honest from wrong-batch answers,
 but by 0.025 only, and lets a model 10 steps behind pass late in training. Use a baseline.
+
+The step-lag rows scale with the learning rate. At the tiny preset's 3e-3 (``--lr 0.003``, 2026-12-07,
+``bench/results/spot_check_threshold_lr003.json``) one step behind scores 0.9650/0.9739 centered after
+10 steps and 0.7226/0.7985 after 60: an honest answer judged one epoch off would fail. So a validator
+judges an answer only at the parameters of the answer's own epoch (``hivetrain.validator.spot``).
 """
 
 from __future__ import annotations
