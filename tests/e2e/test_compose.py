@@ -215,6 +215,16 @@ def test_rounds_with_all_four_container_miners(stack):
     FIGURES["full_rounds"] = f"{len(seen)} (epochs {epochs[0]}..{epochs[-1]})"
 
 
+def explain(board: dict) -> str:
+    """Each miner's score and the reasons of its latest evidence: what a failed assertion shows."""
+    lines = [f"{board['rounds']} rounds"]
+    for miner in board["miners"]:
+        latest = miner["evidence"][-1] if miner["evidence"] else {}
+        lines.append(f"{miner['hotkey'][:10]} score {miner['score']:.4f} after {len(miner['evidence'])} rounds kept:")
+        lines.extend(f"    {reason}" for reason in latest.get("reasons", []))
+    return "\n".join(lines)
+
+
 def test_validator_loss_falls_and_every_miner_scores(stack):
     def evaluated():
         evals = (api(stack, "/api/evals?limit=200") or {}).get("evals", [])
@@ -228,14 +238,19 @@ def test_validator_loss_falls_and_every_miner_scores(stack):
 
     hotkeys = {m["hotkey"] for m in live_miners(stack).values()}
 
-    def scored():
-        board = api(stack, "/api/scores")
-        return board and board["rounds"] >= 2 and hotkeys <= {m["hotkey"] for m in board["miners"]} and board
+    def every_miner_scores(board) -> bool:
+        scores = {m["hotkey"]: m["score"] for m in board["miners"] if m["hotkey"] in hotkeys}
+        return board["rounds"] >= 2 and set(scores) == hotkeys and all(score > 0 for score in scores.values())
 
-    board = wait_until(scored, timeout=400, what="a score board with every miner after 2 scoring rounds", interval=5)
+    # a miner's first checks may find the validator an epoch off (not judged, nothing verified yet): every honest
+    # miner must earn a score within the time, not by a given round
+    board, deadline = None, time.monotonic() + 400
+    while time.monotonic() < deadline and not (board and every_miner_scores(board)):
+        time.sleep(5)
+        board = api(stack, "/api/scores") or board
+    assert board and every_miner_scores(board), explain(board) if board else "the validator published no score board"
     scores = {m["hotkey"]: m["score"] for m in board["miners"] if m["hotkey"] in hotkeys}
-    assert all(score > 0 for score in scores.values()), board["miners"]
-    FIGURES["scores"] = f"{min(scores.values()):.3f}..{max(scores.values()):.3f}"
+    FIGURES["scores"] = f"{min(scores.values()):.3f}..{max(scores.values()):.3f} after {board['rounds']} rounds"
 
 
 def test_restarted_miner_keeps_its_identity_and_resumes(stack):
