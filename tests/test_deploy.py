@@ -209,8 +209,7 @@ def test_image_rules(dockerfile, monkeypatch):
     copied = "${LOCK}" if lock else "services/requirements.lock"
     assert re.search(rf"^COPY {re.escape(copied)} \./(requirements\.lock)?$", text, re.M), "the image installs the lock"
     assert lock is None or lock.group(1) == "services/requirements.lock", "the CPU lock by default"
-    assert "--require-hashes -r requirements.lock" in text
-    assert '${WHEELS:+--no-index --find-links "$WHEELS"}' in text and "pip check" in text
+    assert '&& pip install "$@" --require-hashes -r requirements.lock' in text and "pip check" in text
     assert re.search(r"^USER 10001(:10001)?$", text, re.M), "run as the non-root uid 10001 (numeric, for runAsNonRoot)"
     assert "PYTHONUNBUFFERED=1" in text
     assert re.search(r"^HEALTHCHECK .*\\\n\s+CMD \[", text, re.M), "exec-form HEALTHCHECK"
@@ -220,6 +219,53 @@ def test_image_rules(dockerfile, monkeypatch):
     assert image_env, "the image sets its ports and paths as HIVE_* defaults"
     _assert_known(service, image_env, f"{dockerfile} ENV")
     _assert_valid(service, image_env, monkeypatch, f"{dockerfile} ENV")
+
+
+def _instruction(text: str, marker: str) -> str:
+    """The shell command of the Dockerfile RUN instruction containing ``marker``, continuation lines joined."""
+    joined = re.sub(r"\\\n", " ", text)
+    found = [line for line in joined.splitlines() if line.startswith("RUN ") and marker in line]
+    assert len(found) == 1, f"one RUN with {marker!r}, found {len(found)}"
+    return found[0][len("RUN ") :]
+
+
+def _pip_sources(command: str, args: dict[str, str], tmp_path: Path) -> list[str]:
+    """The arguments ``command`` gives pip with the build arguments ``args``: run by sh, pip a stub that prints
+    them one per line."""
+    stub = tmp_path / "bin"
+    stub.mkdir(exist_ok=True)
+    (stub / "pip").write_text('#!/bin/sh\nfor arg in "$@"; do echo "$arg"; done\n')
+    (stub / "pip").chmod(0o755)
+    env = {"PATH": f"{stub}:/usr/bin:/bin", **args}
+    result = subprocess.run(["sh", "-c", command], env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split()
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.parent.name)
+def test_each_build_path_names_exactly_the_sources_its_lock_was_resolved_from(dockerfile, tmp_path):
+    # the online build: PyPI and, for the CPU lock's torch (a local version, 2.13.0+cpu, that PyPI does not host),
+    # the page `make lock` resolved it from; make images: the wheelhouse and no index; the GPU override: PyPI only
+    text = dockerfile.read_text()
+    command = _instruction(text, "--require-hashes")
+    default_links = re.search(r"^ARG TORCH_FIND_LINKS=(\S+)$", text, re.M).group(1)
+    locked_from = re.search(r"^TORCH_FIND_LINKS \?= (\S+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
+    assert default_links == locked_from, "the default path must name the page make lock resolved torch from"
+    tail = ["install", "--require-hashes", "-r", "requirements.lock"]
+    online = _pip_sources(command, {"WHEELS": "", "TORCH_FIND_LINKS": default_links}, tmp_path)
+    assert online == ["install", "--find-links", locked_from, *tail[1:]], online
+    offline = _pip_sources(command, {"WHEELS": "/wheels", "TORCH_FIND_LINKS": default_links}, tmp_path)
+    assert offline == ["install", "--no-index", "--find-links", "/wheels", *tail[1:]], offline
+    gpu = yaml.safe_load((ROOT / "docker-compose.gpu.yml").read_text())["services"]["miner"]["build"]["args"]
+    if dockerfile.parent.name == "miner":
+        assert _pip_sources(command, {"WHEELS": "", "TORCH_FIND_LINKS": gpu["TORCH_FIND_LINKS"]}, tmp_path) == tail
+    # which pins need more than PyPI: local versions only, and only in the CPU lock
+    local = {
+        name: {pin for pin in re.findall(r"^([A-Za-z0-9._-]+==\S+)", (ROOT / "services" / name).read_text(), re.M)
+               if "+" in pin}
+        for name in ("requirements.lock", "requirements-cuda.lock")
+    }
+    assert local == {"requirements.lock": {"torch==2.13.0+cpu"}, "requirements-cuda.lock": set()}, local
 
 
 def _dockerignore_pattern(line: str) -> tuple[re.Pattern, bool]:
