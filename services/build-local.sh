@@ -88,7 +88,7 @@ find "$stage" -type f ! -name README.md -delete
 cp -l "$wheels"/* "$stage"/ 2>/dev/null || cp "$wheels"/* "$stage"/
 for service in bootstrap validator miner; do
     log "building hivetrain-$service:$tag"
-    docker build -q -f "services/$service/Dockerfile" -t "hivetrain-$service:$tag" \
+    docker build -q -f services/Dockerfile --target "$service" -t "hivetrain-$service:$tag" \
         --build-arg "BASE_IMAGE=$base" --build-arg WHEELS=/wheels . >/dev/null
 done
 for image in "hivetrain-redis:$tag" "hivetrain-bootstrap:$tag" "hivetrain-validator:$tag" "hivetrain-miner:$tag"; do

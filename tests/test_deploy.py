@@ -63,7 +63,9 @@ from hivetrain.swarm.redis_server import ROLES, role_rules
 pytestmark = pytest.mark.deploy
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCKERFILES = sorted(ROOT.glob("services/*/Dockerfile"))
+DOCKERFILE = ROOT / "services" / "Dockerfile"
+#: its targets, one per service image (compose and make images build each with its own)
+TARGETS = ("bootstrap", "validator", "miner")
 COMPOSE_VARIANTS = {
     "default": ["docker-compose.yml"],
     "gpu": ["docker-compose.yml", "docker-compose.gpu.yml"],
@@ -183,21 +185,57 @@ def test_every_service_reads_hive_prefixed_env():
 
 
 # --- images ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.parent.name)
-def test_hadolint(dockerfile):
-    result = _run([_binary("hadolint"), "--failure-threshold", "error", str(dockerfile)])
+def _stages(text: str) -> dict[str, str]:
+    """Each build stage's instructions by its name (``FROM ... AS name``), in the order of the file."""
+    stages: dict[str, str] = {}
+    for chunk in re.split(r"^(?=FROM )", text, flags=re.M)[1:]:
+        name = re.match(r"FROM \S+ AS (\S+)$", chunk.splitlines()[0])
+        assert name, f"every stage is named: {chunk.splitlines()[0]}"
+        stages[name.group(1)] = chunk
+    return stages
+
+
+def _image_env(service: str) -> dict[str, str]:
+    """The ``HIVE_*`` defaults the image of ``service`` sets: its target's and the runtime stage's below it."""
+    stages = _stages(DOCKERFILE.read_text())
+    text = stages["runtime"] + stages[service]
+    return dict(re.findall(r"^(?:ENV )?\s*(HIVE_[A-Z_]+)='?(.*?)'?(?: \\)?$", text, re.M))
+
+
+def test_hadolint():
+    result = _run([_binary("hadolint"), "--failure-threshold", "error", str(DOCKERFILE)])
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.parent.name)
-def test_image_rules(dockerfile, monkeypatch):
-    text = dockerfile.read_text()
-    service = dockerfile.parent.name
+def test_one_dockerfile_builds_every_image_from_its_target():
+    # one builder stage (the venv) and one runtime stage under a target per service, the miner last (a build
+    # without --target); compose builds each service from its own target, and so does make images
+    assert sorted(ROOT.glob("services/*/Dockerfile")) == [], "one Dockerfile: services/Dockerfile"
+    stages = _stages(DOCKERFILE.read_text())
+    assert list(stages) == ["builder", "runtime", *TARGETS], list(stages)
+    assert all(stages[target].startswith(f"FROM runtime AS {target}") for target in TARGETS)
+    for variant in COMPOSE_VARIANTS:
+        for name, service in _compose_config(variant)["services"].items():
+            build = service.get("build")
+            if name == "redis":
+                continue
+            assert (Path(build["context"]) / build["dockerfile"]).resolve() == DOCKERFILE, (variant, name)
+            assert build.get("target") == name, (variant, name, build)
+    local = (ROOT / "services" / "build-local.sh").read_text()
+    assert "for service in bootstrap validator miner; do" in local
+    assert 'docker build -q -f services/Dockerfile --target "$service"' in local
+
+
+@pytest.mark.parametrize("service", TARGETS)
+def test_image_rules(service, monkeypatch):
+    text = DOCKERFILE.read_text()
+    stages = _stages(text)
+    target, runtime = stages[service], stages["runtime"]
     assert not re.search(r"^# *syntax=", text, re.M | re.I), (
         "no `# syntax=` line: BuildKit would fetch that frontend from Docker Hub"
     )
     for base in re.findall(r"^FROM\s+(\S+)", text, re.M):
-        assert base in ("base", "${BASE_IMAGE}") or (":" in base and not base.endswith(":latest")), (
+        assert base in ("runtime", "${BASE_IMAGE}") or (":" in base and not base.endswith(":latest")), (
             f"{base}: pin the base by tag"
         )
     default_base = re.search(r"^ARG BASE_IMAGE=(\S+)$", text, re.M)
@@ -205,20 +243,22 @@ def test_image_rules(dockerfile, monkeypatch):
         "the base is a build argument whose default is a public image pinned by tag and digest"
     )
     # every Python package from the hashed lock, from the wheelhouse when one is given
-    lock = re.search(r"^ARG LOCK=(\S+)$", text, re.M)
-    copied = "${LOCK}" if lock else "services/requirements.lock"
-    assert re.search(rf"^COPY {re.escape(copied)} \./(requirements\.lock)?$", text, re.M), "the image installs the lock"
-    assert lock is None or lock.group(1) == "services/requirements.lock", "the CPU lock by default"
-    assert '&& pip install "$@" --require-hashes -r requirements.lock' in text and "pip check" in text
-    assert re.search(r"^USER 10001(:10001)?$", text, re.M), "run as the non-root uid 10001 (numeric, for runAsNonRoot)"
-    assert "PYTHONUNBUFFERED=1" in text
-    assert re.search(r"^HEALTHCHECK .*\\\n\s+CMD \[", text, re.M), "exec-form HEALTHCHECK"
-    assert re.search(r'^CMD \["python", "-m", "hivetrain\.' + service + r'"\]$', text, re.M)
-    assert re.search(r"^ENTRYPOINT \[", text, re.M) and re.search(r"^EXPOSE ", text, re.M)
-    image_env = dict(re.findall(r"^\s+(HIVE_[A-Z_]+)='?(.*?)'?(?: \\)?$", text, re.M))
+    lock = re.search(r"^ARG LOCK=(\S+)$", stages["builder"], re.M)
+    assert lock and lock.group(1) == "services/requirements.lock", "the CPU lock by default"
+    assert re.search(r"^COPY \$\{LOCK\} \./requirements\.lock$", stages["builder"], re.M), "the image installs the lock"
+    assert '&& pip install "$@" --require-hashes -r requirements.lock' in stages["builder"]
+    assert "pip check" in stages["builder"]
+    assert "COPY --from=builder /opt/venv /opt/venv" in runtime and "PYTHONUNBUFFERED=1" in runtime
+    # run as the non-root uid 10001 (numeric, for runAsNonRoot)
+    assert re.search(r"^USER 10001(:10001)?$", runtime, re.M), runtime
+    assert not re.search(r"^USER ", target, re.M), "no target runs as another user"
+    assert re.search(r"^HEALTHCHECK .*\\\n\s+CMD \[", target, re.M), "exec-form HEALTHCHECK"
+    assert re.search(r'^CMD \["python", "-m", "hivetrain\.' + service + r'"\]$', target, re.M)
+    assert re.search(r"^ENTRYPOINT \[", target + runtime, re.M) and re.search(r"^EXPOSE ", target, re.M)
+    image_env = _image_env(service)
     assert image_env, "the image sets its ports and paths as HIVE_* defaults"
-    _assert_known(service, image_env, f"{dockerfile} ENV")
-    _assert_valid(service, image_env, monkeypatch, f"{dockerfile} ENV")
+    _assert_known(service, image_env, f"{DOCKERFILE} target {service} ENV")
+    _assert_valid(service, image_env, monkeypatch, f"{DOCKERFILE} target {service} ENV")
 
 
 def _instruction(text: str, marker: str) -> str:
@@ -242,11 +282,10 @@ def _pip_sources(command: str, args: dict[str, str], tmp_path: Path) -> list[str
     return result.stdout.split()
 
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.parent.name)
-def test_each_build_path_names_exactly_the_sources_its_lock_was_resolved_from(dockerfile, tmp_path):
+def test_each_build_path_names_exactly_the_sources_its_lock_was_resolved_from(tmp_path):
     # the online build: PyPI and, for the CPU lock's torch (a local version, 2.13.0+cpu, that PyPI does not host),
     # the page `make lock` resolved it from; make images: the wheelhouse and no index; the GPU override: PyPI only
-    text = dockerfile.read_text()
+    text = DOCKERFILE.read_text()
     command = _instruction(text, "--require-hashes")
     default_links = re.search(r"^ARG TORCH_FIND_LINKS=(\S+)$", text, re.M).group(1)
     locked_from = re.search(r"^TORCH_FIND_LINKS \?= (\S+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
@@ -257,12 +296,14 @@ def test_each_build_path_names_exactly_the_sources_its_lock_was_resolved_from(do
     offline = _pip_sources(command, {"WHEELS": "/wheels", "TORCH_FIND_LINKS": default_links}, tmp_path)
     assert offline == ["install", "--no-index", "--find-links", "/wheels", *tail[1:]], offline
     gpu = yaml.safe_load((ROOT / "docker-compose.gpu.yml").read_text())["services"]["miner"]["build"]["args"]
-    if dockerfile.parent.name == "miner":
-        assert _pip_sources(command, {"WHEELS": "", "TORCH_FIND_LINKS": gpu["TORCH_FIND_LINKS"]}, tmp_path) == tail
+    assert _pip_sources(command, {"WHEELS": "", "TORCH_FIND_LINKS": gpu["TORCH_FIND_LINKS"]}, tmp_path) == tail
     # which pins need more than PyPI: local versions only, and only in the CPU lock
     local = {
-        name: {pin for pin in re.findall(r"^([A-Za-z0-9._-]+==\S+)", (ROOT / "services" / name).read_text(), re.M)
-               if "+" in pin}
+        name: {
+            pin
+            for pin in re.findall(r"^([A-Za-z0-9._-]+==\S+)", (ROOT / "services" / name).read_text(), re.M)
+            if "+" in pin
+        }
         for name in ("requirements.lock", "requirements-cuda.lock")
     }
     assert local == {"requirements.lock": {"torch==2.13.0+cpu"}, "requirements-cuda.lock": set()}, local
@@ -372,9 +413,9 @@ def _build_args(dockerfile: Path) -> list[dict[str, str]]:
     return variants
 
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.parent.name)
-def test_every_copy_source_is_in_the_build_context(dockerfile):
+def test_every_copy_source_is_in_the_build_context():
     """A COPY of a missing or .dockerignored path fails only at `docker build`, which CI reaches last."""
+    dockerfile = DOCKERFILE
     ignore = (ROOT / ".dockerignore").read_text().splitlines()
     checked = set()
     for args in _build_args(dockerfile):
@@ -389,9 +430,8 @@ def test_every_copy_source_is_in_the_build_context(dockerfile):
                     f"{dockerfile} (args {args}): COPY {source}: .dockerignore leaves it out"
                 )
             checked.add(source)
-    assert "hivetrain" in checked and "services/requirements.lock" in checked, checked
-    if dockerfile.parent.name == "miner":
-        assert "services/requirements-cuda.lock" in checked, "the GPU compose file's LOCK is checked too"
+    assert {"hivetrain", "services/requirements.lock", "services/miner/entrypoint.sh"} <= checked, checked
+    assert "services/requirements-cuda.lock" in checked, "the GPU compose file's LOCK is checked too"
 
 
 def _lock_pins(text: str) -> dict[str, tuple[str, int]]:
@@ -772,13 +812,12 @@ def test_compose_lists_every_setting_or_leaves_it_to_the_image(service):
 def test_compose_passes_through_nothing_the_image_sets(service):
     # compose sends an unset pass-through variable to the engine as a bare `NAME`, which removes an
     # image ENV of that name (moby's ReplaceOrAppendEnvValues): the image's value would be lost
-    image = (ROOT / "services" / service / "Dockerfile").read_text()
-    image_env = set(re.findall(r"^\s+(HIVE_[A-Z_]+)=", image, re.M))
+    image_env = set(_image_env(service))
     passed = {
         key for key, value in _compose_config("default")["services"][service]["environment"].items() if value is None
     }
     assert not image_env & passed, (
-        f"services/{service}/Dockerfile sets {sorted(image_env & passed)}, which "
+        f"services/Dockerfile's {service} target sets {sorted(image_env & passed)}, which "
         "docker-compose.yml passes through: fix the value in compose, or drop it from the image"
     )
 
