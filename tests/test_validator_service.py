@@ -231,6 +231,30 @@ def test_one_round_checks_every_miner_at_once_and_nobody_evades(
     assert [c.result.verdict for c in validator.spot_checks[miners["honest"]]] == ["pass", "pass"]
 
 
+def test_weights_keep_their_interval_while_a_round_is_judged(
+    redis_url, make_validator, endpoints, wallet, other_wallet
+):
+    """Weights that come due during a check round are set during it, once, not after every answer is judged; the
+    answers judged after them count in the next window."""
+    validator = make_validator(redis_url)
+    client = connect_redis(redis_url)
+    hotkeys = [
+        _register(client, w, name, endpoints(w, _honest(validator, w.hotkey.ss58_address)).url)
+        for w, name in ((wallet, "QmOne"), (other_wallet, "QmTwo"))
+    ]
+    validator.due = {"weights": time.monotonic() - 1}  # due now, as when a round outlasts the interval
+    validator.check_miners()
+    assert validator.rounds == 1, "no weights during the round: they waited for every judgement"
+    assert validator.due["weights"] > time.monotonic(), "the interval starts again from those weights"
+    assert {h: [c.result.verdict for c in validator.spot_checks.get(h, [])] for h in hotkeys} == dict.fromkeys(
+        hotkeys, ["pass"]
+    )
+    first = {h: validator.evidence.get(h, []) for h in hotkeys}
+    assert first == dict.fromkeys(hotkeys, []), first  # judged after that window closed: nothing of theirs in it
+    validator.score_and_set_weights()
+    assert all(validator.evidence[h][-1]["checks"][-1]["verdict"] == "pass" for h in hotkeys)
+
+
 class Tarpit(PostServer):
     """A challenge endpoint that reads each challenge, notes which miner it was for, and never answers."""
 

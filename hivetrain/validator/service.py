@@ -3,7 +3,8 @@
 Three schedules run in one loop, each on its own clock (not on incoming requests, as the original
 HiveMiner did): ``sync_every_s`` loads the swarm's state and evaluates it on fixed validation
 blocks; ``check_every_s`` reads new signed telemetry and sends each live miner a spot check;
-``weights_every_s`` closes a scoring window, scores it and sets weights through the chain.
+``weights_every_s`` closes a scoring window, scores it and sets weights through the chain; weights that
+come due while a check round's answers are being judged are set between two judgements.
 
 Every step crosses a network boundary (Redis, the chain, the DHT, miners' HTTP). A step that
 fails is logged (with the traceback the first time, then at 1, 2, 4, 8... failures in a row) and
@@ -77,6 +78,7 @@ class Validator:
         self.rounds = 0
         self.window_started = time.time()
         self.failures: Counter[str] = Counter()  # loop step -> failures in a row
+        self.due: dict[str, float] = {}  # loop step -> when it runs next (time.monotonic()), set by ``run``
         self._cleanup = contextlib.ExitStack()
         try:
             set_torch_threads(s.torch_threads)  # 0: torch's default, within the container's CPU limit
@@ -195,15 +197,24 @@ class Validator:
             "weights": (s.weights_every_s, self.score_and_set_weights),
         }
         now = time.monotonic()
-        due = {"sync": now, "check": now + s.check_every_s / 2, "weights": now + s.weights_every_s}
+        due = self.due = {"sync": now, "check": now + s.check_every_s / 2, "weights": now + s.weights_every_s}
         while not self.stop.is_set():
             self._attempt("heartbeat", self._beat)
             for name, (every_s, step) in steps.items():
                 if time.monotonic() >= due[name] and not self.stop.is_set():
-                    wait_s = every_s if self._attempt(name, step) else min(every_s, self._retry_in(name))
-                    due[name] = time.monotonic() + wait_s
+                    self._step(name, every_s, step)
             self._attempt("offences", self._record_offences)
             self.stop.wait(max(0.1, min(due.values()) - time.monotonic()))
+
+    def _step(self, name: str, every_s: float, step: Callable[[], None]) -> None:
+        wait_s = every_s if self._attempt(name, step) else min(every_s, self._retry_in(name))
+        self.due[name] = time.monotonic() + wait_s
+
+    def _weights_if_due(self) -> None:
+        """Close the scoring window now if its time came while a check round is being judged: weights keep their
+        interval however long a round takes (what the round judged so far counts in the next window)."""
+        if "weights" in self.due and time.monotonic() >= self.due["weights"] and not self.stop.is_set():
+            self._step("weights", self.settings.weights_every_s, self.score_and_set_weights)
 
     def _attempt(self, name: str, step: Callable[[], None]) -> bool:
         """Run one loop step; True when it went through. A failure is counted and logged, never raised."""
@@ -282,7 +293,7 @@ class Validator:
         if not asked:
             return
         self.sync.sync()  # challenge at the swarm's current parameters
-        checks = self.checker.check_round(asked, random.getrandbits(62), self.stop)
+        checks = self.checker.check_round(asked, random.getrandbits(62), self.stop, between=self._weights_if_due)
         self.schedule.record(asked, checks, self.checker.stalled)
         for hotkey, check in checks.items():
             self.spot_checks.setdefault(hotkey, []).append(check)

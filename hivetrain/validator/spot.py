@@ -299,12 +299,17 @@ class SpotChecker:
         return self._baseline[1]
 
     def check_round(
-        self, miners: list[PeerRecord], seed: int, stop: threading.Event | None = None
+        self,
+        miners: list[PeerRecord],
+        seed: int,
+        stop: threading.Event | None = None,
+        between: Callable[[], None] | None = None,
     ) -> dict[str, SpotCheck]:
         """Challenge every miner at once, then judge each answer here; by miner hotkey.
 
         A miner whose answer could not be judged is left out, until that happened ``spot_check_tries``
-        times in a row: then it fails. Judging stops early when ``stop`` is set.
+        times in a row: then it fails. Judging stops early when ``stop`` is set. ``between`` runs before
+        each judgement (the validator sets weights there when they are due).
         """
         challenges = {miner.hotkey: self._challenge(miner, seed) for miner in miners}
         domain = self.answers.domain  # challenges and answers: this run and subnet only
@@ -321,6 +326,8 @@ class SpotChecker:
         }
         checks, self._synced = {}, False
         for miner in random.sample(miners, len(miners)):
+            if between is not None:
+                between()
             if stop is not None and stop.is_set():
                 break
             others = {hotkey: p for hotkey, p in projections.items() if hotkey != miner.hotkey}
