@@ -157,6 +157,7 @@ class Validator:
             tries=s.spot_check_tries,
             private_urls=s.spot_check_private_urls,
             window_s=s.record_window_s,
+            diloco=s.mode == "diloco",
         )
         shards = MinerShards(
             s.dataset, s.dataset_split, s.text_key, tokenizer, self.block_size, s.num_shards, s.seed, self.shard_salt

@@ -74,14 +74,16 @@ def test_honest_miners_earn_weight_and_cheaters_none(swarm):
         miners = {m["hotkey"]: m for m in board["miners"]}
         # the cheaters start after the validator: on a loaded machine 3 rounds can pass before the first registers,
         # and the inflater's first window on the board can come before its first step
-        inflater = miners.get(cheaters["inflate"])
+        inflater, lazy = miners.get(cheaters["inflate"]), miners.get(cheaters["lazy"])
         judged = inflater is not None and any(e["claimed_samples"] > 0 for e in inflater["evidence"])
-        return board if honest <= set(miners) and judged else None
+        # and the lazy one's first spot check: a CI run reached 3 rounds with its first answer not judged yet
+        checked = lazy is not None and any(r.startswith("spot check") for e in lazy["evidence"] for r in e["reasons"])
+        return board if honest <= set(miners) and judged and checked else None
 
     board = wait_until(
         scored,
         timeout=420,
-        what=f"{ROUNDS} scoring rounds, and one that includes every honest miner and the inflater's claims",
+        what=f"{ROUNDS} scoring rounds, one with every honest miner, the inflater's claims and the lazy one checked",
     )
     (swarm.workdir / "board.json").write_text(json.dumps(board, indent=1))  # for a person reading a failure
     miners = {m["hotkey"]: m for m in board["miners"]}
