@@ -367,10 +367,11 @@ def test_an_answer_is_judged_at_the_parameters_of_its_own_epoch(
     """The validator holds epoch 1 (model A) and then 2 (model B): an answer at 1 is judged at A, one at 2 at B.
 
     A second validator that went from 0 straight to 2 holds no parameters of epoch 1. In gradient mode it judges an
-    answer at 1 at B, where only the floor fails: a pass passes, an answer far from B (A's, an unrelated model) fails,
+    answer at 1 at B, where only the floor fails: a pass passes, an answer from an unrelated model (A) never passes,
     and one near B but under the bar (as an honest answer one step off at the tiny preset's lr) is not judged, a
     failure once that happened ``spot_check_tries`` times in a row. In DiLoCo mode (one epoch, one outer step) none is
-    judged across epochs."""
+    judged across epochs. (No answer here is sure to fall below the floor; tests/integration/test_validator.py's
+    lazy cheater answers noise and must fail, at its own epoch or one off.)"""
     validator = make_validator(redis_url, mode=mode)
     client = connect_redis(redis_url)
     model_a = serve_state(mode, 1, seed=11)
@@ -401,8 +402,11 @@ def test_an_answer_is_judged_at_the_parameters_of_its_own_epoch(
     straight.check_miners()
     verdicts, why = _verdicts(straight, hotkeys)
     if mode == "hivemind":
-        assert verdicts == {"current": ["pass"], "previous": ["fail"], "mixed": ["pass"], "near": []}, why
-        assert "below 0.5: not a gradient of this batch one epoch off" in why["previous"][0], why
+        # A's answer at B: an unrelated model's gradient scores under the bar, below the floor or not (a CI run saw
+        # 0.5 or more for one batch): a failure named for the floor, or not judged; never a pass
+        previous = verdicts.pop("previous")
+        assert verdicts == {"current": ["pass"], "mixed": ["pass"], "near": []}, why
+        assert previous == [] or (previous == ["fail"] and "below 0.5: not a gradient" in why["previous"][0]), why
     else:
         assert verdicts == {"current": ["pass"], "previous": [], "mixed": [], "near": []}, why
     straight.check_miners()
