@@ -261,10 +261,14 @@ def test_image_rules(service, monkeypatch):
     _assert_valid(service, image_env, monkeypatch, f"{DOCKERFILE} target {service} ENV")
 
 
+def _instructions(text: str) -> list[str]:
+    """A Dockerfile's lines with each instruction's continuation lines joined into one."""
+    return re.sub(r"\\\n", " ", text).splitlines()
+
+
 def _instruction(text: str, marker: str) -> str:
-    """The shell command of the Dockerfile RUN instruction containing ``marker``, continuation lines joined."""
-    joined = re.sub(r"\\\n", " ", text)
-    found = [line for line in joined.splitlines() if line.startswith("RUN ") and marker in line]
+    """The shell command of the Dockerfile RUN instruction containing ``marker``."""
+    found = [line for line in _instructions(text) if line.startswith("RUN ") and marker in line]
     assert len(found) == 1, f"one RUN with {marker!r}, found {len(found)}"
     return found[0][len("RUN ") :]
 
@@ -372,10 +376,9 @@ def test_dockerignore_matching(path, lines, excluded):
 def _copy_sources(dockerfile: Path, args: dict[str, str]) -> list[str]:
     """Context paths the COPY instructions read (not --from= stages), with $VAR/${VAR} from ARG defaults and
     ``args``."""
-    text = re.sub(r"\\\n", " ", dockerfile.read_text())
     values: dict[str, str] = {}
     sources = []
-    for line in text.splitlines():
+    for line in _instructions(dockerfile.read_text()):
         words = line.split(None, 1)
         if not words or words[0].startswith("#"):
             continue
