@@ -85,6 +85,10 @@ class Chain(Protocol):
         """The hotkey's uid, None when it is not registered."""
         ...
 
+    def admitted(self, hotkeys: set[str]) -> set[str]:
+        """Those of ``hotkeys`` whose peers may take part in training (``hivetrain.admission``)."""
+        ...
+
 
 def normalize(weights: dict[int, float]) -> dict[int, float]:
     """Weights scaled to sum 1, zeros dropped; ``{}`` when all are zero. ValueError on negatives or NaN."""
@@ -120,10 +124,41 @@ class LocalChain:
         self._uids, self._next_uid = f"{prefix}:uids", f"{prefix}:next_uid"
         self._stake, self._neurons = f"{prefix}:stake", f"{prefix}:neurons"
         self._weights_prefix = f"{prefix}:weights:"
+        self._admitted = f"{prefix}:admitted"  # hotkey -> unix time the operator admitted it
         self._register = client.register_script(_REGISTER_LUA)
 
     def _all_keys(self) -> list[str]:
-        return [self._uids, self._next_uid, self._stake, self._neurons]
+        return [self._uids, self._next_uid, self._stake, self._neurons, self._admitted]
+
+    def admit(self, hotkey: str) -> None:
+        """Let ``hotkey``'s peers take part in training (an operator's decision: on this chain hotkeys are free).
+
+        Needs a Redis credential that writes the run's keys (the admin's, the bootstrap's or a validator's);
+        a miner's is read-only."""
+        if not isinstance(hotkey, str) or not hotkey.strip():
+            raise ValueError("hotkey must be a non-empty ss58 address")
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.hset(self._admitted, hotkey.strip(), repr(time.time()))
+            pipe.expire(self._admitted, self.ttl_s)
+            pipe.execute()
+
+    def revoke(self, hotkey: str) -> bool:
+        """Take ``hotkey``'s admission back; whether it had one. Its peers are refused within a refresh."""
+        return bool(self.client.hdel(self._admitted, hotkey))
+
+    def admitted(self, hotkeys: set[str]) -> set[str]:
+        """Those of ``hotkeys`` the operator admitted, and the registered validators (their own Redis user
+        registers them: a miner cannot)."""
+        ordered = sorted(hotkeys)
+        if not ordered:
+            return set()
+        flags = self.client.hmget(self._admitted, ordered)
+        found = {hotkey for hotkey, flag in zip(ordered, flags) if flag is not None}
+        return found | {n.hotkey for n in self.metagraph() if n.role == "validator" and n.hotkey in hotkeys}
+
+    def admitted_hotkeys(self) -> dict[str, float]:
+        """Every hotkey the operator admitted, with the unix time it was."""
+        return {hotkey.decode(): float(at) for hotkey, at in self.client.hgetall(self._admitted).items()}
 
     def register(self, hotkey: str, endpoint: str, role: ChainRole) -> int:
         if role not in DEFAULT_STAKE:
@@ -199,6 +234,10 @@ class BittensorChain:
 
     def uid_for(self, hotkey: str) -> int | None:
         return self.client.neurons.uid(hotkey_ss58=hotkey, netuid=self.netuid)
+
+    def admitted(self, hotkeys: set[str]) -> set[str]:
+        """Those of ``hotkeys`` with a uid on the subnet: registering one cost its operator."""
+        return {n.hotkey for n in self.metagraph()} & set(hotkeys)
 
     def register(self, hotkey: str, endpoint: str, role: ChainRole) -> int:
         """The uid of a hotkey registered beforehand; never burns TAO on its own.

@@ -122,6 +122,14 @@ class ServiceSettings(BaseSettings):
         description="subnet uid (bittensor chain); part of every signature there, so records of one subnet are "
         "refused in another",
     )
+    admission: Literal["", "chain", "open"] = Field(
+        "",
+        description="who takes part in training (all-reduce groups, parts, state downloads, progress records): "
+        "'chain' = peers bound to a hotkey the chain admits (a uid on a Bittensor subnet; on the local chain, a "
+        "hotkey admitted with python -m hivetrain.admission admit, or a validator); 'open' = any libp2p key, one "
+        "operator with many keys counts as many peers (a throwaway local swarm); empty = chain on bittensor, open "
+        "on the local chain",
+    )
 
     @field_validator("run_id")
     @classmethod

@@ -28,7 +28,7 @@ import re
 import secrets
 import time
 import urllib.parse
-from typing import Any
+from typing import Any, Callable
 
 import redis
 
@@ -169,14 +169,21 @@ class Registry:
             pipe.zrem(self.keys.peer_index, peer_id)
             pipe.execute()
 
-    def store_signed(self, raw: bytes, roles: tuple[str, ...] = ("miner",), source: str = "") -> PeerRecord:
+    def store_signed(
+        self,
+        raw: bytes,
+        roles: tuple[str, ...] = ("miner",),
+        source: str = "",
+        admits: Callable[[str], bool] | None = None,
+    ) -> PeerRecord:
         """Store a registration its peer signed (the bootstrap's ``POST /v1/peers``), received from the address
         ``source``; ``Refused`` says why not.
 
         Refused: a body over ``MAX_REGISTRATION_BYTES`` (413); a bad, stale or other-run signature,
         a record naming another hotkey, a peer id its libp2p key does not bind (401); a role not in
         ``roles`` (403); a registration signed no later than the one stored for its peer id (409: a
-        replay, which would otherwise move the peer's ``registered_from`` to the replayer's address);
+        replay, which would otherwise move the peer's ``registered_from`` to the replayer's address); a hotkey
+        ``admits`` (when given) does not admit (403);
         a new peer id for a hotkey that already has ``MAX_PEERS_PER_HOTKEY`` live (429). The stored
         registration itself, sent again, is answered as stored and changes nothing.
         """
@@ -188,6 +195,12 @@ class Registry:
             raise Refused(f"registration of {record.peer_id} refused: {problem}", 401)
         if record.role not in roles:
             raise Refused(f"role {record.role!r} cannot register through the bootstrap (only {', '.join(roles)})", 403)
+        if admits is not None and not admits(record.hotkey):
+            raise Refused(
+                f"hotkey {record.hotkey} is not admitted to this run (HIVE_ADMISSION=chain): register it on the "
+                "subnet, or ask the operator to run python -m hivetrain.admission admit HOTKEY",
+                403,
+            )
         signed_at = min(envelope.timestamp, time.time())
         newest = self.client.zscore(self.keys.peer_index, record.peer_id)
         if newest is not None and signed_at <= newest:

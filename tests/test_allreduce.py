@@ -9,6 +9,7 @@ honest peers' mean points, and the attacker must be named.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import multiprocessing
 import time
@@ -21,6 +22,8 @@ from hivemind.averaging.averager import compute_schema_hash
 
 from hivetrain.aggregation import AggregationRule
 from hivetrain.hivemind_compat import Bans, OffenceLog, RobustAverager
+from hivetrain.hivemind_compat.allreduce import RobustPartReducer
+from hivetrain.protocol.admission import Admission
 
 pytestmark = pytest.mark.integration
 
@@ -293,3 +296,85 @@ def test_a_peer_declaring_a_huge_bandwidth_reduces_at_most_four_times_the_median
     big = fractions[bandwidths.index(100.0)]
     honest = [f for b, f in zip(bandwidths, fractions) if b != 100.0]
     assert big <= 4 * min(honest) + len(fractions) and big / SIZE < 0.6, f"it reduces {big / SIZE:.1%} of the vector"
+
+
+def test_a_peer_no_admitted_hotkey_vouches_for_never_averages_with_admitted_ones(dhts):
+    """Issue 23: any libp2p key joined honest groups. Here the three honest peers admit each other only; the
+    attacker (plain hivemind, a NaN tensor, a fresh key) asks and leads, and is in no group. It is refused, not
+    named: not being admitted is no offence."""
+    log = OffenceLog(ban_s=600.0)
+    honest_ids = {dht.peer_id.to_base58() for dht in dhts[1:]}
+    admission = Admission.fixed({peer: f"5Hotkey{i}" for i, peer in enumerate(sorted(honest_ids))})
+    generator = torch.Generator().manual_seed(4)
+    signal = torch.randn(SIZE, generator=generator)
+    honest = [signal + 0.3 * torch.randn(SIZE, generator=generator) for _ in range(3)]
+    attacker = _averager(dhts[0], torch.full((SIZE,), float("nan")), "admitted", min_group_size=2)
+    robust = dict(cls=RobustAverager, aggregation_rule=AggregationRule(), bans=Bans(log, admission))
+    peers = [_averager(dht, t.clone(), "admitted", min_group_size=3, **robust) for dht, t in zip(dhts[1:], honest)]
+    try:
+        controls = [attacker.step(wait=False, timeout=30)] + [p.step(wait=False, timeout=30) for p in peers]
+        groups = [{peer.to_base58() for peer in control.result(timeout=60) or ()} for control in controls[1:]]
+        with contextlib.suppress(Exception):  # nobody admits the attacker: it finds no group
+            controls[0].result(timeout=60)
+        assert all(group == honest_ids for group in groups), f"the honest peers' groups: {groups}"
+        for peer in peers:
+            with peer.get_tensors() as tensors:
+                assert torch.isfinite(tensors[0]).all()
+        assert log.drain() == [], "a peer that is only not admitted was named as an offender"
+    finally:
+        for averager in [attacker, *peers]:
+            averager.shutdown()
+
+
+def test_a_leader_takes_one_peer_per_hotkey_into_its_group(dhts):
+    """Two keys of one operator's hotkey never sit in one group that robust peers assemble."""
+    ids = [dht.peer_id.to_base58() for dht in dhts]
+    admission = Admission.fixed({ids[0]: "5Honest0", ids[1]: "5Honest1", ids[2]: "5Operator", ids[3]: "5Operator"})
+    generator = torch.Generator().manual_seed(5)
+    robust = dict(cls=RobustAverager, aggregation_rule=AggregationRule())
+    peers = [
+        _averager(
+            dht,
+            torch.randn(SIZE, generator=generator),
+            "onevote",
+            min_group_size=2,
+            **robust,
+            bans=Bans(OffenceLog(ban_s=60.0), admission),
+        )
+        for dht in dhts
+    ]
+    try:
+        groups = []
+        for _ in range(2):
+            controls = [peer.step(wait=False, timeout=30) for peer in peers]
+            for control in controls:
+                with contextlib.suppress(Exception):  # a peer left without a group this round
+                    groups.append({peer.to_base58() for peer in control.result(timeout=60) or ()})
+        assert any(len(group) >= 2 for group in groups), f"no group formed: {groups}"
+        assert not any({ids[2], ids[3]} <= group for group in groups), f"both operator keys in one group: {groups}"
+    finally:
+        for peer in peers:
+            peer.shutdown()
+
+
+def test_the_peers_of_one_hotkey_weigh_as_one_in_a_partition():
+    """Two honest parts and two flipped ones from one operator's two keys: counted per peer id the flip cancels
+    the honest direction (cosine about 0); counted per hotkey it is one part of three and the honest one wins."""
+    generator = torch.Generator().manual_seed(0)
+    signal = torch.randn(4096, generator=generator)
+    parts = [signal + 0.5 * torch.randn(4096, generator=generator) for _ in range(2)]
+    parts += [-(signal + 0.5 * torch.randn(4096, generator=generator)) for _ in range(2)]
+    senders = ["QmA", "QmB", "QmOperator1", "QmOperator2"]
+
+    async def reduce(admission: Admission) -> torch.Tensor:
+        bans = Bans(OffenceLog(ban_s=60.0), admission)
+        reducer = RobustPartReducer([torch.Size([4096])], 4, senders, "QmA", "test", rule=AggregationRule(), bans=bans)
+        answers = await asyncio.gather(*(reducer.accumulate_part(i, 0, part) for i, part in enumerate(parts)))
+        return answers[0]
+
+    def cosine(admission: Admission) -> float:
+        return float(torch.nn.functional.cosine_similarity(asyncio.run(reduce(admission)), signal, dim=0))
+
+    hotkeys = {"QmA": "5A", "QmB": "5B", "QmOperator1": "5Operator", "QmOperator2": "5Operator"}
+    assert cosine(Admission.fixed(hotkeys)) > 0.8
+    assert abs(cosine(Admission.open())) < 0.3  # hivemind's count: one vote per key

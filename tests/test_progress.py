@@ -193,3 +193,53 @@ def test_the_plausible_epoch_ignores_a_minority_that_inflates_its_records():
     assert sorted(plausible(progress, max_samples_per_s=1e4, on_implausible=named.__setitem__)) == ["a", "b"]
     assert sorted(named) == ["fast", "liar"]
     assert "epoch 1000000000" in named["liar"] and "samples/s" in named["fast"]
+
+
+def test_progress_counts_admitted_peers_only_and_the_keys_of_one_hotkey_once(tmp_path):
+    """Issue 23: records from free keys lifted the epoch bound (five at 10^9 against four honest peers). Here one
+    operator publishes epoch 10^9 from three keys of one admitted hotkey and one key nobody admitted, against two
+    honest peers: counted per key, four of six records say 10^9 and the swarm's epoch becomes 10^9; counted per
+    admitted hotkey, the operator is one of three voters, its records are implausible and it is named."""
+    hivemind = pytest.importorskip("hivemind")
+    from hivemind.optim.progress_tracker import ProgressTracker
+
+    from hivetrain.hivemind_compat.optimizer import PlausibleProgressTracker
+    from hivetrain.protocol.admission import Admission
+
+    run_id, dhts, trackers = "admitted_progress", [], []
+    try:
+        first, first_key = _identity_dht(hivemind, tmp_path / "honest0.key")
+        peers = [str(a) for a in first.get_visible_maddrs()]
+        keyed = [(first, first_key)] + [
+            _identity_dht(hivemind, tmp_path / f"peer{i}.key", initial_peers=peers) for i in range(6)
+        ]
+        dhts = [dht for dht, _ in keyed]
+        ids = [dht.peer_id.to_base58() for dht in dhts]
+        honest, operator, stranger, ours = keyed[:2], keyed[2:5], keyed[5], keyed[6]
+        hotkeys = {ids[0]: "5Honest0", ids[1]: "5Honest1", ids[6]: "5Ours"} | {p: "5Operator" for p in ids[2:5]}
+        named: list[tuple[str, str]] = []
+        options = dict(prefix=run_id, target_batch_size=10_000, min_refresh_period=0.1, start=True)
+        for (dht, key), epoch in [*((h, 3) for h in honest), *((o, 10**9) for o in operator), (stranger, 10**9)]:
+            trackers.append(ProgressTracker(dht, private_key=key, **options))
+            trackers[-1].report_local_progress(local_epoch=epoch, samples_accumulated=10)
+        watched = PlausibleProgressTracker(
+            ours[0],
+            private_key=ours[1],
+            admission=Admission.fixed(hotkeys),
+            on_implausible=lambda peer, why: named.append((peer, why)),
+            **options,
+        )
+        plain = ProgressTracker(ours[0], **options)  # hivemind as is, beside ours on the same peer
+        trackers += [watched, plain]
+        watched.report_local_progress(local_epoch=3, samples_accumulated=10)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (len({p for p, _ in named}) == 3 and plain.global_epoch == 10**9):
+            time.sleep(0.2)
+        assert plain.global_epoch == 10**9, "the attack did not reach plain hivemind (test set-up)"
+        assert watched.global_epoch == 3
+        assert {peer for peer, _ in named} == set(ids[2:5]), named  # the stranger is refused, not named
+    finally:
+        for tracker in trackers:
+            tracker.shutdown(timeout=5)
+        for dht in dhts:
+            dht.shutdown()

@@ -18,6 +18,7 @@ from hivemind.p2p import PeerID
 
 from hivetrain.hivemind_compat import OffenceLog
 from hivetrain.models import build_model
+from hivetrain.protocol.admission import Admission
 from hivetrain.protocol.training import ClippedAdamW, param_groups
 from hivetrain.validator.sync import ModelSync
 
@@ -37,8 +38,8 @@ def dhts():
         dht.shutdown()
 
 
-def _serve(dht, epoch: int, poison: bool, priority: float = 1e9) -> TrainingStateAverager:
-    model = build_model("tiny", seed=3)
+def _serve(dht, epoch: int, poison: bool, priority: float = 1e9, seed: int = 3) -> TrainingStateAverager:
+    model = build_model("tiny", seed=seed)
     if poison:
         with torch.no_grad():
             for param in model.parameters():
@@ -133,5 +134,26 @@ def test_the_next_peer_is_asked_when_the_highest_priority_state_is_poisoned(dhts
         assert "not a finite tensor" in named[0].reason
     finally:
         attacker.shutdown()
+        honest.shutdown()
+        sync.shutdown()
+
+
+def test_a_server_no_admitted_hotkey_vouches_for_is_never_asked_for_its_state(dhts):
+    """Issue 23: a plausible wrong state (finite, the right shapes, an epoch within the bound: a random init) at
+    priority 1e9 was adopted at once. Its server is not admitted: the admitted server's state is adopted instead,
+    and nobody is named (the stranger sent nothing to refuse)."""
+    serving, client, second = dhts
+    admission = Admission.fixed({second.peer_id.to_base58(): "5Honest"})
+    sync = ModelSync(client, RUN, "tiny", seed=0, timeout_s=20, max_epoch=lambda: 7, admission=admission)
+    stranger = _serve(serving, 6, poison=False, priority=1e9, seed=7)  # plausible, and wrong
+    honest = _serve(second, 5, poison=False, priority=5)
+    try:
+        _wait_declared(client, {serving.peer_id.to_base58(), second.peer_id.to_base58()})
+        assert _sync_until(sync, lambda result: result)
+        assert sync.epoch == 5
+        assert torch.equal(next(sync.model.parameters()), next(build_model("tiny", seed=3).parameters()))
+        assert sync.offences.drain() == []
+    finally:
+        stranger.shutdown()
         honest.shutdown()
         sync.shutdown()

@@ -18,6 +18,7 @@ import redis
 from flask import Flask, Response, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_latest
 
+from hivetrain.admission import HotkeyGate, registration_gate
 from hivetrain.bootstrap.ingest import TelemetryIngest
 from hivetrain.log import get_logger
 from hivetrain.protocol.records import MAX_REGISTRATION_BYTES, Keys
@@ -82,13 +83,17 @@ def create_app(settings: BootstrapSettings | None = None, cache_s: float = ANSWE
     app.extensions["hivetrain.bootstrap"] = {"settings": settings, "registry": registry, "metrics": metrics}
     install(app, metrics, "bootstrap")
     _register_routes(app, settings, registry, metrics, AnswerCache(cache_s))
-    _register_ingest(app, registry, TelemetryIngest(registry, settings.ingest_per_minute), metrics)
+    ingest = TelemetryIngest(registry, settings.ingest_per_minute)
+    _register_ingest(app, registry, ingest, metrics, registration_gate(settings))
     return app
 
 
-def _register_ingest(app: Flask, registry: Registry, ingest: TelemetryIngest, metrics: Metrics) -> None:
+def _register_ingest(
+    app: Flask, registry: Registry, ingest: TelemetryIngest, metrics: Metrics, admits: HotkeyGate | None = None
+) -> None:
     """Where miners write: they hold no Redis credential that writes (the registry's keys, its index and the
-    telemetry streams are the bootstrap's to write), so every write is checked here first."""
+    telemetry streams are the bootstrap's to write), so every write is checked here first. ``admits``: the
+    hotkeys whose registrations are stored (None: any hotkey)."""
 
     def refused(error: Refused):
         return jsonify(error="refused", message=str(error)), error.status
@@ -97,7 +102,9 @@ def _register_ingest(app: Flask, registry: Registry, ingest: TelemetryIngest, me
     def register_peer():
         try:
             record = registry.store_signed(
-                request.get_data(cache=False)[: MAX_REGISTRATION_BYTES + 1], source=request.remote_addr or ""
+                request.get_data(cache=False)[: MAX_REGISTRATION_BYTES + 1],
+                source=request.remote_addr or "",
+                admits=admits,
             )
         except Refused as error:
             return refused(error)

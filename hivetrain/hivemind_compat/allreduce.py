@@ -39,9 +39,10 @@ logger = get_logger(__name__)
 
 
 class BanAwareMatchmaking(Matchmaking):
-    """Matchmaking that keeps banned peers out of our groups: as leader we refuse their requests to
-    join, as follower we do not ask them to lead. (A group another leader assembled may still hold
-    one: its parts are left out and its answers not applied, see below.)
+    """Matchmaking that keeps refused peers (banned, or not admitted) out of our groups: as leader we refuse
+    their requests to join, and a second peer of a hotkey already in the group; as follower we do not ask
+    them to lead. (A group another leader assembled may still hold one: its parts are left out and its
+    answers not applied, see below.)
 
     hivemind builds a plain ``Matchmaking``; ``RobustAveraging`` turns it into this class and sets ``bans``.
     """
@@ -50,13 +51,18 @@ class BanAwareMatchmaking(Matchmaking):
 
     @follows(Matchmaking, "_check_reasons_to_reject", "c694e8194862154f")
     def _check_reasons_to_reject(self, request, context):
-        if self.bans.is_banned(context.remote_id.to_base58()):
+        peer = context.remote_id.to_base58()
+        if self.bans.refuses(peer, "matchmaking"):
             return averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
+        voter = self.bans.voter(peer)
+        members = [self.peer_id, *(f for f in self.current_followers if f != context.remote_id)]
+        if voter != peer and any(self.bans.voter(member.to_base58()) == voter for member in members):
+            return averaging_pb2.MessageFromLeader(code=averaging_pb2.DUPLICATE_PEER_ID)  # one hotkey, one member
         return super()._check_reasons_to_reject(request, context)
 
     @follows(Matchmaking, "_request_join_group", "df823040a94d1c1d")
     async def _request_join_group(self, leader):
-        if self.bans.is_banned(leader.to_base58()):
+        if self.bans.refuses(leader.to_base58(), "matchmaking"):
             return None  # the caller asks the next potential leader
         return await super()._request_join_group(leader)
 
@@ -115,7 +121,8 @@ class RobustPartReducer(TensorPartReducer):
             raise BannedException(f"sender {sender_index} {problem}")
         current_part_future = self.current_part_future
         if part_index < self.sender_failed_after[sender_index]:
-            if self.bans.is_banned(self.sender_ids[sender_index]):
+            sender = self.sender_ids[sender_index]
+            if sender != self.own_id and self.bans.refuses(sender, f"{self.prefix} all-reduce"):
                 self._banned_parts.append((sender_index, tensor_part, float(weight)))
             else:  # the fast path's share of the work, while the other senders' parts are still on their way
                 self._stream.add(tensor_part, float(weight))
@@ -155,11 +162,31 @@ class RobustPartReducer(TensorPartReducer):
                 stream.add(part, weight)
         if not senders:
             return torch.zeros(self.part_shapes[self.current_part_index])
+        stream, senders = self._one_vote_per_hotkey(stream, senders)
         result = stream.aggregate(self.rule, scale=self.own_norm)
         for row, reason in result.offences.items():
             if self.sender_ids[senders[row]] != self.own_id:  # outvoted is not guilty: we never ban ourselves
                 self.bans.ban(self.sender_ids[senders[row]], self.prefix, "sender", reason)
         return result.value
+
+    def _one_vote_per_hotkey(self, stream: PartStream, senders: list[int]) -> tuple[PartStream, list[int]]:
+        """``stream`` with the parts of the senders of one hotkey merged into one part (their mean, at the largest
+        of their weights, a non-finite one winning), and for each part its first sender: a hotkey's peers weigh
+        as one peer at most in the median, the weights' cap and CenteredClip."""
+        voters = [self.bans.voter(self.sender_ids[index]) for index in senders]
+        if len(set(voters)) == len(voters):  # the usual round: nothing to merge, the fast path's work stands
+            return stream, senders
+        rows_of: dict[str, list[int]] = {}
+        for row, voter in enumerate(voters):
+            rows_of.setdefault(voter, []).append(row)
+        merged, firsts = PartStream(), []
+        for rows in rows_of.values():
+            parts, weights = [stream.parts[row] for row in rows], [stream.weights[row] for row in rows]
+            part = parts[0] if len(rows) == 1 else torch.stack(parts).mean(dim=0)
+            finite = all(math.isfinite(w) for w in weights)
+            merged.add(part, max(weights) if finite else next(w for w in weights if not math.isfinite(w)))
+            firsts.append(senders[rows[0]])
+        return merged, firsts
 
 
 async def asyncio_wait_any(future, event) -> None:
@@ -217,8 +244,8 @@ class RobustAllReduceRunner(AllReduceRunner):
             if ourselves and len(self.sender_peer_ids) >= 3:  # our own robust aggregate, over a group with a majority
                 register(peer_index, part_index, delta)
                 return
-            banned = not ourselves and bans.is_banned(reducer)
-            refusal = Refusal("is banned", offence=False) if banned else check_received(delta, own, own_rms)
+            banned = not ourselves and bans.refuses(reducer, f"{prefix} all-reduce")
+            refusal = Refusal("is refused", offence=False) if banned else check_received(delta, own, own_rms)
             if refusal is not None:
                 if refusal.offence and not ourselves:
                     bans.ban(reducer, prefix, "reducer", refusal.reason)

@@ -8,6 +8,10 @@ sends the ``Offence`` to the parent through the log's queue. Offences caught in 
 (an implausible progress record) go through ``OffenceLog.report``. The owner reads both with
 ``OffenceLog.drain`` / ``drain_records`` and writes signed telemetry.
 
+With an ``Admission`` (``hivetrain.protocol.admission``), ``Bans.refuses`` also refuses every peer id
+that is not admitted, and a ban holds for the hotkey of the peer caught: a new libp2p key of that hotkey
+is still banned.
+
 Nothing here is process-global: two averagers (or two optimizers) in one process ban and report
 independently, and a peer banned by the gradient averager is still asked by the state averager
 (and caught there again if it misbehaves there too).
@@ -22,6 +26,7 @@ import time
 from dataclasses import dataclass
 
 from hivetrain.log import get_logger
+from hivetrain.protocol.admission import OPEN, Admission
 from hivetrain.protocol.records import OffenceRecord
 
 logger = get_logger(__name__)
@@ -97,26 +102,39 @@ class OffenceLog:
 
 
 class Bans:
-    """The peers one averager ignores, and the log it names them to.
+    """The peers one averager ignores: those not admitted, those it caught; and the log it names them to.
 
     Made in the parent and handed to the averager before it forks; the child bans and checks, so
     the parent's copy stays empty. Without a log (``Bans()``) a ban holds for ``DEFAULT_BAN_S``
-    and the log line is its only record.
+    and the log line is its only record. ``admission`` (default: open) says who is admitted and
+    whose hotkey each peer id is: a ban holds for the hotkey.
     """
 
-    def __init__(self, log: OffenceLog | None = None):
+    def __init__(self, log: OffenceLog | None = None, admission: Admission | None = None):
         self.log = log
+        self.admission = admission if admission is not None else OPEN
         self.ban_s = DEFAULT_BAN_S if log is None else log.ban_s
-        self._until: dict[str, float] = {}  # peer id -> time.monotonic() its ban ends
+        self._until: dict[str, float] = {}  # voter (a hotkey, or a peer id when none is known) -> its ban's end
 
     def is_banned(self, peer_id: str, now: float | None = None) -> bool:
-        until = self._until.get(peer_id)
-        return until is not None and (time.monotonic() if now is None else now) < until
+        """Whether ``peer_id``, or the hotkey it is bound to, was caught and is still banned."""
+        now = time.monotonic() if now is None else now
+        return any(now < self._until.get(who, 0.0) for who in {peer_id, self.admission.voter(peer_id)})
+
+    def refuses(self, peer_id: str, where: str = "") -> bool:
+        """Whether ``peer_id`` may not take part: banned, or not admitted (logged once a while, not named)."""
+        return self.is_banned(peer_id) or self.admission.refusal(peer_id, where or "training") is not None
+
+    def voter(self, peer_id: str) -> str:
+        """Whom ``peer_id`` counts as where votes are counted (``Admission.voter``)."""
+        return self.admission.voter(peer_id)
 
     def ban(self, peer_id: str, prefix: str, role: str, reason: str) -> None:
-        """Ban ``peer_id`` for ``ban_s`` and name it to the parent (from an averager child)."""
+        """Ban ``peer_id`` and its hotkey for ``ban_s`` and name it to the parent (from an averager child)."""
         logger.warning(f"{prefix}: {role} {peer_id} {reason}; banned for {self.ban_s:.0f}s")
-        self._until[peer_id] = time.monotonic() + self.ban_s
+        until = time.monotonic() + self.ban_s
+        for who in {peer_id, self.admission.voter(peer_id)}:
+            self._until[who] = until
         if self.log is not None:
             self.log.send(Offence(peer_id, prefix, role, reason, time.time()))
 

@@ -22,10 +22,12 @@ from hivetrain.aggregation import AggregationRule
 from hivetrain.hivemind_compat.averagers import RobustGradientAverager
 from hivetrain.hivemind_compat.bans import DEFAULT_BAN_S, Bans, OffenceLog
 from hivetrain.hivemind_compat.pins import follows
+from hivetrain.hivemind_compat.progress import progress_signer
 from hivetrain.hivemind_compat.state import SafeStateAverager
 from hivetrain.hivemind_compat.uplink import UplinkMeter
 from hivetrain.log import get_logger
-from hivetrain.protocol.progress import MAX_EPOCH_LEAD, NameOnce, implausible, lower_median
+from hivetrain.protocol.admission import OPEN, Admission
+from hivetrain.protocol.progress import MAX_EPOCH_LEAD, NameOnce, epoch_bound, implausible
 
 #: hivemind logs its parameter-averaging rounds here (the only place they are visible).
 STATE_AVERAGER_LOGGER = "hivemind.optim.state_averager"
@@ -64,7 +66,10 @@ class PlausibleProgressTracker(ProgressTracker):
 
     hivemind takes the swarm's epoch as the largest any peer claims; records beyond what the other
     peers' progress supports (``hivetrain.protocol.progress``) are dropped here first, and their
-    peer is named through ``on_implausible`` (at most once per ``RENAME_AFTER_S``).
+    peer is named through ``on_implausible`` (at most once per ``RENAME_AFTER_S``). With an ``admission``
+    that is not open, only records signed by an admitted peer for itself count (hivemind's own signature
+    proves nothing: it signs with a key of its own, see ``IdentityKey``), and the bound is the lower median
+    over voters (a hotkey's peers: their most advanced epoch), so fresh keys cannot move it.
 
     With ``per_peer_target`` the epoch's target is that many samples per peer that reports progress
     (DiLoCo: inner steps times the batch), not a fixed total.
@@ -75,9 +80,11 @@ class PlausibleProgressTracker(ProgressTracker):
         *args,
         on_implausible: Callable[[str, str], None] | None = None,
         per_peer_target: int | None = None,
+        admission: Admission | None = None,
         **kwargs,
     ):
         self._on_implausible = on_implausible or (lambda peer_id, reason: None)
+        self._admission = admission if admission is not None else OPEN
         self._named = NameOnce()
         self._per_peer_target = per_peer_target
         super().__init__(*args, **kwargs)
@@ -93,16 +100,30 @@ class PlausibleProgressTracker(ProgressTracker):
             self.target_batch_size = self._per_peer_target * max(1, peers)
         return super()._parse_swarm_progress_data(metadata)
 
+    def _admitted(self, metadata: dict) -> dict:
+        """The records signed by an admitted peer for itself (``IdentityKey``), and our own."""
+        own, kept = self.local_progress.peer_id, {}
+        for key, entry in metadata.items():
+            peer = PeerID(LocalTrainingProgress.parse_obj(entry.value).peer_id)
+            signer = progress_signer(key)
+            if peer == own or (
+                signer == peer.to_base58() and self._admission.refusal(signer, f"{self.prefix} progress") is None
+            ):
+                kept[key] = entry
+        return kept
+
     def _plausible(self, metadata: dict) -> dict:
         own = self.local_progress.peer_id
-        records = {
-            key: LocalTrainingProgress.parse_obj(entry.value)
-            for key, entry in metadata.items()
-            if entry.value is not None
-        }
-        # our own epoch is left out: a late joiner at epoch 0 must still believe the swarm ahead of it
-        bound = lower_median(
-            [r.epoch for r in records.values() if not r.client_mode and r.peer_id != own], MAX_EPOCH_LEAD
+        metadata = {key: entry for key, entry in metadata.items() if entry.value is not None}
+        if not self._admission.is_open:
+            metadata = self._admitted(metadata)
+        records = {key: LocalTrainingProgress.parse_obj(entry.value) for key, entry in metadata.items()}
+        # one epoch per voter (a hotkey's peers together: its most advanced), our own left out: a late joiner at
+        # epoch 0 must still believe the swarm ahead of it
+        bound = epoch_bound(
+            (self._admission.voter(PeerID(r.peer_id).to_base58()), r.epoch)
+            for r in records.values()
+            if not r.client_mode and r.peer_id != own
         )
         kept = {}
         for key, entry in metadata.items():
@@ -138,7 +159,10 @@ class TrackedOptimizer(hivemind.Optimizer):
     Its averagers (the state averager, the gradient one) aggregate with ``aggregation_rule`` (None:
     hivemind's plain mean), each with its own bans lasting ``ban_s``; what they catch, and the peers
     whose progress records are implausible (unless ``on_implausible`` is given), go to ``offences``
-    (an ``OffenceLog``, made here when not given), which the owner drains into telemetry.
+    (an ``OffenceLog``, made here when not given), which the owner drains into telemetry. With
+    ``admission`` (``hivetrain.protocol.admission``; default open) peers that are not admitted take no part:
+    not in its groups, their parts and answers unused, their states never asked for, their progress records
+    left out; the peers of one hotkey count as one (in each partition's aggregate, in the epoch bound).
     """
 
     #: Samples per reporting peer that end an epoch (DiLoCo); None: hivemind's fixed ``target_batch_size``.
@@ -154,9 +178,11 @@ class TrackedOptimizer(hivemind.Optimizer):
         aggregation_rule: AggregationRule | None = None,
         ban_s: float = DEFAULT_BAN_S,
         offences: OffenceLog | None = None,
+        admission: Admission | None = None,
         **kwargs,
     ):
         self._on_round = on_round or (lambda info: None)
+        self.admission = admission if admission is not None else OPEN
         self._on_state_loaded = on_state_loaded or (lambda seconds: None)
         # made before hivemind's __init__ builds (and forks) the averagers, which take them
         self.aggregation_rule = aggregation_rule
@@ -228,7 +254,7 @@ class TrackedOptimizer(hivemind.Optimizer):
             start=True,
             max_epoch=self._plausible_epoch,
             aggregation_rule=self.aggregation_rule,
-            bans=Bans(self.offences),
+            bans=Bans(self.offences, self.admission),
             **kwargs,
         )
 
@@ -238,7 +264,7 @@ class TrackedOptimizer(hivemind.Optimizer):
         return super()._make_gradient_averager(
             factory if factory is not None else RobustGradientAverager,
             aggregation_rule=self.aggregation_rule,
-            bans=Bans(self.offences),
+            bans=Bans(self.offences, self.admission),
             **kwargs,
         )
 
@@ -262,6 +288,7 @@ class TrackedOptimizer(hivemind.Optimizer):
             start=True,
             on_implausible=self._on_implausible,
             per_peer_target=self._per_peer_target,
+            admission=self.admission,
             **kwargs,
         )
 

@@ -146,8 +146,8 @@ class _VerifiedDownload(DecentralizedAverager):
                 ):
                     candidates[peer] = (float(info.value), random.random())  # random: the tie breaker
             for peer in sorted(candidates, key=candidates.get, reverse=True):
-                if self.bans.is_banned(peer.to_base58()):
-                    continue
+                if self.bans.refuses(peer.to_base58(), f"{self.prefix} state download"):
+                    continue  # never asked: neither banned peers nor peers no hotkey the chain admits vouches for
                 try:
                     loaded = await self._download_from(peer, timeout, max_bytes)
                     if loaded is None:

@@ -10,6 +10,7 @@ import torch
 from hivetrain.aggregation import AggregationRule
 from hivetrain.hivemind_compat import DHT, DiLoCoOptimizer, RoundInfo, TrackedOptimizer, install_codecs
 from hivetrain.hivemind_compat.progress import identity_signing_key
+from hivetrain.protocol.admission import Admission
 from hivetrain.protocol.training import COMPRESSIONS, ClippedAdamW, OuterSGD, param_groups, state_download_compression
 from hivetrain.settings import MinerSettings
 
@@ -50,12 +51,14 @@ def make_optimizer(
     settings: MinerSettings,
     on_round: Callable[[RoundInfo], None] | None = None,
     on_state_loaded: Callable[[float], None] | None = None,
+    admission: Admission | None = None,
 ) -> TrackedOptimizer:
     """hivemind.Optimizer over ``model`` configured from ``settings`` (DiLoCo's in diloco mode); averagers fork here.
 
     Its averagers aggregate with ``aggregation_rule`` (none: hivemind's mean); peers they catch are
     banned for ``ban_s`` (those serving a bad state whether or not aggregation is robust) and named
-    in ``opt.offences``, with the peers whose progress records are implausible.
+    in ``opt.offences``, with the peers whose progress records are implausible. ``admission`` (default
+    open) keeps peers no admitted hotkey vouches for out of its groups, its downloads and its epoch.
     """
     install_codecs()
     # what both modes share: the swarm, the averagers' wire formats and timeouts, the reports
@@ -82,6 +85,7 @@ def make_optimizer(
         straggler_share=settings.straggler_share,
         aggregation_rule=aggregation_rule(settings),
         ban_s=settings.ban_s,
+        admission=admission,
     )
     clip, lr, betas = settings.grad_clip, settings.lr, (0.9, 0.95)
     # fused: one kernel for all tensors; torch's default CPU AdamW loops tensor by tensor (9x slower, BENCHMARKS.md)

@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from hivetrain.admission import make_admission
 from hivetrain.chain import make_chain
 from hivetrain.data import BlockStream, shard_for
 from hivetrain.dht import make_dht, visible_maddrs
@@ -295,6 +296,7 @@ class Miner:
             self.settings,
             on_round=self._record_round,
             on_state_loaded=self.metrics.record_state_load,
+            admission=make_admission(self.settings),
         )
         if self.settings.use_local_updates:
             self._state_log_handler = StateRoundLogHandler(lambda: self.opt.local_epoch, self._record_round).attach()
@@ -467,6 +469,7 @@ class Miner:
             self._state_log_handler.detach()
         if self.opt is not None:
             self.opt.shutdown()
+            self.opt.admission.close()
         if self.telemetry is not None:
             self.telemetry.close(timeout=5)
         if self.dht is not None:

@@ -11,7 +11,7 @@ minority cannot move it, and its throughput is below a ceiling no device reaches
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from typing import Iterable, Sequence
 
 #: How many epochs a peer (or a downloaded state) may be ahead of the peers' median progress:
 #: records refresh every few seconds, so an honest peer is at most about one epoch ahead of them.
@@ -27,6 +27,16 @@ def lower_median(values: Sequence[float], lead: float = 0) -> float | None:
     if not values:
         return None
     return sorted(values)[(len(values) - 1) // 2] + lead
+
+
+def epoch_bound(epochs: Iterable[tuple[str, int]], lead: int = MAX_EPOCH_LEAD) -> int | None:
+    """The highest plausible epoch over ``(voter, epoch)`` pairs: the lower median of each voter's most
+    advanced epoch, plus ``lead``; a voter is a hotkey (all its peers together) or a lone peer id
+    (``hivetrain.protocol.admission``), so fresh keys of one hotkey cannot move it. None for no pairs."""
+    best: dict[str, int] = {}
+    for voter, epoch in epochs:
+        best[voter] = max(epoch, best.get(voter, epoch))
+    return lower_median(list(best.values()), lead)
 
 
 def implausible(

@@ -20,7 +20,8 @@ from pydantic import Field
 from hivetrain.hivemind_compat import OffenceLog
 from hivetrain.hivemind_compat.progress import live_progress_records, progress_signer, progress_values
 from hivetrain.log import get_logger
-from hivetrain.protocol.progress import MAX_EPOCH_LEAD, MAX_SAMPLES_PER_S, NameOnce, implausible, lower_median
+from hivetrain.protocol.admission import OPEN, Admission
+from hivetrain.protocol.progress import MAX_SAMPLES_PER_S, NameOnce, epoch_bound, implausible
 from hivetrain.protocol.records import Record
 
 logger = get_logger(__name__)
@@ -37,14 +38,17 @@ class PeerProgress(Record):
     client_mode: bool
 
 
-def fetch_progress(dht, run_id: str, on_forged: Callable[[str, str], None] | None = None) -> dict[str, PeerProgress]:
+def fetch_progress(
+    dht, run_id: str, on_forged: Callable[[str, str], None] | None = None, admission: Admission = OPEN
+) -> dict[str, PeerProgress]:
     """Every live peer's latest training progress for ``run_id``, by peer id.
 
     ProgressTracker stores ``LocalTrainingProgress.dict()`` under ``f"{run_id}_progress"`` with
     the subkey = the writer's RSA public key. A record counts only for the peer whose key signed it
     (miners sign with their DHT identity's key: ``hivemind_compat.progress.IdentityKey``); one that
     names another peer id is left out, and its signer named through ``on_forged(signer, reason)``.
-    Several records of one peer keep the most advanced (epoch, samples).
+    Several records of one peer keep the most advanced (epoch, samples). Records of peers ``admission``
+    does not admit are left out.
     """
     progress: dict[str, PeerProgress] = {}
     for subkey, raw in live_progress_records(dht, run_id):
@@ -57,6 +61,8 @@ def fetch_progress(dht, run_id: str, on_forged: Callable[[str, str], None] | Non
         if signer != record.peer_id:  # someone's record about someone else: it speaks for nobody
             if signer is not None and on_forged is not None:
                 on_forged(signer, f"names {record.peer_id}, whose key did not sign it")
+            continue
+        if admission.refusal(record.peer_id, f"{run_id}_progress") is not None:
             continue
         held = progress.get(record.peer_id)
         if held is None or (record.epoch, record.samples_accumulated) > (held.epoch, held.samples_accumulated):
@@ -156,8 +162,10 @@ def plausible(
     progress: Mapping[str, PeerProgress],
     max_samples_per_s: float = MAX_SAMPLES_PER_S,
     on_implausible: Callable[[str, str], None] | None = None,
+    admission: Admission = OPEN,
 ) -> dict[str, PeerProgress]:
-    """``progress`` without the records no honest peer could publish (``hivetrain.protocol.progress``).
+    """``progress`` without the records no honest peer could publish (``hivetrain.protocol.progress``); the
+    epoch bound counts the peers of one hotkey once (``admission``'s voters).
 
     Each one left out is passed to ``on_implausible(peer_id, reason)`` (default: logged).
     """
@@ -166,7 +174,7 @@ def plausible(
         def on_implausible(peer_id: str, reason: str) -> None:
             logger.warning(f"ignoring the progress record of {peer_id}: it {reason}")
 
-    bound = lower_median([record.epoch for record in progress.values() if not record.client_mode], MAX_EPOCH_LEAD)
+    bound = epoch_bound((admission.voter(p), r.epoch) for p, r in progress.items() if not r.client_mode)
     kept = {}
     for peer_id, record in progress.items():
         reason = implausible(record.epoch, record.samples_per_second, bound, max_samples_per_s)
@@ -194,8 +202,10 @@ class ProgressPoller:
         interval_s: float = 1.0,
         max_samples_per_s: float = MAX_SAMPLES_PER_S,
         offences: OffenceLog | None = None,
+        admission: Admission = OPEN,
     ):
         self.dht, self.run_id, self.interval_s = dht, run_id, interval_s
+        self.admission = admission  # records of peers it does not admit are left out, uncounted
         self.offences = offences if offences is not None else OffenceLog()
         self.max_samples_per_s = max_samples_per_s
         self.ledger = ProgressLedger()
@@ -218,9 +228,8 @@ class ProgressPoller:
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             try:
-                progress = plausible(
-                    fetch_progress(self.dht, self.run_id, self._name), self.max_samples_per_s, self._name
-                )
+                found = fetch_progress(self.dht, self.run_id, self._name, self.admission)
+                progress = plausible(found, self.max_samples_per_s, self._name, self.admission)
             except Exception:  # DHT boundary: a missed poll only delays what we see
                 logger.debug("progress poll failed", exc_info=True)
                 continue
@@ -239,11 +248,11 @@ class ProgressPoller:
             progress = self.latest
         if not progress:  # not polled yet (a sync right at start-up): read the records now
             try:
-                progress = fetch_progress(self.dht, self.run_id)
+                progress = fetch_progress(self.dht, self.run_id, admission=self.admission)
             except Exception:  # DHT boundary: no bound is known yet
                 logger.warning("could not read progress records to bound the state's epoch", exc_info=True)
                 return None
-        return lower_median([record.epoch for record in progress.values()], MAX_EPOCH_LEAD)
+        return epoch_bound((self.admission.voter(peer), record.epoch) for peer, record in progress.items())
 
     def close_window(self) -> tuple[dict[str, int], dict[str, int]]:
         """Per peer: how much its DHT records grew in this window, and since the poller first saw it."""

@@ -24,6 +24,7 @@ import time
 from collections import Counter
 from typing import Callable
 
+from hivetrain.admission import make_admission
 from hivetrain.chain import make_chain
 from hivetrain.data import validation_blocks
 from hivetrain.dht import make_dht
@@ -104,8 +105,14 @@ class Validator:
             self.dht = make_dht(initial_peers, **s.dht_options(), client_mode=True)
             self._cleanup.callback(self.dht.shutdown)
             self.offences = OffenceLog()  # what the poller and the model sync catch, drained by _record_offences
+            self.admission = make_admission(s, self.chain)  # whose progress counts, whose state we download
+            self._cleanup.callback(self.admission.close)
             self.poller = ProgressPoller(
-                self.dht, s.run_id, max_samples_per_s=s.max_samples_per_s, offences=self.offences
+                self.dht,
+                s.run_id,
+                max_samples_per_s=s.max_samples_per_s,
+                offences=self.offences,
+                admission=self.admission,
             ).start()
             self._cleanup.callback(self.poller.stop)
             self.sync = ModelSync(
@@ -116,6 +123,7 @@ class Validator:
                 max_epoch=self.poller.plausible_epoch,
                 mode=s.mode,
                 offences=self.offences,
+                admission=self.admission,
             )
             self._cleanup.callback(self.sync.shutdown)
             self.parameters = num_parameters(self.sync.model)

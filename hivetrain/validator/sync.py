@@ -11,6 +11,7 @@ import torch
 from hivetrain.hivemind_compat import DHT, Bans, OffenceLog, SafeStateAverager, install_codecs, parameters_set_to
 from hivetrain.log import get_logger
 from hivetrain.models import build_model
+from hivetrain.protocol.admission import Admission
 from hivetrain.protocol.training import param_groups, shared_optimizer
 
 logger = get_logger(__name__)
@@ -40,6 +41,7 @@ class ModelSync:
         max_epoch: Callable[[], int | None] | None = None,
         mode: str = "hivemind",
         offences: OffenceLog | None = None,
+        admission: Admission | None = None,
     ):
         install_codecs()  # state may arrive 8-bit compressed
         self.offences = offences if offences is not None else OffenceLog()
@@ -54,7 +56,8 @@ class ModelSync:
             client_mode=True,
             start=True,
             max_epoch=max_epoch,  # a state claiming more than the swarm's progress supports is refused
-            bans=Bans(self.offences),  # made before the averager forks: its child names whom it refused here
+            # made before the averager forks: its child names whom it refused here, and asks only admitted peers
+            bans=Bans(self.offences, admission),
         )
         self.synced_at = 0.0
         self.previous: tuple[int, list[torch.Tensor]] | None = (
