@@ -20,6 +20,9 @@ from pathlib import Path
 import requests
 from pydantic_settings import BaseSettings
 
+from hivetrain.admission import admission_mode
+from hivetrain.chain import LocalChain
+from hivetrain.identity import load_or_create_wallet
 from hivetrain.log import get_logger
 from hivetrain.protocol.records import Keys
 from hivetrain.settings import (
@@ -37,6 +40,9 @@ from hivetrain.swarm import procs
 from hivetrain.swarm.redis_server import ROLES, acl_file, role_url, start_redis
 
 logger = get_logger(__name__)
+
+#: The settings that say which wallet a miner loads (``load_or_create_wallet``'s arguments, in order).
+WALLET_FIELDS = ("wallet_dir", "wallet_name", "wallet_hotkey")
 
 #: Miner settings (``MinerSettings`` field -> value) of a swarm of a preset, used where the
 #: environment sets nothing else; the docker engine uses them too (``preset_env``).
@@ -135,6 +141,7 @@ class Swarm:
                 log_level=self.settings.log_level,
                 chain=self.settings.chain,
                 netuid=self.settings.netuid,
+                admission=self.settings.admission,
             )
         )
         env["PYTHONUNBUFFERED"] = "1"
@@ -275,11 +282,18 @@ class Swarm:
         )
         return env
 
-    def add_miner(self, env: dict[str, str] | None = None, argv: list[str] | None = None) -> procs.Service:
-        """Start one more miner (a late joiner when the swarm already runs); ``argv`` replaces the command."""
+    def add_miner(
+        self, env: dict[str, str] | None = None, argv: list[str] | None = None, admit: bool = True
+    ) -> procs.Service:
+        """Start one more miner (a late joiner when the swarm already runs); ``argv`` replaces the command.
+
+        With ``HIVE_ADMISSION=chain`` on the local chain the launcher, as the operator, makes the miner's wallet
+        and admits its hotkey first (``admit=False``: a stranger, whom the swarm refuses)."""
         index = len(self.miners)
         miner_env = self.miner_env(index)
         miner_env.update(env or {})
+        if admit and self.settings.chain == "local" and admission_mode(self.settings) == "chain":
+            self.admit_miner(miner_env)
         service = procs.start(
             f"miner-{index}",
             argv or [sys.executable, "-m", "hivetrain.miner"],
@@ -289,6 +303,16 @@ class Swarm:
         )
         self.miners.append(service)
         return service
+
+    def admit_miner(self, miner_env: dict[str, str]) -> str:
+        """Make the wallet the miner with ``miner_env`` will load, admit its hotkey to the run; the hotkey."""
+        fields, prefix = MinerSettings.model_fields, MinerSettings.model_config.get("env_prefix", "")
+        wallet = load_or_create_wallet(
+            *(miner_env.get(f"{prefix}{name}".upper(), fields[name].default) for name in WALLET_FIELDS)
+        )
+        hotkey = wallet.hotkey.ss58_address
+        LocalChain(connect_redis(self.redis_url), self.settings.run_id).admit(hotkey)
+        return hotkey
 
     # --- faults: a service down, then back as it was ----------------------------------------
     def stop_redis(self, crash: bool = False) -> None:
