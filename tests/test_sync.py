@@ -8,13 +8,17 @@ role "state") and, when an honest peer with a lower priority also serves, that p
 
 from __future__ import annotations
 
+import asyncio
 import time
+from typing import AsyncIterator
 
 import hivemind
 import pytest
 import torch
+from hivemind.compression import serialize_torch_tensor
 from hivemind.optim.state_averager import TrainingStateAverager
-from hivemind.p2p import PeerID
+from hivemind.p2p import P2PContext, PeerID
+from hivemind.proto import averaging_pb2, runtime_pb2
 
 from hivetrain.hivemind_compat import OffenceLog
 from hivetrain.models import build_model
@@ -155,5 +159,52 @@ def test_a_server_no_admitted_hotkey_vouches_for_is_never_asked_for_its_state(dh
         assert sync.offences.drain() == []
     finally:
         stranger.shutdown()
+        honest.shutdown()
+        sync.shutdown()
+
+
+class DrippingAverager(TrainingStateAverager):
+    """A state server that sends its metadata, then one tiny message a second, forever: each message inside the
+    downloader's per-message timeout, the whole never done."""
+
+    @classmethod
+    def _get_handle_name(cls, namespace, method_name: str) -> str:
+        return TrainingStateAverager._get_handle_name(namespace, method_name)  # hivemind's RPC names
+
+    async def rpc_download_state(
+        self, _request: averaging_pb2.DownloadRequest, _context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.DownloadData]:
+        metadata = self.serializer.dumps(dict(epoch=5))
+        part = serialize_torch_tensor(torch.zeros(1))
+        yield averaging_pb2.DownloadData(tensor_part=part, metadata=metadata)
+        for _ in range(600):  # bounded: ten minutes
+            await asyncio.sleep(1.0)
+            yield averaging_pb2.DownloadData(tensor_part=runtime_pb2.Tensor(buffer=b"\0"))
+
+
+def test_a_server_dripping_its_state_is_cut_off_named_and_the_next_one_adopted(dhts):
+    """Issue 23: a server dripping empty messages never hit a total deadline: every sync waited out its timeout
+    on it (priority 1e9, so asked first each time) and the validator's model stopped moving."""
+    serving, client, second = dhts
+    sync = ModelSync(client, RUN, "tiny", seed=0, timeout_s=12, max_epoch=lambda: 7, offences=OffenceLog())
+    model = build_model("tiny", seed=3)
+    dripping = DrippingAverager(
+        dht=serving,
+        prefix=f"{RUN}_state_averager",
+        optimizer=lambda p: ClippedAdamW(p, lr=1e-3),
+        params=param_groups(model, 0.0),
+        start=True,
+    )
+    dripping.state_sharing_priority = 1e9
+    honest = _serve(second, 5, poison=False, priority=5)
+    try:
+        _wait_declared(client, {serving.peer_id.to_base58(), second.peer_id.to_base58()})
+        assert _sync_until(sync, lambda result: result, timeout=45)
+        assert sync.epoch == 5
+        named = sync.offences.drain()
+        assert {(o.peer_id, o.role) for o in named} == {(serving.peer_id.to_base58(), "state")}, named
+        assert "deadline" in named[0].reason
+    finally:
+        dripping.shutdown()
         honest.shutdown()
         sync.shutdown()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import random
 import threading
@@ -69,6 +70,15 @@ def parameters_set_to(params: Sequence[torch.Tensor], values: Sequence[torch.Ten
                 param.copy_(saved)
 
 
+#: One server may take at most this share of a download's whole wait before it is cut off and named: a server
+#: that drips a message just inside the per-message timeout held every sync for its whole timeout, and was
+#: asked first again at the next one (priority 1e9), so the validator's model stopped moving. The rest is
+#: left for the next candidate.
+CANDIDATE_SHARE = 0.5
+#: A server's deadline when the caller waits without a timeout.
+MAX_CANDIDATE_S = 600.0
+
+
 def _state_bytes_bound(local: list[torch.Tensor]) -> int:
     """The most bytes a peer may stream as its state: parameters, two AdamW statistics each, and slack."""
     return 4 * sum(t.numel() * t.element_size() for t in local) + 2**20
@@ -80,8 +90,9 @@ class _VerifiedDownload(DecentralizedAverager):
     hivemind asks the peer with the highest self-declared priority and adopts whatever it sends. Here
     (in the averager's child process) each candidate, in the same order, is checked with
     ``check_downloaded_state`` (and must not stream more than ``_state_bytes_bound``); a candidate
-    that fails is named and banned (``self.bans``, role "state") and the next one is asked. Banned
-    peers are skipped. Only a state that passes comes back to the parent, which checks it once more.
+    that fails is named and banned (``self.bans``, role "state") and the next one is asked, and so is one
+    still streaming after ``CANDIDATE_SHARE`` of the caller's timeout (a server dripping its state).
+    Refused peers (banned, not admitted) are never asked. Only a state that passes comes back to the parent, which checks it once more.
     """
 
     max_epoch: Callable[[], int | None] = staticmethod(lambda: None)
@@ -123,6 +134,8 @@ class _VerifiedDownload(DecentralizedAverager):
         self, future: MPFuture, timeout: float | None = None, max_epoch: int | None = None
     ):
         # DecentralizedAverager._load_state_from_peers (hivemind 1.1.12), each candidate verified before it is returned
+        # and given a total deadline: a share of the caller's wait
+        deadline_s = MAX_CANDIDATE_S if timeout is None else max(1.0, CANDIDATE_SHARE * timeout)
         if timeout is not None:
             timeout = self.next_chunk_timeout if self.next_chunk_timeout is not None else self.request_timeout
         try:
@@ -148,13 +161,21 @@ class _VerifiedDownload(DecentralizedAverager):
             for peer in sorted(candidates, key=candidates.get, reverse=True):
                 if self.bans.refuses(peer.to_base58(), f"{self.prefix} state download"):
                     continue  # never asked: neither banned peers nor peers no hotkey the chain admits vouches for
+                started = time.monotonic()
                 try:
-                    loaded = await self._download_from(peer, timeout, max_bytes)
+                    loaded = await asyncio.wait_for(self._download_from(peer, timeout, max_bytes), deadline_s)
                     if loaded is None:
                         continue
                     check_downloaded_state(*loaded, local, max_epoch)
                 except StateRejected as rejected:
                     self.bans.ban(peer.to_base58(), self.prefix, "state", f"served a state we refused: {rejected}")
+                    continue
+                except asyncio.TimeoutError as error:  # the whole download's deadline, or one message's timeout
+                    if time.monotonic() - started < deadline_s:
+                        logger.info(f"failed to download state from {peer}: {error!r}")
+                        continue
+                    reason = f"was still streaming its state after {deadline_s:.0f}s, the deadline of one server"
+                    self.bans.ban(peer.to_base58(), self.prefix, "state", reason)
                     continue
                 except Exception as error:  # this peer failed to send; the next one may not
                     logger.info(f"failed to download state from {peer}: {error!r}")
