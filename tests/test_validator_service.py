@@ -80,7 +80,7 @@ def swarm(tmp_path_factory):
 def make_validator(swarm, tmp_path):
     made = []
 
-    def make(redis_url: str, **overrides) -> Validator:
+    def make(redis_url: str, wait_progress: bool = True, **overrides) -> Validator:
         # 20 s: answers computed on a loaded CI machine (2 s was short)
         options = {"spot_check_timeout_s": 20.0, "spot_check_workers": 4, **overrides}
         settings = ValidatorSettings(
@@ -100,7 +100,8 @@ def make_validator(swarm, tmp_path):
         )
         validator = Validator(settings)
         made.append(validator)
-        wait_until(lambda: validator.poller.plausible_epoch() == 2, "the swarm's progress record")
+        if wait_progress:
+            wait_until(lambda: validator.poller.plausible_epoch() == 2, "the swarm's progress record")
         return validator
 
     yield make
@@ -476,3 +477,18 @@ def test_a_restarted_validator_resumes_its_scores_and_checks(redis_url, make_val
     assert second.checker.unjudged == {miner: 1}
     second.score_and_set_weights()
     assert second.scores[miner] == pytest.approx(0.35 * 0.7)  # the EMA goes on from where it was
+
+
+def test_with_admission_only_admitted_miners_are_checked_and_weighed(redis_url, make_validator):
+    """A registration the bootstrap stored before its hotkey's admission was revoked (or one a Redis writer put
+    there) is not a miner the validator checks or pays; nor does the progress of a peer nobody admitted count."""
+    client = connect_redis(redis_url)
+    admitted, stranger = KeyWallet(31), KeyWallet(32)
+    _register(client, admitted, "vadm-admitted")
+    _register(client, stranger, "vadm-stranger")
+    LocalChain(client, RUN_ID).admit(admitted.hotkey.ss58_address)
+    validator = make_validator(redis_url, wait_progress=False, admission="chain")
+    assert set(validator.live_miners()) == {admitted.hotkey.ss58_address}
+    assert validator.poller.plausible_epoch() is None  # the swarm fixture's peer is not admitted
+    opened = make_validator(redis_url, wait_progress=False)  # the local chain's default: open
+    assert set(opened.live_miners()) == {admitted.hotkey.ss58_address, stranger.hotkey.ss58_address}

@@ -285,8 +285,10 @@ class Validator:
             logger.warning("could not record the evaluation", exc_info=True)
 
     def live_miners(self) -> dict[str, PeerRecord]:
-        """Verified live registrations of miners, by hotkey; each gets a uid in the local chain."""
-        miners = {p.hotkey: p for p in self.registry.live_peers(limit=1000, role="miner") if p.hotkey}
+        """Verified live registrations of admitted miners, by hotkey; each gets a uid in the local chain. (A
+        registration stored before its hotkey's admission was revoked is neither checked nor weighed.)"""
+        registered = self.registry.live_peers(limit=1000, role="miner")
+        miners = {p.hotkey: p for p in registered if p.hotkey and self.admission.admits(p.peer_id)}
         if self.settings.chain == "local":
             for hotkey, peer in miners.items():
                 self.chain.register(hotkey, peer.challenge_url, "miner")
