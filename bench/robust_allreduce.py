@@ -27,6 +27,7 @@ from bench.common import exit_on_sigterm, spread, table, write_result
 from hivetrain.aggregation import AggregationRule
 from hivetrain.hivemind_compat import Bans, OffenceLog, RobustAverager, install_codecs
 from hivetrain.log import get_logger
+from hivetrain.protocol.admission import Admission
 
 logger = get_logger("bench.robust_allreduce")
 TINY_NUMEL = 3_340_288  # num_parameters(build_model("tiny"))
@@ -44,13 +45,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--numel", type=int, default=TINY_NUMEL, help="float32 elements each peer averages")
     parser.add_argument("--rounds", type=int, default=12, help="timed rounds of each kind")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/robust_allreduce.json)")
+    parser.add_argument(
+        "--admission",
+        action="store_true",
+        help="the robust averagers admit only the bench's peers, each with a hotkey of its own (HIVE_ADMISSION=chain)",
+    )
     return parser.parse_args(argv)
 
 
-def averagers(dhts, prefix: str, tensors: list[torch.Tensor], robust: bool, group: int, **kwargs) -> list:
-    """One averager per DHT over its tensor, with hivemind's all-reduce or the robust one; groups of ``group``."""
+def averagers(
+    dhts,
+    prefix: str,
+    tensors: list[torch.Tensor],
+    robust: bool,
+    group: int,
+    admission: Admission | None = None,
+    **kwargs,
+) -> list:
+    """One averager per DHT over its tensor, with hivemind's all-reduce or the robust one (with ``admission``, if
+    given); groups of ``group``."""
     if robust:  # bans of 0 s: the same peers meet every round
-        kwargs.update(aggregation_rule=AggregationRule(), bans=Bans(OffenceLog(ban_s=0.0)))
+        kwargs.update(aggregation_rule=AggregationRule(), bans=Bans(OffenceLog(ban_s=0.0), admission))
     cls = RobustAverager if robust else hivemind.averaging.DecentralizedAverager
     return [
         cls(
@@ -69,11 +84,13 @@ def averagers(dhts, prefix: str, tensors: list[torch.Tensor], robust: bool, grou
     ]
 
 
-def measure_cost(dhts, numel: int, rounds: int) -> dict:
+def measure_cost(dhts, numel: int, rounds: int, admission: Admission | None = None) -> dict:
     generator = torch.Generator().manual_seed(0)
     originals = [torch.randn(numel, generator=generator) for _ in dhts]
     groups = {
-        kind: averagers(dhts, f"bench-robust-cost-{kind}", [t.clone() for t in originals], kind == "robust", len(dhts))
+        kind: averagers(
+            dhts, f"bench-robust-cost-{kind}", [t.clone() for t in originals], kind == "robust", len(dhts), admission
+        )
         for kind in ("plain", "robust")
     }
     times: dict[str, list[float]] = {"plain": [], "robust": []}
@@ -92,7 +109,7 @@ def measure_cost(dhts, numel: int, rounds: int) -> dict:
     return {kind: spread(values) for kind, values in times.items()}
 
 
-def attack_round(dhts, numel: int, attack: str, robust: bool) -> dict:
+def attack_round(dhts, numel: int, attack: str, robust: bool, admission: Admission | None = None) -> dict:
     make, weight = ATTACKS[attack]
     generator = torch.Generator().manual_seed(1)
     signal = torch.randn(numel, generator=generator)
@@ -101,7 +118,9 @@ def attack_round(dhts, numel: int, attack: str, robust: bool) -> dict:
     attacker = averagers(dhts[:1], prefix, [make(signal)], False, len(dhts), part_size_bytes=2**16)
     mean = torch.stack(honest).mean(dim=0)
     # clones: an averager averages the tensors it is given in place
-    group = averagers(dhts[1:], prefix, [t.clone() for t in honest], robust, len(dhts), part_size_bytes=2**16)
+    group = averagers(
+        dhts[1:], prefix, [t.clone() for t in honest], robust, len(dhts), admission, part_size_bytes=2**16
+    )
     try:
         controls = [attacker[0].step(wait=False, weight=weight, timeout=120)]
         controls += [a.step(wait=False, weight=1.0, timeout=120) for a in group]
@@ -138,9 +157,15 @@ def main(argv: list[str] | None = None) -> None:
                     initial_peers=[str(a) for a in dhts[0].get_visible_maddrs()],
                 )
             )
-        cost = measure_cost(dhts, args.numel, args.rounds)
+        # every peer here, the attacker of the attack rounds too, is admitted, each with a hotkey of its own
+        admission = (
+            Admission.fixed({dht.peer_id.to_base58(): f"bench-hotkey-{i}" for i, dht in enumerate(dhts)})
+            if args.admission
+            else None
+        )
+        cost = measure_cost(dhts, args.numel, args.rounds, admission)
         attacks = [
-            attack_round(dhts, min(args.numel, 400_000), attack, robust)
+            attack_round(dhts, min(args.numel, 400_000), attack, robust, admission)
             for attack in ATTACKS
             for robust in (False, True)
         ]
@@ -154,7 +179,8 @@ def main(argv: list[str] | None = None) -> None:
             [[kind, s["median"], f"[{s['min']:.2f}, {s['max']:.2f}]", s["n"]] for kind, s in cost.items()],
         )
     )
-    print(f"robust / plain round time: {ratio:.2f} ({args.peers} peers, {args.numel:,} float32 each)\n")
+    robust = "robust with admission" if args.admission else "robust"
+    print(f"{robust} / plain round time: {ratio:.2f} ({args.peers} peers, {args.numel:,} float32 each)\n")
     print(
         table(
             [
@@ -175,6 +201,7 @@ def main(argv: list[str] | None = None) -> None:
             "peers": args.peers,
             "numel": args.numel,
             "rounds": args.rounds,
+            "admission": args.admission,
             "cost": cost,
             "robust_over_plain": ratio,
             "attacks": attacks,
