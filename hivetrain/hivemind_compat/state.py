@@ -92,7 +92,8 @@ class _VerifiedDownload(DecentralizedAverager):
     ``check_downloaded_state`` (and must not stream more than ``_state_bytes_bound``); a candidate
     that fails is named and banned (``self.bans``, role "state") and the next one is asked, and so is one
     still streaming after ``CANDIDATE_SHARE`` of the caller's timeout (a server dripping its state).
-    Refused peers (banned, not admitted) are never asked. Only a state that passes comes back to the parent, which checks it once more.
+    Refused peers (banned, not admitted) are never asked. Only a state that passes comes back to the parent,
+    which checks it once more.
     """
 
     max_epoch: Callable[[], int | None] = staticmethod(lambda: None)
