@@ -16,6 +16,7 @@ The local chain's admission list, with a Redis credential that writes the run's 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import Sequence
@@ -59,14 +60,27 @@ def make_admission(settings: ServiceSettings, chain: Chain | None = None) -> Adm
             "set HIVE_ADMISSION=chain"
         )
         return Admission.open()
-    client = connect_redis(settings.redis_url)
-    registry = Registry(client, Keys(settings.run_id), domain_of(settings))
-    if chain is None:
-        bittensor = {} if settings.chain == "local" else dict(netuid=settings.netuid, network=_network(settings))
-        chain = make_chain(settings.chain, redis_client=client, run_id=settings.run_id, **bittensor)
-    refresh_s = ADMISSION_REFRESH_S if isinstance(chain, LocalChain) else CHAIN_REFRESH_S
+    refresh_s = ADMISSION_REFRESH_S if settings.chain == "local" else CHAIN_REFRESH_S
     logger.info(f"admission: peers bound to a hotkey the {settings.chain} chain admits, reread every {refresh_s:.0f}s")
-    return Admission(lambda: admitted_peers(registry, chain), refresh_s=refresh_s, what="the admitted peers")
+    sources: dict[int, tuple[Registry, Chain]] = {}
+
+    def load() -> dict[str, str]:
+        # each process its own connections: a forked averager child must not talk over its parent's (a Bittensor
+        # websocket shared by two processes mixes their messages; redis-py reconnects after a fork by itself)
+        pid = os.getpid()
+        if pid not in sources:
+            client = connect_redis(settings.redis_url)
+            own_chain = chain if chain is not None and pid == creator else _chain_of(settings, client)
+            sources[pid] = (Registry(client, Keys(settings.run_id), domain_of(settings)), own_chain)
+        return admitted_peers(*sources[pid])
+
+    creator = os.getpid()
+    return Admission(load, refresh_s=refresh_s, what="the admitted peers")
+
+
+def _chain_of(settings: ServiceSettings, client) -> Chain:
+    bittensor = {} if settings.chain == "local" else dict(netuid=settings.netuid, network=_network(settings))
+    return make_chain(settings.chain, redis_client=client, run_id=settings.run_id, **bittensor)
 
 
 class HotkeyGate:
@@ -98,9 +112,7 @@ def registration_gate(settings: ServiceSettings) -> HotkeyGate | None:
     """What the bootstrap asks before it stores a registration: None (anyone) when admission is open."""
     if admission_mode(settings) == "open":
         return None
-    client = connect_redis(settings.redis_url)
-    bittensor = {} if settings.chain == "local" else dict(netuid=settings.netuid, network=_network(settings))
-    chain = make_chain(settings.chain, redis_client=client, run_id=settings.run_id, **bittensor)
+    chain = _chain_of(settings, connect_redis(settings.redis_url))
     return HotkeyGate(chain, ADMISSION_REFRESH_S if isinstance(chain, LocalChain) else CHAIN_REFRESH_S)
 
 

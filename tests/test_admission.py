@@ -146,3 +146,29 @@ def test_the_operator_admits_lists_and_revokes_hotkeys_from_the_command_line(red
     assert not LocalChain(connect_redis(redis_url), RUN).admitted({hotkey})
     nothing = _cli(redis_url, "admit")
     assert nothing.returncode == 2 and "needs at least one hotkey" in nothing.stderr
+
+
+def test_a_forked_child_loads_for_itself_even_when_the_parent_was_loading_as_it_forked(redis_url):
+    """hivemind forks its averagers while the optimizer's tracker thread may be loading the admitted set: a lock
+    held at that moment would be held forever in the child, and its matchmaking would hang on the first peer."""
+    import multiprocessing
+
+    from hivetrain.protocol import admission as admission_module
+
+    client = connect_redis(redis_url)
+    registry, chain = Registry(client, Keys(RUN), DOMAIN), LocalChain(client, RUN)
+    honest = _register(registry, "adm-fork-honest", HONEST)
+    chain.admit(HONEST.hotkey.ss58_address)
+    admission = Admission(lambda: admitted_peers(registry, chain), refresh_s=60.0)
+    answers = multiprocessing.get_context("fork").Queue()
+    with admission_module._first_load:  # the parent is loading right now
+        child = multiprocessing.get_context("fork").Process(target=lambda: answers.put(admission.admits(honest)))
+        child.start()
+    try:
+        assert answers.get(timeout=30) is True
+    finally:
+        child.join(timeout=10)
+        if child.is_alive():
+            child.kill()
+            child.join()
+    admission.close()

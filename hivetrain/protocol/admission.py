@@ -26,6 +26,18 @@ from hivetrain.log import get_logger
 
 logger = get_logger(__name__)
 
+#: Guards a process's first load. Made anew in every forked child: a lock the parent held while it forked (its
+#: tracker's thread loading while hivemind forked an averager) would be held forever in the child.
+_first_load = threading.Lock()
+
+
+def _fresh_lock_in_child() -> None:
+    global _first_load
+    _first_load = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_fresh_lock_in_child)
+
 #: How often a process rereads the admitted peers (a new miner waits at most this long to be let in).
 ADMISSION_REFRESH_S = 10.0
 #: A peer refused for not being admitted is logged again at most this often.
@@ -43,7 +55,6 @@ class Admission:
         self._load, self.refresh_s, self.what = load, float(refresh_s), what or "the admitted peers"
         self._peers: dict[str, str] = {}
         self._pid: int | None = None  # the process whose thread keeps _peers fresh
-        self._lock = threading.Lock()
         self._logged: dict[str, float] = {}  # peer id -> time.monotonic() its refusal was last logged
         self._failing = False  # the last reload failed (logged once per outage)
         self._closed = threading.Event()
@@ -89,7 +100,7 @@ class Admission:
 
     def _current(self) -> dict[str, str]:
         if self._pid != os.getpid():  # first question in this process (a forked child starts with none)
-            with self._lock:
+            with _first_load:
                 if self._pid != os.getpid():
                     self._peers = {}
                     self._reload()
