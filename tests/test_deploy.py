@@ -1072,6 +1072,9 @@ def test_every_service_of_a_swarm_derives_its_signature_domain(tmp_path, monkeyp
     for service in SERVICE_SETTINGS:  # compose hands the three to every service, the bootstrap included
         env = _compose_config("default")["services"][service]["environment"]
         assert {"HIVE_RUN_ID", "HIVE_CHAIN", "HIVE_NETUID"} <= set(env), service
+        assert "HIVE_ADMISSION" in env, service  # and who may train: every service must agree on it too
+    admitting = settings.model_copy(update={"engine": "docker", "admission": "chain"})
+    assert docker_engine.compose_env(admitting, {})["HIVE_ADMISSION"] == "chain"
 
 
 def test_preset_defaults_are_miner_settings():

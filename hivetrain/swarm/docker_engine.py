@@ -149,8 +149,8 @@ def repo_root() -> Path:
 def compose_env(settings: SwarmSettings, environ: Mapping[str, str], cpu_count: int | None = None) -> dict[str, str]:
     """The environment compose runs with: ``environ``, the preset's miner defaults and the miners'
     torch threads where ``environ`` sets nothing (as with the local launcher), then what the
-    swarm's settings decide: run id, chain and netuid (the signature domain), log level, preset and
-    host ports. (Redis makes each role's password itself at first start: deploy/redis/start.sh.)"""
+    swarm's settings decide: run id, chain and netuid (the signature domain), admission, log level, preset
+    and host ports. (Redis makes each role's password itself at first start: deploy/redis/start.sh.)"""
     env = dict(environ)
     threads = miner_threads(cpu_count or os.cpu_count(), settings.miners)
     for key, value in {
@@ -167,6 +167,7 @@ def compose_env(settings: SwarmSettings, environ: Mapping[str, str], cpu_count: 
             preset=settings.preset,
             chain=settings.chain,
             netuid=settings.netuid,
+            admission=settings.admission,
             bootstrap_port=settings.bootstrap_port,
             validator_port=settings.validator_port,
         )
