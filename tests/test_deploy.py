@@ -64,6 +64,8 @@ pytestmark = pytest.mark.deploy
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "services" / "Dockerfile"
+#: publishes the images of the Dockerfile's targets to GitHub's container registry on a version tag
+RELEASE_WORKFLOW = ROOT / ".github" / "workflows" / "release.yml"
 #: its targets, one per service image (compose and make images build each with its own)
 TARGETS = ("bootstrap", "validator", "miner")
 COMPOSE_VARIANTS = {
@@ -200,6 +202,34 @@ def _image_env(service: str) -> dict[str, str]:
     stages = _stages(DOCKERFILE.read_text())
     text = stages["runtime"] + stages[service]
     return dict(re.findall(r"^(?:ENV )?\s*(HIVE_[A-Z_]+)='?(.*?)'?(?: \\)?$", text, re.M))
+
+
+def test_the_release_workflow_passes_actionlint_and_builds_what_compose_builds():
+    linted = _run([_binary("actionlint"), str(RELEASE_WORKFLOW)])
+    assert linted.returncode == 0, linted.stdout + linted.stderr
+    job = yaml.safe_load(RELEASE_WORKFLOW.read_text())["jobs"]["images"]
+    matrix = job["strategy"]["matrix"]["include"]
+    assert sorted((m["target"], m["suffix"]) for m in matrix) == sorted(
+        [(target, "") for target in TARGETS] + [("miner", "-cuda")]
+    )
+    build = next(step["with"] for step in job["steps"] if step.get("uses", "").startswith("docker/build-push-action"))
+    assert (build["file"], build["target"], build["push"]) == ("services/Dockerfile", "${{ matrix.target }}", True)
+    assert (
+        "LOCK=${{ matrix.lock }}" in build["build-args"]
+        and "TORCH_FIND_LINKS=${{ matrix.torch_find_links }}" in (build["build-args"])
+    )
+    assert build["tags"].endswith(
+        "hivetrain-${{ matrix.target }}:${{ steps.version.outputs.version }}${{ matrix.suffix }}"
+    )
+    # the CPU images install as the Dockerfile's defaults say, the CUDA miner as docker-compose.gpu.yml builds it
+    text = DOCKERFILE.read_text()
+    defaults = {name: re.search(rf"^ARG {name}=(\S*)$", text, re.M).group(1) for name in ("LOCK", "TORCH_FIND_LINKS")}
+    gpu = _compose_config("gpu")["services"]["miner"]["build"]["args"]
+    for entry in matrix:
+        expected = (gpu["LOCK"], gpu["TORCH_FIND_LINKS"]) if entry["suffix"] else tuple(defaults.values())
+        assert (entry["lock"], entry["torch_find_links"]) == expected, entry
+    # the version tags come from pyproject.toml, the one place the package's version is written
+    assert "pyproject.toml" in next(step["run"] for step in job["steps"] if step.get("id") == "version")
 
 
 def test_hadolint():
