@@ -30,11 +30,19 @@ TEST_ENV = {
 
 
 @contextlib.contextmanager
-def attacked_swarm(workdir: Path, run_id: str, honest: int, attackers: list[str], env: dict[str, str] | None = None):
+def attacked_swarm(
+    workdir: Path,
+    run_id: str,
+    honest: int,
+    attackers: list[str],
+    env: dict[str, str] | None = None,
+    admission: str = "",
+):
     """A running swarm: ``honest`` miners, then one cheaters.py process per attacker kind; stopped and checked after.
 
     Attackers run hivemind's own all-reduce (an attacker does not run our defences for us). ``env``
-    adds to every service's environment.
+    adds to every service's environment. With ``admission="chain"`` the launcher admits the honest
+    miners only: the attackers are strangers.
     """
     settings = SwarmSettings(
         miners=honest,
@@ -44,12 +52,14 @@ def attacked_swarm(workdir: Path, run_id: str, honest: int, attackers: list[str]
         validator_port=0,
         run_id=run_id,
         stop_timeout=45,
+        admission=admission,
     )
     swarm = Swarm(settings, extra_env={**TEST_ENV, **(env or {})})
     try:
         swarm.start()
         for kind in attackers:
-            swarm.add_miner(env={"HIVE_ROBUST_AGGREGATION": "false"}, argv=[sys.executable, CHEATERS_PY, kind])
+            argv = [sys.executable, CHEATERS_PY, kind]
+            swarm.add_miner(env={"HIVE_ROBUST_AGGREGATION": "false"}, argv=argv, admit=False)
         yield swarm
     finally:
         stop_and_check(swarm, workdir / "summary.json")

@@ -11,18 +11,16 @@ a stranger that is merely not admitted is no offender.
 
 from __future__ import annotations
 
-import sys
 import time
 
 import pytest
-from attack_helpers import CHEATERS_PY, TEST_ENV, assert_no_honest_peer_named, assert_training_survives, peer_ids
-from swarm_helpers import stop_and_check, wait_until
+from attack_helpers import assert_no_honest_peer_named, assert_training_survives, attacked_swarm, peer_ids
+from swarm_helpers import wait_until
 
 from hivetrain.chain import LocalChain
 from hivetrain.protocol.records import Keys
-from hivetrain.settings import SwarmSettings, domain_of
+from hivetrain.settings import domain_of
 from hivetrain.store import Registry, connect_redis
-from hivetrain.swarm.launcher import Swarm
 
 pytestmark = pytest.mark.integration
 
@@ -33,25 +31,8 @@ STRANGERS = ("nan", "state", "progress")
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("admitted")
-    settings = SwarmSettings(
-        miners=HONEST,
-        workdir=str(workdir),
-        preset="tiny",
-        bootstrap_port=0,
-        validator_port=0,
-        run_id="admitted",
-        stop_timeout=45,
-        admission="chain",
-    )
-    swarm = Swarm(settings, extra_env=TEST_ENV)
-    try:
-        swarm.start()
-        for kind in STRANGERS:
-            env = {"HIVE_ROBUST_AGGREGATION": "false"}
-            swarm.add_miner(env=env, argv=[sys.executable, CHEATERS_PY, kind], admit=False)
+    with attacked_swarm(workdir, "admitted", HONEST, list(STRANGERS), admission="chain") as swarm:
         yield swarm
-    finally:
-        stop_and_check(swarm, workdir / "summary.json")
 
 
 def test_only_the_admitted_miners_are_registered(swarm):
