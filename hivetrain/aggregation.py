@@ -7,8 +7,12 @@ CenteredClip, Gorbunov et al. 2022), per partition:
 1. parts with NaN or infinite values, and declared weights that are negative, not finite, or above
    ``max_weight`` (more samples than a round can hold), are dropped and their senders named; a
    weight of 0 is hivemind's "tag along" (a peer that only wants the result): left out, not named;
-2. declared weights are capped at ``max_weight_ratio`` x their median (a peer may have accumulated
-   more samples than others, not arbitrarily more);
+2. declared weights are capped at their median (``max_weight_ratio`` x it, 1 by default): a weight is
+   what its sender says it accumulated, and a sender that claims more than a typical peer weighs as one
+   typical peer (at 2x, one honest-size flipped part among four cancelled all but 5% of the honest
+   direction; at 1x it is outvoted 3 to 1). An honest peer that did accumulate more (a faster GPU)
+   is underweighted the same way: its part is still an unbiased gradient, only its extra samples'
+   lower noise is not used;
 3. the aggregate is CenteredClip: start at the coordinate-wise median and move towards every part,
    each part's pull clipped to radius ``tau``. ``tau`` is ``clip_factor`` x the median distance of the
    parts from that median (their typical spread), so it follows the scale of honest parts through
@@ -45,7 +49,7 @@ class AggregationRule:
 
     clip_factor: float = 1.0
     iterations: int = 10
-    max_weight_ratio: float = 2.0
+    max_weight_ratio: float = 1.0
     ban_ratio: float = 1000.0  # honest gradients differ by 10x and more (one peer's hard batch); attacks by far more
     max_weight: float = math.inf  # a declared weight is samples accumulated since the last round: the miner bounds it
 
@@ -139,10 +143,10 @@ class PartStream:
     fixed point, i.e. when no part lies farther than ``tau`` from it. Here ``tau`` is ``clip_factor``
     x a spread taken from the pairwise distances (each part's lower-median distance to the others;
     the lower median of those; over sqrt 2, the distance to the centre that implies), which a
-    minority of outliers cannot move. Anything unusual (a weight to question or to cap, a
-    non-finite value, parts so alike that float32 sums cannot measure their distances, as
-    parameters averaged between nearly equal replicas are, an outlier) goes ``robust_aggregate``'s
-    full way.
+    minority of outliers cannot move, and the weights are the declared ones capped at their median.
+    Anything unusual (a weight to question, a non-finite value, parts so alike that float32 sums
+    cannot measure their distances, as parameters averaged between nearly equal replicas are, an
+    outlier) goes ``robust_aggregate``'s full way.
     """
 
     def __init__(self):
@@ -172,13 +176,10 @@ class PartStream:
         return robust_aggregate(self.parts, self.weights, rule, fast_path=False, scale=scale)
 
     def _mean_if_fixed_point(self, rule: AggregationRule) -> torch.Tensor | None:
-        n, weights = len(self.parts), self.weights
-        if (
-            not self._fast
-            or n < 3
-            or max(weights) > min(rule.max_weight, lower_median(weights) * rule.max_weight_ratio)
-        ):
+        n = len(self.parts)
+        if not self._fast or n < 3 or max(self.weights) > rule.max_weight:
             return None
+        weights = capped_weights(self.weights, rule.max_weight_ratio)  # the fast path's weights are all positive
         # n is a group's size: plain Python floats beat a dozen tiny tensor ops here
         gram = [[self._gram[max(i, j)][min(i, j)] for j in range(n)] for i in range(n)]
         if not all(math.isfinite(x) for row in self._gram for x in row):  # a non-finite part (or too large to square)
@@ -195,8 +196,18 @@ class PartStream:
         # squared distance of each part from the weighted mean
         if max(squares[i] - 2 * pulled[i] + centre for i in range(n)) > rule.clip_factor**2 * spread2:
             return None
+        if weights != self.weights:  # a weight was capped: the streamed sum is not the mean
+            self._sum = torch.zeros_like(self._sum)
+            for part, weight in zip(self.parts, weights):
+                self._sum.add_(part.reshape(-1), alpha=weight)
         mean, self._sum = self._sum.mul_(1.0 / total), None  # the sum is ours: no copy
         return mean.reshape(self.parts[0].shape)
+
+
+def capped_weights(weights: Sequence[float], ratio: float) -> list[float]:
+    """``weights`` (positive, finite) each capped at ``ratio`` x their lower median."""
+    cap = lower_median(weights) * ratio
+    return [min(weight, cap) for weight in weights]
 
 
 def robust_aggregate(
@@ -235,8 +246,7 @@ def robust_aggregate(
     if not kept:
         return Aggregate(torch.zeros_like(parts[0]), offences)
     stacked = torch.stack([parts[i].reshape(-1).float() for i in kept])  # (n, d)
-    declared = torch.tensor([float(weights[i]) for i in kept], dtype=torch.float32)  # (n,)
-    capped = torch.minimum(declared, declared.median() * rule.max_weight_ratio)  # (n,)
+    capped = torch.tensor(capped_weights([float(weights[i]) for i in kept], rule.max_weight_ratio))  # (n,)
     median = coordinate_median(stacked)  # (d,)
     spread = float(_norms(stacked - median).median())  # how far a typical part is from the median
     tau = rule.clip_factor * spread
