@@ -40,6 +40,19 @@ def test_zero_verified_or_all_failed_gets_zero():
     assert normalize_weights({m: s.new_ema for m, s in scores.items()}) == {"idle": 0.0, "cheat": 0.0, "good": 1.0}
 
 
+def test_a_hotkey_the_validator_caught_scores_zero_at_once_and_takes_no_share():
+    claims = {"operator": claim(500), "good": claim(500)}
+    checks = {"operator": [PASS, PASS], "good": [PASS]}  # its miner answers honestly; another key of it attacked
+    caught = {"operator": "state: served a state we refused: tensor 0 is not a finite tensor"}
+    scores = score_round(claims, checks, previous={"operator": 0.9, "good": 0.1}, alpha=0.3, caught=caught)
+    assert scores["operator"].round_score == 0.0 and scores["operator"].new_ema == 0.0  # not a decay: zero
+    assert scores["operator"].verified_samples == 0 and scores["good"].share == pytest.approx(1.0)
+    assert any(r.startswith("caught by this validator: state:") for r in scores["operator"].reasons)
+    assert normalize_weights({m: s.new_ema for m, s in scores.items()}) == {"operator": 0.0, "good": 1.0}
+    named = score_round({}, {}, {}, caught={"stranger": "why"})["stranger"]  # named on the board, at 0
+    assert named.new_ema == 0.0 and named.reasons[-1] == "caught by this validator: why"
+
+
 def test_ema_smooths_and_absent_miners_decay():
     previous = {"a": 0.4, "gone": 0.5}
     scores = score_round({"a": claim(100)}, {"a": [PASS]}, previous, alpha=0.25)

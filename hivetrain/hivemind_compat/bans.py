@@ -44,6 +44,21 @@ class Offence:
     role: str  # "sender" (its all-reduce part), "reducer" (its answer), "state" (the state it served), "progress"
     reason: str
     time: float
+    # what it sent cannot be honest (NaN, a wrong shape, an epoch beyond the bound...), as opposed to an honest
+    # peer's possible bad luck (a slow link past a deadline): a validator zeroes the hotkey of a proven offence
+    proven: bool = True
+
+    def record(self, caught_by: str, banned_s: float) -> OffenceRecord:
+        """This offence as the telemetry record ``caught_by`` (our peer id) signs and writes."""
+        return OffenceRecord(
+            peer_id=caught_by,
+            offender=self.peer_id,
+            averager=self.prefix,
+            role=self.role,
+            reason=self.reason[:500],
+            banned_s=banned_s,
+            time=self.time,
+        )
 
 
 class OffenceLog:
@@ -87,18 +102,7 @@ class OffenceLog:
 
     def drain_records(self, caught_by: str) -> list[OffenceRecord]:
         """``drain`` as the telemetry records ``caught_by`` (our peer id) signs and writes."""
-        return [
-            OffenceRecord(
-                peer_id=caught_by,
-                offender=o.peer_id,
-                averager=o.prefix,
-                role=o.role,
-                reason=o.reason[:500],
-                banned_s=self.ban_s,
-                time=o.time,
-            )
-            for o in self.drain()
-        ]
+        return [offence.record(caught_by, self.ban_s) for offence in self.drain()]
 
 
 class Bans:
@@ -129,14 +133,15 @@ class Bans:
         """Whom ``peer_id`` counts as where votes are counted (``Admission.voter``)."""
         return self.admission.voter(peer_id)
 
-    def ban(self, peer_id: str, prefix: str, role: str, reason: str) -> None:
-        """Ban ``peer_id`` and its hotkey for ``ban_s`` and name it to the parent (from an averager child)."""
+    def ban(self, peer_id: str, prefix: str, role: str, reason: str, proven: bool = True) -> None:
+        """Ban ``peer_id`` and its hotkey for ``ban_s`` and name it to the parent (from an averager child);
+        ``proven=False`` for what an honest peer's bad luck can look like (``Offence.proven``)."""
         logger.warning(f"{prefix}: {role} {peer_id} {reason}; banned for {self.ban_s:.0f}s")
         until = time.monotonic() + self.ban_s
         for who in {peer_id, self.admission.voter(peer_id)}:
             self._until[who] = until
         if self.log is not None:
-            self.log.send(Offence(peer_id, prefix, role, reason, time.time()))
+            self.log.send(Offence(peer_id, prefix, role, reason, time.time(), proven))
 
     def clear(self) -> None:
         self._until.clear()

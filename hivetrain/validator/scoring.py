@@ -5,6 +5,9 @@ verify this round (``check_claimed_samples``) times the fraction of its gradient
 passed. Scores are smoothed with an EMA, ``new = alpha * round + (1 - alpha) * previous``, so one
 lucky or unlucky round moves a miner only part of the way. A miner with no verified samples,
 with every spot check failed, or not spot-checked yet gets 0 for the round, whatever its history.
+A miner whose hotkey this validator caught itself (a peer of it served a state the model sync refused, see
+``hivetrain.validator.service``) scores 0 outright, its EMA included, for as long as its ban holds: an
+operator cannot earn with an honest-looking miner while another key of the same hotkey attacks.
 The spot checks passed in are the miner's recent history (the validator keeps the last few), so
 a window in which a miner happened not to be challenged does not wipe out its record.
 """
@@ -68,30 +71,35 @@ def score_round(
     spot_checks: Mapping[str, list[SpotCheckResult]],
     previous: Mapping[str, float],
     alpha: float = DEFAULT_ALPHA,
+    caught: Mapping[str, str] | None = None,
 ) -> dict[str, ScoreEvidence]:
     """Score every miner that has a claim check, a spot check or a previous score.
 
     ``claims`` holds each miner's claimed-samples verdict, ``spot_checks`` its gradient spot-check
-    verdicts this round and ``previous`` its EMA so far.
+    verdicts this round and ``previous`` its EMA so far; ``caught`` maps the hotkeys this validator
+    caught misbehaving to why (their round score and their EMA are 0).
     A miner absent from this round decays towards 0 (its round score is 0).
     """
+    caught = caught or {}
     if not 0 < alpha <= 1:
         raise ValueError(f"alpha must be in (0, 1], got {alpha}")
-    verified = {miner: (c.verified_samples if c.passed else 0) for miner, c in claims.items()}
+    verified = {miner: (c.verified_samples if c.passed and miner not in caught else 0) for miner, c in claims.items()}
     total = sum(verified.values())
     evidence = {}
-    for miner in sorted(set(claims) | set(spot_checks) | set(previous)):
+    for miner in sorted(set(claims) | set(spot_checks) | set(previous) | set(caught)):
         checks = spot_checks.get(miner, [])
         passes = sum(1 for c in checks if c.passed)
         fails = len(checks) - passes
         samples = verified.get(miner, 0)
         share = samples / total if total else 0.0
         rate = pass_rate(passes, fails)
-        round_score = 0.0 if samples == 0 or (checks and passes == 0) else share * rate
+        round_score = 0.0 if samples == 0 or (checks and passes == 0) or miner in caught else share * rate
         before = float(previous.get(miner, 0.0))
         reasons = ([f"claim: {claims[miner].reason}"] if miner in claims else ["claim: none this round"]) + [
             f"spot check {c.verdict}: {c.reason}" for c in checks
         ]
+        if miner in caught:
+            reasons.append(f"caught by this validator: {caught[miner]}")
         evidence[miner] = ScoreEvidence(
             miner=miner,
             verified_samples=samples,
@@ -103,7 +111,7 @@ def score_round(
             round_score=round_score,
             alpha=alpha,
             previous_ema=before,
-            new_ema=ema(before, round_score, alpha),
+            new_ema=0.0 if miner in caught else ema(before, round_score, alpha),
             reasons=reasons,
             checks=[CheckSummary(verdict=c.verdict, cosine=_finite_or_none(c.cosine)) for c in checks],
         )

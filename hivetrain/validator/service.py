@@ -12,6 +12,12 @@ tried again with backoff; the loop itself never ends on an outage. When weights 
 validator registers again if its registration is gone (a flushed Redis, on the local chain) and
 saves its scores, EMA and spot-check history in Redis (``hivetrain.validator.state``), which
 it resumes from when it starts.
+
+What the validator catches itself is first-hand evidence: a peer whose state its model sync refused for what
+the state held (``Offence.proven``; a server that was only slow is banned, not zeroed) costs its hotkey the
+whole score, EMA included, for as long as the ban holds (``score_round``'s ``caught``), whichever of the
+hotkey's peers served it. Progress records it leaves out are not: they are already not credited, and an
+honest peer far ahead of a stalled swarm's median looks the same.
 """
 
 from __future__ import annotations
@@ -57,6 +63,8 @@ from hivetrain.validator.verdicts import ClaimCheckResult, SpotCheckResult, judg
 
 logger = get_logger(__name__)
 
+#: The offences (by role) for which the validator zeroes the offender's hotkey: those its own model sync proves.
+ZEROED_ROLES = frozenset({"state"})
 EVIDENCE_KEPT = 10  # rounds of evidence kept per miner on the score board
 CHECKS_KEPT = 10  # recent spot checks a miner's pass rate is taken over
 RETRY_FIRST_S, RETRY_LONGEST_S = 1.0, 60.0  # a failed loop step is tried again after 1, 2, 4... up to 60 s
@@ -76,6 +84,7 @@ class Validator:
         self.evidence: dict[str, list[dict]] = {}
         self.spot_checks: dict[str, list[SpotCheck]] = {}
         self.check_history: dict[str, collections.deque] = {}
+        self.caught: dict[str, tuple[float, str]] = {}  # hotkey -> (its ban's end, time.time(); why)
         self.rounds = 0
         self.window_started = time.time()
         self.failures: Counter[str] = Counter()  # loop step -> failures in a row
@@ -256,12 +265,44 @@ class Validator:
         self.client.set(self.keys.validator_alive(self.hotkey), status.to_json(), ex=VALIDATOR_TTL_S)
 
     def _record_offences(self) -> None:
-        """Name, in signed telemetry, the peers whose state our model sync refused (and now skips)."""
-        for record in self.offences.drain_records(self.dht.peer_id.to_base58()):
+        """Name, in signed telemetry, the peers whose state our model sync refused (and now skips), and the
+        progress records left out; a proven offence zeroes its hotkey while the ban holds."""
+        caught_by = self.dht.peer_id.to_base58()
+        for offence in self.offences.drain():
+            if offence.proven and offence.role in ZEROED_ROLES:
+                self._catch(offence.peer_id, f"{offence.role}: {offence.reason}")
             try:
-                append(self.client, self.keys, self.domain, record, signer=self.wallet)
+                append(
+                    self.client,
+                    self.keys,
+                    self.domain,
+                    offence.record(caught_by, self.offences.ban_s),
+                    signer=self.wallet,
+                )
             except Exception:  # Redis boundary: the ban holds, the record is lost
                 logger.warning("could not record an offence", exc_info=True)
+
+    def _catch(self, peer_id: str, why: str) -> None:
+        """Zero the hotkey ``peer_id`` is bound to (admission's, or a live registration's) until its ban ends."""
+        hotkey = self.admission.hotkey_of(peer_id)
+        if hotkey is None:
+            try:
+                bound = self.registry.live_peers(limit=1000)
+            except Exception:  # Redis boundary: the peer stays banned, its hotkey is not zeroed
+                logger.warning(f"could not look up the hotkey of {peer_id}", exc_info=True)
+                return
+            hotkey = next((peer.hotkey for peer in bound if peer.peer_id == peer_id and peer.hotkey), None)
+        if hotkey is None:
+            logger.info(f"caught {peer_id}, bound to no hotkey: banned, nothing to zero")
+            return
+        logger.warning(f"hotkey {hotkey} scores 0 for {self.offences.ban_s:.0f}s: its peer {peer_id} {why}")
+        self.caught[hotkey] = (time.time() + self.offences.ban_s, f"peer {peer_id}: {why}"[:500])
+
+    def caught_now(self) -> dict[str, str]:
+        """The hotkeys caught whose ban still holds, and why (expired ones are forgotten)."""
+        now = time.time()
+        self.caught = {hotkey: entry for hotkey, entry in self.caught.items() if entry[0] > now}
+        return {hotkey: why for hotkey, (_, why) in self.caught.items()}
 
     def sync_and_evaluate(self) -> None:
         """Load the swarm's state, then measure held-out loss on the fixed blocks and record it."""
@@ -332,8 +373,13 @@ class Validator:
             for hotkey, history in self.check_history.items()
             if hotkey in miners or hotkey in claims
         }
+        self._record_offences()  # what the sync caught up to now counts in this window
         evidence = score_round(
-            verdicts, results, {k: v for k, v in self.scores.items() if k in miners or k in claims}, s.score_ema_alpha
+            verdicts,
+            results,
+            {k: v for k, v in self.scores.items() if k in miners or k in claims},
+            s.score_ema_alpha,
+            caught=self.caught_now(),
         )
         self.scores = {hotkey: e.new_ema for hotkey, e in evidence.items()}
         for hotkey, item in evidence.items():

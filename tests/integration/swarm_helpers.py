@@ -9,6 +9,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from hivetrain.identity import load_or_create_wallet
 from hivetrain.swarm import procs
 
 
@@ -46,6 +47,11 @@ def metrics_at(url: str) -> dict[str, float]:
         for sample in family.samples:
             values[sample.name] = values.get(sample.name, 0.0) + sample.value
     return values
+
+
+def hotkey_of(swarm, index: int) -> str:
+    """The hotkey of miner ``index``: the wallet the launcher gave it (created on its first start)."""
+    return load_or_create_wallet(str(swarm.workdir / f"miner-{index}" / "wallets"), "miner").hotkey.ss58_address
 
 
 def validator_get(swarm, path: str):

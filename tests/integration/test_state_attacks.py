@@ -21,7 +21,7 @@ from attack_helpers import (
     peer_ids,
     wait_named,
 )
-from swarm_helpers import peer_id_of, wait_until
+from swarm_helpers import hotkey_of, peer_id_of, validator_get, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -48,6 +48,25 @@ def test_the_poisoned_state_server_and_the_forged_progress_are_named(swarm):
     assert_no_honest_peer_named(swarm, honest)
     epochs = [m["last_epoch"] for p, m in swarm.summary()["miners"].items() if p in honest]
     assert all(epoch is not None and epoch < 1000 for epoch in epochs), epochs
+
+
+def test_the_poisoners_hotkey_is_zeroed_and_the_honest_miners_keep_their_weight(swarm):
+    # the poisoner trains and answers spot checks honestly: only what its state server sent gives it away
+    poisoner, operator = peer_id_of(swarm.miners[HONEST]), hotkey_of(swarm, HONEST)
+    honest = {hotkey_of(swarm, i) for i in range(HONEST)}
+    wait_named(swarm, poisoner, "state")
+
+    def zeroed():
+        board = validator_get(swarm, "/api/scores")
+        miners = {m["hotkey"]: m for m in board["miners"]} if board else {}
+        caught = operator in miners and any(
+            r.startswith("caught by this validator: peer") for r in miners[operator]["evidence"][-1]["reasons"]
+        )
+        return miners if caught and all(miners.get(h, {}).get("weight", 0.0) > 0 for h in honest) else None
+
+    miners = wait_until(zeroed, timeout=420, what="a scoring round with the operator caught and every honest weight")
+    assert miners[operator]["weight"] == 0.0 and miners[operator]["score"] == 0.0, miners[operator]
+    assert abs(sum(m["weight"] for m in miners.values()) - 1.0) < 1e-6
 
 
 def test_the_honest_miners_and_the_validator_keep_learning(swarm):

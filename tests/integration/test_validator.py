@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 import requests
-from swarm_helpers import stop_and_check, validator_get, wait_until
+from swarm_helpers import hotkey_of, stop_and_check, validator_get, wait_until
 
-from hivetrain.identity import load_or_create_wallet
 from hivetrain.settings import SwarmSettings
 from hivetrain.swarm.launcher import Swarm
 
@@ -34,11 +33,6 @@ TEST_ENV = {
     "HIVE_EVAL_BLOCKS": "8",
 }
 ROUNDS = 3
-
-
-def hotkey_of(swarm: Swarm, index: int) -> str:
-    """The hotkey of miner ``index``: the wallet the launcher gave it (created on its first start)."""
-    return load_or_create_wallet(str(swarm.workdir / f"miner-{index}" / "wallets"), "miner").hotkey.ss58_address
 
 
 @pytest.fixture(scope="module")
