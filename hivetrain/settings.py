@@ -51,7 +51,8 @@ logger = get_logger(__name__)
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_BOOTSTRAP_URL = "http://127.0.0.1:8000"
-Compression = Literal["none", "fp16", "8bit"]
+Compression = Literal["none", "fp16", "8bit", "8bit-shared"]
+StateCompression = Literal["none", "fp16", "8bit"]  # 8bit-shared averages gradients only
 
 
 class ConfigError(ValueError):
@@ -394,9 +395,11 @@ class MinerSettings(PeerSettings):
         "step (it brings back a peer whose round failed), 5 when unset",
     )
     grad_compression: Compression = Field(
-        "none", description="wire format of gradients in all-reduce (of pseudo-gradients in diloco mode)"
+        "none",
+        description="wire format of gradients in all-reduce (of pseudo-gradients in diloco mode); 8bit-shared: 8-bit, "
+        "and every peer of a round applies the same rounding of the average (needs robust aggregation)",
     )
-    state_compression: Compression = Field(
+    state_compression: StateCompression = Field(
         "none",
         description="wire format of parameters in state averaging and downloads (optimizer statistics always go exact)",
     )

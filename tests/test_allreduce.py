@@ -24,6 +24,7 @@ from hivetrain.aggregation import AggregationRule
 from hivetrain.hivemind_compat import Bans, OffenceLog, RobustAverager
 from hivetrain.hivemind_compat.allreduce import RobustPartReducer
 from hivetrain.protocol.admission import Admission
+from hivetrain.protocol.training import COMPRESSIONS
 
 pytestmark = pytest.mark.integration
 
@@ -378,3 +379,40 @@ def test_the_peers_of_one_hotkey_weigh_as_one_in_a_partition():
     hotkeys = {"QmA": "5A", "QmB": "5B", "QmOperator1": "5Operator", "QmOperator2": "5Operator"}
     assert cosine(Admission.fixed(hotkeys)) > 0.8
     assert abs(cosine(Admission.open())) < 0.3  # hivemind's count: one vote per key
+
+
+def _honest_round(dhts, prefix: str, compression) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """One round of four honest robust averagers with ``compression``: their results and the exact mean."""
+    generator = torch.Generator().manual_seed(6)
+    signal = torch.randn(SIZE, generator=generator)
+    tensors = [signal + 0.3 * torch.randn(SIZE, generator=generator) for _ in dhts]
+    peers = [
+        _averager(dht, tensor.clone(), prefix, compression=compression, **_honest(OffenceLog()))
+        for dht, tensor in zip(dhts, tensors)
+    ]
+    try:
+        controls = [peer.step(wait=False, weight=8.0, timeout=60) for peer in peers]
+        for control in controls:
+            assert control.result(timeout=90) is not None, "the round failed"
+        results = []
+        for peer in peers:
+            with peer.get_tensors() as averaged:
+                results.append(averaged[0].clone())
+        return results, torch.stack(tensors).mean(dim=0)
+    finally:
+        for peer in peers:
+            peer.shutdown()
+
+
+@pytest.mark.parametrize("name", ["8bit", "8bit-shared"])
+def test_with_shared_rounding_every_member_leaves_an_8bit_round_holding_the_same_values(dhts, name):
+    # hivemind's 8-bit answers each sender with (average - its part) quantized for it: each keeps its own error
+    results, mean = _honest_round(dhts, f"rounding-{name}", COMPRESSIONS[name]())
+    for result in results:
+        assert float((result - mean).norm() / mean.norm()) < 0.05  # 8-bit: close to the mean, not on it
+    identical = all(torch.equal(result, results[0]) for result in results[1:])
+    apart = max(float((result - results[0]).norm() / mean.norm()) for result in results[1:])
+    if name == "8bit-shared":
+        assert identical, f"the members' results differ by up to {apart:.2e} of the mean's norm"
+    else:  # what shared rounding removes: measured here, so that the test above cannot pass by accident
+        assert not identical and apart > 1e-3, apart

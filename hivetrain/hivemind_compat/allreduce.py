@@ -12,6 +12,11 @@ parts every sender streams in, weighted as the sender declares. An averager with
   our own only with two senders, where no majority can outvote an attacker); a bad answer is
   replaced by our own part for that partition, as hivemind does for a reducer that failed.
 
+With ``SharedRounding8Bit`` compression (``HIVE_GRAD_COMPRESSION=8bit-shared``) the reducer quantizes each
+aggregate once and answers every sender with those same bytes; each sender (the reducer too) takes the
+dequantized aggregate as the result, not its own part plus a difference quantized for it, so the members
+of a round leave it holding the same values, to the bit, wherever no answer was refused.
+
 A sender or reducer caught is named and banned in that averager (its ``Bans``,
 ``hivetrain.hivemind_compat.bans``): its parts no longer count, its answers are not applied, and
 ``BanAwareMatchmaking`` keeps it out of the groups we lead or join.
@@ -28,12 +33,15 @@ import torch
 from hivemind.averaging.allreduce import AllReduceRunner
 from hivemind.averaging.matchmaking import Matchmaking
 from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartContainer, TensorPartReducer
-from hivemind.proto import averaging_pb2
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.proto import averaging_pb2, runtime_pb2
+from hivemind.utils.asyncio import amap_in_executor
 
 from hivetrain.aggregation import AggregationRule, PartStream, Refusal, check_received
 from hivetrain.hivemind_compat.bans import Bans
 from hivetrain.hivemind_compat.pins import follows
 from hivetrain.log import get_logger
+from hivetrain.protocol.training import SharedRounding8Bit
 
 logger = get_logger(__name__)
 
@@ -83,8 +91,11 @@ class RobustPartReducer(TensorPartReducer):
         rule: AggregationRule,
         bans: Bans,
         part_dtypes: Sequence[torch.dtype] | None = None,
+        shared_rounding: bool = False,
     ):
         self.rule, self.bans = rule, bans
+        # SharedRounding8Bit: each aggregate quantized once; its bytes by part index, what every sender is answered
+        self.shared_rounding, self.answers = shared_rounding, {}
         self.part_dtypes = tuple(part_dtypes) if part_dtypes is not None else None  # None: any floating dtype
         self._stream, self._senders = PartStream(), []  # this partition's parts so far, and who sent each
         self._banned_parts: list[tuple[int, torch.Tensor, float]] = []  # parts of banned senders: left out
@@ -155,6 +166,14 @@ class RobustPartReducer(TensorPartReducer):
             self.reset_accumulators()
 
     def _aggregate(self) -> torch.Tensor:
+        value = self._robust_aggregate()
+        if not self.shared_rounding:
+            return value
+        answer = serialize_torch_tensor(value, runtime_pb2.CompressionType.UNIFORM_8BIT)
+        self.answers[self.current_part_index] = answer
+        return deserialize_torch_tensor(answer)  # what every sender decodes from the same bytes
+
+    def _robust_aggregate(self) -> torch.Tensor:
         stream, senders = self._stream, self._senders
         if not senders:  # only banned senders in this round (we only reduce): aggregate them all the same
             stream, senders = PartStream(), [index for index, _, _ in self._banned_parts]
@@ -220,6 +239,9 @@ class RobustAllReduceRunner(AllReduceRunner):
         self, *args, tensors: Sequence[torch.Tensor], rule: AggregationRule, bans: Bans, fallbacks=None, **kwargs
     ):
         super().__init__(*args, tensors=tensors, **kwargs)
+        self.shared_rounding = shared = isinstance(kwargs.get("compression"), SharedRounding8Bit)
+        # shared rounding: the outputs are the aggregates themselves (a failed reducer's part: our own), not differences
+        self.tensor_part_container.return_deltas = not shared
         prefix = str(self._prefix)
         own_rms = functools.cache(lambda: _rms(tensors))  # once per round, where first needed
         self.tensor_part_reducer.finalize()  # the plain reducer hivemind built is replaced before any part arrives
@@ -233,16 +255,22 @@ class RobustAllReduceRunner(AllReduceRunner):
             rule=rule,
             bans=bans,
             part_dtypes=tuple(part.dtype for part in self.parts_for_local_averaging),
+            shared_rounding=shared,
         )
         container = self.tensor_part_container
         register = container.register_processed_part
 
         def register_checked(peer_index: int, part_index: int, delta: torch.Tensor) -> None:
+            # delta: the aggregate minus our part; with shared rounding, the aggregate itself (from another reducer)
             reducer = self.ordered_peer_ids[peer_index].to_base58()
             ourselves = self.ordered_peer_ids[peer_index] == self.peer_id
             own = container._input_parts_by_peer[peer_index][part_index][0]
+            if shared:
+                # our own answer: decoded from the bytes we send every sender, not rounded again by a subtraction
+                received = self._own_answer(part_index) if ourselves else delta
+                delta = received - own
             if ourselves and len(self.sender_peer_ids) >= 3:  # our own robust aggregate, over a group with a majority
-                register(peer_index, part_index, delta)
+                register(peer_index, part_index, received if shared else delta)
                 return
             banned = not ourselves and bans.refuses(reducer, f"{prefix} all-reduce")
             refusal = Refusal("is refused", offence=False) if banned else check_received(delta, own, own_rms)
@@ -253,9 +281,40 @@ class RobustAllReduceRunner(AllReduceRunner):
                     whose = "our own" if ourselves else f"reducer {reducer}'s"
                     logger.info(f"{prefix}: not applying {whose} aggregate: {refusal.reason}")
                 delta = torch.zeros_like(own)  # our own part for this partition, as for a failed reducer
+                received = own
                 if fallbacks is not None:
                     with fallbacks.get_lock():
                         fallbacks.value += 1
-            register(peer_index, part_index, delta)
+            register(peer_index, part_index, received if shared else delta)
 
         container.register_processed_part = register_checked
+
+    def _own_answer(self, part_index: int) -> torch.Tensor:
+        return deserialize_torch_tensor(self.tensor_part_reducer.answers[part_index])
+
+    @follows(AllReduceRunner, "_accumulate_parts_streaming", "6c5a3c7266060303")  # copied below
+    async def _accumulate_parts_streaming(self, stream, sender_index: int):
+        if not self.shared_rounding:
+            async for message in super()._accumulate_parts_streaming(stream, sender_index):
+                yield message
+            return
+        # AllReduceRunner._accumulate_parts_streaming (hivemind 1.1.12), answering each part with the bytes of the
+        # aggregate our reducer quantized once (the same for every sender) instead of a difference quantized per sender
+        part_index = 0
+        try:
+            async for tensor_part, weight in amap_in_executor(
+                lambda msg: (deserialize_torch_tensor(msg.tensor_part), msg.weight),
+                stream,
+                max_prefetch=self.tensor_part_container.prefetch,
+            ):
+                try:
+                    await self.tensor_part_reducer.accumulate_part(sender_index, part_index, tensor_part, weight=weight)
+                except BannedException:
+                    logger.debug(f"Sender {sender_index} is already banned")
+                    break  # sender was banned, we no longer need to aggregate it
+                answer = self.tensor_part_reducer.answers[part_index]
+                part_index += 1
+                yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=answer)
+        finally:
+            if part_index != self.tensor_part_reducer.num_parts:
+                await self._ban_sender(self.sender_peer_ids[sender_index])

@@ -37,6 +37,7 @@ from hivetrain.hivemind_compat.codecs import install_codecs
 from hivetrain.hivemind_compat.pins import follows
 from hivetrain.log import get_logger
 from hivetrain.protocol.progress import lower_median
+from hivetrain.protocol.training import SharedRounding8Bit
 
 logger = get_logger(__name__)
 
@@ -71,6 +72,12 @@ class RobustAveraging(DecentralizedAverager):
     """
 
     def __init__(self, *args, aggregation_rule: AggregationRule | None = None, bans: Bans | None = None, **kwargs):
+        self.shared_rounding = isinstance(kwargs.get("compression"), SharedRounding8Bit)
+        if self.shared_rounding:
+            if aggregation_rule is None:
+                raise ValueError("8bit-shared compression is our all-reduce's: it needs an aggregation rule")
+            # its answers are averages, not differences: it must never meet an averager that reads them otherwise
+            kwargs["prefix"] = f"{kwargs['prefix']}_shared8bit"
         self.aggregation_rule = aggregation_rule
         self.bans = bans if bans is not None else Bans()
         # partitions where a round applied our own part instead of a reducer's aggregate (counted in the child,
@@ -159,7 +166,12 @@ class RobustAveraging(DecentralizedAverager):
         self._running_groups[group_id].set_result(runner)
         if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
             async for tensor, update in azip(as_aiter(*tensors), runner):
-                tensor.add_(update, alpha=self._averaging_alpha)
+                if self.shared_rounding and self._averaging_alpha == 1.0:  # the aggregate itself: taken as it is
+                    tensor.copy_(update)
+                elif self.shared_rounding:
+                    tensor.lerp_(update, self._averaging_alpha)
+                else:
+                    tensor.add_(update, alpha=self._averaging_alpha)
                 self.last_updated = get_dht_time()
                 self._state_updated.set()
         else:

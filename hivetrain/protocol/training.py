@@ -23,15 +23,39 @@ from hivemind.compression import (
 
 from hivetrain.log import get_logger
 
-__all__ = ["COMPRESSIONS", "ClippedAdamW", "OuterSGD", "param_groups", "shared_optimizer", "state_download_compression"]
+__all__ = [
+    "COMPRESSIONS",
+    "ClippedAdamW",
+    "OuterSGD",
+    "SharedRounding8Bit",
+    "param_groups",
+    "shared_optimizer",
+    "state_download_compression",
+]
 
 logger = get_logger(__name__)
+
+
+class SharedRounding8Bit(Uniform8BitQuantization):
+    """8-bit all-reduce in which every member of a round applies the same average, to the bit.
+
+    With hivemind's 8-bit, a reducer answers each sender with (average - that sender's part), quantized
+    for that sender, and the sender adds it to its own part: each peer keeps its own rounding error, so
+    peers that averaged together leave the round with different results (DiLoCo's global parameters
+    drifted apart, and honest spot checks failed). With this format a reducer quantizes its averaged
+    partition once, every sender receives those same bytes and takes the dequantized average itself,
+    and the reducer applies it too (``hivetrain.hivemind_compat.allreduce``). The wire format of parts
+    is UNIFORM_8BIT as with "8bit"; averagers of this format meet only each other (their own prefix),
+    since they read an answer as an average, not a difference.
+    """
+
 
 #: Tensor wire formats by their setting name (``HIVE_GRAD_COMPRESSION``, ``HIVE_STATE_COMPRESSION``).
 COMPRESSIONS: dict[str, Callable[[], CompressionBase]] = {
     "none": NoCompression,
     "fp16": Float16Compression,
     "8bit": Uniform8BitQuantization,  # UNIFORM_8BIT on the wire, decoded by hivemind_compat's Uniform8Bit
+    "8bit-shared": SharedRounding8Bit,  # the same on the wire; every peer applies one rounding of the average
 }
 
 
