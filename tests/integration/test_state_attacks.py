@@ -52,7 +52,7 @@ def test_the_poisoned_state_server_and_the_forged_progress_are_named(swarm):
 
 def test_the_poisoners_hotkey_is_zeroed_and_the_honest_miners_keep_their_weight(swarm):
     # the poisoner trains and answers spot checks honestly: only what its state server sent gives it away
-    poisoner, operator = peer_id_of(swarm.miners[HONEST]), hotkey_of(swarm, HONEST)
+    (poisoner,), operator = peer_ids(swarm.miners[HONEST : HONEST + 1]), hotkey_of(swarm, HONEST)
     honest = {hotkey_of(swarm, i) for i in range(HONEST)}
     wait_named(swarm, poisoner, "state")
 
