@@ -4,13 +4,15 @@ The attacker is plain hivemind, as an attacker would run it: a TrainingStateAver
 swarm's prefix that declares a huge state-sharing priority (hivemind downloads from the highest)
 and serves NaN parameters or an epoch far beyond the swarm's. It must be named (an offence with
 role "state") and, when an honest peer with a lower priority also serves, that peer's state adopted.
+A plausible wrong state (finite, the right shapes and epoch) is refused because two honest servers
+agree with each other and not with it; two peer ids of one hotkey count as one voter.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import hivemind
 import pytest
@@ -42,12 +44,27 @@ def dhts():
         dht.shutdown()
 
 
-def _serve(dht, epoch: int, poison: bool, priority: float = 1e9, seed: int = 3) -> TrainingStateAverager:
+@pytest.fixture(scope="module")
+def third(dhts):
+    """A third serving peer of the same DHT (agreement needs two honest servers beside an attacker)."""
+    serving = dhts[0]
+    dht = hivemind.DHT(
+        start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=[str(a) for a in serving.get_visible_maddrs()]
+    )
+    yield dht
+    dht.shutdown()
+
+
+def _serve(
+    dht, epoch: int, poison: bool, priority: float = 1e9, seed: int = 3, change: Callable | None = None
+) -> TrainingStateAverager:
     model = build_model("tiny", seed=seed)
-    if poison:
-        with torch.no_grad():
-            for param in model.parameters():
+    with torch.no_grad():
+        for index, param in enumerate(model.parameters()):
+            if poison:
                 param.fill_(float("nan"))
+            elif change is not None:
+                param.copy_(change(index, param))
     averager = TrainingStateAverager(
         dht=dht,
         prefix=f"{RUN}_state_averager",
@@ -160,6 +177,82 @@ def test_a_server_no_admitted_hotkey_vouches_for_is_never_asked_for_its_state(dh
     finally:
         stranger.shutdown()
         honest.shutdown()
+        sync.shutdown()
+
+
+def _a_step(index: int, param: torch.Tensor) -> torch.Tensor:
+    """An honest peer one epoch on: every coordinate moved by an Adam-sized step (lr 1e-3)."""
+    return param + 1e-3 * torch.randn(param.shape, generator=torch.Generator().manual_seed(index)).sign()
+
+
+def _noise(index: int, param: torch.Tensor) -> torch.Tensor:
+    """Honest parameters + 0.5σ Gaussian noise (σ: the tensor's own standard deviation): plausible, and wrong."""
+    sigma = param.std() if param.numel() > 1 else 0.0
+    return param + 0.5 * sigma * torch.randn(param.shape, generator=torch.Generator().manual_seed(100 + index))
+
+
+@pytest.mark.parametrize(
+    "wrong, named",
+    [
+        (dict(seed=7), True),  # a random init of another seed: about as far as states get (1.41), named
+        (dict(change=_noise), False),  # 0.45 apart: not agreed with, nor far enough to name an honest peer for
+    ],
+    ids=["random-init", "noise"],
+)
+def test_a_plausible_wrong_state_at_priority_1e9_is_refused_and_the_agreed_state_adopted(dhts, third, wrong, named):
+    """Issue 23 item 5: a plausible wrong state (finite, the right shapes, the swarm's epoch) served at priority 1e9
+    was adopted because it was asked first. Two honest servers (epochs 5 and 6, a step apart) agree with each
+    other and not with it: the newer honest state is adopted, and a server of a state far from both is named."""
+    serving, client, second = dhts
+    sync = ModelSync(client, RUN, "tiny", seed=0, timeout_s=20, max_epoch=lambda: 7, offences=OffenceLog())
+    attacker = _serve(serving, 6, poison=False, priority=1e9, **wrong)
+    newer = _serve(second, 6, poison=False, priority=5, change=_a_step)
+    older = _serve(third, 5, poison=False, priority=4)
+    try:
+        _wait_declared(client, {d.peer_id.to_base58() for d in (serving, second, third)})
+        assert _sync_until(sync, lambda result: result)
+        assert sync.epoch == 6
+        expected = build_model("tiny", seed=3)
+        with torch.no_grad():
+            for index, param in enumerate(expected.parameters()):
+                param.copy_(_a_step(index, param))
+        assert all(torch.equal(a, b) for a, b in zip(_params(sync.model), _params(expected)))
+        offences = sync.offences.drain()
+        if named:
+            assert [(o.peer_id, o.role) for o in offences] == [(serving.peer_id.to_base58(), "state")], offences
+            assert "disagreed" in offences[0].reason and "2 other voters agree on" in offences[0].reason
+        else:
+            assert offences == []
+    finally:
+        for averager in (attacker, newer, older):
+            averager.shutdown()
+        sync.shutdown()
+
+
+def test_two_peers_of_one_hotkey_are_one_vote_and_their_wrong_state_is_not_adopted(dhts, third):
+    """One hotkey, one vote: two peer ids of one admitted hotkey serving the same wrong state (at priority 1e9)
+    beside one honest server of another hotkey do not agree with each other; no state is adopted (two voters
+    disagree: nobody can tell who lies, so nobody is named)."""
+    serving, client, second = dhts
+    liars = {serving.peer_id.to_base58(), third.peer_id.to_base58()}
+    admission = Admission.fixed({**{peer: "5Liar" for peer in liars}, second.peer_id.to_base58(): "5Honest"})
+    sync = ModelSync(
+        client, RUN, "tiny", seed=0, timeout_s=20, max_epoch=lambda: 7, offences=OffenceLog(), admission=admission
+    )
+    wrong = [
+        _serve(dht, 6, poison=False, priority=priority, seed=7) for dht, priority in ((serving, 1e9), (third, 1e8))
+    ]
+    honest = _serve(second, 5, poison=False, priority=5)
+    try:
+        _wait_declared(client, liars | {second.peer_id.to_base58()})
+        before = _params(sync.model)
+        assert not any(sync.sync() for _ in range(3))
+        assert sync.epoch == 0
+        assert all(torch.equal(a, b) for a, b in zip(before, _params(sync.model)))
+        assert sync.offences.drain() == []
+    finally:
+        for averager in (*wrong, honest):
+            averager.shutdown()
         sync.shutdown()
 
 

@@ -1,4 +1,8 @@
-"""The training state: copies handed to peers, and verification of what is downloaded from them."""
+"""The training state: copies handed to peers, and verification of what is downloaded from them.
+
+A downloaded state is adopted when it passes ``check_downloaded_state`` and two voters (hotkeys) agree on it
+(``hivetrain.hivemind_compat.agreement``), never because its server declared the highest priority.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from hivemind.utils import MPFuture, ValueWithExpiration
 from hivemind.utils.asyncio import aiter_with_timeout
 from hivemind.utils.streaming import combine_from_streaming
 
+from hivetrain.hivemind_compat.agreement import NAME_TOL, Agreement, Candidate
 from hivetrain.hivemind_compat.averagers import RobustAveraging
 from hivetrain.hivemind_compat.bans import Bans
 from hivetrain.hivemind_compat.pins import follows
@@ -73,8 +78,9 @@ def parameters_set_to(params: Sequence[torch.Tensor], values: Sequence[torch.Ten
 #: One server may take at most this share of a download's whole wait before it is cut off and named: a server
 #: that drips a message just inside the per-message timeout held every sync for its whole timeout, and was
 #: asked first again at the next one (priority 1e9), so the validator's model stopped moving. The rest is
-#: left for the next candidate.
-CANDIDATE_SHARE = 0.5
+#: left for the next candidates: a third, so that one dripping server leaves time for the two downloads an
+#: agreement needs.
+CANDIDATE_SHARE = 1 / 3
 #: A server's deadline when the caller waits without a timeout.
 MAX_CANDIDATE_S = 600.0
 
@@ -87,13 +93,26 @@ def _state_bytes_bound(local: list[torch.Tensor]) -> int:
 class _VerifiedDownload(DecentralizedAverager):
     """Sits between TrainingStateAverager and DecentralizedAverager in the MRO and replaces hivemind's download.
 
-    hivemind asks the peer with the highest self-declared priority and adopts whatever it sends. Here
-    (in the averager's child process) each candidate, in the same order, is checked with
-    ``check_downloaded_state`` (and must not stream more than ``_state_bytes_bound``); a candidate
-    that fails is named and banned (``self.bans``, role "state") and the next one is asked, and so is one
-    still streaming after ``CANDIDATE_SHARE`` of the caller's timeout (a server dripping its state).
-    Refused peers (banned, not admitted) are never asked. Only a state that passes comes back to the parent,
-    which checks it once more.
+    hivemind asks the peer with the highest self-declared priority and adopts whatever it sends: a
+    plausible wrong state (finite, the right shapes, a current epoch: another seed's random init) served at
+    priority 1e9 was adopted at once. Here (in the averager's child process) the priority is only the order of
+    asking. Each candidate is checked with ``check_downloaded_state`` (and must not stream more than
+    ``_state_bytes_bound``); a candidate that fails is named and banned (``self.bans``, role "state") and the
+    next one is asked, and so is one still streaming after ``CANDIDATE_SHARE`` of the caller's timeout (a
+    server dripping its state). Refused peers (banned, not admitted) are never asked, nor a second peer id of
+    a voter (``self.bans.voter``: its hotkey) that already served a valid state.
+
+    A valid state is adopted when the swarm agrees with it (``agreement.Agreement``): as soon as two voters
+    serve states whose parameters agree within ``AGREE_TOL`` at epochs at most one apart, the newer of the two
+    comes back to the parent, which checks it once more; servers of states far from both (``NAME_TOL``) at
+    their epoch are named and banned. Asking stops there, or when the caller's timeout is spent.
+
+    What still lands: when exactly one voter served a valid state (a one-server swarm, or every other
+    candidate failed), it is adopted, logged as unconfirmed; a liar that is the only server a joiner reaches
+    is believed. A state within ``AGREE_TOL`` of an honest one (a small perturbation) may be adopted if its
+    server claims the newer epoch. When voters serve states and no two agree, none is adopted and nobody is
+    named (nobody can tell who lies): a liar beside one honest server stalls downloads until a second honest
+    voter serves.
     """
 
     max_epoch: Callable[[], int | None] = staticmethod(lambda: None)
@@ -134,60 +153,106 @@ class _VerifiedDownload(DecentralizedAverager):
     async def _load_state_from_peers(
         self, future: MPFuture, timeout: float | None = None, max_epoch: int | None = None
     ):
-        # DecentralizedAverager._load_state_from_peers (hivemind 1.1.12), each candidate verified before it is returned
-        # and given a total deadline: a share of the caller's wait
+        # DecentralizedAverager._load_state_from_peers (hivemind 1.1.12): each candidate verified, given a deadline
+        # (a share of the caller's wait), and a state adopted only when two voters agree on it (or one alone serves)
+        started = time.monotonic()
+        total_s = MAX_CANDIDATE_S if timeout is None else timeout  # the caller stops waiting then
         deadline_s = MAX_CANDIDATE_S if timeout is None else max(1.0, CANDIDATE_SHARE * timeout)
         if timeout is not None:
             timeout = self.next_chunk_timeout if self.next_chunk_timeout is not None else self.request_timeout
         try:
             local = self._local_parameters()
             max_bytes = _state_bytes_bound(local)
-            priorities, _ = self.dht.get(
-                f"{self._matchmaking.group_key_manager.prefix}.all_averagers", latest=True
-            ) or ({}, None)
-            if not isinstance(priorities, dict):
-                priorities = {}
-            candidates = {}
-            for peer_id, info in priorities.items():
-                try:
-                    peer = PeerID(peer_id)
-                except Exception:  # a DHT subkey is whatever the writer chose
-                    continue
-                if (
-                    isinstance(info, ValueWithExpiration)
-                    and isinstance(info.value, (float, int))
-                    and peer != self.peer_id
-                ):
-                    candidates[peer] = (float(info.value), random.random())  # random: the tie breaker
-            for peer in sorted(candidates, key=candidates.get, reverse=True):
-                if self.bans.refuses(peer.to_base58(), f"{self.prefix} state download"):
+            candidates = self._state_candidates()
+            agreement = Agreement()
+            for peer in candidates:
+                peer_id, left_s = peer.to_base58(), total_s - (time.monotonic() - started)
+                if left_s <= 0:
+                    logger.info(f"the caller's {total_s:.0f}s are over: no more state servers asked")
+                    break
+                if self.bans.refuses(peer_id, f"{self.prefix} state download"):
                     continue  # never asked: neither banned peers nor peers no hotkey the chain admits vouches for
-                started = time.monotonic()
-                try:
-                    loaded = await asyncio.wait_for(self._download_from(peer, timeout, max_bytes), deadline_s)
-                    if loaded is None:
-                        continue
-                    check_downloaded_state(*loaded, local, max_epoch)
-                except StateRejected as rejected:
-                    self.bans.ban(peer.to_base58(), self.prefix, "state", f"served a state we refused: {rejected}")
+                voter = self.bans.voter(peer_id)
+                if agreement.has(voter):
+                    continue  # one hotkey, one vote: its other peer ids are not asked
+                loaded = await self._checked_download(peer, timeout, max_bytes, deadline_s, left_s, local, max_epoch)
+                if loaded is None:
                     continue
-                except asyncio.TimeoutError as error:  # the whole download's deadline, or one message's timeout
-                    if time.monotonic() - started < deadline_s:
-                        logger.info(f"failed to download state from {peer}: {error!r}")
-                        continue
-                    reason = f"was still streaming its state after {deadline_s:.0f}s, the deadline of one server"
-                    self.bans.ban(peer.to_base58(), self.prefix, "state", reason)
-                    continue
-                except Exception as error:  # this peer failed to send; the next one may not
-                    logger.info(f"failed to download state from {peer}: {error!r}")
-                    continue
-                logger.info(f"verified the state from {peer}: epoch {loaded[0]['epoch']}")
-                future.set_result(loaded)
+                logger.debug(f"checked the state from {peer}: epoch {loaded[0]['epoch']}")
+                agreed = agreement.add(Candidate(peer_id, voter, loaded, loaded[1][: len(local)]))
+                if agreed is not None:
+                    self._name_dissenters(agreement, *agreed)
+                    future.set_result(agreed[0].state)
+                    return
+            if (alone := agreement.alone) is not None:
+                logger.warning(
+                    f"verified the state from {alone.peer}: epoch {alone.epoch}, UNCONFIRMED: no other voter "
+                    f"of {len(candidates)} candidates served a valid state to compare it with"
+                )
+                future.set_result(alone.state)
                 return
-            logger.info(f"no peer of {len(candidates)} sent a state we could adopt")
+            if agreement.voters:
+                logger.warning(
+                    f"{len(agreement.voters)} voters served valid states and no two agree: adopting none, naming "
+                    f"none (nobody can tell who lies); epochs {sorted(c.epoch for c in agreement.held)}"
+                )
+            else:
+                logger.info(f"no peer of {len(candidates)} sent a state we could adopt")
         finally:
             if not future.done():
                 future.set_result(None)
+
+    def _state_candidates(self) -> list[PeerID]:
+        """The peers that declared a state-sharing priority, highest first: the order of asking, nothing more."""
+        key = f"{self._matchmaking.group_key_manager.prefix}.all_averagers"
+        priorities, _ = self.dht.get(key, latest=True) or ({}, None)
+        if not isinstance(priorities, dict):
+            priorities = {}
+        candidates = {}
+        for peer_id, info in priorities.items():
+            try:
+                peer = PeerID(peer_id)
+            except Exception:  # a DHT subkey is whatever the writer chose
+                continue
+            if isinstance(info, ValueWithExpiration) and isinstance(info.value, (float, int)) and peer != self.peer_id:
+                candidates[peer] = (float(info.value), random.random())  # random: the tie breaker
+        return sorted(candidates, key=candidates.get, reverse=True)
+
+    async def _checked_download(
+        self, peer: PeerID, timeout, max_bytes: int, deadline_s: float, left_s: float, local, max_epoch
+    ):
+        """``peer``'s state if it passes ``check_downloaded_state`` within ``deadline_s``, else None (and its server
+        named where it sent a state we refuse or was still streaming at ``deadline_s``)."""
+        started = time.monotonic()
+        try:
+            loaded = await asyncio.wait_for(self._download_from(peer, timeout, max_bytes), min(deadline_s, left_s))
+            if loaded is not None:
+                check_downloaded_state(*loaded, local, max_epoch)
+            return loaded
+        except StateRejected as rejected:
+            self.bans.ban(peer.to_base58(), self.prefix, "state", f"served a state we refused: {rejected}")
+        except asyncio.TimeoutError as error:  # the whole download's deadline, or one message's timeout
+            if time.monotonic() - started < deadline_s:
+                logger.info(f"failed to download state from {peer}: {error!r}")
+                return None
+            reason = f"was still streaming its state after {deadline_s:.0f}s, the deadline of one server"
+            self.bans.ban(peer.to_base58(), self.prefix, "state", reason, proven=False)  # or its link is slow
+        except Exception as error:  # this peer failed to send; the next one may not
+            logger.info(f"failed to download state from {peer}: {error!r}")
+        return None
+
+    def _name_dissenters(self, agreement: Agreement, adopted: Candidate, partner: Candidate, distance: float) -> None:
+        logger.info(
+            f"verified the state from {adopted.peer}: epoch {adopted.epoch}, agreed by {adopted.voter} and "
+            f"{partner.voter} (state distance {distance:.3f} <= {agreement.tol})"
+        )
+        for other, apart in agreement.dissenters(adopted, partner):
+            reason = (
+                f"served a state at epoch {other.epoch} that disagreed (state distance {apart:.2f} > {NAME_TOL}) "
+                f"with the one 2 other voters agree on ({adopted.voter}, {partner.voter})"
+            )
+            # not proven: an honest DiLoCo peer whose outer round failed can sit near 1 from the swarm's state
+            self.bans.ban(other.peer, self.prefix, "state", reason, proven=False)
 
     async def _download_from(self, peer: PeerID, timeout: float | None, max_bytes: int):
         """(metadata, tensors) as ``peer`` streams them, or None when it sent no state; StateRejected past
