@@ -5,9 +5,12 @@ until the swarm has trained ``--samples`` samples, then stopped: SIGTERM, final 
 
 * ``gradient``:      hivemind's gradient averaging, the tiny preset (target 96, parameters averaged each epoch);
 * ``local_updates``: AdamW every batch, parameters averaged each epoch;
-* ``diloco``:        HIVE_MODE=diloco, ``--inner-steps`` inner AdamW steps per outer Nesterov step;
+* ``diloco``:        HIVE_MODE=diloco, ``--inner-steps`` inner AdamW steps per outer Nesterov step, exact
+                     pseudo-gradients;
 * ``diloco_8bit``:   the same with 8-bit pseudo-gradients on the wire (parameters in state rounds exact);
 * ``diloco_8bit_2h``: the same with twice the inner steps (INTELLECT-1's recipe at H = 100: int8, longer periods);
+* ``diloco_shared``, ``diloco_shared_2h``: the same two with ``8bit-shared`` (DiLoCo's default: one rounding of
+                     the average, applied by every member; the same bytes on the wire as 8-bit);
 * ``ddp``:           an all-reduce of gradients after every local step (target = miners x batch), no
                      parameter averaging: what torch DDP sends.
 
@@ -64,6 +67,8 @@ def modes(miners: int, inner_steps: int) -> dict[str, dict[str, str]]:
         "diloco": {**diloco, "HIVE_GRAD_COMPRESSION": "none"},
         "diloco_8bit": {**diloco, "HIVE_GRAD_COMPRESSION": "8bit"},  # parameters (state rounds) stay exact
         "diloco_8bit_2h": {**longer, "HIVE_GRAD_COMPRESSION": "8bit"},
+        "diloco_shared": {**diloco, "HIVE_GRAD_COMPRESSION": "8bit-shared"},  # DiLoCo's default
+        "diloco_shared_2h": {**longer, "HIVE_GRAD_COMPRESSION": "8bit-shared"},
         # matchmaking shortened: with 3 s a round per step would be mostly waiting, and bytes are what it shows
         "ddp": {
             "HIVE_TARGET_BATCH_SIZE": str(miners * BATCH),

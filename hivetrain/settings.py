@@ -397,7 +397,8 @@ class MinerSettings(PeerSettings):
     grad_compression: Compression = Field(
         "none",
         description="wire format of gradients in all-reduce (of pseudo-gradients in diloco mode); 8bit-shared: 8-bit, "
-        "and every peer of a round applies the same rounding of the average (needs robust aggregation)",
+        "and every peer of a round applies the same rounding of the average (needs robust aggregation; diloco's "
+        "default when it is on)",
     )
     state_compression: StateCompression = Field(
         "none",
@@ -480,6 +481,9 @@ class MinerSettings(PeerSettings):
         # would double DiLoCo's traffic to fix what rarely needs fixing (BENCHMARKS.md: "Training modes")
         if self.mode == "diloco" and "average_state_every" not in self.model_fields_set:
             self.average_state_every = DILOCO_AVERAGE_STATE_EVERY
+        # pseudo-gradients go 8-bit, every member of a round applying the same rounding (they stay in step)
+        if self.mode == "diloco" and "grad_compression" not in self.model_fields_set and self.robust_aggregation:
+            self.grad_compression = "8bit-shared"
         return self
 
     @model_validator(mode="after")
@@ -489,6 +493,11 @@ class MinerSettings(PeerSettings):
             raise ValueError(
                 "diloco mode runs its own schedule: unset HIVE_USE_LOCAL_UPDATES, HIVE_DELAY_GRAD_AVERAGING "
                 "and HIVE_DELAY_OPTIMIZER_STEP (or set HIVE_MODE=hivemind)"
+            )
+        if self.grad_compression == "8bit-shared" and not self.robust_aggregation:
+            raise ValueError(
+                "HIVE_GRAD_COMPRESSION=8bit-shared is the robust all-reduce's: set HIVE_ROBUST_AGGREGATION=true, or "
+                "use 8bit"
             )
         if self.use_local_updates and self.delay_grad_averaging:
             raise ValueError(
