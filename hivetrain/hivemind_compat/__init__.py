@@ -66,7 +66,12 @@ _HOOKS = {
         "_get_handle_name",
     ),
     TensorPartReducer: ("accumulate_part", "check_current_part_finished", "reset_accumulators", "on_sender_failed"),
-    TensorPartContainer: ("register_processed_part", "get_raw_input_parts"),
+    TensorPartContainer: (
+        "register_processed_part",
+        "get_raw_input_parts",
+        "register_failed_reducer",
+        "iterate_output_tensors",
+    ),
     Matchmaking: ("_check_reasons_to_reject", "_request_join_group"),
 }
 

@@ -235,6 +235,10 @@ class RobustAllReduceRunner(AllReduceRunner):
 
     @follows(AllReduceRunner, "__init__", "597a0c8dbbeabbe3")  # the reducer and container it builds
     @follows(TensorPartContainer, "register_processed_part", "ff5ebad6141c4a88")  # wrapped below
+    # shared rounding: return_deltas=False makes a failed reducer's output our own part, and the outputs aggregates
+    @follows(TensorPartContainer, "register_failed_reducer", "89b41b9d7f225968")
+    @follows(TensorPartContainer, "iterate_output_tensors", "3bc3c7e743c4d6b9")
+    @follows(AllReduceRunner, "_communicate_with_peer", "d910885e9727ed48")  # what it registers: see register_checked
     def __init__(
         self, *args, tensors: Sequence[torch.Tensor], rule: AggregationRule, bans: Bans, fallbacks=None, **kwargs
     ):
