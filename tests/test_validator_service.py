@@ -465,6 +465,8 @@ def test_a_restarted_validator_resumes_its_scores_and_checks(redis_url, make_val
         miner: collections.deque([SpotCheckResult("pass", "cosine 0.9990 >= 0.95", 0.999)], maxlen=10)
     }
     first.checker.unjudged[miner] = 1
+    now = time.time()
+    first.caught = {"5Caught": (now + 600, "peer QmX: state: served a state we refused"), "5Old": (now - 1, "over")}
     first.score_and_set_weights()  # a window without claims: the EMA decays to 0.35, and is saved
     assert first.scores[miner] == pytest.approx(0.35)
     first.stop.set()
@@ -475,8 +477,11 @@ def test_a_restarted_validator_resumes_its_scores_and_checks(redis_url, make_val
     assert second.scores == first.scores
     assert list(second.check_history[miner]) == [SpotCheckResult("pass", "cosine 0.9990 >= 0.95", 0.999)]
     assert second.checker.unjudged == {miner: 1}
+    assert set(second.caught) == {"5Caught"}  # whom it caught stays caught until its ban ends; the ended one is gone
     second.score_and_set_weights()
     assert second.scores[miner] == pytest.approx(0.35 * 0.7)  # the EMA goes on from where it was
+    assert second.scores["5Caught"] == 0.0
+    assert any(r.startswith("caught by this validator") for r in second.evidence["5Caught"][-1]["reasons"])
 
 
 def test_with_admission_only_admitted_miners_are_checked_and_weighed(redis_url, make_validator):

@@ -24,7 +24,14 @@ def _state(hotkey: str):
             maxlen=10,
         )
     }
-    return state_of(hotkey, rounds=7, scores={"5Miner": 0.42}, history=history, unjudged={"5Miner": 2, "5Other": 0})
+    return state_of(
+        hotkey,
+        rounds=7,
+        scores={"5Miner": 0.42},
+        history=history,
+        unjudged={"5Miner": 2, "5Other": 0},
+        caught={"5Operator": (2e9, "peer Qm...: state: served a state we refused")},
+    )
 
 
 def test_a_saved_state_reads_back(redis_url, wallet):
@@ -33,6 +40,9 @@ def test_a_saved_state_reads_back(redis_url, wallet):
     save_state(client, keys, DOMAIN, wallet, _state(hotkey))
     state = load_state(client, keys, DOMAIN, hotkey)
     assert (state.rounds, state.scores, state.unjudged) == (7, {"5Miner": 0.42}, {"5Miner": 2})
+    assert {h: (c.until, c.why) for h, c in state.caught.items()} == {
+        "5Operator": (2e9, "peer Qm...: state: served a state we refused")
+    }  # a restart does not forgive whom it caught
     history = history_of(state, kept=10)["5Miner"]
     assert list(history) == [SpotCheckResult("pass", "cosine 0.99", 0.99), SpotCheckResult("fail", "no answer", None)]
     assert history.maxlen == 10 and client.ttl(keys.validator_state(hotkey)) > 0

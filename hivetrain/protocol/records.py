@@ -327,9 +327,16 @@ class SavedCheck(Record):
     cosine: float | None = Field(default=None, allow_inf_nan=False)
 
 
+class SavedCatch(Record):
+    """A hotkey a validator caught itself (it scores 0 until ``until``), in the validator's saved state."""
+
+    until: float = Field(allow_inf_nan=False, description="when its ban ends (time.time())")
+    why: str = Field(max_length=500)
+
+
 class ValidatorState(Record):
     """What a validator resumes after a restart: each miner's EMA score, recent spot checks and
-    unjudged streak (saved, signed by its hotkey, each time it sets weights)."""
+    unjudged streak, and the hotkeys it caught (saved, signed by its hotkey, each time it sets weights)."""
 
     schema_version: int = SCHEMA_VERSION
     validator: str = Field(min_length=1, description="hotkey of the validator (the one that signed this)")
@@ -342,5 +349,8 @@ class ValidatorState(Record):
     )
     unjudged: dict[str, Annotated[int, Field(ge=0)]] = Field(
         default_factory=dict, max_length=MAX_SAVED_MINERS, description="spot checks in a row that could not be judged"
+    )
+    caught: dict[str, SavedCatch] = Field(
+        default_factory=dict, max_length=MAX_SAVED_MINERS, description="hotkeys caught by this validator, zeroed"
     )
     saved_at: float = Field(default_factory=time.time)

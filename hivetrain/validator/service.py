@@ -197,6 +197,7 @@ class Validator:
         self.scores, self.rounds = dict(state.scores), state.rounds
         self.check_history = history_of(state, CHECKS_KEPT)
         self.checker.unjudged.update(state.unjudged)
+        self.caught = {hotkey: (c.until, c.why) for hotkey, c in state.caught.items() if c.until > time.time()}
         logger.info(
             f"resumed the state saved at round {state.rounds}: {len(state.scores)} miners' scores and spot checks"
         )
@@ -412,7 +413,7 @@ class Validator:
         return uids
 
     def _save_state(self) -> None:
-        state = state_of(self.hotkey, self.rounds, self.scores, self.check_history, self.checker.unjudged)
+        state = state_of(self.hotkey, self.rounds, self.scores, self.check_history, self.checker.unjudged, self.caught)
         try:
             save_state(self.client, self.keys, self.domain, self.wallet, state)
         except Exception:  # Redis boundary: the next window saves again

@@ -1,4 +1,5 @@
-"""The validator's memory across restarts: EMA scores, recent spot checks and unjudged streaks, kept in Redis.
+"""The validator's memory across restarts: EMA scores, recent spot checks, unjudged streaks and the hotkeys it
+caught, kept in Redis.
 
 A ``ValidatorState`` (``hivetrain.protocol.records``) is saved under ``Keys.validator_state`` each
 time the validator sets weights, signed by its own hotkey, and read back when it starts. Anything
@@ -19,7 +20,7 @@ import redis
 
 from hivetrain.identity import Domain, VerificationError, sign, verify_signature
 from hivetrain.log import get_logger
-from hivetrain.protocol.records import VALIDATOR_STATE_TTL_S, Keys, SavedCheck, ValidatorState
+from hivetrain.protocol.records import VALIDATOR_STATE_TTL_S, Keys, SavedCatch, SavedCheck, ValidatorState
 from hivetrain.validator.verdicts import SpotCheckResult
 
 logger = get_logger(__name__)
@@ -31,8 +32,9 @@ def state_of(
     scores: Mapping[str, float],
     history: Mapping[str, Iterable[SpotCheckResult]],
     unjudged: Mapping[str, int],
+    caught: Mapping[str, tuple[float, str]] | None = None,
 ) -> ValidatorState:
-    """The record of what a validator holds now."""
+    """The record of what a validator holds now; ``caught``: hotkey -> (its ban's end, why)."""
     checks = {
         miner: [
             SavedCheck(
@@ -50,6 +52,7 @@ def state_of(
         scores=dict(scores),
         checks=checks,
         unjudged={miner: count for miner, count in unjudged.items() if count > 0},
+        caught={hotkey: SavedCatch(until=until, why=why[:500]) for hotkey, (until, why) in (caught or {}).items()},
     )
 
 
