@@ -45,6 +45,9 @@ logger = get_logger(__name__)
 #: ones: hivemind hands each peer a share of the vector to reduce in proportion to what it declares, and
 #: one peer declaring 100x the others' was handed 99.4% of it (its answers land wherever they are plausible).
 MAX_BANDWIDTH_RATIO = 4.0
+#: Added to the prefix of an averager of ``SharedRounding8Bit`` compression: its answers are averages, not
+#: differences, so it never meets an averager that reads them otherwise (an honest peer set to another format).
+SHARED_ROUNDING_SUFFIX = "_shared8bit"
 
 
 def bounded_bandwidths(declared: Sequence[Any], ratio: float = MAX_BANDWIDTH_RATIO) -> list[float | None]:
@@ -76,8 +79,7 @@ class RobustAveraging(DecentralizedAverager):
         if self.shared_rounding:
             if aggregation_rule is None:
                 raise ValueError("8bit-shared compression is our all-reduce's: it needs an aggregation rule")
-            # its answers are averages, not differences: it must never meet an averager that reads them otherwise
-            kwargs["prefix"] = f"{kwargs['prefix']}_shared8bit"
+            kwargs["prefix"] = kwargs["prefix"] + SHARED_ROUNDING_SUFFIX
         self.aggregation_rule = aggregation_rule
         self.bans = bans if bans is not None else Bans()
         # partitions where a round applied our own part instead of a reducer's aggregate (counted in the child,

@@ -34,6 +34,7 @@ import torch
 from hivemind.averaging import DecentralizedAverager
 
 from hivetrain.hivemind_compat import DiLoCoOptimizer, SafeStateAverager
+from hivetrain.hivemind_compat.averagers import SHARED_ROUNDING_SUFFIX
 from hivetrain.identity import load_or_create_wallet
 from hivetrain.miner.reporting import BootstrapRegistry
 from hivetrain.miner.train import Miner
@@ -77,6 +78,18 @@ class PoisoningMiner(Miner):
     kind = "nan"
 
     def _make_optimizer(self) -> None:
+        if self.settings.mode == "diloco":
+            # honest DiLoCo miners average 8bit-shared, under a prefix of their own: the attacker joins them there
+            # with hivemind's own all-reduce (it reads their answers as differences; it does not care), in hivemind's
+            # 8-bit, so that its parts are cut to the honest parts' size (float32 parts are 4x shorter: refused for
+            # their shape before their values are looked at)
+            self.settings = self.settings.model_copy(update={"grad_compression": "8bit"})
+            make = DiLoCoOptimizer._pseudo_gradient_averager
+
+            def joining_the_honest(opt, **kwargs):
+                return make(opt, **{**kwargs, "prefix": kwargs["prefix"] + SHARED_ROUNDING_SUFFIX})
+
+            DiLoCoOptimizer._pseudo_gradient_averager = joining_the_honest  # in this process only
         super()._make_optimizer()
         step, poison = self.opt.step, self.POISON[self.kind]
         if self.kind == "weight":

@@ -1,7 +1,8 @@
 """A DiLoCo swarm (HIVE_MODE=diloco): 3 miners, a late joiner, a validator that scores them.
 
-Checked: outer rounds with all 4 miners; their global parameters agree, to rounding, at a common
-epoch (each checkpoint keeps them, apart from the inner ones), the joiner's included: a miner that
+Checked: outer rounds with all 4 miners; their global parameters are identical, to the bit, at some common
+epoch (each checkpoint keeps them, apart from the inner ones; 8bit-shared pseudo-gradients, the default),
+the joiner's included: a miner that
 stepped with its own pseudo-gradient takes up the swarm's; the joiner downloads them and catches up;
 the validator's held-out loss falls and every miner earns weight (spot checks at the global
 parameters pass).
@@ -108,11 +109,18 @@ def test_diloco_miners_average_pseudo_gradients_agree_and_are_scored(tmp_path):
     }
     epochs = {e for e in epochs if e <= together and e not in missed}
     assert epochs, f"no common checkpoint up to epoch {together} (their last round together) but {sorted(missed)}"
-    epoch = max(epochs)
     init = torch.cat([p.flatten() for group in param_groups(build_model("tiny"), 0.0) for p in group["params"]])
-    thetas = [_global_parameters(folder, epoch) for folder in folders]
-    moved = (thetas[0] - init).abs().mean().item()
-    apart = max((theta - thetas[0]).abs().mean().item() for theta in thetas[1:])
-    assert moved > 1e-4 and apart < 1e-5 * moved, (
-        f"at epoch {epoch} the global parameters are {apart:.2e} apart, moved {moved:.2e}"
-    )
+    # 8bit-shared (DiLoCo's default): the members of a round apply the same averaged pseudo-gradient, to the bit, so
+    # miners that held the same θ hold the same θ after it: identical, not merely close (hivemind's 8bit leaves each
+    # its own rounding; even exact pseudo-gradients differ in the last bits). Some common epoch must show it, the
+    # joiner's θ included. (Not every one: matchmaking can split the swarm into pairs that each keep a θ of their
+    # own until a state round joins them; seen once, pairs apart by 2.5% of the movement: issue 27.)
+    apart = {}
+    for epoch in sorted(epochs):
+        thetas = [_global_parameters(folder, epoch) for folder in folders]
+        apart[epoch] = max((theta - thetas[0]).abs().mean().item() for theta in thetas[1:])
+        if all(torch.equal(theta, thetas[0]) for theta in thetas[1:]):
+            assert (thetas[0] - init).abs().mean().item() > 1e-4, f"at epoch {epoch} θ has not moved from the init"
+            break
+    else:
+        pytest.fail(f"at no common epoch are the 4 miners' global parameters identical: mean |Δθ| by epoch {apart}")
