@@ -378,6 +378,7 @@ def test_an_answer_is_judged_at_the_parameters_of_its_own_epoch(
     model_a = serve_state(mode, 1, seed=11)
     _synced_to(validator, 1)
     model_b = serve_state(mode, 2, seed=12)
+    serve_state(mode, 2, seed=12)  # a second voter: a state is adopted when two agree (A, a lone server, was taken)
     _synced_to(validator, 2)
     names = ("current", "previous", "mixed", "near")
     wallets = {name: load_or_create_wallet(str(tmp_path / "miners"), name) for name in names}
@@ -398,7 +399,7 @@ def test_an_answer_is_judged_at_the_parameters_of_its_own_epoch(
         torch.equal(p, q) for p, q in zip(validator.sync.model.parameters(), model_b.parameters())
     )
 
-    straight = make_validator(redis_url, mode=mode)  # declared states: 1 and 2; the download takes 2's
+    straight = make_validator(redis_url, mode=mode)  # declared states: 1 and 2 (twice); the download takes 2's
     _synced_to(straight, 2)
     straight.check_miners()
     verdicts, why = _verdicts(straight, hotkeys)
