@@ -476,7 +476,7 @@ class MinerSettings(PeerSettings):
     max_epochs: int = Field(0, ge=0, description="stop after this global epoch; 0 = run until stopped")
 
     @model_validator(mode="after")
-    def _diloco_state_rounds(self) -> "MinerSettings":
+    def _diloco_defaults(self) -> "MinerSettings":
         # an outer round leaves its members with the same parameters: a state round every outer step
         # would double DiLoCo's traffic to fix what rarely needs fixing (BENCHMARKS.md: "Training modes")
         if self.mode == "diloco" and "average_state_every" not in self.model_fields_set:

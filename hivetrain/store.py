@@ -276,6 +276,18 @@ class Registry:
                 break
         return peers
 
+    def live_peer(self, peer_id: str) -> PeerRecord | None:
+        """``peer_id``'s live registration, checked as ``live_peers`` checks each one; None when there is none."""
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.zscore(self.keys.peer_index, peer_id)
+            pipe.get(self.keys.peer(peer_id))
+            pipe.get(self.keys.peer_source(peer_id))
+            seen, raw, source = pipe.execute()
+        if seen is None or seen < time.time() - self.ttl_s:
+            return None
+        record = self._authentic_peer(peer_id, raw)
+        return record.seen_from(_address(source)) if record is not None else None
+
     def _authentic_peer(self, peer_id: str, raw: bytes | None) -> PeerRecord | None:
         """The record if its hotkey signed it, it is fresh, and it is stored under its own peer id."""
         if raw is None:

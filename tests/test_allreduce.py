@@ -80,6 +80,15 @@ def _honest(log: OffenceLog) -> dict:
     return dict(cls=RobustAverager, aggregation_rule=AggregationRule(), bans=Bans(log))
 
 
+def _averaged(peers) -> list[torch.Tensor]:
+    """Each averager's (only) tensor after its round, copied out."""
+    results = []
+    for peer in peers:
+        with peer.get_tensors() as tensors:
+            results.append(tensors[0].clone())
+    return results
+
+
 def _round(
     dhts, attacker_tensor: torch.Tensor, attacker_weight: float, prefix: str, log: OffenceLog | None, **attacker_opts
 ):
@@ -95,11 +104,7 @@ def _round(
         controls += [peer.step(wait=False, weight=8.0, timeout=60) for peer in peers]
         for control in controls[1:]:
             assert control.result(timeout=90) is not None, "the honest peers did not average"
-        results = []
-        for peer in peers:
-            with peer.get_tensors() as tensors:
-                results.append(tensors[0].clone())
-        return results, torch.stack(honest).mean(dim=0)
+        return _averaged(peers), torch.stack(honest).mean(dim=0)
     finally:
         for averager in [attacker, *peers]:
             averager.shutdown()
@@ -394,11 +399,7 @@ def _honest_round(dhts, prefix: str, compression) -> tuple[list[torch.Tensor], t
         controls = [peer.step(wait=False, weight=8.0, timeout=60) for peer in peers]
         for control in controls:
             assert control.result(timeout=90) is not None, "the round failed"
-        results = []
-        for peer in peers:
-            with peer.get_tensors() as averaged:
-                results.append(averaged[0].clone())
-        return results, torch.stack(tensors).mean(dim=0)
+        return _averaged(peers), torch.stack(tensors).mean(dim=0)
     finally:
         for peer in peers:
             peer.shutdown()

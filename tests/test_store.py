@@ -61,11 +61,13 @@ def test_registry_lists_freshest_first_and_expires(redis_url, wallet):
         time.sleep(0.01)
     assert [p.peer_id for p in registry.live_peers()] == [pid("c"), pid("b"), pid("a")]
     assert [p.peer_id for p in registry.live_peers(limit=2)] == [pid("c"), pid("b")]
+    assert registry.live_peer(pid("b")) == registry.live_peers()[1] and registry.live_peer("QmNobody") is None
     registry.deregister(pid("b"))
     assert [p.peer_id for p in registry.live_peers()] == [pid("c"), pid("a")]
+    assert registry.live_peer(pid("b")) is None
     assert registry.client.ttl(registry.keys.peer(pid("a"))) > 0
     time.sleep(2.2)
-    assert registry.live_peers() == []
+    assert registry.live_peers() == [] and registry.live_peer(pid("a")) is None
 
 
 def test_registry_filters_role_and_skips_malformed(redis_url, wallet):
@@ -171,6 +173,7 @@ def test_registry_drops_forged_and_misfiled_records(redis_url, wallet, other_wal
     registry.client.zadd(registry.keys.peer_index, {"copy": time.time()})
     assert [p.peer_id for p in registry.live_peers()] == [pid("honest")]
     assert registry.live_peers()[0].hotkey == wallet.hotkey.ss58_address
+    assert registry.live_peer(pid("victim")) is None and registry.live_peer("copy") is None
 
 
 def test_registry_drops_records_whose_heartbeat_stopped(redis_url, wallet):

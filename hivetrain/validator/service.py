@@ -288,11 +288,11 @@ class Validator:
         hotkey = self.admission.hotkey_of(peer_id)
         if hotkey is None:
             try:
-                bound = self.registry.live_peers(limit=1000)
+                registration = self.registry.live_peer(peer_id)
             except Exception:  # Redis boundary: the peer stays banned, its hotkey is not zeroed
                 logger.warning(f"could not look up the hotkey of {peer_id}", exc_info=True)
                 return
-            hotkey = next((peer.hotkey for peer in bound if peer.peer_id == peer_id and peer.hotkey), None)
+            hotkey = registration.hotkey if registration is not None and registration.hotkey else None
         if hotkey is None:
             logger.info(f"caught {peer_id}, bound to no hotkey: banned, nothing to zero")
             return
