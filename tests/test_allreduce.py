@@ -21,7 +21,7 @@ from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.averager import compute_schema_hash
 
 from hivetrain.aggregation import AggregationRule
-from hivetrain.hivemind_compat import Bans, OffenceLog, RobustAverager
+from hivetrain.hivemind_compat import Bans, OffenceLog, ReceiptLog, RobustAverager
 from hivetrain.hivemind_compat.allreduce import RobustPartReducer
 from hivetrain.protocol.admission import Admission
 from hivetrain.protocol.training import COMPRESSIONS
@@ -174,6 +174,55 @@ def test_a_malformed_part_names_its_sender_and_nobody_else(dhts, attack):
         reasons.setdefault(offence.peer_id, set()).add(offence.reason)
     assert set(reasons) == {attacker}, f"{attack}: named {reasons}, the attacker is {attacker}"
     assert any(reason in r for r in reasons[attacker]), reasons[attacker]
+
+
+def test_each_reducer_signs_for_the_parts_it_received_and_not_for_a_sender_it_caught(dhts):
+    """Receipts: after a round each honest reducer names every other sender whose parts it counted, at its declared
+    weight; a NaN sender (caught in that round), though every part of it arrived, is named by none."""
+    log = OffenceLog(ban_s=60.0)
+    generator = torch.Generator().manual_seed(3)
+    signal = torch.randn(SIZE, generator=generator)
+    honest = [signal + 0.3 * torch.randn(SIZE, generator=generator) for _ in range(3)]
+    weights = [8.0, 8.0, 24.0]
+    receipts = [ReceiptLog() for _ in honest]
+    # one part per partition: the NaN sender's every part is in before it is caught (the ban alone leaves it out)
+    whole = dict(part_size_bytes=SIZE)  # a quarter of the vector (4-byte floats): one part per reducer
+    attacker = _averager(dhts[0], torch.full((SIZE,), float("nan")), "receipts", **whole)
+    peers = [
+        _averager(dht, tensor.clone(), "receipts", receipts=log_of_peer, **whole, **_honest(log))
+        for dht, tensor, log_of_peer in zip(dhts[1:], honest, receipts)
+    ]
+    ids = [dht.peer_id.to_base58() for dht in dhts[1:]]
+    try:
+        controls = [attacker.step(wait=False, weight=8.0, timeout=60)]
+        controls += [peer.step(wait=False, weight=w, timeout=60) for peer, w in zip(peers, weights)]
+        for control in controls[1:]:
+            assert control.result(timeout=90) is not None, "the honest peers did not average"
+        with contextlib.suppress(Exception):
+            controls[0].result(timeout=30)
+        groups = set()
+        drained = [_drained(receipt_log) for receipt_log in receipts]
+        for index, found in enumerate(drained):
+            assert len(found) == 1, f"reducer {index}: {found}"
+            expected = {peer: weight for j, (peer, weight) in enumerate(zip(ids, weights)) if j != index}
+            assert found[0].senders == expected, f"reducer {index}: {found[0].senders} != {expected}"
+            assert found[0].prefix == "receipts"
+            groups.add(found[0].group)
+        assert len(groups) == 1, f"one round, one group id: {groups}"
+    finally:
+        for averager in [attacker, *peers]:
+            averager.shutdown()
+
+
+def _drained(receipt_log: ReceiptLog, timeout: float = 10.0) -> list:
+    """The receipts a child sent (through a queue, so wait for the first and what follows it)."""
+    found: list = []
+    deadline = time.monotonic() + timeout
+    while not found and time.monotonic() < deadline:
+        found += receipt_log.drain()
+        time.sleep(0.2)
+    time.sleep(0.5)
+    return found + receipt_log.drain()
 
 
 def _peers_named(log: OffenceLog, until: str, timeout: float = 20.0) -> set[str]:

@@ -102,6 +102,7 @@ from hivetrain.hivemind_compat.bans import DEFAULT_BAN_S, Bans, Offence, Offence
 from hivetrain.hivemind_compat.codecs import Uniform8Bit, install_codecs  # noqa: E402
 from hivetrain.hivemind_compat.diloco import DiLoCoOptimizer  # noqa: E402
 from hivetrain.hivemind_compat.optimizer import STATE_AVERAGER_LOGGER, RoundInfo, StateRoundLogHandler, TrackedOptimizer  # noqa: E402
+from hivetrain.hivemind_compat.receipts import Receipt, ReceiptLog  # noqa: E402
 from hivetrain.hivemind_compat.state import SafeStateAverager, StateRejected, check_downloaded_state, parameters_set_to  # noqa: E402
 
 __all__ = [
@@ -114,6 +115,8 @@ __all__ = [
     "OffenceLog",
     "Optimizer",
     "PeerID",
+    "Receipt",
+    "ReceiptLog",
     "RobustAverager",
     "RobustAveraging",
     "RobustGradientAverager",

@@ -101,6 +101,8 @@ class RobustPartReducer(TensorPartReducer):
         self._banned_parts: list[tuple[int, torch.Tensor, float]] = []  # parts of banned senders: left out
         self.sender_ids, self.own_id, self.prefix = list(sender_ids), own_id, prefix
         self.own_norm = own_norm  # the norm of all our tensors together: no honest part is much larger
+        # for our receipt: parts of each sender counted in an aggregate (not banned, not malformed), its weight
+        self._counted, self._declared = [0] * num_senders, [0.0] * num_senders
         super().__init__(part_shapes, num_senders)
 
     @follows(TensorPartReducer, "reset_accumulators", "5d3dc36f344a342e")
@@ -138,9 +140,27 @@ class RobustPartReducer(TensorPartReducer):
             else:  # the fast path's share of the work, while the other senders' parts are still on their way
                 self._stream.add(tensor_part, float(weight))
                 self._senders.append(sender_index)
+                self._counted[sender_index] += 1
+                self._declared[sender_index] = float(weight)
             self.current_part_accumulated_from += 1
             self.check_current_part_finished()
         return await current_part_future
+
+    def received(self) -> dict[str, float]:
+        """Our receipt of the round: each other sender whose every part of our partition we counted, at the
+        finite weight it declared, unless we banned it (in this round: a NaN or outlying part; before: its parts
+        were left out) (``hivetrain.hivemind_compat.receipts``). Empty when we reduced nothing."""
+        if not self.num_parts:
+            return {}
+        return {
+            sender: weight
+            for sender, counted, weight in zip(self.sender_ids, self._counted, self._declared)
+            if sender != self.own_id
+            and counted == self.num_parts
+            and math.isfinite(weight)
+            and weight >= 0
+            and not self.bans.is_banned(sender)
+        }
 
     @follows(AllReduceRunner, "_accumulate_parts_streaming", "6c5a3c7266060303")  # bans the sender we raise for
     def _malformed(self, part_index: int, part: torch.Tensor) -> str | None:

@@ -35,6 +35,7 @@ from hivetrain.hivemind_compat.allreduce import BanAwareMatchmaking, RobustAllRe
 from hivetrain.hivemind_compat.bans import Bans
 from hivetrain.hivemind_compat.codecs import install_codecs
 from hivetrain.hivemind_compat.pins import follows
+from hivetrain.hivemind_compat.receipts import Receipt, ReceiptLog
 from hivetrain.log import get_logger
 from hivetrain.protocol.progress import lower_median
 from hivetrain.protocol.training import SharedRounding8Bit
@@ -74,7 +75,14 @@ class RobustAveraging(DecentralizedAverager):
     over its ``OffenceLog`` so that what the child catches reaches the owner's telemetry.
     """
 
-    def __init__(self, *args, aggregation_rule: AggregationRule | None = None, bans: Bans | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        aggregation_rule: AggregationRule | None = None,
+        bans: Bans | None = None,
+        receipts: ReceiptLog | None = None,
+        **kwargs,
+    ):
         self.shared_rounding = isinstance(kwargs.get("compression"), SharedRounding8Bit)
         if self.shared_rounding:
             if aggregation_rule is None:
@@ -82,6 +90,7 @@ class RobustAveraging(DecentralizedAverager):
             kwargs["prefix"] = kwargs["prefix"] + SHARED_ROUNDING_SUFFIX
         self.aggregation_rule = aggregation_rule
         self.bans = bans if bans is not None else Bans()
+        self.receipts = receipts  # where the child sends, after each round it reduced in, whose parts it received
         # partitions where a round applied our own part instead of a reducer's aggregate (counted in the child,
         # read by the owner): a peer that kept its own part no longer holds what the rest of its group holds
         self.fallbacks = multiprocessing.get_context("fork").Value("q", 0)
@@ -176,9 +185,18 @@ class RobustAveraging(DecentralizedAverager):
                     tensor.add_(update, alpha=self._averaging_alpha)
                 self.last_updated = get_dht_time()
                 self._state_updated.set()
+            self._send_receipt(runner, group_id)
         else:
             async for _ in runner:
                 raise ValueError("aux peers should not receive averaged tensors")
+
+    def _send_receipt(self, runner: RobustAllReduceRunner, group_id: bytes) -> None:
+        """Name to the owner (``receipts``) the senders whose every part of our partition this round counted."""
+        if self.receipts is None:
+            return
+        received = runner.tensor_part_reducer.received()
+        if received:
+            self.receipts.send(Receipt(str(self.prefix), group_id.hex(), received))
 
 
 class RobustAverager(RobustAveraging, DecentralizedAverager):

@@ -23,6 +23,7 @@ from hivetrain.hivemind_compat.averagers import RobustGradientAverager
 from hivetrain.hivemind_compat.bans import DEFAULT_BAN_S, Bans, OffenceLog
 from hivetrain.hivemind_compat.pins import follows
 from hivetrain.hivemind_compat.progress import progress_signer
+from hivetrain.hivemind_compat.receipts import ReceiptLog
 from hivetrain.hivemind_compat.state import SafeStateAverager
 from hivetrain.hivemind_compat.uplink import UplinkMeter
 from hivetrain.log import get_logger
@@ -163,6 +164,8 @@ class TrackedOptimizer(hivemind.Optimizer):
     ``admission`` (``hivetrain.protocol.admission``; default open) peers that are not admitted take no part:
     not in its groups, their parts and answers unused, their states never asked for, their progress records
     left out; the peers of one hotkey count as one (in each partition's aggregate, in the epoch bound).
+    With ``receipts`` (a ``ReceiptLog``) the gradient averager names there, after each round, whose parts it
+    received (``hivetrain.hivemind_compat.receipts``), for the owner's telemetry.
     """
 
     #: Samples per reporting peer that end an epoch (DiLoCo); None: hivemind's fixed ``target_batch_size``.
@@ -179,9 +182,11 @@ class TrackedOptimizer(hivemind.Optimizer):
         ban_s: float = DEFAULT_BAN_S,
         offences: OffenceLog | None = None,
         admission: Admission | None = None,
+        receipts: ReceiptLog | None = None,
         **kwargs,
     ):
         self._on_round = on_round or (lambda info: None)
+        self.receipts = receipts  # the gradient averager's receipts (whose parts it received), for the owner
         self.admission = admission if admission is not None else OPEN
         self._on_state_loaded = on_state_loaded or (lambda seconds: None)
         # made before hivemind's __init__ builds (and forks) the averagers, which take them
@@ -265,6 +270,7 @@ class TrackedOptimizer(hivemind.Optimizer):
             factory if factory is not None else RobustGradientAverager,
             aggregation_rule=self.aggregation_rule,
             bans=Bans(self.offences, self.admission),
+            receipts=self.receipts,
             **kwargs,
         )
 

@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 
 from hivetrain.aggregation import AggregationRule
-from hivetrain.hivemind_compat import DHT, DiLoCoOptimizer, RoundInfo, TrackedOptimizer, install_codecs
+from hivetrain.hivemind_compat import DHT, DiLoCoOptimizer, ReceiptLog, RoundInfo, TrackedOptimizer, install_codecs
 from hivetrain.hivemind_compat.progress import identity_signing_key
 from hivetrain.protocol.admission import Admission
 from hivetrain.protocol.training import COMPRESSIONS, ClippedAdamW, OuterSGD, param_groups, state_download_compression
@@ -57,7 +57,8 @@ def make_optimizer(
 
     Its averagers aggregate with ``aggregation_rule`` (none: hivemind's mean); peers they catch are
     banned for ``ban_s`` (those serving a bad state whether or not aggregation is robust) and named
-    in ``opt.offences``, with the peers whose progress records are implausible. ``admission`` (default
+    in ``opt.offences``, with the peers whose progress records are implausible; whose parts its gradient
+    averager received in each round goes to ``opt.receipts`` (robust aggregation only). ``admission`` (default
     open) keeps peers no admitted hotkey vouches for out of its groups, its downloads and its epoch.
     """
     install_codecs()
@@ -86,6 +87,8 @@ def make_optimizer(
         aggregation_rule=aggregation_rule(settings),
         ban_s=settings.ban_s,
         admission=admission,
+        # whose parts the gradient averager received, round by round: the evidence validators credit others by
+        receipts=ReceiptLog(),
     )
     clip, lr, betas = settings.grad_clip, settings.lr, (0.9, 0.95)
     # fused: one kernel for all tensors; torch's default CPU AdamW loops tensor by tensor (9x slower, BENCHMARKS.md)

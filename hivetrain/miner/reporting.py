@@ -17,7 +17,14 @@ from typing import Iterable, Protocol
 from hivetrain.identity import Domain
 from hivetrain.log import get_logger
 from hivetrain.protocol.envelopes import STREAMS, signed_departure, signed_registration, stream_fields
-from hivetrain.protocol.records import MAX_INGEST_ENTRIES, OffenceRecord, PeerRecord, RoundRecord, StepRecord
+from hivetrain.protocol.records import (
+    MAX_INGEST_ENTRIES,
+    OffenceRecord,
+    PeerRecord,
+    ReceiptRecord,
+    RoundRecord,
+    StepRecord,
+)
 
 logger = get_logger(__name__)
 
@@ -122,14 +129,14 @@ class TelemetryWriter:
         self._thread = threading.Thread(target=self._run, name="telemetry-writer", daemon=True)
         self._thread.start()
 
-    def put(self, record: StepRecord | RoundRecord | OffenceRecord) -> None:
+    def put(self, record: StepRecord | RoundRecord | OffenceRecord | ReceiptRecord) -> None:
         with self._wake:
             if len(self._queue) == self._queue.maxlen:
                 self.dropped += 1
             self._queue.append(record)
             self._wake.notify()
 
-    def put_many(self, records: Iterable[StepRecord | RoundRecord | OffenceRecord]) -> None:
+    def put_many(self, records: Iterable[StepRecord | RoundRecord | OffenceRecord | ReceiptRecord]) -> None:
         for record in records:
             self.put(record)
 

@@ -424,10 +424,13 @@ class Miner:
         return path
 
     def _report_offences(self) -> None:
-        """Peers our averagers caught (they run in forked children and only queue what they saw)."""
+        """Peers our averagers caught, and whose parts our gradient averager received (they run in forked
+        children and only queue what they saw)."""
         records = self.opt.offences.drain_records(self.peer_id)
         self.metrics.offences.inc(len(records))
         self.telemetry.put_many(records)
+        if self.opt.receipts is not None:
+            self.telemetry.put_many(self.opt.receipts.drain_records(self.peer_id))
 
     def _record_round(self, info: RoundInfo) -> None:
         self.metrics.record_round(info)

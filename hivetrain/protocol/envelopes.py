@@ -23,6 +23,7 @@ from hivetrain.protocol.records import (
     EVALS_STREAM_MAXLEN,
     MAX_REGISTRATION_BYTES,
     OFFENCES_STREAM_MAXLEN,
+    RECEIPTS_STREAM_MAXLEN,
     ROUNDS_STREAM_MAXLEN,
     STEPS_STREAM_MAXLEN,
     Departure,
@@ -30,6 +31,7 @@ from hivetrain.protocol.records import (
     Keys,
     OffenceRecord,
     PeerRecord,
+    ReceiptRecord,
     Record,
     RoundRecord,
     StepRecord,
@@ -42,11 +44,17 @@ STREAMS = {
     StepRecord: ("steps", STEPS_STREAM_MAXLEN, True),
     RoundRecord: ("rounds", ROUNDS_STREAM_MAXLEN, True),
     OffenceRecord: ("offences", OFFENCES_STREAM_MAXLEN, True),
+    ReceiptRecord: ("receipts", RECEIPTS_STREAM_MAXLEN, True),
     EvalRecord: ("evals", EVALS_STREAM_MAXLEN, False),  # written by the validator for its own API
 }
 
 #: Streams a miner may post to the bootstrap (``POST /v1/telemetry``), by their name on the wire.
-INGEST_STREAMS: dict[str, type[Record]] = {"steps": StepRecord, "rounds": RoundRecord, "offences": OffenceRecord}
+INGEST_STREAMS: dict[str, type[Record]] = {
+    "steps": StepRecord,
+    "rounds": RoundRecord,
+    "offences": OffenceRecord,
+    "receipts": ReceiptRecord,
+}
 
 
 def same_run(keys: Keys, domain: Domain) -> Domain:

@@ -27,6 +27,7 @@ STEPS_STREAM_MAXLEN = 100_000
 ROUNDS_STREAM_MAXLEN = 20_000
 EVALS_STREAM_MAXLEN = 10_000
 OFFENCES_STREAM_MAXLEN = 20_000
+RECEIPTS_STREAM_MAXLEN = 50_000
 #: The validator's own heartbeat (its /readyz says not ready once this lapses).
 VALIDATOR_TTL_S = 120
 #: A validator's saved scores outlive its restarts by this much; an abandoned run's go away on their own.
@@ -103,6 +104,11 @@ class Keys:
     def offences(self) -> str:
         """Stream of OffenceRecord: peers a miner or validator caught (bad parts, answers, states, progress)."""
         return f"{self.prefix}:telemetry:offences"
+
+    @property
+    def receipts(self) -> str:
+        """Stream of ReceiptRecord: whose parts each miner, as a reducer, received in a gradient round."""
+        return f"{self.prefix}:telemetry:receipts"
 
     @property
     def evals(self) -> str:
@@ -354,3 +360,24 @@ class ValidatorState(Record):
         default_factory=dict, max_length=MAX_SAVED_MINERS, description="hotkeys caught by this validator, zeroed"
     )
     saved_at: float = Field(default_factory=time.time)
+
+
+#: Senders one receipt names at most (hivemind's groups are far smaller: ``target_group_size``).
+MAX_RECEIPT_SENDERS = 64
+PeerId = Annotated[str, Field(min_length=1, max_length=128)]
+
+
+class ReceiptRecord(Record):
+    """What one miner, reducing its partition of one gradient round, received: every part of each sender named,
+    counted at the weight (samples) the sender declared. A sender's credit comes from the receipts of the other
+    members of its rounds (``hivetrain.validator.receipts``), not from what it says about itself."""
+
+    schema_version: int = SCHEMA_VERSION
+    peer_id: str = Field(min_length=1, max_length=128, description="the reducer (signs this record)")
+    averager: str = Field(min_length=1, max_length=256, description="the DHT prefix of the gradient averager")
+    group: str = Field(pattern=r"^[0-9a-f]{2,128}$", description="the round's group id, hex")
+    senders: dict[PeerId, Annotated[float, Field(ge=0, allow_inf_nan=False)]] = Field(
+        max_length=MAX_RECEIPT_SENDERS,
+        description="peer id -> declared weight of each other sender whose every part this reducer counted",
+    )
+    time: float = Field(default_factory=time.time)

@@ -13,6 +13,10 @@ validator registers again if its registration is gone (a flushed Redis, on the l
 saves its scores, EMA and spot-check history in Redis (``hivetrain.validator.state``), which
 it resumes from when it starts.
 
+A miner is paid for what the swarm received from it: the samples its claims check verified, bounded by what the
+other members of its gradient rounds signed they received from it (``hivetrain.validator.receipts``); a miner
+that sends no parts is paid nothing, whatever it claims.
+
 What the validator catches itself is first-hand evidence: a peer whose state its model sync refused for what
 the state held (``Offence.proven``; a server that was only slow is banned, not zeroed) costs its hotkey the
 whole score, EMA included, for as long as the ban holds (``score_round``'s ``caught``), whichever of the
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import random
 import threading
 import time
@@ -55,6 +60,7 @@ from hivetrain.tokenizer import load_tokenizer
 from hivetrain.validator.claims import ClaimReader
 from hivetrain.validator.evaluate import evaluate
 from hivetrain.validator.progress import ProgressPoller
+from hivetrain.validator.receipts import CreditLedger, ReceiptReader, Received
 from hivetrain.validator.scoring import normalize_weights, score_round
 from hivetrain.validator.spot import CheckSchedule, MinerShards, SpotCheck, SpotChecker, SpotCheckRules
 from hivetrain.validator.state import history_of, load_state, save_state, state_of
@@ -67,6 +73,7 @@ logger = get_logger(__name__)
 ZEROED_ROLES = frozenset({"state"})
 EVIDENCE_KEPT = 10  # rounds of evidence kept per miner on the score board
 CHECKS_KEPT = 10  # recent spot checks a miner's pass rate is taken over
+CARRY_WINDOWS = 3  # claimed-but-unreceived (and received-but-unclaimed) samples carried, in windows at the ceiling
 RETRY_FIRST_S, RETRY_LONGEST_S = 1.0, 60.0  # a failed loop step is tried again after 1, 2, 4... up to 60 s
 
 
@@ -108,6 +115,9 @@ class Validator:
             self.endpoint = f"http://{s.api_host}:{s.api_port}"
             self.uid = self.chain.register(self.hotkey, self.endpoint, "validator")
             self.claims = self._make_claim_reader()
+            # what the other members of each miner's rounds received from it: what its claims are paid against
+            self.receipts = ReceiptReader(self.client, self.keys, self.domain).start()
+            self.credit = CreditLedger(carry=CARRY_WINDOWS * s.max_samples_per_s * s.weights_every_s)
             initial_peers = list(s.initial_peers) or fetch_initial_peers(
                 s.bootstrap_url, s.bootstrap_wait_s, stop=self.stop
             )
@@ -340,6 +350,7 @@ class Validator:
         """Read new telemetry, then spot-check every live miner that serves challenges, all at once."""
         miners = self.live_miners()
         self.claims.poll(miners)
+        self.receipts.poll(miners)
         self.schedule.forget(set(miners))
         # at most one wave of exchanges: a round costs one deadline however many miners registered
         asked = self.schedule.pick([peer for _, peer in sorted(miners.items()) if peer.challenge_url])
@@ -357,12 +368,19 @@ class Validator:
         s = self.settings
         miners = self.live_miners()
         self.claims.poll(miners)
+        self.receipts.poll(miners)
         claims, (progress, progress_since_seen) = self.claims.close_window(), self.poller.close_window()
+        received = self.receipts.close_window()
         self.window_started = time.time()
         verdicts = {
-            hotkey: self._claim_verdict(c, progress.get(c.peer_id), progress_since_seen.get(c.peer_id))
+            hotkey: self._paid(
+                hotkey,
+                self._claim_verdict(c, progress.get(c.peer_id), progress_since_seen.get(c.peer_id)),
+                received.get(hotkey, Received()),
+            )
             for hotkey, c in claims.items()
         }
+        self.credit.forget(set(miners) | set(claims))
         # each miner's recent checks, not just this window's: an unlucky window without a check
         # neither erases a cheater's failures nor, for a miner never checked, verifies anything
         for hotkey, found in self.spot_checks.items():
@@ -432,6 +450,16 @@ class Validator:
             s.max_samples_per_s,
             s.claim_tolerance,
         )
+
+    def _paid(self, hotkey: str, verdict: ClaimCheckResult, received: Received) -> ClaimCheckResult:
+        """``verdict`` with its credit bounded by what the other members of the miner's rounds received from it
+        (``hivetrain.validator.receipts``): a miner that sends no parts is paid nothing, whatever it claims."""
+        paid = self.credit.pay(hotkey, verdict.verified_samples if verdict.passed else 0, received.samples)
+        reason = (
+            f"{verdict.reason}; the swarm received {received.samples:.0f} samples from it in {received.rounds} "
+            f"rounds; paid {paid}"
+        )
+        return dataclasses.replace(verdict, reason=reason, verified_samples=paid)
 
     def _publish(self, weights: dict[str, float], uids: dict[str, int | None], miners: dict[str, PeerRecord]) -> None:
         board = ScoreBoard(

@@ -3,6 +3,8 @@
 ``python tests/integration/cheaters.py KIND`` with the usual ``HIVE_*`` miner environment:
 
 * ``inflate``: trains honestly but reports ten times the samples it trained on;
+* ``freeload``: trains and reports what it trained, but sends no part to any round (it steps on its own
+  gradients);
 * ``lazy``: trains, but answers spot checks with noise instead of computing them;
 * ``replay``: trains nothing; registers its own hotkey and posts other miners' signed step records
   to the bootstrap, as they are (a replay) and rewritten to name itself (a forgery), counting what
@@ -64,6 +66,21 @@ class InflatingMiner(Miner):
 class LazyMiner(Miner):
     def _answer_challenge(self, challenge: Challenge, batch: torch.Tensor) -> tuple[int, list[float]]:
         return self.opt.local_epoch, torch.randn(challenge.dim).tolist()
+
+
+class FreeloadingMiner(Miner):
+    """Trains and claims what it trains (step records, DHT progress alike), but never sends a part: its gradient
+    averager joins no round, and it steps on its own gradients at each epoch. (Its spot-check answers are at its own
+    parameters, which drift from the swarm's: what the test asserts is the payment, not the checks.)"""
+
+    def _make_optimizer(self) -> None:
+        super()._make_optimizer()
+
+        def no_round(*args, **kwargs):
+            raise RuntimeError("a freeloader sends no parts")  # hivemind logs it and steps with local gradients
+
+        self.opt.grad_averager.step = no_round
+        self.opt.grad_averager.schedule_step = lambda *args, **kwargs: None
 
 
 class PoisoningMiner(Miner):
@@ -255,9 +272,8 @@ def main() -> int:
     if kind in ("replay", "progress"):
         {"replay": replay, "progress": publish_progress}[kind](settings, stop)
         return 0
-    miner = {"inflate": InflatingMiner, "lazy": LazyMiner, "state": PoisonedStateMiner}.get(kind, PoisoningMiner)(
-        settings, stop
-    )
+    cheaters = {"inflate": InflatingMiner, "lazy": LazyMiner, "state": PoisonedStateMiner, "freeload": FreeloadingMiner}
+    miner = cheaters.get(kind, PoisoningMiner)(settings, stop)
     if isinstance(miner, PoisoningMiner):
         miner.kind = kind
     try:

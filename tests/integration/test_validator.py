@@ -1,13 +1,15 @@
-"""The validator against a real swarm: 3 honest miners and 3 cheaters, scored over real HTTP.
+"""The validator against a real swarm: 3 honest miners and 4 cheaters, scored over real HTTP.
 
-Cheaters (tests/integration/cheaters.py): one reports inflated samples, one answers spot checks
-without computing, one replays other miners' signed records through the bootstrap (refused there, so none reach
-the validator). The bound we hold them to: weight 0.
+Cheaters (tests/integration/cheaters.py): one reports inflated samples, one answers spot checks without
+computing, one replays other miners' signed records through the bootstrap (refused there, so none reach the
+validator), one trains and claims honestly but sends no part to any round (so nobody signs that they received
+anything from it). The bound we hold them to: weight 0.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from hivetrain.swarm.launcher import Swarm
 pytestmark = pytest.mark.integration
 
 HONEST = 3
-CHEATERS = ("inflate", "lazy", "replay")
+CHEATERS = ("inflate", "lazy", "replay", "freeload")
 CHEATERS_PY = str(Path(__file__).with_name("cheaters.py"))
 TEST_ENV = {
     "HIVE_TORCH_THREADS": "1",
@@ -72,7 +74,10 @@ def test_honest_miners_earn_weight_and_cheaters_none(swarm):
         judged = inflater is not None and any(e["claimed_samples"] > 0 for e in inflater["evidence"])
         # and the lazy one's first spot check: a CI run reached 3 rounds with its first answer not judged yet
         checked = lazy is not None and any(r.startswith("spot check") for e in lazy["evidence"] for r in e["reasons"])
-        return board if honest <= set(miners) and judged and checked else None
+        # and a window of the freeloader's whose claims passed their check
+        freeloader = miners.get(cheaters["freeload"])
+        claimed = freeloader is not None and any(_claims_passed(e) for e in freeloader["evidence"])
+        return board if honest <= set(miners) and judged and checked and claimed else None
 
     board = wait_until(
         scored,
@@ -91,6 +96,12 @@ def test_honest_miners_earn_weight_and_cheaters_none(swarm):
     # every score is explained by the evidence behind it
     inflated = [r for e in miners[cheaters["inflate"]]["evidence"] for r in e["reasons"]]
     assert any("DHT progress records show" in r for r in inflated), inflated
+    # the freeloader's claims pass their check, but nobody received a part from it: paid nothing
+    freeloaded = [e for e in miners[cheaters["freeload"]]["evidence"] if _claims_passed(e)]
+    assert freeloaded and all(e["verified_samples"] == 0 for e in freeloaded), freeloaded
+    assert any("the swarm received 0 samples" in r for e in freeloaded for r in e["reasons"]), freeloaded
+    for hotkey in honest:
+        assert any(e["verified_samples"] > 0 for e in miners[hotkey]["evidence"]), miners[hotkey]["evidence"]
     lazy = [r for e in miners[cheaters["lazy"]]["evidence"] for r in e["reasons"]]
     assert any("spot check fail" in r for r in lazy) and not any("spot check pass" in r for r in lazy), lazy
     # the replayer posted copies of other miners' records through the bootstrap: refused there, so none reached the
@@ -103,6 +114,14 @@ def test_honest_miners_earn_weight_and_cheaters_none(swarm):
         "rejected"
     ]
     assert all(miners[h]["evidence"][-1]["passes"] >= 1 for h in honest if miners[h]["evidence"][-1]["fails"] == 0)
+
+
+def _claims_passed(evidence: dict) -> bool:
+    """Whether a window's claims passed the claims check (claims within what the DHT progress records showed)."""
+    return evidence["claimed_samples"] > 0 and any(
+        re.search(r"since first seen \d+s ago: claims \d+ samples, DHT shows \d+", reason)
+        for reason in evidence["reasons"]
+    )
 
 
 def test_evaluation_loss_falls_and_api_answers(swarm):
