@@ -525,6 +525,13 @@ class ValidatorSettings(PeerSettings):
     api_port: int = Field(8100, ge=1, le=65535, description="port of the validator API")
     api_workers: int = Field(2, ge=1, le=64, description="gunicorn worker processes of the API")
     sync_every_s: float = Field(30.0, gt=0, description="load the swarm's state from peers this often")
+    sync_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="one sync of the swarm's state gives up after this long; each server gets a third of it (a "
+        "slower one is cut off and banned): the seed preset's state (about 384 MB) needs about 150 Mbit/s at the "
+        "default, so raise it on slower links",
+    )
     eval_blocks: int = Field(16, ge=1, description="fixed validation blocks each evaluation uses")
     eval_batch_size: int = Field(8, ge=1, description="blocks per forward pass during evaluation")
     check_every_s: float = Field(

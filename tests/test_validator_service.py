@@ -498,3 +498,10 @@ def test_with_admission_only_admitted_miners_are_checked_and_weighed(redis_url, 
     assert validator.poller.plausible_epoch() is None  # the swarm fixture's peer is not admitted
     opened = make_validator(redis_url, wait_progress=False)  # the local chain's default: open
     assert set(opened.live_miners()) == {admitted.hotkey.ss58_address, stranger.hotkey.ss58_address}
+
+
+def test_the_state_sync_waits_as_long_as_the_run_allows(redis_url, make_validator):
+    # the seed preset's state (about 384 MB) needs about 150 Mbit/s in a third of the default 60 s: slower links
+    # raise HIVE_SYNC_TIMEOUT_S, and it must reach the sync (each server's deadline is a third of it)
+    validator = make_validator(redis_url, wait_progress=False, sync_timeout_s=240.0)
+    assert validator.sync.timeout_s == 240.0

@@ -139,6 +139,7 @@ class Validator:
                 s.run_id,
                 s.preset,
                 seed=s.seed,
+                timeout_s=s.sync_timeout_s,
                 max_epoch=self.poller.plausible_epoch,
                 mode=s.mode,
                 offences=self.offences,
