@@ -279,6 +279,43 @@ def test_a_banned_peer_is_left_out_of_later_groups(dhts):
             averager.shutdown()
 
 
+def test_a_peer_one_averager_caught_is_left_out_by_its_owners_other_averagers(dhts):
+    """Bans hold per owner: each honest peer owns two averagers over one log (as a miner owns its gradient and
+    state averagers); the attacker, caught sending NaN in the first one's round, is kept out of the second's."""
+    logs = [OffenceLog(ban_s=600.0) for _ in dhts[1:]]
+    generator = torch.Generator().manual_seed(4)
+    signal = torch.randn(SIZE, generator=generator)
+    honest = [signal + 0.3 * torch.randn(SIZE, generator=generator) for _ in range(3)]
+    attacker_id = dhts[0].peer_id.to_base58()
+    attackers = [
+        _averager(dhts[0], torch.full((SIZE,), float("nan")), "owner-grads", min_group_size=3),
+        _averager(dhts[0], signal.clone(), "owner-params", min_group_size=3),  # honest-looking here
+    ]
+    grads = [
+        _averager(dht, tensor.clone(), "owner-grads", min_group_size=3, **_honest(log))
+        for dht, tensor, log in zip(dhts[1:], honest, logs)
+    ]
+    params = [
+        _averager(dht, tensor.clone(), "owner-params", min_group_size=3, **_honest(log))
+        for dht, tensor, log in zip(dhts[1:], honest, logs)
+    ]
+    try:
+        controls = [attackers[0].step(wait=False, timeout=30)] + [g.step(wait=False, timeout=30) for g in grads]
+        groups = [{peer.to_base58() for peer in control.result(timeout=60) or ()} for control in controls[1:]]
+        assert any(attacker_id in group for group in groups), f"the attacker was not in the gradient round: {groups}"
+        for log in logs:  # each owner caught it in its own partition
+            assert attacker_id in _peers_named(log, until=attacker_id), "an honest peer did not catch the attacker"
+        controls = [attackers[1].step(wait=False, timeout=30)] + [p.step(wait=False, timeout=30) for p in params]
+        groups = [{peer.to_base58() for peer in control.result(timeout=60) or ()} for control in controls[1:]]
+        with contextlib.suppress(Exception):  # left out, the attacker may find nobody to average with
+            controls[0].result(timeout=60)
+        honest_ids = {dht.peer_id.to_base58() for dht in dhts[1:]}
+        assert all(group == honest_ids for group in groups), f"the other averager still took the attacker: {groups}"
+    finally:
+        for averager in [*attackers, *grads, *params]:
+            averager.shutdown()
+
+
 def test_a_robust_and_a_plain_averager_in_one_process_keep_their_own_rule_and_bans(dhts):
     """One group: the attacker, two robust averagers (one log) and a plain one built after them (its own log).
 

@@ -22,7 +22,8 @@ The README's "hivemind behaviours we work around" explains each piece:
 * ``diloco``     DiLoCo on hivemind.Optimizer: its offloaded optimizer as the outer one, pseudo-gradients
                  in place of gradients;
 * ``bans``       offenders (in the all-reduce, in state downloads) named and banned: ``Bans`` per averager,
-                 an ``OffenceLog`` per owner.
+                 an ``OffenceLog`` and the ``BanTable`` all its averagers share per owner;
+* ``receipts``   whose parts the gradient averager received in each round, for the owner's telemetry.
 """
 
 from __future__ import annotations

@@ -12,14 +12,17 @@ With an ``Admission`` (``hivetrain.protocol.admission``), ``Bans.refuses`` also 
 that is not admitted, and a ban holds for the hotkey of the peer caught: a new libp2p key of that hotkey
 is still banned.
 
-Nothing here is process-global: two averagers (or two optimizers) in one process ban and report
-independently, and a peer banned by the gradient averager is still asked by the state averager
-(and caught there again if it misbehaves there too).
+A ban holds for every averager of one owner: the ``Bans`` made over one ``OffenceLog`` share its
+``BanTable`` (shared memory, made in the parent before the averagers fork), so a peer the gradient
+averager caught sending NaN is not asked for its state by the state averager either. Nothing here is
+process-global: two owners (two optimizers, or a miner and a validator in one test process) each have
+their own log, table and bans.
 """
 
 from __future__ import annotations
 
 import collections
+import hashlib
 import multiprocessing as mp
 import queue
 import time
@@ -61,6 +64,43 @@ class Offence:
         )
 
 
+class BanTable:
+    """Bans shared by the forked children of one owner: ``slots`` entries of (hash of who, monotonic end), in shared
+    memory made before the children fork. Each key has ``PROBES`` slots it may use; when all are taken, the ban
+    that ends first gives way (a flood of bans forgets the oldest, never blocks)."""
+
+    PROBES = 16
+
+    def __init__(self, slots: int = 4096):
+        context = mp.get_context("fork")
+        self._keys = context.Array("Q", slots, lock=False)  # 0: an empty slot
+        self._ends = context.Array("d", slots, lock=False)  # time.monotonic() (system-wide on Linux) the ban ends
+        self._lock = context.Lock()
+        self.slots = slots
+
+    @staticmethod
+    def _key(who: str) -> int:
+        return int.from_bytes(hashlib.blake2b(who.encode(), digest_size=8).digest(), "big") or 1
+
+    def _probe(self, key: int) -> range:
+        start = key % self.slots
+        return range(start, start + min(self.PROBES, self.slots))
+
+    def ban(self, who: str, until: float) -> None:
+        key = self._key(who)
+        with self._lock:
+            slots = [index % self.slots for index in self._probe(key)]
+            same = [index for index in slots if self._keys[index] == key]
+            index = same[0] if same else min(slots, key=lambda i: (self._keys[i] != 0, self._ends[i]))
+            self._keys[index], self._ends[index] = key, max(until, self._ends[index] if same else 0.0)
+
+    def until(self, who: str) -> float:
+        """When the ban of ``who`` ends (0.0: none known)."""
+        key = self._key(who)
+        ends = [self._ends[i % self.slots] for i in self._probe(key) if self._keys[i % self.slots] == key]
+        return max(ends, default=0.0)
+
+
 class OffenceLog:
     """The offences one owner's averagers (in their forked children) and the owner itself caught.
 
@@ -74,6 +114,7 @@ class OffenceLog:
         self.ban_s = float(ban_s)
         self._queue: "mp.Queue[Offence]" = mp.get_context("fork").Queue(maxsize=10_000)
         self._local: collections.deque[Offence] = collections.deque(maxlen=10_000)
+        self.bans = BanTable()  # what the owner's averagers banned, seen by all of them
 
     def send(self, offence: Offence) -> None:
         """Pass ``offence`` to the parent (called in an averager's child)."""
@@ -121,9 +162,14 @@ class Bans:
         self._until: dict[str, float] = {}  # voter (a hotkey, or a peer id when none is known) -> its ban's end
 
     def is_banned(self, peer_id: str, now: float | None = None) -> bool:
-        """Whether ``peer_id``, or the hotkey it is bound to, was caught and is still banned."""
+        """Whether ``peer_id``, or the hotkey it is bound to, was caught and is still banned: by this averager, or
+        by another averager of the same owner (its log's ``BanTable``)."""
         now = time.monotonic() if now is None else now
-        return any(now < self._until.get(who, 0.0) for who in {peer_id, self.admission.voter(peer_id)})
+        table = self.log.bans if self.log is not None else None
+        return any(
+            now < self._until.get(who, 0.0) or (table is not None and now < table.until(who))
+            for who in {peer_id, self.admission.voter(peer_id)}
+        )
 
     def refuses(self, peer_id: str, where: str = "") -> bool:
         """Whether ``peer_id`` may not take part: banned, or not admitted (logged once a while, not named)."""
@@ -140,6 +186,8 @@ class Bans:
         until = time.monotonic() + self.ban_s
         for who in {peer_id, self.admission.voter(peer_id)}:
             self._until[who] = until
+            if self.log is not None:
+                self.log.bans.ban(who, until)
         if self.log is not None:
             self.log.send(Offence(peer_id, prefix, role, reason, time.time(), proven))
 

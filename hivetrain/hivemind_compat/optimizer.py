@@ -158,8 +158,8 @@ class TrackedOptimizer(hivemind.Optimizer):
     swarm's target batch (gradient mode; a DiLoCo peer still counts its inner steps).
 
     Its averagers (the state averager, the gradient one) aggregate with ``aggregation_rule`` (None:
-    hivemind's plain mean), each with its own bans lasting ``ban_s``; what they catch, and the peers
-    whose progress records are implausible (unless ``on_implausible`` is given), go to ``offences``
+    hivemind's plain mean); a peer either of them catches is banned by both for ``ban_s``. What they catch, and
+    the peers whose progress records are implausible (unless ``on_implausible`` is given), go to ``offences``
     (an ``OffenceLog``, made here when not given), which the owner drains into telemetry. With
     ``admission`` (``hivetrain.protocol.admission``; default open) peers that are not admitted take no part:
     not in its groups, their parts and answers unused, their states never asked for, their progress records
