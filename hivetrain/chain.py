@@ -12,7 +12,8 @@ Two backends behind one ``Chain`` protocol:
   ``execute(bt.SetWeights(...), wallet)``). Registration burns TAO, so ``register`` never
   spends: it returns the uid of a hotkey registered beforehand (``btcli subnets register``) and
   raises ``ChainRegistrationError`` otherwise. Offline, every call fails fast with
-  ``bt.RpcConnectionError``.
+  ``bt.RpcConnectionError``. The SDK is imported when this backend is built, not with the module: it
+  takes about half a second, and the default local chain needs nothing from it.
 """
 
 from __future__ import annotations
@@ -21,13 +22,12 @@ import math
 import time
 from typing import Any, Literal, Protocol, runtime_checkable
 
-import bittensor as bt
 import redis
-from bittensor.settings import BLOCKTIME
 from pydantic import Field
 
 from hivetrain.log import get_logger
 from hivetrain.protocol.records import Keys, Record
+from hivetrain.wallet import Wallet
 
 logger = get_logger(__name__)
 
@@ -224,11 +224,18 @@ class LocalChain:
 
 
 class BittensorChain:
-    """``Chain`` on a real subnet; ``client`` is a ``bt.Subtensor`` (or anything with its namespaces)."""
+    """``Chain`` on a real subnet; ``client`` is a ``bt.Subtensor`` (or anything with its namespaces).
 
-    def __init__(self, netuid: int, network: str = "finney", wallet: bt.Wallet | None = None, client: Any = None):
+    ``wallet`` (a validator's, to set weights): a ``hivetrain.wallet.Wallet``, handed to the SDK as its own
+    ``bt.Wallet`` over the same files, or a ``bt.Wallet``."""
+
+    def __init__(self, netuid: int, network: str = "finney", wallet: Wallet | Any = None, client: Any = None):
+        import bittensor as bt  # here, not at module level: see the module docstring
+
         if netuid < 0:
             raise ValueError(f"netuid must be >= 0, got {netuid}")
+        if isinstance(wallet, Wallet):
+            wallet = bt.Wallet(name=wallet.name, hotkey=wallet.hotkey_str, path=wallet.path)
         self.netuid, self.wallet = netuid, wallet
         self.client = client if client is not None else bt.Subtensor(network)
 
@@ -255,6 +262,8 @@ class BittensorChain:
         return uid
 
     def metagraph(self) -> list[Neuron]:
+        from bittensor.settings import BLOCKTIME
+
         graph = self.client.subnets.metagraph(netuid=self.netuid, commitments=False)
         if graph is None:
             raise ValueError(
@@ -278,6 +287,8 @@ class BittensorChain:
             raise ValueError(
                 f"setting weights for {validator_hotkey} needs its wallet: BittensorChain(..., wallet=<that wallet>)"
             )
+        import bittensor as bt
+
         normalized = normalize(weights)
         if not normalized:
             raise ValueError("all weights are zero; the chain needs at least one positive weight")

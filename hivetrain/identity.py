@@ -18,8 +18,12 @@ always authentic (an honest peer with a skewed clock, not an attacker), and the 
 written only after the signature verifies, so forged traffic cannot burn a real peer's nonces.
 
 Nonce stores follow bittensor's ``http_auth.NonceStore`` protocol (``check_and_store``), so the
-same store can back ``bt.http_auth.verify`` in an HTTP API: ``hivetrain.store.RedisNonceStore`` (``SET NX EX``,
-shared by every validator process) or ``bt.http_auth.InMemoryNonceStore`` for unit tests.
+same store can back ``bittensor.http_auth.verify`` in an HTTP API: ``hivetrain.store.RedisNonceStore`` (``SET NX
+EX``, shared by every validator process) or ``InMemoryNonceStore`` for unit tests.
+
+Keys, wallets and signatures come from ``bittensor_core`` (through ``hivetrain.wallet``), the native binding the
+bittensor SDK is built on, not from the SDK itself: the same keys and bytes, without the half second the SDK
+takes to import on every start (only the bittensor chain backend needs it).
 """
 
 from __future__ import annotations
@@ -27,17 +31,19 @@ from __future__ import annotations
 import json
 import math
 import secrets
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import bittensor as bt
-from bittensor.sp_core import CRYPTO_SR25519, get_password_from_environment
-from bittensor.sp_core import verify as _sr25519_verify
+from bittensor_core import CRYPTO_SR25519, get_password_from_environment
+from bittensor_core import verify as _sr25519_verify
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from hivetrain.log import get_logger
+from hivetrain.wallet import Wallet
 
 logger = get_logger(__name__)
 
@@ -54,7 +60,7 @@ NONCE_BYTES = 16
 # --- wallets --------------------------------------------------------------------------------
 
 
-def load_or_create_wallet(wallet_dir: str, name: str, hotkey: str = "default") -> bt.Wallet:
+def load_or_create_wallet(wallet_dir: str, name: str, hotkey: str = "default") -> Wallet:
     """The wallet ``name``/``hotkey`` under ``wallet_dir``, created unencrypted on first start.
 
     Works offline (key generation is local). A coldkey is created only when the wallet has
@@ -64,13 +70,13 @@ def load_or_create_wallet(wallet_dir: str, name: str, hotkey: str = "default") -
     """
     if not name or not hotkey:
         raise ValueError("wallet name and hotkey name must be non-empty, e.g. name='miner', hotkey='default'")
-    wallet = bt.Wallet(name=name, hotkey=hotkey, path=str(Path(wallet_dir).expanduser()))
+    wallet = Wallet(name=name, hotkey=hotkey, path=str(Path(wallet_dir).expanduser()))
     created = []
     if not wallet.coldkey_file.exists_on_device() and not wallet.coldkeypub_file.exists_on_device():
         _create(wallet.create_new_coldkey, "coldkey", created)
     if not wallet.hotkey_file.exists_on_device():
         _create(wallet.create_new_hotkey, "hotkey", created)
-    wallet = bt.Wallet(name=name, hotkey=hotkey, path=wallet.path)  # drop cached keys after a lost race
+    wallet = Wallet(name=name, hotkey=hotkey, path=wallet.path)  # drop cached keys after a lost race
     if wallet.hotkey_file.is_encrypted() and not get_password_from_environment(wallet.hotkey_file.env_var_name()):
         raise ValueError(
             f"hotkey {wallet.hotkey_file.path} is encrypted; services need an unencrypted hotkey "
@@ -87,7 +93,7 @@ def load_or_create_wallet(wallet_dir: str, name: str, hotkey: str = "default") -
 def existing_hotkey(wallet_dir: str, name: str, hotkey: str = "default") -> str:
     """The ss58 address of the hotkey ``name``/``hotkey`` under ``wallet_dir``, which must exist (nothing is
     created); raises ``ValueError`` naming the file otherwise."""
-    wallet = bt.Wallet(name=name, hotkey=hotkey, path=str(Path(wallet_dir).expanduser()))
+    wallet = Wallet(name=name, hotkey=hotkey, path=str(Path(wallet_dir).expanduser()))
     if not wallet.hotkey_file.exists_on_device():
         raise ValueError(f"no hotkey at {wallet.hotkey_file.path}: give the miner's hotkey, or its wallet folder")
     if wallet.hotkey_file.is_encrypted():
@@ -97,7 +103,7 @@ def existing_hotkey(wallet_dir: str, name: str, hotkey: str = "default") -> str:
 
 def _create(make, what: str, created: list[str]) -> None:
     try:
-        make(use_password=False, overwrite=False, suppress=True)
+        make()
         created.append(what)
     except FileExistsError:
         pass  # another process created it between our check and our write
@@ -213,13 +219,16 @@ def sign(keypair: Any, domain: Domain, payload: dict, timestamp: float | None = 
     """Sign ``payload`` with a hotkey for ``domain`` (valid in that run and subnet only); returns the JSON-ready
     envelope.
 
-    ``keypair`` is anything ``bt.resolve_signer`` accepts for the hotkey role: a ``bt.Wallet``
-    (its hotkey signs) or a keypair. ``timestamp`` and ``nonce`` are injectable for tests only.
+    ``keypair`` is a wallet (its hotkey signs: ``hivetrain.wallet.Wallet`` or the SDK's ``bittensor.Wallet``) or a
+    keypair. ``timestamp`` and ``nonce`` are injectable for tests only.
     """
     domain = _domain(domain)
-    signer = bt.resolve_signer(keypair, role="hotkey")
-    if signer.crypto_type != CRYPTO_SR25519:
-        raise ValueError("envelopes are signed with sr25519 hotkeys; create the hotkey with the default crypto type")
+    signer = keypair.hotkey if hasattr(keypair, "hotkey") else keypair
+    if getattr(signer, "crypto_type", None) != CRYPTO_SR25519:
+        raise ValueError(
+            "envelopes are signed with sr25519 hotkeys: pass a wallet or an sr25519 keypair (create the hotkey with "
+            "the default crypto type)"
+        )
     if not isinstance(payload, dict):
         raise ValueError(f"payload must be a dict, got {type(payload).__name__}")
     payload = json.loads(canonical_json(payload))  # what the reader will see after a JSON round trip
@@ -237,6 +246,28 @@ class NonceStore(Protocol):
     """bittensor's ``http_auth.NonceStore``: True (and remember) if unseen, False if seen."""
 
     def check_and_store(self, hotkey_ss58: str, nonce: Any) -> bool: ...
+
+
+class InMemoryNonceStore:
+    """A ``NonceStore`` for one process that forgets a nonce ``retention`` seconds after its first use (as
+    ``bittensor.http_auth.InMemoryNonceStore``, without importing the SDK)."""
+
+    def __init__(self, retention: float):
+        self.retention = float(retention)
+        self._seen: set[tuple[str, Any]] = set()
+        self._expiry: deque[tuple[float, tuple[str, Any]]] = deque()
+        self._lock = threading.Lock()
+
+    def check_and_store(self, hotkey_ss58: str, nonce: Any) -> bool:
+        key, now = (hotkey_ss58, nonce), time.monotonic()
+        with self._lock:
+            while self._expiry and self._expiry[0][0] <= now:
+                self._seen.discard(self._expiry.popleft()[1])
+            if key in self._seen:
+                return False
+            self._seen.add(key)
+            self._expiry.append((now + self.retention, key))
+            return True
 
 
 def verify_signature(envelope: SignedEnvelope | dict | str | bytes, domain: Domain) -> SignedEnvelope:
@@ -285,7 +316,7 @@ class Verifier:
         cls, domain: Domain, window_s: float = DEFAULT_WINDOW_S, future_skew_s: float = DEFAULT_FUTURE_SKEW_S
     ) -> "Verifier":
         """A verifier for ``domain`` whose nonce memory is this process only (tests, single-process tools)."""
-        return cls(bt.http_auth.InMemoryNonceStore(retention=window_s + future_skew_s), domain, window_s, future_skew_s)
+        return cls(InMemoryNonceStore(retention=window_s + future_skew_s), domain, window_s, future_skew_s)
 
     def verify(self, envelope: SignedEnvelope | dict | str | bytes, now: float | None = None) -> dict:
         """The payload of an authentic, fresh, first-seen envelope; ``VerificationError`` otherwise."""

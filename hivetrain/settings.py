@@ -667,7 +667,7 @@ def domain_of(settings: ServiceSettings) -> "Domain":
     Every service of a run reads the same ``HIVE_RUN_ID``, ``HIVE_CHAIN`` and ``HIVE_NETUID`` and so
     derives the same domain.
     """
-    from hivetrain.identity import Domain  # bittensor loads with it: not for every settings import (--help)
+    from hivetrain.identity import Domain  # the keys binding loads with it: not for every settings import (--help)
 
     return Domain(settings.run_id, settings.netuid if settings.chain == "bittensor" else None)
 

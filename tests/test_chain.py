@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import threading
 import time
 from types import SimpleNamespace
@@ -147,6 +149,38 @@ def test_bittensor_chain_maps_the_sdk_metagraph():
         chain.register("hk-x", "", "miner")
     with pytest.raises(ValueError, match="wallet"):
         chain.set_weights("hk-v", {0: 1.0})
+
+
+def test_bittensor_chain_hands_the_sdk_its_own_wallet(tmp_path):
+    from hivetrain.identity import load_or_create_wallet
+
+    wallet = load_or_create_wallet(str(tmp_path), "validator")
+    chain = make_chain("bittensor", netuid=7, wallet=wallet, client=_stub_client({"hk-v": 1}))
+    assert isinstance(chain.wallet, bt.Wallet) and chain.wallet.hotkey.ss58_address == wallet.hotkey.ss58_address
+    sdk_wallet = bt.Wallet(name="validator", path=str(tmp_path))
+    assert make_chain("bittensor", netuid=7, wallet=sdk_wallet, client=_stub_client({})).wallet is sdk_wallet
+
+
+def test_a_service_on_the_local_chain_never_imports_the_bittensor_sdk(tmp_path):
+    """The SDK takes about half a second to import: a miner or validator on the local chain starts without it,
+    wallet, signatures and all; building the bittensor backend is what loads it."""
+    code = (
+        "import sys\n"
+        "import redis\n"
+        "import hivetrain.miner.__main__, hivetrain.miner.train\n"
+        "import hivetrain.validator.__main__, hivetrain.validator.service\n"
+        "from hivetrain.chain import make_chain\n"
+        "from hivetrain.identity import Domain, Verifier, load_or_create_wallet, sign\n"
+        f"wallet = load_or_create_wallet({str(tmp_path)!r}, 'miner')\n"
+        "assert Verifier.in_memory(Domain('r')).verify(sign(wallet, Domain('r'), {'a': 1})) == {'a': 1}\n"
+        "make_chain('local', redis_client=redis.Redis(), run_id='r')\n"
+        "print('bittensor' in sys.modules)\n"
+        "make_chain('bittensor', netuid=1, wallet=wallet, client=object())\n"
+        "print('bittensor' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "True"]
 
 
 def test_bittensor_chain_fails_fast_offline():

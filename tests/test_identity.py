@@ -12,6 +12,7 @@ from bittensor.keyfiles import Keypair
 
 from hivetrain.identity import (
     Domain,
+    InMemoryNonceStore,
     InvalidSignature,
     MalformedEnvelope,
     ReplayedNonce,
@@ -127,10 +128,25 @@ def test_replay_across_verifiers_sharing_redis(redis_url):
 
 
 def test_verifier_refuses_a_store_that_forgets_too_early():
-    from bittensor.http_auth import InMemoryNonceStore
+    from bittensor.http_auth import InMemoryNonceStore as SdkNonceStore
 
-    with pytest.raises(ValueError, match="retention"):
-        Verifier(InMemoryNonceStore(retention=10), DOMAIN, window_s=60)
+    for store in (InMemoryNonceStore, SdkNonceStore):
+        with pytest.raises(ValueError, match="retention"):
+            Verifier(store(retention=10), DOMAIN, window_s=60)
+        verifier = Verifier(store(retention=65), DOMAIN, window_s=60)
+        envelope = sign(ALICE, DOMAIN, PAYLOAD)
+        assert verifier.verify(envelope) == PAYLOAD
+        with pytest.raises(ReplayedNonce):
+            verifier.verify(envelope)
+
+
+def test_the_in_memory_nonce_store_forgets_after_its_retention(monkeypatch):
+    store, now = InMemoryNonceStore(retention=10), [100.0]
+    monkeypatch.setattr("hivetrain.identity.time.monotonic", lambda: now[0])
+    assert store.check_and_store("hk", "n1") and not store.check_and_store("hk", "n1")
+    assert store.check_and_store("other", "n1")  # nonces are per hotkey
+    now[0] += 10.0
+    assert store.check_and_store("hk", "n1")  # forgotten: the verifier's window has long refused the record
 
 
 def test_wallet_created_offline_and_reloaded(tmp_path, monkeypatch):
