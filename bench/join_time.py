@@ -6,7 +6,7 @@ newcomer must download state), then starts one more miner and splits its way in,
 timestamps and from Redis:
 
 * ``imports``: process start -> its first ``hivetrain`` log line (Python, torch, transformers,
-  hivemind, bittensor imports; settings; the wallet);
+  hivemind imports; settings; the wallet; bittensor only with ``HIVE_CHAIN=bittensor``);
 * ``dht``: -> ``DHT up`` (asking the bootstrap for initial peers, starting p2pd, joining the DHT);
 * ``setup``: -> ``loading state from peers`` (model, data, telemetry, optimizer with its averagers,
   waiting for the swarm's progress);
