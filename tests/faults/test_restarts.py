@@ -13,6 +13,7 @@ import time
 import pytest
 from swarm_helpers import metrics_at, peer_id_of, stop_and_check, wait_until
 
+from hivetrain.protocol.envelopes import INGEST_STREAMS
 from hivetrain.protocol.records import Keys
 from hivetrain.settings import SwarmSettings
 from hivetrain.store import connect_redis
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.integration
 BASE_ENV = {"HIVE_TORCH_THREADS": "1", "HIVE_AVERAGING_TIMEOUT": "15", "HIVE_SAVE_EVERY": "0"}
 REDIS_DOWN_S = 15
 BOOTSTRAP_DOWN_S = 15
-TELEMETRY_STREAMS = ("steps", "rounds", "offences")
+TELEMETRY_STREAMS = tuple(INGEST_STREAMS)  # every stream a miner writes (steps, rounds, offences, receipts)
 
 
 def _telemetry(values: dict[str, float]) -> dict[str, int]:
