@@ -123,3 +123,15 @@ def test_a_malformed_receipt_is_refused_by_its_schema(field, value):
     fields[field] = value
     with pytest.raises(ValueError):
         ReceiptRecord(**fields)
+
+
+def test_the_ledger_saves_what_it_carries_and_restores_it_within_its_bound():
+    ledger = CreditLedger(carry=1000)
+    ledger.pay("A", verified=100, received=0)
+    ledger.pay("B", verified=0, received=30)
+    ledger.pay("C", verified=5, received=5)  # paid in full: nothing carried
+    assert ledger.saved() == {"A": (100.0, 0.0), "B": (0.0, 30.0)}
+    restored = CreditLedger(carry=50)
+    restored.restore({**ledger.saved(), "D": (1e12, -5.0)})
+    assert restored.saved() == {"A": (50.0, 0.0), "B": (0.0, 30.0), "D": (50.0, 0.0)}
+    assert restored.pay("A", verified=0, received=80) == 50

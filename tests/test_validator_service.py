@@ -468,6 +468,7 @@ def test_a_restarted_validator_resumes_its_scores_and_checks(redis_url, make_val
     first.checker.unjudged[miner] = 1
     now = time.time()
     first.caught = {"5Caught": (now + 600, "peer QmX: state: served a state we refused"), "5Old": (now - 1, "over")}
+    assert first.credit.pay(miner, verified=100, received=0) == 0  # claimed, its round not yet settled
     first.score_and_set_weights()  # a window without claims: the EMA decays to 0.35, and is saved
     assert first.scores[miner] == pytest.approx(0.35)
     first.stop.set()
@@ -479,6 +480,7 @@ def test_a_restarted_validator_resumes_its_scores_and_checks(redis_url, make_val
     assert list(second.check_history[miner]) == [SpotCheckResult("pass", "cosine 0.9990 >= 0.95", 0.999)]
     assert second.checker.unjudged == {miner: 1}
     assert set(second.caught) == {"5Caught"}  # whom it caught stays caught until its ban ends; the ended one is gone
+    assert second.credit.saved() == {miner: (100.0, 0.0)}  # the claimed samples still wait for their receipts
     second.score_and_set_weights()
     assert second.scores[miner] == pytest.approx(0.35 * 0.7)  # the EMA goes on from where it was
     assert second.scores["5Caught"] == 0.0

@@ -340,9 +340,17 @@ class SavedCatch(Record):
     why: str = Field(max_length=500)
 
 
+class SavedCredit(Record):
+    """Samples a validator carries for one miner from window to window (``hivetrain.validator.receipts.CreditLedger``),
+    in its saved state."""
+
+    owed: float = Field(ge=0, allow_inf_nan=False, description="verified by the claims check, not yet received")
+    banked: float = Field(ge=0, allow_inf_nan=False, description="received by the swarm, not yet claimed")
+
+
 class ValidatorState(Record):
-    """What a validator resumes after a restart: each miner's EMA score, recent spot checks and
-    unjudged streak, and the hotkeys it caught (saved, signed by its hotkey, each time it sets weights)."""
+    """What a validator resumes after a restart: each miner's EMA score, recent spot checks, unjudged streak and
+    carried credit, and the hotkeys it caught (saved, signed by its hotkey, each time it sets weights)."""
 
     schema_version: int = SCHEMA_VERSION
     validator: str = Field(min_length=1, description="hotkey of the validator (the one that signed this)")
@@ -358,6 +366,9 @@ class ValidatorState(Record):
     )
     caught: dict[str, SavedCatch] = Field(
         default_factory=dict, max_length=MAX_SAVED_MINERS, description="hotkeys caught by this validator, zeroed"
+    )
+    credit: dict[str, SavedCredit] = Field(
+        default_factory=dict, max_length=MAX_SAVED_MINERS, description="samples carried to the next window, per miner"
     )
     saved_at: float = Field(default_factory=time.time)
 

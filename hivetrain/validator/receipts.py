@@ -192,6 +192,18 @@ class CreditLedger:
         self._banked[hotkey] = min(self.carry, banked - paid)
         return paid
 
+    def saved(self) -> dict[str, tuple[float, float]]:
+        """hotkey -> (owed, banked), for the validator's saved state (only what is not zero)."""
+        hotkeys = set(self._owed) | set(self._banked)
+        carried = {h: (self._owed.get(h, 0.0), self._banked.get(h, 0.0)) for h in sorted(hotkeys)}
+        return {h: pair for h, pair in carried.items() if pair != (0.0, 0.0)}
+
+    def restore(self, carried: dict[str, tuple[float, float]]) -> None:
+        """Take up what a saved state carried (each side at most ``carry``)."""
+        for hotkey, (owed, banked) in carried.items():
+            self._owed[hotkey] = min(self.carry, max(0.0, owed))
+            self._banked[hotkey] = min(self.carry, max(0.0, banked))
+
     def forget(self, keep: set[str]) -> None:
         """Drop what is carried for hotkeys not in ``keep`` (miners that left)."""
         self._owed = {h: v for h, v in self._owed.items() if h in keep}

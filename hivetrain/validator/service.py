@@ -201,7 +201,8 @@ class Validator:
         )
 
     def _resume(self) -> None:
-        """Take up the scores, EMA and spot-check history our last run saved (nothing if there is none)."""
+        """Take up the scores, EMA, spot-check history and carried credit our last run saved (nothing if there is
+        none)."""
         state = load_state(self.client, self.keys, self.domain, self.hotkey)
         if state is None:
             return
@@ -209,6 +210,7 @@ class Validator:
         self.check_history = history_of(state, CHECKS_KEPT)
         self.checker.unjudged.update(state.unjudged)
         self.caught = {hotkey: (c.until, c.why) for hotkey, c in state.caught.items() if c.until > time.time()}
+        self.credit.restore({hotkey: (c.owed, c.banked) for hotkey, c in state.credit.items()})
         logger.info(
             f"resumed the state saved at round {state.rounds}: {len(state.scores)} miners' scores and spot checks"
         )
@@ -432,7 +434,15 @@ class Validator:
         return uids
 
     def _save_state(self) -> None:
-        state = state_of(self.hotkey, self.rounds, self.scores, self.check_history, self.checker.unjudged, self.caught)
+        state = state_of(
+            self.hotkey,
+            self.rounds,
+            self.scores,
+            self.check_history,
+            self.checker.unjudged,
+            self.caught,
+            self.credit.saved(),
+        )
         try:
             save_state(self.client, self.keys, self.domain, self.wallet, state)
         except Exception:  # Redis boundary: the next window saves again

@@ -20,7 +20,14 @@ import redis
 
 from hivetrain.identity import Domain, VerificationError, sign, verify_signature
 from hivetrain.log import get_logger
-from hivetrain.protocol.records import VALIDATOR_STATE_TTL_S, Keys, SavedCatch, SavedCheck, ValidatorState
+from hivetrain.protocol.records import (
+    VALIDATOR_STATE_TTL_S,
+    Keys,
+    SavedCatch,
+    SavedCheck,
+    SavedCredit,
+    ValidatorState,
+)
 from hivetrain.validator.verdicts import SpotCheckResult
 
 logger = get_logger(__name__)
@@ -33,8 +40,10 @@ def state_of(
     history: Mapping[str, Iterable[SpotCheckResult]],
     unjudged: Mapping[str, int],
     caught: Mapping[str, tuple[float, str]] | None = None,
+    credit: Mapping[str, tuple[float, float]] | None = None,
 ) -> ValidatorState:
-    """The record of what a validator holds now; ``caught``: hotkey -> (its ban's end, why)."""
+    """The record of what a validator holds now; ``caught``: hotkey -> (its ban's end, why); ``credit``: hotkey ->
+    (samples owed, samples banked) its ledger carries."""
     checks = {
         miner: [
             SavedCheck(
@@ -53,6 +62,7 @@ def state_of(
         checks=checks,
         unjudged={miner: count for miner, count in unjudged.items() if count > 0},
         caught={hotkey: SavedCatch(until=until, why=why[:500]) for hotkey, (until, why) in (caught or {}).items()},
+        credit={hotkey: SavedCredit(owed=owed, banked=banked) for hotkey, (owed, banked) in (credit or {}).items()},
     )
 
 
