@@ -64,6 +64,32 @@ class Offence:
         )
 
 
+class ChildQueue:
+    """What an owner's forked children (its averagers) hand the owner: a bounded queue made before the fork. A child's
+    ``send`` never blocks, and never holds an exiting child on an owner that stopped reading; when nobody drains,
+    what does not fit is dropped. The owner takes what arrived with ``drain``."""
+
+    def __init__(self, maxsize: int = 10_000):
+        self._queue: mp.Queue = mp.get_context("fork").Queue(maxsize=maxsize)
+
+    def send(self, item) -> None:
+        self._queue.cancel_join_thread()  # an averager that exits must not wait on an owner that stopped reading
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            pass
+
+    def drain(self, limit: int) -> list:
+        """What arrived since the last call, oldest first, at most ``limit`` items."""
+        found: list = []
+        while len(found) < limit:
+            try:
+                found.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return found
+
+
 class BanTable:
     """Bans shared by the forked children of one owner: ``slots`` entries of (hash of who, monotonic end), in shared
     memory made before the children fork. Each key has ``PROBES`` slots it may use; when all are taken, the ban
@@ -112,17 +138,14 @@ class OffenceLog:
         if not ban_s >= 0:
             raise ValueError(f"ban_s must be >= 0, got {ban_s}")
         self.ban_s = float(ban_s)
-        self._queue: "mp.Queue[Offence]" = mp.get_context("fork").Queue(maxsize=10_000)
+        self._queue = ChildQueue()
         self._local: collections.deque[Offence] = collections.deque(maxlen=10_000)
         self.bans = BanTable()  # what the owner's averagers banned, seen by all of them
 
     def send(self, offence: Offence) -> None:
-        """Pass ``offence`` to the parent (called in an averager's child)."""
-        self._queue.cancel_join_thread()  # an averager that exits must not wait on a parent that stopped reading
-        try:
-            self._queue.put_nowait(offence)
-        except queue.Full:  # nobody drains: the ban still holds, the record is lost
-            pass
+        """Pass ``offence`` to the parent (called in an averager's child). When nobody drains, the ban still holds
+        and the record is lost."""
+        self._queue.send(offence)
 
     def report(self, peer_id: str, prefix: str, role: str, reason: str) -> None:
         """Name an offender caught in this process (not in an averager child), e.g. by the progress tracker."""
@@ -134,12 +157,7 @@ class OffenceLog:
         found: list[Offence] = []
         while self._local and len(found) < limit:
             found.append(self._local.popleft())
-        while len(found) < limit:
-            try:
-                found.append(self._queue.get_nowait())
-            except queue.Empty:
-                break
-        return found
+        return found + self._queue.drain(limit - len(found))
 
     def drain_records(self, caught_by: str) -> list[OffenceRecord]:
         """``drain`` as the telemetry records ``caught_by`` (our peer id) signs and writes."""

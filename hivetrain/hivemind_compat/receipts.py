@@ -14,11 +14,10 @@ the validator credits each sender from the receipts of the other hotkeys in its 
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import queue
 import time
 from dataclasses import dataclass, field
 
+from hivetrain.hivemind_compat.bans import ChildQueue
 from hivetrain.protocol.records import MAX_RECEIPT_SENDERS, ReceiptRecord
 
 
@@ -40,30 +39,20 @@ class Receipt:
 class ReceiptLog:
     """The receipts of one owner's gradient averager (in its forked child), for the owner's telemetry.
 
-    Made in the parent before the averager forks, like ``OffenceLog``: its queue is how the child hands
+    Made in the parent before the averager forks, like ``OffenceLog``: its ``ChildQueue`` is how the child hands
     them over. Bounded: when nobody drains, the oldest rounds stay and new ones are dropped.
     """
 
     def __init__(self, maxsize: int = 10_000):
-        self._queue: "mp.Queue[Receipt]" = mp.get_context("fork").Queue(maxsize=maxsize)
+        self._queue = ChildQueue(maxsize)
 
     def send(self, receipt: Receipt) -> None:
         """Hand ``receipt`` to the owner (called in the averager's child)."""
-        self._queue.cancel_join_thread()  # an averager that exits must not wait on an owner that stopped reading
-        try:
-            self._queue.put_nowait(receipt)
-        except queue.Full:
-            pass
+        self._queue.send(receipt)
 
     def drain(self, limit: int = 1000) -> list[Receipt]:
         """Receipts sent since the last call, oldest first, at most ``limit``."""
-        found: list[Receipt] = []
-        while len(found) < limit:
-            try:
-                found.append(self._queue.get_nowait())
-            except queue.Empty:
-                break
-        return found
+        return self._queue.drain(limit)
 
     def drain_records(self, reducer: str) -> list[ReceiptRecord]:
         """``drain`` as the telemetry records ``reducer`` (our peer id) signs and writes."""
