@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import multiprocessing
 import time
 
@@ -24,6 +25,7 @@ from hivetrain.aggregation import AggregationRule
 from hivetrain.hivemind_compat import Bans, OffenceLog, ReceiptLog, RobustAverager
 from hivetrain.hivemind_compat.allreduce import RobustPartReducer
 from hivetrain.protocol.admission import Admission
+from hivetrain.protocol.records import AUDIT_COORDINATES
 from hivetrain.protocol.training import COMPRESSIONS
 
 pytestmark = pytest.mark.integration
@@ -178,7 +180,9 @@ def test_a_malformed_part_names_its_sender_and_nobody_else(dhts, attack):
 
 def test_each_reducer_signs_for_the_parts_it_received_and_not_for_a_sender_it_caught(dhts):
     """Receipts: after a round each honest reducer names every other sender whose parts it counted, at its declared
-    weight; a NaN sender (caught in that round), though every part of it arrived, is named by none."""
+    weight; a NaN sender (caught in that round), though every part of it arrived, is named by none. For audits each
+    also gives every sender's declaration (gathered in matchmaking) and what its part held at coordinates of the
+    reducer's own partition, drawn by each reducer on its own."""
     log = OffenceLog(ban_s=60.0)
     generator = torch.Generator().manual_seed(3)
     signal = torch.randn(SIZE, generator=generator)
@@ -194,8 +198,11 @@ def test_each_reducer_signs_for_the_parts_it_received_and_not_for_a_sender_it_ca
     ]
     ids = [dht.peer_id.to_base58() for dht in dhts[1:]]
     try:
-        controls = [attacker.step(wait=False, weight=8.0, timeout=60)]
-        controls += [peer.step(wait=False, weight=w, timeout=60) for peer, w in zip(peers, weights)]
+        controls = [attacker.step(wait=False, weight=8.0, timeout=60, gather=(7, 0))]
+        controls += [
+            peer.step(wait=False, weight=w, timeout=60, gather=(7, 100 * j))
+            for j, (peer, w) in enumerate(zip(peers, weights))
+        ]
         for control in controls[1:]:
             assert control.result(timeout=90) is not None, "the honest peers did not average"
         with contextlib.suppress(Exception):
@@ -208,6 +215,17 @@ def test_each_reducer_signs_for_the_parts_it_received_and_not_for_a_sender_it_ca
             assert found[0].senders == expected, f"reducer {index}: {found[0].senders} != {expected}"
             assert found[0].prefix == "receipts"
             groups.add(found[0].group)
+            samples = found[0].samples
+            assert set(samples) == set(expected), f"reducer {index} sampled {set(samples)}"
+            for j, peer in enumerate(ids):
+                if j == index:
+                    continue
+                sample = samples[peer]
+                assert (sample["epoch"], sample["first_block"]) == (7, 100 * j)
+                assert len(sample["indices"]) == AUDIT_COORDINATES
+                assert sample["values"] == honest[j][sample["indices"]].tolist(), f"reducer {index}, sender {j}"
+        indices = [set(next(iter(d[0].samples.values()))["indices"]) for d in drained]
+        assert all(a.isdisjoint(b) for a, b in itertools.combinations(indices, 2)), "each draws in its own partition"
         assert len(groups) == 1, f"one round, one group id: {groups}"
     finally:
         for averager in [attacker, *peers]:

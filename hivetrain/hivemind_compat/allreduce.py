@@ -25,9 +25,11 @@ A sender or reducer caught is named and banned in that averager (its ``Bans``,
 from __future__ import annotations
 
 import asyncio
+import bisect
 import functools
 import math
-from typing import Callable, Sequence
+import random
+from typing import Any, Callable, Sequence
 
 import torch
 from hivemind.averaging.allreduce import AllReduceRunner
@@ -41,6 +43,7 @@ from hivetrain.aggregation import AggregationRule, PartStream, Refusal, check_re
 from hivetrain.hivemind_compat.bans import Bans
 from hivetrain.hivemind_compat.pins import follows
 from hivetrain.log import get_logger
+from hivetrain.protocol.records import AUDIT_COORDINATES, MAX_SAMPLED_SENDERS
 from hivetrain.protocol.training import SharedRounding8Bit
 
 logger = get_logger(__name__)
@@ -92,6 +95,8 @@ class RobustPartReducer(TensorPartReducer):
         bans: Bans,
         part_dtypes: Sequence[torch.dtype] | None = None,
         shared_rounding: bool = False,
+        part_offsets: Sequence[int] | None = None,
+        declared: dict[str, Any] | None = None,
     ):
         self.rule, self.bans = rule, bans
         # SharedRounding8Bit: each aggregate quantized once; its bytes by part index, what every sender is answered
@@ -103,6 +108,10 @@ class RobustPartReducer(TensorPartReducer):
         self.own_norm = own_norm  # the norm of all our tensors together: no honest part is much larger
         # for our receipt: parts of each sender counted in an aggregate (not banned, not malformed), its weight
         self._counted, self._declared = [0] * num_senders, [0.0] * num_senders
+        # for audits: coordinates drawn here, in secret until the round is over, and each sender's values there
+        self.declared = declared or {}  # sender -> what it gathered in matchmaking: (epoch, first block) or not
+        self._draw = _draw_coordinates(part_shapes, part_offsets) if part_offsets is not None else {}
+        self._sampled: list[dict[int, float]] = [{} for _ in range(num_senders)]
         super().__init__(part_shapes, num_senders)
 
     @follows(TensorPartReducer, "reset_accumulators", "5d3dc36f344a342e")
@@ -142,6 +151,10 @@ class RobustPartReducer(TensorPartReducer):
                 self._senders.append(sender_index)
                 self._counted[sender_index] += 1
                 self._declared[sender_index] = float(weight)
+                if part_index in self._draw:
+                    flat = tensor_part.reshape(-1)
+                    for position, index in self._draw[part_index]:
+                        self._sampled[sender_index][index] = float(flat[position])
             self.current_part_accumulated_from += 1
             self.check_current_part_finished()
         return await current_part_future
@@ -161,6 +174,29 @@ class RobustPartReducer(TensorPartReducer):
             and weight >= 0
             and not self.bans.is_banned(sender)
         }
+
+    def samples(self) -> dict[str, dict]:
+        """For audits: each sender of ``received()`` at a positive weight that declared (epoch, first block) in
+        matchmaking, with its values at the coordinates we drew (``hivetrain.protocol.records.PartSample``'s
+        fields); at most ``MAX_SAMPLED_SENDERS``. Empty when we drew none."""
+        drawn = sorted(index for pairs in self._draw.values() for _, index in pairs)
+        if not drawn:
+            return {}
+        found, received = {}, self.received()
+        for sender_index, sender in enumerate(self.sender_ids):
+            weight, declared = received.get(sender), _declaration(self.declared.get(sender))
+            values = self._sampled[sender_index]
+            if not weight or declared is None or len(values) != len(drawn):
+                continue
+            if not all(math.isfinite(values[index]) for index in drawn):
+                continue
+            epoch, first_block = declared
+            found[sender] = dict(
+                epoch=epoch, first_block=first_block, indices=drawn, values=[values[index] for index in drawn]
+            )
+            if len(found) == MAX_SAMPLED_SENDERS:
+                break
+        return found
 
     @follows(AllReduceRunner, "_accumulate_parts_streaming", "6c5a3c7266060303")  # bans the sender we raise for
     def _malformed(self, part_index: int, part: torch.Tensor) -> str | None:
@@ -228,6 +264,47 @@ class RobustPartReducer(TensorPartReducer):
         return merged, firsts
 
 
+def _draw_coordinates(
+    part_shapes: Sequence[torch.Size], part_offsets: Sequence[int], count: int = AUDIT_COORDINATES
+) -> dict[int, list[tuple[int, int]]]:
+    """``count`` coordinates of our partition drawn from the OS's randomness (no sender can know them before we
+    name them, after the round): part index -> [(position in the part, index in the whole flattened vector)]."""
+    sizes = [math.prod(shape) for shape in part_shapes]
+    starts = [0]
+    for size in sizes:
+        starts.append(starts[-1] + size)
+    total = starts[-1]
+    drawn: dict[int, list[tuple[int, int]]] = {}
+    for position in sorted(random.SystemRandom().sample(range(total), min(count, total))):
+        part = bisect.bisect_right(starts, position) - 1
+        drawn.setdefault(part, []).append((position - starts[part], part_offsets[part] + position - starts[part]))
+    return drawn
+
+
+def _declaration(gathered: Any) -> tuple[int, int] | None:
+    """(epoch, first block) when a sender gathered exactly that in matchmaking (``RobustGradientAverager``)."""
+    if not isinstance(gathered, (list, tuple)) or len(gathered) != 2:
+        return None
+    if not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= 2**40 for n in gathered):
+        return None
+    return int(gathered[0]), int(gathered[1])
+
+
+def part_offsets(tensors: Sequence[torch.Tensor], parts: Sequence[torch.Tensor]) -> list[int]:
+    """Where each of ``parts`` (views of ``tensors`` as hivemind's ``TensorPartContainer`` cuts them) starts in the
+    flattened concatenation of ``tensors``."""
+    spans, start = [], 0
+    for tensor in tensors:
+        spans.append((tensor.data_ptr(), tensor.numel() * tensor.element_size(), start, tensor.element_size()))
+        start += tensor.numel()
+    offsets = []
+    for part in parts:
+        pointer = part.data_ptr()
+        base, size, first, element = next(span for span in spans if span[0] <= pointer < span[0] + span[1])
+        offsets.append(first + (pointer - base) // element)
+    return offsets
+
+
 async def asyncio_wait_any(future, event) -> None:
     """Wait until ``future`` is done or ``event`` is set (hivemind's loop in accumulate_part)."""
     waiter = asyncio.create_task(event.wait())
@@ -260,7 +337,14 @@ class RobustAllReduceRunner(AllReduceRunner):
     @follows(TensorPartContainer, "iterate_output_tensors", "3bc3c7e743c4d6b9")
     @follows(AllReduceRunner, "_communicate_with_peer", "d910885e9727ed48")  # what it registers: see register_checked
     def __init__(
-        self, *args, tensors: Sequence[torch.Tensor], rule: AggregationRule, bans: Bans, fallbacks=None, **kwargs
+        self,
+        *args,
+        tensors: Sequence[torch.Tensor],
+        rule: AggregationRule,
+        bans: Bans,
+        fallbacks=None,
+        declared: dict[str, Any] | None = None,
+        **kwargs,
     ):
         super().__init__(*args, tensors=tensors, **kwargs)
         self.shared_rounding = shared = isinstance(kwargs.get("compression"), SharedRounding8Bit)
@@ -280,6 +364,8 @@ class RobustAllReduceRunner(AllReduceRunner):
             bans=bans,
             part_dtypes=tuple(part.dtype for part in self.parts_for_local_averaging),
             shared_rounding=shared,
+            part_offsets=part_offsets(tensors, self.parts_for_local_averaging) if declared is not None else None,
+            declared=declared,
         )
         container = self.tensor_part_container
         register = container.register_processed_part

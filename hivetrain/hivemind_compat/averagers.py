@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import math
 import multiprocessing
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from hivemind.averaging import DecentralizedAverager
@@ -126,8 +126,11 @@ class RobustAveraging(DecentralizedAverager):
             peer_fractions = await asyncio.get_event_loop().run_in_executor(
                 None, self._peer_fractions, bandwidths, modes, min_vector_size
             )
+            declared = {peer.to_base58(): gathered for peer, gathered in user_gathered.items()}
             async with enter_asynchronously(self.get_tensors()) as local_tensors:
-                await self._run_allreduce_inplace_(local_tensors, group_info, peer_fractions=peer_fractions, **kwargs)
+                await self._run_allreduce_inplace_(
+                    local_tensors, group_info, peer_fractions=peer_fractions, declared=declared, **kwargs
+                )
                 return user_gathered
         except BaseException as e:
             if isinstance(e, Exception):
@@ -157,6 +160,7 @@ class RobustAveraging(DecentralizedAverager):
     async def _run_allreduce_inplace_(
         self, tensors: Sequence[torch.Tensor], group_info: GroupInfo, group_id: Optional[bytes] = None, **kwargs
     ):
+        declared = kwargs.pop("declared", None)  # what each member gathered: a sender's declaration, for audits
         if self.aggregation_rule is None:
             return await super()._run_allreduce_inplace_(tensors, group_info, group_id, **kwargs)
         # DecentralizedAverager._run_allreduce_inplace_ (hivemind 1.1.12), building our runner with our rule and bans
@@ -171,6 +175,7 @@ class RobustAveraging(DecentralizedAverager):
             rule=self.aggregation_rule,
             bans=self.bans,
             fallbacks=self.fallbacks,
+            declared=declared if self.receipts is not None else None,  # coordinates are drawn for receipts only
             **kwargs,
         )
         assert group_id in self._running_groups, f"Group id {group_id} was not registered in _register_allreduce_group"
@@ -196,7 +201,8 @@ class RobustAveraging(DecentralizedAverager):
             return
         received = runner.tensor_part_reducer.received()
         if received:
-            self.receipts.send(Receipt(str(self.prefix), group_id.hex(), received))
+            samples = runner.tensor_part_reducer.samples()
+            self.receipts.send(Receipt(str(self.prefix), group_id.hex(), received, samples))
 
 
 class RobustAverager(RobustAveraging, DecentralizedAverager):
@@ -209,7 +215,21 @@ class RobustAverager(RobustAveraging, DecentralizedAverager):
 
 
 class RobustGradientAverager(RobustAveraging, GradientAverager):
-    """hivemind's ``GradientAverager`` with its own aggregation rule and bans (what ``TrackedOptimizer`` builds)."""
+    """hivemind's ``GradientAverager`` with its own aggregation rule and bans (what ``TrackedOptimizer`` builds).
+
+    ``declaration`` (set by the owner; called in the owner when a round is scheduled): what we declare to the
+    members of each gradient round, gathered in matchmaking: (epoch, first block) of the gradients we send, from
+    which a validator can recompute them (``hivetrain.validator.audits``); None declares nothing.
+    """
+
+    declaration: Callable[[], tuple[int, int] | None] | None = None
+
+    @follows(GradientAverager, "schedule_step", "ff580482bac40508")
+    def schedule_step(self, scheduled_time=None, **kwargs):
+        # GradientAverager.step schedules through here too when no round was scheduled before
+        if "gather" not in kwargs and self.declaration is not None:
+            kwargs["gather"] = self.declaration()
+        return super().schedule_step(scheduled_time, **kwargs)
 
     @classmethod
     @follows(ServicerBase, "_get_handle_name", "d3e13c74c5e52049")

@@ -206,7 +206,22 @@ class TrackedOptimizer(hivemind.Optimizer):
         self._aside_until, self._asides = 0.0, 0  # stepping out of rounds until; times in a row
         self.swarm_wait_s = 0.0  # seconds inside step() spent on the swarm: epoch updates (rounds), state downloads
         self._waiting = 0  # nesting depth of _on_the_swarm (a reload inside an epoch update is counted once)
+        self._declared: tuple[int, int] | None = None  # (epoch, first block) of the gradients we accumulate
         super().__init__(*args, **kwargs)
+        if isinstance(getattr(self, "grad_averager", None), RobustGradientAverager):
+            self.grad_averager.declaration = self._declaration
+
+    def declare_blocks(self, epoch: int, first_block: int) -> None:
+        """The gradients we accumulate at ``epoch`` are those of our shard's blocks from ``first_block`` on, one
+        block per sample (the owner calls this at each epoch's first step). Declared to the members of the epoch's
+        gradient round, whose receipts carry it to validators' audits (``hivetrain.validator.audits``)."""
+        self._declared = (int(epoch), int(first_block))
+
+    def _declaration(self) -> tuple[int, int] | None:
+        """What the gradient round we schedule now declares: the blocks of this epoch, or nothing when the owner
+        has not declared them (not this epoch: a state loaded since, a step that accumulated elsewhere)."""
+        declared = self._declared
+        return declared if declared is not None and declared[0] == self.local_epoch else None
 
     @contextlib.contextmanager
     def _on_the_swarm(self):

@@ -18,22 +18,32 @@ import time
 from dataclasses import dataclass, field
 
 from hivetrain.hivemind_compat.bans import ChildQueue
-from hivetrain.protocol.records import MAX_RECEIPT_SENDERS, ReceiptRecord
+from hivetrain.protocol.records import MAX_RECEIPT_SENDERS, MAX_SAMPLED_SENDERS, PartSample, ReceiptRecord
 
 
 @dataclass(frozen=True)
 class Receipt:
-    """One round as one reducer saw it: the averager's prefix, the group id (hex) and sender -> declared weight."""
+    """One round as one reducer saw it: the averager's prefix, the group id (hex), sender -> declared weight, and
+    for audits sender -> its part at coordinates we drew (``PartSample``'s fields)."""
 
     prefix: str
     group: str
     senders: dict[str, float]
+    samples: dict[str, dict] = field(default_factory=dict)
     time: float = field(default_factory=time.time)
 
     def record(self, reducer: str) -> ReceiptRecord:
         """This receipt as the telemetry record ``reducer`` (our peer id) signs and writes."""
         senders = dict(sorted(self.senders.items())[:MAX_RECEIPT_SENDERS])
-        return ReceiptRecord(peer_id=reducer, averager=self.prefix, group=self.group, senders=senders, time=self.time)
+        samples = {peer: PartSample(**sample) for peer, sample in sorted(self.samples.items()) if peer in senders}
+        return ReceiptRecord(
+            peer_id=reducer,
+            averager=self.prefix,
+            group=self.group,
+            senders=senders,
+            samples=dict(list(samples.items())[:MAX_SAMPLED_SENDERS]),
+            time=self.time,
+        )
 
 
 class ReceiptLog:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 SCHEMA_VERSION = 1
 
@@ -375,7 +375,33 @@ class ValidatorState(Record):
 
 #: Senders one receipt names at most (hivemind's groups are far smaller: ``target_group_size``).
 MAX_RECEIPT_SENDERS = 64
+#: Senders whose parts one receipt samples at most, and coordinates sampled per sender (a receipt stays well under
+#: ``MAX_INGEST_ENTRY_BYTES``).
+MAX_SAMPLED_SENDERS = 16
+AUDIT_COORDINATES = 16
 PeerId = Annotated[str, Field(min_length=1, max_length=128)]
+
+
+class PartSample(Record):
+    """What a reducer received from one sender at a few coordinates of the round's vector, drawn by the reducer
+    after the sender had committed to its parts, and what the sender declared with them (gathered in matchmaking):
+    the epoch it accumulated gradients at and the first block of its shard it trained on since
+    (``hivetrain.validator.audits`` recomputes that gradient and compares)."""
+
+    epoch: int = Field(ge=0, description="the epoch whose gradients the sender declared it sent")
+    first_block: int = Field(ge=0, description="the sender's first block of the epoch; one block per sample from it")
+    indices: list[Annotated[int, Field(ge=0, le=2**40)]] = Field(
+        max_length=AUDIT_COORDINATES, description="coordinates of the flattened vector, in the averager's order"
+    )
+    values: list[Annotated[float, Field(allow_inf_nan=False)]] = Field(
+        max_length=AUDIT_COORDINATES, description="what the sender's part held there, as received"
+    )
+
+    @model_validator(mode="after")
+    def _paired(self) -> "PartSample":
+        if len(self.indices) != len(self.values):
+            raise ValueError(f"{len(self.indices)} indices but {len(self.values)} values")
+        return self
 
 
 class ReceiptRecord(Record):
@@ -390,5 +416,10 @@ class ReceiptRecord(Record):
     senders: dict[PeerId, Annotated[float, Field(ge=0, allow_inf_nan=False)]] = Field(
         max_length=MAX_RECEIPT_SENDERS,
         description="peer id -> declared weight of each other sender whose every part this reducer counted",
+    )
+    samples: dict[PeerId, PartSample] = Field(
+        default_factory=dict,
+        max_length=MAX_SAMPLED_SENDERS,
+        description="peer id -> the sender's part at coordinates this reducer drew, for audits (senders named above)",
     )
     time: float = Field(default_factory=time.time)
