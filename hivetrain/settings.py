@@ -576,6 +576,22 @@ class ValidatorSettings(PeerSettings):
         le=1,
         description="cosine an answer needs against the validator's own projection (bench/spot_check_threshold.py)",
     )
+    audits_per_round: int = Field(
+        2,
+        ge=0,
+        le=64,
+        description="gradient rounds audited per check round (hivetrain.validator.audits): a sender's gradient "
+        "recomputed from the blocks it declared and compared with what its reducers received; each costs one forward "
+        "and backward pass per block the sender declared (BENCHMARKS.md); 0: none. DiLoCo rounds are not audited",
+    )
+    audit_epochs: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="past epochs whose parameters the validator keeps, for audits (a round is audited at its own "
+        "epoch's parameters, once its receipts are in) and spot checks answered an epoch behind: one copy of the "
+        "model each (the seed preset: about 130 MB)",
+    )
     max_samples_per_s: float = Field(
         10_000.0, gt=0, description="no miner is credited for more samples per second than this"
     )

@@ -8,7 +8,17 @@ import time
 import pytest
 
 from hivetrain.identity import Domain, load_or_create_wallet
-from hivetrain.protocol.records import Keys, PeerRecord, ReceiptRecord
+from hivetrain.hivemind_compat.receipts import Receipt
+from hivetrain.protocol.envelopes import stream_fields
+from hivetrain.protocol.records import (
+    AUDIT_COORDINATES,
+    MAX_INGEST_ENTRY_BYTES,
+    MAX_RECEIPT_SENDERS,
+    MAX_SAMPLED_SENDERS,
+    Keys,
+    PeerRecord,
+    ReceiptRecord,
+)
 from hivetrain.store import append, connect_redis
 from hivetrain.validator.receipts import CreditLedger, ReceiptReader, Received, credit_round
 
@@ -135,3 +145,23 @@ def test_the_ledger_saves_what_it_carries_and_restores_it_within_its_bound():
     restored.restore({**ledger.saved(), "D": (1e12, -5.0)})
     assert restored.saved() == {"A": (50.0, 0.0), "B": (0.0, 30.0), "D": (50.0, 0.0)}
     assert restored.pay("A", verified=0, received=80) == 50
+
+
+def test_the_largest_receipt_a_reducer_writes_fits_in_one_telemetry_entry(tmp_path):
+    """64 senders, 16 of them sampled at 16 coordinates, the longest numbers: signed, it is still one entry the
+    bootstrap's ingest takes (a larger one would be refused whole, and the round's credit lost with it)."""
+    peer = lambda i: f"12D3KooW{'A' * 42}{i:03d}"  # noqa: E731  (53 characters, as libp2p's Ed25519/RSA ids)
+    senders = {peer(i): 123456.123456789 + i for i in range(MAX_RECEIPT_SENDERS)}
+    sample = dict(
+        epoch=10**9,
+        first_block=2**40,
+        indices=[2**40 - k for k in range(AUDIT_COORDINATES)],
+        values=[-1.2345678901234567e-05 * (k + 1) for k in range(AUDIT_COORDINATES)],
+    )
+    samples = {peer(i): sample for i in range(MAX_SAMPLED_SENDERS + 4)}
+    record = Receipt("x" * 64 + "_grad_averager", "ab" * 32, senders, samples).record(peer(999))
+    assert len(record.samples) == MAX_SAMPLED_SENDERS
+    wallet = load_or_create_wallet(str(tmp_path / "w"), "w")
+    entry = stream_fields(record, Domain("a-run-id-of-some-length", 12345), signer=wallet)["env"]
+    assert len(entry) <= MAX_INGEST_ENTRY_BYTES, len(entry)
+    assert ReceiptRecord.model_validate(json.loads(entry)["payload"]).samples[peer(0)].values[0] == -1.234568e-05

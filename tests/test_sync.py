@@ -301,3 +301,31 @@ def test_a_server_dripping_its_state_is_cut_off_named_and_the_next_one_adopted(d
         dripping.shutdown()
         honest.shutdown()
         sync.shutdown()
+
+
+def test_the_parameters_of_the_last_kept_epochs_are_held(dhts):
+    """Audits recompute a round's gradients at its own epoch's parameters, seconds after it: the sync keeps the
+    parameters of the ``kept`` epochs it held before the current one, and runs at any of them."""
+    serving, client, _ = dhts
+    sync = ModelSync(client, RUN, "tiny", seed=0, timeout_s=20, max_epoch=lambda: 7, kept=2)
+    server = _serve(serving, 2, poison=False)
+    held = {}
+    try:
+        for epoch in (2, 3, 4, 5):
+            with torch.no_grad():
+                for param in server.main_parameters:
+                    param.add_(1.0)
+            server.local_epoch = epoch
+            assert _sync_until(sync, lambda result: result and sync.epoch == epoch)
+            held[epoch] = _params(sync.model)
+        assert sync.held_epochs() == [3, 4, 5] and not sync.holds(2)
+        for epoch in (3, 4):
+            with sync.parameters_at(epoch):
+                assert all(torch.equal(a, b) for a, b in zip(held[epoch], _params(sync.model))), epoch
+        assert all(torch.equal(a, b) for a, b in zip(held[5], _params(sync.model)))  # and back at the current one
+        with pytest.raises(ValueError, match="not held"):
+            with sync.parameters_at(2):
+                pass
+    finally:
+        server.shutdown()
+        sync.shutdown()

@@ -29,6 +29,7 @@ import bisect
 import functools
 import math
 import random
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -47,6 +48,10 @@ from hivetrain.protocol.records import AUDIT_COORDINATES, MAX_SAMPLED_SENDERS
 from hivetrain.protocol.training import SharedRounding8Bit
 
 logger = get_logger(__name__)
+
+#: Coordinates of its partition a reducer draws in secret per gradient round, of which its receipt names
+#: ``AUDIT_COORDINATES`` (where the aggregate is largest) with each sender's values there.
+AUDIT_CANDIDATES = 4096
 
 
 class BanAwareMatchmaking(Matchmaking):
@@ -108,10 +113,12 @@ class RobustPartReducer(TensorPartReducer):
         self.own_norm = own_norm  # the norm of all our tensors together: no honest part is much larger
         # for our receipt: parts of each sender counted in an aggregate (not banned, not malformed), its weight
         self._counted, self._declared = [0] * num_senders, [0.0] * num_senders
-        # for audits: coordinates drawn here, in secret until the round is over, and each sender's values there
+        # for audits: candidate coordinates drawn here, in secret until the round is over; each sender's values there
+        # and the aggregate's (part index -> (num_senders, c)); samples() names those where the aggregate is largest
         self.declared = declared or {}  # sender -> what it gathered in matchmaking: (epoch, first block) or not
         self._draw = _draw_coordinates(part_shapes, part_offsets) if part_offsets is not None else {}
-        self._sampled: list[dict[int, float]] = [{} for _ in range(num_senders)]
+        self._sampled = {part: torch.full((num_senders, len(d.positions)), math.nan) for part, d in self._draw.items()}
+        self._aggregates = {part: torch.zeros(len(d.positions)) for part, d in self._draw.items()}
         super().__init__(part_shapes, num_senders)
 
     @follows(TensorPartReducer, "reset_accumulators", "5d3dc36f344a342e")
@@ -152,9 +159,7 @@ class RobustPartReducer(TensorPartReducer):
                 self._counted[sender_index] += 1
                 self._declared[sender_index] = float(weight)
                 if part_index in self._draw:
-                    flat = tensor_part.reshape(-1)
-                    for position, index in self._draw[part_index]:
-                        self._sampled[sender_index][index] = float(flat[position])
+                    self._sampled[part_index][sender_index] = tensor_part.reshape(-1)[self._draw[part_index].positions]
             self.current_part_accumulated_from += 1
             self.check_current_part_finished()
         return await current_part_future
@@ -175,24 +180,32 @@ class RobustPartReducer(TensorPartReducer):
             and not self.bans.is_banned(sender)
         }
 
-    def samples(self) -> dict[str, dict]:
+    def samples(self, count: int = AUDIT_COORDINATES) -> dict[str, dict]:
         """For audits: each sender of ``received()`` at a positive weight that declared (epoch, first block) in
-        matchmaking, with its values at the coordinates we drew (``hivetrain.protocol.records.PartSample``'s
-        fields); at most ``MAX_SAMPLED_SENDERS``. Empty when we drew none."""
-        drawn = sorted(index for pairs in self._draw.values() for _, index in pairs)
-        if not drawn:
+        matchmaking, with its values at ``count`` of the candidates we drew (``PartSample``'s fields); at most
+        ``MAX_SAMPLED_SENDERS``. Empty when we drew none.
+
+        The same coordinates for every sender: the candidates where the round's aggregate is largest. Most of a
+        GPT-2's vector is its token embedding, whose gradient is zero but for the tokens a batch holds: uniform
+        coordinates there are mostly zeros in every part, which tell nothing. Where the aggregate is largest, most
+        senders' gradients are not zero (common tokens, the layers' weights); which candidates those are, no
+        sender knew when it sent its parts."""
+        if not self._draw:
             return {}
+        parts = sorted(self._draw)
+        indices = torch.cat([self._draw[part].indices for part in parts])  # (c,)
+        strength = torch.cat([self._aggregates[part] for part in parts]).abs().nan_to_num(0.0)
+        chosen = torch.topk(strength, min(count, len(indices))).indices.sort().values
+        values = torch.cat([self._sampled[part] for part in parts], dim=1)[:, chosen]  # (num_senders, count)
         found, received = {}, self.received()
         for sender_index, sender in enumerate(self.sender_ids):
             weight, declared = received.get(sender), _declaration(self.declared.get(sender))
-            values = self._sampled[sender_index]
-            if not weight or declared is None or len(values) != len(drawn):
-                continue
-            if not all(math.isfinite(values[index]) for index in drawn):
+            row = values[sender_index]
+            if not weight or declared is None or not bool(torch.isfinite(row).all()):
                 continue
             epoch, first_block = declared
             found[sender] = dict(
-                epoch=epoch, first_block=first_block, indices=drawn, values=[values[index] for index in drawn]
+                epoch=epoch, first_block=first_block, indices=indices[chosen].tolist(), values=row.tolist()
             )
             if len(found) == MAX_SAMPLED_SENDERS:
                 break
@@ -223,6 +236,8 @@ class RobustPartReducer(TensorPartReducer):
 
     def _aggregate(self) -> torch.Tensor:
         value = self._robust_aggregate()
+        if self.current_part_index in self._draw:
+            self._aggregates[self.current_part_index] = value.reshape(-1)[self._draw[self.current_part_index].positions]
         if not self.shared_rounding:
             return value
         answer = serialize_torch_tensor(value, runtime_pb2.CompressionType.UNIFORM_8BIT)
@@ -264,21 +279,28 @@ class RobustPartReducer(TensorPartReducer):
         return merged, firsts
 
 
+@dataclass(frozen=True)
+class _Drawn:
+    positions: torch.Tensor  # (c,) int64: positions in the part
+    indices: torch.Tensor  # (c,) int64: the same in the whole flattened vector
+
+
 def _draw_coordinates(
-    part_shapes: Sequence[torch.Size], part_offsets: Sequence[int], count: int = AUDIT_COORDINATES
-) -> dict[int, list[tuple[int, int]]]:
-    """``count`` coordinates of our partition drawn from the OS's randomness (no sender can know them before we
-    name them, after the round): part index -> [(position in the part, index in the whole flattened vector)]."""
-    sizes = [math.prod(shape) for shape in part_shapes]
+    part_shapes: Sequence[torch.Size], part_offsets: Sequence[int], count: int = AUDIT_CANDIDATES
+) -> dict[int, _Drawn]:
+    """``count`` candidate coordinates of our partition drawn from the OS's randomness (no sender can know them
+    before we name some, after the round), by part index."""
     starts = [0]
-    for size in sizes:
-        starts.append(starts[-1] + size)
-    total = starts[-1]
-    drawn: dict[int, list[tuple[int, int]]] = {}
-    for position in sorted(random.SystemRandom().sample(range(total), min(count, total))):
+    for shape in part_shapes:
+        starts.append(starts[-1] + math.prod(shape))
+    drawn: dict[int, list[int]] = {}
+    for position in sorted(random.SystemRandom().sample(range(starts[-1]), min(count, starts[-1]))):
         part = bisect.bisect_right(starts, position) - 1
-        drawn.setdefault(part, []).append((position - starts[part], part_offsets[part] + position - starts[part]))
-    return drawn
+        drawn.setdefault(part, []).append(position - starts[part])
+    return {
+        part: _Drawn(torch.tensor(positions), torch.tensor(positions) + part_offsets[part])
+        for part, positions in drawn.items()
+    }
 
 
 def _declaration(gathered: Any) -> tuple[int, int] | None:

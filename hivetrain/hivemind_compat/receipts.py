@@ -35,7 +35,11 @@ class Receipt:
     def record(self, reducer: str) -> ReceiptRecord:
         """This receipt as the telemetry record ``reducer`` (our peer id) signs and writes."""
         senders = dict(sorted(self.senders.items())[:MAX_RECEIPT_SENDERS])
-        samples = {peer: PartSample(**sample) for peer, sample in sorted(self.samples.items()) if peer in senders}
+        samples = {
+            peer: PartSample(**{**sample, "values": [float(f"{v:.7g}") for v in sample["values"]]})  # float32's digits
+            for peer, sample in sorted(self.samples.items())
+            if peer in senders
+        }
         return ReceiptRecord(
             peer_id=reducer,
             averager=self.prefix,

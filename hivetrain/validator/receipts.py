@@ -22,6 +22,9 @@ had time to arrive:
 ``CreditLedger`` turns that into a window's credit: min(what the claims check verified, what the swarm
 received), cumulatively, so that a window with steps but no round (DiLoCo's outer rounds are minutes
 apart) is paid when the round lands, and received samples never pay for more than was claimed.
+
+A settled round's receipts also say what each sender's parts held at a few coordinates (``PartSample``): those
+rounds are handed on as candidates for audits (``take_candidates``, ``hivetrain.validator.audits``).
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ from hivetrain.identity import Domain
 from hivetrain.log import get_logger
 from hivetrain.protocol.envelopes import decode_entry
 from hivetrain.protocol.progress import lower_median
-from hivetrain.protocol.records import RECEIPTS_STREAM_MAXLEN, Keys, PeerRecord, ReceiptRecord
+from hivetrain.protocol.records import RECEIPTS_STREAM_MAXLEN, Keys, PartSample, PeerRecord, ReceiptRecord
+from hivetrain.validator.audits import MAX_CANDIDATES, Candidate, round_candidates
 
 logger = get_logger(__name__)
 
@@ -57,6 +61,7 @@ CREDIT_WEIGHT_RATIO = AggregationRule().max_weight_ratio
 class _Round:
     first_read: float
     reports: dict[str, dict[str, float]] = field(default_factory=dict)  # reporter hotkey -> sender peer id -> weight
+    samples: dict[str, dict[str, PartSample]] = field(default_factory=dict)  # reporter hotkey -> sender -> values
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,7 @@ class ReceiptReader:
         self._pending: dict[tuple[str, str], _Round] = {}
         self._settled: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
         self._received: dict[str, Received] = {}
+        self._candidates: list[Candidate] = []  # (sender, round) pairs of settled rounds that can be audited
 
     def start(self) -> "ReceiptReader":
         """Remember the stream's end: only receipts written from now on count."""
@@ -155,18 +161,29 @@ class ReceiptReader:
                 self.rejected["too many rounds pending"] += 1
                 return
             found = self._pending[key] = _Round(first_read=now)
-        found.reports.setdefault(hotkey, dict(record.senders))  # one report per hotkey and round: its first
+        if hotkey not in found.reports:  # one report per hotkey and round: its first
+            found.reports[hotkey], found.samples[hotkey] = dict(record.senders), dict(record.samples)
 
     def _settle(self, registrations: dict[str, PeerRecord], now: float) -> None:
         hotkey_of = {peer.peer_id: hotkey for hotkey, peer in registrations.items()}
         due = [key for key, found in self._pending.items() if now - found.first_read >= self.settle_s]
         for key in due:
-            for hotkey, samples in credit_round(self._pending.pop(key).reports, hotkey_of).items():
+            settled = self._pending.pop(key)
+            credited = credit_round(settled.reports, hotkey_of)
+            for hotkey, samples in credited.items():
                 before = self._received.get(hotkey, Received())
                 self._received[hotkey] = Received(before.samples + samples, before.rounds + 1)
+            self._candidates += round_candidates(key, settled.reports, settled.samples, hotkey_of, set(credited))
+            del self._candidates[:-MAX_CANDIDATES]
             self._settled[key] = None
         while len(self._settled) > MAX_SETTLED_ROUNDS:
             self._settled.popitem(last=False)
+
+    def take_candidates(self) -> list[Candidate]:
+        """The (sender, round) pairs of the rounds settled since the last call that can be audited
+        (``hivetrain.validator.audits``)."""
+        taken, self._candidates = self._candidates, []
+        return taken
 
     def close_window(self) -> dict[str, Received]:
         """What the swarm received from each hotkey in the rounds settled since the last call."""

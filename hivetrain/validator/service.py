@@ -57,6 +57,7 @@ from hivetrain.runtime import set_torch_threads
 from hivetrain.settings import ValidatorSettings, domain_of
 from hivetrain.store import RedisNonceStore, Registry, append, connect_redis, shard_salt
 from hivetrain.tokenizer import load_tokenizer
+from hivetrain.validator.audits import Auditor
 from hivetrain.validator.claims import ClaimReader
 from hivetrain.validator.evaluate import evaluate
 from hivetrain.validator.progress import ProgressPoller
@@ -144,6 +145,7 @@ class Validator:
                 mode=s.mode,
                 offences=self.offences,
                 admission=self.admission,
+                kept=s.audit_epochs,
             )
             self._cleanup.callback(self.sync.shutdown)
             self.parameters = num_parameters(self.sync.model)
@@ -151,6 +153,8 @@ class Validator:
             tokenizer = load_tokenizer(s.tokenizer)
             self.eval_blocks = validation_blocks(tokenizer, self.block_size, s.eval_blocks)  # (N, T), fixed for the run
             self.checker = self._make_checker(tokenizer)
+            per_round = s.audits_per_round if s.mode != "diloco" else 0  # pseudo-gradients are not recomputed
+            self.auditor = Auditor(self.sync, self.checker.shards, s.spot_check_batch, per_round)
             self.schedule = CheckSchedule(per_round=settings.spot_check_workers)
             self._cleanup.callback(self.checker.close)
             self._resume()
@@ -365,6 +369,20 @@ class Validator:
         for hotkey, check in checks.items():
             self.spot_checks.setdefault(hotkey, []).append(check)
             logger.info(f"spot check {hotkey[:10]}: {check.result.verdict} ({check.explain()})")
+        self.audit_rounds(set(miners))
+
+    def audit_rounds(self, live: set[str]) -> None:
+        """Audit a few settled gradient rounds at epochs whose parameters we hold (``hivetrain.validator.audits``);
+        a sender most of whose reducers received something else than its declared blocks' gradient is zeroed as a
+        proven offence is, for the ban's length."""
+        self.auditor.offer(self.receipts.take_candidates())
+        self.auditor.forget(live)
+        for result in self.auditor.run(live, self.stop):
+            cosines = ", ".join(f"{c:.3f}" for c in result.cosines.values())
+            logger.info(f"audit {result.hotkey[:10]}: {result.verdict} ({result.reason}; cosines {cosines})")
+            if result.verdict == "fail":
+                logger.warning(f"hotkey {result.hotkey} scores 0 for {self.offences.ban_s:.0f}s: {result.reason}")
+                self.caught[result.hotkey] = (time.time() + self.offences.ban_s, result.reason[:500])
 
     def score_and_set_weights(self) -> None:
         """Close the window: claims vs DHT progress, spot checks, EMA, weights through the chain."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import time
 from typing import Callable, Iterator
@@ -22,10 +23,11 @@ class ModelSync:
 
     It never averages and never trains: ``sync()`` downloads the newest parameters (and optimizer
     statistics, which keep the tensor layout identical to the miners') from whichever peer shares them.
-    It also keeps the parameters of the epoch it held before the last new one (``parameters_at``):
-    a miner may answer a spot check at that epoch, and in DiLoCo mode one epoch is a whole outer
-    step, too far apart to judge one epoch's answer at the other's parameters. That costs one more
-    copy of the parameters in memory.
+    It also keeps the parameters of the ``kept`` epochs it held before the current one (``parameters_at``):
+    a miner may answer a spot check at the one before, and in DiLoCo mode one epoch is a whole outer
+    step, too far apart to judge one epoch's answer at the other's parameters; an audit recomputes a
+    gradient round's gradients at the parameters of its epoch, seconds after the round
+    (``hivetrain.validator.audits``). Each costs one more copy of the parameters in memory.
 
     A peer that serves a state it refuses is banned (for ``offences.ban_s``) and named in ``offences`` (the
     validator's ``OffenceLog``; one of its own when not given).
@@ -42,7 +44,10 @@ class ModelSync:
         mode: str = "hivemind",
         offences: OffenceLog | None = None,
         admission: Admission | None = None,
+        kept: int = 1,
     ):
+        if kept < 1:
+            raise ValueError(f"kept must be >= 1, got {kept}")
         install_codecs()  # state may arrive 8-bit compressed
         self.offences = offences if offences is not None else OffenceLog()
         self.model = build_model(preset, seed=seed)
@@ -60,9 +65,20 @@ class ModelSync:
             bans=Bans(self.offences, admission),
         )
         self.synced_at = 0.0
-        self.previous: tuple[int, list[torch.Tensor]] | None = (
-            None  # (epoch, parameters) held before the last new epoch
-        )
+        self.kept = kept
+        self.history: collections.OrderedDict[int, list[torch.Tensor]] = collections.OrderedDict()  # older epochs
+
+    @property
+    def previous(self) -> tuple[int, list[torch.Tensor]] | None:
+        """(epoch, parameters) held before the last new epoch, or None."""
+        if not self.history:
+            return None
+        epoch = next(reversed(self.history))
+        return epoch, self.history[epoch]
+
+    def held_epochs(self) -> list[int]:
+        """The epochs ``parameters_at`` can run at, oldest first."""
+        return sorted({*self.history, self.epoch})
 
     @property
     def epoch(self) -> int:
@@ -84,13 +100,16 @@ class ModelSync:
             return False
         self.synced_at = time.time()
         if self.epoch != held[0]:
-            self.previous = held
+            self.history.pop(self.epoch, None)  # ours now (a state at an epoch we held before: a rollback)
+            self.history[held[0]] = held[1]
+            while len(self.history) > self.kept:
+                self.history.popitem(last=False)
         logger.info(f"synced the shared model: epoch {self.epoch} in {self.synced_at - before:.1f}s")
         return True
 
     def holds(self, epoch: int) -> bool:
-        """Whether ``parameters_at(epoch)`` has that epoch's parameters: the current one or the one before."""
-        return epoch == self.epoch or (self.previous is not None and self.previous[0] == epoch)
+        """Whether ``parameters_at(epoch)`` has that epoch's parameters: the current one or one kept."""
+        return epoch == self.epoch or epoch in self.history
 
     @contextlib.contextmanager
     def parameters_at(self, epoch: int) -> Iterator[None]:
@@ -101,7 +120,7 @@ class ModelSync:
             return
         if not self.holds(epoch):
             raise ValueError(f"the parameters of epoch {epoch} are not held (current {self.epoch})")
-        with parameters_set_to(list(self.model.parameters()), self.previous[1]):
+        with parameters_set_to(list(self.model.parameters()), self.history[epoch]):
             yield
 
     def shutdown(self) -> None:

@@ -13,6 +13,8 @@
   all-reduce is NaN / multiplied by 1e30 / multiplied by -3 (tests/integration/test_attacks.py runs
   them with ``HIVE_ROBUST_AGGREGATION=false``: an attacker runs hivemind's own all-reduce, so it
   also reduces its partitions the plain way);
+* ``negate``: trains, claims and answers spot checks honestly, but every gradient it sends the swarm is
+  its own negated (honest size: CenteredClip dampens it, and only an audit of its rounds names it);
 * ``weight``: flips its gradient and declares the weight 1e30 for it (hivemind's reducer obeys);
   in DiLoCo mode (``HIVE_MODE=diloco``) these poison the pseudo-gradient it sends instead, since
   its gradients only feed its own inner steps;
@@ -90,6 +92,7 @@ class PoisoningMiner(Miner):
         "nan": lambda grad: grad.fill_(float("nan")),
         "scaled": lambda grad: grad.mul_(1e30),
         "flip": lambda grad: grad.mul_(-3.0),
+        "negate": lambda grad: grad.neg_(),
         "weight": lambda grad: grad.mul_(-1.0),
     }
     kind = "nan"
@@ -112,7 +115,9 @@ class PoisoningMiner(Miner):
         if self.kind == "weight":
             averager_step = self.opt.grad_averager.step
             self.opt.grad_averager.step = lambda *args, **kwargs: averager_step(*args, **{**kwargs, "weight": 1e30})
-        if isinstance(self.opt, DiLoCoOptimizer):  # what goes on the wire is Δ, loaded right before the round
+        # what goes on the wire: Δ (DiLoCo), or the mean gradient, loaded right before the round (negate: exactly its
+        # own, negated; with hivemind's reused gradient buffers, poisoning .grad before each step sends another sum)
+        if isinstance(self.opt, DiLoCoOptimizer) or self.kind == "negate":
             averager = self.opt.grad_averager
             load = averager.load_accumulators_into_averager_
 

@@ -23,7 +23,7 @@ from hivetrain.swarm.launcher import Swarm
 pytestmark = pytest.mark.integration
 
 HONEST = 3
-CHEATERS = ("inflate", "lazy", "replay", "freeload")
+CHEATERS = ("inflate", "lazy", "replay", "freeload", "negate")
 CHEATERS_PY = str(Path(__file__).with_name("cheaters.py"))
 TEST_ENV = {
     "HIVE_TORCH_THREADS": "1",
@@ -77,7 +77,10 @@ def test_honest_miners_earn_weight_and_cheaters_none(swarm):
         # and a window of the freeloader's whose claims passed their check
         freeloader = miners.get(cheaters["freeload"])
         claimed = freeloader is not None and any(_claims_passed(e) for e in freeloader["evidence"])
-        return board if honest <= set(miners) and judged and checked and claimed else None
+        # and an audit of one of the negater's rounds
+        negater = miners.get(cheaters["negate"])
+        audited = negater is not None and any("audit:" in r for e in negater["evidence"] for r in e["reasons"])
+        return board if honest <= set(miners) and judged and checked and claimed and audited else None
 
     board = wait_until(
         scored,
@@ -102,6 +105,10 @@ def test_honest_miners_earn_weight_and_cheaters_none(swarm):
     assert any("the swarm received 0 samples" in r for e in freeloaded for r in e["reasons"]), freeloaded
     for hotkey in honest:
         assert any(e["verified_samples"] > 0 for e in miners[hotkey]["evidence"]), miners[hotkey]["evidence"]
+    # the negater sends its gradient negated, at its honest size; its claims and spot checks are honest: an audit of
+    # one of its rounds names it (the reducers received the opposite of the gradient its declared blocks give)
+    negated = [r for e in miners[cheaters["negate"]]["evidence"] for r in e["reasons"]]
+    assert any(re.search(r"audit: .* 0 of \d+ reducers received its gradient", r) for r in negated), negated
     lazy = [r for e in miners[cheaters["lazy"]]["evidence"] for r in e["reasons"]]
     assert any("spot check fail" in r for r in lazy) and not any("spot check pass" in r for r in lazy), lazy
     # the replayer posted copies of other miners' records through the bootstrap: refused there, so none reached the
