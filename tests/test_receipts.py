@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from hivetrain.identity import Domain, load_or_create_wallet
 from hivetrain.hivemind_compat.receipts import Receipt
+from hivetrain.identity import Domain, load_or_create_wallet
 from hivetrain.protocol.envelopes import stream_fields
 from hivetrain.protocol.records import (
     AUDIT_COORDINATES,
