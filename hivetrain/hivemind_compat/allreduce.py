@@ -312,9 +312,9 @@ def _declaration(gathered: Any) -> tuple[int, int] | None:
     return int(gathered[0]), int(gathered[1])
 
 
-def part_offsets(tensors: Sequence[torch.Tensor], parts: Sequence[torch.Tensor]) -> list[int]:
+def part_offsets(tensors: Sequence[torch.Tensor], parts: Sequence[torch.Tensor]) -> list[int] | None:
     """Where each of ``parts`` (views of ``tensors`` as hivemind's ``TensorPartContainer`` cuts them) starts in the
-    flattened concatenation of ``tensors``."""
+    flattened concatenation of ``tensors``; None when one is not such a view (then nothing is drawn for audits)."""
     spans, start = [], 0
     for tensor in tensors:
         spans.append((tensor.data_ptr(), tensor.numel() * tensor.element_size(), start, tensor.element_size()))
@@ -322,7 +322,10 @@ def part_offsets(tensors: Sequence[torch.Tensor], parts: Sequence[torch.Tensor])
     offsets = []
     for part in parts:
         pointer = part.data_ptr()
-        base, size, first, element = next(span for span in spans if span[0] <= pointer < span[0] + span[1])
+        found = [span for span in spans if span[0] <= pointer < span[0] + span[1]] if part.numel() else [(0, 0, 0, 1)]
+        if len(found) != 1:
+            return None
+        base, _, first, element = found[0]
         offsets.append(first + (pointer - base) // element)
     return offsets
 

@@ -207,8 +207,9 @@ class Auditor:
     def offer(self, candidates: list[Candidate]) -> None:
         self.queue.extend(candidates)
 
-    def run(self, live: set[str], stop=None) -> list[AuditResult]:
-        """Audit up to ``per_round`` candidates of live hotkeys whose epoch is held; each result once."""
+    def run(self, live: set[str], stop=None, between=None) -> list[AuditResult]:
+        """Audit up to ``per_round`` candidates of live hotkeys whose epoch is held; each result once. ``between``
+        runs before each audit (the validator sets weights there when they are due)."""
         if self.per_round < 1 or not self.queue:
             return []
         oldest = self.sync.held_epochs()[0]
@@ -226,6 +227,8 @@ class Auditor:
         self.queue = collections.deque((c for c in waiting if c not in chosen), maxlen=MAX_CANDIDATES)
         results = []
         for candidate in chosen:
+            if between is not None:
+                between()
             if stop is not None and stop.is_set():
                 break
             result = self.audit(candidate)

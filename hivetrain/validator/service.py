@@ -377,7 +377,7 @@ class Validator:
         proven offence is, for the ban's length."""
         self.auditor.offer(self.receipts.take_candidates())
         self.auditor.forget(live)
-        for result in self.auditor.run(live, self.stop):
+        for result in self.auditor.run(live, self.stop, between=self._weights_if_due):
             cosines = ", ".join(f"{c:.3f}" for c in result.cosines.values())
             logger.info(f"audit {result.hotkey[:10]}: {result.verdict} ({result.reason}; cosines {cosines})")
             if result.verdict == "fail":
