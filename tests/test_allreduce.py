@@ -182,7 +182,8 @@ def test_each_reducer_signs_for_the_parts_it_received_and_not_for_a_sender_it_ca
     """Receipts: after a round each honest reducer names every other sender whose parts it counted, at its declared
     weight; a NaN sender (caught in that round), though every part of it arrived, is named by none. For audits each
     also gives every sender's declaration (gathered in matchmaking) and what its part held at coordinates of the
-    reducer's own partition, drawn by each reducer on its own."""
+    reducer's own partition, drawn by each reducer on its own; an honest sender that declared nothing is named by
+    none (no validator could audit its parts)."""
     log = OffenceLog(ban_s=60.0)
     generator = torch.Generator().manual_seed(3)
     signal = torch.randn(SIZE, generator=generator)
@@ -193,15 +194,16 @@ def test_each_reducer_signs_for_the_parts_it_received_and_not_for_a_sender_it_ca
     whole = dict(part_size_bytes=SIZE)  # a quarter of the vector (4-byte floats): one part per reducer
     attacker = _averager(dhts[0], torch.full((SIZE,), float("nan")), "receipts", **whole)
     peers = [
-        _averager(dht, tensor.clone(), "receipts", receipts=log_of_peer, **whole, **_honest(log))
+        _averager(dht, tensor.clone(), "receipts", receipts=log_of_peer, audited=True, **whole, **_honest(log))
         for dht, tensor, log_of_peer in zip(dhts[1:], honest, receipts)
     ]
     ids = [dht.peer_id.to_base58() for dht in dhts[1:]]
     try:
         controls = [attacker.step(wait=False, weight=8.0, timeout=60, gather=(7, 0))]
+        declares = [dict(gather=(7, 0)), dict(gather=(7, 100)), {}]  # the third declares nothing
         controls += [
-            peer.step(wait=False, weight=w, timeout=60, gather=(7, 100 * j))
-            for j, (peer, w) in enumerate(zip(peers, weights))
+            peer.step(wait=False, weight=w, timeout=60, **declared)
+            for peer, w, declared in zip(peers, weights, declares)
         ]
         for control in controls[1:]:
             assert control.result(timeout=90) is not None, "the honest peers did not average"
@@ -211,14 +213,14 @@ def test_each_reducer_signs_for_the_parts_it_received_and_not_for_a_sender_it_ca
         drained = [_drained(receipt_log) for receipt_log in receipts]
         for index, found in enumerate(drained):
             assert len(found) == 1, f"reducer {index}: {found}"
-            expected = {peer: weight for j, (peer, weight) in enumerate(zip(ids, weights)) if j != index}
+            expected = {peer: weight for j, (peer, weight) in enumerate(zip(ids, weights)) if j not in (index, 2)}
             assert found[0].senders == expected, f"reducer {index}: {found[0].senders} != {expected}"
             assert found[0].prefix == "receipts"
             groups.add(found[0].group)
             samples = found[0].samples
             assert set(samples) == set(expected), f"reducer {index} sampled {set(samples)}"
             for j, peer in enumerate(ids):
-                if j == index:
+                if j in (index, 2):
                     continue
                 sample = samples[peer]
                 assert (sample["epoch"], sample["first_block"]) == (7, 100 * j)

@@ -115,7 +115,8 @@ class RobustPartReducer(TensorPartReducer):
         self._counted, self._declared = [0] * num_senders, [0.0] * num_senders
         # for audits: candidate coordinates drawn here, in secret until the round is over; each sender's values there
         # and the aggregate's (part index -> (num_senders, c)); samples() names those where the aggregate is largest
-        self.declared = declared or {}  # sender -> what it gathered in matchmaking: (epoch, first block) or not
+        # sender -> what it gathered in matchmaking, (epoch, first block) or not; None: a round nobody declares in
+        self.declared = declared
         self._draw = _draw_coordinates(part_shapes, part_offsets) if part_offsets is not None else {}
         self._sampled = {part: torch.full((num_senders, len(d.positions)), math.nan) for part, d in self._draw.items()}
         self._aggregates = {part: torch.zeros(len(d.positions)) for part, d in self._draw.items()}
@@ -167,7 +168,9 @@ class RobustPartReducer(TensorPartReducer):
     def received(self) -> dict[str, float]:
         """Our receipt of the round: each other sender whose every part of our partition we counted, at the
         finite weight it declared, unless we banned it (in this round: a NaN or outlying part; before: its parts
-        were left out) (``hivetrain.hivemind_compat.receipts``). Empty when we reduced nothing."""
+        were left out) (``hivetrain.hivemind_compat.receipts``), or, in a round whose senders declare their blocks
+        (``declared``), it declared none: nobody vouches for parts no validator can audit. Empty when we reduced
+        nothing."""
         if not self.num_parts:
             return {}
         return {
@@ -178,6 +181,7 @@ class RobustPartReducer(TensorPartReducer):
             and math.isfinite(weight)
             and weight >= 0
             and not self.bans.is_banned(sender)
+            and (self.declared is None or _declaration(self.declared.get(sender)) is not None)
         }
 
     def samples(self, count: int = AUDIT_COORDINATES) -> dict[str, dict]:
@@ -199,7 +203,7 @@ class RobustPartReducer(TensorPartReducer):
         values = torch.cat([self._sampled[part] for part in parts], dim=1)[:, chosen]  # (num_senders, count)
         found, received = {}, self.received()
         for sender_index, sender in enumerate(self.sender_ids):
-            weight, declared = received.get(sender), _declaration(self.declared.get(sender))
+            weight, declared = received.get(sender), _declaration((self.declared or {}).get(sender))
             row = values[sender_index]
             if not weight or declared is None or not bool(torch.isfinite(row).all()):
                 continue

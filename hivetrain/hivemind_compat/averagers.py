@@ -70,10 +70,15 @@ def bounded_bandwidths(declared: Sequence[Any], ratio: float = MAX_BANDWIDTH_RAT
 class RobustAveraging(DecentralizedAverager):
     """A mixin for hivemind averager classes: ``aggregation_rule`` (None: hivemind's plain mean) and ``bans``.
 
+    With ``audited`` (``RobustGradientAverager``'s default) its senders declare what they send: its reducers draw
+    coordinates for audits, and name in their receipts only the senders that declared.
+
     Both are set before hivemind's ``__init__`` forks the averager's child (``start=True``), which
     reads them; ``bans`` (default: a ``Bans`` of its own, with no log) should be made by the owner
     over its ``OffenceLog`` so that what the child catches reaches the owner's telemetry.
     """
+
+    audited = False
 
     def __init__(
         self,
@@ -81,8 +86,12 @@ class RobustAveraging(DecentralizedAverager):
         aggregation_rule: AggregationRule | None = None,
         bans: Bans | None = None,
         receipts: ReceiptLog | None = None,
+        audited: bool | None = None,
         **kwargs,
     ):
+        # its senders declare what they send (``RobustGradientAverager``): reducers draw coordinates for audits, and
+        # name in receipts only the senders that declared
+        self.audited = type(self).audited if audited is None else audited
         self.shared_rounding = isinstance(kwargs.get("compression"), SharedRounding8Bit)
         if self.shared_rounding:
             if aggregation_rule is None:
@@ -175,7 +184,7 @@ class RobustAveraging(DecentralizedAverager):
             rule=self.aggregation_rule,
             bans=self.bans,
             fallbacks=self.fallbacks,
-            declared=declared if self.receipts is not None else None,  # coordinates are drawn for receipts only
+            declared=declared if self.receipts is not None and self.audited else None,
             **kwargs,
         )
         assert group_id in self._running_groups, f"Group id {group_id} was not registered in _register_allreduce_group"
@@ -223,6 +232,7 @@ class RobustGradientAverager(RobustAveraging, GradientAverager):
     """
 
     declaration: Callable[[], tuple[int, int] | None] | None = None
+    audited = True
 
     @follows(GradientAverager, "schedule_step", "ff580482bac40508")
     def schedule_step(self, scheduled_time=None, **kwargs):
