@@ -23,7 +23,7 @@ What an audit catches: a part that is not the declared blocks' gradient, at the 
 gradient of honest size, noise, a scaled copy of another miner's, a spot-check-honest miner that sends
 something else to the swarm). What it does not: a gradient of other blocks or of an older epoch, when its
 direction is close to the declared one's (the floor leaves room for bf16 on a GPU against fp32 here, and
-for the dropout a miner trains with and the recomputation leaves out); a sender corrupting fewer than half
+for the dropout a miner trains with and the recomputation leaves out); a sender corrupting at most half
 of its partitions; two hotkeys of one operator framing a third in a group of three (as with credit). DiLoCo's
 pseudo-gradients are not audited: recomputing one is a whole outer step of inner optimizer steps.
 """
