@@ -212,10 +212,12 @@ class TrackedOptimizer(hivemind.Optimizer):
             self.grad_averager.declaration = self._declaration
 
     def declare_blocks(self, epoch: int, first_block: int) -> None:
-        """The gradients we accumulate at ``epoch`` are those of our shard's blocks from ``first_block`` on, one
-        block per sample (the owner calls this at each epoch's first step). Declared to the members of the epoch's
-        gradient round, whose receipts carry it to validators' audits (``hivetrain.validator.audits``)."""
-        self._declared = (int(epoch), int(first_block))
+        """The owner's step at ``epoch`` trains our shard's blocks from ``first_block`` on (called before each
+        step): the epoch's first call counts, so the gradients we accumulate at ``epoch`` are those of the blocks
+        from its first block on, one block per sample. Declared to the members of the epoch's gradient round, whose
+        receipts carry it to validators' audits (``hivetrain.validator.audits``)."""
+        if self._declared is None or self._declared[0] != epoch:
+            self._declared = (int(epoch), int(first_block))
 
     def _declaration(self) -> tuple[int, int] | None:
         """What the gradient round we schedule now declares: the blocks of this epoch, or nothing when the owner

@@ -132,7 +132,6 @@ class Miner:
         self._state_log_handler: StateRoundLogHandler | None = None
         self.metrics = MinerMetrics()
         self.step = self.samples = self.next_block = 0
-        self.declared_epoch = -1  # the epoch whose first block we declared (TrackedOptimizer.declare_blocks)
         self.compute_s = 0.0  # seconds inside forward, backward and the (inner) optimizer step (this process)
         self.last_saved_epoch = -1
         self.checkpoint_epoch = -1  # epoch of the newest checkpoint on disk (telemetry shows it)
@@ -334,9 +333,7 @@ class Miner:
         while not self.stop.is_set():
             first_block, batch = next(self.batches)
             batch = batch.to(self.device, non_blocking=True)  # (B, T)
-            if self.opt.local_epoch != self.declared_epoch:  # the epoch's first step: its blocks start here
-                self.declared_epoch = self.opt.local_epoch
-                self.opt.declare_blocks(self.declared_epoch, first_block)
+            self.opt.declare_blocks(self.opt.local_epoch, first_block)  # the epoch's first step: its blocks start here
             started, waited = time.perf_counter(), self.opt.swarm_wait_s
             with autocast:
                 loss = self.train_model(input_ids=batch, labels=batch).loss

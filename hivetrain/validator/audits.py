@@ -201,7 +201,6 @@ class Auditor:
         self.clock = clock
         self.queue: collections.deque[Candidate] = collections.deque(maxlen=MAX_CANDIDATES)
         self.last_audited: dict[str, float] = {}
-        self.seconds: list[float] = []  # CPU seconds of each audit run, for the log and the bench
         self._rng = random.Random()
 
     def offer(self, candidates: list[Candidate]) -> None:
@@ -242,12 +241,9 @@ class Auditor:
         if not 1 <= candidate.blocks <= self.max_blocks:
             logger.info(f"audit of {candidate.hotkey[:10]} skipped: {candidate.blocks} blocks declared")
             return None
-        started = time.process_time()
         stream = self.shards.stream_for(candidate.hotkey)
         with self.sync.parameters_at(candidate.epoch):
             gradient = declared_gradient(self.sync.model, stream, candidate.first_block, candidate.blocks, self.batch)
-        self.seconds.append(time.process_time() - started)
-        del self.seconds[:-100]
         return judge_audit(candidate, gradient)
 
     def forget(self, live: set[str]) -> None:

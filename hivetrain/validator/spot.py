@@ -441,7 +441,7 @@ class SpotChecker:
         held = self.sync.holds(answer_epoch)
         why = (
             f"answered at epoch {answer_epoch}, the validator holds the parameters of {epoch}"
-            f"{'' if self.sync.previous is None else f' and {self.sync.previous[0]}'}"
+            f"{''.join(f' and {older}' for older in self.sync.held_epochs() if older != epoch)}"
         )
         if not held and rules.diloco:  # one DiLoCo epoch is a whole outer step: nothing to compare across it
             return self._not_judged(

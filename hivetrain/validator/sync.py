@@ -68,14 +68,6 @@ class ModelSync:
         self.kept = kept
         self.history: collections.OrderedDict[int, list[torch.Tensor]] = collections.OrderedDict()  # older epochs
 
-    @property
-    def previous(self) -> tuple[int, list[torch.Tensor]] | None:
-        """(epoch, parameters) held before the last new epoch, or None."""
-        if not self.history:
-            return None
-        epoch = next(reversed(self.history))
-        return epoch, self.history[epoch]
-
     def held_epochs(self) -> list[int]:
         """The epochs ``parameters_at`` can run at, oldest first."""
         return sorted({*self.history, self.epoch})
